@@ -1,0 +1,51 @@
+"""Shared fixtures: tiny MiMo configs that exercise the hybrid pattern, sinks, MoE routing and MTP (SPEC §7)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from mimoflash.config import MiMoConfig
+from mimoflash.model.mimo import MiMoForCausalLM
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def tiny_config(**overrides) -> MiMoConfig:
+    """SPEC §7.1 tiny config: 8 layers [GA, SWA x4, GA, SWA x2], layer 0 dense, 8 experts top-2, window 4."""
+    base = dict(vocab_size=512, hidden_size=128, num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=1,
+                head_dim=48, v_head_dim=32, swa_num_attention_heads=4, swa_num_key_value_heads=2, swa_head_dim=48,
+                swa_v_head_dim=32, intermediate_size=256, moe_intermediate_size=64, n_routed_experts=8,
+                num_experts_per_tok=2, sliding_window_size=4, max_position_embeddings=512,
+                num_nextn_predict_layers=1, torch_dtype="float32")
+    base.update(overrides)
+    return MiMoConfig(**base)
+
+
+@torch.no_grad()
+def make_model(config: MiMoConfig, seed: int = 0, dtype: torch.dtype = torch.float32) -> MiMoForCausalLM:
+    """Random model whose routing is not near-tied (SPEC §7.2): router ~ N(0,1), sinks ~ N(0,1), bias ~ N(0,0.1)."""
+    g = torch.Generator().manual_seed(seed)
+    model = MiMoForCausalLM(config)
+    model.init_weights(std=0.05, generator=g)
+    for name, p in model.named_parameters():
+        if name.endswith("mlp.gate.weight") or name.endswith("attention_sink_bias"):
+            p.copy_(torch.randn(p.shape, generator=g))
+        elif name.endswith("norm.weight"):
+            p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+    for name, b in model.named_buffers():
+        if name.endswith("e_score_correction_bias"):
+            b.copy_(0.1 * torch.randn(b.shape, generator=g))
+    return model.to(dtype).eval()
+
+
+@pytest.fixture
+def tiny_cfg() -> MiMoConfig:
+    return tiny_config()
+
+
+@pytest.fixture
+def tiny_model(tiny_cfg) -> MiMoForCausalLM:
+    return make_model(tiny_cfg)
