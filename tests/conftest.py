@@ -38,7 +38,7 @@ def make_model(config: MiMoConfig, seed: int = 0, dtype: torch.dtype = torch.flo
     for name, b in model.named_buffers():
         if name.endswith("e_score_correction_bias"):
             b.copy_(0.1 * torch.randn(b.shape, generator=g))
-    return model.to(dtype).eval()
+    return model.cast(dtype).eval()
 
 
 @pytest.fixture

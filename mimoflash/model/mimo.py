@@ -15,7 +15,7 @@ from torch import nn
 from ..config import MiMoConfig
 from .attention import Attention, AttentionBackend
 from .layers import MLP, RMSNorm, RotaryEmbedding
-from .moe import MoE
+from .moe import MoE, Router
 from .mtp import MTPLayer
 
 
@@ -125,6 +125,16 @@ class MiMoForCausalLM(nn.Module):
                 b.zero_()
 
     # -------------------------------------------------------------- convenience
+    def cast(self, dtype: torch.dtype) -> "MiMoForCausalLM":
+        """Cast to `dtype` but keep the router (weight and correction bias) in fp32: the release stores them in
+        fp32 and expert selection is sensitive to bias rounding (a bf16 bias flips near-tied experts)."""
+        self.to(dtype)
+        for m in self.modules():
+            if isinstance(m, Router):
+                m.weight.data = m.weight.data.float()
+                m.e_score_correction_bias.data = m.e_score_correction_bias.data.float()
+        return self
+
     def set_attention_impl(self, impl: str) -> None:
         """'sdpa' (default, fused) or 'reference' (literal spec transcription) for cache-free attention."""
         if impl not in ("sdpa", "reference"):
