@@ -1,0 +1,61 @@
+"""`mimoflash <command>`: a thin dispatcher; each command's module parses its own flags (ARCHITECTURE rule 12).
+
+Examples:
+    mimoflash generate "def fibonacci(n):" --max-tokens 64
+    mimoflash chat
+    mimoflash inspect path/to/checkpoint --context 262144
+    mimoflash train-tokenizer --input corpus/ --out tok/
+    mimoflash prepare-data --input corpus/ --tokenizer tok/ --out data/
+    mimoflash train --config tiny --data data/ --out runs/tiny
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# command -> (module, function, one-line help)
+COMMANDS = {
+    "generate": ("mimoflash.engine.cli", "generate_main", "generate text for a prompt (default: the shipped model)"),
+    "chat": ("mimoflash.engine.cli", "chat_main", "interactive terminal chat with streaming output"),
+    "inspect": ("mimoflash.summary", "main", "parameter counts, KV-cache sizes and FP8 tensors of a checkpoint"),
+    "train": ("mimoflash.train.train", "main", "train a MiMo-architecture model (next-token + MTP losses)"),
+    "train-tokenizer": ("mimoflash.train.tokenizer_train", "main", "train a byte-level BPE tokenizer"),
+    "prepare-data": ("mimoflash.train.data", "main", "tokenize a corpus into memory-mapped token shards"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: mimoflash <command> [options]", "", "commands:"]
+    lines += [f"  {name:<16} {help_}" for name, (_, _, help_) in COMMANDS.items()]
+    lines += ["", "`mimoflash <command> --help` shows the options of one command."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from . import __version__
+        print(f"mimoflash {__version__}")
+        return 0
+    cmd = argv[0]
+    if cmd not in COMMANDS:
+        print(f"mimoflash: unknown command {cmd!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module, func, _ = COMMANDS[cmd]
+    try:
+        fn = getattr(importlib.import_module(module), func)
+    except (ImportError, AttributeError) as e:
+        print(f"mimoflash {cmd}: not available in this installation ({e})", file=sys.stderr)
+        return 2
+    try:
+        return int(fn(argv[1:]) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        # User-facing errors (bad flags, bad checkpoint, bad input) print one clear line, not a traceback.
+        print(f"mimoflash {cmd}: error: {e}", file=sys.stderr)
+        return 1
