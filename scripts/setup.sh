@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Create .venv and install mimoflash with everything the tests need. Idempotent; fast when already installed.
+# torch is installed first and explicitly: a bare `torch` requirement in a fresh environment can pull a multi-GB
+# CUDA build, while torch==2.13.0 installs the CPU wheel.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+  .venv/bin/python -m pip install -q --upgrade pip
+fi
+if ! .venv/bin/python -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('2.13.0') else 1)" 2>/dev/null; then
+  .venv/bin/python -m pip install -q torch==2.13.0
+fi
+.venv/bin/python -m pip install -q -e ".[dev]" 2>&1 | grep -vE "^(WARNING: Location|  )" || true
+.venv/bin/python -c "import mimoflash, torch, transformers; print(f'mimoflash {mimoflash.__version__} ready (torch {torch.__version__}, transformers {transformers.__version__})')"
