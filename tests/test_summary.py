@@ -1,0 +1,57 @@
+"""`mimoflash inspect` reproduces the published shape arithmetic of the real model (SPEC §2.6, §4.2)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mimoflash.config import MiMoConfig
+from mimoflash.summary import count_parameters, kv_report, main
+from tests.conftest import make_model, tiny_config
+
+FIXTURE = Path(__file__).parent / "fixtures" / "mimo_v2_flash_config.json"
+
+
+def test_real_config_parameter_counts():
+    p = count_parameters(MiMoConfig.from_file(FIXTURE))
+    assert abs(p["total"] / 1e9 - 308.78) < 0.01           # SPEC §4.2: 308.78B main model
+    assert abs(p["active"] / 1e9 - 15.4) < 0.1              # SPEC §6: 15.4B active incl. embeddings
+    assert abs(p["mtp_per_layer"] / 1e9 - 0.329) < 0.001    # SPEC §3.2: ~0.329B per MTP layer
+    assert abs((p["total"] + p["mtp_total"]) / 1e9 - 309.77) < 0.01
+
+
+def test_real_config_kv_bytes():
+    kv = kv_report(MiMoConfig.from_file(FIXTURE), context=262144, batch=1)
+    assert kv["bytes_per_token_global_layers"] == 9 * 4 * (192 + 128) * 2 == 22.5 * 1024
+    assert kv["bytes_per_token_per_swa_layer"] == 8 * 320 * 2
+    assert abs(kv["kv_bytes"] / 2**30 - 5.65) < 0.05 and abs(kv["kv_bytes_all_global"] / 2**30 - 30.0) < 0.01
+    assert 5.2 < kv["ratio_all_global_over_ours"] < 5.4      # SPEC §2.6: ~5.3x
+
+
+def test_counts_match_instantiated_model():
+    cfg = tiny_config(num_nextn_predict_layers=2)
+    model = make_model(cfg)
+    n_main = sum(p.numel() for n, p in model.named_parameters() if ".mtp." not in n)
+    n_mtp = sum(p.numel() for n, p in model.named_parameters() if ".mtp." in n)
+    p = count_parameters(cfg)
+    assert (p["total"], p["mtp_total"]) == (n_main, n_mtp)
+
+
+def test_cli_json_and_errors(capsys, tmp_path):
+    assert main([str(FIXTURE), "--context", "32768", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["config"]["global_layers"] == [0, 5, 11, 17, 23, 29, 35, 41, 47]
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "nope")])
+    with pytest.raises(SystemExit):
+        main([str(FIXTURE), "--context", "0"])
+
+
+def test_cli_entry_point_runs():
+    r = subprocess.run([sys.executable, "-m", "mimoflash", "inspect", str(FIXTURE)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "308.78B" in r.stdout and "22.5 KiB/token" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "mimoflash", "frobnicate"], capture_output=True, text=True)
+    assert r.returncode == 2 and "unknown command" in r.stderr
