@@ -1,0 +1,228 @@
+"""LLMEngine: owns the scheduler, the KV cache, the runner and the per-request output state; one `step()` at a time.
+
+    step():  batch = scheduler.schedule()           # who runs, how many tokens (pure Python)
+             logits = runner.execute(batch)          # one ragged forward over every scheduled sequence
+             tokens = sample(logits, rows)           # per-request params and seeded generators
+             scheduler.postprocess(batch, tokens)    # append, token-level stops, free finished caches
+             detokenize, stop strings, logprobs      # here: they need the tokenizer
+             -> RequestOutput deltas for the groups that changed
+
+Text is produced incrementally (`IncrementalDetokenizer`), so a stop string is found as soon as its last character
+is complete, never in the middle of a multibyte character. For streaming, the last `len(longest stop) - 1`
+characters are held back until we know they do not start a stop string (vLLM does the same).
+Without a tokenizer (a checkpoint without tokenizer files) everything works on token ids and `text` stays "".
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..model.mimo import MiMoForCausalLM
+from .kv_cache import KVCache, KVCacheManager, plan_cache, resolve_memory
+from .request import CompletionOutput, Request, RequestOutput, group_metrics
+from .runner import ModelRunner
+from .sampling import Logprob, SampleRow, SamplingParams, make_generator, sample
+from .scheduler import Scheduler, SchedulerConfig
+
+
+@dataclass
+class EngineConfig:
+    max_num_seqs: int = 16
+    max_num_batched_tokens: int = 512        # per-step token budget (chunked-prefill chunk size)
+    enable_chunked_prefill: bool = True
+    max_model_len: int | None = None         # None = config.max_position_embeddings
+    kv_cache_memory: int | float | None = None   # bytes, or fraction of RAM; None = enough for max_num_seqs
+    #                                              sequences of max_model_len, capped at 30% of available memory
+    block_size: int = 16
+    max_draft: int = 0                       # speculative slack in the SWA rings
+    include_mtp: bool = False                # give MTP blocks (SWA ids L+n) rings too
+    attention_impl: str = "fast"             # "fast" | "reference"
+    seed: int = 0                            # the shared generator of unseeded requests
+
+
+@dataclass
+class _OutState:
+    detok: Any | None
+    emitted_text: int = 0          # chars of req.text already streamed
+    emitted_tokens: int = 0
+    emitted_logprobs: int = 0
+
+
+@dataclass
+class _Group:
+    prompt: str | None
+    prompt_token_ids: list[int]
+    reqs: list[Request] = field(default_factory=list)
+
+
+class LLMEngine:
+    def __init__(self, model: MiMoForCausalLM, tokenizer=None, config: EngineConfig | None = None):
+        self.config = cfg = config or EngineConfig()
+        self.model, self.tokenizer = model, tokenizer
+        mc = model.config
+        p = next(model.parameters())
+        # The cache takes the attention weights' dtype (the router stays fp32 whatever the model dtype).
+        self.device = p.device
+        dtype = next((q.dtype for n, q in model.named_parameters() if n.endswith("q_proj.weight")), p.dtype)
+        max_len = min(cfg.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
+        probe = plan_cache(mc, 1 << 62, max_num_seqs=1, block_size=cfg.block_size, max_draft=cfg.max_draft,
+                           include_mtp=cfg.include_mtp, dtype=dtype)
+        if cfg.kv_cache_memory is None:
+            want = cfg.max_num_seqs * probe.bytes_per_sequence(max_len + cfg.max_draft + 1)
+            memory = min(want, resolve_memory(0.3, self.device))
+        else:
+            memory = resolve_memory(cfg.kv_cache_memory, self.device)
+        self.layout = plan_cache(mc, memory, max_num_seqs=cfg.max_num_seqs, block_size=cfg.block_size,
+                                 max_draft=cfg.max_draft, include_mtp=cfg.include_mtp, dtype=dtype)
+        self.cache = KVCache(self.layout, self.device)
+        self.kv = KVCacheManager(self.layout)
+        self.scheduler = Scheduler(SchedulerConfig(min(cfg.max_num_seqs, max(1, self.layout.num_rings or
+                                                                             cfg.max_num_seqs)),
+                                                   cfg.max_num_batched_tokens, cfg.enable_chunked_prefill, max_len),
+                                   self.kv)
+        self.runner = ModelRunner(model, self.cache, cfg.attention_impl)
+        self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
+        eos = mc.eos_token_id
+        eos_ids = set(eos if isinstance(eos, list) else ([eos] if eos is not None else []))
+        if tokenizer is not None:
+            eos_ids |= set(tokenizer.stop_token_ids)
+        self.eos_token_ids = frozenset(eos_ids)
+        self._groups: dict[str, _Group] = {}
+        self._state: dict[str, _OutState] = {}
+        self._generators: dict[str, torch.Generator | None] = {}
+        self._ids = itertools.count()
+
+    # ------------------------------------------------------------------ requests
+    def add_request(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None,
+                    prompt: str | None = None) -> str:
+        """Queue one prompt (n samples). Raises ValueError for bad token ids or a prompt that cannot fit."""
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
+        ids = [int(t) for t in prompt_token_ids]
+        V = self.model.config.vocab_size
+        if not ids:
+            raise ValueError("empty prompt: at least one token is needed")
+        bad = [t for t in ids if not 0 <= t < V]
+        if bad:
+            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {V})")
+        gid = str(request_id) if request_id is not None else f"req-{next(self._ids)}"
+        if gid in self._groups:
+            raise ValueError(f"request id {gid!r} is already in use")
+        group = _Group(prompt, ids)
+        for i in range(params.n):
+            rid = gid if params.n == 1 else f"{gid}#{i}"
+            req = Request(rid, ids, params, group_id=gid, index=i, eos_token_ids=self.eos_token_ids)
+            self.scheduler.add(req)          # validates length; the first child raises before anything is kept
+            group.reqs.append(req)
+            seed = None if params.seed is None else (params.seed if i == 0 else (params.seed * 1_000_003 + i) % 2**63)
+            self._generators[rid] = make_generator(seed, self.device)
+            detok = None
+            if self.tokenizer is not None:
+                from ..tokenizer import IncrementalDetokenizer
+                detok = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=params.skip_special_tokens)
+            self._state[rid] = _OutState(detok)
+        self._groups[gid] = group
+        return gid
+
+    def abort_request(self, request_id: str) -> None:
+        """Abort a group (or one child id); its cache is freed at once."""
+        group = self._groups.get(request_id)
+        for req in (group.reqs if group else []):
+            self.scheduler.abort(req.request_id)
+        if group is None:
+            self.scheduler.abort(request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ------------------------------------------------------------------ the loop
+    def step(self) -> list[RequestOutput]:
+        """One scheduling step; -> delta outputs of every group that produced text/tokens or finished."""
+        batch = self.scheduler.schedule()
+        changed: set[str] = set()
+        if batch.items:
+            logits = self.runner.execute(batch)
+            sampled_items = [it for it in batch.items if it.sample]
+            rows = [SampleRow(it.request.params, self._generators[it.request.request_id],
+                              it.request.prompt_token_ids, it.request.output_token_ids) for it in sampled_items]
+            result = sample(logits, rows, self.generator) if rows else None
+            toks = iter(result.token_ids if result else [])
+            sampled = [next(toks) if it.sample else None for it in batch.items]
+            for req in self.scheduler.postprocess(batch, sampled):
+                j = next(k for k, it in enumerate(sampled_items) if it.request is req)
+                self._process_token(req, result.logprobs[j])
+                changed.add(req.group_id)
+        for gid, group in self._groups.items():
+            if any(r.is_finished and r.request_id in self._state for r in group.reqs):
+                changed.add(gid)
+        return [self._group_output(gid, delta=True) for gid in sorted(changed, key=list(self._groups).index)]
+
+    def _process_token(self, req: Request, lp) -> None:
+        tok = req.output_token_ids[-1]
+        st = self._state[req.request_id]
+        if lp is not None:
+            chosen, rank, top = lp
+            entry = {tok: Logprob(chosen, rank, self._decode1(tok))}
+            for r, (tid, val) in enumerate(top, 1):
+                entry.setdefault(tid, Logprob(val, r, self._decode1(tid)))
+            req.logprobs.append(entry)
+        if st.detok is None:
+            return
+        stopped_by_token = req.is_finished and req.finish_reason == "stop"
+        if not stopped_by_token or req.params.include_stop_str_in_output:
+            req.text += st.detok.push(tok)
+        if req.is_finished and req.finish_reason != "stop":
+            req.text += st.detok.flush()
+        if req.params.stop and req.finish_reason in (None, "length"):
+            self._check_stop_strings(req)
+
+    def _check_stop_strings(self, req: Request) -> None:
+        p = req.params
+        longest = max(len(s) for s in p.stop)
+        region = max(0, len(req.text) - (longest + 16))             # only the tail can hold a new match
+        best = None
+        for s in p.stop:
+            at = req.text.find(s, region)
+            if at >= 0 and (best is None or at < best[0]):
+                best = (at, s)
+        if best is not None:
+            at, s = best
+            req.text = req.text[:at + (len(s) if p.include_stop_str_in_output else 0)]
+            if req.is_finished:                  # the last allowed token completed a stop string
+                req.finish_reason, req.stop_reason = "stop", s
+            else:
+                self.scheduler.finish(req, "stop", stop_reason=s)
+
+    def _decode1(self, tid: int) -> str | None:
+        return None if self.tokenizer is None else self.tokenizer.decode([tid])
+
+    def _group_output(self, gid: str, delta: bool) -> RequestOutput:
+        group = self._groups[gid]
+        outs = []
+        for req in group.reqs:
+            st = self._state.get(req.request_id)
+            if delta and st is not None:
+                hold = 0 if req.is_finished or not req.params.stop else max(len(s) for s in req.params.stop) - 1
+                end = max(st.emitted_text, len(req.text) - hold)
+                text, st.emitted_text = req.text[st.emitted_text:end], end
+                ids = req.output_token_ids[st.emitted_tokens:]
+                st.emitted_tokens = len(req.output_token_ids)
+                lps = None
+                if req.logprobs is not None:
+                    lps, st.emitted_logprobs = req.logprobs[st.emitted_logprobs:], len(req.logprobs)
+                if req.is_finished:
+                    del self._state[req.request_id]
+                    self._generators.pop(req.request_id, None)
+            else:
+                text, ids, lps = req.text, list(req.output_token_ids), req.logprobs
+            outs.append(CompletionOutput(req.index, text, ids, req.finish_reason, req.stop_reason, lps))
+        finished = all(r.is_finished for r in group.reqs)
+        out = RequestOutput(gid, group.prompt, group.prompt_token_ids, outs, finished,
+                            group_metrics(group.reqs) if finished else None)
+        if finished and all(r.request_id not in self._state for r in group.reqs):
+            del self._groups[gid]
+        return out

@@ -1,0 +1,219 @@
+"""`LLM`: the vLLM-shaped offline API.
+
+    from mimoflash import LLM, SamplingParams
+    llm = LLM("path/to/checkpoint", dtype="auto", max_num_seqs=16, kv_cache_memory=2 << 30)
+    outs = llm.generate(["Hello", "The capital of France is"], SamplingParams(temperature=0, max_tokens=32))
+    print(outs[0].outputs[0].text, outs[0].metrics.decode_tokens_per_s)
+    for delta in llm.generate_stream("Tell me a story", SamplingParams(max_tokens=200)):
+        print(delta.outputs[0].text, end="", flush=True)
+
+`model` is a checkpoint directory or an already built `MiMoForCausalLM` (tests, notebooks); `tokenizer` is optional
+either way. A checkpoint without tokenizer files still runs from `{"prompt_token_ids": [...]}` prompts, with empty
+`text` (vLLM's skip_tokenizer_init).
+
+dtype "auto" on CPU is float32: measured on an AVX2 CPU without native bf16 (benchmarks/bench_decode.py), bf16
+matmuls are converted on the fly and decode was no faster than fp32 despite half the bytes. On CUDA "auto" is bf16.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import torch
+
+from ..model.mimo import MiMoForCausalLM
+from .engine import EngineConfig, LLMEngine
+from .request import CompletionOutput, RequestOutput
+from .sampling import SamplingParams
+
+PromptType = str | dict[str, Any]
+
+
+def _resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in names:
+        raise ValueError(f"dtype must be one of {sorted(names)} or 'auto', got {dtype!r}")
+    return names[dtype]
+
+
+class LLM:
+    def __init__(self, model: str | Path | MiMoForCausalLM, tokenizer: Any = None, *, dtype: str | torch.dtype = "auto",
+                 device: str | torch.device = "cpu", max_num_seqs: int = 16, kv_cache_memory: int | float | None = None,
+                 max_model_len: int | None = None, max_num_batched_tokens: int = 512,
+                 enable_chunked_prefill: bool = True, block_size: int = 16, seed: int = 0,
+                 attention_impl: str = "fast", skip_tokenizer_init: bool = False, progress: bool = True):
+        device = torch.device(device)
+        if isinstance(model, MiMoForCausalLM):
+            if dtype not in (None, "auto"):
+                model = model.cast(_resolve_dtype(dtype, device))
+            model = model.to(device).eval()
+        else:
+            from ..checkpoint.loader import load_model
+            path = Path(model)
+            model = load_model(path, dtype=_resolve_dtype(dtype, device), device=device, progress=progress).eval()
+            if tokenizer is None and not skip_tokenizer_init:
+                from ..tokenizer import Tokenizer, has_tokenizer
+                if has_tokenizer(path):
+                    tokenizer = Tokenizer.from_dir(path)
+        self.model, self.tokenizer = model, (None if skip_tokenizer_init else tokenizer)
+        self.engine = LLMEngine(model, self.tokenizer, EngineConfig(
+            max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+            enable_chunked_prefill=enable_chunked_prefill, max_model_len=max_model_len,
+            kv_cache_memory=kv_cache_memory, block_size=block_size, attention_impl=attention_impl, seed=seed))
+
+    def get_tokenizer(self):
+        return self.tokenizer
+
+    # ------------------------------------------------------------------ inputs
+    def _prompt_ids(self, prompt: PromptType) -> tuple[list[int], str | None]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer: pass prompts as {'prompt_token_ids': [...]}")
+            return self.tokenizer.encode(prompt), prompt
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                ids = prompt["prompt_token_ids"]
+                if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) for t in ids):
+                    raise ValueError("prompt_token_ids must be a list of ints")
+                return list(ids), prompt.get("prompt")
+            if "prompt" in prompt:
+                return self._prompt_ids(prompt["prompt"])
+        raise ValueError(f"a prompt must be a str or a dict with 'prompt_token_ids' or 'prompt', got "
+                         f"{type(prompt).__name__}")
+
+    @staticmethod
+    def _params(sp, count: int) -> list[SamplingParams]:
+        if sp is None:
+            sp = SamplingParams()
+        if isinstance(sp, dict):
+            sp = SamplingParams.from_dict(sp)
+        if isinstance(sp, SamplingParams):
+            return [sp] * count
+        sp = [SamplingParams.from_dict(s) if isinstance(s, dict) else s for s in sp]
+        if len(sp) != count:
+            raise ValueError(f"got {len(sp)} sampling params for {count} prompts")
+        return sp
+
+    def _add(self, prompts: Sequence[PromptType], params: list[SamplingParams]) -> list[str]:
+        prepared = [self._prompt_ids(p) for p in prompts]            # validate everything before queueing
+        ids = []
+        try:
+            for (tok, text), sp in zip(prepared, params):
+                ids.append(self.engine.add_request(tok, sp, prompt=text))
+        except Exception:
+            for gid in ids:
+                self.engine.abort_request(gid)
+            while self.engine.has_unfinished_requests():
+                self.engine.step()
+            raise
+        return ids
+
+    # ------------------------------------------------------------------ generation
+    def generate(self, prompts: PromptType | Sequence[PromptType], sampling_params=None, *,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """One `RequestOutput` per prompt, in prompt order."""
+        single = isinstance(prompts, (str, dict))
+        prompts = [prompts] if single else list(prompts)
+        if not prompts:
+            return []
+        if any(isinstance(p, int) for p in prompts):
+            raise ValueError("a list of ints is ambiguous: pass {'prompt_token_ids': [...]} for token prompts")
+        gids = self._add(prompts, self._params(sampling_params, len(prompts)))
+        final = self._run(gids, use_tqdm and len(gids) > 1)
+        return [final[g] for g in gids]
+
+    def _run(self, gids: list[str], progress: bool) -> dict[str, RequestOutput]:
+        acc: dict[str, RequestOutput] = {}
+        bar = None
+        if progress:
+            from tqdm import tqdm
+            bar = tqdm(total=len(gids), desc="generate", unit="req", file=sys.stderr, dynamic_ncols=True)
+        try:
+            while self.engine.has_unfinished_requests():
+                for delta in self.engine.step():
+                    _accumulate(acc, delta)
+                    if delta.finished and bar is not None:
+                        bar.update(1)
+        except BaseException:
+            for g in gids:
+                self.engine.abort_request(g)
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        return acc
+
+    def generate_stream(self, prompt: PromptType, sampling_params=None) -> Iterator[RequestOutput]:
+        """Yield delta outputs (new text / token ids per sample) as they are produced; the last has finished=True.
+        Closing the iterator early aborts the request and frees its cache."""
+        (gid,) = self._add([prompt], self._params(sampling_params, 1))
+        done = False
+        try:
+            while not done and self.engine.has_unfinished_requests():
+                for delta in self.engine.step():
+                    if delta.request_id == gid:
+                        done = delta.finished
+                        yield delta
+        finally:
+            if not done:
+                self.engine.abort_request(gid)
+                while self.engine.has_unfinished_requests():      # drain so the cache is returned now
+                    self.engine.step()
+
+    # ------------------------------------------------------------------ chat
+    def _chat_prompt(self, messages: list[dict], add_generation_prompt: bool, enable_thinking) -> dict:
+        if self.tokenizer is None:
+            raise ValueError("chat needs a tokenizer (with a chat template); this model has none")
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                                  enable_thinking=enable_thinking)
+        ids = text if isinstance(text, list) else self.tokenizer.encode(text)
+        return {"prompt_token_ids": ids, "prompt": text if isinstance(text, str) else None}
+
+    def chat(self, messages: list[dict] | list[list[dict]], sampling_params=None, *, use_tqdm: bool = True,
+             add_generation_prompt: bool = True, enable_thinking: bool | None = None) -> list[RequestOutput]:
+        """`messages` is one conversation (list of {"role", "content"}) or a list of them."""
+        convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        prompts = [self._chat_prompt(c, add_generation_prompt, enable_thinking) for c in convs]
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    def chat_stream(self, messages: list[dict], sampling_params=None, *, enable_thinking: bool | None = None
+                    ) -> Iterator[RequestOutput]:
+        return self.generate_stream(self._chat_prompt(messages, True, enable_thinking), sampling_params)
+
+
+def _accumulate(acc: dict[str, RequestOutput], delta: RequestOutput) -> None:
+    """Fold a delta into the running full output of its group."""
+    cur = acc.get(delta.request_id)
+    if cur is None:
+        acc[delta.request_id] = cur = RequestOutput(delta.request_id, delta.prompt, delta.prompt_token_ids, [],
+                                                    False)
+    by_index = {o.index: o for o in cur.outputs}
+    for o in delta.outputs:
+        c = by_index.get(o.index)
+        if c is None:
+            c = CompletionOutput(o.index, "", [], None, None, [] if o.logprobs is not None else None)
+            cur.outputs.append(c)
+            by_index[o.index] = c
+        c.text += o.text
+        c.token_ids.extend(o.token_ids)
+        if o.logprobs is not None:
+            c.logprobs = (c.logprobs or []) + list(o.logprobs)
+        c.finish_reason, c.stop_reason = o.finish_reason, o.stop_reason
+    cur.outputs.sort(key=lambda o: o.index)
+    cur.finished, cur.metrics = delta.finished, delta.metrics or cur.metrics
+
+
+def collect(deltas: Iterable[RequestOutput]) -> RequestOutput:
+    """Fold a stream of deltas of one request into its full output."""
+    acc: dict[str, RequestOutput] = {}
+    for d in deltas:
+        _accumulate(acc, d)
+    (out,) = acc.values()
+    return out

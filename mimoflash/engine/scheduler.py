@@ -1,0 +1,197 @@
+"""Continuous-batching scheduler: who runs this step and with how many tokens. Pure Python, no tensors.
+
+Every step (`schedule()`):
+  1. Running requests, oldest first, each get their pending tokens (1 while decoding, the next prefill chunk
+     otherwise) within the step's token budget `max_num_batched_tokens`. If the cache cannot hold a request's new
+     tokens, the *youngest* running request is preempted (its cache is freed; it goes back to the front of the
+     waiting queue and is recomputed from its tokens later, vLLM's "recompute" mode). Preempting the youngest
+     keeps the oldest requests, which hold the most cache and are closest to finishing, making progress.
+  2. If nothing was preempted, waiting requests are admitted in arrival order (FCFS, no skipping, so a long prompt
+     cannot starve) while a sequence slot, budget and cache (one ring + the first chunk's blocks) are available.
+With chunked prefill a long prompt is cut to the remaining budget and finished over several steps while decodes of
+other requests run in the same step; without it a prompt is admitted only when it fits the budget whole.
+
+`postprocess()` advances `num_computed_tokens`, appends sampled tokens and applies the token-level stop rules
+(eos unless ignore_eos, stop_token_ids, max_tokens, max_model_len). Stop *strings* need text, so the engine checks
+them and calls `finish()`. `abort()` frees the cache at once.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from .kv_cache import KVCacheManager
+from .request import Request, RequestStatus
+
+
+@dataclass
+class SchedulerConfig:
+    max_num_seqs: int = 16
+    max_num_batched_tokens: int = 512
+    enable_chunked_prefill: bool = True
+    max_model_len: int = 4096
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+
+
+@dataclass
+class ScheduledRequest:
+    request: Request
+    start: int          # first position fed this step (= num_computed_tokens before the step)
+    num_tokens: int     # tokens fed this step
+    sample: bool        # the slice reaches the last known token: sample from its logits
+
+
+@dataclass
+class Batch:
+    items: list[ScheduledRequest] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(it.num_tokens for it in self.items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager):
+        self.config = config
+        self.kv = kv
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []          # admission order: oldest first
+        self.requests: dict[str, Request] = {}
+        self.num_preemptions = 0
+
+    # ------------------------------------------------------------------ queue
+    def add(self, req: Request) -> None:
+        assert req.request_id not in self.requests, f"duplicate request id {req.request_id!r}"
+        cap = self.kv.layout.token_capacity
+        if req.num_prompt_tokens + 1 > min(self.config.max_model_len, cap):
+            raise ValueError(f"prompt of {req.num_prompt_tokens} tokens does not fit: max_model_len is "
+                             f"{self.config.max_model_len}, the KV cache holds {cap} tokens per sequence, and "
+                             "at least one token must be generated")
+        if not self.config.enable_chunked_prefill and req.num_prompt_tokens > self.config.max_num_batched_tokens:
+            raise ValueError(f"prompt of {req.num_prompt_tokens} tokens exceeds max_num_batched_tokens="
+                             f"{self.config.max_num_batched_tokens} with chunked prefill off")
+        self.requests[req.request_id] = req
+        self.waiting.append(req)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ------------------------------------------------------------------ scheduling
+    def schedule(self) -> Batch:
+        batch = Batch()
+        budget = self.config.max_num_batched_tokens
+        chunked = self.config.enable_chunked_prefill
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n = min(req.num_pending_tokens, budget)
+            if n < req.num_pending_tokens and not chunked:
+                i += 1
+                continue
+            while not self.kv.can_allocate(req, n):
+                victim = self.running[-1]
+                self._preempt(victim)
+                batch.preempted.append(victim)
+                if victim is req:
+                    break
+            if req.status is not RequestStatus.RUNNING:      # it preempted itself
+                break
+            self.kv.allocate(req, n)
+            batch.items.append(ScheduledRequest(req, req.num_computed_tokens, n, n == req.num_pending_tokens))
+            budget -= n
+            i += 1
+        if batch.preempted:
+            if not batch.items and not self.running:
+                self._no_progress(batch)
+            return batch
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            req = self.waiting[0]
+            n = min(req.num_pending_tokens, budget)
+            if n < req.num_pending_tokens and not chunked:
+                break
+            if not self.kv.can_allocate(req, n):
+                break
+            self.waiting.popleft()
+            req.status = RequestStatus.RUNNING
+            self.kv.allocate(req, n)
+            self.running.append(req)
+            batch.items.append(ScheduledRequest(req, req.num_computed_tokens, n, n == req.num_pending_tokens))
+            budget -= n
+        if not batch.items and self.waiting and not self.running:
+            self._no_progress(batch)
+        return batch
+
+    def _no_progress(self, batch: Batch) -> None:
+        """Nothing runs and the head of the queue does not fit an empty cache: it never will. Finish it with
+        "length" (its tokens so far are kept) rather than loop forever."""
+        req = self.waiting[0]
+        self.finish(req, "length")
+
+    def _preempt(self, req: Request) -> None:
+        self.running.remove(req)
+        self.kv.free(req)
+        req.num_computed_tokens = 0
+        req.status = RequestStatus.WAITING
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
+
+    # ------------------------------------------------------------------ results
+    def postprocess(self, batch: Batch, sampled: list[int | None]) -> list[Request]:
+        """Advance the scheduled requests; `sampled[j]` is the token for `batch.items[j]` (None if not sampled).
+        Returns the requests that received a token."""
+        got = []
+        now = time.perf_counter()
+        for item, tok in zip(batch.items, sampled, strict=True):
+            req = item.request
+            if req.is_finished:                      # aborted between schedule and postprocess
+                continue
+            req.num_computed_tokens += item.num_tokens
+            if not item.sample:
+                continue
+            assert tok is not None, f"{req.request_id}: sampled row without a token"
+            req.output_token_ids.append(tok)
+            if req.first_token_time is None:
+                req.first_token_time = now
+            got.append(req)
+            self._check_token_stop(req, tok)
+        return got
+
+    def _check_token_stop(self, req: Request, tok: int) -> None:
+        p = req.params
+        if not p.ignore_eos and tok in req.eos_token_ids:
+            self.finish(req, "stop")
+        elif tok in p.stop_token_ids:
+            self.finish(req, "stop", stop_reason=tok)
+        elif len(req.output_token_ids) >= p.max_tokens or req.num_tokens >= self.config.max_model_len:
+            self.finish(req, "length")
+
+    def finish(self, req: Request, reason: str, stop_reason: int | str | None = None) -> None:
+        if req.is_finished:
+            return
+        if req.status is RequestStatus.RUNNING:
+            self.running.remove(req)
+        else:
+            self.waiting.remove(req)
+        self.kv.free(req)
+        req.status = RequestStatus.FINISHED
+        req.finish_reason, req.stop_reason = reason, stop_reason
+        req.finish_time = time.perf_counter()
+        del self.requests[req.request_id]
+
+    def abort(self, request_id: str) -> bool:
+        req = self.requests.get(request_id)
+        if req is None:
+            return False
+        self.finish(req, "abort")
+        return True
