@@ -55,3 +55,15 @@ def test_cli_entry_point_runs():
     assert "308.78B" in r.stdout and "22.5 KiB/token" in r.stdout
     r = subprocess.run([sys.executable, "-m", "mimoflash", "frobnicate"], capture_output=True, text=True)
     assert r.returncode == 2 and "unknown command" in r.stderr
+
+
+def test_inspect_lists_fp8_tensors_of_a_saved_checkpoint(tmp_path, capsys):
+    from mimoflash.checkpoint.saver import save_model
+    cfg = tiny_config(num_nextn_predict_layers=1)
+    save_model(make_model(cfg), tmp_path, fp8=True, fp8_block_size=(16, 16))
+    assert main([str(tmp_path), "--json"]) == 0
+    fp8 = json.loads(capsys.readouterr().out)["fp8"]
+    pats = fp8["fp8_patterns"]
+    assert pats["model.layers.N.mlp.experts.N.gate_proj.weight"] == 7 * 8      # 7 MoE layers x 8 experts
+    assert pats["model.layers.N.self_attn.q_proj.weight"] == 8
+    assert not any("o_proj" in p or "embed" in p or "lm_head" in p for p in pats)
