@@ -50,11 +50,11 @@ class LLM:
                  enable_chunked_prefill: bool = True, block_size: int = 16, seed: int = 0,
                  attention_impl: str = "fast", skip_tokenizer_init: bool = False, progress: bool = True):
         device = torch.device(device)
-        if isinstance(model, MiMoForCausalLM):
+        if isinstance(model, torch.nn.Module):          # a built MiMoForCausalLM (or a test double)
             if dtype not in (None, "auto"):
                 model = model.cast(_resolve_dtype(dtype, device))
             model = model.to(device).eval()
-        else:
+        elif isinstance(model, (str, Path)):
             from ..checkpoint.loader import load_model
             path = Path(model)
             model = load_model(path, dtype=_resolve_dtype(dtype, device), device=device, progress=progress).eval()
@@ -62,6 +62,8 @@ class LLM:
                 from ..tokenizer import Tokenizer, has_tokenizer
                 if has_tokenizer(path):
                     tokenizer = Tokenizer.from_dir(path)
+        else:
+            raise ValueError(f"model must be a checkpoint path or a MiMoForCausalLM, got {type(model).__name__}")
         self.model, self.tokenizer = model, (None if skip_tokenizer_init else tokenizer)
         self.engine = LLMEngine(model, self.tokenizer, EngineConfig(
             max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
