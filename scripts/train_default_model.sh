@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Rebuild mimoflash/default_model/ from scratch: the recipe that produced the shipped model (docs/TRAINING.md).
+#
+#   scripts/train_default_model.sh                 # everything, ~2.5 h on 2 CPU cores
+#   RUN=runs/default STEPS=650 scripts/train_default_model.sh
+#
+# 1. byte-level BPE (8192 ids) on the Python standard library's *.py files (PSF license; site-packages excluded)
+# 2. tokenize them into train.bin / val.bin (1% of the files held out, seed 0)
+# 3. train the `default-small` preset (re-running this script resumes from RUN/train/checkpoint)
+# 4. optionally train only the MTP heads for MTP_STEPS steps on top (the main model frozen)
+# 5. export bf16 weights + tokenizer + held-out sample + model card to mimoflash/default_model/
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+RUN=${RUN:-runs/default}
+STEPS=${STEPS:-650}           # length of the cosine schedule (4096 tokens per step)
+MTP_STEPS=${MTP_STEPS:-0}     # 0 = skip the MTP-only phase
+OUT=${OUT:-mimoflash/default_model}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+
+STDLIB=$(python -c "import sysconfig; print(sysconfig.get_paths()['stdlib'])")
+# Every top-level entry of the stdlib except site-packages (third-party code, other licenses).
+INPUTS=()
+for entry in "$STDLIB"/*; do
+    name=$(basename "$entry")
+    [[ "$name" == site-packages || "$name" == dist-packages ]] && continue
+    INPUTS+=(--input "$entry")
+done
+
+if [[ ! -f "$RUN/tokenizer/tokenizer.json" ]]; then
+    python -m mimoflash train-tokenizer "${INPUTS[@]}" --glob '*.py' --out "$RUN/tokenizer" --vocab-size 8192
+fi
+if [[ ! -f "$RUN/data/meta.json" ]]; then
+    python -m mimoflash prepare-data "${INPUTS[@]}" --glob '*.py' --tokenizer "$RUN/tokenizer" \
+        --out "$RUN/data" --val-fraction 0.01 --seed 0
+fi
+
+python -m mimoflash train --config default-small --data "$RUN/data" --out "$RUN/train" \
+    --tokenizer "$RUN/tokenizer" --max-steps "$STEPS" --resume
+
+CKPT="$RUN/train/checkpoint"
+if [[ "$MTP_STEPS" -gt 0 ]]; then
+    python -m mimoflash train --config default-small --only-mtp --init "$RUN/train/checkpoint" \
+        --data "$RUN/data" --out "$RUN/mtp" --tokenizer "$RUN/tokenizer" --max-steps "$MTP_STEPS" \
+        --warmup-steps 10 --lr 1e-3 --eval-every 0 --resume
+    CKPT="$RUN/mtp/checkpoint"
+fi
+
+python -m mimoflash.default "$CKPT" --out "$OUT"
