@@ -239,3 +239,47 @@ def test_streaming_never_emits_a_partial_stop_string():
         seen += d.outputs[0].text
         assert " héllo wörld! ".startswith(seen)
     assert seen == " héllo wörld! "
+
+
+@pytest.fixture(scope="module")
+def ckpt_dirs(tmp_path_factory, tiny):
+    """The tiny model saved twice: with a trained byte-level BPE tokenizer and without any tokenizer files."""
+    from mimoflash.checkpoint.saver import save_model
+    from mimoflash.train.tokenizer_train import train_tokenizer
+    from tests.test_tokenizer import make_corpus
+    root = tmp_path_factory.mktemp("engine_cli")
+    (root / "corpus").mkdir()
+    train_tokenizer(make_corpus(root / "corpus"), root / "tok", vocab_size=400, min_frequency=2, progress=False)
+    return (save_model(tiny, root / "with_tok", dtype=torch.float32, tokenizer_dir=root / "tok"),
+            save_model(tiny, root / "no_tok", dtype=torch.float32))
+
+
+def test_cli_generate_json_and_token_ids(ckpt_dirs, capsys):
+    import json
+    from mimoflash.engine.cli import generate_main
+    with_tok, no_tok = ckpt_dirs
+    assert generate_main(["--model", str(with_tok), "the cat", "--max-tokens", "5", "--temperature", "0",
+                          "--json", "--logprobs", "1"]) == 0
+    doc = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    ref = LLM(str(with_tok)).generate("the cat", SamplingParams(temperature=0, max_tokens=5))[0]
+    assert doc["outputs"][0]["token_ids"] == ref.outputs[0].token_ids
+    assert doc["outputs"][0]["text"] == ref.outputs[0].text and doc["metrics"]["generated_tokens"] == 5
+    assert generate_main(["--model", str(no_tok), "--token-ids", "1,2,3", "--max-tokens", "4", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert len(doc["outputs"][0]["token_ids"]) == 4 and doc["outputs"][0]["text"] == ""
+    assert generate_main(["--model", str(with_tok), "hello", "--max-tokens", "3", "--seed", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "tok/s" in err and "TTFT" in err
+    with pytest.raises(ValueError, match="top_p"):
+        generate_main(["--model", str(with_tok), "x", "--top-p", "0"])
+
+
+def test_cli_chat_session(ckpt_dirs, capsys):
+    from mimoflash.engine.cli import chat_main
+    lines = iter(["hello there", "/system be brief", "/reset", "again", "/exit"])
+    assert chat_main(["--model", str(ckpt_dirs[0]), "--max-tokens", "4", "--temperature", "0"],
+                     input_fn=lambda prompt: next(lines)) == 0
+    err = capsys.readouterr().err
+    assert err.count("TTFT") == 2 and "conversation cleared" in err
+    with pytest.raises(ValueError, match="tokenizer"):
+        chat_main(["--model", str(ckpt_dirs[1])], input_fn=lambda p: "/exit")
