@@ -38,7 +38,8 @@ SAMPLE_PROMPTS = [
 
 
 def export(checkpoint: str | Path, out_dir: str | Path = DEFAULT_MODEL_DIR, data_dir: str | Path | None = None,
-           heldout_tokens: int = 4097, eval_batch_size: int = 16, acceptance_batches: int | None = None,
+           heldout_tokens: int = 4097, eval_batch_size: int = 16, eval_batches: int | None = None,
+           acceptance_batches: int | None = None,
            extra_card: dict | None = None) -> dict:
     """Write a trained run's checkpoint as the shipped model: bf16 weights + tokenizer (save_model), a held-out
     token sample with its loss (`heldout.bin` / `heldout.json`), and the model card README.md.
@@ -80,7 +81,7 @@ def export(checkpoint: str | Path, out_dir: str | Path = DEFAULT_MODEL_DIR, data
     (out_dir / "heldout.json").write_text(json.dumps(heldout, indent=2) + "\n")
 
     t0 = time.time()
-    full_val = evaluate(shipped, val, eval_batch_size, None, n_mtp)
+    full_val = evaluate(shipped, val, eval_batch_size, eval_batches, n_mtp)
     acc = mtp_acceptance(shipped, val, eval_batch_size, acceptance_batches)
     tok = Tokenizer.from_dir(out_dir)
     samples = []
@@ -169,7 +170,7 @@ def _model_card(i: dict) -> str:
         "",
         "## Evaluation (the shipped bf16 weights, computed in fp32)",
         "",
-        f"- Validation loss (whole validation split, {v['val_tokens']:,} targets, {tr['seq_len']}-token windows): "
+        f"- Validation loss ({v['val_tokens']:,} targets of the validation split, {tr['seq_len']}-token windows): "
         f"**{v['val_loss']:.3f}** nats/token (perplexity {math.exp(v['val_loss']):.1f}); MTP heads: "
         + ", ".join(f"depth {d} {x:.3f}" for d, x in enumerate(v["val_mtp_loss"])) + ".",
         f"- Held-out sample `heldout.bin` ({i['heldout']['tokens']:,} tokens, {i['heldout']['seq_len']}-token "
