@@ -76,6 +76,7 @@ class TrainConfig:
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     mtp_weights: list[float] = field(default_factory=lambda: [0.3])   # one per MTP block; the last one repeats
+    mtp_fraction: float = 1.0         # MTP losses on the first ceil(f * batch_size) rows of each global micro-batch
     balance_rate: float = 1e-3        # aux-loss-free bias step (DeepSeek-V3: 0.001)
     seq_aux_coef: float = 0.0         # sequence-level balance loss coefficient (MiMo report: 1e-5)
     init_std: float = 0.02
@@ -152,11 +153,12 @@ def autocast_ctx(device: torch.device, bf16: bool):
 
 
 def step_losses(model: MiMoForCausalLM, input_ids: torch.Tensor, targets: torch.Tensor, n_valid: torch.Tensor,
-                n_mtp: int, fill_id: int, main_grad: bool = True, tap: RouterTap | None = None
-                ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+                n_mtp: int, fill_id: int, main_grad: bool = True, tap: RouterTap | None = None,
+                mtp_rows: int | None = None) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
     """Main and per-depth MTP losses, each = sum of token CE over this rank's rows / `n_valid` (global counts).
 
-    Returns (main, [mtp_0, ...], seq_aux). `main_grad=False` runs the main model without autograd (--only-mtp)."""
+    Returns (main, [mtp_0, ...], seq_aux). `main_grad=False` runs the main model without autograd (--only-mtp).
+    `mtp_rows` limits the MTP losses to this rank's first rows (`n_valid[1:]` must count the same rows)."""
     V = model.config.vocab_size
     with torch.set_grad_enabled(main_grad and torch.is_grad_enabled()):
         hidden = model.model(input_ids)                                           # (B, T, D) pre-norm
@@ -166,6 +168,8 @@ def step_losses(model: MiMoForCausalLM, input_ids: torch.Tensor, targets: torch.
     del logits
     seq_aux = tap.sequence_aux_loss(input_ids.shape[0]) if tap is not None else torch.zeros(())
     mtp = []
+    if mtp_rows is not None:
+        hidden, targets = hidden[:mtp_rows], targets[:mtp_rows]
     for d in range(n_mtp):
         ahead = mtp_ahead_ids(targets, d, fill_id)
         lg = model.mtp_logits(d, hidden, ahead)
@@ -329,6 +333,9 @@ def train(model_cfg: MiMoConfig, cfg: TrainConfig, data_dir: str | Path, out_dir
     routers = [m.gate for m in counter.layers]
     end_step = cfg.max_steps if stop_step is None else min(stop_step, cfg.max_steps)
     tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
+    # MTP rows: the first `mtp_rows_global` rows of each global micro-batch; rank r holds rows r, r+world, ...
+    mtp_rows_global = min(cfg.batch_size, max(1, math.ceil(cfg.mtp_fraction * cfg.batch_size)))
+    mtp_rows_local = max(0, math.ceil((mtp_rows_global - rank) / world))
     metrics_f = open(out_dir / "metrics.jsonl", "a") if is_main else None
     bar = None
     if is_main and progress:
@@ -347,11 +354,13 @@ def train(model_cfg: MiMoConfig, cfg: TrainConfig, data_dir: str | Path, out_dir
             logs = torch.zeros(2 + n_mtp, dtype=torch.float64)   # main, mtp..., seq_aux (global, summed)
             for _ in range(cfg.grad_accum):
                 inp, tgt = train_ds.get_batch(cfg.batch_size, gen)                       # global micro-batch
-                n_valid = (tgt != IGNORE_INDEX).sum(dim=(0, 2)).to(device)              # (1+F,) global counts
+                n_valid = (tgt != IGNORE_INDEX).sum(dim=(0, 2))                          # (1+F,) global counts
+                n_valid[1:] = (tgt[:mtp_rows_global, 1:] != IGNORE_INDEX).sum(dim=(0, 2))
                 inp, tgt = inp[rank::world].to(device), tgt[rank::world].to(device)
                 with autocast_ctx(device, cfg.bf16):
-                    main, mtp, aux = step_losses(fwd_model, inp, tgt, n_valid, n_mtp, train_ds.separator_id,
-                                                 main_grad=not only_mtp, tap=tap)
+                    main, mtp, aux = step_losses(fwd_model, inp, tgt, n_valid.to(device), n_mtp,
+                                                 train_ds.separator_id, main_grad=not only_mtp, tap=tap,
+                                                 mtp_rows=mtp_rows_local)
                     loss = sum((cfg.mtp_weight(d) * l for d, l in enumerate(mtp)), main * (0.0 if only_mtp else 1.0))
                     if tap is not None:
                         loss = loss + cfg.seq_aux_coef * aux / world   # aux is a per-rank mean; average ranks
@@ -511,7 +520,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ints = ("seq_len", "batch_size", "grad_accum", "max_steps", "warmup_steps", "seed", "eval_every",
             "eval_batches", "ckpt_every_steps", "log_every")
     floats = ("lr", "min_lr_ratio", "weight_decay", "grad_clip", "balance_rate", "seq_aux_coef", "init_std",
-              "ckpt_every_min", "beta1", "beta2")
+              "ckpt_every_min", "beta1", "beta2", "mtp_fraction")
     for name in ints:
         p.add_argument("--" + name.replace("_", "-"), type=int)
     for name in floats:
