@@ -179,7 +179,9 @@ def _free_port() -> int:
 
 
 def test_two_gloo_ranks_match_one_process(data_dir, tmp_path):
-    steps = ["--max-steps", "6", "--eval-every", "3", "--ckpt-every-steps", "0", "--ckpt-every-min", "0"]
+    # mtp_fraction 0.5 also checks that the MTP row subset is the same global rows in both layouts
+    steps = ["--max-steps", "6", "--eval-every", "3", "--ckpt-every-steps", "0", "--ckpt-every-min", "0",
+             "--mtp-fraction", "0.5"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
            "--master-port", str(_free_port()), "-m", "mimoflash.train.train", "--config", "tiny", "--data",
@@ -187,7 +189,7 @@ def test_two_gloo_ranks_match_one_process(data_dir, tmp_path):
     r = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stderr[-3000:]
     mcfg, cfg = tiny()
-    cfg.max_steps, cfg.eval_every, cfg.ckpt_every_min = 6, 3, 0
+    cfg.max_steps, cfg.eval_every, cfg.ckpt_every_min, cfg.mtp_fraction = 6, 3, 0, 0.5
     single = train(mcfg, cfg, data_dir, tmp_path / "single", device="cpu", progress=False)
     a, b = metrics(tmp_path / "ddp"), metrics(tmp_path / "single")
     assert len(a) == len(b) == 6
