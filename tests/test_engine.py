@@ -283,3 +283,19 @@ def test_cli_chat_session(ckpt_dirs, capsys):
     assert err.count("TTFT") == 2 and "conversation cleared" in err
     with pytest.raises(ValueError, match="tokenizer"):
         chat_main(["--model", str(ckpt_dirs[1])], input_fn=lambda p: "/exit")
+
+
+def test_picked_experts_transform_matches_dense_reference():
+    from mimoflash.engine.runner import use_picked_experts
+    from mimoflash.model.moe import MoE
+    m = make_model(tiny_config(), seed=2)
+    moe = next(x for x in m.modules() if isinstance(x, MoE))
+    xs = [torch.randn(1, 1, 128), torch.randn(1, 2, 128), torch.randn(2, 5, 128)]
+    before = [moe(x) for x in xs]
+    use_picked_experts(m)
+    use_picked_experts(m)                                               # idempotent
+    assert "picked" in repr(moe.experts.forward)
+    for x, b in zip(xs, before):
+        torch.testing.assert_close(moe(x), b, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(moe(x), moe.forward_dense_reference(x), atol=1e-5, rtol=1e-4)
+    assert set(dict(m.named_parameters())) == set(dict(make_model(tiny_config(), seed=2).named_parameters()))

@@ -156,7 +156,8 @@ def test_fast_and_reference_attention_agree(model):
 
 
 def test_fast_path_bf16_close_to_reference():
-    m = make_model(tiny_config(), seed=5, dtype=torch.bfloat16)
+    # dense FFNs: in bf16 a near-tied expert choice can flip between paths, which is noise, not a cache bug
+    m = make_model(tiny_config(moe_layer_freq=[0] * 8), seed=5, dtype=torch.bfloat16)
     toks = _tokens(15)
     outs = []
     for impl in ("fast", "reference"):

@@ -3,25 +3,32 @@
 No policy lives here (who runs, how many tokens: the scheduler decided). The runner
   1. flattens the batch's token slices into `input_ids (1, N)` and per-token `positions (1, N)` (ragged: sequence b
      contributes `n_b` tokens starting at position `s_b`; N = sum n_b),
-  2. builds one `AttnMeta` per step (slot indices, key positions, additive masks) so that no layer repeats that work,
+  2. builds one `AttnMeta` per step (gather indices, write slots, additive masks) so no layer repeats that work,
   3. runs `model.model(input_ids, positions, backend)`; each attention layer calls `PagedAttention.attend`,
   4. applies norm + lm_head only to the rows that are sampled (the last token of each finished slice).
 
-Attention over the cache (per layer, both kinds the same way):
-    keys(b) = [sink slot] + past keys of sequence b gathered from the cache + the step's new keys of sequence b
-GA layers gather positions 0..s_b-1 from the block table; SWA layers gather their whole ring (R slots, positions
-s_b-R..s_b-1, stale or empty slots are masked by position). Sequences are padded to (B, Tmax) queries and (B, K)
+General path (prefill chunks, mixed batches), per layer and for both kinds alike:
+    keys(b) = [sink slot] + cached keys of sequence b + the step's new keys of sequence b
+GA layers gather positions 0..s_b-1 through the block table; SWA layers gather their ring (R slots, positions
+s_b-R..s_b-1; stale or empty slots are masked by position). Sequences are padded to (B, Tmax) queries and (B, K)
 keys, the mask comes from positions alone (causal, window `swa_keys`, key position < 0 = empty), and one fused SDPA
 call runs the whole batch. Slot 0 of each pool is a zero key/value: with an additive mask entry equal to the sink
-logit it *is* the sink column (score = sink_h, contributes no value), so sinks cost no concatenation. Only after
-attending are the new K/V written (the ring must be read before it is overwritten).
+logit it *is* the sink column (score = sink_h, adds no value), so sinks need no concatenation. The new K/V are
+stored only after attending, because the ring slots they overwrite may hold keys this step still reads.
 
-`impl="reference"` runs the same gather per sequence and calls `model.attention.attend_reference` (explicit scores
-and sink column, the spec transcription); `tests/test_kv_cache.py` checks that both paths agree.
+Decode path (every sequence feeds one token; the common case, so it is lean): the token's K/V are stored first
+(the ring has swa_keys + max_draft slots, so storing never evicts a key the query needs), then whole blocks / whole
+rings are copied out with one `index_select` each (contiguous chunks, not per-slot gathers), and the query heads
+that share a kv head attend in one matmul (no GQA expansion). The sink is a column concatenated to the (tiny)
+score matrix.
+
+`impl="reference"` gathers per sequence and calls `model.attention.attend_reference` (explicit scores and sink
+column, the spec transcription); `tests/test_kv_cache.py` checks that all paths agree with a full recompute.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +36,7 @@ import torch.nn.functional as F
 
 from ..model.attention import attend_reference
 from ..model.mimo import MiMoForCausalLM
+from ..model.moe import Experts
 from .kv_cache import KVCache
 from .scheduler import Batch
 
@@ -47,15 +55,24 @@ class KindMeta:
 
 
 @dataclass
+class DecodeKindMeta:
+    """Per-step metadata of one attention kind on the decode path."""
+    chunks: torch.Tensor              # (B, n) long: block ids (GA) or the ring id (SWA, n = 1) of each sequence
+    chunk: int                        # slots per chunk: block_size or ring_slots
+    write_dst: torch.Tensor           # (B,) slot of each sequence's new token
+    bias: torch.Tensor                # (B, 1, 1, n * chunk) additive mask over the chunks' slots
+
+
+@dataclass
 class AttnMeta:
     B: int
     Tmax: int
-    decode: bool                      # every sequence feeds exactly one token: no padding gathers needed
+    decode: bool                      # one token per sequence, fast impl: the DecodeKindMeta path
     q_pos: torch.Tensor               # (B, Tmax) query positions (padding repeats the last real one)
     flat_of_pad: torch.Tensor         # (B, Tmax) index into the N flat tokens
     pad_of_flat: torch.Tensor         # (N,) index into the B*Tmax padded rows
     seq_ranges: list[tuple[int, int]]  # flat [begin, end) of each sequence (reference path)
-    kinds: dict[bool, KindMeta]       # sliding -> metadata
+    kinds: dict                       # sliding (bool) -> KindMeta, or DecodeKindMeta when decode
 
 
 @dataclass
@@ -77,6 +94,10 @@ class PagedAttention:
         sliding, k_pool, v_pool = self.cache.pools(layer.layer_idx)
         km = self.meta.kinds[sliding]
         q, k, v = q[0], k[0].to(k_pool.dtype), v[0].to(v_pool.dtype)              # (N, heads, dim)
+        if self.meta.decode:
+            k_pool.index_copy_(0, km.write_dst, k)
+            v_pool.index_copy_(0, km.write_dst, v)
+            return self._decode(layer, km, k_pool, v_pool, q).unsqueeze(0)
         if self.impl == "reference":
             o = self._reference(layer, km, k_pool, v_pool, q, k, v)
         else:
@@ -90,33 +111,53 @@ class PagedAttention:
             v_pool.index_copy_(0, km.write_dst, v[km.write_src])
         return o.unsqueeze(0)
 
+    def _bias(self, layer, km: KindMeta, nq: int) -> torch.Tensor:
+        """The step's mask, with the layer's sink logits in column 0 when it has sinks (else -inf there)."""
+        sinks = layer.attention_sink_bias
+        if sinks is None:
+            return km.bias
+        if km.bias_heads is None or km.bias_heads.shape[1] != nq:
+            B, _, T, K = km.bias.shape
+            km.bias_heads = km.bias.expand(B, nq, T, K).contiguous()
+        km.bias_heads[:, :, :, 0] = sinks.to(km.bias_heads.dtype).view(1, nq, 1)
+        return km.bias_heads
+
+    def _decode(self, layer, dm: DecodeKindMeta, k_pool, v_pool, q) -> torch.Tensor:
+        """q (B, nq, d) -> (B, nq, dv): one matmul per kv-head group, the sink as an extra score column."""
+        B, nq, d = q.shape
+        h, dv = k_pool.shape[1], v_pool.shape[2]
+        G = nq // h
+        idx = dm.chunks.view(-1)
+        keys = k_pool[1:].view(-1, dm.chunk, h, d).index_select(0, idx).view(B, -1, h, d)    # (B, K, h, d)
+        vals = v_pool[1:].view(-1, dm.chunk, h, dv).index_select(0, idx).view(B, -1, h, dv)  # (B, K, h, dv)
+        qg = q.view(B, h, G, d)                                                     # head j -> kv head j // G
+        s = torch.matmul(qg, keys.to(q.dtype).permute(0, 2, 3, 1)).float()         # (B, h, G, K)
+        s = s * layer.scale + dm.bias
+        sinks = layer.attention_sink_bias
+        if sinks is not None:
+            sink = sinks.float().view(1, h, G, 1).expand(B, h, G, 1)
+            p = torch.softmax(torch.cat([sink, s], dim=-1), dim=-1)[..., 1:]
+        else:
+            p = torch.softmax(s, dim=-1)
+        o = torch.matmul(p.to(q.dtype), vals.to(q.dtype).transpose(1, 2))          # (B, h, G, dv)
+        return o.reshape(B, nq, dv)
+
     def _fast(self, layer, km: KindMeta, k_pool, v_pool, q, k, v) -> torch.Tensor:
         m = self.meta
         B, Tmax = m.B, m.Tmax
         N, nq, d = q.shape
         h, dv = k.shape[1], v.shape[2]
         P1 = km.read_slots.shape[1]
-        k_past = k_pool[km.read_slots.view(-1)].view(B, P1, h, d)
-        v_past = v_pool[km.read_slots.view(-1)].view(B, P1, h, dv)
-        if m.decode:
-            qp, kn, vn = q.view(B, 1, nq, d), k.view(B, 1, h, d), v.view(B, 1, h, dv)
-        else:
-            idx = m.flat_of_pad.view(-1)
-            qp, kn, vn = q[idx].view(B, Tmax, nq, d), k[idx].view(B, Tmax, h, d), v[idx].view(B, Tmax, h, dv)
+        k_past = k_pool.index_select(0, km.read_slots.view(-1)).view(B, P1, h, d)
+        v_past = v_pool.index_select(0, km.read_slots.view(-1)).view(B, P1, h, dv)
+        idx = m.flat_of_pad.view(-1)
+        qp, kn, vn = q[idx].view(B, Tmax, nq, d), k[idx].view(B, Tmax, h, d), v[idx].view(B, Tmax, h, dv)
         keys = torch.cat([k_past, kn.to(k_past.dtype)], dim=1).transpose(1, 2)      # (B, h, K, d)
         vals = torch.cat([v_past, vn.to(v_past.dtype)], dim=1).transpose(1, 2)      # (B, h, K, dv)
-        bias = km.bias
-        sinks = layer.attention_sink_bias
-        if sinks is not None:
-            if km.bias_heads is None or km.bias_heads.shape[1] != nq:
-                km.bias_heads = km.bias.expand(B, nq, Tmax, km.bias.shape[-1]).contiguous()
-            km.bias_heads[:, :, :, 0] = sinks.to(km.bias_heads.dtype).view(1, nq, 1)
-            bias = km.bias_heads
+        bias = self._bias(layer, km, nq)
         o = F.scaled_dot_product_attention(qp.transpose(1, 2), keys.to(q.dtype), vals.to(q.dtype),
                                            attn_mask=bias.to(q.dtype), scale=layer.scale, enable_gqa=True)
         o = o.transpose(1, 2)                                                        # (B, Tmax, nq, dv)
-        if m.decode:
-            return o.reshape(N, nq, dv)
         return o.reshape(B * Tmax, nq, dv)[m.pad_of_flat]                            # (N, nq, dv)
 
     def _reference(self, layer, km: KindMeta, k_pool, v_pool, q, k, v) -> torch.Tensor:
@@ -136,6 +177,38 @@ class PagedAttention:
         return torch.cat(out)
 
 
+def _picked_experts(experts: Experts, fallback, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor,
+                    weight_TK: torch.Tensor) -> torch.Tensor:
+    """Same math as `Experts.forward`, running only the experts that were picked, one at a time."""
+    T, K = topk_idx_TK.shape
+    if T > PICKED_EXPERTS_MAX_TOKENS or x_TD.device.type != "cpu":
+        return fallback(x_TD, topk_idx_TK, weight_TK)
+    out_TD = torch.zeros_like(x_TD)
+    w_TK = weight_TK.to(x_TD.dtype)
+    for t, row in enumerate(topk_idx_TK.tolist()):            # a host read: free on CPU, which is all we run on
+        x_1D = x_TD[t:t + 1]
+        for k, e in enumerate(row):
+            h_1F = F.silu(F.linear(x_1D, experts.gate_proj[e])) * F.linear(x_1D, experts.up_proj[e])
+            out_TD[t:t + 1].add_(F.linear(h_1F, experts.down_proj[e]) * w_TK[t, k])
+    return out_TD
+
+
+# On CPU `torch._grouped_mm` walks all E experts (an empty matmul for each one not picked); for one or two decode
+# tokens running the 2-4 picked experts directly is ~2x faster per MoE layer (measured on the bench model).
+# Beyond that the grouped kernel wins.
+PICKED_EXPERTS_MAX_TOKENS = 2
+
+
+def use_picked_experts(model: torch.nn.Module) -> None:
+    """Transform applied from outside the model (ARCHITECTURE rule 6): route few-token MoE calls on CPU through
+    `_picked_experts`. Parameter names and the module tree are unchanged; `tests/test_engine.py` checks it against
+    `MoE.forward_dense_reference`."""
+    for m in model.modules():
+        if isinstance(m, Experts) and not hasattr(m, "_grouped_forward"):
+            m._grouped_forward = m.forward
+            m.forward = functools.partial(_picked_experts, m, m._grouped_forward)
+
+
 class ModelRunner:
     def __init__(self, model: MiMoForCausalLM, cache: KVCache, impl: str = "fast"):
         if impl not in ("fast", "reference"):
@@ -143,12 +216,16 @@ class ModelRunner:
         self.model, self.cache, self.impl = model, cache, impl
         self.layout = cache.layout
         self.device = cache.device
+        if self.device.type == "cpu":
+            use_picked_experts(model)
 
     # ------------------------------------------------------------------ metadata
     def prepare(self, batch: Batch) -> StepInputs:
         items = batch.items
-        B = len(items)
         lens = [it.num_tokens for it in items]
+        if max(lens) == 1 and self.impl == "fast":
+            return self._prepare_decode(batch)
+        B = len(items)
         starts = [it.start for it in items]
         Tmax, N = max(lens), sum(lens)
         ids, pos, ranges, sample_rows = [], [], [], []
@@ -169,20 +246,18 @@ class ModelRunner:
         valid = t[None, :] < lens_t[:, None]
         pad_of_flat = (torch.arange(B)[:, None] * Tmax + t[None, :])[valid]            # row-major = flat order
         new_kpos = torch.where(valid, q_pos, -1)                                       # (B, Tmax)
-
+        minus1 = torch.full((B, 1), -1)
         kinds = {}
         lay = self.layout
         if lay.global_layers:
             bs = lay.block_size
             P = max(starts)
             p = torch.arange(P)
-            nb = max(1, max(len(it.request.block_ids) for it in items))
-            table = torch.tensor([it.request.block_ids + [0] * (nb - len(it.request.block_ids)) for it in items])
+            table = self._block_table(items)
             past_ok = p[None, :] < starts_t[:, None]                                   # (B, P)
-            blk = table.gather(1, (p // bs).clamp(max=nb - 1).expand(B, P))
-            slots = torch.where(past_ok, 1 + blk * bs + p % bs, 0)
-            read = torch.cat([torch.zeros(B, 1, dtype=torch.long), slots], 1)
-            kpos = torch.cat([torch.full((B, 1), -1), torch.where(past_ok, p.expand(B, P), -1), new_kpos], 1)
+            blk = table.gather(1, (p // bs).clamp(max=table.shape[1] - 1).expand(B, P))
+            read = torch.cat([torch.zeros(B, 1, dtype=torch.long), torch.where(past_ok, 1 + blk * bs + p % bs, 0)], 1)
+            kpos = torch.cat([minus1, torch.where(past_ok, p.expand(B, P), -1), new_kpos], 1)
             fpos = torch.tensor(pos)
             fseq = torch.repeat_interleave(torch.arange(B), lens_t)
             dst = 1 + table[fseq, fpos // bs] * bs + fpos % bs
@@ -190,20 +265,55 @@ class ModelRunner:
         if lay.sliding_layers:
             R = lay.ring_slots
             rings = torch.tensor([it.request.ring_id for it in items])
-            p = starts_t[:, None] - R + torch.arange(R)[None, :]                       # (B, R) past positions
+            p = starts_t[:, None] - R + torch.arange(R)[None, :]                       # (B, R) cached positions
             read = torch.cat([torch.zeros(B, 1, dtype=torch.long),
                               torch.where(p >= 0, 1 + rings[:, None] * R + p % R, 0)], 1)
-            kpos = torch.cat([torch.full((B, 1), -1), torch.where(p >= 0, p, -1), new_kpos], 1)
+            kpos = torch.cat([minus1, torch.where(p >= 0, p, -1), new_kpos], 1)
             # Only the last R tokens of a long chunk survive in the ring; writing the others would collide.
             keep = valid & (t[None, :] >= lens_t[:, None] - R)
             src = flat_of_pad[keep]
             dst = 1 + rings[:, None].expand(B, Tmax)[keep] * R + q_pos[keep] % R
-            kinds[True] = self._kind(read, kpos, q_pos, lay.swa_keys,
-                                     dst, None if bool(keep.sum() == N) else src)
-        meta = AttnMeta(B, Tmax, Tmax == 1, q_pos.to(self.device), flat_of_pad.to(self.device),
-                        pad_of_flat.to(self.device), ranges, kinds)
-        return StepInputs(torch.tensor([ids], device=self.device), torch.tensor([pos], device=self.device), meta,
-                          torch.tensor(sample_rows, dtype=torch.long, device=self.device))
+            kinds[True] = self._kind(read, kpos, q_pos, lay.swa_keys, dst, None if bool(keep.sum() == N) else src)
+        dev = self.device
+        meta = AttnMeta(B, Tmax, False, q_pos.to(dev), flat_of_pad.to(dev), pad_of_flat.to(dev), ranges, kinds)
+        return StepInputs(torch.tensor([ids], device=dev), torch.tensor([pos], device=dev), meta,
+                          torch.tensor(sample_rows, dtype=torch.long, device=dev))
+
+    @staticmethod
+    def _block_table(items) -> torch.Tensor:
+        nb = max(1, max(len(it.request.block_ids) for it in items))
+        return torch.tensor([it.request.block_ids + [0] * (nb - len(it.request.block_ids)) for it in items])
+
+    def _prepare_decode(self, batch: Batch) -> StepInputs:
+        """One token per sequence at position s_b; keys are positions <= s_b (stored before reading)."""
+        items = batch.items
+        B = len(items)
+        pos = [it.start for it in items]
+        ids = [it.request.token_slice(it.start, it.start + 1)[0] for it in items]
+        pos_t = torch.tensor(pos)
+        lay, dev, kinds = self.layout, self.device, {}
+        neg = torch.tensor(NEG_INF, dtype=torch.float32)
+        if lay.global_layers:
+            bs = lay.block_size
+            table = self._block_table(items)                                           # (B, nb)
+            p = torch.arange(table.shape[1] * bs)
+            bias = torch.where(p[None, :] <= pos_t[:, None], 0.0, neg)                 # causal = "already stored"
+            dst = 1 + table[torch.arange(B), pos_t // bs] * bs + pos_t % bs
+            kinds[False] = DecodeKindMeta(table.to(dev), bs, dst.to(dev), bias.view(B, 1, 1, -1).to(dev))
+        if lay.sliding_layers:
+            R = lay.ring_slots
+            rings = torch.tensor([it.request.ring_id for it in items])
+            j = torch.arange(R)
+            slot_pos = pos_t[:, None] - (pos_t[:, None] - j[None, :]) % R              # newest position in slot j
+            ok = (slot_pos >= 0) & (pos_t[:, None] - slot_pos < lay.swa_keys)
+            bias = torch.where(ok, 0.0, neg)
+            kinds[True] = DecodeKindMeta(rings[:, None].to(dev), R, (1 + rings * R + pos_t % R).to(dev),
+                                         bias.view(B, 1, 1, R).to(dev))
+        meta = AttnMeta(B, 1, True, pos_t[:, None].to(dev), torch.arange(B)[:, None].to(dev),
+                        torch.arange(B).to(dev), [(b, b + 1) for b in range(B)], kinds)
+        rows = [b for b, it in enumerate(items) if it.sample]
+        return StepInputs(torch.tensor([ids], device=dev), pos_t[None].to(dev), meta,
+                          torch.tensor(rows, dtype=torch.long, device=dev))
 
     def _kind(self, read, kpos, q_pos, window, dst, src) -> KindMeta:
         qp, kp = q_pos[:, :, None], kpos[:, None, :]
