@@ -197,7 +197,7 @@ def test_streaming_equals_generate_and_chat(tiny):
     it = llm.generate_stream("abc", SamplingParams(max_tokens=100))
     next(it)
     it.close()
-    assert not llm.engine.has_unfinished_requests()
+    assert not llm.engine.has_unfinished_requests() and not llm.engine._groups and not llm.engine._state
     assert llm.engine.kv.num_free_blocks == llm.engine.layout.num_blocks
 
 

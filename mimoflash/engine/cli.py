@@ -38,6 +38,8 @@ def _add_common(ap: argparse.ArgumentParser, max_tokens: int) -> None:
     ap.add_argument("--kv-cache-memory", type=float, default=None,
                     help="KV cache budget: bytes, or a fraction of RAM when <= 1 (default: what max_num_seqs needs)")
     ap.add_argument("--max-model-len", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="CPU threads for torch (default: torch's choice; 1 is best on a busy shared machine)")
     g = ap.add_argument_group("sampling")
     g.add_argument("--max-tokens", type=int, default=max_tokens)
     g.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
@@ -60,7 +62,11 @@ def _params(a: argparse.Namespace, **extra) -> SamplingParams:
 
 
 def _load(a: argparse.Namespace, max_num_seqs: int = 4):
+    import torch
+
     from .llm import LLM
+    if a.threads:
+        torch.set_num_threads(a.threads)
     path = _resolve_model(a.model)
     t0 = time.perf_counter()
     llm = LLM(path, dtype=a.dtype, device=a.device, max_num_seqs=max_num_seqs,

@@ -137,7 +137,8 @@ class LLMEngine:
             self.scheduler.abort(request_id)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        """True while requests run or wait, or finished ones (e.g. just aborted) still have to be reported."""
+        return self.scheduler.has_unfinished() or bool(self.scheduler.newly_finished)
 
     # ------------------------------------------------------------------ the loop
     def step(self) -> list[RequestOutput]:
@@ -156,10 +157,11 @@ class LLMEngine:
                 j = next(k for k, it in enumerate(sampled_items) if it.request is req)
                 self._process_token(req, result.logprobs[j])
                 changed.add(req.group_id)
-        for gid, group in self._groups.items():
-            if any(r.is_finished and r.request_id in self._state for r in group.reqs):
-                changed.add(gid)
-        return [self._group_output(gid, delta=True) for gid in sorted(changed, key=list(self._groups).index)]
+        # Requests finished by the scheduler (stops, length, aborts, hopeless ones) must report even without a token.
+        changed.update(r.group_id for r in self.scheduler.newly_finished if r.group_id in self._groups)
+        self.scheduler.newly_finished.clear()
+        order = {gid: i for i, gid in enumerate(self._groups)}
+        return [self._group_output(gid, delta=True) for gid in sorted(changed, key=order.__getitem__)]
 
     def _process_token(self, req: Request, lp) -> None:
         tok = req.output_token_ids[-1]

@@ -68,6 +68,7 @@ class Scheduler:
         self.running: list[Request] = []          # admission order: oldest first
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
+        self.newly_finished: list[Request] = []   # drained by the engine after each step (outputs to report)
 
     # ------------------------------------------------------------------ queue
     def add(self, req: Request) -> None:
@@ -188,6 +189,7 @@ class Scheduler:
         req.finish_reason, req.stop_reason = reason, stop_reason
         req.finish_time = time.perf_counter()
         del self.requests[req.request_id]
+        self.newly_finished.append(req)
 
     def abort(self, request_id: str) -> bool:
         req = self.requests.get(request_id)
