@@ -176,6 +176,8 @@ def test_input_errors(tiny):
     with pytest.raises(ValueError, match="empty prompt"):
         llm.generate({"prompt_token_ids": []})
     assert not llm.engine.has_unfinished_requests()
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        LLM(tiny, max_model_len=10_000)
     # no tokenizer: token prompts still run, text stays empty (vLLM skip_tokenizer_init)
     (out,) = llm.generate(prompts([3]), GREEDY)
     assert out.outputs[0].text == "" and len(out.outputs[0].token_ids) == 10

@@ -68,7 +68,10 @@ class LLMEngine:
         # The cache takes the attention weights' dtype (the router stays fp32 whatever the model dtype).
         self.device = p.device
         dtype = next((q.dtype for n, q in model.named_parameters() if n.endswith("q_proj.weight")), p.dtype)
-        max_len = min(cfg.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
+        max_len = cfg.max_model_len or mc.max_position_embeddings
+        if max_len > mc.max_position_embeddings:
+            raise ValueError(f"max_model_len={max_len} exceeds the model's max_position_embeddings="
+                             f"{mc.max_position_embeddings}")
         probe = plan_cache(mc, 1 << 62, max_num_seqs=1, block_size=cfg.block_size, max_draft=cfg.max_draft,
                            include_mtp=cfg.include_mtp, dtype=dtype)
         if cfg.kv_cache_memory is None:
@@ -80,10 +83,9 @@ class LLMEngine:
                                  max_draft=cfg.max_draft, include_mtp=cfg.include_mtp, dtype=dtype)
         self.cache = KVCache(self.layout, self.device)
         self.kv = KVCacheManager(self.layout)
-        self.scheduler = Scheduler(SchedulerConfig(min(cfg.max_num_seqs, max(1, self.layout.num_rings or
-                                                                             cfg.max_num_seqs)),
-                                                   cfg.max_num_batched_tokens, cfg.enable_chunked_prefill, max_len),
-                                   self.kv)
+        # A budget that holds fewer rings than max_num_seqs limits concurrency through ring availability.
+        self.scheduler = Scheduler(SchedulerConfig(cfg.max_num_seqs, cfg.max_num_batched_tokens,
+                                                   cfg.enable_chunked_prefill, max_len), self.kv)
         self.runner = ModelRunner(model, self.cache, cfg.attention_impl)
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
         eos = mc.eos_token_id
