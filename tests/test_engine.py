@@ -87,12 +87,17 @@ def test_batch_equals_each_prompt_alone(tiny, chunked, budget):
     assert batched == alone and all(len(t) == 10 for t in batched)
 
 
-def test_greedy_matches_transformers_generate(tiny):
+@pytest.mark.parametrize("overrides", [{}, dict(tie_word_embeddings=True, sliding_window_size=6,
+                                                hybrid_layer_pattern=[1, 0, 1, 1, 0, 1, 1, 0],
+                                                moe_layer_freq=[0, 0, 1, 1, 1, 0, 1, 1])])
+def test_greedy_matches_transformers_generate(tiny, overrides):
     transformers = pytest.importorskip("transformers")
     from tests.test_parity_hf import hf_model_from
-    hf = hf_model_from(tiny)
+    model = make_model(tiny_config(**overrides), seed=11) if overrides else tiny
+    hf = hf_model_from(model)
     ps = prompts([2, 13])
-    ours = tokens(LLM(tiny, block_size=4).generate(ps, SamplingParams(temperature=0, max_tokens=16)))
+    ours = tokens(LLM(model, block_size=4, max_num_batched_tokens=8).generate(
+        ps, SamplingParams(temperature=0, max_tokens=16)))
     for p, got in zip(ps, ours):
         ids = torch.tensor([p["prompt_token_ids"]])
         with torch.no_grad():
