@@ -22,8 +22,6 @@ model's shape: every running sequence needs one ring (a fixed cost) and at least
 `num_rings = min(max_num_seqs, budget // (ring_bytes + block_bytes))` and every remaining byte becomes blocks.
 K and V are stored with their own head dims (192 and 128 in the real model), never padded to a common width.
 
-Each pool has one extra, always-zero slot at index 0: the runner uses it as the key/value of the attention sink
-column (a key whose score is the sink logit and whose value is zero), so no per-layer concatenation is needed.
 
 `KVCacheManager` is the pure-Python bookkeeping the scheduler consults; `KVCache` owns the tensors the runner
 reads and writes. MTP blocks are SWA layers with ids `num_hidden_layers + n`; `include_mtp=True` gives them rings.
@@ -129,8 +127,8 @@ def plan_cache(config: MiMoConfig, memory_bytes: int, *, max_num_seqs: int, bloc
 
 class KVCacheManager:
     """Pure-Python accounting: which blocks and ring a request holds. Block ids and ring ids start at 0; the
-    tensor slot of (block b, offset o) is `1 + b * block_size + o` and of (ring r, position p) `1 + r * R + p % R`
-    (slot 0 is the zero sink slot)."""
+    tensor slot of (block b, offset o) is `b * block_size + o` and of (ring r, position p) `r * R + p % R`, so a
+    block or a ring is one contiguous run of slots."""
 
     def __init__(self, layout: CacheLayout):
         self.layout = layout
@@ -187,7 +185,10 @@ class KVCacheManager:
 
 
 class KVCache:
-    """The tensors: per kind one (layers, 1 + slots, kv heads, dim) tensor for K and one for V.
+    """The tensors: per kind one (layers, kv heads, slots, dim) tensor for K and one for V.
+
+Head-major, so that the keys of one kv head for a batch of sequences come out of a gather as a (heads, B, K, dim)
+tensor that matmul consumes without a transposing copy (the decode path reads every cached key once per step).
 
     `layer_index[layer_id] = (sliding, i)` maps an attention layer (main or MTP) to its row in the pool."""
 
@@ -196,20 +197,20 @@ class KVCache:
         self.device = torch.device(device)
         dt = layout.dtype
         h, d, dv = layout.global_shape
-        g_slots = 1 + layout.num_blocks * layout.block_size
+        g_slots = layout.num_blocks * layout.block_size
         nG = len(layout.global_layers)
-        self.k_global = torch.zeros(nG, g_slots, h, d, dtype=dt, device=device)
-        self.v_global = torch.zeros(nG, g_slots, h, dv, dtype=dt, device=device)
+        self.k_global = torch.zeros(nG, h, g_slots, d, dtype=dt, device=device)
+        self.v_global = torch.zeros(nG, h, g_slots, dv, dtype=dt, device=device)
         h, d, dv = layout.sliding_shape
-        s_slots = 1 + layout.num_rings * layout.ring_slots
+        s_slots = layout.num_rings * layout.ring_slots
         nS = len(layout.sliding_layers)
-        self.k_ring = torch.zeros(nS, s_slots, h, d, dtype=dt, device=device)
-        self.v_ring = torch.zeros(nS, s_slots, h, dv, dtype=dt, device=device)
+        self.k_ring = torch.zeros(nS, h, s_slots, d, dtype=dt, device=device)
+        self.v_ring = torch.zeros(nS, h, s_slots, dv, dtype=dt, device=device)
         self.layer_index = {lid: (False, i) for i, lid in enumerate(layout.global_layers)}
         self.layer_index.update({lid: (True, i) for i, lid in enumerate(layout.sliding_layers)})
 
     def pools(self, layer_id: int) -> tuple[bool, torch.Tensor, torch.Tensor]:
-        """-> (sliding, K pool (1 + slots, h, d), V pool (1 + slots, h, dv)) of one layer."""
+        """-> (sliding, K pool (h, slots, d), V pool (h, slots, dv)) of one layer."""
         if layer_id not in self.layer_index:
             raise KeyError(f"attention layer {layer_id} has no KV cache (MTP layers need include_mtp=True)")
         sliding, i = self.layer_index[layer_id]

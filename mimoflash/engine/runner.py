@@ -8,12 +8,12 @@ No policy lives here (who runs, how many tokens: the scheduler decided). The run
   4. applies norm + lm_head only to the rows that are sampled (the last token of each finished slice).
 
 General path (prefill chunks, mixed batches), per layer and for both kinds alike:
-    keys(b) = [sink slot] + cached keys of sequence b + the step's new keys of sequence b
+    keys(b) = [sink] + cached keys of sequence b + the step's new keys of sequence b
 GA layers gather positions 0..s_b-1 through the block table; SWA layers gather their ring (R slots, positions
 s_b-R..s_b-1; stale or empty slots are masked by position). Sequences are padded to (B, Tmax) queries and (B, K)
 keys, the mask comes from positions alone (causal, window `swa_keys`, key position < 0 = empty), and one fused SDPA
-call runs the whole batch. Slot 0 of each pool is a zero key/value: with an additive mask entry equal to the sink
-logit it *is* the sink column (score = sink_h, adds no value), so sinks need no concatenation. The new K/V are
+call runs the whole batch. The sink is a zero key/value in column 0 (joining the concatenation that happens
+anyway) whose additive mask entry is the sink logit: its score is sink_h and it adds no value. The new K/V are
 stored only after attending, because the ring slots they overwrite may hold keys this step still reads.
 
 Decode path (every sequence feeds one token; the common case, so it is lean): the token's K/V are stored first
@@ -46,7 +46,7 @@ NEG_INF = float("-inf")
 @dataclass
 class KindMeta:
     """Per-step metadata for one attention kind (global or sliding)."""
-    read_slots: torch.Tensor          # (B, 1 + P) long: slot 0 = sink/zero slot, then past keys (0 where empty)
+    read_slots: torch.Tensor          # (B, P) long: slots of cached keys (0 where empty: masked anyway)
     write_src: torch.Tensor | None    # (M,) flat token indices to store (None = all N tokens)
     write_dst: torch.Tensor           # (M,) slots they go to
     bias: torch.Tensor                # (B, 1, Tmax, 1 + P + Tmax) additive mask, column 0 = sink (-inf here)
@@ -95,20 +95,18 @@ class PagedAttention:
         km = self.meta.kinds[sliding]
         q, k, v = q[0], k[0].to(k_pool.dtype), v[0].to(v_pool.dtype)              # (N, heads, dim)
         if self.meta.decode:
-            k_pool.index_copy_(0, km.write_dst, k)
-            v_pool.index_copy_(0, km.write_dst, v)
+            k_pool.index_copy_(1, km.write_dst, k.transpose(0, 1))
+            v_pool.index_copy_(1, km.write_dst, v.transpose(0, 1))
             return self._decode(layer, km, k_pool, v_pool, q).unsqueeze(0)
         if self.impl == "reference":
             o = self._reference(layer, km, k_pool, v_pool, q, k, v)
         else:
             o = self._fast(layer, km, k_pool, v_pool, q, k, v)
         # Store after reading: the ring slots being written may still hold keys this step needed.
-        if km.write_src is None:
-            k_pool.index_copy_(0, km.write_dst, k)
-            v_pool.index_copy_(0, km.write_dst, v)
-        else:
-            k_pool.index_copy_(0, km.write_dst, k[km.write_src])
-            v_pool.index_copy_(0, km.write_dst, v[km.write_src])
+        if km.write_src is not None:
+            k, v = k[km.write_src], v[km.write_src]
+        k_pool.index_copy_(1, km.write_dst, k.transpose(0, 1))
+        v_pool.index_copy_(1, km.write_dst, v.transpose(0, 1))
         return o.unsqueeze(0)
 
     def _bias(self, layer, km: KindMeta, nq: int) -> torch.Tensor:
@@ -125,35 +123,37 @@ class PagedAttention:
     def _decode(self, layer, dm: DecodeKindMeta, k_pool, v_pool, q) -> torch.Tensor:
         """q (B, nq, d) -> (B, nq, dv): one matmul per kv-head group, the sink as an extra score column."""
         B, nq, d = q.shape
-        h, dv = k_pool.shape[1], v_pool.shape[2]
+        h, dv = k_pool.shape[0], v_pool.shape[2]
         G = nq // h
         idx = dm.chunks.view(-1)
-        keys = k_pool[1:].view(-1, dm.chunk, h, d).index_select(0, idx).view(B, -1, h, d)    # (B, K, h, d)
-        vals = v_pool[1:].view(-1, dm.chunk, h, dv).index_select(0, idx).view(B, -1, h, dv)  # (B, K, h, dv)
-        qg = q.view(B, h, G, d)                                                     # head j -> kv head j // G
-        s = torch.matmul(qg, keys.to(q.dtype).permute(0, 2, 3, 1)).float()         # (B, h, G, K)
-        s = s * layer.scale + dm.bias
+        keys = k_pool.view(h, -1, dm.chunk, d).index_select(1, idx).view(h, B, -1, d)     # (h, B, K, d)
+        vals = v_pool.view(h, -1, dm.chunk, dv).index_select(1, idx).view(h, B, -1, dv)   # (h, B, K, dv)
+        K = keys.shape[2]
+        qg = q.view(B, h, G, d).transpose(0, 1)                                    # (h, B, G, d); head j -> j // G
+        s = torch.matmul(qg, keys.to(q.dtype).transpose(2, 3)).float()             # (h, B, G, K)
+        s = s * layer.scale + dm.bias.view(1, B, 1, K)
         sinks = layer.attention_sink_bias
         if sinks is not None:
-            sink = sinks.float().view(1, h, G, 1).expand(B, h, G, 1)
+            sink = sinks.float().view(h, 1, G, 1).expand(h, B, G, 1)
             p = torch.softmax(torch.cat([sink, s], dim=-1), dim=-1)[..., 1:]
         else:
             p = torch.softmax(s, dim=-1)
-        o = torch.matmul(p.to(q.dtype), vals.to(q.dtype).transpose(1, 2))          # (B, h, G, dv)
-        return o.reshape(B, nq, dv)
+        o = torch.matmul(p.to(q.dtype), vals.to(q.dtype))                          # (h, B, G, dv)
+        return o.transpose(0, 1).reshape(B, nq, dv)
 
     def _fast(self, layer, km: KindMeta, k_pool, v_pool, q, k, v) -> torch.Tensor:
         m = self.meta
         B, Tmax = m.B, m.Tmax
         N, nq, d = q.shape
         h, dv = k.shape[1], v.shape[2]
-        P1 = km.read_slots.shape[1]
-        k_past = k_pool.index_select(0, km.read_slots.view(-1)).view(B, P1, h, d)
-        v_past = v_pool.index_select(0, km.read_slots.view(-1)).view(B, P1, h, dv)
+        P = km.read_slots.shape[1]
+        k_past = k_pool.index_select(1, km.read_slots.view(-1)).view(h, B, P, d).transpose(0, 1)    # (B, h, P, d)
+        v_past = v_pool.index_select(1, km.read_slots.view(-1)).view(h, B, P, dv).transpose(0, 1)
         idx = m.flat_of_pad.view(-1)
         qp, kn, vn = q[idx].view(B, Tmax, nq, d), k[idx].view(B, Tmax, h, d), v[idx].view(B, Tmax, h, dv)
-        keys = torch.cat([k_past, kn.to(k_past.dtype)], dim=1).transpose(1, 2)      # (B, h, K, d)
-        vals = torch.cat([v_past, vn.to(v_past.dtype)], dim=1).transpose(1, 2)      # (B, h, K, dv)
+        zk, zv = k_past.new_zeros(B, h, 1, d), v_past.new_zeros(B, h, 1, dv)       # the sink column
+        keys = torch.cat([zk, k_past, kn.transpose(1, 2).to(k_past.dtype)], dim=2)  # (B, h, 1 + P + Tmax, d)
+        vals = torch.cat([zv, v_past, vn.transpose(1, 2).to(v_past.dtype)], dim=2)  # (B, h, 1 + P + Tmax, dv)
         bias = self._bias(layer, km, nq)
         o = F.scaled_dot_product_attention(qp.transpose(1, 2), keys.to(q.dtype), vals.to(q.dtype),
                                            attn_mask=bias.to(q.dtype), scale=layer.scale, enable_gqa=True)
@@ -163,13 +163,13 @@ class PagedAttention:
     def _reference(self, layer, km: KindMeta, k_pool, v_pool, q, k, v) -> torch.Tensor:
         m = self.meta
         out = []
-        P1 = km.read_slots.shape[1]
+        P1 = 1 + km.read_slots.shape[1]                                             # k_pos column 0 = sink
         for b, (lo, hi) in enumerate(m.seq_ranges):
             n = hi - lo
             keep = km.k_pos[b, 1:P1] >= 0                                           # drop empty past slots
-            slots = km.read_slots[b, 1:P1][keep]
-            kk = torch.cat([k_pool[slots], k[lo:hi].to(k_pool.dtype)])[None].to(q.dtype)   # (1, Kb, h, d)
-            vv = torch.cat([v_pool[slots], v[lo:hi].to(v_pool.dtype)])[None].to(q.dtype)
+            slots = km.read_slots[b][keep]
+            kk = torch.cat([k_pool[:, slots].transpose(0, 1), k[lo:hi]])[None].to(q.dtype)   # (1, Kb, h, d)
+            vv = torch.cat([v_pool[:, slots].transpose(0, 1), v[lo:hi]])[None].to(q.dtype)
             kpos = torch.cat([km.k_pos[b, 1:P1][keep], km.k_pos[b, P1:P1 + n]])[None]
             qpos = m.q_pos[b, :n][None]
             out.append(attend_reference(q[None, lo:hi], kk, vv, qpos, kpos, layer.window_keys,
@@ -256,23 +256,22 @@ class ModelRunner:
             table = self._block_table(items)
             past_ok = p[None, :] < starts_t[:, None]                                   # (B, P)
             blk = table.gather(1, (p // bs).clamp(max=table.shape[1] - 1).expand(B, P))
-            read = torch.cat([torch.zeros(B, 1, dtype=torch.long), torch.where(past_ok, 1 + blk * bs + p % bs, 0)], 1)
+            read = torch.where(past_ok, blk * bs + p % bs, 0)
             kpos = torch.cat([minus1, torch.where(past_ok, p.expand(B, P), -1), new_kpos], 1)
             fpos = torch.tensor(pos)
             fseq = torch.repeat_interleave(torch.arange(B), lens_t)
-            dst = 1 + table[fseq, fpos // bs] * bs + fpos % bs
+            dst = table[fseq, fpos // bs] * bs + fpos % bs
             kinds[False] = self._kind(read, kpos, q_pos, None, dst, None)
         if lay.sliding_layers:
             R = lay.ring_slots
             rings = torch.tensor([it.request.ring_id for it in items])
             p = starts_t[:, None] - R + torch.arange(R)[None, :]                       # (B, R) cached positions
-            read = torch.cat([torch.zeros(B, 1, dtype=torch.long),
-                              torch.where(p >= 0, 1 + rings[:, None] * R + p % R, 0)], 1)
+            read = torch.where(p >= 0, rings[:, None] * R + p % R, 0)
             kpos = torch.cat([minus1, torch.where(p >= 0, p, -1), new_kpos], 1)
             # Only the last R tokens of a long chunk survive in the ring; writing the others would collide.
             keep = valid & (t[None, :] >= lens_t[:, None] - R)
             src = flat_of_pad[keep]
-            dst = 1 + rings[:, None].expand(B, Tmax)[keep] * R + q_pos[keep] % R
+            dst = rings[:, None].expand(B, Tmax)[keep] * R + q_pos[keep] % R
             kinds[True] = self._kind(read, kpos, q_pos, lay.swa_keys, dst, None if bool(keep.sum() == N) else src)
         dev = self.device
         meta = AttnMeta(B, Tmax, False, q_pos.to(dev), flat_of_pad.to(dev), pad_of_flat.to(dev), ranges, kinds)
@@ -298,7 +297,7 @@ class ModelRunner:
             table = self._block_table(items)                                           # (B, nb)
             p = torch.arange(table.shape[1] * bs)
             bias = torch.where(p[None, :] <= pos_t[:, None], 0.0, neg)                 # causal = "already stored"
-            dst = 1 + table[torch.arange(B), pos_t // bs] * bs + pos_t % bs
+            dst = table[torch.arange(B), pos_t // bs] * bs + pos_t % bs
             kinds[False] = DecodeKindMeta(table.to(dev), bs, dst.to(dev), bias.view(B, 1, 1, -1).to(dev))
         if lay.sliding_layers:
             R = lay.ring_slots
@@ -307,7 +306,7 @@ class ModelRunner:
             slot_pos = pos_t[:, None] - (pos_t[:, None] - j[None, :]) % R              # newest position in slot j
             ok = (slot_pos >= 0) & (pos_t[:, None] - slot_pos < lay.swa_keys)
             bias = torch.where(ok, 0.0, neg)
-            kinds[True] = DecodeKindMeta(rings[:, None].to(dev), R, (1 + rings * R + pos_t % R).to(dev),
+            kinds[True] = DecodeKindMeta(rings[:, None].to(dev), R, (rings * R + pos_t % R).to(dev),
                                          bias.view(B, 1, 1, R).to(dev))
         meta = AttnMeta(B, 1, True, pos_t[:, None].to(dev), torch.arange(B)[:, None].to(dev),
                         torch.arange(B).to(dev), [(b, b + 1) for b in range(B)], kinds)
