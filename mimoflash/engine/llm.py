@@ -13,8 +13,9 @@ either way. A checkpoint without tokenizer files still runs from `{"prompt_token
 
 dtype "auto" is float32 on CPU and bf16 on CUDA. Measured with benchmarks/bench_decode.py on an AVX2 CPU without
 native bf16 (docs/ENGINE.md has the table): bf16 halves the bytes a decode step reads and made single-request
-decode ~10% faster, but its matmuls are converted on the fly and become compute-bound as soon as several rows are
-multiplied, so 16 concurrent requests ran ~1.8x *slower* than in fp32. fp32 is also the exact-parity dtype.
+decode 10-25% faster, but its matmuls are converted on the fly and become compute-bound as soon as several rows
+are multiplied: 16 concurrent requests ran ~1.9x *slower* and prefill (TTFT) 2.3x slower than in fp32. fp32 is
+also the exact-parity dtype.
 """
 
 from __future__ import annotations
