@@ -155,9 +155,9 @@ class LLMEngine:
             result = sample(logits, rows, self.generator) if rows else None
             toks = iter(result.token_ids if result else [])
             sampled = [next(toks) if it.sample else None for it in batch.items]
+            row_of = {it.request.request_id: j for j, it in enumerate(sampled_items)}
             for req in self.scheduler.postprocess(batch, sampled):
-                j = next(k for k, it in enumerate(sampled_items) if it.request is req)
-                self._process_token(req, result.logprobs[j])
+                self._process_token(req, result.logprobs[row_of[req.request_id]])
                 changed.add(req.group_id)
         # Requests finished by the scheduler (stops, length, aborts, hopeless ones) must report even without a token.
         changed.update(r.group_id for r in self.scheduler.newly_finished if r.group_id in self._groups)
