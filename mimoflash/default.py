@@ -60,8 +60,24 @@ def export(checkpoint: str | Path, out_dir: str | Path = DEFAULT_MODEL_DIR, data
     from .train.train import evaluate
 
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
-    state = torch.load(checkpoint / "trainer_state.pt", map_location="cpu", weights_only=False)
+    main_ckpt = checkpoint
     run_cfg = json.loads((checkpoint.parent / "train_config.json").read_text())
+    extra_card = dict(extra_card or {})
+    if run_cfg.get("only_mtp"):
+        # An --only-mtp run on top of a pre-training run: the card describes the pre-training run, plus this phase.
+        mstate = torch.load(checkpoint / "trainer_state.pt", map_location="cpu", weights_only=False)
+        main_ckpt = Path(run_cfg["init"])
+        run_cfg = json.loads((main_ckpt.parent / "train_config.json").read_text())
+        acc_file = checkpoint.parent / "mtp_acceptance.json"
+        line = (f"MTP-only phase (`--only-mtp`, main model frozen): {mstate['step']} steps, "
+                f"{mstate['tokens_seen']:,} tokens, {mstate['elapsed_s'] / 60:.0f} minutes")
+        if acc_file.exists():
+            acc = json.loads(acc_file.read_text())
+            if acc.get("before") and acc.get("after"):
+                fmt = lambda a: ", ".join(f"{x:.3f}" for x in a["mtp_acc"]) + f"; length {a['accept_length']:.2f}"
+                line += f". Acceptance by depth before: {fmt(acc['before'])}; after: {fmt(acc['after'])}"
+        extra_card.setdefault("mtp_only", line + ".")
+    state = torch.load(main_ckpt / "trainer_state.pt", map_location="cpu", weights_only=False)
     data_dir = Path(data_dir or run_cfg["data"])
     meta = json.loads((data_dir / "meta.json").read_text())
     model = load_model(checkpoint, torch.float32, "cpu")
@@ -90,13 +106,18 @@ def export(checkpoint: str | Path, out_dir: str | Path = DEFAULT_MODEL_DIR, data
         samples.append((prompt, tok.decode(ids[len(tok.encode(prompt)):])))
     counts = count_parameters(cfg)
     info = {"state": state, "run": run_cfg, "meta": meta, "heldout": heldout, "val": full_val, "acceptance": acc,
-            "samples": samples, "counts": counts, "config": cfg, "eval_s": time.time() - t0, **(extra_card or {})}
+            "samples": samples, "counts": counts, "config": cfg, "eval_s": time.time() - t0, **extra_card}
+    from .train.train import plot_losses
+    metrics_file = main_ckpt.parent / "metrics.jsonl"
+    if metrics_file.exists():
+        plot_losses(metrics_file, out_dir / "loss.png")
+        info["loss_png"] = True
     (out_dir / "README.md").write_text(_model_card(info))
     metrics = {k: v for k, v in info.items() if k in ("heldout", "val", "acceptance")}
     metrics["tokens_seen"] = state["tokens_seen"]
     metrics["steps"] = state["step"]
     metrics["train_time_s"] = state["elapsed_s"]
-    metrics.update(extra_card or {})
+    metrics.update(extra_card)
     (out_dir / "training_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
 
@@ -165,6 +186,8 @@ def _model_card(i: dict) -> str:
     ]
     if i.get("history"):
         lines.append(f"- {i['history']}")
+    if i.get("loss_png"):
+        lines += ["", "![training and validation loss](loss.png)"]
     v = i["val"]
     lines += [
         "",
