@@ -13,7 +13,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 RUN=${RUN:-runs/default}
-STEPS=${STEPS:-850}           # length of the cosine schedule (4096 tokens per step)
+STEPS=${STEPS:-1100}          # length of the cosine schedule (4096 tokens per step)
 MTP_STEPS=${MTP_STEPS:-0}     # 0 = skip the MTP-only phase
 OUT=${OUT:-mimoflash/default_model}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}

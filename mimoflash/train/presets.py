@@ -38,7 +38,7 @@ PRESETS: dict[str, dict] = {
                       sliding_window_size=128, hybrid_layer_pattern=[0, 1, 1, 1, 1, 0],
                       moe_layer_freq=[0, 1, 1, 1, 1, 1], max_position_embeddings=4096, num_nextn_predict_layers=2,
                       bos_token_id=None, eos_token_id=2, pad_token_id=0, torch_dtype="bfloat16"),
-        "train": dict(seq_len=256, batch_size=16, grad_accum=1, lr=2e-3, warmup_steps=50, max_steps=850,
+        "train": dict(seq_len=256, batch_size=16, grad_accum=1, lr=2e-3, warmup_steps=50, max_steps=1100,
                       balance_rate=1e-2, mtp_fraction=0.25, eval_every=50, eval_batches=8, ckpt_every_steps=0,
                       ckpt_every_min=5.0, init_std=0.02),
     },
