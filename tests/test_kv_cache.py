@@ -12,15 +12,6 @@ from mimoflash.engine.sampling import SamplingParams
 from mimoflash.engine.scheduler import Batch, ScheduledRequest
 from tests.conftest import make_model, tiny_config
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls gain nothing from a second thread, and on a shared, busy CPU an OpenMP barrier waiting for a
-    descheduled thread made these tests ~100x slower (measured: 0.14 s vs 22 s for one generate call)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 GEN = torch.Generator().manual_seed(123)
 
