@@ -29,11 +29,12 @@ def default_model() -> str:
 
 # ------------------------------------------------------------------------------------------------ export
 
-SAMPLE_PROMPTS = [
-    "def fibonacci(n):\n",
-    "import os\n\n\ndef list_python_files(root):\n    \"\"\"Return the .py files under root.\"\"\"\n",
-    "class Stack:\n    def __init__(self):\n",
+SAMPLE_PROMPTS = [   # each ends inside a line: BPE merges whitespace with the next word, so a prompt ending in
+    "def fibonacci(n):\n    if",                         # "\n    " would be tokenized unlike any training text
+    "import os\n\n\ndef list_python_files(root):\n    \"\"\"Return the .py files under root.\"\"\"\n    result =",
+    "class Stack:\n    def __init__(self):\n        self",
     "    def __repr__(self):\n        return",
+    "        except KeyError:\n            raise",
 ]
 
 

@@ -178,6 +178,20 @@ def test_resume_after_sigkill_is_exact(data_dir, tmp_path):
     assert a[-1]["loss"] == b[-1]["loss"]
 
 
+def test_sigterm_stops_after_the_step_with_a_checkpoint(data_dir, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen(_cli(data_dir, out, "--max-steps", "100000", "--ckpt-every-steps", "5", "--eval-every",
+                                 "0"), env=dict(os.environ, OMP_NUM_THREADS="1"), cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while find_checkpoint(out) is None and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0, proc.stderr.read().decode()[-2000:]
+    state = torch.load(out / "checkpoint" / "trainer_state.pt", weights_only=False)
+    assert state["step"] == metrics(out)[-1]["step"] and 0 < state["step"] < 100000
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -27,7 +27,8 @@ Data parallelism is plain `torch.distributed` (gloo on CPU, NCCL on GPU) with a 
 the `DistributedDataParallel` wrapper: the MTP losses call `model.model`, `model.logits` and `model.mtp_logits`
 rather than `model.forward`, which DDP's reducer would not see. The arithmetic is the same as DDP's.
 
-Checkpoints (`OUT/checkpoint/`, replaced atomically, every `--ckpt-every-min` minutes and at the end) hold the
+Checkpoints (`OUT/checkpoint/`, replaced atomically, every `--ckpt-every-min` minutes, at the end, and when SIGTERM
+or Ctrl-C stops the run after the current step; a second signal kills as usual) hold the
 weights in the official layout (`checkpoint.saver.save_model`, fp32, so resuming is bit-exact) plus
 `trainer_state.pt`: optimizer moments, step, tokens seen, data-generator state and RNG state. `--resume` continues
 from it and reproduces the uninterrupted run's losses exactly (tests/test_train.py kills a run with SIGKILL).
@@ -44,6 +45,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -344,6 +346,7 @@ def train(model_cfg: MiMoConfig, cfg: TrainConfig, data_dir: str | Path, out_dir
     last_ckpt_t = time.time()
     last_val = None
     t_run = time.time()
+    stop_flag = _StopOnSignal()
     try:
         while step < end_step:
             t0 = time.time()
@@ -408,14 +411,25 @@ def train(model_cfg: MiMoConfig, cfg: TrainConfig, data_dir: str | Path, out_dir
                 bar.update(1)
             due = (cfg.ckpt_every_steps and step % cfg.ckpt_every_steps == 0) or \
                   (cfg.ckpt_every_min and time.time() - last_ckpt_t >= 60 * cfg.ckpt_every_min)
-            if is_main and (due or step == end_step):
+            stop = stop_flag.requested
+            if world > 1:   # every rank must leave the loop at the same step
+                t = torch.tensor([float(stop)], device=device)
+                dist.all_reduce(t, op=dist.ReduceOp.MAX)
+                stop = bool(t.item())
+            if is_main and (due or step == end_step or stop):
                 state = {"step": step, "tokens_seen": tokens_seen, "elapsed_s": elapsed,
                          "optimizer": optimizer.state_dict(), "data_generator": gen.get_state(),
                          "torch_rng": torch.get_rng_state(), "only_mtp": only_mtp, "world_size": world,
                          "train_config": dataclasses.asdict(cfg), "model_config": model_cfg.to_dict()}
                 save_checkpoint(out_dir, model, state, tokenizer_dir)
                 last_ckpt_t = time.time()
+            if stop:
+                if is_main:
+                    print(f"\nstopped by signal after step {step}; checkpoint saved, continue with --resume",
+                          file=sys.stderr)
+                break
     finally:
+        stop_flag.restore()
         if bar is not None:
             bar.close()
         if metrics_f is not None:
@@ -432,6 +446,29 @@ def train(model_cfg: MiMoConfig, cfg: TrainConfig, data_dir: str | Path, out_dir
                "tok_per_s": round(tokens_seen / elapsed, 1) if elapsed else None, "run_wall_s": round(wall, 1),
                **(last_val or {}), "model": model}
     return summary
+
+
+class _StopOnSignal:
+    """SIGTERM / SIGINT (Ctrl-C) ask the loop to finish the current step, checkpoint and return; a second signal
+    acts as usual (the original handlers are back after the first)."""
+
+    def __init__(self):
+        self.requested = False
+        self.saved = {}
+        try:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self.saved[sig] = signal.signal(sig, self._handle)
+        except ValueError:   # not the main thread: no handlers, signals act as usual
+            self.saved = {}
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+        self.restore()
+
+    def restore(self) -> None:
+        for sig, handler in self.saved.items():
+            signal.signal(sig, handler)
+        self.saved = {}
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
