@@ -283,17 +283,25 @@ def test_cli_chat_session(ckpt_dirs, capsys):
         chat_main(["--model", str(ckpt_dirs[1])], input_fn=lambda p: "/exit")
 
 
-def test_picked_experts_transform_matches_dense_reference():
-    from mimoflash.engine.runner import use_picked_experts
+def test_cpu_layout_transform_matches_dense_reference():
+    from mimoflash.engine.runner import use_cpu_layout
     from mimoflash.model.moe import MoE
     m = make_model(tiny_config(), seed=2)
+    ref = make_model(tiny_config(), seed=2)
     moe = next(x for x in m.modules() if isinstance(x, MoE))
     xs = [torch.randn(1, 1, 128), torch.randn(1, 2, 128), torch.randn(2, 5, 128)]
+    ids = torch.randint(0, m.config.vocab_size, (2, 9))
     before = [moe(x) for x in xs]
-    use_picked_experts(m)
-    use_picked_experts(m)                                               # idempotent
-    assert "picked" in repr(moe.experts.forward)
+    use_cpu_layout(m)
+    use_cpu_layout(m)                                                   # idempotent
+    assert "cpu_experts" in repr(moe.experts.forward)
+    assert moe.experts.gate_proj.data_ptr() == moe.experts._gate_up.data_ptr()          # views, no copy
     for x, b in zip(xs, before):
         torch.testing.assert_close(moe(x), b, atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(moe(x), moe.forward_dense_reference(x), atol=1e-5, rtol=1e-4)
-    assert set(dict(m.named_parameters())) == set(dict(make_model(tiny_config(), seed=2).named_parameters()))
+    sd, sd_ref = m.state_dict(), ref.state_dict()
+    assert set(sd) == set(sd_ref) and all(torch.equal(sd[k], sd_ref[k]) for k in sd)   # same values
+    torch.testing.assert_close(m(ids), ref(ids), atol=1e-5, rtol=1e-4)
+    m.double()                                      # a cast breaks the views: the grouped forward takes over
+    assert moe.experts.gate_proj.data_ptr() != moe.experts._gate_up.data_ptr()
+    torch.testing.assert_close(moe(xs[2].double()).float(), before[2], atol=1e-5, rtol=1e-4)
