@@ -61,6 +61,7 @@ class DecodeKindMeta:
     chunk: int                        # slots per chunk: block_size or ring_slots
     write_dst: torch.Tensor           # (B,) slot of each sequence's new token
     bias: torch.Tensor                # (B, 1, 1, n * chunk) additive mask over the chunks' slots
+    first: int | None = None          # chunks.view(-1) == first + arange(B * n): read a view, copy nothing
 
 
 @dataclass
@@ -86,8 +87,9 @@ class StepInputs:
 class PagedAttention:
     """The `AttentionBackend` the engine passes to the model for one step."""
 
-    def __init__(self, cache: KVCache, meta: AttnMeta, impl: str = "fast"):
+    def __init__(self, cache: KVCache, meta: AttnMeta, impl: str = "fast", buffers: dict | None = None):
         self.cache, self.meta, self.impl = cache, meta, impl
+        self.buffers = {} if buffers is None else buffers   # gather outputs, reused by every layer (and step)
 
     def attend(self, layer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q (1, N, nq, d), k (1, N, h, d), v (1, N, h, dv) -> (1, N, nq, dv)."""
@@ -125,9 +127,8 @@ class PagedAttention:
         B, nq, d = q.shape
         h, dv = k_pool.shape[0], v_pool.shape[2]
         G = nq // h
-        idx = dm.chunks.view(-1)
-        keys = k_pool.view(h, -1, dm.chunk, d).index_select(1, idx).view(h, B, -1, d)     # (h, B, K, d)
-        vals = v_pool.view(h, -1, dm.chunk, dv).index_select(1, idx).view(h, B, -1, dv)   # (h, B, K, dv)
+        keys = self._chunks(dm, k_pool.view(h, -1, dm.chunk, d), "k").view(h, B, -1, d)      # (h, B, K, d)
+        vals = self._chunks(dm, v_pool.view(h, -1, dm.chunk, dv), "v").view(h, B, -1, dv)   # (h, B, K, dv)
         K = keys.shape[2]
         qg = q.view(B, h, G, d).transpose(0, 1)                                    # (h, B, G, d); head j -> j // G
         s = torch.matmul(qg, keys.to(q.dtype).transpose(2, 3)).float()             # (h, B, G, K)
@@ -140,6 +141,20 @@ class PagedAttention:
             p = torch.softmax(s, dim=-1)
         o = torch.matmul(p.to(q.dtype), vals.to(q.dtype))                          # (h, B, G, dv)
         return o.transpose(0, 1).reshape(B, nq, dv)
+
+    def _chunks(self, dm: DecodeKindMeta, pool: torch.Tensor, tag: str) -> torch.Tensor:
+        """pool (h, C, chunk, dim) -> (h, B * n, chunk, dim): the step's chunks, a view when they are consecutive
+        (one request with blocks in order, or rings handed out in order), else copied into a buffer that is
+        allocated once per shape (a fresh multi-MB tensor per layer cost page faults: up to 10x the copy)."""
+        if dm.first is not None:
+            return pool.narrow(1, dm.first, dm.chunks.numel())
+        idx = dm.chunks.view(-1)
+        shape = (pool.shape[0], idx.numel()) + tuple(pool.shape[2:])
+        key = (tag, shape, pool.dtype)
+        buf = self.buffers.get(key)
+        if buf is None:
+            buf = self.buffers[key] = pool.new_empty(shape)
+        return torch.index_select(pool, 1, idx, out=buf)
 
     def _fast(self, layer, km: KindMeta, k_pool, v_pool, q, k, v) -> torch.Tensor:
         m = self.meta
@@ -243,6 +258,12 @@ def use_cpu_layout(model: torch.nn.Module) -> None:
                 m.forward = functools.partial(_cpu_experts, m, m._grouped_forward)
 
 
+def _first_if_consecutive(chunks: torch.Tensor) -> int | None:
+    """chunks (host tensor) -> c0 when chunks.view(-1) == c0, c0 + 1, ..., else None."""
+    flat = chunks.reshape(-1).tolist()
+    return flat[0] if flat == list(range(flat[0], flat[0] + len(flat))) else None
+
+
 class ModelRunner:
     def __init__(self, model: MiMoForCausalLM, cache: KVCache, impl: str = "fast"):
         if impl not in ("fast", "reference"):
@@ -250,6 +271,7 @@ class ModelRunner:
         self.model, self.cache, self.impl = model, cache, impl
         self.layout = cache.layout
         self.device = cache.device
+        self._buffers: dict = {}
         if self.device.type == "cpu":
             use_cpu_layout(model)
 
@@ -332,7 +354,8 @@ class ModelRunner:
             p = torch.arange(table.shape[1] * bs)
             bias = torch.where(p[None, :] <= pos_t[:, None], 0.0, neg)                 # causal = "already stored"
             dst = table[torch.arange(B), pos_t // bs] * bs + pos_t % bs
-            kinds[False] = DecodeKindMeta(table.to(dev), bs, dst.to(dev), bias.view(B, 1, 1, -1).to(dev))
+            kinds[False] = DecodeKindMeta(table.to(dev), bs, dst.to(dev), bias.view(B, 1, 1, -1).to(dev),
+                                          _first_if_consecutive(table))
         if lay.sliding_layers:
             R = lay.ring_slots
             rings = torch.tensor([it.request.ring_id for it in items])
@@ -341,7 +364,7 @@ class ModelRunner:
             ok = (slot_pos >= 0) & (pos_t[:, None] - slot_pos < lay.swa_keys)
             bias = torch.where(ok, 0.0, neg)
             kinds[True] = DecodeKindMeta(rings[:, None].to(dev), R, (rings * R + pos_t % R).to(dev),
-                                         bias.view(B, 1, 1, R).to(dev))
+                                         bias.view(B, 1, 1, R).to(dev), _first_if_consecutive(rings))
         meta = AttnMeta(B, 1, True, pos_t[:, None].to(dev), torch.arange(B)[:, None].to(dev),
                         torch.arange(B).to(dev), [(b, b + 1) for b in range(B)], kinds)
         rows = [b for b, it in enumerate(items) if it.sample]
@@ -363,7 +386,7 @@ class ModelRunner:
     def execute(self, batch: Batch) -> torch.Tensor:
         """Run the batch; -> logits (R, V) fp32 for the sampled items, in batch order."""
         step = self.prepare(batch)
-        backend = PagedAttention(self.cache, step.meta, self.impl)
+        backend = PagedAttention(self.cache, step.meta, self.impl, self._buffers)
         hidden = self.model.model(step.input_ids, step.positions, backend)               # (1, N, D)
         if step.sample_rows.numel() == 0:
             return hidden.new_zeros(0, self.model.config.vocab_size, dtype=torch.float32)
