@@ -100,3 +100,20 @@ def test_router_bias_selects_but_does_not_weight():
         moe.gate.e_score_correction_bias.copy_(torch.tensor([0.0, 0.0, 1.0, 0.0]))
     idx, w, _ = moe.gate(torch.randn(5, cfg.hidden_size))
     assert (idx == 2).all() and torch.allclose(w, torch.full_like(w, 0.5))
+
+
+def test_fused_qkv_path_matches_three_projections():
+    """`Attention.qkv_t` (set by the engine's CPU layout): one q|k|v matmul and one RoPE call for q|k, same math as
+    the three projections; a cast that breaks the aliasing falls back to them."""
+    from mimoflash.engine.runner import use_cpu_layout
+    m = make_model(tiny_config(), seed=4)
+    ref = make_model(tiny_config(), seed=4)
+    ids = torch.randint(0, m.config.vocab_size, (2, 13))
+    use_cpu_layout(m)
+    attn = [x for x in m.modules() if isinstance(x, Attention)]
+    assert attn and all(a.fused_qkv() is not None for a in attn)
+    with torch.no_grad():
+        torch.testing.assert_close(m(ids), ref(ids), atol=1e-5, rtol=1e-4)
+        m.double()
+        assert all(a.fused_qkv() is None for a in attn)
+        torch.testing.assert_close(m(ids).float(), ref(ids), atol=1e-5, rtol=1e-4)

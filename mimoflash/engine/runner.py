@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..model.attention import attend_reference
+from ..model.attention import Attention, attend_reference
 from ..model.mimo import MiMoForCausalLM
 from ..model.moe import Experts
 from .kv_cache import KVCache
@@ -235,12 +235,23 @@ def use_cpu_layout(model: torch.nn.Module) -> None:
       * an `nn.Linear` with out_features > in_features gets a column-major weight (a transposed view of a
         contiguous (in, out) tensor): F.linear then multiplies by a row-major right-hand side, which MKL runs at
         ~2x the bandwidth for one or two rows (lm_head 32000x512: 10.7 -> 22.9 GB/s measured here);
-      * an `Experts` module's gate_proj and up_proj become views of one (E, D, 2F) tensor `_gate_up` (no extra
+      * an `Attention` module's q_proj/k_proj/v_proj weights become column blocks of one contiguous (H, q|k|v) tensor
+      `qkv_t` (the model's fused path: one matmul, one RoPE call for q|k);
+    * an `Experts` module's gate_proj and up_proj become views of one (E, D, 2F) tensor `_gate_up` (no extra
         memory) and down_proj a view of a contiguous (E, F, D) `_down_t`; its forward becomes `_cpu_experts`.
     Parameters that share storage (gate/up) matter only to a caller that saves the model with safetensors after
     this; the engine never does. `tests/test_engine.py` checks the transform against `MoE.forward_dense_reference`
     and the engine against a full recompute on the untransformed model. Idempotent."""
     with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, Attention) and m.qkv_t is None:
+                ws = [m.q_proj.weight, m.k_proj.weight, m.v_proj.weight]
+                t = torch.cat([w.data.t() for w in ws], dim=1).contiguous()      # (H, q | k | v)
+                lo = 0
+                for w in ws:
+                    w.data = t[:, lo:lo + w.shape[0]].t()
+                    lo += w.shape[0]
+                m.qkv_t = t
         for m in model.modules():
             if isinstance(m, torch.nn.Linear) and m.out_features > m.in_features and m.weight.is_contiguous():
                 m.weight.data = m.weight.data.t().contiguous().t()

@@ -103,15 +103,36 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(nq * dv, H, bias=False)
         self.attention_sink_bias = nn.Parameter(torch.zeros(nq)) if config.has_sinks(sliding) else None
         self.impl = "sdpa"                            # "sdpa" | "reference" (see module docstring)
+        # Optional fast path, set from outside (engine/runner.py `use_cpu_layout`): a contiguous (H, nq*d + nkv*d +
+        # nkv*dv) tensor whose column blocks q_proj/k_proj/v_proj's weights are transposed views of, so that one
+        # matmul computes q|k|v and one RoPE call rotates q|k. Unused (None, or no longer aliased) -> three linears.
+        self.qkv_t: torch.Tensor | None = None
+
+    def fused_qkv(self) -> torch.Tensor | None:
+        """`qkv_t` if the three projection weights are still views of it (a cast or `.to()` breaks that)."""
+        t = self.qkv_t
+        if t is None or t.dtype != self.q_proj.weight.dtype:
+            return None
+        base = t.untyped_storage().data_ptr()
+        ok = all(lin.weight.untyped_storage().data_ptr() == base for lin in (self.q_proj, self.k_proj, self.v_proj))
+        return t if ok else None
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                 backend: AttentionBackend | None = None) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.v_head_dim) * self.value_scale
+        nq, nkv, d, dv = self.num_heads, self.num_kv_heads, self.head_dim, self.v_head_dim
         cos, sin = rope
-        q, k = apply_partial_rope(q, cos, sin), apply_partial_rope(k, cos, sin)
+        qkv_t = self.fused_qkv()
+        if qkv_t is not None:                         # same math as below, fewer and larger ops
+            qkv = torch.matmul(x, qkv_t)                                       # (B, T, (nq + nkv) * d + nkv * dv)
+            qk = apply_partial_rope(qkv[..., :(nq + nkv) * d].view(B, T, nq + nkv, d), cos, sin)
+            q, k = qk[:, :, :nq], qk[:, :, nq:]
+            v = qkv[..., (nq + nkv) * d:].reshape(B, T, nkv, dv) * self.value_scale
+        else:
+            q = self.q_proj(x).view(B, T, nq, d)
+            k = self.k_proj(x).view(B, T, nkv, d)
+            v = self.v_proj(x).view(B, T, nkv, dv) * self.value_scale
+            q, k = apply_partial_rope(q, cos, sin), apply_partial_rope(k, cos, sin)
         if backend is not None:
             o = backend.attend(self, q, k, v)
         elif self.impl == "reference":
