@@ -60,8 +60,9 @@ class DecodeKindMeta:
     chunks: torch.Tensor              # (B, n) long: block ids (GA) or the ring id (SWA, n = 1) of each sequence
     chunk: int                        # slots per chunk: block_size or ring_slots
     write_dst: torch.Tensor           # (B,) slot of each sequence's new token
-    bias: torch.Tensor                # (B, 1, 1, n * chunk) additive mask over the chunks' slots
+    bias: torch.Tensor | None         # (B, 1, 1, keys) additive mask over the first `keys` gathered slots; None = all
     first: int | None = None          # chunks.view(-1) == first + arange(B * n): read a view, copy nothing
+    keys: int | None = None           # only the first `keys` gathered slots can hold keys (None = n * chunk)
 
 
 @dataclass
@@ -129,10 +130,14 @@ class PagedAttention:
         G = nq // h
         keys = self._chunks(dm, k_pool.view(h, -1, dm.chunk, d), "k").view(h, B, -1, d)      # (h, B, K, d)
         vals = self._chunks(dm, v_pool.view(h, -1, dm.chunk, dv), "v").view(h, B, -1, dv)   # (h, B, K, dv)
+        if dm.keys is not None and dm.keys < keys.shape[2]:
+            keys, vals = keys[:, :, :dm.keys], vals[:, :, :dm.keys]
         K = keys.shape[2]
         qg = q.view(B, h, G, d).transpose(0, 1)                                    # (h, B, G, d); head j -> j // G
         s = torch.matmul(qg, keys.to(q.dtype).transpose(2, 3)).float()             # (h, B, G, K)
-        s = s * layer.scale + dm.bias.view(1, B, 1, K)
+        s = s * layer.scale
+        if dm.bias is not None:
+            s = s + dm.bias.view(1, B, 1, K)
         sinks = layer.attention_sink_bias
         if sinks is not None:
             sink = sinks.float().view(h, 1, G, 1).expand(h, B, G, 1)
@@ -351,36 +356,54 @@ class ModelRunner:
         return torch.tensor([it.request.block_ids + [0] * (nb - len(it.request.block_ids)) for it in items])
 
     def _prepare_decode(self, batch: Batch) -> StepInputs:
-        """One token per sequence at position s_b; keys are positions <= s_b (stored before reading)."""
+        """One token per sequence at position s_b; keys are positions <= s_b (stored before reading).
+
+        The gathered chunks of a GA layer hold positions 0, 1, ... in order, and so does a ring that has not wrapped
+        (s_b < R): there the key axis is cut to max(s_b) + 1 and, with one sequence, no mask is needed at all. A
+        wrapped ring with R == swa_keys (no draft slack) is all valid keys: no mask either."""
         items = batch.items
         B = len(items)
         pos = [it.start for it in items]
         ids = [it.request.token_slice(it.start, it.start + 1)[0] for it in items]
+        top = max(pos)
         pos_t = torch.tensor(pos)
         lay, dev, kinds = self.layout, self.device, {}
-        neg = torch.tensor(NEG_INF, dtype=torch.float32)
         if lay.global_layers:
             bs = lay.block_size
             table = self._block_table(items)                                           # (B, nb)
-            p = torch.arange(table.shape[1] * bs)
-            bias = torch.where(p[None, :] <= pos_t[:, None], 0.0, neg)                 # causal = "already stored"
-            dst = table[torch.arange(B), pos_t // bs] * bs + pos_t % bs
-            kinds[False] = DecodeKindMeta(table.to(dev), bs, dst.to(dev), bias.view(B, 1, 1, -1).to(dev),
-                                          _first_if_consecutive(table))
+            keys = top + 1                                                              # <= nb * bs
+            bias = None
+            if B > 1:
+                bias = torch.zeros(B, keys).masked_fill_(torch.arange(keys)[None, :] > pos_t[:, None], NEG_INF)
+                bias = bias.view(B, 1, 1, keys).to(dev)
+            dst = [it.request.block_ids[p // bs] * bs + p % bs for it, p in zip(items, pos)]
+            kinds[False] = DecodeKindMeta(table.to(dev), bs, torch.tensor(dst, device=dev), bias,
+                                          _first_if_consecutive(table), keys)
         if lay.sliding_layers:
             R = lay.ring_slots
-            rings = torch.tensor([it.request.ring_id for it in items])
-            j = torch.arange(R)
-            slot_pos = pos_t[:, None] - (pos_t[:, None] - j[None, :]) % R              # newest position in slot j
-            ok = (slot_pos >= 0) & (pos_t[:, None] - slot_pos < lay.swa_keys)
-            bias = torch.where(ok, 0.0, neg)
-            kinds[True] = DecodeKindMeta(rings[:, None].to(dev), R, (rings * R + pos_t % R).to(dev),
-                                         bias.view(B, 1, 1, R).to(dev), _first_if_consecutive(rings))
-        meta = AttnMeta(B, 1, True, pos_t[:, None].to(dev), torch.arange(B)[:, None].to(dev),
-                        torch.arange(B).to(dev), [(b, b + 1) for b in range(B)], kinds)
-        rows = [b for b, it in enumerate(items) if it.sample]
-        return StepInputs(torch.tensor([ids], device=dev), pos_t[None].to(dev), meta,
-                          torch.tensor(rows, dtype=torch.long, device=dev))
+            ring_ids = [it.request.ring_id for it in items]
+            rings = torch.tensor(ring_ids)
+            bias = None
+            if top < R:                                                                 # no ring has wrapped
+                keys = top + 1
+                if B > 1:
+                    bias = torch.zeros(B, keys).masked_fill_(torch.arange(keys)[None, :] > pos_t[:, None], NEG_INF)
+            else:
+                keys = R
+                if R != lay.swa_keys or min(pos) < R - 1:
+                    j = torch.arange(R)
+                    slot_pos = pos_t[:, None] - (pos_t[:, None] - j[None, :]) % R      # newest position in slot j
+                    ok = (slot_pos >= 0) & (pos_t[:, None] - slot_pos < lay.swa_keys)
+                    bias = torch.zeros(B, R).masked_fill_(~ok, NEG_INF)
+            dst = [r * R + p % R for r, p in zip(ring_ids, pos)]
+            kinds[True] = DecodeKindMeta(rings[:, None].to(dev), R, torch.tensor(dst, device=dev),
+                                         None if bias is None else bias.view(B, 1, 1, keys).to(dev),
+                                         _first_if_consecutive(rings), keys)
+        ar = torch.arange(B, device=dev)
+        meta = AttnMeta(B, 1, True, pos_t[:, None].to(dev), ar[:, None], ar, [(b, b + 1) for b in range(B)], kinds)
+        rows = ar if all(it.sample for it in items) else torch.tensor(
+            [b for b, it in enumerate(items) if it.sample], dtype=torch.long, device=dev)
+        return StepInputs(torch.tensor([ids], device=dev), pos_t[None].to(dev), meta, rows)
 
     def _kind(self, read, kpos, q_pos, window, dst, src) -> KindMeta:
         qp, kp = q_pos[:, :, None], kpos[:, None, :]
