@@ -118,3 +118,16 @@ def test_fused_qkv_path_matches_three_projections():
         m.double()
         assert all(a.fused_qkv() is None for a in attn)
         torch.testing.assert_close(m(ids).float(), ref(ids), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rmsnorm_fast_path_bit_identical_to_reference(dtype):
+    from mimoflash.model.layers import RMSNorm
+    g = torch.Generator().manual_seed(0)
+    norm = RMSNorm(96, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(96, generator=g))
+    norm.to(dtype)
+    for shape in [(1, 1, 96), (3, 7, 96), (5, 96)]:
+        x = (torch.randn(shape, generator=g) * 30).to(dtype)
+        assert torch.equal(norm(x), norm.forward_reference(x))

@@ -96,7 +96,9 @@ class PagedAttention:
         """q (1, N, nq, d), k (1, N, h, d), v (1, N, h, dv) -> (1, N, nq, dv)."""
         sliding, k_pool, v_pool = self.cache.pools(layer.layer_idx)
         km = self.meta.kinds[sliding]
-        q, k, v = q[0], k[0].to(k_pool.dtype), v[0].to(v_pool.dtype)              # (N, heads, dim)
+        q, k, v = q[0], k[0], v[0]                                                  # (N, heads, dim)
+        if k.dtype != k_pool.dtype:                   # (a no-op .to() is still a dispatch: ~5 us on a busy CPU)
+            k, v = k.to(k_pool.dtype), v.to(v_pool.dtype)
         if self.meta.decode:
             k_pool.index_copy_(1, km.write_dst, k.transpose(0, 1))
             v_pool.index_copy_(1, km.write_dst, v.transpose(0, 1))
@@ -133,18 +135,25 @@ class PagedAttention:
         if dm.keys is not None and dm.keys < keys.shape[2]:
             keys, vals = keys[:, :, :dm.keys], vals[:, :, :dm.keys]
         K = keys.shape[2]
+        if keys.dtype != q.dtype:
+            keys, vals = keys.to(q.dtype), vals.to(q.dtype)
         qg = q.view(B, h, G, d).transpose(0, 1)                                    # (h, B, G, d); head j -> j // G
-        s = torch.matmul(qg, keys.to(q.dtype).transpose(2, 3)).float()             # (h, B, G, K)
+        s = torch.matmul(qg, keys.transpose(2, 3))                                 # (h, B, G, K)
+        if s.dtype != torch.float32:
+            s = s.float()
         s = s * layer.scale
         if dm.bias is not None:
             s = s + dm.bias.view(1, B, 1, K)
         sinks = layer.attention_sink_bias
         if sinks is not None:
-            sink = sinks.float().view(h, 1, G, 1).expand(h, B, G, 1)
+            key = ("sink", layer.layer_idx, B)                 # the fp32 column is a view: kept across steps
+            sink = self.buffers.get(key)
+            if sink is None or sink.data_ptr() != sinks.data_ptr():
+                sink = self.buffers[key] = sinks.float().view(h, 1, G, 1).expand(h, B, G, 1)
             p = torch.softmax(torch.cat([sink, s], dim=-1), dim=-1)[..., 1:]
         else:
             p = torch.softmax(s, dim=-1)
-        o = torch.matmul(p.to(q.dtype), vals.to(q.dtype))                          # (h, B, G, dv)
+        o = torch.matmul(p if p.dtype == q.dtype else p.to(q.dtype), vals)          # (h, B, G, dv)
         return o.transpose(0, 1).reshape(B, nq, dv)
 
     def _chunks(self, dm: DecodeKindMeta, pool: torch.Tensor, tag: str) -> torch.Tensor:
@@ -209,12 +218,12 @@ def _cpu_experts(experts: Experts, fallback, x_TD: torch.Tensor, topk_idx_TK: to
         return fallback(x_TD, topk_idx_TK, weight_TK)
     Fd = dn.shape[1]
     T, K = topk_idx_TK.shape
-    w_TK = weight_TK.to(x_TD.dtype)
+    w_TK = weight_TK if weight_TK.dtype == x_TD.dtype else weight_TK.to(x_TD.dtype)
     if T == 1:
         out_TD = None
-        for k, e in enumerate(topk_idx_TK[0].tolist()):
+        for e, w in zip(topk_idx_TK[0].tolist(), w_TK[0].tolist()):      # w: the x-dtype value, as a Python float
             h = torch.mm(x_TD, gu[e])                                          # (1, 2F)
-            y = torch.mm(F.silu(h[:, :Fd]) * h[:, Fd:], dn[e]).mul_(w_TK[0, k])
+            y = torch.mm(F.silu(h[:, :Fd]) * h[:, Fd:], dn[e]).mul_(w)
             out_TD = y if out_TD is None else out_TD.add_(y)
         return out_TD
     flat = topk_idx_TK.reshape(-1)

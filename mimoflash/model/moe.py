@@ -40,7 +40,8 @@ class Router(nn.Module):
 
     def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> (topk_idx_TK int64, topk_weight_TK fp32, scores_TE fp32)."""
-        scores_TE = torch.sigmoid(F.linear(x_TD.float(), self.weight.float()))
+        w = self.weight if self.weight.dtype == torch.float32 else self.weight.float()   # skip no-op casts
+        scores_TE = torch.sigmoid(F.linear(x_TD if x_TD.dtype == torch.float32 else x_TD.float(), w))
         choice_TE = scores_TE + self.e_score_correction_bias
         if self.n_group > 1:
             T, E = choice_TE.shape
