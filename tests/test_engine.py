@@ -294,6 +294,9 @@ def test_cpu_layout_transform_matches_dense_reference():
     before = [moe(x) for x in xs]
     use_cpu_layout(m)
     use_cpu_layout(m)                                                   # idempotent
+    moe(xs[2]).sum().backward()                                         # with autograd: the parameters' own path
+    assert moe.experts.gate_proj.grad is not None and moe.experts.gate_proj.grad.abs().sum() > 0
+    torch.set_grad_enabled(False)
     assert "cpu_experts" in repr(moe.experts.forward)
     assert moe.experts.gate_proj.data_ptr() == moe.experts._gate_up.data_ptr()          # views, no copy
     for x, b in zip(xs, before):
@@ -305,3 +308,4 @@ def test_cpu_layout_transform_matches_dense_reference():
     m.double()                                      # a cast breaks the views: the grouped forward takes over
     assert moe.experts.gate_proj.data_ptr() != moe.experts._gate_up.data_ptr()
     torch.testing.assert_close(moe(xs[2].double()).float(), before[2], atol=1e-5, rtol=1e-4)
+    torch.set_grad_enabled(True)

@@ -213,8 +213,8 @@ def _cpu_experts(experts: Experts, fallback, x_TD: torch.Tensor, topk_idx_TK: to
     sides (MKL's fast GEMV/GEMM case). One token: the K experts in turn, no sort. More: pairs grouped by expert
     with one argsort and one host read of the counts (free on CPU)."""
     gu, dn = experts._gate_up, experts._down_t
-    if (x_TD.device.type != "cpu" or experts.gate_proj.data_ptr() != gu.data_ptr()
-            or experts.down_proj.data_ptr() != dn.data_ptr() or x_TD.dtype != gu.dtype):   # moved/cast since
+    if (x_TD.device.type != "cpu" or torch.is_grad_enabled() or experts.gate_proj.data_ptr() != gu.data_ptr()
+            or experts.down_proj.data_ptr() != dn.data_ptr() or x_TD.dtype != gu.dtype):   # training (the views carry no gradient), moved/cast since
         return fallback(x_TD, topk_idx_TK, weight_TK)
     Fd = dn.shape[1]
     T, K = topk_idx_TK.shape
@@ -229,17 +229,18 @@ def _cpu_experts(experts: Experts, fallback, x_TD: torch.Tensor, topk_idx_TK: to
     flat = topk_idx_TK.reshape(-1)
     order = flat.argsort(stable=True)
     tok_P = order // K
-    w_P = w_TK.reshape(-1)[order]
     counts = torch.bincount(flat, minlength=gu.shape[0]).tolist()
-    out_TD = torch.zeros_like(x_TD)
+    x_PD = x_TD.index_select(0, tok_P)                                         # (P, D), expert-sorted
+    y_PD = torch.empty_like(x_PD)
     lo = 0
-    for e, n in enumerate(counts):
+    for e, n in enumerate(counts):                  # per expert: two matmuls and the SwiGLU, on row slices
         if n:
-            tok = tok_P[lo:lo + n]
-            h = torch.mm(x_TD.index_select(0, tok), gu[e])                    # (n, 2F)
-            y = torch.mm(F.silu(h[:, :Fd]) * h[:, Fd:], dn[e])                 # (n, D)
-            out_TD.index_add_(0, tok, y.mul_(w_P[lo:lo + n, None]))
+            h = torch.mm(x_PD[lo:lo + n], gu[e])                                # (n, 2F)
+            torch.mm(F.silu(h[:, :Fd]) * h[:, Fd:], dn[e], out=y_PD[lo:lo + n])
             lo += n
+    y_PD.mul_(w_TK.reshape(-1).index_select(0, order)[:, None])
+    out_TD = torch.zeros_like(x_TD)
+    out_TD.index_add_(0, tok_P, y_PD)
     return out_TD
 
 

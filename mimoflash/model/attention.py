@@ -109,9 +109,10 @@ class Attention(nn.Module):
         self.qkv_t: torch.Tensor | None = None
 
     def fused_qkv(self) -> torch.Tensor | None:
-        """`qkv_t` if the three projection weights are still views of it (a cast or `.to()` breaks that)."""
+        """`qkv_t` if the three projection weights are still views of it (a cast or `.to()` breaks that) and no
+        gradient is wanted (`qkv_t` is not a parameter: training uses the three linears)."""
         t = self.qkv_t
-        if t is None or t.dtype != self.q_proj.weight.dtype:
+        if t is None or t.dtype != self.q_proj.weight.dtype or torch.is_grad_enabled():   # no gradient through it
             return None
         base = t.untyped_storage().data_ptr()
         ok = all(lin.weight.untyped_storage().data_ptr() == base for lin in (self.q_proj, self.k_proj, self.v_proj))
