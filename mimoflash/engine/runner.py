@@ -244,21 +244,49 @@ def _cpu_experts(experts: Experts, fallback, x_TD: torch.Tensor, topk_idx_TK: to
     return out_TD
 
 
+def _picked_experts(experts: Experts, fallback, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor,
+                    weight_TK: torch.Tensor) -> torch.Tensor:
+    """Non-fp32 CPU experts: `Experts.forward`'s math running only the picked experts, for one or two tokens."""
+    T, K = topk_idx_TK.shape
+    if T > 2 or x_TD.device.type != "cpu" or torch.is_grad_enabled():
+        return fallback(x_TD, topk_idx_TK, weight_TK)
+    out_TD = torch.zeros_like(x_TD)
+    w_TK = weight_TK.to(x_TD.dtype)
+    for t, row in enumerate(topk_idx_TK.tolist()):
+        x_1D = x_TD[t:t + 1]
+        for k, e in enumerate(row):
+            h_1F = F.silu(F.linear(x_1D, experts.gate_proj[e])) * F.linear(x_1D, experts.up_proj[e])
+            out_TD[t:t + 1].add_(F.linear(h_1F, experts.down_proj[e]) * w_TK[t, k])
+    return out_TD
+
+
+def _is_fp32(m: torch.nn.Module) -> bool:
+    p = next(m.parameters(), None)
+    return p is None or p.dtype == torch.float32
+
+
 def use_cpu_layout(model: torch.nn.Module) -> None:
     """Transform applied from outside the model (ARCHITECTURE rule 6) for CPU decoding; values, parameter names,
     shapes and the module tree are unchanged, only memory layouts (strides) and the experts' forward change:
       * an `nn.Linear` with out_features > in_features gets a column-major weight (a transposed view of a
         contiguous (in, out) tensor): F.linear then multiplies by a row-major right-hand side, which MKL runs at
         ~2x the bandwidth for one or two rows (lm_head 32000x512: 10.7 -> 22.9 GB/s measured here);
-      * an `Attention` module's q_proj/k_proj/v_proj weights become column blocks of one contiguous (H, q|k|v) tensor
-      `qkv_t` (the model's fused path: one matmul, one RoPE call for q|k);
-    * an `Experts` module's gate_proj and up_proj become views of one (E, D, 2F) tensor `_gate_up` (no extra
+      * an `Attention` module's q/k/v_proj weights become column blocks of one contiguous (H, q|k|v) tensor `qkv_t`
+        (the model's fused path: one matmul, one RoPE call for q|k);
+      * an `Experts` module's gate_proj and up_proj become views of one (E, D, 2F) tensor `_gate_up` (no extra
         memory) and down_proj a view of a contiguous (E, F, D) `_down_t`; its forward becomes `_cpu_experts`.
+    fp32 only: in bf16 (no native bf16 here) these layouts sent oneDNN/MKL to paths 4x slower, so bf16 modules
+    keep their layouts and bf16 experts only skip the unpicked experts for one or two tokens (`_picked_experts`).
     Parameters that share storage (gate/up) matter only to a caller that saves the model with safetensors after
     this; the engine never does. `tests/test_engine.py` checks the transform against `MoE.forward_dense_reference`
     and the engine against a full recompute on the untransformed model. Idempotent."""
     with torch.no_grad():
         for m in model.modules():
+            if isinstance(m, Experts) and m.gate_proj.dtype != torch.float32 and not hasattr(m, "_grouped_forward"):
+                m._grouped_forward = m.forward                 # bf16: layouts stay (see above), picked experts only
+                m.forward = functools.partial(_picked_experts, m, m._grouped_forward)
+            if not _is_fp32(m):
+                continue
             if isinstance(m, Attention) and m.qkv_t is None:
                 ws = [m.q_proj.weight, m.k_proj.weight, m.v_proj.weight]
                 t = torch.cat([w.data.t() for w in ws], dim=1).contiguous()      # (H, q | k | v)
@@ -268,9 +296,11 @@ def use_cpu_layout(model: torch.nn.Module) -> None:
                     lo += w.shape[0]
                 m.qkv_t = t
         for m in model.modules():
+            if not _is_fp32(m):
+                continue
             if isinstance(m, torch.nn.Linear) and m.out_features > m.in_features and m.weight.is_contiguous():
                 m.weight.data = m.weight.data.t().contiguous().t()
-            elif isinstance(m, Experts) and not hasattr(m, "_gate_up"):
+            elif isinstance(m, Experts) and not hasattr(m, "_grouped_forward"):
                 E, Fd, D = m.gate_proj.shape
                 gu = torch.empty(E, D, 2 * Fd, dtype=m.gate_proj.dtype, device=m.gate_proj.device)
                 gu[:, :, :Fd].copy_(m.gate_proj.data.transpose(1, 2))
