@@ -217,6 +217,7 @@ def _cpu_experts(experts: Experts, fallback, x_TD: torch.Tensor, topk_idx_TK: to
             or experts.down_proj.data_ptr() != dn.data_ptr() or x_TD.dtype != gu.dtype):   # training (the views carry no gradient), moved/cast since
         return fallback(x_TD, topk_idx_TK, weight_TK)
     Fd = dn.shape[1]
+    gu, dn = experts._gate_up_list, experts._down_t_list          # per-expert views: no indexing op per call
     T, K = topk_idx_TK.shape
     w_TK = weight_TK if weight_TK.dtype == x_TD.dtype else weight_TK.to(x_TD.dtype)
     if T == 1:
@@ -229,7 +230,7 @@ def _cpu_experts(experts: Experts, fallback, x_TD: torch.Tensor, topk_idx_TK: to
     flat = topk_idx_TK.reshape(-1)
     order = flat.argsort(stable=True)
     tok_P = order // K
-    counts = torch.bincount(flat, minlength=gu.shape[0]).tolist()
+    counts = torch.bincount(flat, minlength=len(gu)).tolist()
     x_PD = x_TD.index_select(0, tok_P)                                         # (P, D), expert-sorted
     y_PD = torch.empty_like(x_PD)
     lo = 0
@@ -310,6 +311,7 @@ def use_cpu_layout(model: torch.nn.Module) -> None:
                 m.up_proj.data = gu[:, :, Fd:].transpose(1, 2)
                 m.down_proj.data = dn.transpose(1, 2)
                 m._gate_up, m._down_t = gu, dn
+                m._gate_up_list, m._down_t_list = list(gu.unbind(0)), list(dn.unbind(0))
                 m._grouped_forward = m.forward
                 m.forward = functools.partial(_cpu_experts, m, m._grouped_forward)
 
