@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Rebuild mimoflash/default_model/ from scratch: the recipe that produced the shipped model (docs/TRAINING.md).
 #
-#   scripts/train_default_model.sh                 # everything, ~2.5 h on 2 CPU cores
-#   RUN=runs/default STEPS=650 scripts/train_default_model.sh
+#   scripts/train_default_model.sh                 # everything, ~2 h on 2 idle CPU cores
+#   RUN=runs/default STEPS=1100 MTP_STEPS=60 scripts/train_default_model.sh
 #
 # 1. byte-level BPE (8192 ids) on the Python standard library's *.py files (PSF license; site-packages excluded)
 # 2. tokenize them into train.bin / val.bin (1% of the files held out, seed 0)
@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 
 RUN=${RUN:-runs/default}
 STEPS=${STEPS:-1100}          # length of the cosine schedule (4096 tokens per step)
-MTP_STEPS=${MTP_STEPS:-0}     # 0 = skip the MTP-only phase
+MTP_STEPS=${MTP_STEPS:-60}    # MTP-only phase after pre-training; 0 = skip it
 OUT=${OUT:-mimoflash/default_model}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 # Idle OpenMP threads sleep instead of spinning: on a shared machine spinning makes steps 5-10x slower.
@@ -44,8 +44,9 @@ CKPT="$RUN/train/checkpoint"
 if [[ "$MTP_STEPS" -gt 0 ]]; then
     python -m mimoflash train --config default-small --only-mtp --init "$RUN/train/checkpoint" \
         --data "$RUN/data" --out "$RUN/mtp" --tokenizer "$RUN/tokenizer" --max-steps "$MTP_STEPS" \
-        --warmup-steps 10 --lr 1e-3 --eval-every 0 --resume
+        --warmup-steps 8 --lr 1e-3 --mtp-fraction 1.0 --eval-every 0 --eval-batches 4 --acceptance-batches 12 \
+        --ckpt-every-min 0
     CKPT="$RUN/mtp/checkpoint"
 fi
 
-python -m mimoflash.default "$CKPT" --out "$OUT"
+python -m mimoflash.default "$CKPT" --out "$OUT" --acceptance-batches 12
