@@ -59,6 +59,7 @@ import torch.nn.functional as F
 
 from ..config import MiMoConfig
 from ..model.mimo import MiMoForCausalLM
+from ..model.moe import MoE
 from .balance import LoadCounter, RouterTap, imbalance, update_expert_bias
 from .data import IGNORE_INDEX, TokenDataset
 from .presets import PRESETS, get_preset
@@ -328,8 +329,14 @@ def train(model_cfg: MiMoConfig, cfg: TrainConfig, data_dir: str | Path, out_dir
 
     fwd_model = model
     if cfg.compile:
-        for layer in list(model.model.layers) + (list(model.model.mtp.layers) if n_mtp else []):
-            layer.compile(dynamic=False)
+        # Attention and dense MLPs only: MoE routing is data-dependent, and the fake-tensor kernel of
+        # torch._grouped_mm (torch 2.13) accepts only bf16, so fp32 MoE layers cannot be traced; they stay eager.
+        for layer in model.model.layers:
+            layer.self_attn.compile(dynamic=False)
+            if not isinstance(layer.mlp, MoE):
+                layer.mlp.compile(dynamic=False)
+        for block in (model.model.mtp.layers if n_mtp else []):
+            block.compile(dynamic=False)
     counter = LoadCounter(model)
     tap = RouterTap(model) if cfg.seq_aux_coef > 0 and not only_mtp else None
     routers = [m.gate for m in counter.layers]
