@@ -331,10 +331,8 @@ class MiMoConfig:
         d["mlp_layer_types"] = [MLP_TYPE_NAMES[p] for p in self.moe_layer_freq]
         d["rms_norm_eps"] = self.layernorm_epsilon
         d["rope_parameters"] = {
-            "full_attention": {"rope_type": "default", "rope_theta": self.rope_theta,
-                               "partial_rotary_factor": self.partial_rotary_factor},
-            "sliding_attention": {"rope_type": "default", "rope_theta": self.swa_rope_theta,
-                                  "partial_rotary_factor": self.partial_rotary_factor},
+            kind: {"rope_type": "default", "rope_theta": theta, "partial_rotary_factor": self.partial_rotary_factor}
+            for kind, theta in (("full_attention", self.rope_theta), ("sliding_attention", self.swa_rope_theta))
         }
         d["sliding_window"] = self.swa_keys if self.sliding_window_convention == "previous" else self.sliding_window_size
         return d

@@ -142,8 +142,3 @@ class MiMoForCausalLM(nn.Module):
         for m in self.modules():
             if isinstance(m, Attention):
                 m.impl = impl
-
-    def num_parameters(self) -> dict[str, int]:
-        """Total / active parameter counts for the main model and the MTP blocks (embeddings included)."""
-        from ..summary import count_parameters
-        return count_parameters(self.config)
