@@ -104,9 +104,9 @@ def test_router_bias_selects_but_does_not_weight():
 
 
 def test_fused_qkv_path_matches_three_projections():
-    """`Attention.qkv_t` (set by the engine's CPU layout): one q|k|v matmul and one RoPE call for q|k, same math as
+    """`Attention.qkv_fused` (set by the engine's CPU layout): one q|k|v matmul and one RoPE call for q|k, same math as
     the three projections; a cast that breaks the aliasing falls back to them."""
-    from mimoflash.engine.runner import use_cpu_layout
+    from mimoflash.engine.cpu_layout import use_cpu_layout
     m = make_model(tiny_config(), seed=4)
     ref = make_model(tiny_config(), seed=4)
     ids = torch.randint(0, m.config.vocab_size, (2, 13))

@@ -284,7 +284,7 @@ def test_cli_chat_session(ckpt_dirs, capsys):
 
 
 def test_cpu_layout_transform_matches_dense_reference():
-    from mimoflash.engine.runner import use_cpu_layout
+    from mimoflash.engine.cpu_layout import use_cpu_layout
     from mimoflash.model.moe import MoE
     m = make_model(tiny_config(), seed=2)
     ref = make_model(tiny_config(), seed=2)

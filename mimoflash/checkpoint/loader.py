@@ -261,6 +261,25 @@ def _build(config: MiMoConfig, dtype: torch.dtype, device: torch.device) -> MiMo
     return model.eval()
 
 
+_STORED = {"BF16": torch.bfloat16, "F8_E4M3": torch.bfloat16, "F8_E5M2": torch.bfloat16, "F16": torch.float16,
+           "F32": torch.float32, "F64": torch.float32}
+
+
+def stored_weight_dtype(path) -> torch.dtype:
+    """The dtype a checkpoint's matmul weights are best kept in: bf16 for BF16 or FP8 (which dequantizes to bf16
+    losslessly at the block scales' precision), else as stored. Reads one shard header (the lm_head's, or the first
+    projection's), no tensor data."""
+    root = _resolve_path(path)
+    weight_map = _weight_map(root)
+    name = next((n for n in ("lm_head.weight", "model.layers.0.self_attn.q_proj.weight") if n in weight_map),
+                next(iter(sorted(weight_map)), None))
+    if name is None:
+        raise CheckpointError(f"{root}: no tensors found")
+    with _open(root / weight_map[name]) as f:
+        st = _guarded(root / weight_map[name], name, lambda: f.get_slice(name)).get_dtype()
+    return _STORED.get(st, torch.float32)
+
+
 def load_model(path, dtype=torch.bfloat16, device="cpu", progress: bool = False) -> MiMoForCausalLM:
     """Checkpoint directory (or hub repo id, with the [hub] extra) -> MiMoForCausalLM in `dtype` on `device`.
 

@@ -41,6 +41,7 @@ class EngineConfig:
     max_draft: int = 0                       # speculative slack in the SWA rings
     include_mtp: bool = False                # give MTP blocks (SWA ids L+n) rings too
     attention_impl: str = "fast"             # "fast" | "reference"
+    dtype: Any = None                        # compute (activation + KV cache) dtype; None = the weights' dtype
     seed: int = 0                            # the shared generator of unseeded requests
 
 
@@ -65,9 +66,11 @@ class LLMEngine:
         self.model, self.tokenizer = model, tokenizer
         mc = model.config
         p = next(model.parameters())
-        # The cache takes the attention weights' dtype (the router stays fp32 whatever the model dtype).
+        # The cache takes the compute dtype: by default the attention weights' dtype (the router stays fp32 whatever
+        # the model dtype); fp32 when bf16 weights are computed in fp32 (engine/cpu_layout.py).
         self.device = p.device
-        dtype = next((q.dtype for n, q in model.named_parameters() if n.endswith("q_proj.weight")), p.dtype)
+        dtype = cfg.dtype or next((q.dtype for n, q in model.named_parameters() if n.endswith("q_proj.weight")),
+                                  p.dtype)
         max_len = cfg.max_model_len or mc.max_position_embeddings
         if max_len > mc.max_position_embeddings:
             raise ValueError(f"max_model_len={max_len} exceeds the model's max_position_embeddings="
@@ -86,7 +89,7 @@ class LLMEngine:
         # A budget that holds fewer rings than max_num_seqs limits concurrency through ring availability.
         self.scheduler = Scheduler(SchedulerConfig(cfg.max_num_seqs, cfg.max_num_batched_tokens,
                                                    cfg.enable_chunked_prefill, max_len), self.kv)
-        self.runner = ModelRunner(model, self.cache, cfg.attention_impl)
+        self.runner = ModelRunner(model, self.cache, cfg.attention_impl, cfg.dtype)
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
         eos = mc.eos_token_id
         eos_ids = set(eos if isinstance(eos, list) else ([eos] if eos is not None else []))

@@ -11,11 +11,13 @@
 either way. A checkpoint without tokenizer files still runs from `{"prompt_token_ids": [...]}` prompts, with empty
 `text` (vLLM's skip_tokenizer_init).
 
-dtype "auto" is float32 on CPU and bf16 on CUDA. Measured with benchmarks/bench_decode.py on an AVX2 CPU without
-native bf16 (docs/ENGINE.md has the table): bf16 halves the bytes a decode step reads and made single-request
-decode 10-25% faster, but its matmuls are converted on the fly and become compute-bound as soon as several rows
-are multiplied: 16 concurrent requests ran ~1.9x *slower* and prefill (TTFT) 2.3x slower than in fp32. fp32 is
-also the exact-parity dtype.
+Dtypes. `dtype` is the compute dtype (activations, KV cache): "auto" = float32 on CPU, bfloat16 on CUDA.
+`weight_dtype` is how the matmul weights are stored: "auto" keeps a bf16 (or FP8) checkpoint's weights in bf16 on
+CPU when computing in fp32 (engine/cpu_layout.py: half the bytes per decoded token, same result as the fp32 model up
+to summation order), and equals `dtype` otherwise (fp32 checkpoints, CUDA, or without the CPU kernels).
+Measured with benchmarks/bench_decode.py on an AVX2 CPU without native bf16 (docs/ENGINE.md, README): bf16 weights
+with fp32 compute are the fastest for one and for many requests; all-bf16 compute (`dtype="bfloat16"`) is
+compute-bound here (torch converts on the fly) and slower.
 """
 
 from __future__ import annotations
@@ -34,33 +36,60 @@ from .sampling import SamplingParams
 PromptType = str | dict[str, Any]
 
 
-def _resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+def _matmul_dtype(model: torch.nn.Module) -> torch.dtype:
+    lin = next((m for m in model.modules() if isinstance(m, torch.nn.Linear)), None)
+    return lin.weight.dtype if lin is not None else next(model.parameters()).dtype
+
+
+_DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+                "float16": torch.float16, "fp16": torch.float16}
+
+
+def _resolve_dtype(dtype: str | torch.dtype | None, device: torch.device, field: str = "dtype") -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype in (None, "auto"):
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
-    if dtype not in names:
-        raise ValueError(f"dtype must be one of {sorted(names)} or 'auto', got {dtype!r}")
-    return names[dtype]
+    if dtype not in _DTYPE_NAMES:
+        raise ValueError(f"{field} must be one of {sorted(_DTYPE_NAMES)} or 'auto', got {dtype!r}")
+    return _DTYPE_NAMES[dtype]
+
+
+def _resolve_weight_dtype(weight_dtype, compute: torch.dtype, stored: torch.dtype, device: torch.device) -> torch.dtype:
+    """-> storage dtype of the matmul weights. Only fp32 compute on bf16 weights (CPU) differs from `compute`."""
+    if weight_dtype in (None, "auto"):
+        from .. import kernels
+        keep_bf16 = (device.type == "cpu" and compute == torch.float32 and stored == torch.bfloat16
+                     and kernels.available())
+        return torch.bfloat16 if keep_bf16 else compute
+    w = _resolve_dtype(weight_dtype, device, "weight_dtype")
+    if w != compute and not (w == torch.bfloat16 and compute == torch.float32 and device.type == "cpu"):
+        raise ValueError(f"weight_dtype={weight_dtype!r} with dtype {compute}: weights must match the compute dtype, "
+                         "except bfloat16 weights with float32 compute on CPU")
+    return w
 
 
 class LLM:
     def __init__(self, model: str | Path | MiMoForCausalLM, tokenizer: Any = None, *, dtype: str | torch.dtype = "auto",
-                 device: str | torch.device = "cpu", max_num_seqs: int = 16, kv_cache_memory: int | float | None = None,
-                 max_model_len: int | None = None, max_num_batched_tokens: int = 512,
-                 enable_chunked_prefill: bool = True, block_size: int = 16, seed: int = 0,
-                 attention_impl: str = "fast", skip_tokenizer_init: bool = False, progress: bool = True):
+                 weight_dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu", max_num_seqs: int = 16,
+                 kv_cache_memory: int | float | None = None, max_model_len: int | None = None,
+                 max_num_batched_tokens: int = 512, enable_chunked_prefill: bool = True, block_size: int = 16,
+                 seed: int = 0, attention_impl: str = "fast", skip_tokenizer_init: bool = False,
+                 progress: bool = True):
         device = torch.device(device)
         if isinstance(model, torch.nn.Module):          # a built MiMoForCausalLM (or a test double)
-            if dtype not in (None, "auto"):
-                model = model.cast(_resolve_dtype(dtype, device))
+            stored = _matmul_dtype(model)
+            compute = _resolve_dtype(dtype, device)
+            weights = _resolve_weight_dtype(weight_dtype, compute, stored, device)
+            if weights != stored:
+                model = model.cast(weights)
             model = model.to(device).eval()
         elif isinstance(model, (str, Path)):
-            from ..checkpoint.loader import load_model
+            from ..checkpoint.loader import load_model, stored_weight_dtype
             path = Path(model)
-            model = load_model(path, dtype=_resolve_dtype(dtype, device), device=device, progress=progress).eval()
+            compute = _resolve_dtype(dtype, device)
+            weights = _resolve_weight_dtype(weight_dtype, compute, stored_weight_dtype(path), device)
+            model = load_model(path, dtype=weights, device=device, progress=progress).eval()
             if tokenizer is None and not skip_tokenizer_init:
                 from ..tokenizer import Tokenizer, has_tokenizer
                 if has_tokenizer(path):
@@ -68,10 +97,12 @@ class LLM:
         else:
             raise ValueError(f"model must be a checkpoint path or a MiMoForCausalLM, got {type(model).__name__}")
         self.model, self.tokenizer = model, (None if skip_tokenizer_init else tokenizer)
+        self.dtype, self.weight_dtype = compute, weights
         self.engine = LLMEngine(model, self.tokenizer, EngineConfig(
             max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
             enable_chunked_prefill=enable_chunked_prefill, max_model_len=max_model_len,
-            kv_cache_memory=kv_cache_memory, block_size=block_size, attention_impl=attention_impl, seed=seed))
+            kv_cache_memory=kv_cache_memory, block_size=block_size, attention_impl=attention_impl, seed=seed,
+            dtype=compute))
 
     def get_tokenizer(self):
         return self.tokenizer

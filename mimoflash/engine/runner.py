@@ -28,15 +28,14 @@ column, the spec transcription); `tests/test_kv_cache.py` checks that all paths 
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from ..model.attention import Attention, attend_reference
+from ..model.attention import attend_reference
 from ..model.mimo import MiMoForCausalLM
-from ..model.moe import Experts
+from .cpu_layout import use_cpu_layout
 from .kv_cache import KVCache
 from .scheduler import Batch
 
@@ -206,116 +205,6 @@ class PagedAttention:
         return torch.cat(out)
 
 
-def _cpu_experts(experts: Experts, fallback, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor,
-                 weight_TK: torch.Tensor) -> torch.Tensor:
-    """Same math as `Experts.forward`, on the CPU layout of `use_cpu_layout`: only the picked experts run, each as
-    one fused gate|up matmul `x @ gate_up[e]` (D, 2F) and one `h @ down_t[e]` (F, D), both row-major right-hand
-    sides (MKL's fast GEMV/GEMM case). One token: the K experts in turn, no sort. More: pairs grouped by expert
-    with one argsort and one host read of the counts (free on CPU)."""
-    gu, dn = experts._gate_up, experts._down_t
-    if (x_TD.device.type != "cpu" or torch.is_grad_enabled() or experts.gate_proj.data_ptr() != gu.data_ptr()
-            or experts.down_proj.data_ptr() != dn.data_ptr() or x_TD.dtype != gu.dtype):   # training (the views carry no gradient), moved/cast since
-        return fallback(x_TD, topk_idx_TK, weight_TK)
-    Fd = dn.shape[1]
-    gu, dn = experts._gate_up_list, experts._down_t_list          # per-expert views: no indexing op per call
-    T, K = topk_idx_TK.shape
-    w_TK = weight_TK if weight_TK.dtype == x_TD.dtype else weight_TK.to(x_TD.dtype)
-    if T == 1:
-        out_TD = None
-        for e, w in zip(topk_idx_TK[0].tolist(), w_TK[0].tolist()):      # w: the x-dtype value, as a Python float
-            h = torch.mm(x_TD, gu[e])                                          # (1, 2F)
-            y = torch.mm(F.silu(h[:, :Fd]) * h[:, Fd:], dn[e]).mul_(w)
-            out_TD = y if out_TD is None else out_TD.add_(y)
-        return out_TD
-    flat = topk_idx_TK.reshape(-1)
-    order = flat.argsort(stable=True)
-    tok_P = order // K
-    counts = torch.bincount(flat, minlength=len(gu)).tolist()
-    x_PD = x_TD.index_select(0, tok_P)                                         # (P, D), expert-sorted
-    y_PD = torch.empty_like(x_PD)
-    lo = 0
-    for e, n in enumerate(counts):                  # per expert: two matmuls and the SwiGLU, on row slices
-        if n:
-            h = torch.mm(x_PD[lo:lo + n], gu[e])                                # (n, 2F)
-            torch.mm(F.silu(h[:, :Fd]) * h[:, Fd:], dn[e], out=y_PD[lo:lo + n])
-            lo += n
-    y_PD.mul_(w_TK.reshape(-1).index_select(0, order)[:, None])
-    out_TD = torch.zeros_like(x_TD)
-    out_TD.index_add_(0, tok_P, y_PD)
-    return out_TD
-
-
-def _picked_experts(experts: Experts, fallback, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor,
-                    weight_TK: torch.Tensor) -> torch.Tensor:
-    """Non-fp32 CPU experts: `Experts.forward`'s math running only the picked experts, for one or two tokens."""
-    T, K = topk_idx_TK.shape
-    if T > 2 or x_TD.device.type != "cpu" or torch.is_grad_enabled():
-        return fallback(x_TD, topk_idx_TK, weight_TK)
-    out_TD = torch.zeros_like(x_TD)
-    w_TK = weight_TK.to(x_TD.dtype)
-    for t, row in enumerate(topk_idx_TK.tolist()):
-        x_1D = x_TD[t:t + 1]
-        for k, e in enumerate(row):
-            h_1F = F.silu(F.linear(x_1D, experts.gate_proj[e])) * F.linear(x_1D, experts.up_proj[e])
-            out_TD[t:t + 1].add_(F.linear(h_1F, experts.down_proj[e]) * w_TK[t, k])
-    return out_TD
-
-
-def _is_fp32(m: torch.nn.Module) -> bool:
-    p = next(m.parameters(), None)
-    return p is None or p.dtype == torch.float32
-
-
-def use_cpu_layout(model: torch.nn.Module) -> None:
-    """Transform applied from outside the model (ARCHITECTURE rule 6) for CPU decoding; values, parameter names,
-    shapes and the module tree are unchanged, only memory layouts (strides) and the experts' forward change:
-      * an `nn.Linear` with out_features > in_features gets a column-major weight (a transposed view of a
-        contiguous (in, out) tensor): F.linear then multiplies by a row-major right-hand side, which MKL runs at
-        ~2x the bandwidth for one or two rows (lm_head 32000x512: 10.7 -> 22.9 GB/s measured here);
-      * an `Attention` module's q/k/v_proj weights become column blocks of one contiguous (H, q|k|v) tensor `qkv_t`
-        (the model's fused path: one matmul, one RoPE call for q|k);
-      * an `Experts` module's gate_proj and up_proj become views of one (E, D, 2F) tensor `_gate_up` (no extra
-        memory) and down_proj a view of a contiguous (E, F, D) `_down_t`; its forward becomes `_cpu_experts`.
-    fp32 only: in bf16 (no native bf16 here) these layouts sent oneDNN/MKL to paths 4x slower, so bf16 modules
-    keep their layouts and bf16 experts only skip the unpicked experts for one or two tokens (`_picked_experts`).
-    Parameters that share storage (gate/up) matter only to a caller that saves the model with safetensors after
-    this; the engine never does. `tests/test_engine.py` checks the transform against `MoE.forward_dense_reference`
-    and the engine against a full recompute on the untransformed model. Idempotent."""
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, Experts) and m.gate_proj.dtype != torch.float32 and not hasattr(m, "_grouped_forward"):
-                m._grouped_forward = m.forward                 # bf16: layouts stay (see above), picked experts only
-                m.forward = functools.partial(_picked_experts, m, m._grouped_forward)
-            if not _is_fp32(m):
-                continue
-            if isinstance(m, Attention) and m.qkv_t is None:
-                ws = [m.q_proj.weight, m.k_proj.weight, m.v_proj.weight]
-                t = torch.cat([w.data.t() for w in ws], dim=1).contiguous()      # (H, q | k | v)
-                lo = 0
-                for w in ws:
-                    w.data = t[:, lo:lo + w.shape[0]].t()
-                    lo += w.shape[0]
-                m.qkv_t = t
-        for m in model.modules():
-            if not _is_fp32(m):
-                continue
-            if isinstance(m, torch.nn.Linear) and m.out_features > m.in_features and m.weight.is_contiguous():
-                m.weight.data = m.weight.data.t().contiguous().t()
-            elif isinstance(m, Experts) and not hasattr(m, "_grouped_forward"):
-                E, Fd, D = m.gate_proj.shape
-                gu = torch.empty(E, D, 2 * Fd, dtype=m.gate_proj.dtype, device=m.gate_proj.device)
-                gu[:, :, :Fd].copy_(m.gate_proj.data.transpose(1, 2))
-                gu[:, :, Fd:].copy_(m.up_proj.data.transpose(1, 2))
-                dn = m.down_proj.data.transpose(1, 2).contiguous()                # (E, F, D)
-                m.gate_proj.data = gu[:, :, :Fd].transpose(1, 2)
-                m.up_proj.data = gu[:, :, Fd:].transpose(1, 2)
-                m.down_proj.data = dn.transpose(1, 2)
-                m._gate_up, m._down_t = gu, dn
-                m._gate_up_list, m._down_t_list = list(gu.unbind(0)), list(dn.unbind(0))
-                m._grouped_forward = m.forward
-                m.forward = functools.partial(_cpu_experts, m, m._grouped_forward)
-
-
 def _first_if_consecutive(chunks: torch.Tensor) -> int | None:
     """chunks (host tensor) -> c0 when chunks.view(-1) == c0, c0 + 1, ..., else None."""
     flat = chunks.reshape(-1).tolist()
@@ -323,7 +212,8 @@ def _first_if_consecutive(chunks: torch.Tensor) -> int | None:
 
 
 class ModelRunner:
-    def __init__(self, model: MiMoForCausalLM, cache: KVCache, impl: str = "fast"):
+    def __init__(self, model: MiMoForCausalLM, cache: KVCache, impl: str = "fast",
+                 compute_dtype: torch.dtype | None = None):
         if impl not in ("fast", "reference"):
             raise ValueError(f"attention impl must be 'fast' or 'reference', got {impl!r}")
         self.model, self.cache, self.impl = model, cache, impl
@@ -331,7 +221,7 @@ class ModelRunner:
         self.device = cache.device
         self._buffers: dict = {}
         if self.device.type == "cpu":
-            use_cpu_layout(model)
+            use_cpu_layout(model, compute_dtype)
 
     # ------------------------------------------------------------------ metadata
     def prepare(self, batch: Batch) -> StepInputs:

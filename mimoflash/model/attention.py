@@ -20,7 +20,7 @@ Two implementations of the same math, which `tests/test_attention.py` keeps in a
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -103,29 +103,30 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(nq * dv, H, bias=False)
         self.attention_sink_bias = nn.Parameter(torch.zeros(nq)) if config.has_sinks(sliding) else None
         self.impl = "sdpa"                            # "sdpa" | "reference" (see module docstring)
-        # Optional fast path, set from outside (engine/runner.py `use_cpu_layout`): a contiguous (H, nq*d + nkv*d +
-        # nkv*dv) tensor whose column blocks q_proj/k_proj/v_proj's weights are transposed views of, so that one
-        # matmul computes q|k|v and one RoPE call rotates q|k. Unused (None, or no longer aliased) -> three linears.
-        self.qkv_t: torch.Tensor | None = None
+        # Optional fused projection, set from outside (engine/cpu_layout.py): (t, matmul) where q_proj/k_proj/v_proj's
+        # weights are views of blocks of one tensor t and matmul(x, t) -> (B, T, nq*d + nkv*d + nkv*dv), so that one
+        # product computes q|k|v and one RoPE call rotates q|k. Unused while None or no longer aliased.
+        self.qkv_fused: tuple[torch.Tensor, Callable] | None = None
 
-    def fused_qkv(self) -> torch.Tensor | None:
-        """`qkv_t` if the three projection weights are still views of it (a cast or `.to()` breaks that) and no
-        gradient is wanted (`qkv_t` is not a parameter: training uses the three linears)."""
-        t = self.qkv_t
-        if t is None or t.dtype != self.q_proj.weight.dtype or torch.is_grad_enabled():   # no gradient through it
+    def fused_qkv(self) -> tuple[torch.Tensor, Callable] | None:
+        """`qkv_fused` if the three projection weights are still views of its tensor (a cast or `.to()` breaks that)
+        and no gradient is wanted (the tensor is not a parameter: training uses the three linears)."""
+        if self.qkv_fused is None or torch.is_grad_enabled():
             return None
+        t = self.qkv_fused[0]
         base = t.untyped_storage().data_ptr()
-        ok = all(lin.weight.untyped_storage().data_ptr() == base for lin in (self.q_proj, self.k_proj, self.v_proj))
-        return t if ok else None
+        ok = all(lin.weight.untyped_storage().data_ptr() == base and lin.weight.dtype == t.dtype
+                 for lin in (self.q_proj, self.k_proj, self.v_proj))
+        return self.qkv_fused if ok else None
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                 backend: AttentionBackend | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         nq, nkv, d, dv = self.num_heads, self.num_kv_heads, self.head_dim, self.v_head_dim
         cos, sin = rope
-        qkv_t = self.fused_qkv()
-        if qkv_t is not None:                         # same math as below, fewer and larger ops
-            qkv = torch.matmul(x, qkv_t)                                       # (B, T, (nq + nkv) * d + nkv * dv)
+        fused = self.fused_qkv()
+        if fused is not None:                         # same math as below, fewer and larger ops
+            qkv = fused[1](x, fused[0])                                        # (B, T, (nq + nkv) * d + nkv * dv)
             qk = apply_partial_rope(qkv[..., :(nq + nkv) * d].view(B, T, nq + nkv, d), cos, sin)
             q, k = qk[:, :, :nq], qk[:, :, nq:]
             v = qkv[..., (nq + nkv) * d:].reshape(B, T, nkv, dv) * self.value_scale

@@ -127,9 +127,13 @@ class MiMoForCausalLM(nn.Module):
     # -------------------------------------------------------------- convenience
     def cast(self, dtype: torch.dtype) -> "MiMoForCausalLM":
         """Cast to `dtype` but keep the router (weight and correction bias) in fp32: the release stores them in
-        fp32 and expert selection is sensitive to bias rounding (a bf16 bias flips near-tied experts)."""
+        fp32 and expert selection is sensitive to bias rounding (a bf16 bias flips near-tied experts). RoPE's
+        inverse frequencies stay fp32 too, as in transformers (computed in fp32, never cast by from_pretrained)."""
+        inv_freq = {id(m): m.inv_freq for m in self.modules() if isinstance(m, RotaryEmbedding)}
         self.to(dtype)
         for m in self.modules():
+            if isinstance(m, RotaryEmbedding):
+                m.inv_freq = inv_freq[id(m)].to(m.inv_freq.device)
             if isinstance(m, Router):
                 m.weight.data = m.weight.data.float()
                 m.e_score_correction_bias.data = m.e_score_correction_bias.data.float()

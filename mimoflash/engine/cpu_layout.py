@@ -1,0 +1,250 @@
+"""CPU transforms the runner applies to a model from outside (ARCHITECTURE rule 6): parameter names, shapes, values
+and the module tree stay; memory layouts and a few forwards change. `use_cpu_layout(model, compute_dtype)` picks:
+
+* **bf16 weights, fp32 compute** (`use_bf16_weights`; the CPU default for bf16/FP8 checkpoints). Decode reads every
+  weight it touches once per token, so bytes per token set the speed; official checkpoints are bf16, and keeping
+  them bf16 halves the bytes of an fp32 copy. Activations, norms, attention, the KV cache and accumulation stay fp32
+  (bf16 -> fp32 is exact), so the result is the fp32 model's up to summation order. Every nn.Linear, the fused
+  q|k|v projection and the experts multiply through `mimoflash.kernels.linear_bf16w` (an AVX2 kernel: torch has
+  no fast bf16-weight x fp32-activation GEMV on CPUs without native bf16); more than `KERNEL_MAX_ROWS` rows (prefill)
+  go to MKL on the weight upcast per call, where compute, not bytes, is the cost. The embedding returns fp32 rows.
+* **fp32** (`_fp32_layout`): wide linears get column-major weights, q/k/v one (H, q|k|v) tensor, experts a fused
+  (E, D, 2F) gate|up tensor, as MKL is fastest there for one or two rows.
+* **bf16 compute**: layouts stay (these layouts sent oneDNN/MKL to paths 4x slower in bf16 here); bf16 experts only
+  skip the unpicked experts for one or two tokens (`_picked_experts`).
+
+Every transformed forward falls back to the module's own math under autograd or after a cast that breaks the
+views, and `tests/test_engine.py` / `tests/test_kernels.py` check each against the untransformed model.
+Idempotent. The saver copies each tensor, so saving after a transform works.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from .. import kernels
+from ..model.attention import Attention
+from ..model.layers import RMSNorm
+from ..model.moe import Experts
+
+KERNEL_MAX_ROWS = 16        # above this many rows the bf16-weight kernel loses to MKL on an upcast weight
+
+
+# ---------------------------------------------------------------------------------------------- bf16 weights
+
+
+def _w16_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x (..., K) fp32 @ w (N, K) bf16 -> (..., N) fp32: the kernel for a few rows, MKL on the upcast for many."""
+    if x.numel() <= KERNEL_MAX_ROWS * x.shape[-1]:
+        return kernels.linear_bf16w(x, w)
+    return F.linear(x, w.float())
+
+
+def _w16_linear(lin: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    w = lin.weight
+    if x.dtype == torch.float32 and w.dtype == torch.bfloat16 and w.is_contiguous() and not torch.is_grad_enabled():
+        return _w16_matmul(x, w)
+    return F.linear(x, w if w.dtype == x.dtype else w.to(x.dtype))
+
+
+def _embed_as(emb: torch.nn.Embedding, dtype: torch.dtype, ids: torch.Tensor) -> torch.Tensor:
+    return F.embedding(ids, emb.weight).to(dtype)
+
+
+def _w16_experts(experts: Experts, fallback, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor,
+                 weight_TK: torch.Tensor) -> torch.Tensor:
+    """`Experts.forward`'s math with bf16 weights and fp32 activations, running only the picked experts: one fused
+    gate|up product against the rows of `_gate_up[e]` (2F, D), one against `down_proj[e]` (D, F). One token: the K
+    experts in turn; more: pairs grouped by expert (one argsort, one host read of the counts)."""
+    gu = experts._gate_up
+    if (x_TD.device.type != "cpu" or torch.is_grad_enabled() or experts.gate_proj.data_ptr() != gu.data_ptr()
+            or gu.dtype != torch.bfloat16 or experts.down_proj.dtype != torch.bfloat16):
+        dt = experts.gate_proj.dtype
+        return fallback(x_TD.to(dt), topk_idx_TK, weight_TK).to(x_TD.dtype)
+    gu_list, dn_list = experts._gate_up_list, experts._down_list
+    Fd = experts.down_proj.shape[2]
+    T, K = topk_idx_TK.shape
+    w_TK = weight_TK.float()
+    if T == 1:
+        out_TD = None
+        for e, w in zip(topk_idx_TK[0].tolist(), w_TK[0].tolist()):
+            h = kernels.linear_bf16w(x_TD, gu_list[e])                                  # (1, 2F)
+            y = kernels.linear_bf16w(F.silu(h[:, :Fd]) * h[:, Fd:], dn_list[e]).mul_(w)
+            out_TD = y if out_TD is None else out_TD.add_(y)
+        return out_TD
+    flat = topk_idx_TK.reshape(-1)
+    order = flat.argsort(stable=True)
+    tok_P = order // K
+    counts = torch.bincount(flat, minlength=len(gu_list)).tolist()
+    x_PD = x_TD.index_select(0, tok_P)                                                 # (P, D), expert-sorted
+    y_PD = torch.empty_like(x_PD)
+    lo = 0
+    for e, n in enumerate(counts):
+        if n:
+            h = _w16_matmul(x_PD[lo:lo + n], gu_list[e])                                # (n, 2F)
+            y_PD[lo:lo + n] = _w16_matmul(F.silu(h[:, :Fd]) * h[:, Fd:], dn_list[e])
+            lo += n
+    y_PD.mul_(w_TK.reshape(-1).index_select(0, order)[:, None])
+    out_TD = torch.zeros_like(x_TD)
+    out_TD.index_add_(0, tok_P, y_PD)
+    return out_TD
+
+
+def use_bf16_weights(model: torch.nn.Module) -> None:
+    """bf16 matmul weights, fp32 everything else (module docstring). The model arrives cast to bf16 (router in
+    fp32, as `MiMoForCausalLM.cast` leaves it); norms and sinks go back to fp32 (exact: they were bf16 values)."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, RMSNorm) and m.weight.dtype != torch.float32:
+                m.weight.data = m.weight.data.float()
+            elif isinstance(m, Attention):
+                if m.attention_sink_bias is not None and m.attention_sink_bias.dtype != torch.float32:
+                    m.attention_sink_bias.data = m.attention_sink_bias.data.float()
+                ws = [m.q_proj.weight, m.k_proj.weight, m.v_proj.weight]
+                if m.qkv_fused is None and all(w.dtype == torch.bfloat16 for w in ws):
+                    t = torch.cat([w.data for w in ws], dim=0)                       # (q | k | v, H), row blocks
+                    lo = 0
+                    for w in ws:
+                        w.data = t[lo:lo + w.shape[0]]
+                        lo += w.shape[0]
+                    m.qkv_fused = (t, _w16_matmul)
+            elif isinstance(m, torch.nn.Embedding) and m.weight.dtype == torch.bfloat16:
+                m.forward = functools.partial(_embed_as, m, torch.float32)
+            elif isinstance(m, torch.nn.Linear) and m.weight.dtype == torch.bfloat16:
+                if not m.weight.is_contiguous():
+                    m.weight.data = m.weight.data.contiguous()
+                m.forward = functools.partial(_w16_linear, m)
+            elif (isinstance(m, Experts) and m.gate_proj.dtype == torch.bfloat16
+                  and not hasattr(m, "_grouped_forward")):
+                E, Fd, D = m.gate_proj.shape
+                gu = torch.cat([m.gate_proj.data, m.up_proj.data], dim=1)            # (E, 2F, D)
+                m.gate_proj.data, m.up_proj.data = gu[:, :Fd], gu[:, Fd:]
+                m.down_proj.data = m.down_proj.data.contiguous()                     # (E, D, F)
+                m._gate_up = gu
+                m._gate_up_list, m._down_list = list(gu.unbind(0)), list(m.down_proj.data.unbind(0))
+                m._grouped_forward = m.forward
+                m.forward = functools.partial(_w16_experts, m, m._grouped_forward)
+
+
+# ---------------------------------------------------------------------------------------------- fp32 / bf16
+
+def _cpu_experts(experts: Experts, fallback, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor,
+                 weight_TK: torch.Tensor) -> torch.Tensor:
+    """Same math as `Experts.forward`, on the CPU layout of `use_cpu_layout`: only the picked experts run, each as
+    one fused gate|up matmul `x @ gate_up[e]` (D, 2F) and one `h @ down_t[e]` (F, D), both row-major right-hand
+    sides (MKL's fast GEMV/GEMM case). One token: the K experts in turn, no sort. More: pairs grouped by expert
+    with one argsort and one host read of the counts (free on CPU)."""
+    gu, dn = experts._gate_up, experts._down_t
+    if (x_TD.device.type != "cpu" or torch.is_grad_enabled() or experts.gate_proj.data_ptr() != gu.data_ptr()
+            or experts.down_proj.data_ptr() != dn.data_ptr() or x_TD.dtype != gu.dtype):   # training (the views carry no gradient), moved/cast since
+        return fallback(x_TD, topk_idx_TK, weight_TK)
+    Fd = dn.shape[1]
+    gu, dn = experts._gate_up_list, experts._down_t_list          # per-expert views: no indexing op per call
+    T, K = topk_idx_TK.shape
+    w_TK = weight_TK if weight_TK.dtype == x_TD.dtype else weight_TK.to(x_TD.dtype)
+    if T == 1:
+        out_TD = None
+        for e, w in zip(topk_idx_TK[0].tolist(), w_TK[0].tolist()):      # w: the x-dtype value, as a Python float
+            h = torch.mm(x_TD, gu[e])                                          # (1, 2F)
+            y = torch.mm(F.silu(h[:, :Fd]) * h[:, Fd:], dn[e]).mul_(w)
+            out_TD = y if out_TD is None else out_TD.add_(y)
+        return out_TD
+    flat = topk_idx_TK.reshape(-1)
+    order = flat.argsort(stable=True)
+    tok_P = order // K
+    counts = torch.bincount(flat, minlength=len(gu)).tolist()
+    x_PD = x_TD.index_select(0, tok_P)                                         # (P, D), expert-sorted
+    y_PD = torch.empty_like(x_PD)
+    lo = 0
+    for e, n in enumerate(counts):                  # per expert: two matmuls and the SwiGLU, on row slices
+        if n:
+            h = torch.mm(x_PD[lo:lo + n], gu[e])                                # (n, 2F)
+            torch.mm(F.silu(h[:, :Fd]) * h[:, Fd:], dn[e], out=y_PD[lo:lo + n])
+            lo += n
+    y_PD.mul_(w_TK.reshape(-1).index_select(0, order)[:, None])
+    out_TD = torch.zeros_like(x_TD)
+    out_TD.index_add_(0, tok_P, y_PD)
+    return out_TD
+
+
+def _picked_experts(experts: Experts, fallback, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor,
+                    weight_TK: torch.Tensor) -> torch.Tensor:
+    """Non-fp32 CPU experts: `Experts.forward`'s math running only the picked experts, for one or two tokens."""
+    T, K = topk_idx_TK.shape
+    if T > 2 or x_TD.device.type != "cpu" or torch.is_grad_enabled():
+        return fallback(x_TD, topk_idx_TK, weight_TK)
+    out_TD = torch.zeros_like(x_TD)
+    w_TK = weight_TK.to(x_TD.dtype)
+    for t, row in enumerate(topk_idx_TK.tolist()):
+        x_1D = x_TD[t:t + 1]
+        for k, e in enumerate(row):
+            h_1F = F.silu(F.linear(x_1D, experts.gate_proj[e])) * F.linear(x_1D, experts.up_proj[e])
+            out_TD[t:t + 1].add_(F.linear(h_1F, experts.down_proj[e]) * w_TK[t, k])
+    return out_TD
+
+
+def _is_fp32(m: torch.nn.Module) -> bool:
+    p = next(m.parameters(), None)
+    return p is None or p.dtype == torch.float32
+
+
+def use_cpu_layout(model: torch.nn.Module, compute_dtype: torch.dtype | None = None) -> None:
+    """The runner's entry point. compute_dtype None = the matmul weights' dtype. fp32 compute on bf16 weights:
+    `use_bf16_weights`; otherwise `_same_dtype_layout`."""
+    wdt = _weight_dtype(model)
+    if compute_dtype is None:
+        compute_dtype = wdt
+    if compute_dtype == torch.float32 and wdt == torch.bfloat16:
+        use_bf16_weights(model)
+    elif compute_dtype != wdt:
+        raise ValueError(f"compute dtype {compute_dtype} with {wdt} weights is not supported (fp32 compute on bf16 "
+                         "weights is; otherwise cast the model)")
+    else:
+        _same_dtype_layout(model)
+
+
+def _weight_dtype(model: torch.nn.Module) -> torch.dtype:
+    lin = next((m for m in model.modules() if isinstance(m, torch.nn.Linear)), None)
+    return lin.weight.dtype if lin is not None else next(model.parameters()).dtype
+
+
+def _same_dtype_layout(model: torch.nn.Module) -> None:
+    """fp32: column-major wide linears, fused q|k|v (H, q|k|v), fused (E, D, 2F) experts; bf16: picked experts."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, Experts) and m.gate_proj.dtype != torch.float32 and not hasattr(m, "_grouped_forward"):
+                m._grouped_forward = m.forward                 # bf16: layouts stay (see above), picked experts only
+                m.forward = functools.partial(_picked_experts, m, m._grouped_forward)
+            if not _is_fp32(m):
+                continue
+            if isinstance(m, Attention) and m.qkv_fused is None:
+                ws = [m.q_proj.weight, m.k_proj.weight, m.v_proj.weight]
+                t = torch.cat([w.data.t() for w in ws], dim=1).contiguous()      # (H, q | k | v)
+                lo = 0
+                for w in ws:
+                    w.data = t[:, lo:lo + w.shape[0]].t()
+                    lo += w.shape[0]
+                m.qkv_fused = (t, torch.matmul)
+        for m in model.modules():
+            if not _is_fp32(m):
+                continue
+            if isinstance(m, torch.nn.Linear) and m.out_features > m.in_features and m.weight.is_contiguous():
+                m.weight.data = m.weight.data.t().contiguous().t()
+            elif isinstance(m, Experts) and not hasattr(m, "_grouped_forward"):
+                E, Fd, D = m.gate_proj.shape
+                gu = torch.empty(E, D, 2 * Fd, dtype=m.gate_proj.dtype, device=m.gate_proj.device)
+                gu[:, :, :Fd].copy_(m.gate_proj.data.transpose(1, 2))
+                gu[:, :, Fd:].copy_(m.up_proj.data.transpose(1, 2))
+                dn = m.down_proj.data.transpose(1, 2).contiguous()                # (E, F, D)
+                m.gate_proj.data = gu[:, :, :Fd].transpose(1, 2)
+                m.up_proj.data = gu[:, :, Fd:].transpose(1, 2)
+                m.down_proj.data = dn.transpose(1, 2)
+                m._gate_up, m._down_t = gu, dn
+                m._gate_up_list, m._down_t_list = list(gu.unbind(0)), list(dn.unbind(0))
+                m._grouped_forward = m.forward
+                m.forward = functools.partial(_cpu_experts, m, m._grouped_forward)
+
+

@@ -1,0 +1,214 @@
+/* Weight-only bf16 matmul for CPU decoding: y (M, N) fp32 = x (M, K) fp32 @ w (N, K)^T, w stored as bfloat16.
+ *
+ * Why: a decode step reads every weight it uses once per token, so its speed is bytes / bandwidth. Official MiMo
+ * checkpoints are bf16 (or FP8); keeping them in bf16 halves the bytes of an fp32 copy, and converting bf16 to fp32
+ * is exact (a 16-bit shift), so the result equals the fp32 matmul of the same weights up to summation order.
+ * torch on a CPU without native bf16 instructions runs bf16 matmuls on bf16-rounded *activations* and slowly for
+ * a few rows; this kernel keeps activations and accumulation in fp32.
+ *
+ * Layout: w row-major (N, K), as nn.Linear stores it; x and y row-major with row strides ldx / ldy.
+ * M <= 2 (decode of one or two sequences, an expert with 1-2 tokens): each bf16 vector is converted in registers
+ * and used at once. M > 2: blocks of 4 weight rows are converted once into an fp32 buffer that stays in L1/L2,
+ * then every pair of x rows runs against it (the conversion is paid once per weight, not once per row).
+ * The AVX2+FMA path is chosen at run time (__builtin_cpu_supports), so one binary is safe on any x86-64; other
+ * machines get the portable loop. Built and loaded by mimoflash/kernels/__init__.py; tested against
+ * F.linear(x, w.float()) in tests/test_kernels.py.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static void gemm_portable(const float *x, long ldx, const uint16_t *w, float *y, long ldy, long M, long N, long K) {
+    for (long m = 0; m < M; m++)
+        for (long n = 0; n < N; n++) {
+            const uint16_t *wr = w + n * K;
+            const float *xr = x + m * ldx;
+            float acc = 0.f;
+            for (long k = 0; k < K; k++) acc += xr[k] * bf16_to_f32(wr[k]);
+            y[m * ldy + n] = acc;
+        }
+}
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define AVX2 __attribute__((target("avx2,fma")))
+#ifndef PF_ROWS
+#define PF_ROWS 4       /* software prefetch distance in weight rows (one 64-byte line per 8 weights consumed) */
+#endif
+
+AVX2 static inline __m256 load_bf16x8(const uint16_t *p) {
+    __m128i h = _mm_loadu_si128((const __m128i *)p);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+AVX2 static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    return _mm_cvtss_f32(s);
+}
+
+/* One x row against one weight row; the tail (K % 8) in scalar code. */
+AVX2 static float dot_row(const float *xr, const uint16_t *wr, long K) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    long k = 0;
+    for (; k + 16 <= K; k += 16) {
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(xr + k), load_bf16x8(wr + k), a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(xr + k + 8), load_bf16x8(wr + k + 8), a1);
+    }
+    for (; k + 8 <= K; k += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(xr + k), load_bf16x8(wr + k), a0);
+    float acc = hsum(_mm256_add_ps(a0, a1));
+    for (; k < K; k++) acc += xr[k] * bf16_to_f32(wr[k]);
+    return acc;
+}
+
+/* M <= 2: four weight rows at a time, converted in registers, against each of the (one or two) x rows. */
+AVX2 static void gemm_small_m(const float *x, long ldx, const uint16_t *w, float *y, long ldy, long M, long N,
+                              long K) {
+    long K8 = K & ~7L, n = 0;
+    for (; n + 4 <= N; n += 4) {
+        const uint16_t *w0 = w + n * K, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
+        if (M == 1) {
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            for (long k = 0; k < K8; k += 8) {
+                _mm_prefetch((const char *)(w0 + PF_ROWS * K) + 8 * k, _MM_HINT_T0);
+                __m256 xv = _mm256_loadu_ps(x + k);
+                a0 = _mm256_fmadd_ps(xv, load_bf16x8(w0 + k), a0);
+                a1 = _mm256_fmadd_ps(xv, load_bf16x8(w1 + k), a1);
+                a2 = _mm256_fmadd_ps(xv, load_bf16x8(w2 + k), a2);
+                a3 = _mm256_fmadd_ps(xv, load_bf16x8(w3 + k), a3);
+            }
+            float r[4] = {hsum(a0), hsum(a1), hsum(a2), hsum(a3)};
+            for (long k = K8; k < K; k++) {
+                r[0] += x[k] * bf16_to_f32(w0[k]); r[1] += x[k] * bf16_to_f32(w1[k]);
+                r[2] += x[k] * bf16_to_f32(w2[k]); r[3] += x[k] * bf16_to_f32(w3[k]);
+            }
+            memcpy(y + n, r, sizeof r);
+        } else {                                    /* M == 2 */
+            const float *x1 = x + ldx;
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+            for (long k = 0; k < K8; k += 8) {
+                _mm_prefetch((const char *)(w0 + PF_ROWS * K) + 8 * k, _MM_HINT_T0);
+                __m256 xv = _mm256_loadu_ps(x + k), xu = _mm256_loadu_ps(x1 + k);
+                __m256 v0 = load_bf16x8(w0 + k), v1 = load_bf16x8(w1 + k);
+                __m256 v2 = load_bf16x8(w2 + k), v3 = load_bf16x8(w3 + k);
+                a0 = _mm256_fmadd_ps(xv, v0, a0); b0 = _mm256_fmadd_ps(xu, v0, b0);
+                a1 = _mm256_fmadd_ps(xv, v1, a1); b1 = _mm256_fmadd_ps(xu, v1, b1);
+                a2 = _mm256_fmadd_ps(xv, v2, a2); b2 = _mm256_fmadd_ps(xu, v2, b2);
+                a3 = _mm256_fmadd_ps(xv, v3, a3); b3 = _mm256_fmadd_ps(xu, v3, b3);
+            }
+            float r[4] = {hsum(a0), hsum(a1), hsum(a2), hsum(a3)};
+            float s[4] = {hsum(b0), hsum(b1), hsum(b2), hsum(b3)};
+            for (long k = K8; k < K; k++) {
+                float u0 = bf16_to_f32(w0[k]), u1 = bf16_to_f32(w1[k]), u2 = bf16_to_f32(w2[k]),
+                      u3 = bf16_to_f32(w3[k]);
+                r[0] += x[k] * u0; r[1] += x[k] * u1; r[2] += x[k] * u2; r[3] += x[k] * u3;
+                s[0] += x1[k] * u0; s[1] += x1[k] * u1; s[2] += x1[k] * u2; s[3] += x1[k] * u3;
+            }
+            memcpy(y + n, r, sizeof r);
+            memcpy(y + ldy + n, s, sizeof s);
+        }
+    }
+    for (; n < N; n++)
+        for (long m = 0; m < M; m++) y[m * ldy + n] = dot_row(x + m * ldx, w + n * K, K);
+}
+
+/* M > 2: convert 4 weight rows into buf (4 * K fp32), then 2 x rows x 4 weight rows per register block. */
+AVX2 static void gemm_big_m(const float *x, long ldx, const uint16_t *w, float *y, long ldy, long M, long N, long K,
+                            float *buf) {
+    long K8 = K & ~7L, n = 0;
+    for (; n + 4 <= N; n += 4) {
+        for (long r = 0; r < 4; r++) {
+            const uint16_t *wr = w + (n + r) * K;
+            float *br = buf + r * K;
+            long k = 0;
+            for (; k < K8; k += 8) {
+                _mm_prefetch((const char *)(wr + PF_ROWS * K) + 2 * k, _MM_HINT_T0);
+                _mm256_storeu_ps(br + k, load_bf16x8(wr + k));
+            }
+            for (; k < K; k++) br[k] = bf16_to_f32(wr[k]);
+        }
+        const float *c0 = buf, *c1 = buf + K, *c2 = buf + 2 * K, *c3 = buf + 3 * K;
+        long m = 0;
+        for (; m + 2 <= M; m += 2) {
+            const float *xa = x + m * ldx, *xb = xa + ldx;
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+            for (long k = 0; k < K8; k += 8) {
+                __m256 xv = _mm256_loadu_ps(xa + k), xu = _mm256_loadu_ps(xb + k);
+                __m256 v0 = _mm256_loadu_ps(c0 + k), v1 = _mm256_loadu_ps(c1 + k);
+                __m256 v2 = _mm256_loadu_ps(c2 + k), v3 = _mm256_loadu_ps(c3 + k);
+                a0 = _mm256_fmadd_ps(xv, v0, a0); b0 = _mm256_fmadd_ps(xu, v0, b0);
+                a1 = _mm256_fmadd_ps(xv, v1, a1); b1 = _mm256_fmadd_ps(xu, v1, b1);
+                a2 = _mm256_fmadd_ps(xv, v2, a2); b2 = _mm256_fmadd_ps(xu, v2, b2);
+                a3 = _mm256_fmadd_ps(xv, v3, a3); b3 = _mm256_fmadd_ps(xu, v3, b3);
+            }
+            float r[4] = {hsum(a0), hsum(a1), hsum(a2), hsum(a3)};
+            float s[4] = {hsum(b0), hsum(b1), hsum(b2), hsum(b3)};
+            for (long k = K8; k < K; k++) {
+                r[0] += xa[k] * c0[k]; r[1] += xa[k] * c1[k]; r[2] += xa[k] * c2[k]; r[3] += xa[k] * c3[k];
+                s[0] += xb[k] * c0[k]; s[1] += xb[k] * c1[k]; s[2] += xb[k] * c2[k]; s[3] += xb[k] * c3[k];
+            }
+            memcpy(y + m * ldy + n, r, sizeof r);
+            memcpy(y + (m + 1) * ldy + n, s, sizeof s);
+        }
+        for (; m < M; m++) {
+            const float *xa = x + m * ldx;
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            for (long k = 0; k < K8; k += 8) {
+                __m256 xv = _mm256_loadu_ps(xa + k);
+                a0 = _mm256_fmadd_ps(xv, _mm256_loadu_ps(c0 + k), a0);
+                a1 = _mm256_fmadd_ps(xv, _mm256_loadu_ps(c1 + k), a1);
+                a2 = _mm256_fmadd_ps(xv, _mm256_loadu_ps(c2 + k), a2);
+                a3 = _mm256_fmadd_ps(xv, _mm256_loadu_ps(c3 + k), a3);
+            }
+            float r[4] = {hsum(a0), hsum(a1), hsum(a2), hsum(a3)};
+            for (long k = K8; k < K; k++) {
+                r[0] += xa[k] * c0[k]; r[1] += xa[k] * c1[k]; r[2] += xa[k] * c2[k]; r[3] += xa[k] * c3[k];
+            }
+            memcpy(y + m * ldy + n, r, sizeof r);
+        }
+    }
+    for (; n < N; n++)
+        for (long m = 0; m < M; m++) y[m * ldy + n] = dot_row(x + m * ldx, w + n * K, K);
+}
+
+static int have_avx2(void) {
+    static int cached = -1;
+    if (cached < 0) {
+        __builtin_cpu_init();
+        cached = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    }
+    return cached;
+}
+#else
+static int have_avx2(void) { return 0; }
+#endif
+
+/* Exported. Returns 0 on success, -1 if the scratch buffer could not be allocated. Rows [n0, n1) of w only, so a
+ * caller may split N between threads (y and w are offset by the caller). */
+int mf_gemm_bf16w(const float *x, long ldx, const uint16_t *w, float *y, long ldy, long M, long N, long K) {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+    if (have_avx2()) {
+        if (M <= 2) {
+            gemm_small_m(x, ldx, w, y, ldy, M, N, K);
+            return 0;
+        }
+        float *buf = (float *)malloc(sizeof(float) * 4 * (size_t)K);
+        if (!buf) return -1;
+        gemm_big_m(x, ldx, w, y, ldy, M, N, K, buf);
+        free(buf);
+        return 0;
+    }
+#endif
+    gemm_portable(x, ldx, w, y, ldy, M, N, K);
+    return 0;
+}
+
+int mf_simd_level(void) { return have_avx2() ? 2 : 0; }
