@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from ..model.attention import attend_reference
 from ..model.mimo import MiMoForCausalLM
+from .. import kernels
 from .cpu_layout import use_cpu_layout
 from .kv_cache import KVCache
 from .scheduler import Batch
@@ -87,8 +88,10 @@ class StepInputs:
 class PagedAttention:
     """The `AttentionBackend` the engine passes to the model for one step."""
 
-    def __init__(self, cache: KVCache, meta: AttnMeta, impl: str = "fast", buffers: dict | None = None):
+    def __init__(self, cache: KVCache, meta: AttnMeta, impl: str = "fast", buffers: dict | None = None,
+                 use_kernels: bool = False):
         self.cache, self.meta, self.impl = cache, meta, impl
+        self.use_kernels = use_kernels                      # fp32 decode through kernels.attn_decode
         self.buffers = {} if buffers is None else buffers   # gather outputs, reused by every layer (and step)
 
     def attend(self, layer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -134,6 +137,8 @@ class PagedAttention:
         if dm.keys is not None and dm.keys < keys.shape[2]:
             keys, vals = keys[:, :, :dm.keys], vals[:, :, :dm.keys]
         K = keys.shape[2]
+        if self.use_kernels and q.dtype == keys.dtype == torch.float32:
+            return kernels.attn_decode(q, keys, vals, dm.bias, layer.attention_sink_bias, layer.scale)
         if keys.dtype != q.dtype:
             keys, vals = keys.to(q.dtype), vals.to(q.dtype)
         qg = q.view(B, h, G, d).transpose(0, 1)                                    # (h, B, G, d); head j -> j // G
@@ -220,8 +225,10 @@ class ModelRunner:
         self.layout = cache.layout
         self.device = cache.device
         self._buffers: dict = {}
+        self.use_kernels = False
         if self.device.type == "cpu":
             use_cpu_layout(model, compute_dtype)
+            self.use_kernels = kernels.available()
 
     # ------------------------------------------------------------------ metadata
     def prepare(self, batch: Batch) -> StepInputs:
@@ -352,7 +359,7 @@ class ModelRunner:
     def execute(self, batch: Batch) -> torch.Tensor:
         """Run the batch; -> logits (R, V) fp32 for the sampled items, in batch order."""
         step = self.prepare(batch)
-        backend = PagedAttention(self.cache, step.meta, self.impl, self._buffers)
+        backend = PagedAttention(self.cache, step.meta, self.impl, self._buffers, self.use_kernels)
         hidden = self.model.model(step.input_ids, step.positions, backend)               # (1, N, D)
         if step.sample_rows.numel() == 0:
             return hidden.new_zeros(0, self.model.config.vocab_size, dtype=torch.float32)

@@ -1,7 +1,11 @@
 """CPU kernels that torch lacks, compiled on first use with the system C compiler and loaded with ctypes.
 
-One kernel today: `linear_bf16w(x, w)`, y = x @ w.T with x fp32 and w stored as bfloat16 (wgemm.c says why). The
-shared library is built from `wgemm.c` into a per-source-hash cache directory (`$MIMOFLASH_CACHE`, default
+* `linear_bf16w(x, w)`: y = x @ w.T with x fp32 and w stored as bfloat16 (wgemm.c says why);
+* fused fp32 decode ops (ops.c): `rms_norm`, `qkv_rope_` (RoPE on q|k and the value scale, in place),
+  `silu_mul`, `attn_decode` (one query per sequence, GQA, optional sink and mask).
+
+These take raw pointers, so the wrappers check dtypes, shapes and strides and raise ValueError otherwise. The
+shared library is built from the C files into a per-source-hash cache directory (`$MIMOFLASH_CACHE`, default
 `~/.cache/mimoflash/kernels`) in about a second, atomically (concurrent processes may race to build it), and reused
 afterwards. Without a compiler, or with `MIMOFLASH_NO_KERNELS=1`, `available()` is False and callers keep weights
 in fp32 instead; `linear_bf16w_reference` is the slow torch path the tests compare against.
@@ -28,8 +32,8 @@ import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).with_name("wgemm.c")
-_FLAGS = ["-O3", "-fPIC", "-shared", "-std=c11"]
+_SOURCES = [Path(__file__).with_name(n) for n in ("wgemm.c", "ops.c")]
+_FLAGS = ["-O3", "-fPIC", "-shared", "-std=gnu11", "-fopenmp-simd"]
 _lib: ctypes.CDLL | None = None
 _tried = False
 
@@ -48,7 +52,7 @@ def build(force: bool = False) -> Path:
     cc = _compiler()
     if cc is None:
         raise RuntimeError("no C compiler found (set CC); mimoflash runs without its CPU kernels")
-    src = _SOURCE.read_bytes()
+    src = b"".join(p.read_bytes() for p in _SOURCES)
     key = hashlib.sha256(src + " ".join(_FLAGS).encode() + platform.machine().encode()).hexdigest()[:16]
     out = _cache_dir() / f"libmimoflash_cpu_{key}.so"
     if out.exists() and not force:
@@ -57,9 +61,9 @@ def build(force: bool = False) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     try:
-        r = subprocess.run([cc, *_FLAGS, "-o", tmp, str(_SOURCE)], capture_output=True, text=True)
+        r = subprocess.run([cc, *_FLAGS, "-o", tmp, *map(str, _SOURCES), "-lm"], capture_output=True, text=True)
         if r.returncode != 0:
-            raise RuntimeError(f"compiling {_SOURCE.name} with {cc} failed:\n{r.stderr.strip()}")
+            raise RuntimeError(f"compiling {', '.join(p.name for p in _SOURCES)} with {cc} failed:\n{r.stderr.strip()}")
         os.replace(tmp, out)                      # atomic: a concurrent builder sees all or nothing
     finally:
         if os.path.exists(tmp):
@@ -83,6 +87,15 @@ def _load() -> ctypes.CDLL | None:
     lib.mf_gemm_bf16w.argtypes = [c_void, c_long, c_void, c_void, c_long, c_long, c_long, c_long]
     lib.mf_gemm_bf16w.restype = ctypes.c_int
     lib.mf_simd_level.restype = ctypes.c_int
+    c_float = ctypes.c_float
+    lib.mf_rms_norm.argtypes = [c_void, c_long, c_void, c_void, c_long, c_long, c_long, c_float]
+    lib.mf_qkv_rope.argtypes = [c_void, c_long, c_long, c_long, c_long, c_long, c_void, c_void, c_long, c_long,
+                                c_float]
+    lib.mf_silu_mul.argtypes = [c_void, c_long, c_void, c_long, c_long, c_long]
+    lib.mf_attn_decode.argtypes = [c_void, c_long, c_void, c_long, c_long, c_void, c_long, c_long, c_void, c_void,
+                                   c_void, c_long, c_long, c_long, c_long, c_long, c_long, c_float, c_void]
+    for f in (lib.mf_rms_norm, lib.mf_qkv_rope, lib.mf_silu_mul, lib.mf_attn_decode):
+        f.restype = None
     _lib = lib
     return lib
 
@@ -124,3 +137,88 @@ def linear_bf16w(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = No
         if rc != 0:
             raise MemoryError("linear_bf16w: could not allocate the kernel's scratch buffer")
     return y.view(*lead, N)
+
+
+def _lib_or_raise() -> ctypes.CDLL:
+    lib = _load()
+    if lib is None:
+        raise RuntimeError("mimoflash CPU kernels are not available (see the warning logged when building them)")
+    return lib
+
+
+def _check(t: torch.Tensor, name: str, dim: int) -> None:
+    if t.dtype != torch.float32 or t.device.type != "cpu" or t.dim() != dim or t.stride(-1) != 1:
+        raise ValueError(f"{name}: expected a {dim}-d float32 CPU tensor with unit last stride, got "
+                         f"{tuple(t.shape)} {t.dtype} strides {t.stride()}")
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """x (..., D) fp32 -> w * x / sqrt(mean(x^2) + eps), as `model.layers.RMSNorm` for fp32."""
+    lib = _lib_or_raise()
+    D = x.shape[-1]
+    x2 = x.reshape(-1, D)
+    _check(x2, "rms_norm x", 2)
+    _check(w, "rms_norm w", 1)
+    y = torch.empty(x2.shape, dtype=torch.float32)
+    lib.mf_rms_norm(x2.data_ptr(), x2.stride(0), w.data_ptr(), y.data_ptr(), D, x2.shape[0], D, eps)
+    return y.view(x.shape)
+
+
+def qkv_rope_(qkv: torch.Tensor, heads: int, d: int, cos: torch.Tensor, sin: torch.Tensor, v_off: int,
+              v_scale: float) -> torch.Tensor:
+    """In place on qkv (N, W): rotate-half RoPE on the first cos.shape[-1] dims of each of the first `heads` heads
+    of width d, then qkv[:, v_off:] *= v_scale. cos/sin (N, rd) fp32 with equal halves."""
+    lib = _lib_or_raise()
+    _check(qkv, "qkv", 2)
+    N, W = qkv.shape
+    rd = cos.shape[-1]
+    cos, sin = cos.reshape(-1, rd).contiguous(), sin.reshape(-1, rd).contiguous()
+    if cos.shape[0] != N or sin.shape != cos.shape or rd > d or heads * d > v_off or v_off > W:
+        raise ValueError(f"qkv_rope_: inconsistent shapes qkv {tuple(qkv.shape)} cos {tuple(cos.shape)} heads {heads} "
+                         f"d {d} v_off {v_off}")
+    _check(cos, "cos", 2)
+    _check(sin, "sin", 2)
+    lib.mf_qkv_rope(qkv.data_ptr(), qkv.stride(0), N, heads, d, rd, cos.data_ptr(), sin.data_ptr(), v_off, W - v_off,
+                    v_scale)
+    return qkv
+
+
+def silu_mul(h: torch.Tensor) -> torch.Tensor:
+    """h (M, 2F) fp32 -> silu(h[:, :F]) * h[:, F:] (M, F)."""
+    lib = _lib_or_raise()
+    _check(h, "silu_mul h", 2)
+    M, F2 = h.shape
+    out = torch.empty(M, F2 // 2, dtype=torch.float32)
+    lib.mf_silu_mul(h.data_ptr(), h.stride(0), out.data_ptr(), F2 // 2, M, F2 // 2)
+    return out
+
+
+def attn_decode(q: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor, bias: torch.Tensor | None,
+                sinks: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """q (B, nq, d), keys (h, B, K, d), vals (h, B, K, dv) (any strides on the first two dims), bias (B, K) additive
+    or None, sinks (nq,) or None -> (B, nq, dv): softmax(scale * q.k + bias) with the sink in the denominator."""
+    lib = _lib_or_raise()
+    B, nq, d = q.shape
+    h, Bk, K, dk = keys.shape
+    dv = vals.shape[3]
+    if Bk != B or dk != d or vals.shape[:3] != keys.shape[:3] or nq % h:
+        raise ValueError(f"attn_decode: q {tuple(q.shape)} keys {tuple(keys.shape)} vals {tuple(vals.shape)}")
+    for t, name in ((q, "q"), (keys, "keys"), (vals, "vals")):
+        if t.dtype != torch.float32 or t.stride(-1) != 1 or t.stride(-2) != t.shape[-1]:
+            raise ValueError(f"attn_decode: {name} must be fp32 with contiguous rows, got {t.dtype} {t.stride()}")
+    if q.stride(1) != d:
+        raise ValueError("attn_decode: q heads must be contiguous")
+    if bias is not None:
+        bias = bias.reshape(B, K)
+        _check(bias, "bias", 2)
+        if bias.stride(0) != K:
+            bias = bias.contiguous()
+    if sinks is not None and (sinks.dtype != torch.float32 or not sinks.is_contiguous()):
+        sinks = sinks.float().contiguous()
+    out = torch.empty(B, nq, dv, dtype=torch.float32)
+    scratch = torch.empty(max(K, 1), dtype=torch.float32)
+    lib.mf_attn_decode(q.data_ptr(), q.stride(0), keys.data_ptr(), keys.stride(0), keys.stride(1), vals.data_ptr(),
+                       vals.stride(0), vals.stride(1), None if bias is None else bias.data_ptr(),
+                       None if sinks is None else sinks.data_ptr(), out.data_ptr(), B, nq, h, K, d, dv, scale,
+                       scratch.data_ptr())
+    return out

@@ -1,0 +1,184 @@
+"""mimoflash/kernels (C, built on first use) against the torch code they replace, and the engine's bf16-weight mode
+(engine/cpu_layout.py) against the fp32 model with the same weights."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mimoflash import kernels
+from mimoflash.engine.cpu_layout import use_cpu_layout
+from mimoflash.engine.kv_cache import KVCache, KVCacheManager, plan_cache
+from mimoflash.engine.llm import LLM
+from mimoflash.engine.request import Request
+from mimoflash.engine.runner import ModelRunner
+from mimoflash.engine.sampling import SamplingParams
+from mimoflash.engine.scheduler import Batch, ScheduledRequest
+from mimoflash.model.attention import attend_reference
+from mimoflash.model.layers import RMSNorm, apply_partial_rope
+
+from tests.conftest import make_model, tiny_config
+
+if not kernels.available():          # a failed build is an error here, not a reason to skip
+    kernels.build(force=True)
+
+G = torch.Generator().manual_seed(0)
+
+
+def _randn(*shape):
+    return torch.randn(*shape, generator=G)
+
+
+@pytest.mark.parametrize("M", [1, 2, 3, 5, 17])
+@pytest.mark.parametrize("N,K", [(1, 1), (3, 7), (4, 8), (7, 9), (64, 24), (33, 100), (8, 512)])
+def test_linear_bf16w_matches_upcast_matmul(M, N, K):
+    w = _randn(N, K).bfloat16()
+    x = _randn(M, 2 * K)[:, ::2]                                   # strided rows: the wrapper copies them
+    got = kernels.linear_bf16w(x, w)
+    ref = kernels.linear_bf16w_reference(x, w)
+    torch.testing.assert_close(got, ref, atol=1e-5 * K ** 0.5, rtol=1e-5)
+    torch.testing.assert_close(kernels.linear_bf16w(_randn(2, 3, K), w).shape, torch.Size([2, 3, N]))
+
+
+def test_linear_bf16w_rejects_bad_input():
+    with pytest.raises(ValueError, match="bfloat16"):
+        kernels.linear_bf16w(_randn(1, 8), _randn(4, 8).half())
+    with pytest.raises(ValueError, match="contiguous"):
+        kernels.linear_bf16w(_randn(1, 8), _randn(8, 4).bfloat16().t())
+
+
+def test_simd_level_reported():
+    assert kernels.simd_level() in (0, 2)
+
+
+def test_rms_norm_matches_module():
+    norm = RMSNorm(96, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.1 * _randn(96))
+        x = _randn(3, 5, 96) * 4
+        torch.testing.assert_close(kernels.rms_norm(x, norm.weight, norm.eps), norm.forward_reference(x),
+                                   atol=1e-6, rtol=1e-5)
+
+
+def test_qkv_rope_matches_partial_rope_and_value_scale():
+    N, nq, nkv, d, dv, rd = 5, 4, 2, 48, 32, 16
+    qkv = _randn(N, (nq + nkv) * d + nkv * dv)
+    freqs = torch.arange(N).float()[:, None] * (1.0 / 10000 ** (torch.arange(0, rd, 2).float() / rd))
+    emb = torch.cat([freqs, freqs], -1)
+    cos, sin = emb.cos(), emb.sin()
+    ref_qk = apply_partial_rope(qkv[:, :(nq + nkv) * d].view(1, N, nq + nkv, d), cos[None], sin[None])
+    ref_v = qkv[:, (nq + nkv) * d:] * 0.7
+    got = kernels.qkv_rope_(qkv.clone(), nq + nkv, d, cos, sin, (nq + nkv) * d, 0.7)
+    torch.testing.assert_close(got[:, :(nq + nkv) * d], ref_qk.reshape(N, -1), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(got[:, (nq + nkv) * d:], ref_v)
+    with pytest.raises(ValueError, match="inconsistent"):
+        kernels.qkv_rope_(qkv, nq + nkv, d, cos[:2], sin[:2], (nq + nkv) * d, 1.0)
+
+
+def test_silu_mul():
+    h = _randn(3, 2 * 20)
+    torch.testing.assert_close(kernels.silu_mul(h), F.silu(h[:, :20]) * h[:, 20:])
+
+
+@pytest.mark.parametrize("sinks", [True, False])
+def test_attn_decode_matches_reference(sinks):
+    """GQA (4 query heads on 2 kv heads), a mask with empty slots, keys read through a strided view of a pool."""
+    B, nq, h, K, d, dv = 3, 4, 2, 11, 48, 32
+    pool_k, pool_v = _randn(h, B * 16, d), _randn(h, B * 16, dv)
+    keys = pool_k.view(h, B, 16, d)[:, :, :K]                          # (h, B, K, d), not contiguous
+    vals = pool_v.view(h, B, 16, dv)[:, :, :K]
+    q = _randn(B, nq, d)
+    valid = torch.rand(B, K, generator=G) > 0.3
+    valid[:, 0] = True
+    bias = torch.zeros(B, K).masked_fill(~valid, float("-inf"))
+    sink = _randn(nq) if sinks else None
+    got = kernels.attn_decode(q, keys, vals, bias, sink, d ** -0.5)
+    k_pos = torch.where(valid, torch.arange(K), -1)                  # (B, K); query at position K
+    ref = attend_reference(q[:, None], keys.permute(1, 2, 0, 3), vals.permute(1, 2, 0, 3),
+                           torch.full((B, 1), K), k_pos, None, sink, d ** -0.5)[:, 0]
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------- engine, bf16 weights
+
+def _pair(seed=3, **overrides):
+    """The same weights twice: bf16 storage, and upcast to fp32 (exact) for the reference."""
+    m16 = make_model(tiny_config(**overrides), seed=seed, dtype=torch.bfloat16)
+    m32 = make_model(tiny_config(**overrides), seed=seed, dtype=torch.bfloat16).cast(torch.float32)
+    return m16, m32
+
+
+def test_bf16_weight_decode_equals_fp32_recompute():
+    """Cached decode with bf16 weights and fp32 compute, across ring wraps (window 4) and blocks (size 4), equals a
+    full forward of the fp32 model holding the same values."""
+    m16, m32 = _pair()
+    toks = torch.randint(0, 512, (23,), generator=G).tolist()
+    with torch.no_grad():
+        ref = m32(torch.tensor([toks]))[0]
+    layout = plan_cache(m16.config, 1 << 24, max_num_seqs=2, block_size=4, dtype=torch.float32)
+    kv = KVCacheManager(layout)
+    runner = ModelRunner(m16, KVCache(layout), "fast", compute_dtype=torch.float32)
+    assert runner.use_kernels and m16.lm_head.weight.dtype == torch.bfloat16
+    assert "w16_experts" in repr(m16.model.layers[1].mlp.experts.forward)
+    req = Request("r", list(toks), SamplingParams(max_tokens=1))
+    pos = 0
+    for n in [3] + [1] * 9 + [6, 1, 1, 1, 2]:
+        kv.allocate(req, n)
+        got = runner.execute(Batch([ScheduledRequest(req, pos, n, True)]))[0]
+        req.num_computed_tokens = pos = pos + n
+        torch.testing.assert_close(got, ref[pos - 1], atol=2e-5, rtol=1e-4)
+
+
+def test_bf16_weight_transform_keeps_names_values_and_autograd():
+    m16, m32 = _pair(seed=4)
+    ids = torch.randint(0, 512, (2, 9), generator=G)
+    use_cpu_layout(m16, torch.float32)
+    use_cpu_layout(m16, torch.float32)                                 # idempotent
+    sd16, sd32 = m16.state_dict(), m32.state_dict()
+    assert set(sd16) == set(sd32) and all(torch.equal(sd16[k].float(), sd32[k]) for k in sd16)
+    with torch.no_grad():
+        torch.testing.assert_close(m16(ids), m32(ids), atol=2e-5, rtol=1e-4)
+    m16(ids).sum().backward()                                          # the modules' own math under autograd
+    assert m16.lm_head.weight.grad is not None
+
+
+def test_llm_default_keeps_bf16_weights_and_matches_fp32():
+    m16, m32 = _pair(seed=5)
+    prompts = [{"prompt_token_ids": torch.randint(0, 512, (n,), generator=G).tolist()} for n in (5, 12, 3)]
+    sp = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=1)
+    a = LLM(m16, max_num_seqs=4)
+    b = LLM(m32, max_num_seqs=4)
+    assert (a.dtype, a.weight_dtype) == (torch.float32, torch.bfloat16)
+    assert (b.dtype, b.weight_dtype) == (torch.float32, torch.float32)
+    for x, y in zip(a.generate(prompts, sp), b.generate(prompts, sp)):
+        assert x.outputs[0].token_ids == y.outputs[0].token_ids
+        for lx, ly in zip(x.outputs[0].logprobs, y.outputs[0].logprobs):
+            t = next(iter(lx))
+            assert abs(lx[t].logprob - ly[t].logprob) < 1e-4
+    with pytest.raises(ValueError, match="weight_dtype"):
+        LLM(make_model(tiny_config()), dtype="bfloat16", weight_dtype="float32")
+
+
+def test_without_kernels_weights_are_upcast():
+    """MIMOFLASH_NO_KERNELS=1 (or no compiler): available() is False and LLM keeps everything in fp32."""
+    code = ("import torch; from mimoflash import kernels; from mimoflash.engine.llm import LLM; "
+            "from tests.conftest import make_model, tiny_config; assert not kernels.available(); "
+            "llm = LLM(make_model(tiny_config(), dtype=torch.bfloat16)); assert llm.weight_dtype == torch.float32; "
+            "out = llm.generate({'prompt_token_ids': [1, 2, 3]}, {'max_tokens': 4, 'temperature': 0}); "
+            "assert len(out[0].outputs[0].token_ids) == 4")
+    env = dict(os.environ, MIMOFLASH_NO_KERNELS="1")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert r.returncode == 0, r.stderr
+
+
+def test_build_without_compiler_fails_clearly(monkeypatch, tmp_path):
+    monkeypatch.setenv("MIMOFLASH_CACHE", str(tmp_path))
+    monkeypatch.setattr(kernels, "_compiler", lambda: None)
+    with pytest.raises(RuntimeError, match="no C compiler"):
+        kernels.build()
