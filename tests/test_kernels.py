@@ -182,3 +182,20 @@ def test_build_without_compiler_fails_clearly(monkeypatch, tmp_path):
     monkeypatch.setattr(kernels, "_compiler", lambda: None)
     with pytest.raises(RuntimeError, match="no C compiler"):
         kernels.build()
+
+
+@pytest.mark.parametrize("norm", [True, False])
+def test_moe_token_kernel_matches_dense_reference(norm):
+    from mimoflash.model.moe import MoE
+    cfg = tiny_config(norm_topk_prob=norm, routed_scaling_factor=1.5)
+    m32 = make_model(cfg, seed=6, dtype=torch.bfloat16).cast(torch.float32)
+    moe = next(x for x in m32.modules() if isinstance(x, MoE))
+    ex = moe.experts
+    gu = torch.cat([ex.gate_proj.data, ex.up_proj.data], 1).bfloat16().contiguous()
+    x = _randn(1, cfg.hidden_size)
+    with torch.no_grad():
+        y, chosen = kernels.moe_token_bf16(x, moe.gate.weight, moe.gate.e_score_correction_bias,
+                                           cfg.num_experts_per_tok, norm, 1.5, gu, ex.down_proj.data.bfloat16())
+        idx, _, _ = moe.gate(x)
+        assert sorted(chosen[0].tolist()) == sorted(idx[0].tolist())
+        torch.testing.assert_close(y, moe.forward_dense_reference(x), atol=1e-5, rtol=1e-4)

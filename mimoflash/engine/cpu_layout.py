@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from .. import kernels
 from ..model.attention import Attention
 from ..model.layers import RMSNorm
-from ..model.moe import Experts
+from ..model.moe import Experts, MoE
 
 KERNEL_MAX_ROWS = 16        # above this many rows the bf16-weight kernel loses to MKL on an upcast weight
 
@@ -114,19 +114,35 @@ def _w16_experts(experts: Experts, fallback, x_TD: torch.Tensor, topk_idx_TK: to
     flat = topk_idx_TK.reshape(-1)
     order = flat.argsort(stable=True)
     tok_P = order // K
-    counts = torch.bincount(flat, minlength=len(gu_list)).tolist()
+    counts = torch.bincount(flat, minlength=len(gu_list))
     x_PD = x_TD.index_select(0, tok_P)                                                 # (P, D), expert-sorted
-    y_PD = torch.empty_like(x_PD)
-    lo = 0
-    for e, n in enumerate(counts):
-        if n:
-            h = _w16_matmul(x_PD[lo:lo + n], gu_list[e])                                # (n, 2F)
-            y_PD[lo:lo + n] = _w16_matmul(F.silu(h[:, :Fd]) * h[:, Fd:], dn_list[e])
-            lo += n
+    if int(counts.max()) <= KERNEL_MAX_ROWS:             # decode batches: every expert in one kernel call
+        y_PD = kernels.experts_bf16(x_PD, counts, gu, experts.down_proj)
+    else:                                                # prefill: MKL on upcast weights, expert by expert
+        y_PD = torch.empty_like(x_PD)
+        lo = 0
+        for e, n in enumerate(counts.tolist()):
+            if n:
+                h = _w16_matmul(x_PD[lo:lo + n], gu_list[e])                            # (n, 2F)
+                y_PD[lo:lo + n] = _w16_matmul(F.silu(h[:, :Fd]) * h[:, Fd:], dn_list[e])
+                lo += n
     y_PD.mul_(w_TK.reshape(-1).index_select(0, order)[:, None])
     out_TD = torch.zeros_like(x_TD)
     out_TD.index_add_(0, tok_P, y_PD)
     return out_TD
+
+
+def _w16_moe(moe: MoE, fallback, x: torch.Tensor) -> torch.Tensor:
+    """One token, fp32, plain (not group-limited) routing: router + picked experts in one kernel call."""
+    ex, r = moe.experts, moe.gate
+    if (x.numel() != x.shape[-1] or x.dtype != torch.float32 or torch.is_grad_enabled() or r.n_group > 1
+            or not hasattr(ex, "_gate_up") or ex.gate_proj.data_ptr() != ex._gate_up.data_ptr()
+            or ex.down_proj.dtype != torch.bfloat16 or not ex.down_proj.is_contiguous()):
+        return fallback(x)
+    y, moe.last_topk_idx = kernels.moe_token_bf16(x.reshape(1, -1), r.weight, r.e_score_correction_bias, r.top_k,
+                                                  r.norm_topk_prob, r.routed_scaling_factor, ex._gate_up,
+                                                  ex.down_proj)
+    return y.view(x.shape)
 
 
 def use_bf16_weights(model: torch.nn.Module) -> None:
@@ -163,6 +179,10 @@ def use_bf16_weights(model: torch.nn.Module) -> None:
                 m._gate_up_list, m._down_list = list(gu.unbind(0)), list(m.down_proj.data.unbind(0))
                 m._grouped_forward = m.forward
                 m.forward = functools.partial(_w16_experts, m, m._grouped_forward)
+        for m in model.modules():
+            if isinstance(m, MoE) and not hasattr(m, "_torch_forward") and hasattr(m.experts, "_gate_up"):
+                m._torch_forward = m.forward
+                m.forward = functools.partial(_w16_moe, m, m._torch_forward)
 
 
 # ---------------------------------------------------------------------------------------------- fp32 / bf16

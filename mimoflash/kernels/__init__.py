@@ -25,6 +25,7 @@ import shutil
 import subprocess
 import sysconfig
 import tempfile
+import threading
 from pathlib import Path
 
 import torch
@@ -94,6 +95,11 @@ def _load() -> ctypes.CDLL | None:
     lib.mf_silu_mul.argtypes = [c_void, c_long, c_void, c_long, c_long, c_long]
     lib.mf_attn_decode.argtypes = [c_void, c_long, c_void, c_long, c_long, c_void, c_long, c_long, c_void, c_void,
                                    c_void, c_long, c_long, c_long, c_long, c_long, c_long, c_float, c_void]
+    lib.mf_moe_token_bf16.argtypes = [c_void, c_long, c_void, c_void, c_long, c_long, ctypes.c_int, c_float, c_void,
+                                      c_void, c_long, c_void, c_void, c_void]
+    lib.mf_moe_token_bf16.restype = ctypes.c_int
+    lib.mf_experts_bf16.argtypes = [c_void, c_void, c_long, c_long, c_long, c_void, c_void, c_void, c_void]
+    lib.mf_experts_bf16.restype = ctypes.c_int
     for f in (lib.mf_rms_norm, lib.mf_qkv_rope, lib.mf_silu_mul, lib.mf_attn_decode):
         f.restype = None
     _lib = lib
@@ -115,28 +121,26 @@ def linear_bf16w_reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return F.linear(x, w.float())
 
 
-def linear_bf16w(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """x (..., K) fp32, w (N, K) bf16 contiguous -> (..., N) fp32. Falls back to the reference without the library."""
-    lib = _load()
-    K = x.shape[-1]
+def linear_bf16w(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x (..., K) fp32, w (N, K) bf16 contiguous -> (..., N) fp32. Falls back to the reference without the library.
+    Called ~50 times per decoded token, so the common case (x 2-d with unit last stride) takes the shortest path."""
+    lib = _lib if _lib is not None else _load()
     if lib is None or x.device.type != "cpu":
         return linear_bf16w_reference(x, w)
+    K = x.shape[-1]
     if x.dtype != torch.float32 or w.dtype != torch.bfloat16 or w.dim() != 2 or w.shape[1] != K:
         raise ValueError(f"linear_bf16w wants x (..., K) float32 and w (N, K) bfloat16, got x {tuple(x.shape)} "
                          f"{x.dtype}, w {tuple(w.shape)} {w.dtype}")
     if not w.is_contiguous():
         raise ValueError("linear_bf16w wants a contiguous (row-major) weight")
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, K)
+    x2 = x if x.dim() == 2 else x.reshape(-1, K)
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
     M, N = x2.shape[0], w.shape[0]
-    y = torch.empty(M, N, dtype=torch.float32) if out is None else out
-    if M:
-        rc = lib.mf_gemm_bf16w(x2.data_ptr(), x2.stride(0), w.data_ptr(), y.data_ptr(), y.stride(0), M, N, K)
-        if rc != 0:
-            raise MemoryError("linear_bf16w: could not allocate the kernel's scratch buffer")
-    return y.view(*lead, N)
+    y = torch.empty(M, N, dtype=torch.float32)
+    if M and lib.mf_gemm_bf16w(x2.data_ptr(), x2.stride(0), w.data_ptr(), y.data_ptr(), N, M, N, K):
+        raise MemoryError("linear_bf16w: could not allocate the kernel's scratch buffer")
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], N)
 
 
 def _lib_or_raise() -> ctypes.CDLL:
@@ -154,14 +158,14 @@ def _check(t: torch.Tensor, name: str, dim: int) -> None:
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     """x (..., D) fp32 -> w * x / sqrt(mean(x^2) + eps), as `model.layers.RMSNorm` for fp32."""
-    lib = _lib_or_raise()
+    lib = _lib if _lib is not None else _lib_or_raise()
     D = x.shape[-1]
-    x2 = x.reshape(-1, D)
-    _check(x2, "rms_norm x", 2)
-    _check(w, "rms_norm w", 1)
-    y = torch.empty(x2.shape, dtype=torch.float32)
-    lib.mf_rms_norm(x2.data_ptr(), x2.stride(0), w.data_ptr(), y.data_ptr(), D, x2.shape[0], D, eps)
-    return y.view(x.shape)
+    if x.dtype != torch.float32 or w.dtype != torch.float32 or not x.is_contiguous() or w.shape != (D,):
+        raise ValueError(f"rms_norm: wants contiguous float32 x (..., D) and w (D,), got {tuple(x.shape)} {x.dtype}, "
+                         f"{tuple(w.shape)} {w.dtype}")
+    y = torch.empty_like(x)
+    lib.mf_rms_norm(x.data_ptr(), D, w.data_ptr(), y.data_ptr(), D, x.numel() // D, D, eps)
+    return y
 
 
 def qkv_rope_(qkv: torch.Tensor, heads: int, d: int, cos: torch.Tensor, sin: torch.Tensor, v_off: int,
@@ -197,28 +201,68 @@ def attn_decode(q: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor, bias: t
                 sinks: torch.Tensor | None, scale: float) -> torch.Tensor:
     """q (B, nq, d), keys (h, B, K, d), vals (h, B, K, dv) (any strides on the first two dims), bias (B, K) additive
     or None, sinks (nq,) or None -> (B, nq, dv): softmax(scale * q.k + bias) with the sink in the denominator."""
-    lib = _lib_or_raise()
+    lib = _lib if _lib is not None else _lib_or_raise()
     B, nq, d = q.shape
     h, Bk, K, dk = keys.shape
     dv = vals.shape[3]
     if Bk != B or dk != d or vals.shape[:3] != keys.shape[:3] or nq % h:
         raise ValueError(f"attn_decode: q {tuple(q.shape)} keys {tuple(keys.shape)} vals {tuple(vals.shape)}")
-    for t, name in ((q, "q"), (keys, "keys"), (vals, "vals")):
-        if t.dtype != torch.float32 or t.stride(-1) != 1 or t.stride(-2) != t.shape[-1]:
-            raise ValueError(f"attn_decode: {name} must be fp32 with contiguous rows, got {t.dtype} {t.stride()}")
-    if q.stride(1) != d:
-        raise ValueError("attn_decode: q heads must be contiguous")
-    if bias is not None:
-        bias = bias.reshape(B, K)
-        _check(bias, "bias", 2)
-        if bias.stride(0) != K:
-            bias = bias.contiguous()
+    if not (q.dtype == keys.dtype == vals.dtype == torch.float32 and q.stride()[1:] == (d, 1)
+            and keys.stride()[2:] == (d, 1) and vals.stride()[2:] == (dv, 1)):
+        raise ValueError("attn_decode: q, keys, vals must be float32 with contiguous heads / rows")
+    if bias is not None and (bias.numel() != B * K or not bias.is_contiguous() or bias.dtype != torch.float32):
+        raise ValueError(f"attn_decode: bias must be a contiguous float32 (B, K) = ({B}, {K}) mask")
     if sinks is not None and (sinks.dtype != torch.float32 or not sinks.is_contiguous()):
         sinks = sinks.float().contiguous()
+    scratch = getattr(_local, "scratch", None)
+    if scratch is None or scratch.numel() < K:
+        scratch = _local.scratch = torch.empty(max(K, 4096), dtype=torch.float32)
     out = torch.empty(B, nq, dv, dtype=torch.float32)
-    scratch = torch.empty(max(K, 1), dtype=torch.float32)
     lib.mf_attn_decode(q.data_ptr(), q.stride(0), keys.data_ptr(), keys.stride(0), keys.stride(1), vals.data_ptr(),
                        vals.stride(0), vals.stride(1), None if bias is None else bias.data_ptr(),
                        None if sinks is None else sinks.data_ptr(), out.data_ptr(), B, nq, h, K, d, dv, scale,
                        scratch.data_ptr())
     return out
+
+
+_local = threading.local()          # attn_decode's score row per thread (ctypes releases the GIL), grown on demand
+
+
+def moe_token_bf16(x: torch.Tensor, router_w: torch.Tensor, bias: torch.Tensor, top_k: int, norm_topk: bool,
+                   scaling: float, gate_up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token (1, D) fp32 through a routed MoE: router_w (E, D) fp32, bias (E,) fp32, gate_up (E, 2F, D) and
+    down (E, D, F) contiguous bf16 -> (y (1, D) fp32, chosen expert ids (1, top_k) int64). No group-limited routing."""
+    lib = _lib_or_raise()
+    E, D = router_w.shape
+    F2 = gate_up.shape[1]
+    if (x.shape != (1, D) or x.dtype != torch.float32 or not x.is_contiguous() or router_w.dtype != torch.float32
+            or not router_w.is_contiguous() or bias.dtype != torch.float32 or gate_up.shape != (E, F2, D)
+            or down.shape != (E, D, F2 // 2) or gate_up.dtype != torch.bfloat16 or down.dtype != torch.bfloat16
+            or not gate_up.is_contiguous() or not down.is_contiguous() or not 0 < top_k <= min(E, 64)):
+        raise ValueError("moe_token_bf16: unexpected shapes, dtypes or layouts")
+    y = torch.empty(1, D, dtype=torch.float32)
+    chosen = torch.empty(1, top_k, dtype=torch.int64)
+    scratch = torch.empty(E + 3 * (F2 // 2) + D, dtype=torch.float32)
+    lib.mf_moe_token_bf16(x.data_ptr(), D, router_w.data_ptr(), bias.data_ptr(), E, top_k, int(norm_topk), scaling,
+                          gate_up.data_ptr(), down.data_ptr(), F2 // 2, y.data_ptr(), scratch.data_ptr(),
+                          chosen.data_ptr())
+    return y, chosen
+
+
+def experts_bf16(x_PD: torch.Tensor, counts: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """Expert-sorted rows x_PD (P, D) fp32, counts (E,) int64 summing to P, gate_up (E, 2F, D) and down (E, D, F)
+    contiguous bf16 -> (P, D): each row through its expert's SwiGLU, unweighted."""
+    lib = _lib if _lib is not None else _lib_or_raise()
+    E, F2, D = gate_up.shape
+    P = x_PD.shape[0]
+    if (x_PD.dtype != torch.float32 or not x_PD.is_contiguous() or x_PD.shape[1] != D or counts.shape != (E,)
+            or counts.dtype != torch.int64 or down.shape != (E, D, F2 // 2) or gate_up.dtype != torch.bfloat16
+            or down.dtype != torch.bfloat16 or not gate_up.is_contiguous() or not down.is_contiguous()):
+        raise ValueError("experts_bf16: unexpected shapes, dtypes or layouts")
+    counts = counts.contiguous()
+    y = torch.empty(P, D, dtype=torch.float32)
+    scratch = torch.empty(max(1, 3 * (F2 // 2) * int(counts.max())), dtype=torch.float32)
+    if lib.mf_experts_bf16(x_PD.data_ptr(), counts.data_ptr(), E, D, F2 // 2, gate_up.data_ptr(), down.data_ptr(),
+                           y.data_ptr(), scratch.data_ptr()):
+        raise MemoryError("experts_bf16: could not allocate a GEMV buffer")
+    return y
