@@ -86,22 +86,25 @@ def test_silu_mul():
 
 
 @pytest.mark.parametrize("sinks", [True, False])
-def test_attn_decode_matches_reference(sinks):
-    """GQA (4 query heads on 2 kv heads), a mask with empty slots, keys read through a strided view of a pool."""
-    B, nq, h, K, d, dv = 3, 4, 2, 11, 48, 32
-    pool_k, pool_v = _randn(h, B * 16, d), _randn(h, B * 16, dv)
-    keys = pool_k.view(h, B, 16, d)[:, :, :K]                          # (h, B, K, d), not contiguous
-    vals = pool_v.view(h, B, 16, dv)[:, :, :K]
+def test_attn_decode_paged_matches_reference(sinks):
+    """GQA (4 query heads on 2 kv heads), chunks of 4 slots scattered over the pool, a mask with empty slots."""
+    B, nq, h, d, dv, chunk, n = 3, 4, 2, 48, 32, 4, 3
+    K = n * chunk - 1
+    k_pool, v_pool = _randn(h, 10 * chunk, d), _randn(h, 10 * chunk, dv)
+    table = torch.randperm(10, generator=G)[:B * n].view(B, n)
+    slots = (table[:, :, None] * chunk + torch.arange(chunk)).view(B, -1)[:, :K]          # (B, K)
+    keys, vals = k_pool[:, slots].permute(1, 2, 0, 3), v_pool[:, slots].permute(1, 2, 0, 3)   # (B, K, h, dim)
     q = _randn(B, nq, d)
     valid = torch.rand(B, K, generator=G) > 0.3
     valid[:, 0] = True
     bias = torch.zeros(B, K).masked_fill(~valid, float("-inf"))
     sink = _randn(nq) if sinks else None
-    got = kernels.attn_decode(q, keys, vals, bias, sink, d ** -0.5)
-    k_pos = torch.where(valid, torch.arange(K), -1)                  # (B, K); query at position K
-    ref = attend_reference(q[:, None], keys.permute(1, 2, 0, 3), vals.permute(1, 2, 0, 3),
-                           torch.full((B, 1), K), k_pos, None, sink, d ** -0.5)[:, 0]
+    got = kernels.attn_decode_paged(q, k_pool, v_pool, table, chunk, K, bias, sink, d ** -0.5)
+    k_pos = torch.where(valid, torch.arange(K), -1)                  # (B, K); the query sits at position K
+    ref = attend_reference(q[:, None], keys, vals, torch.full((B, 1), K), k_pos, None, sink, d ** -0.5)[:, 0]
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="table"):
+        kernels.attn_decode_paged(q, k_pool, v_pool, table, chunk, n * chunk + 1, None, sink, 1.0)
 
 
 # ------------------------------------------------------------------------------------------- engine, bf16 weights
@@ -199,3 +202,17 @@ def test_moe_token_kernel_matches_dense_reference(norm):
         idx, _, _ = moe.gate(x)
         assert sorted(chosen[0].tolist()) == sorted(idx[0].tolist())
         torch.testing.assert_close(y, moe.forward_dense_reference(x), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("T", [1, 3, 40])
+def test_bf16_weight_moe_paths_match_dense_reference(T):
+    """T=1: the one-call token kernel; T=3: all experts in one kernel call; T=40 (> KERNEL_MAX_ROWS rows for some
+    expert): MKL on upcast weights, expert by expert."""
+    from mimoflash.model.moe import MoE
+    m16, m32 = _pair(seed=7)
+    use_cpu_layout(m16, torch.float32)
+    moe16 = next(x for x in m16.modules() if isinstance(x, MoE))
+    moe32 = next(x for x in m32.modules() if isinstance(x, MoE))
+    x = _randn(1, T, m16.config.hidden_size)
+    with torch.no_grad():
+        torch.testing.assert_close(moe16(x), moe32.forward_dense_reference(x), atol=1e-5, rtol=1e-4)

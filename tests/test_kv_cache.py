@@ -194,15 +194,18 @@ def test_ring_without_slack_breaks_on_rollback(model):
     assert not torch.allclose(got, ref[s + 1], atol=1e-3)
 
 
-def test_decode_chunk_views_and_copies_agree_with_recompute(model):
-    """The decode path reads consecutive chunks (rings handed out in order, one request's blocks) as a view of the
-    pool and copies the others into a reused buffer; both must give the full-recompute logits."""
+@pytest.mark.parametrize("use_kernels", [False, True])
+def test_decode_chunk_views_and_copies_agree_with_recompute(model, use_kernels):
+    """The torch decode path reads consecutive chunks (rings handed out in order, one request's blocks) as a view of
+    the pool and copies the others into a reused buffer; the kernel path (kernels.attn_decode_paged) reads them in
+    place through the chunk table. All must give the full-recompute logits."""
     from mimoflash.engine.runner import _first_if_consecutive
     assert _first_if_consecutive(torch.tensor([[3], [4], [5]])) == 3
     assert _first_if_consecutive(torch.tensor([[2], [0]])) is None
     seqs = [_tokens(n) for n in (10, 13, 11)]
     refs = [full_logits(model, s) for s in seqs]
     d = Driver(model, "fast", num_seqs=3)
+    d.runner.use_kernels = use_kernels
     reqs = [_req(s, f"s{i}") for i, s in enumerate(seqs)]
     for r in reqs:
         d.step([(r, 6)])
@@ -210,4 +213,4 @@ def test_decode_chunk_views_and_copies_agree_with_recompute(model):
         out = d.step([(reqs[i], 1) for i in order])
         for row, i in enumerate(order):
             torch.testing.assert_close(out[row], refs[i][reqs[i].num_computed_tokens - 1], atol=2e-5, rtol=1e-4)
-    assert d.runner._buffers                                   # the copy path ran (and its buffers were reused)
+    assert bool(d.runner._buffers) != use_kernels             # the copy path ran (and its buffers were reused)

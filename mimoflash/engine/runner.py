@@ -132,13 +132,15 @@ class PagedAttention:
         B, nq, d = q.shape
         h, dv = k_pool.shape[0], v_pool.shape[2]
         G = nq // h
+        if self.use_kernels and q.dtype == k_pool.dtype == torch.float32:     # reads the blocks/rings in place
+            K = dm.keys if dm.keys is not None else dm.chunks.shape[1] * dm.chunk
+            return kernels.attn_decode_paged(q, k_pool, v_pool, dm.chunks, dm.chunk, K, dm.bias,
+                                             layer.attention_sink_bias, layer.scale)
         keys = self._chunks(dm, k_pool.view(h, -1, dm.chunk, d), "k").view(h, B, -1, d)      # (h, B, K, d)
         vals = self._chunks(dm, v_pool.view(h, -1, dm.chunk, dv), "v").view(h, B, -1, dv)   # (h, B, K, dv)
         if dm.keys is not None and dm.keys < keys.shape[2]:
             keys, vals = keys[:, :, :dm.keys], vals[:, :, :dm.keys]
         K = keys.shape[2]
-        if self.use_kernels and q.dtype == keys.dtype == torch.float32:
-            return kernels.attn_decode(q, keys, vals, dm.bias, layer.attention_sink_bias, layer.scale)
         if keys.dtype != q.dtype:
             keys, vals = keys.to(q.dtype), vals.to(q.dtype)
         qg = q.view(B, h, G, d).transpose(0, 1)                                    # (h, B, G, d); head j -> j // G

@@ -2,7 +2,8 @@
 
 * `linear_bf16w(x, w)`: y = x @ w.T with x fp32 and w stored as bfloat16 (wgemm.c says why);
 * fused fp32 decode ops (ops.c): `rms_norm`, `qkv_rope_` (RoPE on q|k and the value scale, in place),
-  `silu_mul`, `attn_decode` (one query per sequence, GQA, optional sink and mask).
+  `silu_mul`, `attn_decode_paged` (one query per sequence read against the paged cache in place, GQA,
+  optional sink and mask), `moe_token_bf16` and `experts_bf16` (a layer's routed experts in one call).
 
 These take raw pointers, so the wrappers check dtypes, shapes and strides and raise ValueError otherwise. The
 shared library is built from the C files into a per-source-hash cache directory (`$MIMOFLASH_CACHE`, default
@@ -94,7 +95,8 @@ def _load() -> ctypes.CDLL | None:
                                 c_float]
     lib.mf_silu_mul.argtypes = [c_void, c_long, c_void, c_long, c_long, c_long]
     lib.mf_attn_decode.argtypes = [c_void, c_long, c_void, c_long, c_long, c_void, c_long, c_long, c_void, c_void,
-                                   c_void, c_long, c_long, c_long, c_long, c_long, c_long, c_float, c_void]
+                                   c_void, c_long, c_long, c_long, c_long, c_long, c_long, c_float, c_void, c_void,
+                                   c_long, c_long]
     lib.mf_moe_token_bf16.argtypes = [c_void, c_long, c_void, c_void, c_long, c_long, ctypes.c_int, c_float, c_void,
                                       c_void, c_long, c_void, c_void, c_void]
     lib.mf_moe_token_bf16.restype = ctypes.c_int
@@ -197,31 +199,37 @@ def silu_mul(h: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def attn_decode(q: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor, bias: torch.Tensor | None,
-                sinks: torch.Tensor | None, scale: float) -> torch.Tensor:
-    """q (B, nq, d), keys (h, B, K, d), vals (h, B, K, dv) (any strides on the first two dims), bias (B, K) additive
-    or None, sinks (nq,) or None -> (B, nq, dv): softmax(scale * q.k + bias) with the sink in the denominator."""
+def attn_decode_paged(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, table: torch.Tensor, chunk: int,
+                      K: int, bias: torch.Tensor | None, sinks: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """Decode attention reading the KV cache in place: q (B, nq, d) one query per sequence, k_pool (h, S, d) and
+    v_pool (h, S, dv) contiguous, table (B, n) int64 chunk ids (blocks or rings of `chunk` slots): sequence b's key k
+    is slot table[b, k // chunk] * chunk + k % chunk, for k < K <= n * chunk. bias (B, K) additive or None, sinks
+    (nq,) or None -> (B, nq, dv) = softmax(scale * q.k + bias) @ v with the sink in the denominator only; query head
+    j reads kv head j // (nq / h)."""
     lib = _lib if _lib is not None else _lib_or_raise()
     B, nq, d = q.shape
-    h, Bk, K, dk = keys.shape
-    dv = vals.shape[3]
-    if Bk != B or dk != d or vals.shape[:3] != keys.shape[:3] or nq % h:
-        raise ValueError(f"attn_decode: q {tuple(q.shape)} keys {tuple(keys.shape)} vals {tuple(vals.shape)}")
-    if not (q.dtype == keys.dtype == vals.dtype == torch.float32 and q.stride()[1:] == (d, 1)
-            and keys.stride()[2:] == (d, 1) and vals.stride()[2:] == (dv, 1)):
-        raise ValueError("attn_decode: q, keys, vals must be float32 with contiguous heads / rows")
+    h, S, dk = k_pool.shape
+    dv = v_pool.shape[2]
+    n = table.shape[1]
+    if (table.dim() != 2 or table.shape[0] != B or table.dtype != torch.int64 or not table.is_contiguous()
+            or dk != d or v_pool.shape[:2] != (h, S) or nq % h or K > n * chunk or S % chunk):
+        raise ValueError(f"attn_decode_paged: q {tuple(q.shape)} pools {tuple(k_pool.shape)} {tuple(v_pool.shape)} "
+                         f"table {tuple(table.shape)} chunk {chunk} K {K}")
+    if not (q.dtype == k_pool.dtype == v_pool.dtype == torch.float32 and q.stride()[1:] == (d, 1)
+            and k_pool.is_contiguous() and v_pool.is_contiguous()):
+        raise ValueError("attn_decode_paged: q (contiguous heads) and the pools (contiguous) must be float32")
     if bias is not None and (bias.numel() != B * K or not bias.is_contiguous() or bias.dtype != torch.float32):
-        raise ValueError(f"attn_decode: bias must be a contiguous float32 (B, K) = ({B}, {K}) mask")
+        raise ValueError(f"attn_decode_paged: bias must be a contiguous float32 (B, K) = ({B}, {K}) mask")
     if sinks is not None and (sinks.dtype != torch.float32 or not sinks.is_contiguous()):
         sinks = sinks.float().contiguous()
     scratch = getattr(_local, "scratch", None)
     if scratch is None or scratch.numel() < K:
         scratch = _local.scratch = torch.empty(max(K, 4096), dtype=torch.float32)
     out = torch.empty(B, nq, dv, dtype=torch.float32)
-    lib.mf_attn_decode(q.data_ptr(), q.stride(0), keys.data_ptr(), keys.stride(0), keys.stride(1), vals.data_ptr(),
-                       vals.stride(0), vals.stride(1), None if bias is None else bias.data_ptr(),
+    lib.mf_attn_decode(q.data_ptr(), q.stride(0), k_pool.data_ptr(), k_pool.stride(0), 0, v_pool.data_ptr(),
+                       v_pool.stride(0), 0, None if bias is None else bias.data_ptr(),
                        None if sinks is None else sinks.data_ptr(), out.data_ptr(), B, nq, h, K, d, dv, scale,
-                       scratch.data_ptr())
+                       scratch.data_ptr(), table.data_ptr(), n, chunk)
     return out
 
 

@@ -65,10 +65,14 @@ VEC void mf_silu_mul(const float *h, long ldh, float *out, long ldo, long M, lon
  *   bias (B, K) additive mask (-inf = not a key) or NULL; sinks (nq) or NULL
  *   out  (B, nq, dv) contiguous;  query head j reads kv head j / (nq / h).
  * p_k = exp(s_k - m) / (exp(sink - m) + sum_k exp(s_k - m)) with s_k = scale * q.k + bias: the sink joins the
- * denominator only (SPEC §2.3). `scratch` holds K floats. */
+ * denominator only (SPEC §2.3). `scratch` holds K floats.
+ * Paged form (table != NULL): key k of sequence b lives in slot table[b * n_chunks + k / chunk] * chunk + k % chunk
+ * of the pool (k_base + hh * k_sh + slot * d; k_sb / v_sb unused), so cache blocks are read where they are
+ * instead of being gathered into a copy first. */
 VEC void mf_attn_decode(const float *q, long q_sb, const float *k_base, long k_sh, long k_sb, const float *v_base,
                     long v_sh, long v_sb, const float *bias, const float *sinks, float *out, long B, long nq, long h,
-                    long K, long d, long dv, float scale, float *scratch) {
+                    long K, long d, long dv, float scale, float *scratch, const long *table, long n_chunks,
+                    long chunk) {
     long G = nq / h;
     for (long b = 0; b < B; b++) {
         const float *bb = bias ? bias + b * K : NULL;
@@ -79,7 +83,8 @@ VEC void mf_attn_decode(const float *q, long q_sb, const float *k_base, long k_s
             const float *vb = v_base + hh * v_sh + b * v_sb;
             float mx = sinks ? sinks[j] : -INFINITY;
             for (long k = 0; k < K; k++) {
-                const float *kr = kb + k * d;
+                const float *kr = table ? k_base + hh * k_sh + (table[b * n_chunks + k / chunk] * chunk + k % chunk) * d
+                                        : kb + k * d;
                 float s = 0.f;
 #pragma omp simd reduction(+ : s)
                 for (long i = 0; i < d; i++) s += qv[i] * kr[i];
@@ -94,7 +99,8 @@ VEC void mf_attn_decode(const float *q, long q_sb, const float *k_base, long k_s
                 float p = scratch[k] == -INFINITY ? 0.f : expf(scratch[k] - mx);
                 denom += p;
                 if (p != 0.f) {
-                    const float *vr = vb + k * dv;
+                    const float *vr = table ? v_base + hh * v_sh + (table[b * n_chunks + k / chunk] * chunk + k % chunk) * dv
+                                            : vb + k * dv;
 #pragma omp simd
                     for (long i = 0; i < dv; i++) o[i] += p * vr[i];
                 }
