@@ -105,6 +105,8 @@ def test_attn_decode_paged_matches_reference(sinks):
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
     with pytest.raises(ValueError, match="table"):
         kernels.attn_decode_paged(q, k_pool, v_pool, table, chunk, n * chunk + 1, None, sink, 1.0)
+    with pytest.raises(ValueError, match="outside"):
+        kernels.attn_decode_paged(q, k_pool, v_pool, table + 10, chunk, K, None, sink, 1.0)
 
 
 # ------------------------------------------------------------------------------------------- engine, bf16 weights
@@ -216,3 +218,16 @@ def test_bf16_weight_moe_paths_match_dense_reference(T):
     x = _randn(1, T, m16.config.hidden_size)
     with torch.no_grad():
         torch.testing.assert_close(moe16(x), moe32.forward_dense_reference(x), atol=1e-5, rtol=1e-4)
+
+
+def test_experts_kernel_rejects_counts_that_do_not_match_rows():
+    gu, dn = _randn(3, 8, 4).bfloat16(), _randn(3, 4, 4).bfloat16()
+    x = _randn(5, 4)
+    with pytest.raises(ValueError, match="sum"):
+        kernels.experts_bf16(x, torch.tensor([2, 2, 2]), gu, dn)
+    y = kernels.experts_bf16(x, torch.tensor([2, 0, 3]), gu, dn)
+    ref = torch.cat([F.linear(F.silu(F.linear(x[:2], gu[0, :4].float())) * F.linear(x[:2], gu[0, 4:].float()),
+                              dn[0].float()),
+                     F.linear(F.silu(F.linear(x[2:], gu[2, :4].float())) * F.linear(x[2:], gu[2, 4:].float()),
+                              dn[2].float())])
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-4)

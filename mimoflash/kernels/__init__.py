@@ -96,13 +96,14 @@ def _load() -> ctypes.CDLL | None:
     lib.mf_silu_mul.argtypes = [c_void, c_long, c_void, c_long, c_long, c_long]
     lib.mf_attn_decode.argtypes = [c_void, c_long, c_void, c_long, c_long, c_void, c_long, c_long, c_void, c_void,
                                    c_void, c_long, c_long, c_long, c_long, c_long, c_long, c_float, c_void, c_void,
-                                   c_long, c_long]
+                                   c_long, c_long, c_long]
+    lib.mf_attn_decode.restype = ctypes.c_int
     lib.mf_moe_token_bf16.argtypes = [c_void, c_long, c_void, c_void, c_long, c_long, ctypes.c_int, c_float, c_void,
                                       c_void, c_long, c_void, c_void, c_void]
     lib.mf_moe_token_bf16.restype = ctypes.c_int
-    lib.mf_experts_bf16.argtypes = [c_void, c_void, c_long, c_long, c_long, c_void, c_void, c_void, c_void]
+    lib.mf_experts_bf16.argtypes = [c_void, c_long, c_void, c_long, c_long, c_long, c_void, c_void, c_void, c_void]
     lib.mf_experts_bf16.restype = ctypes.c_int
-    for f in (lib.mf_rms_norm, lib.mf_qkv_rope, lib.mf_silu_mul, lib.mf_attn_decode):
+    for f in (lib.mf_rms_norm, lib.mf_qkv_rope, lib.mf_silu_mul):
         f.restype = None
     _lib = lib
     return lib
@@ -226,10 +227,11 @@ def attn_decode_paged(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tenso
     if scratch is None or scratch.numel() < K:
         scratch = _local.scratch = torch.empty(max(K, 4096), dtype=torch.float32)
     out = torch.empty(B, nq, dv, dtype=torch.float32)
-    lib.mf_attn_decode(q.data_ptr(), q.stride(0), k_pool.data_ptr(), k_pool.stride(0), 0, v_pool.data_ptr(),
-                       v_pool.stride(0), 0, None if bias is None else bias.data_ptr(),
-                       None if sinks is None else sinks.data_ptr(), out.data_ptr(), B, nq, h, K, d, dv, scale,
-                       scratch.data_ptr(), table.data_ptr(), n, chunk)
+    if lib.mf_attn_decode(q.data_ptr(), q.stride(0), k_pool.data_ptr(), k_pool.stride(0), 0, v_pool.data_ptr(),
+                          v_pool.stride(0), 0, None if bias is None else bias.data_ptr(),
+                          None if sinks is None else sinks.data_ptr(), out.data_ptr(), B, nq, h, K, d, dv, scale,
+                          scratch.data_ptr(), table.data_ptr(), n, chunk, S // chunk):
+        raise ValueError(f"attn_decode_paged: a chunk id in the table is outside [0, {S // chunk})")
     return out
 
 
@@ -270,7 +272,10 @@ def experts_bf16(x_PD: torch.Tensor, counts: torch.Tensor, gate_up: torch.Tensor
     counts = counts.contiguous()
     y = torch.empty(P, D, dtype=torch.float32)
     scratch = torch.empty(max(1, 3 * (F2 // 2) * int(counts.max())), dtype=torch.float32)
-    if lib.mf_experts_bf16(x_PD.data_ptr(), counts.data_ptr(), E, D, F2 // 2, gate_up.data_ptr(), down.data_ptr(),
-                           y.data_ptr(), scratch.data_ptr()):
+    rc = lib.mf_experts_bf16(x_PD.data_ptr(), P, counts.data_ptr(), E, D, F2 // 2, gate_up.data_ptr(),
+                             down.data_ptr(), y.data_ptr(), scratch.data_ptr())
+    if rc == -2:
+        raise ValueError(f"experts_bf16: counts must be >= 0 and sum to the {P} rows")
+    if rc:
         raise MemoryError("experts_bf16: could not allocate a GEMV buffer")
     return y

@@ -14,6 +14,26 @@
 #define VEC
 #endif
 
+/* exp(x) for the softmax and SiLU loops, written so that `omp simd` loops vectorize it (libm's expf is a call):
+ * Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2, a degree-6 polynomial for e^r (Cephes expf coefficients,
+ * relative error ~1e-7), and 2^n put into the exponent bits. Inputs are clamped to [-87.3, 88.7]. */
+#pragma omp declare simd
+static inline float exp_approx(float x) {
+    x = x < -87.3f ? -87.3f : (x > 88.7f ? 88.7f : x);
+    float n = floorf(x * 1.44269504088896341f + 0.5f);
+    float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    union { int i; float f; } u;
+    u.i = ((int)n + 127) << 23;
+    return p * u.f;
+}
+
 /* y[m, :] = w * (x[m, :] * 1/sqrt(mean(x[m, :]^2) + eps)), fp32. x/y rows with strides ldx/ldy. */
 VEC void mf_rms_norm(const float *x, long ldx, const float *w, float *y, long ldy, long M, long D, float eps) {
     for (long m = 0; m < M; m++) {
@@ -54,7 +74,8 @@ VEC void mf_silu_mul(const float *h, long ldh, float *out, long ldo, long M, lon
     for (long m = 0; m < M; m++) {
         const float *g = h + m * ldh, *u = g + F;
         float *o = out + m * ldo;
-        for (long i = 0; i < F; i++) o[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+#pragma omp simd
+        for (long i = 0; i < F; i++) o[i] = g[i] / (1.0f + exp_approx(-g[i])) * u[i];
     }
 }
 
@@ -68,12 +89,16 @@ VEC void mf_silu_mul(const float *h, long ldh, float *out, long ldo, long M, lon
  * denominator only (SPEC §2.3). `scratch` holds K floats.
  * Paged form (table != NULL): key k of sequence b lives in slot table[b * n_chunks + k / chunk] * chunk + k % chunk
  * of the pool (k_base + hh * k_sh + slot * d; k_sb / v_sb unused), so cache blocks are read where they are
- * instead of being gathered into a copy first. */
-VEC void mf_attn_decode(const float *q, long q_sb, const float *k_base, long k_sh, long k_sb, const float *v_base,
+ * instead of being gathered into a copy first. Returns -1 (nothing computed) if a table entry is outside
+ * [0, pool_chunks), else 0. */
+VEC int mf_attn_decode(const float *q, long q_sb, const float *k_base, long k_sh, long k_sb, const float *v_base,
                     long v_sh, long v_sb, const float *bias, const float *sinks, float *out, long B, long nq, long h,
                     long K, long d, long dv, float scale, float *scratch, const long *table, long n_chunks,
-                    long chunk) {
+                    long chunk, long pool_chunks) {
     long G = nq / h;
+    if (table)                       /* a bad table would read outside the pools: refuse it (Python raises) */
+        for (long i = 0; i < B * n_chunks; i++)
+            if (table[i] < 0 || table[i] >= pool_chunks) return -1;
     for (long b = 0; b < B; b++) {
         const float *bb = bias ? bias + b * K : NULL;
         for (long j = 0; j < nq; j++) {
@@ -82,9 +107,11 @@ VEC void mf_attn_decode(const float *q, long q_sb, const float *k_base, long k_s
             const float *kb = k_base + hh * k_sh + b * k_sb;
             const float *vb = v_base + hh * v_sh + b * v_sb;
             float mx = sinks ? sinks[j] : -INFINITY;
+            const long *tb = table ? table + b * n_chunks : NULL;
+            long c = 0, slot = 0;                                   /* paged: chunk index and slot within it */
             for (long k = 0; k < K; k++) {
-                const float *kr = table ? k_base + hh * k_sh + (table[b * n_chunks + k / chunk] * chunk + k % chunk) * d
-                                        : kb + k * d;
+                const float *kr = tb ? k_base + hh * k_sh + (tb[c] * chunk + slot) * d : kb + k * d;
+                if (tb && ++slot == chunk) { slot = 0; c++; }
                 float s = 0.f;
 #pragma omp simd reduction(+ : s)
                 for (long i = 0; i < d; i++) s += qv[i] * kr[i];
@@ -93,14 +120,20 @@ VEC void mf_attn_decode(const float *q, long q_sb, const float *k_base, long k_s
                 if (s > mx) mx = s;
             }
             float denom = sinks ? expf(sinks[j] - mx) : 0.f;
+#pragma omp simd reduction(+ : denom)
+            for (long k = 0; k < K; k++) {
+                float p = scratch[k] == -INFINITY ? 0.f : exp_approx(scratch[k] - mx);
+                scratch[k] = p;
+                denom += p;
+            }
             float *o = out + (b * nq + j) * dv;
             for (long i = 0; i < dv; i++) o[i] = 0.f;
+            c = 0, slot = 0;
             for (long k = 0; k < K; k++) {
-                float p = scratch[k] == -INFINITY ? 0.f : expf(scratch[k] - mx);
-                denom += p;
+                float p = scratch[k];
+                const float *vr = tb ? v_base + hh * v_sh + (tb[c] * chunk + slot) * dv : vb + k * dv;
+                if (tb && ++slot == chunk) { slot = 0; c++; }
                 if (p != 0.f) {
-                    const float *vr = table ? v_base + hh * v_sh + (table[b * n_chunks + k / chunk] * chunk + k % chunk) * dv
-                                            : vb + k * dv;
 #pragma omp simd
                     for (long i = 0; i < dv; i++) o[i] += p * vr[i];
                 }
@@ -109,6 +142,7 @@ VEC void mf_attn_decode(const float *q, long q_sb, const float *k_base, long k_s
             for (long i = 0; i < dv; i++) o[i] *= inv;
         }
     }
+    return 0;
 }
 
 int mf_gemm_bf16w(const float *x, long ldx, const unsigned short *w, float *y, long ldy, long M, long N, long K);
@@ -151,7 +185,8 @@ VEC int mf_moe_token_bf16(const float *x, long D, const float *router_w, const f
         long e = chosen[k];
         float w = (norm_topk ? wk[k] / (wsum + 1e-20f) : wk[k]) * scaling;
         mf_gemm_bf16w(x, D, gate_up + e * 2 * F * D, h, 2 * F, 1, 2 * F, D);     /* M = 1: no allocation */
-        for (long i = 0; i < F; i++) act[i] = h[i] / (1.0f + expf(-h[i])) * h[F + i];
+#pragma omp simd
+        for (long i = 0; i < F; i++) act[i] = h[i] / (1.0f + exp_approx(-h[i])) * h[F + i];
         mf_gemm_bf16w(act, F, down + e * D * F, out, D, 1, D, F);
         for (long i = 0; i < D; i++) y[i] += w * out[i];
     }
@@ -161,9 +196,16 @@ VEC int mf_moe_token_bf16(const float *x, long D, const float *router_w, const f
 /* The routed experts of one layer for P (token, expert) pairs already sorted by expert: rows
  * [off_e, off_e + counts[e]) of x_PD (P, D) go through expert e; y_PD (P, D) gets down[e] @ (silu(gate[e] @ x) *
  * (up[e] @ x)) per row, unweighted. One call instead of a Python loop of ~6 torch calls per expert.
- * scratch: 3 * F * max(counts) floats. Returns 0, or -1 if a GEMV could not allocate its buffer. */
-VEC int mf_experts_bf16(const float *x_PD, const long *counts, long E, long D, long F,
+ * scratch: 3 * F * max(counts) floats. Returns 0; -1 if a GEMV could not allocate its buffer; -2 if the counts
+ * are negative or do not sum to P. */
+VEC int mf_experts_bf16(const float *x_PD, long P, const long *counts, long E, long D, long F,
                         const unsigned short *gate_up, const unsigned short *down, float *y_PD, float *scratch) {
+    long total = 0;
+    for (long e = 0; e < E; e++) {
+        if (counts[e] < 0) return -2;
+        total += counts[e];
+    }
+    if (total != P) return -2;                         /* the rows would not match x_PD / y_PD */
     long lo = 0;
     for (long e = 0; e < E; e++) {
         long n = counts[e];
@@ -171,9 +213,10 @@ VEC int mf_experts_bf16(const float *x_PD, const long *counts, long E, long D, l
         float *h = scratch, *act = scratch + 2 * F * n;
         if (mf_gemm_bf16w(x_PD + lo * D, D, gate_up + e * 2 * F * D, h, 2 * F, n, 2 * F, D)) return -1;
         for (long r = 0; r < n; r++)
+#pragma omp simd
             for (long i = 0; i < F; i++) {
                 float g = h[r * 2 * F + i];
-                act[r * F + i] = g / (1.0f + expf(-g)) * h[r * 2 * F + F + i];
+                act[r * F + i] = g / (1.0f + exp_approx(-g)) * h[r * 2 * F + F + i];
             }
         if (mf_gemm_bf16w(act, F, down + e * D * F, y_PD + lo * D, D, n, D, F)) return -1;
         lo += n;
