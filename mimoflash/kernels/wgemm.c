@@ -120,12 +120,50 @@ AVX2 static void gemm_small_m(const float *x, long ldx, const uint16_t *w, float
         for (long m = 0; m < M; m++) y[m * ldy + n] = dot_row(x + m * ldx, w + n * K, K);
 }
 
-/* M > 2: convert 4 weight rows into buf (4 * K fp32), then 2 x rows x 4 weight rows per register block. */
+AVX2 static float dot_f32(const float *a, const float *b, long K) {
+    __m256 acc = _mm256_setzero_ps();
+    long k = 0;
+    for (; k + 8 <= K; k += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(b + k), acc);
+    float r = hsum(acc);
+    for (; k < K; k++) r += a[k] * b[k];
+    return r;
+}
+
+/* 4 x rows against 3 converted weight rows (12 accumulators, 7 loads per 12 FMAs): the M > 2 inner block. */
+AVX2 static void block_4x3(const float *x, long ldx, const float *c0, const float *c1, const float *c2, long K,
+                           float *y, long ldy) {
+    long K8 = K & ~7L;
+    const float *x0 = x, *x1 = x + ldx, *x2 = x + 2 * ldx, *x3 = x + 3 * ldx;
+    __m256 a00 = _mm256_setzero_ps(), a01 = a00, a02 = a00, a10 = a00, a11 = a00, a12 = a00;
+    __m256 a20 = a00, a21 = a00, a22 = a00, a30 = a00, a31 = a00, a32 = a00;
+    for (long k = 0; k < K8; k += 8) {
+        __m256 w0 = _mm256_loadu_ps(c0 + k), w1 = _mm256_loadu_ps(c1 + k), w2 = _mm256_loadu_ps(c2 + k);
+        __m256 xv = _mm256_loadu_ps(x0 + k);
+        a00 = _mm256_fmadd_ps(xv, w0, a00); a01 = _mm256_fmadd_ps(xv, w1, a01); a02 = _mm256_fmadd_ps(xv, w2, a02);
+        xv = _mm256_loadu_ps(x1 + k);
+        a10 = _mm256_fmadd_ps(xv, w0, a10); a11 = _mm256_fmadd_ps(xv, w1, a11); a12 = _mm256_fmadd_ps(xv, w2, a12);
+        xv = _mm256_loadu_ps(x2 + k);
+        a20 = _mm256_fmadd_ps(xv, w0, a20); a21 = _mm256_fmadd_ps(xv, w1, a21); a22 = _mm256_fmadd_ps(xv, w2, a22);
+        xv = _mm256_loadu_ps(x3 + k);
+        a30 = _mm256_fmadd_ps(xv, w0, a30); a31 = _mm256_fmadd_ps(xv, w1, a31); a32 = _mm256_fmadd_ps(xv, w2, a32);
+    }
+    float r[4][3] = {{hsum(a00), hsum(a01), hsum(a02)}, {hsum(a10), hsum(a11), hsum(a12)},
+                     {hsum(a20), hsum(a21), hsum(a22)}, {hsum(a30), hsum(a31), hsum(a32)}};
+    const float *xs[4] = {x0, x1, x2, x3};
+    for (long k = K8; k < K; k++)
+        for (int m = 0; m < 4; m++) {
+            r[m][0] += xs[m][k] * c0[k]; r[m][1] += xs[m][k] * c1[k]; r[m][2] += xs[m][k] * c2[k];
+        }
+    for (int m = 0; m < 4; m++) memcpy(y + m * ldy, r[m], sizeof r[m]);
+}
+
+/* M > 2: convert 3 weight rows into buf (3 * K fp32), then blocks of 4 x rows x 3 weight rows; the last M % 4 rows
+ * and N % 3 weight rows take the dot-row path. */
 AVX2 static void gemm_big_m(const float *x, long ldx, const uint16_t *w, float *y, long ldy, long M, long N, long K,
-                            float *buf) {
-    long K8 = K & ~7L, n = 0;
-    for (; n + 4 <= N; n += 4) {
-        for (long r = 0; r < 4; r++) {
+                             float *buf) {
+    long K8 = K & ~7L, n = 0, M4 = M & ~3L;
+    for (; n + 3 <= N; n += 3) {
+        for (long r = 0; r < 3; r++) {
             const uint16_t *wr = w + (n + r) * K;
             float *br = buf + r * K;
             long k = 0;
@@ -135,45 +173,9 @@ AVX2 static void gemm_big_m(const float *x, long ldx, const uint16_t *w, float *
             }
             for (; k < K; k++) br[k] = bf16_to_f32(wr[k]);
         }
-        const float *c0 = buf, *c1 = buf + K, *c2 = buf + 2 * K, *c3 = buf + 3 * K;
-        long m = 0;
-        for (; m + 2 <= M; m += 2) {
-            const float *xa = x + m * ldx, *xb = xa + ldx;
-            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
-            for (long k = 0; k < K8; k += 8) {
-                __m256 xv = _mm256_loadu_ps(xa + k), xu = _mm256_loadu_ps(xb + k);
-                __m256 v0 = _mm256_loadu_ps(c0 + k), v1 = _mm256_loadu_ps(c1 + k);
-                __m256 v2 = _mm256_loadu_ps(c2 + k), v3 = _mm256_loadu_ps(c3 + k);
-                a0 = _mm256_fmadd_ps(xv, v0, a0); b0 = _mm256_fmadd_ps(xu, v0, b0);
-                a1 = _mm256_fmadd_ps(xv, v1, a1); b1 = _mm256_fmadd_ps(xu, v1, b1);
-                a2 = _mm256_fmadd_ps(xv, v2, a2); b2 = _mm256_fmadd_ps(xu, v2, b2);
-                a3 = _mm256_fmadd_ps(xv, v3, a3); b3 = _mm256_fmadd_ps(xu, v3, b3);
-            }
-            float r[4] = {hsum(a0), hsum(a1), hsum(a2), hsum(a3)};
-            float s[4] = {hsum(b0), hsum(b1), hsum(b2), hsum(b3)};
-            for (long k = K8; k < K; k++) {
-                r[0] += xa[k] * c0[k]; r[1] += xa[k] * c1[k]; r[2] += xa[k] * c2[k]; r[3] += xa[k] * c3[k];
-                s[0] += xb[k] * c0[k]; s[1] += xb[k] * c1[k]; s[2] += xb[k] * c2[k]; s[3] += xb[k] * c3[k];
-            }
-            memcpy(y + m * ldy + n, r, sizeof r);
-            memcpy(y + (m + 1) * ldy + n, s, sizeof s);
-        }
-        for (; m < M; m++) {
-            const float *xa = x + m * ldx;
-            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-            for (long k = 0; k < K8; k += 8) {
-                __m256 xv = _mm256_loadu_ps(xa + k);
-                a0 = _mm256_fmadd_ps(xv, _mm256_loadu_ps(c0 + k), a0);
-                a1 = _mm256_fmadd_ps(xv, _mm256_loadu_ps(c1 + k), a1);
-                a2 = _mm256_fmadd_ps(xv, _mm256_loadu_ps(c2 + k), a2);
-                a3 = _mm256_fmadd_ps(xv, _mm256_loadu_ps(c3 + k), a3);
-            }
-            float r[4] = {hsum(a0), hsum(a1), hsum(a2), hsum(a3)};
-            for (long k = K8; k < K; k++) {
-                r[0] += xa[k] * c0[k]; r[1] += xa[k] * c1[k]; r[2] += xa[k] * c2[k]; r[3] += xa[k] * c3[k];
-            }
-            memcpy(y + m * ldy + n, r, sizeof r);
-        }
+        for (long m = 0; m < M4; m += 4) block_4x3(x + m * ldx, ldx, buf, buf + K, buf + 2 * K, K, y + m * ldy + n, ldy);
+        for (long m = M4; m < M; m++)
+            for (long r = 0; r < 3; r++) y[m * ldy + n + r] = dot_f32(x + m * ldx, buf + r * K, K);
     }
     for (; n < N; n++)
         for (long m = 0; m < M; m++) y[m * ldy + n] = dot_row(x + m * ldx, w + n * K, K);
@@ -200,7 +202,7 @@ int mf_gemm_bf16w(const float *x, long ldx, const uint16_t *w, float *y, long ld
             gemm_small_m(x, ldx, w, y, ldy, M, N, K);
             return 0;
         }
-        float *buf = (float *)malloc(sizeof(float) * 4 * (size_t)K);
+        float *buf = (float *)malloc(sizeof(float) * 3 * (size_t)K);
         if (!buf) return -1;
         gemm_big_m(x, ldx, w, y, ldy, M, N, K, buf);
         free(buf);
