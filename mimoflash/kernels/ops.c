@@ -79,6 +79,57 @@ VEC void mf_silu_mul(const float *h, long ldh, float *out, long ldo, long M, lon
     }
 }
 
+int mf_simd_level(void);
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#include <stdlib.h>
+#define AVX2 __attribute__((target("avx2,fma")))
+
+AVX2 static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    return _mm_cvtss_f32(s);
+}
+
+/* The G query heads that share one kv head, for one sequence: each key row is loaded once for all G heads
+ * (GQA), and the dot products and value sums are explicit AVX2 (d, dv multiples of 8, G <= 8). krow/vrow: the K
+ * key/value row pointers (paged or strided, resolved by the caller). scores: G * K floats. */
+AVX2 static void attn_group_avx2(const float *const *krow, const float *const *vrow, long K, const float *q, long G,
+                                 long d, long dv, const float *bias, const float *sinks, float scale, float *out,
+                                 float *scores) {
+    __m256 acc[8];
+    for (long k = 0; k < K; k++) {
+        const float *kr = krow[k];
+        for (long g = 0; g < G; g++) acc[g] = _mm256_setzero_ps();
+        for (long i = 0; i < d; i += 8) {
+            __m256 kv = _mm256_loadu_ps(kr + i);
+            for (long g = 0; g < G; g++) acc[g] = _mm256_fmadd_ps(_mm256_loadu_ps(q + g * d + i), kv, acc[g]);
+        }
+        float bk = bias ? bias[k] : 0.f;
+        for (long g = 0; g < G; g++) scores[g * K + k] = hsum8(acc[g]) * scale + bk;
+    }
+    for (long g = 0; g < G; g++) {
+        float *sc = scores + g * K, mx = sinks ? sinks[g] : -INFINITY;
+        for (long k = 0; k < K; k++) mx = sc[k] > mx ? sc[k] : mx;
+        float denom = sinks ? expf(sinks[g] - mx) : 0.f;
+        for (long k = 0; k < K; k++) {
+            float p = sc[k] == -INFINITY ? 0.f : exp_approx(sc[k] - mx);
+            sc[k] = p;
+            denom += p;
+        }
+        float inv = 1.0f / denom, *o = out + g * dv;
+        for (long i = 0; i < dv; i += 8) {
+            __m256 ov = _mm256_setzero_ps();
+            for (long k = 0; k < K; k++)
+                if (sc[k] != 0.f) ov = _mm256_fmadd_ps(_mm256_set1_ps(sc[k]), _mm256_loadu_ps(vrow[k] + i), ov);
+            _mm256_storeu_ps(o + i, _mm256_mul_ps(ov, _mm256_set1_ps(inv)));
+        }
+    }
+}
+#endif
+
 /* Decode attention with an optional per-head sink logit, one query token per sequence.
  *   q    (B, nq, d)   rows: q + b * q_sb + j * d
  *   keys (h, B, K, d) element [hh, b, k, :] at k_base + hh * k_sh + b * k_sb + k * d
@@ -99,6 +150,32 @@ VEC int mf_attn_decode(const float *q, long q_sb, const float *k_base, long k_sh
     if (table)                       /* a bad table would read outside the pools: refuse it (Python raises) */
         for (long i = 0; i < B * n_chunks; i++)
             if (table[i] < 0 || table[i] >= pool_chunks) return -1;
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+    if (mf_simd_level() == 2 && d % 8 == 0 && dv % 8 == 0 && G <= 8 && nq % h == 0) {
+        const float **rows = (const float **)malloc(sizeof(float *) * 2 * (size_t)(K > 0 ? K : 1));
+        float *scores = (float *)malloc(sizeof(float) * (size_t)(G * (K > 0 ? K : 1)));
+        if (rows && scores) {
+            for (long b = 0; b < B; b++)
+                for (long hh = 0; hh < h; hh++) {
+                    const long *tb = table ? table + b * n_chunks : NULL;
+                    long c = 0, slot = 0;
+                    for (long k = 0; k < K; k++) {
+                        long off = tb ? tb[c] * chunk + slot : -1;
+                        rows[k] = tb ? k_base + hh * k_sh + off * d : k_base + hh * k_sh + b * k_sb + k * d;
+                        rows[K + k] = tb ? v_base + hh * v_sh + off * dv : v_base + hh * v_sh + b * v_sb + k * dv;
+                        if (tb && ++slot == chunk) { slot = 0; c++; }
+                    }
+                    attn_group_avx2(rows, rows + K, K, q + b * q_sb + hh * G * d, G, d, dv, bias ? bias + b * K : NULL,
+                                    sinks ? sinks + hh * G : NULL, scale, out + (b * nq + hh * G) * dv, scores);
+                }
+            free(rows);
+            free(scores);
+            return 0;
+        }
+        free(rows);
+        free(scores);
+    }
+#endif
     for (long b = 0; b < B; b++) {
         const float *bb = bias ? bias + b * K : NULL;
         for (long j = 0; j < nq; j++) {
