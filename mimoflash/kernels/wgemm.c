@@ -185,7 +185,10 @@ static int have_avx2(void) {
     static int cached = -1;
     if (cached < 0) {
         __builtin_cpu_init();
-        cached = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+        /* MIMOFLASH_KERNELS_PORTABLE=1 forces the portable loops (tests run them on AVX2 machines too) */
+        const char *force = getenv("MIMOFLASH_KERNELS_PORTABLE");
+        cached = (!force || !*force || *force == '0') && __builtin_cpu_supports("avx2") &&
+                 __builtin_cpu_supports("fma");
     }
     return cached;
 }
