@@ -37,6 +37,7 @@ from ..model.attention import attend_reference
 from ..model.mimo import MiMoForCausalLM
 from .. import kernels
 from .cpu_layout import use_cpu_layout
+from .fused_decode import FusedDecoder
 from .kv_cache import KVCache
 from .scheduler import Batch
 
@@ -228,9 +229,12 @@ class ModelRunner:
         self.device = cache.device
         self._buffers: dict = {}
         self.use_kernels = False
+        self.fused: FusedDecoder | None = None       # one kernel call per layer for single-sequence decode
         if self.device.type == "cpu":
             use_cpu_layout(model, compute_dtype)
             self.use_kernels = kernels.available()
+            if self.use_kernels and impl == "fast":
+                self.fused = FusedDecoder.build(model, cache)
 
     # ------------------------------------------------------------------ metadata
     def prepare(self, batch: Batch) -> StepInputs:
@@ -361,8 +365,11 @@ class ModelRunner:
     def execute(self, batch: Batch) -> torch.Tensor:
         """Run the batch; -> logits (R, V) fp32 for the sampled items, in batch order."""
         step = self.prepare(batch)
-        backend = PagedAttention(self.cache, step.meta, self.impl, self._buffers, self.use_kernels)
-        hidden = self.model.model(step.input_ids, step.positions, backend)               # (1, N, D)
+        if self.fused is not None and step.meta.decode and step.meta.B == 1:
+            hidden = self.fused.forward(step.input_ids, step.positions, step.meta.kinds)   # (1, 1, D)
+        else:
+            backend = PagedAttention(self.cache, step.meta, self.impl, self._buffers, self.use_kernels)
+            hidden = self.model.model(step.input_ids, step.positions, backend)           # (1, N, D)
         if step.sample_rows.numel() == 0:
             return hidden.new_zeros(0, self.model.config.vocab_size, dtype=torch.float32)
         return self.model.logits(hidden[0, step.sample_rows]).float()                    # (R, V)

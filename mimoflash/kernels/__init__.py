@@ -1,6 +1,8 @@
 """CPU kernels that torch lacks, compiled on first use with the system C compiler and loaded with ctypes.
 
 * `linear_bf16w(x, w)`: y = x @ w.T with x fp32 and w stored as bfloat16 (wgemm.c says why);
+* `decode_layer` (decode.c): a whole decoder layer for one decoded token in one call (`LayerArgs` holds its
+  weights' pointers); used by `engine/fused_decode.py`;
 * fused fp32 decode ops (ops.c): `rms_norm`, `qkv_rope_` (RoPE on q|k and the value scale, in place),
   `silu_mul`, `attn_decode_paged` (one query per sequence read against the paged cache in place, GQA,
   optional sink and mask), `moe_token_bf16` and `experts_bf16` (a layer's routed experts in one call).
@@ -34,7 +36,7 @@ import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
-_SOURCES = [Path(__file__).with_name(n) for n in ("wgemm.c", "ops.c")]
+_SOURCES = [Path(__file__).with_name(n) for n in ("wgemm.c", "ops.c", "decode.c")]
 _FLAGS = ["-O3", "-fPIC", "-shared", "-std=gnu11", "-fopenmp-simd"]
 _lib: ctypes.CDLL | None = None
 _tried = False
@@ -103,6 +105,9 @@ def _load() -> ctypes.CDLL | None:
     lib.mf_moe_token_bf16.restype = ctypes.c_int
     lib.mf_experts_bf16.argtypes = [c_void, c_long, c_void, c_long, c_long, c_long, c_void, c_void, c_void, c_void]
     lib.mf_experts_bf16.restype = ctypes.c_int
+    lib.mf_decode_layer.argtypes = [c_void, c_void, c_void, c_void, c_void, c_long, c_long, c_long, c_long, c_void,
+                                    c_void]
+    lib.mf_decode_layer.restype = ctypes.c_int
     for f in (lib.mf_rms_norm, lib.mf_qkv_rope, lib.mf_silu_mul):
         f.restype = None
     _lib = lib
@@ -279,3 +284,33 @@ def experts_bf16(x_PD: torch.Tensor, counts: torch.Tensor, gate_up: torch.Tensor
     if rc:
         raise MemoryError("experts_bf16: could not allocate a GEMV buffer")
     return y
+
+
+class LayerArgs(ctypes.Structure):
+    """decode.c's `mf_layer`: one decoder layer's dimensions and weight / cache pointers (field order matters).
+    The tensors must outlive it: `engine/fused_decode.py` keeps them referenced."""
+    _fields_ = [("H", ctypes.c_long), ("nq", ctypes.c_long), ("nkv", ctypes.c_long), ("d", ctypes.c_long),
+                ("dv", ctypes.c_long), ("rd", ctypes.c_long), ("eps_in", ctypes.c_float),
+                ("eps_post", ctypes.c_float), ("scale", ctypes.c_float), ("v_scale", ctypes.c_float),
+                ("in_norm", ctypes.c_void_p), ("post_norm", ctypes.c_void_p), ("sinks", ctypes.c_void_p),
+                ("qkv_w", ctypes.c_void_p), ("o_w", ctypes.c_void_p), ("k_pool", ctypes.c_void_p),
+                ("v_pool", ctypes.c_void_p), ("pool_slots", ctypes.c_long), ("moe", ctypes.c_int),
+                ("gate_w", ctypes.c_void_p), ("up_w", ctypes.c_void_p), ("down_w", ctypes.c_void_p),
+                ("F_dense", ctypes.c_long), ("router_w", ctypes.c_void_p), ("router_bias", ctypes.c_void_p),
+                ("E", ctypes.c_long), ("top_k", ctypes.c_long), ("norm_topk", ctypes.c_int),
+                ("scaling", ctypes.c_float), ("gate_up", ctypes.c_void_p), ("down", ctypes.c_void_p),
+                ("F_moe", ctypes.c_long)]
+
+
+def decode_layer(args: LayerArgs, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, table: torch.Tensor,
+                 chunk: int, K: int, slot: int, bias: torch.Tensor | None, chosen: torch.Tensor) -> None:
+    """x (H,) fp32 contiguous, updated in place. cos/sin (rd,) fp32 of the token's position; table (n,) int64 chunk
+    ids, K keys, slot = where the token's K/V go; bias (K,) or None; chosen (top_k,) int64 out (MoE)."""
+    lib = _lib if _lib is not None else _lib_or_raise()
+    rc = lib.mf_decode_layer(ctypes.addressof(args), x.data_ptr(), cos.data_ptr(), sin.data_ptr(), table.data_ptr(),
+                             table.numel(), chunk, K, slot, None if bias is None else bias.data_ptr(),
+                             chosen.data_ptr())
+    if rc == -1:
+        raise ValueError(f"decode_layer: cache slot {slot} or a chunk id of the table is out of range")
+    if rc:
+        raise MemoryError("decode_layer: out of memory")

@@ -1,0 +1,107 @@
+"""Single-request decode in one kernel call per layer (`kernels.decode_layer`, kernels/decode.c).
+
+With one sequence decoding one token, a layer's arithmetic is a few GEMVs over weights it must read anyway; what
+the torch path adds on top is ~40 small calls per layer (norms, views, RoPE, cache writes, attention, router,
+experts) at ~3-15 us each, as much time as the weight reads. This runner helper does the same math as the model's
+forward on the engine's CPU path (engine/cpu_layout.py with bf16 weights and fp32 compute, runner.PagedAttention's
+decode path) in C: the model is still the reference and `tests/test_kernels.py` checks both give the same logits
+and tokens. The model's modules are read once, at build time (pointers to their tensors); the engine owns the
+model, so casting or moving it while an engine holds it is not supported (as in the other engines). `MoE.last_topk_idx` is not updated on this path (only the trainer reads it).
+
+Used for decode steps with B == 1 when every layer qualifies (bf16 matmul weights after `use_bf16_weights`, fp32
+norms and cache, plain top-k routing with at most 64 experts per token); otherwise the runner uses the model.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import kernels
+from ..model.layers import MLP
+from ..model.moe import MoE
+
+
+def _ok(t: torch.Tensor | None, dtype: torch.dtype) -> bool:
+    return t is not None and t.dtype == dtype and t.is_contiguous() and t.device.type == "cpu"
+
+
+class FusedDecoder:
+    def __init__(self, model, layers: list, keep: list):
+        self.model = model
+        self.emb = model.model.embed_tokens.weight
+        self.layers = layers            # [(LayerArgs, sliding, chosen buffer)]
+        self._keep = keep               # tensors the LayerArgs point into
+
+    @classmethod
+    def build(cls, model, cache) -> "FusedDecoder | None":
+        """-> a FusedDecoder, or None when some layer does not qualify (the model path then runs)."""
+        if not kernels.available() or not _ok(model.model.embed_tokens.weight, torch.bfloat16):
+            return None
+        cfg = model.config
+        layers, keep = [], []
+        with torch.no_grad():
+            for layer in model.model.layers:
+                attn, mlp = layer.self_attn, layer.mlp
+                fused = attn.fused_qkv()
+                sinks = attn.attention_sink_bias
+                sliding, k_pool, v_pool = cache.pools(attn.layer_idx)
+                if (fused is None or not _ok(fused[0], torch.bfloat16) or not _ok(attn.o_proj.weight, torch.bfloat16)
+                        or not _ok(layer.input_layernorm.weight, torch.float32)
+                        or not _ok(layer.post_attention_layernorm.weight, torch.float32)
+                        or (sinks is not None and not _ok(sinks, torch.float32))
+                        or not _ok(k_pool, torch.float32) or not _ok(v_pool, torch.float32)):
+                    return None
+                a = kernels.LayerArgs(
+                    H=cfg.hidden_size, nq=attn.num_heads, nkv=attn.num_kv_heads, d=attn.head_dim, dv=attn.v_head_dim,
+                    rd=cfg.rotary_dim(sliding), eps_in=layer.input_layernorm.eps,
+                    eps_post=layer.post_attention_layernorm.eps, scale=attn.scale, v_scale=attn.value_scale,
+                    in_norm=layer.input_layernorm.weight.data_ptr(),
+                    post_norm=layer.post_attention_layernorm.weight.data_ptr(),
+                    sinks=None if sinks is None else sinks.data_ptr(), qkv_w=fused[0].data_ptr(),
+                    o_w=attn.o_proj.weight.data_ptr(), k_pool=k_pool.data_ptr(), v_pool=v_pool.data_ptr(),
+                    pool_slots=k_pool.shape[1])
+                keep += [fused[0], k_pool, v_pool]
+                top_k = 1
+                if isinstance(mlp, MLP):
+                    ws = [mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight]
+                    if not all(_ok(w, torch.bfloat16) for w in ws):
+                        return None
+                    a.moe, a.F_dense = 0, ws[0].shape[0]
+                    a.gate_w, a.up_w, a.down_w = (w.data_ptr() for w in ws)
+                    keep += ws
+                elif isinstance(mlp, MoE):
+                    ex, r = mlp.experts, mlp.gate
+                    gu = getattr(ex, "_gate_up", None)
+                    if (gu is None or not _ok(gu, torch.bfloat16) or ex.gate_proj.data_ptr() != gu.data_ptr()
+                            or not _ok(ex.down_proj, torch.bfloat16) or r.n_group > 1 or r.top_k > 64
+                            or not _ok(r.weight, torch.float32) or not _ok(r.e_score_correction_bias, torch.float32)):
+                        return None
+                    a.moe, a.F_moe, a.E, a.top_k = 1, ex.down_proj.shape[2], r.weight.shape[0], r.top_k
+                    a.router_w, a.router_bias = r.weight.data_ptr(), r.e_score_correction_bias.data_ptr()
+                    a.norm_topk, a.scaling = int(r.norm_topk_prob), r.routed_scaling_factor
+                    a.gate_up, a.down = gu.data_ptr(), ex.down_proj.data_ptr()
+                    keep += [gu, ex.down_proj, r.weight, r.e_score_correction_bias]
+                    top_k = r.top_k
+                else:
+                    return None
+                layers.append((a, sliding, torch.empty(top_k, dtype=torch.int64)))
+        return cls(model, layers, keep)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kinds: dict) -> torch.Tensor:
+        """One sequence, one token: input_ids / positions (1, 1), kinds = AttnMeta.kinds (DecodeKindMeta per
+        kind, B = 1) -> residual stream (1, 1, H) before the final norm, as `MiMoModel.forward` returns it."""
+        x = F.embedding(input_ids.view(-1), self.emb).float()                        # (1, H), a fresh tensor
+        x1 = x.view(-1)
+        rope = self.model.model.rope(positions, torch.float32)                       # kind -> (cos, sin) (1, 1, rd)
+        per_kind = {}
+        for sliding, dm in kinds.items():
+            table = dm.chunks.view(-1)
+            K = dm.keys if dm.keys is not None else table.numel() * dm.chunk
+            bias = None if dm.bias is None else dm.bias.view(-1)
+            cos, sin = rope[sliding]
+            per_kind[sliding] = (cos, sin, table, dm.chunk, K, int(dm.write_dst[0]), bias)
+        for args, sliding, chosen in self.layers:
+            cos, sin, table, chunk, K, slot, bias = per_kind[sliding]
+            kernels.decode_layer(args, x1, cos, sin, table, chunk, K, slot, bias, chosen)
+        return x.view(1, 1, -1)
