@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from .. import kernels
 from ..model.layers import MLP
+from ..model.mimo import MiMoForCausalLM
 from ..model.moe import MoE
 
 
@@ -36,7 +37,8 @@ class FusedDecoder:
     @classmethod
     def build(cls, model, cache) -> "FusedDecoder | None":
         """-> a FusedDecoder, or None when some layer does not qualify (the model path then runs)."""
-        if not kernels.available() or not _ok(model.model.embed_tokens.weight, torch.bfloat16):
+        if (not isinstance(model, MiMoForCausalLM) or not kernels.available()
+                or not _ok(model.model.embed_tokens.weight, torch.bfloat16)):
             return None
         cfg = model.config
         layers, keep = [], []
