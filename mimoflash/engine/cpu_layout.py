@@ -250,7 +250,7 @@ def _is_fp32(m: torch.nn.Module) -> bool:
 def use_cpu_layout(model: torch.nn.Module, compute_dtype: torch.dtype | None = None) -> None:
     """The runner's entry point. compute_dtype None = the matmul weights' dtype. fp32 compute on bf16 weights:
     `use_bf16_weights`; otherwise `_same_dtype_layout`."""
-    wdt = _weight_dtype(model)
+    wdt = matmul_weight_dtype(model)
     if compute_dtype is None:
         compute_dtype = wdt
     if compute_dtype == torch.float32 and wdt == torch.bfloat16:
@@ -264,7 +264,8 @@ def use_cpu_layout(model: torch.nn.Module, compute_dtype: torch.dtype | None = N
         _fast_fp32_ops(model)
 
 
-def _weight_dtype(model: torch.nn.Module) -> torch.dtype:
+def matmul_weight_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype of the model's nn.Linear weights (the router and norms may differ)."""
     lin = next((m for m in model.modules() if isinstance(m, torch.nn.Linear)), None)
     return lin.weight.dtype if lin is not None else next(model.parameters()).dtype
 

@@ -29,16 +29,12 @@ from typing import Any, Iterable, Iterator, Sequence
 import torch
 
 from ..model.mimo import MiMoForCausalLM
+from .cpu_layout import matmul_weight_dtype
 from .engine import EngineConfig, LLMEngine
 from .request import CompletionOutput, RequestOutput
 from .sampling import SamplingParams
 
 PromptType = str | dict[str, Any]
-
-
-def _matmul_dtype(model: torch.nn.Module) -> torch.dtype:
-    lin = next((m for m in model.modules() if isinstance(m, torch.nn.Linear)), None)
-    return lin.weight.dtype if lin is not None else next(model.parameters()).dtype
 
 
 _DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -78,7 +74,7 @@ class LLM:
                  progress: bool = True):
         device = torch.device(device)
         if isinstance(model, torch.nn.Module):          # a built MiMoForCausalLM (or a test double)
-            stored = _matmul_dtype(model)
+            stored = matmul_weight_dtype(model)
             compute = _resolve_dtype(dtype, device)
             weights = _resolve_weight_dtype(weight_dtype, compute, stored, device)
             if weights != stored:
