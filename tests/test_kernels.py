@@ -269,3 +269,16 @@ def test_fused_layer_decode_matches_module_path(overrides):
     for lx, ly in zip(got.logprobs, ref.logprobs):
         t = next(iter(ly))
         assert abs(lx[t].logprob - ly[t].logprob) < 1e-5
+
+
+def test_shipped_model_default_path_matches_fp32_weights():
+    """The shipped (bf16) model through the default CPU path (bf16 weights, fused single-sequence decode) and with
+    its weights upcast to fp32 (torch matmuls): the same greedy text."""
+    from mimoflash.default import default_model
+    sp = SamplingParams(temperature=0, max_tokens=24)
+    a = LLM(default_model(), progress=False)
+    b = LLM(default_model(), weight_dtype="float32", progress=False)
+    assert a.weight_dtype == torch.bfloat16 and a.engine.runner.fused is not None
+    assert b.weight_dtype == torch.float32
+    oa, ob = a.generate("def fibonacci(n):", sp)[0].outputs[0], b.generate("def fibonacci(n):", sp)[0].outputs[0]
+    assert oa.token_ids == ob.token_ids and oa.text
