@@ -1,0 +1,91 @@
+"""Kernel benchmark: mimoflash's bf16-weight GEMM (mimoflash/kernels/wgemm.c) vs torch on the same products, CPU.
+
+    python benchmarks/bench_kernels.py                # a few seconds per shape
+    python benchmarks/bench_kernels.py --threads 1 --repeats 7
+
+For each weight shape of the decode benchmark's model (bench_decode.py) and M = 1, 2, 4, 16 rows, side by side and
+interleaved, medians of `--repeats`:
+  * kernel: y = x @ w.T, x fp32, w bf16 (what the engine's default CPU path runs);
+  * torch fp32: F.linear on an fp32 copy of w (the layout MKL runs fastest for few rows: column-major);
+  * torch bf16: F.linear with x and w in bf16 (what torch offers for bf16 weights; activations rounded).
+GB/s counts the weight bytes each variant reads (2 per weight for bf16, 4 for fp32). Seeded; the last stdout line is
+one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch
+import torch.nn.functional as F
+
+from mimoflash import kernels
+
+SHAPES = {"lm_head": (32000, 512), "qkv (SWA)": (1408, 512), "o_proj": (512, 512), "dense gate": (2048, 512),
+          "dense down": (512, 2048), "expert gate|up": (960, 512), "expert down": (512, 480)}
+
+
+def timeit(f, reps: int) -> float:
+    f()
+    n = 1
+    while True:                                    # calls per sample: about 20 ms of work
+        t = time.perf_counter()
+        for _ in range(n):
+            f()
+        dt = time.perf_counter() - t
+        if dt > 0.02 or n >= 4096:
+            return dt / n
+        n *= 4
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=5)
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    if not kernels.available():
+        print("mimoflash kernels unavailable (no C compiler?)", file=sys.stderr)
+        return 1
+    g = torch.Generator().manual_seed(0)
+    rows, out = [], {"threads": a.threads, "simd_level": kernels.simd_level(), "results": []}
+    for name, (N, K) in SHAPES.items():
+        w16 = (torch.randn(N, K, generator=g) * 0.02).bfloat16()
+        w32 = w16.float().t().contiguous().t()                # column-major: MKL's fast GEMV case
+        for M in (1, 2, 4, 16):
+            x = torch.randn(M, K, generator=g)
+            xb = x.bfloat16()
+            cands = {"kernel": lambda: kernels.linear_bf16w(x, w16), "torch fp32": lambda: F.linear(x, w32),
+                     "torch bf16": lambda: F.linear(xb, w16)}
+            ts = {k: [] for k in cands}
+            for _ in range(a.repeats):
+                for k, f in cands.items():
+                    ts[k].append(timeit(f, a.repeats))
+            med = {k: statistics.median(v) for k, v in ts.items()}
+            wbytes = {"kernel": 2, "torch fp32": 4, "torch bf16": 2}
+            r = {"shape": name, "N": N, "K": K, "M": M}
+            for k, t in med.items():
+                r[k] = {"us": round(t * 1e6, 1), "GBps": round(N * K * wbytes[k] / t / 1e9, 1),
+                        "GFLOPs": round(2 * M * N * K / t / 1e9, 1)}
+            r["kernel_speedup_vs_fp32"] = round(med["torch fp32"] / med["kernel"], 2)
+            out["results"].append(r)
+            rows.append(r)
+    print(f"{'shape':<16}{'N x K':>12}{'M':>4}{'kernel us':>11}{'GB/s':>7}{'fp32 us':>10}{'GB/s':>7}"
+          f"{'bf16 us':>10}{'speedup':>9}")
+    for r in rows:
+        k, f32, b16 = r["kernel"], r["torch fp32"], r["torch bf16"]
+        print(f"{r['shape']:<16}{r['N']:>6} x {r['K']:<5}{r['M']:>3}{k['us']:>11.1f}{k['GBps']:>7.1f}"
+              f"{f32['us']:>10.1f}{f32['GBps']:>7.1f}{b16['us']:>10.1f}{r['kernel_speedup_vs_fp32']:>8.2f}x")
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
