@@ -254,21 +254,24 @@ def test_portable_switch_is_seen():
 
 @pytest.mark.parametrize("overrides", [{}, {"num_key_value_heads": 2, "attention_value_scale": 0.5,
                                             "norm_topk_prob": False, "routed_scaling_factor": 2.0}])
-def test_fused_layer_decode_matches_module_path(overrides):
-    """runner.fused (kernels.decode_layer, one call per layer) vs the same engine with it switched off (the modules
-    with their kernel-backed forwards): same greedy tokens, logprobs within 1e-5, across ring wraps (window 4)."""
+@pytest.mark.parametrize("lengths", [[6], [6, 11, 2]])
+def test_fused_layer_decode_matches_module_path(overrides, lengths):
+    """runner.fused (kernels.decode_layer, one call per layer; one sequence, or a ragged batch with masks and
+    experts grouped across sequences) vs the same engine with it switched off (the modules with their kernel-backed
+    forwards): same greedy tokens, logprobs within 1e-5, across ring wraps (window 4) and block boundaries."""
     m16, _ = _pair(seed=8, **overrides)
-    prompt = {"prompt_token_ids": torch.randint(0, 512, (6,), generator=G).tolist()}
+    ps = [{"prompt_token_ids": torch.randint(0, 512, (n,), generator=G).tolist()} for n in lengths]
     sp = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, logprobs=1)
-    a = LLM(m16, max_num_seqs=2)
+    a = LLM(m16, max_num_seqs=4, block_size=4)
     assert a.engine.runner.fused is not None
-    got = a.generate(prompt, sp)[0].outputs[0]
+    got = [o.outputs[0] for o in a.generate(ps, sp)]
     a.engine.runner.fused = None
-    ref = a.generate(prompt, sp)[0].outputs[0]
-    assert got.token_ids == ref.token_ids
-    for lx, ly in zip(got.logprobs, ref.logprobs):
-        t = next(iter(ly))
-        assert abs(lx[t].logprob - ly[t].logprob) < 1e-5
+    ref = [o.outputs[0] for o in a.generate(ps, sp)]
+    for g, r in zip(got, ref):
+        assert g.token_ids == r.token_ids
+        for lx, ly in zip(g.logprobs, r.logprobs):
+            t = next(iter(ly))
+            assert abs(lx[t].logprob - ly[t].logprob) < 1e-5
 
 
 def test_shipped_model_default_path_matches_fp32_weights():

@@ -1,14 +1,15 @@
-"""Single-request decode in one kernel call per layer (`kernels.decode_layer`, kernels/decode.c).
+"""Decode steps in one kernel call per layer (`kernels.decode_layer`, kernels/decode.c).
 
-With one sequence decoding one token, a layer's arithmetic is a few GEMVs over weights it must read anyway; what
-the torch path adds on top is ~40 small calls per layer (norms, views, RoPE, cache writes, attention, router,
+With each sequence decoding one token, a layer's arithmetic is a few small GEMMs over weights it must read anyway
+(each weight read once for the whole batch; the experts grouped by expert); what the torch path adds on top is ~40
+small calls per layer (norms, views, RoPE, cache writes, attention, router,
 experts) at ~3-15 us each, as much time as the weight reads. This runner helper does the same math as the model's
 forward on the engine's CPU path (engine/cpu_layout.py with bf16 weights and fp32 compute, runner.PagedAttention's
 decode path) in C: the model is still the reference and `tests/test_kernels.py` checks both give the same logits
 and tokens. The model's modules are read once, at build time (pointers to their tensors); the engine owns the
 model, so casting or moving it while an engine holds it is not supported (as in the other engines). `MoE.last_topk_idx` is not updated on this path (only the trainer reads it).
 
-Used for decode steps with B == 1 when every layer qualifies (bf16 matmul weights after `use_bf16_weights`, fp32
+Used for decode steps (one token per sequence, any batch size) when every layer qualifies (bf16 matmul weights after `use_bf16_weights`, fp32
 norms and cache, plain top-k routing with at most 64 experts per token); otherwise the runner uses the model.
 """
 
@@ -31,8 +32,9 @@ class FusedDecoder:
     def __init__(self, model, layers: list, keep: list):
         self.model = model
         self.emb = model.model.embed_tokens.weight
-        self.layers = layers            # [(LayerArgs, sliding, chosen buffer)]
+        self.layers = layers            # [(LayerArgs, sliding, experts per token)]
         self._keep = keep               # tensors the LayerArgs point into
+        self._chosen: dict[int, list[torch.Tensor]] = {}   # batch size -> per-layer (B, top_k) expert-id buffers
 
     @classmethod
     def build(cls, model, cache) -> "FusedDecoder | None":
@@ -87,23 +89,27 @@ class FusedDecoder:
                     top_k = r.top_k
                 else:
                     return None
-                layers.append((a, sliding, torch.empty(top_k, dtype=torch.int64)))
+                layers.append((a, sliding, top_k))
         return cls(model, layers, keep)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kinds: dict) -> torch.Tensor:
-        """One sequence, one token: input_ids / positions (1, 1), kinds = AttnMeta.kinds (DecodeKindMeta per
-        kind, B = 1) -> residual stream (1, 1, H) before the final norm, as `MiMoModel.forward` returns it."""
-        x = F.embedding(input_ids.view(-1), self.emb).float()                        # (1, H), a fresh tensor
-        x1 = x.view(-1)
-        rope = self.model.model.rope(positions, torch.float32)                       # kind -> (cos, sin) (1, 1, rd)
+        """B sequences, one token each: input_ids / positions (1, B), kinds = AttnMeta.kinds (DecodeKindMeta per
+        kind) -> residual stream (1, B, H) before the final norm, as `MiMoModel.forward` returns it."""
+        B = input_ids.shape[1]
+        x = F.embedding(input_ids.view(-1), self.emb).float()                        # (B, H), a fresh tensor
+        rope = self.model.model.rope(positions, torch.float32)                       # kind -> (cos, sin) (1, B, rd)
         per_kind = {}
         for sliding, dm in kinds.items():
-            table = dm.chunks.view(-1)
-            K = dm.keys if dm.keys is not None else table.numel() * dm.chunk
-            bias = None if dm.bias is None else dm.bias.view(-1)
+            table = dm.chunks if dm.chunks.is_contiguous() else dm.chunks.contiguous()
+            K = dm.keys if dm.keys is not None else table.shape[1] * dm.chunk
+            bias = None if dm.bias is None else dm.bias.reshape(B, -1)
             cos, sin = rope[sliding]
-            per_kind[sliding] = (cos, sin, table, dm.chunk, K, int(dm.write_dst[0]), bias)
-        for args, sliding, chosen in self.layers:
-            cos, sin, table, chunk, K, slot, bias = per_kind[sliding]
-            kernels.decode_layer(args, x1, cos, sin, table, chunk, K, slot, bias, chosen)
-        return x.view(1, 1, -1)
+            slots = dm.write_dst if dm.write_dst.is_contiguous() else dm.write_dst.contiguous()
+            per_kind[sliding] = (cos.reshape(B, -1), sin.reshape(B, -1), table, dm.chunk, K, slots, bias)
+        chosen = self._chosen.get(B)
+        if chosen is None:
+            chosen = self._chosen[B] = [torch.empty(B, k, dtype=torch.int64) for _, _, k in self.layers]
+        for (args, sliding, _), ch in zip(self.layers, chosen):
+            cos, sin, table, chunk, K, slots, bias = per_kind[sliding]
+            kernels.decode_layer(args, x, cos, sin, table, chunk, K, slots, bias, ch)
+        return x.view(1, B, -1)

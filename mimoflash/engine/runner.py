@@ -229,7 +229,7 @@ class ModelRunner:
         self.device = cache.device
         self._buffers: dict = {}
         self.use_kernels = False
-        self.fused: FusedDecoder | None = None       # one kernel call per layer for single-sequence decode
+        self.fused: FusedDecoder | None = None       # one kernel call per layer for decode steps
         if self.device.type == "cpu":
             use_cpu_layout(model, compute_dtype)
             self.use_kernels = kernels.available()
@@ -365,8 +365,8 @@ class ModelRunner:
     def execute(self, batch: Batch) -> torch.Tensor:
         """Run the batch; -> logits (R, V) fp32 for the sampled items, in batch order."""
         step = self.prepare(batch)
-        if self.fused is not None and step.meta.decode and step.meta.B == 1:
-            hidden = self.fused.forward(step.input_ids, step.positions, step.meta.kinds)   # (1, 1, D)
+        if self.fused is not None and step.meta.decode:
+            hidden = self.fused.forward(step.input_ids, step.positions, step.meta.kinds)   # (1, B, D)
         else:
             backend = PagedAttention(self.cache, step.meta, self.impl, self._buffers, self.use_kernels)
             hidden = self.model.model(step.input_ids, step.positions, backend)           # (1, N, D)

@@ -105,8 +105,8 @@ def _load() -> ctypes.CDLL | None:
     lib.mf_moe_token_bf16.restype = ctypes.c_int
     lib.mf_experts_bf16.argtypes = [c_void, c_long, c_void, c_long, c_long, c_long, c_void, c_void, c_void, c_void]
     lib.mf_experts_bf16.restype = ctypes.c_int
-    lib.mf_decode_layer.argtypes = [c_void, c_void, c_void, c_void, c_void, c_long, c_long, c_long, c_long, c_void,
-                                    c_void]
+    lib.mf_decode_layer.argtypes = [c_void, c_void, c_long, c_void, c_void, c_void, c_long, c_long, c_long, c_void,
+                                    c_void, c_void]
     lib.mf_decode_layer.restype = ctypes.c_int
     for f in (lib.mf_rms_norm, lib.mf_qkv_rope, lib.mf_silu_mul):
         f.restype = None
@@ -303,14 +303,17 @@ class LayerArgs(ctypes.Structure):
 
 
 def decode_layer(args: LayerArgs, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, table: torch.Tensor,
-                 chunk: int, K: int, slot: int, bias: torch.Tensor | None, chosen: torch.Tensor) -> None:
-    """x (H,) fp32 contiguous, updated in place. cos/sin (rd,) fp32 of the token's position; table (n,) int64 chunk
-    ids, K keys, slot = where the token's K/V go; bias (K,) or None; chosen (top_k,) int64 out (MoE)."""
+                 chunk: int, K: int, slots: torch.Tensor, bias: torch.Tensor | None, chosen: torch.Tensor) -> None:
+    """One decoded token for each of B sequences through one layer. x (B, H) fp32 contiguous, updated in place;
+    cos/sin (B, rd) fp32 of the tokens' positions; table (B, n) int64 chunk ids, K keys per sequence; slots (B,)
+    int64 = where each token's K/V go; bias (B, K) or None; chosen (B, top_k) int64 out (MoE). The caller
+    (engine/fused_decode.py) builds these contiguous; no copies are made here."""
     lib = _lib if _lib is not None else _lib_or_raise()
-    rc = lib.mf_decode_layer(ctypes.addressof(args), x.data_ptr(), cos.data_ptr(), sin.data_ptr(), table.data_ptr(),
-                             table.numel(), chunk, K, slot, None if bias is None else bias.data_ptr(),
-                             chosen.data_ptr())
+    B = x.shape[0]
+    rc = lib.mf_decode_layer(ctypes.addressof(args), x.data_ptr(), B, cos.data_ptr(), sin.data_ptr(),
+                             table.data_ptr(), table.shape[-1], chunk, K, slots.data_ptr(),
+                             None if bias is None else bias.data_ptr(), chosen.data_ptr())
     if rc == -1:
-        raise ValueError(f"decode_layer: cache slot {slot} or a chunk id of the table is out of range")
+        raise ValueError("decode_layer: a cache slot or a chunk id of the table is out of range")
     if rc:
         raise MemoryError("decode_layer: out of memory")

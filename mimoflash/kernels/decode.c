@@ -40,45 +40,94 @@ int mf_moe_token_bf16(const float *x, long D, const float *router_w, const float
                       int norm_topk, float scaling, const unsigned short *gate_up, const unsigned short *down, long F,
                       float *y, float *scratch, long *chosen);
 
-/* x (H) fp32 is updated in place. cos/sin: this position's (rd) rows for the layer's attention kind. The token's
- * K/V go to pool slot `slot`; keys 0..K-1 are read through table (n_chunks chunk ids of `chunk` slots), bias (K)
- * additive or NULL. chosen: top_k expert ids out (MoE). Returns 0; -1 on a bad table; -2 out of memory. */
-int mf_decode_layer(const mf_layer *L, float *x, const float *cos_, const float *sin_, const long *table,
-                    long n_chunks, long chunk, long K, long slot, const float *bias, long *chosen) {
+void mf_route_row(const float *x, long D, const float *router_w, const float *bias, long E, long top_k,
+                  int norm_topk, float scaling, float *scores, long *chosen, float *weights);
+int mf_experts_bf16(const float *x_PD, long P, const long *counts, long E, long D, long F,
+                    const unsigned short *gate_up, const unsigned short *down, float *y_PD, float *scratch);
+
+/* B tokens (one per sequence) through the routed experts: route each row, group the B * top_k pairs by expert
+ * (counting sort), run every expert once on its rows (mf_experts_bf16: each expert's weights read once for the
+ * batch), and add the weighted rows back. y (B, H) is overwritten. */
+static int moe_rows(const mf_layer *L, const float *xn, long B, float *y, long *chosen) {
+    long H = L->H, E = L->E, k = L->top_k, F = L->F_moe, P = B * k;
+    float *scores = (float *)malloc(sizeof(float) * (size_t)(E + P + 2 * P * H + 3 * F * P));
+    long *counts = (long *)calloc((size_t)(E + 1 + P), sizeof(long));
+    if (!scores || !counts) { free(scores); free(counts); return -2; }
+    float *w = scores + E, *x_PD = w + P, *y_PD = x_PD + P * H, *scratch = y_PD + P * H;
+    long *order = counts + E + 1;                      /* order[q] = pair index of the q-th expert-sorted row */
+    for (long b = 0; b < B; b++) {
+        mf_route_row(xn + b * H, H, L->router_w, L->router_bias, E, k, L->norm_topk, L->scaling, scores,
+                     chosen + b * k, w + b * k);
+        for (long j = 0; j < k; j++) counts[chosen[b * k + j]]++;
+    }
+    long *pos = (long *)malloc(sizeof(long) * (size_t)E);
+    if (!pos) { free(scores); free(counts); return -2; }
+    for (long e = 0, acc = 0; e < E; e++) { pos[e] = acc; acc += counts[e]; }
+    for (long p = 0; p < P; p++) {                      /* stable: pairs of one expert keep token order */
+        long e = chosen[p], dst = pos[e]++;
+        order[dst] = p;
+        memcpy(x_PD + dst * H, xn + (p / k) * H, sizeof(float) * H);
+    }
+    free(pos);
+    int rc = mf_experts_bf16(x_PD, P, counts, E, H, F, L->gate_up, L->down, y_PD, scratch);
+    if (rc) { free(scores); free(counts); return rc == -1 ? -2 : -1; }
+    memset(y, 0, sizeof(float) * (size_t)(B * H));
+    for (long q = 0; q < P; q++) {
+        long p = order[q];
+        float wp = w[p], *yr = y + (p / k) * H;
+        const float *src = y_PD + q * H;
+        for (long i = 0; i < H; i++) yr[i] += wp * src[i];
+    }
+    free(scores);
+    free(counts);
+    return 0;
+}
+
+/* x (B, H) fp32, one decoded token per sequence, updated in place. cos/sin: (B, rd) rows of the tokens' positions
+ * for the layer's attention kind. Token b's K/V go to pool slot slots[b]; its keys 0..K-1 are read through
+ * table[b] (n_chunks chunk ids of `chunk` slots), bias (B, K) additive or NULL. chosen: (B, top_k) expert ids out
+ * (MoE). Returns 0; -1 on a bad table or slot; -2 out of memory. */
+int mf_decode_layer(const mf_layer *L, float *x, long B, const float *cos_, const float *sin_, const long *table,
+                    long n_chunks, long chunk, long K, const long *slots, const float *bias, long *chosen) {
     long H = L->H, nq = L->nq, nkv = L->nkv, d = L->d, dv = L->dv, S = L->pool_slots;
     long Wq = (nq + nkv) * d, W = Wq + nkv * dv;
     long F = L->moe ? L->F_moe : L->F_dense;
-    if (slot < 0 || slot >= S) return -1;
-    size_t n = (size_t)(H + W + nq * dv + H + (K > 0 ? K : 1) + 3 * F + (L->moe ? L->E + H : 0) + 2 * F);
+    for (long b = 0; b < B; b++)
+        if (slots[b] < 0 || slots[b] >= S) return -1;
+    size_t n = (size_t)(B * (H + W + nq * dv + H) + (K > 0 ? K : 1) + B * 3 * F + (L->moe ? L->E + H : 0));
     float *buf = (float *)malloc(sizeof(float) * n);
     if (!buf) return -2;
-    float *xn = buf, *qkv = xn + H, *o = qkv + W, *y = o + nq * dv, *scores = y + H, *ffn = scores + (K > 0 ? K : 1);
+    float *xn = buf, *qkv = xn + B * H, *o = qkv + B * W, *y = o + B * nq * dv, *scores = y + B * H;
+    float *ffn = scores + (K > 0 ? K : 1);
 
-    mf_rms_norm(x, H, L->in_norm, xn, H, 1, H, L->eps_in);
-    mf_gemm_bf16w(xn, H, L->qkv_w, qkv, W, 1, W, H);
-    mf_qkv_rope(qkv, W, 1, nq + nkv, d, L->rd, cos_, sin_, Wq, nkv * dv, L->v_scale);
-    for (long hh = 0; hh < nkv; hh++) {             /* store first: the ring has room for this token's key */
-        memcpy(L->k_pool + (hh * S + slot) * d, qkv + nq * d + hh * d, sizeof(float) * d);
-        memcpy(L->v_pool + (hh * S + slot) * dv, qkv + Wq + hh * dv, sizeof(float) * dv);
-    }
-    int rc = mf_attn_decode(qkv, 0, L->k_pool, S * d, 0, L->v_pool, S * dv, 0, bias, L->sinks, o, 1, nq, nkv, K, d,
+    mf_rms_norm(x, H, L->in_norm, xn, H, B, H, L->eps_in);
+    if (mf_gemm_bf16w(xn, H, L->qkv_w, qkv, W, B, W, H)) { free(buf); return -2; }
+    mf_qkv_rope(qkv, W, B, nq + nkv, d, L->rd, cos_, sin_, Wq, nkv * dv, L->v_scale);
+    for (long b = 0; b < B; b++)                      /* store first: the ring has room for this token's key */
+        for (long hh = 0; hh < nkv; hh++) {
+            memcpy(L->k_pool + (hh * S + slots[b]) * d, qkv + b * W + nq * d + hh * d, sizeof(float) * d);
+            memcpy(L->v_pool + (hh * S + slots[b]) * dv, qkv + b * W + Wq + hh * dv, sizeof(float) * dv);
+        }
+    int rc = mf_attn_decode(qkv, W, L->k_pool, S * d, 0, L->v_pool, S * dv, 0, bias, L->sinks, o, B, nq, nkv, K, d,
                             dv, L->scale, scores, table, n_chunks, chunk, S / chunk);
     if (rc) { free(buf); return rc; }
-    mf_gemm_bf16w(o, nq * dv, L->o_w, y, H, 1, H, nq * dv);
-    for (long i = 0; i < H; i++) x[i] += y[i];
+    if (mf_gemm_bf16w(o, nq * dv, L->o_w, y, H, B, H, nq * dv)) { free(buf); return -2; }
+    for (long i = 0; i < B * H; i++) x[i] += y[i];
 
-    mf_rms_norm(x, H, L->post_norm, xn, H, 1, H, L->eps_post);
-    if (L->moe) {
+    mf_rms_norm(x, H, L->post_norm, xn, H, B, H, L->eps_post);
+    if (L->moe && B == 1) {
         if (mf_moe_token_bf16(xn, H, L->router_w, L->router_bias, L->E, L->top_k, L->norm_topk, L->scaling,
                               L->gate_up, L->down, F, y, ffn, chosen)) { free(buf); return -2; }
+    } else if (L->moe) {
+        if ((rc = moe_rows(L, xn, B, y, chosen))) { free(buf); return rc; }
     } else {
-        float *gu = ffn, *act = ffn + 2 * F;
-        mf_gemm_bf16w(xn, H, L->gate_w, gu, F, 1, F, H);
-        mf_gemm_bf16w(xn, H, L->up_w, gu + F, F, 1, F, H);
-        mf_silu_mul(gu, 2 * F, act, F, 1, F);
-        mf_gemm_bf16w(act, F, L->down_w, y, H, 1, H, F);
+        float *gu = ffn, *act = ffn + 2 * B * F;
+        if (mf_gemm_bf16w(xn, H, L->gate_w, gu, 2 * F, B, F, H) ||
+            mf_gemm_bf16w(xn, H, L->up_w, gu + F, 2 * F, B, F, H)) { free(buf); return -2; }
+        mf_silu_mul(gu, 2 * F, act, F, B, F);
+        if (mf_gemm_bf16w(act, F, L->down_w, y, H, B, H, F)) { free(buf); return -2; }
     }
-    for (long i = 0; i < H; i++) x[i] += y[i];
+    for (long i = 0; i < B * H; i++) x[i] += y[i];
     free(buf);
     return 0;
 }

@@ -231,10 +231,10 @@ int mf_gemm_bf16w(const float *x, long ldx, const unsigned short *w, float *y, l
  * gate_up: (E, 2F, D) bf16 (gate rows then up rows), down: (E, D, F) bf16. Group-limited routing is not handled
  * here (the caller falls back to torch). scratch: E + 3F + D floats; chosen: top_k (<= 64) expert ids out.
  * Returns 0, or -1 for top_k > 64. */
-VEC int mf_moe_token_bf16(const float *x, long D, const float *router_w, const float *bias, long E, long top_k,
-                          int norm_topk, float scaling, const unsigned short *gate_up, const unsigned short *down,
-                          long F, float *y, float *scratch, long *chosen) {
-    float *scores = scratch, *h = scratch + E, *act = h + 2 * F, *out = act + F;
+/* Routing of one row (SPEC §2.5): scores = sigmoid(router_w @ x) in fp32, top-k of scores + bias (first index
+ * wins a tie), weights = scores of the chosen (optionally / their sum) * scaling. scores: E floats of scratch. */
+VEC void mf_route_row(const float *x, long D, const float *router_w, const float *bias, long E, long top_k,
+                      int norm_topk, float scaling, float *scores, long *chosen, float *weights) {
     for (long e = 0; e < E; e++) {
         const float *wr = router_w + e * D;
         float s = 0.f;
@@ -242,8 +242,7 @@ VEC int mf_moe_token_bf16(const float *x, long D, const float *router_w, const f
         for (long i = 0; i < D; i++) s += wr[i] * x[i];
         scores[e] = 1.0f / (1.0f + expf(-s));
     }
-    float wsum = 0.f, wk[64];
-    if (top_k > 64) return -1;
+    float wsum = 0.f;
     for (long k = 0; k < top_k; k++) {
         long best = -1;
         float bv = -INFINITY;
@@ -254,18 +253,27 @@ VEC int mf_moe_token_bf16(const float *x, long D, const float *router_w, const f
             if (!taken && (best < 0 || c > bv)) { best = e; bv = c; }
         }
         chosen[k] = best;
-        wk[k] = scores[best];
-        wsum += wk[k];
+        weights[k] = scores[best];
+        wsum += weights[k];
     }
+    for (long k = 0; k < top_k; k++) weights[k] = (norm_topk ? weights[k] / (wsum + 1e-20f) : weights[k]) * scaling;
+}
+
+VEC int mf_moe_token_bf16(const float *x, long D, const float *router_w, const float *bias, long E, long top_k,
+                          int norm_topk, float scaling, const unsigned short *gate_up, const unsigned short *down,
+                          long F, float *y, float *scratch, long *chosen) {
+    float *scores = scratch, *h = scratch + E, *act = h + 2 * F, *out = act + F;
+    float wk[64];
+    if (top_k > 64) return -1;
+    mf_route_row(x, D, router_w, bias, E, top_k, norm_topk, scaling, scores, chosen, wk);
     for (long i = 0; i < D; i++) y[i] = 0.f;
     for (long k = 0; k < top_k; k++) {
         long e = chosen[k];
-        float w = (norm_topk ? wk[k] / (wsum + 1e-20f) : wk[k]) * scaling;
         mf_gemm_bf16w(x, D, gate_up + e * 2 * F * D, h, 2 * F, 1, 2 * F, D);     /* M = 1: no allocation */
 #pragma omp simd
         for (long i = 0; i < F; i++) act[i] = h[i] / (1.0f + exp_approx(-h[i])) * h[F + i];
         mf_gemm_bf16w(act, F, down + e * D * F, out, D, 1, D, F);
-        for (long i = 0; i < D; i++) y[i] += w * out[i];
+        for (long i = 0; i < D; i++) y[i] += wk[k] * out[i];
     }
     return 0;
 }
