@@ -8,9 +8,12 @@ and the module tree stay; memory layouts and a few forwards change. `use_cpu_lay
   q|k|v projection and the experts multiply through `mimoflash.kernels.linear_bf16w` (an AVX2 kernel: torch has
   no fast bf16-weight x fp32-activation GEMV on CPUs without native bf16); more than `KERNEL_MAX_ROWS` rows (prefill)
   go to MKL on the weight upcast per call, where compute, not bytes, is the cost. The embedding returns fp32 rows.
-* **fp32** (`_fp32_layout`): wide linears get column-major weights, q/k/v one (H, q|k|v) tensor, experts a fused
-  (E, D, 2F) gate|up tensor, as MKL is fastest there for one or two rows.
-* **bf16 compute**: layouts stay (these layouts sent oneDNN/MKL to paths 4x slower in bf16 here); bf16 experts only
+* **fp32** (`_same_dtype_layout`): wide linears get column-major weights, q/k/v one (H, q|k|v) tensor, experts a
+  fused (E, D, 2F) gate|up tensor, as MKL is fastest there for one or two rows.
+* both fp32-compute modes route RMSNorm and the attention projection path (RoPE + value scale in place) through the
+  fused kernels (`_fast_fp32_ops`); with bf16 weights, decode steps go further, one C call per layer
+  (engine/fused_decode.py).
+* **bf16 compute** (`_same_dtype_layout`): layouts stay (these layouts sent oneDNN/MKL to paths 4x slower in bf16 here); bf16 experts only
   skip the unpicked experts for one or two tokens (`_picked_experts`).
 
 Every transformed forward falls back to the module's own math under autograd or after a cast that breaks the
