@@ -285,3 +285,17 @@ def test_shipped_model_default_path_matches_fp32_weights():
     assert b.weight_dtype == torch.float32
     oa, ob = a.generate("def fibonacci(n):", sp)[0].outputs[0], b.generate("def fibonacci(n):", sp)[0].outputs[0]
     assert oa.token_ids == ob.token_ids and oa.text
+
+
+@pytest.mark.parametrize("M", [1, 3, 16])
+def test_threaded_gemm_matches_single_thread(M):
+    """A GEMM with >= 2^20 weights is split by rows over threads: same result as one thread."""
+    w = _randn(2100, 520).bfloat16()
+    x = _randn(M, 520)
+    one = kernels.linear_bf16w(x, w)
+    try:
+        kernels.set_num_threads(3)
+        three = kernels.linear_bf16w(x, w)
+    finally:
+        kernels.set_num_threads(1)
+    torch.testing.assert_close(three, one, atol=0, rtol=0)

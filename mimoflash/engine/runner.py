@@ -233,6 +233,7 @@ class ModelRunner:
         if self.device.type == "cpu":
             use_cpu_layout(model, compute_dtype)
             self.use_kernels = kernels.available()
+            kernels.set_num_threads(torch.get_num_threads())
             if self.use_kernels and impl == "fast":
                 self.fused = FusedDecoder.build(model, cache)
 

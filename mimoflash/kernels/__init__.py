@@ -37,7 +37,7 @@ import torch.nn.functional as F
 log = logging.getLogger(__name__)
 
 _SOURCES = [Path(__file__).with_name(n) for n in ("wgemm.c", "ops.c", "decode.c")]
-_FLAGS = ["-O3", "-fPIC", "-shared", "-std=gnu11", "-fopenmp-simd"]
+_FLAGS = ["-O3", "-fPIC", "-shared", "-std=gnu11", "-fopenmp-simd", "-pthread"]
 _lib: ctypes.CDLL | None = None
 _tried = False
 
@@ -91,6 +91,8 @@ def _load() -> ctypes.CDLL | None:
     lib.mf_gemm_bf16w.argtypes = [c_void, c_long, c_void, c_void, c_long, c_long, c_long, c_long]
     lib.mf_gemm_bf16w.restype = ctypes.c_int
     lib.mf_simd_level.restype = ctypes.c_int
+    lib.mf_set_num_threads.argtypes = [ctypes.c_int]
+    lib.mf_set_num_threads.restype = None
     c_float = ctypes.c_float
     lib.mf_rms_norm.argtypes = [c_void, c_long, c_void, c_void, c_long, c_long, c_long, c_float]
     lib.mf_qkv_rope.argtypes = [c_void, c_long, c_long, c_long, c_long, c_long, c_void, c_void, c_long, c_long,
@@ -112,6 +114,14 @@ def _load() -> ctypes.CDLL | None:
         f.restype = None
     _lib = lib
     return lib
+
+
+def set_num_threads(n: int) -> None:
+    """Threads for large bf16-weight GEMMs (>= 2^20 weights, split by rows); the engine passes
+    torch.get_num_threads() so that `--threads` / torch.set_num_threads govern both."""
+    lib = _load()
+    if lib is not None:
+        lib.mf_set_num_threads(int(n))
 
 
 def available() -> bool:

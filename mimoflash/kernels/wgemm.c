@@ -14,6 +14,7 @@
  * machines get the portable loop. Built and loaded by mimoflash/kernels/__init__.py; tested against
  * F.linear(x, w.float()) in tests/test_kernels.py.
  */
+#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -196,9 +197,7 @@ static int have_avx2(void) {
 static int have_avx2(void) { return 0; }
 #endif
 
-/* Exported. Returns 0 on success, -1 if the scratch buffer could not be allocated. Rows [n0, n1) of w only, so a
- * caller may split N between threads (y and w are offset by the caller). */
-int mf_gemm_bf16w(const float *x, long ldx, const uint16_t *w, float *y, long ldy, long M, long N, long K) {
+static int gemm_range(const float *x, long ldx, const uint16_t *w, float *y, long ldy, long M, long N, long K) {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
     if (have_avx2()) {
         if (M <= 2) {
@@ -214,6 +213,55 @@ int mf_gemm_bf16w(const float *x, long ldx, const uint16_t *w, float *y, long ld
 #endif
     gemm_portable(x, ldx, w, y, ldy, M, N, K);
     return 0;
+}
+
+/* Threads: one GEMM with at least 2^20 weights is split by weight rows over up to mf_set_num_threads() threads
+ * (pthreads created per call: ~20 us, small next to the >= 1 ms such a product takes); smaller ones run on the
+ * caller's thread. Python sets the count from torch.get_num_threads() (mimoflash.kernels.set_num_threads). */
+static int g_threads = 1;
+
+void mf_set_num_threads(int n) { g_threads = n < 1 ? 1 : (n > 64 ? 64 : n); }
+
+typedef struct {
+    const float *x;
+    const uint16_t *w;
+    float *y;
+    long ldx, ldy, M, N, K;
+    int rc;
+} gemm_job;
+
+static void *gemm_job_run(void *p) {
+    gemm_job *j = (gemm_job *)p;
+    j->rc = gemm_range(j->x, j->ldx, j->w, j->y, j->ldy, j->M, j->N, j->K);
+    return NULL;
+}
+
+/* Exported: y (M, N) = x (M, K) @ w (N, K)^T with w bf16. Returns 0, or -1 if a scratch buffer could not be
+ * allocated. */
+int mf_gemm_bf16w(const float *x, long ldx, const uint16_t *w, float *y, long ldy, long M, long N, long K) {
+    int T = g_threads;
+    if (T > 1 && N * K >= (1L << 20) && N >= 12L * T) {
+        gemm_job jobs[64];
+        pthread_t tid[64];
+        int started[64] = {0};
+        long per = ((N + T - 1) / T + 11) / 12 * 12;    /* a multiple of the 3- and 4-row blocks */
+        int n_jobs = 0;
+        for (long n0 = 0; n0 < N && n_jobs < T; n0 += per, n_jobs++) {
+            long n1 = n0 + per < N ? n0 + per : N;
+            jobs[n_jobs] = (gemm_job){x, w + n0 * K, y + n0, ldx, ldy, M, n1 - n0, K, 0};
+        }
+        for (int t = 1; t < n_jobs; t++)
+            started[t] = pthread_create(&tid[t], NULL, gemm_job_run, &jobs[t]) == 0;
+        gemm_job_run(&jobs[0]);
+        int rc = jobs[0].rc;
+        for (int t = 1; t < n_jobs; t++) {
+            if (started[t]) pthread_join(tid[t], NULL);
+            else gemm_job_run(&jobs[t]);                /* could not start a thread: do it here */
+            rc |= jobs[t].rc;
+        }
+        return rc ? -1 : 0;
+    }
+    return gemm_range(x, ldx, w, y, ldy, M, N, K);
 }
 
 int mf_simd_level(void) { return have_avx2() ? 2 : 0; }
