@@ -54,6 +54,7 @@ def main(argv=None) -> int:
     if not kernels.available():
         print("mimoflash kernels unavailable (no C compiler?)", file=sys.stderr)
         return 1
+    kernels.set_num_threads(a.threads)
     g = torch.Generator().manual_seed(0)
     rows, out = [], {"threads": a.threads, "simd_level": kernels.simd_level(), "results": []}
     for name, (N, K) in SHAPES.items():
