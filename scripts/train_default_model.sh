@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # Rebuild mimoflash/default_model/ from scratch: the recipe that produced the shipped model (docs/TRAINING.md).
 #
-#   scripts/train_default_model.sh                 # everything, ~2 h on 2 idle CPU cores
-#   RUN=runs/default STEPS=1100 MTP_STEPS=60 scripts/train_default_model.sh
+#   scripts/train_default_model.sh                 # everything, ~3-4 h on 2 idle CPU cores
+#   RUN=runs/default STEPS=2600 MTP_STEPS=60 scripts/train_default_model.sh
+#
+# The shipped model ran this recipe to step 1100 with STEPS=1100, then was continued from that checkpoint with
+# STEPS=2600 (re-running the script with a larger STEPS resumes and lengthens the cosine schedule: a warm restart);
+# its model card lists that history. A fresh run with STEPS=2600 is the same recipe without the restart.
 #
 # 1. byte-level BPE (8192 ids) on the Python standard library's *.py files (PSF license; site-packages excluded)
 # 2. tokenize them into train.bin / val.bin (1% of the files held out, seed 0)
@@ -13,7 +17,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 RUN=${RUN:-runs/default}
-STEPS=${STEPS:-1100}          # length of the cosine schedule (4096 tokens per step)
+STEPS=${STEPS:-2600}          # length of the cosine schedule (4096 tokens per step)
 MTP_STEPS=${MTP_STEPS:-60}    # MTP-only phase after pre-training; 0 = skip it
 OUT=${OUT:-mimoflash/default_model}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
