@@ -117,7 +117,7 @@ def _load() -> ctypes.CDLL | None:
 
 
 def set_num_threads(n: int) -> None:
-    """Threads for large bf16-weight GEMMs (>= 2^20 weights, split by rows); the engine passes
+    """Threads for large bf16-weight GEMMs (>= 2^22 weights, split by rows); the engine passes
     torch.get_num_threads() so that `--threads` / torch.set_num_threads govern both."""
     lib = _load()
     if lib is not None:

@@ -215,8 +215,9 @@ static int gemm_range(const float *x, long ldx, const uint16_t *w, float *y, lon
     return 0;
 }
 
-/* Threads: one GEMM with at least 2^20 weights is split by weight rows over up to mf_set_num_threads() threads
- * (pthreads created per call: ~20 us, small next to the >= 1 ms such a product takes); smaller ones run on the
+/* Threads: one GEMM with at least 2^22 weights (8 MB of bf16) is split by weight rows over up to
+ * mf_set_num_threads() threads (pthreads created per call: ~20-50 us, small next to the >= 1 ms such a product
+ * takes; with 2^20 the shipped 15M model's lm_head was split and decoding got 2x slower); smaller ones run on the
  * caller's thread. Python sets the count from torch.get_num_threads() (mimoflash.kernels.set_num_threads). */
 static int g_threads = 1;
 
@@ -240,7 +241,7 @@ static void *gemm_job_run(void *p) {
  * allocated. */
 int mf_gemm_bf16w(const float *x, long ldx, const uint16_t *w, float *y, long ldy, long M, long N, long K) {
     int T = g_threads;
-    if (T > 1 && N * K >= (1L << 20) && N >= 12L * T) {
+    if (T > 1 && N * K >= (1L << 22) && N >= 12L * T) {
         gemm_job jobs[64];
         pthread_t tid[64];
         int started[64] = {0};
