@@ -22,6 +22,10 @@ rings are copied out with one `index_select` each (contiguous chunks, not per-sl
 that share a kv head attend in one matmul (no GQA expansion). The sink is a column concatenated to the (tiny)
 score matrix.
 
+On CPU with fp32 compute the decode path calls `kernels.attn_decode_paged`, which reads the blocks / rings in place
+through the chunk table (no gather); with bf16 weights, whole decode steps go to `FusedDecoder` (engine/fused_decode.py,
+one C call per layer). The torch decode path above stays, used without the kernels and tested against them.
+
 `impl="reference"` gathers per sequence and calls `model.attention.attend_reference` (explicit scores and sink
 column, the spec transcription); `tests/test_kv_cache.py` checks that all paths agree with a full recompute.
 """
