@@ -143,7 +143,7 @@ def _model_card(i: dict) -> str:
         "",
         "## Architecture",
         "",
-        f"| | |\n|---|---|",
+        "| | |\n|---|---|",
         f"| parameters | {c['total'] / 1e6:.2f}M main model + {c['mtp_total'] / 1e6:.2f}M in {cfg.num_nextn_predict_layers} "
         f"MTP heads = {(c['total'] + c['mtp_total']) / 1e6:.2f}M total; {c['active'] / 1e6:.2f}M active per token "
         f"(main model, embeddings included) |",
@@ -160,7 +160,7 @@ def _model_card(i: dict) -> str:
         f"| MTP | {cfg.num_nextn_predict_layers} heads (SWA attention + dense FFN, shared embedding and LM head); "
         f"head k predicts the token k+2 ahead |",
         f"| context | trained on {tr['seq_len']}-token windows |",
-        f"| weights | bfloat16 (router in fp32), official MiMo-V2-Flash checkpoint layout |",
+        "| weights | bfloat16 (router in fp32), official MiMo-V2-Flash checkpoint layout |",
         "",
         "## Training data",
         "",

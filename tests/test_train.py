@@ -21,7 +21,6 @@ from mimoflash.model.mimo import MiMoForCausalLM
 from mimoflash.model.moe import Router
 from mimoflash.train.balance import imbalance, update_expert_bias
 from mimoflash.train.data import IGNORE_INDEX, TokenDataset
-from mimoflash.train.presets import get_preset
 from mimoflash.train.train import (TrainConfig, find_checkpoint, load_config, lr_at, mtp_ahead_ids, step_losses,
                                    train)
 
