@@ -208,11 +208,13 @@ def test_moe_token_kernel_matches_dense_reference(norm):
 
 
 @pytest.mark.parametrize("T", [1, 3, 40])
-def test_bf16_weight_moe_paths_match_dense_reference(T):
-    """T=1: the one-call token kernel; T=3: all experts in one kernel call; T=40 (> KERNEL_MAX_ROWS rows for some
-    expert): MKL on upcast weights, expert by expert."""
+@pytest.mark.parametrize("groups", [{}, {"n_group": 2, "topk_group": 1}])
+def test_bf16_weight_moe_paths_match_dense_reference(T, groups):
+    """T=1: the one-call token kernel (group-limited routing: the torch router, then the picked experts one by
+    one); T=3: all experts in one kernel call; T=40 (> KERNEL_MAX_ROWS rows for some expert): MKL on upcast
+    weights, expert by expert."""
     from mimoflash.model.moe import MoE
-    m16, m32 = _pair(seed=7)
+    m16, m32 = _pair(seed=7, **groups)
     use_cpu_layout(m16, torch.float32)
     moe16 = next(x for x in m16.modules() if isinstance(x, MoE))
     moe32 = next(x for x in m32.modules() if isinstance(x, MoE))
@@ -299,3 +301,20 @@ def test_threaded_gemm_matches_single_thread(M):
     finally:
         kernels.set_num_threads(1)
     torch.testing.assert_close(three, one, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("T", [1, 2, 3])
+def test_bf16_compute_picked_experts_match_grouped_forward(T):
+    """dtype="bfloat16" on CPU: one or two tokens run only their picked experts (`_picked_experts`), more take
+    `Experts.forward`; same routing inputs, so the two differ by bf16 rounding only."""
+    from mimoflash.model.moe import MoE
+    m = make_model(tiny_config(), seed=9, dtype=torch.bfloat16)
+    use_cpu_layout(m, torch.bfloat16)
+    ex = next(x for x in m.modules() if isinstance(x, MoE)).experts
+    assert "picked_experts" in repr(ex.forward)
+    x = _randn(T, m.config.hidden_size).bfloat16()
+    idx = torch.stack([torch.randperm(8, generator=G)[:2] for _ in range(T)])
+    w = torch.rand(T, 2, generator=G)
+    with torch.no_grad():
+        got, ref = ex(x, idx, w).float(), ex._grouped_forward(x, idx, w).float()
+    assert (got - ref).abs().max() <= 0.02 * ref.abs().max()

@@ -96,38 +96,50 @@ def _fast_fp32_ops(model: torch.nn.Module) -> None:
 def _w16_experts(experts: Experts, fallback, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor,
                  weight_TK: torch.Tensor) -> torch.Tensor:
     """`Experts.forward`'s math with bf16 weights and fp32 activations, running only the picked experts: one fused
-    gate|up product against the rows of `_gate_up[e]` (2F, D), one against `down_proj[e]` (D, F). One token: the K
-    experts in turn; more: pairs grouped by expert (one argsort, one host read of the counts)."""
+    gate|up product against the rows of `_gate_up[e]` (2F, D), one against `down_proj[e]` (D, F), mixed by
+    `_mix_picked`."""
     gu = experts._gate_up
     if (x_TD.device.type != "cpu" or torch.is_grad_enabled() or experts.gate_proj.data_ptr() != gu.data_ptr()
             or gu.dtype != torch.bfloat16 or experts.down_proj.dtype != torch.bfloat16):
         dt = experts.gate_proj.dtype
         return fallback(x_TD.to(dt), topk_idx_TK, weight_TK).to(x_TD.dtype)
     gu_list, dn_list = experts._gate_up_list, experts._down_list
-    Fd = experts.down_proj.shape[2]
+
+    def swiglu(x_nD, e):                                  # (n, D) -> (n, D), unweighted
+        return _w16_matmul(kernels.silu_mul(_w16_matmul(x_nD, gu_list[e])), dn_list[e])
+
+    def grouped(x_PD, counts_E):
+        if int(counts_E.max()) > KERNEL_MAX_ROWS:        # prefill: expert by expert, MKL on upcast weights
+            return None
+        return kernels.experts_bf16(x_PD, counts_E, gu, experts.down_proj)      # decode: all in one kernel call
+    return _mix_picked(x_TD, topk_idx_TK, weight_TK.float(), len(gu_list), swiglu, grouped)
+
+
+def _mix_picked(x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, w_TK: torch.Tensor, num_experts: int, swiglu,
+                grouped=None) -> torch.Tensor:
+    """`Experts.forward`'s mixing, running only the picked experts. swiglu(x_nD, e) -> expert e on those rows,
+    unweighted; grouped(x_PD, counts_E) -> all rows at once, or None to use swiglu per expert. One token: the K
+    experts in turn, no sort. More: (token, expert) pairs grouped by expert with one argsort and one host read of
+    the counts (free on CPU), weighted, and added back per token."""
     T, K = topk_idx_TK.shape
-    w_TK = weight_TK.float()
     if T == 1:
         out_TD = None
-        for e, w in zip(topk_idx_TK[0].tolist(), w_TK[0].tolist()):
-            h = kernels.linear_bf16w(x_TD, gu_list[e])                                  # (1, 2F)
-            y = kernels.linear_bf16w(kernels.silu_mul(h), dn_list[e]).mul_(w)
+        for e, w in zip(topk_idx_TK[0].tolist(), w_TK[0].tolist()):      # w: a Python float
+            y = swiglu(x_TD, e).mul_(w)
             out_TD = y if out_TD is None else out_TD.add_(y)
         return out_TD
     flat = topk_idx_TK.reshape(-1)
     order = flat.argsort(stable=True)
     tok_P = order // K
-    counts = torch.bincount(flat, minlength=len(gu_list))
+    counts_E = torch.bincount(flat, minlength=num_experts)
     x_PD = x_TD.index_select(0, tok_P)                                                 # (P, D), expert-sorted
-    if int(counts.max()) <= KERNEL_MAX_ROWS:             # decode batches: every expert in one kernel call
-        y_PD = kernels.experts_bf16(x_PD, counts, gu, experts.down_proj)
-    else:                                                # prefill: MKL on upcast weights, expert by expert
+    y_PD = grouped(x_PD, counts_E) if grouped is not None else None
+    if y_PD is None:
         y_PD = torch.empty_like(x_PD)
         lo = 0
-        for e, n in enumerate(counts.tolist()):
+        for e, n in enumerate(counts_E.tolist()):
             if n:
-                h = _w16_matmul(x_PD[lo:lo + n], gu_list[e])                            # (n, 2F)
-                y_PD[lo:lo + n] = _w16_matmul(F.silu(h[:, :Fd]) * h[:, Fd:], dn_list[e])
+                y_PD[lo:lo + n] = swiglu(x_PD[lo:lo + n], e)
                 lo += n
     y_PD.mul_(w_TK.reshape(-1).index_select(0, order)[:, None])
     out_TD = torch.zeros_like(x_TD)
@@ -194,39 +206,19 @@ def _cpu_experts(experts: Experts, fallback, x_TD: torch.Tensor, topk_idx_TK: to
                  weight_TK: torch.Tensor) -> torch.Tensor:
     """Same math as `Experts.forward`, on the CPU layout of `use_cpu_layout`: only the picked experts run, each as
     one fused gate|up matmul `x @ gate_up[e]` (D, 2F) and one `h @ down_t[e]` (F, D), both row-major right-hand
-    sides (MKL's fast GEMV/GEMM case). One token: the K experts in turn, no sort. More: pairs grouped by expert
-    with one argsort and one host read of the counts (free on CPU)."""
+    sides (MKL's fast GEMV/GEMM case), mixed by `_mix_picked`."""
     gu, dn = experts._gate_up, experts._down_t
     if (x_TD.device.type != "cpu" or torch.is_grad_enabled() or experts.gate_proj.data_ptr() != gu.data_ptr()
             or experts.down_proj.data_ptr() != dn.data_ptr() or x_TD.dtype != gu.dtype):   # training (the views carry no gradient), moved/cast since
         return fallback(x_TD, topk_idx_TK, weight_TK)
     Fd = dn.shape[1]
     gu, dn = experts._gate_up_list, experts._down_t_list          # per-expert views: no indexing op per call
-    T, K = topk_idx_TK.shape
+
+    def swiglu(x_nD, e):                                          # row-major right-hand sides: MKL's fast case
+        h = torch.mm(x_nD, gu[e])                                                      # (n, 2F)
+        return torch.mm(F.silu(h[:, :Fd]) * h[:, Fd:], dn[e])
     w_TK = weight_TK if weight_TK.dtype == x_TD.dtype else weight_TK.to(x_TD.dtype)
-    if T == 1:
-        out_TD = None
-        for e, w in zip(topk_idx_TK[0].tolist(), w_TK[0].tolist()):      # w: the x-dtype value, as a Python float
-            h = torch.mm(x_TD, gu[e])                                          # (1, 2F)
-            y = torch.mm(F.silu(h[:, :Fd]) * h[:, Fd:], dn[e]).mul_(w)
-            out_TD = y if out_TD is None else out_TD.add_(y)
-        return out_TD
-    flat = topk_idx_TK.reshape(-1)
-    order = flat.argsort(stable=True)
-    tok_P = order // K
-    counts = torch.bincount(flat, minlength=len(gu)).tolist()
-    x_PD = x_TD.index_select(0, tok_P)                                         # (P, D), expert-sorted
-    y_PD = torch.empty_like(x_PD)
-    lo = 0
-    for e, n in enumerate(counts):                  # per expert: two matmuls and the SwiGLU, on row slices
-        if n:
-            h = torch.mm(x_PD[lo:lo + n], gu[e])                                # (n, 2F)
-            torch.mm(F.silu(h[:, :Fd]) * h[:, Fd:], dn[e], out=y_PD[lo:lo + n])
-            lo += n
-    y_PD.mul_(w_TK.reshape(-1).index_select(0, order)[:, None])
-    out_TD = torch.zeros_like(x_TD)
-    out_TD.index_add_(0, tok_P, y_PD)
-    return out_TD
+    return _mix_picked(x_TD, topk_idx_TK, w_TK, len(gu), swiglu)
 
 
 def _picked_experts(experts: Experts, fallback, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor,
@@ -235,14 +227,11 @@ def _picked_experts(experts: Experts, fallback, x_TD: torch.Tensor, topk_idx_TK:
     T, K = topk_idx_TK.shape
     if T > 2 or x_TD.device.type != "cpu" or torch.is_grad_enabled():
         return fallback(x_TD, topk_idx_TK, weight_TK)
-    out_TD = torch.zeros_like(x_TD)
-    w_TK = weight_TK.to(x_TD.dtype)
-    for t, row in enumerate(topk_idx_TK.tolist()):
-        x_1D = x_TD[t:t + 1]
-        for k, e in enumerate(row):
-            h_1F = F.silu(F.linear(x_1D, experts.gate_proj[e])) * F.linear(x_1D, experts.up_proj[e])
-            out_TD[t:t + 1].add_(F.linear(h_1F, experts.down_proj[e]) * w_TK[t, k])
-    return out_TD
+
+    def swiglu(x_nD, e):
+        return F.linear(F.silu(F.linear(x_nD, experts.gate_proj[e])) * F.linear(x_nD, experts.up_proj[e]),
+                        experts.down_proj[e])
+    return _mix_picked(x_TD, topk_idx_TK, weight_TK.to(x_TD.dtype), experts.gate_proj.shape[0], swiglu)
 
 
 def _is_fp32(m: torch.nn.Module) -> bool:

@@ -100,12 +100,10 @@ class FusedDecoder:
         rope = self.model.model.rope(positions, torch.float32)                       # kind -> (cos, sin) (1, B, rd)
         per_kind = {}
         for sliding, dm in kinds.items():
-            table = dm.chunks if dm.chunks.is_contiguous() else dm.chunks.contiguous()
-            K = dm.keys if dm.keys is not None else table.shape[1] * dm.chunk
             bias = None if dm.bias is None else dm.bias.reshape(B, -1)
             cos, sin = rope[sliding]
-            slots = dm.write_dst if dm.write_dst.is_contiguous() else dm.write_dst.contiguous()
-            per_kind[sliding] = (cos.reshape(B, -1), sin.reshape(B, -1), table, dm.chunk, K, slots, bias)
+            per_kind[sliding] = (cos.reshape(B, -1), sin.reshape(B, -1), dm.chunks.contiguous(), dm.chunk, dm.keys,
+                                 dm.write_dst.contiguous(), bias)
         chosen = self._chosen.get(B)
         if chosen is None:
             chosen = self._chosen[B] = [torch.empty(B, k, dtype=torch.int64) for _, _, k in self.layers]

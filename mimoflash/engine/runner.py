@@ -32,6 +32,7 @@ column, the spec transcription); `tests/test_kv_cache.py` checks that all paths 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -66,8 +67,13 @@ class DecodeKindMeta:
     chunk: int                        # slots per chunk: block_size or ring_slots
     write_dst: torch.Tensor           # (B,) slot of each sequence's new token
     bias: torch.Tensor | None         # (B, 1, 1, keys) additive mask over the first `keys` gathered slots; None = all
-    first: int | None = None          # chunks.view(-1) == first + arange(B * n): read a view, copy nothing
-    keys: int | None = None           # only the first `keys` gathered slots can hold keys (None = n * chunk)
+    keys: int                         # only the first `keys` gathered slots can hold keys (<= n * chunk)
+
+    @functools.cached_property
+    def first(self) -> int | None:
+        """c0 when chunks.view(-1) == c0 + arange(B * n) (the torch path then reads a view and copies nothing);
+        computed only by the path that needs it, once per step."""
+        return _first_if_consecutive(self.chunks)
 
 
 @dataclass
@@ -96,7 +102,7 @@ class PagedAttention:
     def __init__(self, cache: KVCache, meta: AttnMeta, impl: str = "fast", buffers: dict | None = None,
                  use_kernels: bool = False):
         self.cache, self.meta, self.impl = cache, meta, impl
-        self.use_kernels = use_kernels                      # fp32 decode through kernels.attn_decode
+        self.use_kernels = use_kernels                      # fp32 decode through kernels.attn_decode_paged
         self.buffers = {} if buffers is None else buffers   # gather outputs, reused by every layer (and step)
 
     def attend(self, layer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -134,16 +140,15 @@ class PagedAttention:
 
     def _decode(self, layer, dm: DecodeKindMeta, k_pool, v_pool, q) -> torch.Tensor:
         """q (B, nq, d) -> (B, nq, dv): one matmul per kv-head group, the sink as an extra score column."""
+        if self.use_kernels and q.dtype == k_pool.dtype == torch.float32:     # reads the blocks/rings in place
+            return kernels.attn_decode_paged(q, k_pool, v_pool, dm.chunks, dm.chunk, dm.keys, dm.bias,
+                                             layer.attention_sink_bias, layer.scale)
         B, nq, d = q.shape
         h, dv = k_pool.shape[0], v_pool.shape[2]
         G = nq // h
-        if self.use_kernels and q.dtype == k_pool.dtype == torch.float32:     # reads the blocks/rings in place
-            K = dm.keys if dm.keys is not None else dm.chunks.shape[1] * dm.chunk
-            return kernels.attn_decode_paged(q, k_pool, v_pool, dm.chunks, dm.chunk, K, dm.bias,
-                                             layer.attention_sink_bias, layer.scale)
         keys = self._chunks(dm, k_pool.view(h, -1, dm.chunk, d), "k").view(h, B, -1, d)      # (h, B, K, d)
         vals = self._chunks(dm, v_pool.view(h, -1, dm.chunk, dv), "v").view(h, B, -1, dv)   # (h, B, K, dv)
-        if dm.keys is not None and dm.keys < keys.shape[2]:
+        if dm.keys < keys.shape[2]:
             keys, vals = keys[:, :, :dm.keys], vals[:, :, :dm.keys]
         K = keys.shape[2]
         if keys.dtype != q.dtype:
@@ -327,8 +332,7 @@ class ModelRunner:
                 bias = torch.zeros(B, keys).masked_fill_(torch.arange(keys)[None, :] > pos_t[:, None], NEG_INF)
                 bias = bias.view(B, 1, 1, keys).to(dev)
             dst = [it.request.block_ids[p // bs] * bs + p % bs for it, p in zip(items, pos)]
-            kinds[False] = DecodeKindMeta(table.to(dev), bs, torch.tensor(dst, device=dev), bias,
-                                          _first_if_consecutive(table), keys)
+            kinds[False] = DecodeKindMeta(table.to(dev), bs, torch.tensor(dst, device=dev), bias, keys)
         if lay.sliding_layers:
             R = lay.ring_slots
             ring_ids = [it.request.ring_id for it in items]
@@ -347,8 +351,7 @@ class ModelRunner:
                     bias = torch.zeros(B, R).masked_fill_(~ok, NEG_INF)
             dst = [r * R + p % R for r, p in zip(ring_ids, pos)]
             kinds[True] = DecodeKindMeta(rings[:, None].to(dev), R, torch.tensor(dst, device=dev),
-                                         None if bias is None else bias.view(B, 1, 1, keys).to(dev),
-                                         _first_if_consecutive(rings), keys)
+                                         None if bias is None else bias.view(B, 1, 1, keys).to(dev), keys)
         ar = torch.arange(B, device=dev)
         meta = AttnMeta(B, 1, True, pos_t[:, None].to(dev), ar[:, None], ar, [(b, b + 1) for b in range(B)], kinds)
         rows = ar if all(it.sample for it in items) else torch.tensor(

@@ -98,9 +98,9 @@ def _load() -> ctypes.CDLL | None:
     lib.mf_qkv_rope.argtypes = [c_void, c_long, c_long, c_long, c_long, c_long, c_void, c_void, c_long, c_long,
                                 c_float]
     lib.mf_silu_mul.argtypes = [c_void, c_long, c_void, c_long, c_long, c_long]
-    lib.mf_attn_decode.argtypes = [c_void, c_long, c_void, c_long, c_long, c_void, c_long, c_long, c_void, c_void,
-                                   c_void, c_long, c_long, c_long, c_long, c_long, c_long, c_float, c_void, c_void,
-                                   c_long, c_long, c_long]
+    lib.mf_attn_decode.argtypes = [c_void, c_long, c_void, c_long, c_void, c_long, c_void, c_void, c_void, c_long,
+                                   c_long, c_long, c_long, c_long, c_long, c_float, c_void, c_void, c_long, c_long,
+                                   c_long]
     lib.mf_attn_decode.restype = ctypes.c_int
     lib.mf_moe_token_bf16.argtypes = [c_void, c_long, c_void, c_void, c_long, c_long, ctypes.c_int, c_float, c_void,
                                       c_void, c_long, c_void, c_void, c_void]
@@ -141,7 +141,7 @@ def linear_bf16w_reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 def linear_bf16w(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x (..., K) fp32, w (N, K) bf16 contiguous -> (..., N) fp32. Falls back to the reference without the library.
-    Called ~50 times per decoded token, so the common case (x 2-d with unit last stride) takes the shortest path."""
+    On the decode path (lm_head, module-path linears), so the common case (x 2-d, unit last stride) is the shortest."""
     lib = _lib if _lib is not None else _load()
     if lib is None or x.device.type != "cpu":
         return linear_bf16w_reference(x, w)
@@ -242,8 +242,8 @@ def attn_decode_paged(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tenso
     if scratch is None or scratch.numel() < K:
         scratch = _local.scratch = torch.empty(max(K, 4096), dtype=torch.float32)
     out = torch.empty(B, nq, dv, dtype=torch.float32)
-    if lib.mf_attn_decode(q.data_ptr(), q.stride(0), k_pool.data_ptr(), k_pool.stride(0), 0, v_pool.data_ptr(),
-                          v_pool.stride(0), 0, None if bias is None else bias.data_ptr(),
+    if lib.mf_attn_decode(q.data_ptr(), q.stride(0), k_pool.data_ptr(), k_pool.stride(0), v_pool.data_ptr(),
+                          v_pool.stride(0), None if bias is None else bias.data_ptr(),
                           None if sinks is None else sinks.data_ptr(), out.data_ptr(), B, nq, h, K, d, dv, scale,
                           scratch.data_ptr(), table.data_ptr(), n, chunk, S // chunk):
         raise ValueError(f"attn_decode_paged: a chunk id in the table is outside [0, {S // chunk})")

@@ -32,9 +32,9 @@ void mf_rms_norm(const float *x, long ldx, const float *w, float *y, long ldy, l
 void mf_qkv_rope(float *qkv, long ld, long N, long heads, long d, long rd, const float *cos_, const float *sin_,
                  long v_off, long v_len, float v_scale);
 void mf_silu_mul(const float *h, long ldh, float *out, long ldo, long M, long F);
-int mf_attn_decode(const float *q, long q_sb, const float *k_base, long k_sh, long k_sb, const float *v_base,
-                   long v_sh, long v_sb, const float *bias, const float *sinks, float *out, long B, long nq, long h,
-                   long K, long d, long dv, float scale, float *scratch, const long *table, long n_chunks, long chunk,
+int mf_attn_decode(const float *q, long q_sb, const float *k_base, long k_sh, const float *v_base, long v_sh,
+                   const float *bias, const float *sinks, float *out, long B, long nq, long h, long K, long d,
+                   long dv, float scale, float *scratch, const long *table, long n_chunks, long chunk,
                    long pool_chunks);
 int mf_moe_token_bf16(const float *x, long D, const float *router_w, const float *bias, long E, long top_k,
                       int norm_topk, float scaling, const unsigned short *gate_up, const unsigned short *down, long F,
@@ -108,8 +108,8 @@ int mf_decode_layer(const mf_layer *L, float *x, long B, const float *cos_, cons
             memcpy(L->k_pool + (hh * S + slots[b]) * d, qkv + b * W + nq * d + hh * d, sizeof(float) * d);
             memcpy(L->v_pool + (hh * S + slots[b]) * dv, qkv + b * W + Wq + hh * dv, sizeof(float) * dv);
         }
-    int rc = mf_attn_decode(qkv, W, L->k_pool, S * d, 0, L->v_pool, S * dv, 0, bias, L->sinks, o, B, nq, nkv, K, d,
-                            dv, L->scale, scores, table, n_chunks, chunk, S / chunk);
+    int rc = mf_attn_decode(qkv, W, L->k_pool, S * d, L->v_pool, S * dv, bias, L->sinks, o, B, nq, nkv, K, d, dv,
+                            L->scale, scores, table, n_chunks, chunk, S / chunk);
     if (rc) { free(buf); return rc; }
     if (mf_gemm_bf16w(o, nq * dv, L->o_w, y, H, B, H, nq * dv)) { free(buf); return -2; }
     for (long i = 0; i < B * H; i++) x[i] += y[i];

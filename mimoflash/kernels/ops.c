@@ -95,7 +95,7 @@ AVX2 static inline float hsum8(__m256 v) {
 
 /* The G query heads that share one kv head, for one sequence: each key row is loaded once for all G heads
  * (GQA), and the dot products and value sums are explicit AVX2 (d, dv multiples of 8, G <= 8). krow/vrow: the K
- * key/value row pointers (paged or strided, resolved by the caller). scores: G * K floats. */
+ * key/value row pointers, resolved through the chunk table by the caller. scores: G * K floats. */
 AVX2 static void attn_group_avx2(const float *const *krow, const float *const *vrow, long K, const float *q, long G,
                                  long d, long dv, const float *bias, const float *sinks, float scale, float *out,
                                  float *scores) {
@@ -130,26 +130,22 @@ AVX2 static void attn_group_avx2(const float *const *krow, const float *const *v
 }
 #endif
 
-/* Decode attention with an optional per-head sink logit, one query token per sequence.
- *   q    (B, nq, d)   rows: q + b * q_sb + j * d
- *   keys (h, B, K, d) element [hh, b, k, :] at k_base + hh * k_sh + b * k_sb + k * d
- *   vals (h, B, K, dv) likewise with v_sh, v_sb, dv
- *   bias (B, K) additive mask (-inf = not a key) or NULL; sinks (nq) or NULL
- *   out  (B, nq, dv) contiguous;  query head j reads kv head j / (nq / h).
+/* Decode attention over the paged KV cache, one query token per sequence, with an optional per-head sink logit.
+ *   q     (B, nq, d)  rows: q + b * q_sb + j * d;  query head j reads kv head j / (nq / h)
+ *   pools K (h, S, d) at k_base + hh * k_sh + slot * d, V (h, S, dv) likewise (v_sh, dv)
+ *   table (B, n_chunks): key k of sequence b is slot table[b][k / chunk] * chunk + k % chunk (k < K), so blocks and
+ *         rings are read where they are instead of being gathered into a copy first
+ *   bias  (B, K) additive mask (-inf = not a key) or NULL; sinks (nq) or NULL;  out (B, nq, dv) contiguous.
  * p_k = exp(s_k - m) / (exp(sink - m) + sum_k exp(s_k - m)) with s_k = scale * q.k + bias: the sink joins the
- * denominator only (SPEC §2.3). `scratch` holds K floats.
- * Paged form (table != NULL): key k of sequence b lives in slot table[b * n_chunks + k / chunk] * chunk + k % chunk
- * of the pool (k_base + hh * k_sh + slot * d; k_sb / v_sb unused), so cache blocks are read where they are
- * instead of being gathered into a copy first. Returns -1 (nothing computed) if a table entry is outside
- * [0, pool_chunks), else 0. */
-VEC int mf_attn_decode(const float *q, long q_sb, const float *k_base, long k_sh, long k_sb, const float *v_base,
-                    long v_sh, long v_sb, const float *bias, const float *sinks, float *out, long B, long nq, long h,
-                    long K, long d, long dv, float scale, float *scratch, const long *table, long n_chunks,
-                    long chunk, long pool_chunks) {
+ * denominator only (SPEC §2.3). `scratch` holds K floats. Returns -1 (nothing computed) if a table entry is
+ * outside [0, pool_chunks), else 0. */
+VEC int mf_attn_decode(const float *q, long q_sb, const float *k_base, long k_sh, const float *v_base, long v_sh,
+                       const float *bias, const float *sinks, float *out, long B, long nq, long h, long K, long d,
+                       long dv, float scale, float *scratch, const long *table, long n_chunks, long chunk,
+                       long pool_chunks) {
     long G = nq / h;
-    if (table)                       /* a bad table would read outside the pools: refuse it (Python raises) */
-        for (long i = 0; i < B * n_chunks; i++)
-            if (table[i] < 0 || table[i] >= pool_chunks) return -1;
+    for (long i = 0; i < B * n_chunks; i++)      /* a bad table would read outside the pools: refuse it */
+        if (table[i] < 0 || table[i] >= pool_chunks) return -1;
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
     if (mf_simd_level() == 2 && d % 8 == 0 && dv % 8 == 0 && G <= 8 && nq % h == 0) {
         const float **rows = (const float **)malloc(sizeof(float *) * 2 * (size_t)(K > 0 ? K : 1));
@@ -157,13 +153,12 @@ VEC int mf_attn_decode(const float *q, long q_sb, const float *k_base, long k_sh
         if (rows && scores) {
             for (long b = 0; b < B; b++)
                 for (long hh = 0; hh < h; hh++) {
-                    const long *tb = table ? table + b * n_chunks : NULL;
-                    long c = 0, slot = 0;
-                    for (long k = 0; k < K; k++) {
-                        long off = tb ? tb[c] * chunk + slot : -1;
-                        rows[k] = tb ? k_base + hh * k_sh + off * d : k_base + hh * k_sh + b * k_sb + k * d;
-                        rows[K + k] = tb ? v_base + hh * v_sh + off * dv : v_base + hh * v_sh + b * v_sb + k * dv;
-                        if (tb && ++slot == chunk) { slot = 0; c++; }
+                    const long *tb = table + b * n_chunks;
+                    for (long k = 0, c = 0, slot = 0; k < K; k++) {
+                        long off = tb[c] * chunk + slot;
+                        rows[k] = k_base + hh * k_sh + off * d;
+                        rows[K + k] = v_base + hh * v_sh + off * dv;
+                        if (++slot == chunk) { slot = 0; c++; }
                     }
                     attn_group_avx2(rows, rows + K, K, q + b * q_sb + hh * G * d, G, d, dv, bias ? bias + b * K : NULL,
                                     sinks ? sinks + hh * G : NULL, scale, out + (b * nq + hh * G) * dv, scores);
@@ -178,17 +173,14 @@ VEC int mf_attn_decode(const float *q, long q_sb, const float *k_base, long k_sh
 #endif
     for (long b = 0; b < B; b++) {
         const float *bb = bias ? bias + b * K : NULL;
+        const long *tb = table + b * n_chunks;
         for (long j = 0; j < nq; j++) {
             long hh = j / G;
             const float *qv = q + b * q_sb + j * d;
-            const float *kb = k_base + hh * k_sh + b * k_sb;
-            const float *vb = v_base + hh * v_sh + b * v_sb;
             float mx = sinks ? sinks[j] : -INFINITY;
-            const long *tb = table ? table + b * n_chunks : NULL;
-            long c = 0, slot = 0;                                   /* paged: chunk index and slot within it */
-            for (long k = 0; k < K; k++) {
-                const float *kr = tb ? k_base + hh * k_sh + (tb[c] * chunk + slot) * d : kb + k * d;
-                if (tb && ++slot == chunk) { slot = 0; c++; }
+            for (long k = 0, c = 0, slot = 0; k < K; k++) {         /* c: chunk index, slot: slot within it */
+                const float *kr = k_base + hh * k_sh + (tb[c] * chunk + slot) * d;
+                if (++slot == chunk) { slot = 0; c++; }
                 float s = 0.f;
 #pragma omp simd reduction(+ : s)
                 for (long i = 0; i < d; i++) s += qv[i] * kr[i];
@@ -205,11 +197,10 @@ VEC int mf_attn_decode(const float *q, long q_sb, const float *k_base, long k_sh
             }
             float *o = out + (b * nq + j) * dv;
             for (long i = 0; i < dv; i++) o[i] = 0.f;
-            c = 0, slot = 0;
-            for (long k = 0; k < K; k++) {
+            for (long k = 0, c = 0, slot = 0; k < K; k++) {
+                const float *vr = v_base + hh * v_sh + (tb[c] * chunk + slot) * dv;
+                if (++slot == chunk) { slot = 0; c++; }
                 float p = scratch[k];
-                const float *vr = tb ? v_base + hh * v_sh + (tb[c] * chunk + slot) * dv : vb + k * dv;
-                if (tb && ++slot == chunk) { slot = 0; c++; }
                 if (p != 0.f) {
 #pragma omp simd
                     for (long i = 0; i < dv; i++) o[i] += p * vr[i];

@@ -8,8 +8,10 @@
  *
  * Layout: w row-major (N, K), as nn.Linear stores it; x and y row-major with row strides ldx / ldy.
  * M <= 2 (decode of one or two sequences, an expert with 1-2 tokens): each bf16 vector is converted in registers
- * and used at once. M > 2: blocks of 4 weight rows are converted once into an fp32 buffer that stays in L1/L2,
- * then every pair of x rows runs against it (the conversion is paid once per weight, not once per row).
+ * and used at once, with a software prefetch of the rows ahead. M > 2: blocks of 3 weight rows are converted once
+ * into an fp32 buffer that stays in L1, then every 4 x rows run against it in a 4 x 3 register block (12
+ * accumulators, 7 loads per 12 FMAs), so the conversion is paid once per weight, not once per row. Products with
+ * >= 2^22 weights are split by rows over threads (see mf_gemm_bf16w).
  * The AVX2+FMA path is chosen at run time (__builtin_cpu_supports), so one binary is safe on any x86-64; other
  * machines get the portable loop. Built and loaded by mimoflash/kernels/__init__.py; tested against
  * F.linear(x, w.float()) in tests/test_kernels.py.
