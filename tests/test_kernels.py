@@ -34,7 +34,7 @@ def _randn(*shape):
     return torch.randn(*shape, generator=G)
 
 
-@pytest.mark.parametrize("M", [1, 2, 3, 5, 17])
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 6, 7, 12, 17])
 @pytest.mark.parametrize("N,K", [(1, 1), (3, 7), (4, 8), (7, 9), (64, 24), (33, 100), (8, 512)])
 def test_linear_bf16w_matches_upcast_matmul(M, N, K):
     w = _randn(N, K).bfloat16()
@@ -86,12 +86,17 @@ def test_silu_mul():
 
 
 @pytest.mark.parametrize("sinks", [True, False])
-def test_attn_decode_paged_matches_reference(sinks):
-    """GQA (4 query heads on 2 kv heads), chunks of 4 slots scattered over the pool, a mask with empty slots."""
-    B, nq, h, d, dv, chunk, n = 3, 4, 2, 48, 32, 4, 3
+@pytest.mark.parametrize("nq,h,dv,n", [(4, 2, 32, 3), (2, 2, 32, 3), (6, 2, 72, 5), (8, 2, 32, 3), (10, 2, 32, 3),
+                                        (14, 2, 32, 3), (16, 1, 136, 3), (24, 2, 32, 2)])
+def test_attn_decode_paged_matches_reference(sinks, nq, h, dv, n):
+    """GQA (query heads per kv head G = 1..16: every score-block shape of the AVX2 kernel, and G > 8 in sub-groups),
+    chunks of 4 slots scattered over the pool, a mask with empty slots, K not a multiple of the key blocks, dv over
+    one 64-wide pass."""
+    B, d, chunk = 3, 48, 4
     K = n * chunk - 1
-    k_pool, v_pool = _randn(h, 10 * chunk, d), _randn(h, 10 * chunk, dv)
-    table = torch.randperm(10, generator=G)[:B * n].view(B, n)
+    pool = B * n + 4
+    k_pool, v_pool = _randn(h, pool * chunk, d), _randn(h, pool * chunk, dv)
+    table = torch.randperm(pool, generator=G)[:B * n].view(B, n)
     slots = (table[:, :, None] * chunk + torch.arange(chunk)).view(B, -1)[:, :K]          # (B, K)
     keys, vals = k_pool[:, slots].permute(1, 2, 0, 3), v_pool[:, slots].permute(1, 2, 0, 3)   # (B, K, h, dim)
     q = _randn(B, nq, d)
@@ -106,7 +111,7 @@ def test_attn_decode_paged_matches_reference(sinks):
     with pytest.raises(ValueError, match="table"):
         kernels.attn_decode_paged(q, k_pool, v_pool, table, chunk, n * chunk + 1, None, sink, 1.0)
     with pytest.raises(ValueError, match="outside"):
-        kernels.attn_decode_paged(q, k_pool, v_pool, table + 10, chunk, K, None, sink, 1.0)
+        kernels.attn_decode_paged(q, k_pool, v_pool, table + pool, chunk, K, None, sink, 1.0)
 
 
 # ------------------------------------------------------------------------------------------- engine, bf16 weights

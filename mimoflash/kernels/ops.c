@@ -93,38 +93,93 @@ AVX2 static inline float hsum8(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-/* The G query heads that share one kv head, for one sequence: each key row is loaded once for all G heads
- * (GQA), and the dot products and value sums are explicit AVX2 (d, dv multiples of 8, G <= 8). krow/vrow: the K
- * key/value row pointers, resolved through the chunk table by the caller. scores: G * K floats. */
+/* Scores of GC query heads (q rows of d floats) against KB keys at a time: KB * GC <= 8 accumulators, so 8
+ * independent FMA chains hide the FMA latency (one key at a time left a 12-deep dependent chain per key), and
+ * each key vector is loaded once for the GC heads (GQA). MB-style compile-time sizes keep the accumulators in
+ * registers. scores[g * ld + k] = scale * q_g . key_k + bias[k]. */
+#define SCORES(KB, GC)                                                                                                \
+    AVX2 static void scores_##KB##x##GC(const float *const *krow, long K, const float *q, long d, const float *bias, \
+                                        float scale, float *scores, long ld) {                                       \
+        long k = 0;                                                                                                  \
+        for (; k + KB <= K; k += KB) {                                                                               \
+            __m256 acc[KB][GC];                                                                                      \
+            for (int j = 0; j < KB; j++)                                                                             \
+                for (int g = 0; g < GC; g++) acc[j][g] = _mm256_setzero_ps();                                        \
+            for (long i = 0; i < d; i += 8)                                                                          \
+                for (int j = 0; j < KB; j++) {                                                                       \
+                    __m256 kv = _mm256_loadu_ps(krow[k + j] + i);                                                    \
+                    for (int g = 0; g < GC; g++)                                                                     \
+                        acc[j][g] = _mm256_fmadd_ps(_mm256_loadu_ps(q + g * d + i), kv, acc[j][g]);                  \
+                }                                                                                                    \
+            for (int j = 0; j < KB; j++)                                                                             \
+                for (int g = 0; g < GC; g++)                                                                         \
+                    scores[g * ld + k + j] = hsum8(acc[j][g]) * scale + (bias ? bias[k + j] : 0.f);                  \
+        }                                                                                                            \
+        for (; k < K; k++)                                                                                           \
+            for (int g = 0; g < GC; g++) {                                                                           \
+                __m256 a = _mm256_setzero_ps();                                                                      \
+                for (long i = 0; i < d; i += 8)                                                                      \
+                    a = _mm256_fmadd_ps(_mm256_loadu_ps(q + g * d + i), _mm256_loadu_ps(krow[k] + i), a);            \
+                scores[g * ld + k] = hsum8(a) * scale + (bias ? bias[k] : 0.f);                                      \
+            }                                                                                                        \
+    }
+SCORES(8, 1)
+SCORES(4, 2)
+SCORES(2, 3)
+SCORES(2, 4)
+SCORES(1, 5)
+SCORES(1, 6)
+SCORES(1, 7)
+SCORES(1, 8)
+
+/* The G query heads that share one kv head, for one sequence (any G; heads in sub-groups of <= 8): scores with
+ * each key row loaded once per sub-group, softmax with the sink, then the value sums with 8 accumulators (64
+ * floats of dv) per pass over the keys. d, dv multiples of 8. krow/vrow: the K key/value row pointers, resolved
+ * through the chunk table by the caller. scores: G * K floats. */
 AVX2 static void attn_group_avx2(const float *const *krow, const float *const *vrow, long K, const float *q, long G,
                                  long d, long dv, const float *bias, const float *sinks, float scale, float *out,
                                  float *scores) {
-    __m256 acc[8];
-    for (long k = 0; k < K; k++) {
-        const float *kr = krow[k];
-        for (long g = 0; g < G; g++) acc[g] = _mm256_setzero_ps();
-        for (long i = 0; i < d; i += 8) {
-            __m256 kv = _mm256_loadu_ps(kr + i);
-            for (long g = 0; g < G; g++) acc[g] = _mm256_fmadd_ps(_mm256_loadu_ps(q + g * d + i), kv, acc[g]);
+    for (long g0 = 0; g0 < G; g0 += 8) {
+        long gc = G - g0 < 8 ? G - g0 : 8;
+        const float *qg = q + g0 * d;
+        float *sg = scores + g0 * K;
+        switch (gc) {
+        case 1: scores_8x1(krow, K, qg, d, bias, scale, sg, K); break;
+        case 2: scores_4x2(krow, K, qg, d, bias, scale, sg, K); break;
+        case 3: scores_2x3(krow, K, qg, d, bias, scale, sg, K); break;
+        case 4: scores_2x4(krow, K, qg, d, bias, scale, sg, K); break;
+        case 5: scores_1x5(krow, K, qg, d, bias, scale, sg, K); break;
+        case 6: scores_1x6(krow, K, qg, d, bias, scale, sg, K); break;
+        case 7: scores_1x7(krow, K, qg, d, bias, scale, sg, K); break;
+        default: scores_1x8(krow, K, qg, d, bias, scale, sg, K); break;
         }
-        float bk = bias ? bias[k] : 0.f;
-        for (long g = 0; g < G; g++) scores[g * K + k] = hsum8(acc[g]) * scale + bk;
     }
     for (long g = 0; g < G; g++) {
         float *sc = scores + g * K, mx = sinks ? sinks[g] : -INFINITY;
         for (long k = 0; k < K; k++) mx = sc[k] > mx ? sc[k] : mx;
         float denom = sinks ? expf(sinks[g] - mx) : 0.f;
+#pragma omp simd reduction(+ : denom)
         for (long k = 0; k < K; k++) {
             float p = sc[k] == -INFINITY ? 0.f : exp_approx(sc[k] - mx);
             sc[k] = p;
             denom += p;
         }
         float inv = 1.0f / denom, *o = out + g * dv;
-        for (long i = 0; i < dv; i += 8) {
-            __m256 ov = _mm256_setzero_ps();
-            for (long k = 0; k < K; k++)
-                if (sc[k] != 0.f) ov = _mm256_fmadd_ps(_mm256_set1_ps(sc[k]), _mm256_loadu_ps(vrow[k] + i), ov);
-            _mm256_storeu_ps(o + i, _mm256_mul_ps(ov, _mm256_set1_ps(inv)));
+        for (long i0 = 0; i0 < dv; i0 += 64) {
+            long nv = (dv - i0 < 64 ? dv - i0 : 64) / 8;
+            __m256 acc[8];
+            for (int j = 0; j < 8; j++) acc[j] = _mm256_setzero_ps();
+            for (long k = 0; k < K; k++) {
+                if (sc[k] == 0.f) continue;               /* masked key: its (maybe unwritten) row is not read */
+                __m256 p = _mm256_set1_ps(sc[k]);
+                const float *vr = vrow[k] + i0;
+                if (nv == 8)
+                    for (int j = 0; j < 8; j++) acc[j] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vr + 8 * j), acc[j]);
+                else
+                    for (int j = 0; j < nv; j++) acc[j] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vr + 8 * j), acc[j]);
+            }
+            __m256 iv = _mm256_set1_ps(inv);
+            for (int j = 0; j < nv; j++) _mm256_storeu_ps(o + i0 + 8 * j, _mm256_mul_ps(acc[j], iv));
         }
     }
 }
@@ -147,7 +202,7 @@ VEC int mf_attn_decode(const float *q, long q_sb, const float *k_base, long k_sh
     for (long i = 0; i < B * n_chunks; i++)      /* a bad table would read outside the pools: refuse it */
         if (table[i] < 0 || table[i] >= pool_chunks) return -1;
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-    if (mf_simd_level() == 2 && d % 8 == 0 && dv % 8 == 0 && G <= 8 && nq % h == 0) {
+    if (mf_simd_level() == 2 && d % 8 == 0 && dv % 8 == 0 && nq % h == 0) {
         const float **rows = (const float **)malloc(sizeof(float *) * 2 * (size_t)(K > 0 ? K : 1));
         float *scores = (float *)malloc(sizeof(float) * (size_t)(G * (K > 0 ? K : 1)));
         if (rows && scores) {

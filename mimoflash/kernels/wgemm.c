@@ -8,10 +8,11 @@
  *
  * Layout: w row-major (N, K), as nn.Linear stores it; x and y row-major with row strides ldx / ldy.
  * M <= 2 (decode of one or two sequences, an expert with 1-2 tokens): each bf16 vector is converted in registers
- * and used at once, with a software prefetch of the rows ahead. M > 2: blocks of 3 weight rows are converted once
- * into an fp32 buffer that stays in L1, then every 4 x rows run against it in a 4 x 3 register block (12
- * accumulators, 7 loads per 12 FMAs), so the conversion is paid once per weight, not once per row. Products with
- * >= 2^22 weights are split by rows over threads (see mf_gemm_bf16w).
+ * and used at once, with a software prefetch of the rows ahead. M > 2: pairs of weight rows converted in
+ * registers against blocks of up to 6 x rows (gemm_big_m); an earlier form converted 3 rows into an fp32 buffer
+ * for 4 x 3 blocks and fell to one-row dot products for M % 4 rows (M = 3 took 8x the time of M = 4; an expert
+ * with 3 tokens is common in a batch). Products with >= 2^22 weights are split by rows over threads (see
+ * mf_gemm_bf16w).
  * The AVX2+FMA path is chosen at run time (__builtin_cpu_supports), so one binary is safe on any x86-64; other
  * machines get the portable loop. Built and loaded by mimoflash/kernels/__init__.py; tested against
  * F.linear(x, w.float()) in tests/test_kernels.py.
@@ -123,62 +124,61 @@ AVX2 static void gemm_small_m(const float *x, long ldx, const uint16_t *w, float
         for (long m = 0; m < M; m++) y[m * ldy + n] = dot_row(x + m * ldx, w + n * K, K);
 }
 
-AVX2 static float dot_f32(const float *a, const float *b, long K) {
-    __m256 acc = _mm256_setzero_ps();
-    long k = 0;
-    for (; k + 8 <= K; k += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(b + k), acc);
-    float r = hsum(acc);
-    for (; k < K; k++) r += a[k] * b[k];
-    return r;
-}
-
-/* 4 x rows against 3 converted weight rows (12 accumulators, 7 loads per 12 FMAs): the M > 2 inner block. */
-AVX2 static void block_4x3(const float *x, long ldx, const float *c0, const float *c1, const float *c2, long K,
-                           float *y, long ldy) {
-    long K8 = K & ~7L;
-    const float *x0 = x, *x1 = x + ldx, *x2 = x + 2 * ldx, *x3 = x + 3 * ldx;
-    __m256 a00 = _mm256_setzero_ps(), a01 = a00, a02 = a00, a10 = a00, a11 = a00, a12 = a00;
-    __m256 a20 = a00, a21 = a00, a22 = a00, a30 = a00, a31 = a00, a32 = a00;
-    for (long k = 0; k < K8; k += 8) {
-        __m256 w0 = _mm256_loadu_ps(c0 + k), w1 = _mm256_loadu_ps(c1 + k), w2 = _mm256_loadu_ps(c2 + k);
-        __m256 xv = _mm256_loadu_ps(x0 + k);
-        a00 = _mm256_fmadd_ps(xv, w0, a00); a01 = _mm256_fmadd_ps(xv, w1, a01); a02 = _mm256_fmadd_ps(xv, w2, a02);
-        xv = _mm256_loadu_ps(x1 + k);
-        a10 = _mm256_fmadd_ps(xv, w0, a10); a11 = _mm256_fmadd_ps(xv, w1, a11); a12 = _mm256_fmadd_ps(xv, w2, a12);
-        xv = _mm256_loadu_ps(x2 + k);
-        a20 = _mm256_fmadd_ps(xv, w0, a20); a21 = _mm256_fmadd_ps(xv, w1, a21); a22 = _mm256_fmadd_ps(xv, w2, a22);
-        xv = _mm256_loadu_ps(x3 + k);
-        a30 = _mm256_fmadd_ps(xv, w0, a30); a31 = _mm256_fmadd_ps(xv, w1, a31); a32 = _mm256_fmadd_ps(xv, w2, a32);
+/* M > 2: blocks of up to 6 x rows against 2 weight rows (12 accumulators, 2 conversions + 6 loads per 12 FMAs),
+ * converted in registers like the M <= 2 path. The pair of weight rows (4 KB at K = 1024) stays in L1 while every
+ * block of x rows runs against it, so each weight is read from memory once per call; the conversion (2 integer ops
+ * per 8 weights) is repeated per block, which costs less than writing and re-reading an fp32 copy. MB is a
+ * compile-time constant in each instantiation, so the accumulator array lives in registers. */
+#define ROWS_X_2(MB)                                                                                                  \
+    AVX2 static void rows##MB##_x2(const float *x, long ldx, const uint16_t *w0, long K, float *y, long ldy,      \
+                                   int prefetch) {                                                                 \
+        const uint16_t *w1 = w0 + K;                                                                               \
+        long K8 = K & ~7L;                                                                                         \
+        __m256 a[MB][2];                                                                                           \
+        for (int m = 0; m < MB; m++) a[m][0] = a[m][1] = _mm256_setzero_ps();                                      \
+        for (long k = 0; k < K8; k += 8) {                                                                         \
+            if (prefetch) _mm_prefetch((const char *)(w0 + PF_ROWS * K) + 4 * k, _MM_HINT_T0);                  \
+            __m256 v0 = load_bf16x8(w0 + k), v1 = load_bf16x8(w1 + k);                                             \
+            for (int m = 0; m < MB; m++) {                                                                         \
+                __m256 xv = _mm256_loadu_ps(x + m * ldx + k);                                                      \
+                a[m][0] = _mm256_fmadd_ps(xv, v0, a[m][0]);                                                        \
+                a[m][1] = _mm256_fmadd_ps(xv, v1, a[m][1]);                                                        \
+            }                                                                                                      \
+        }                                                                                                          \
+        for (int m = 0; m < MB; m++) {                                                                             \
+            float r0 = hsum(a[m][0]), r1 = hsum(a[m][1]);                                                          \
+            for (long k = K8; k < K; k++) {                                                                        \
+                r0 += x[m * ldx + k] * bf16_to_f32(w0[k]);                                                         \
+                r1 += x[m * ldx + k] * bf16_to_f32(w1[k]);                                                         \
+            }                                                                                                      \
+            y[m * ldy] = r0;                                                                                       \
+            y[m * ldy + 1] = r1;                                                                                   \
+        }                                                                                                          \
     }
-    float r[4][3] = {{hsum(a00), hsum(a01), hsum(a02)}, {hsum(a10), hsum(a11), hsum(a12)},
-                     {hsum(a20), hsum(a21), hsum(a22)}, {hsum(a30), hsum(a31), hsum(a32)}};
-    const float *xs[4] = {x0, x1, x2, x3};
-    for (long k = K8; k < K; k++)
-        for (int m = 0; m < 4; m++) {
-            r[m][0] += xs[m][k] * c0[k]; r[m][1] += xs[m][k] * c1[k]; r[m][2] += xs[m][k] * c2[k];
-        }
-    for (int m = 0; m < 4; m++) memcpy(y + m * ldy, r[m], sizeof r[m]);
-}
+ROWS_X_2(1)
+ROWS_X_2(2)
+ROWS_X_2(3)
+ROWS_X_2(4)
+ROWS_X_2(5)
+ROWS_X_2(6)
 
-/* M > 2: convert 3 weight rows into buf (3 * K fp32), then blocks of 4 x rows x 3 weight rows; the last M % 4 rows
- * and N % 3 weight rows take the dot-row path. */
-AVX2 static void gemm_big_m(const float *x, long ldx, const uint16_t *w, float *y, long ldy, long M, long N, long K,
-                             float *buf) {
-    long K8 = K & ~7L, n = 0, M4 = M & ~3L;
-    for (; n + 3 <= N; n += 3) {
-        for (long r = 0; r < 3; r++) {
-            const uint16_t *wr = w + (n + r) * K;
-            float *br = buf + r * K;
-            long k = 0;
-            for (; k < K8; k += 8) {
-                _mm_prefetch((const char *)(wr + PF_ROWS * K) + 2 * k, _MM_HINT_T0);
-                _mm256_storeu_ps(br + k, load_bf16x8(wr + k));
-            }
-            for (; k < K; k++) br[k] = bf16_to_f32(wr[k]);
+AVX2 static void gemm_big_m(const float *x, long ldx, const uint16_t *w, float *y, long ldy, long M, long N, long K) {
+    long n = 0;
+    for (; n + 2 <= N; n += 2) {
+        const uint16_t *wn = w + n * K;
+        long m = 0;
+        int pf = 1;                                  /* prefetch the rows ahead on the first pass only */
+        for (; m + 6 <= M; m += 6, pf = 0) rows6_x2(x + m * ldx, ldx, wn, K, y + m * ldy + n, ldy, pf);
+        const float *xm = x + m * ldx;
+        float *ym = y + m * ldy + n;
+        switch (M - m) {
+        case 5: rows5_x2(xm, ldx, wn, K, ym, ldy, pf); break;
+        case 4: rows4_x2(xm, ldx, wn, K, ym, ldy, pf); break;
+        case 3: rows3_x2(xm, ldx, wn, K, ym, ldy, pf); break;
+        case 2: rows2_x2(xm, ldx, wn, K, ym, ldy, pf); break;
+        case 1: rows1_x2(xm, ldx, wn, K, ym, ldy, pf); break;
+        default: break;
         }
-        for (long m = 0; m < M4; m += 4) block_4x3(x + m * ldx, ldx, buf, buf + K, buf + 2 * K, K, y + m * ldy + n, ldy);
-        for (long m = M4; m < M; m++)
-            for (long r = 0; r < 3; r++) y[m * ldy + n + r] = dot_f32(x + m * ldx, buf + r * K, K);
     }
     for (; n < N; n++)
         for (long m = 0; m < M; m++) y[m * ldy + n] = dot_row(x + m * ldx, w + n * K, K);
@@ -206,10 +206,7 @@ static int gemm_range(const float *x, long ldx, const uint16_t *w, float *y, lon
             gemm_small_m(x, ldx, w, y, ldy, M, N, K);
             return 0;
         }
-        float *buf = (float *)malloc(sizeof(float) * 3 * (size_t)K);
-        if (!buf) return -1;
-        gemm_big_m(x, ldx, w, y, ldy, M, N, K, buf);
-        free(buf);
+        gemm_big_m(x, ldx, w, y, ldy, M, N, K);
         return 0;
     }
 #endif
@@ -247,7 +244,7 @@ int mf_gemm_bf16w(const float *x, long ldx, const uint16_t *w, float *y, long ld
         gemm_job jobs[64];
         pthread_t tid[64];
         int started[64] = {0};
-        long per = ((N + T - 1) / T + 11) / 12 * 12;    /* a multiple of the 3- and 4-row blocks */
+        long per = ((N + T - 1) / T + 11) / 12 * 12;    /* a multiple of the 2- and 4-row blocks */
         int n_jobs = 0;
         for (long n0 = 0; n0 < N && n_jobs < T; n0 += per, n_jobs++) {
             long n1 = n0 + per < N ? n0 + per : N;
