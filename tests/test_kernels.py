@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import os
 import subprocess
 import sys
@@ -281,6 +283,23 @@ def test_fused_layer_decode_matches_module_path(overrides, lengths):
             assert abs(lx[t].logprob - ly[t].logprob) < 1e-5
 
 
+def test_fused_decode_same_with_kernel_threads():
+    """A ragged batch through runner.fused with the kernel pool at 1 and at 2 threads (attention split by
+    sequence and kv head, experts by expert): the same tokens and the same logprobs, bit for bit."""
+    m16, _ = _pair(seed=5)
+    ps = [{"prompt_token_ids": torch.randint(0, 512, (n,), generator=G).tolist()} for n in (7, 12, 3)]
+    sp = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=2)
+    llm = LLM(m16, max_num_seqs=4, block_size=4)
+    assert llm.engine.runner.fused is not None
+    one = [o.outputs[0] for o in llm.generate(ps, sp)]
+    with _kernel_threads(2):
+        two = [o.outputs[0] for o in llm.generate(ps, sp)]
+    for a, b in zip(one, two):
+        assert a.token_ids == b.token_ids
+        assert [{t: p.logprob for t, p in d.items()} for d in a.logprobs] == \
+            [{t: p.logprob for t, p in d.items()} for d in b.logprobs]
+
+
 def test_shipped_model_default_path_matches_fp32_weights():
     """The shipped (bf16) model through the default CPU path (bf16 weights, fused single-sequence decode) and with
     its weights upcast to fp32 (torch matmuls): the same greedy text."""
@@ -294,18 +313,64 @@ def test_shipped_model_default_path_matches_fp32_weights():
     assert oa.token_ids == ob.token_ids and oa.text
 
 
-@pytest.mark.parametrize("M", [1, 3, 16])
-def test_threaded_gemm_matches_single_thread(M):
-    """A GEMM with >= 2^22 weights is split by rows over threads: same result as one thread."""
-    w = _randn(8200, 520).bfloat16()
-    x = _randn(M, 520)
-    one = kernels.linear_bf16w(x, w)
+@contextlib.contextmanager
+def _kernel_threads(n):
+    kernels.set_num_threads(n)
     try:
-        kernels.set_num_threads(3)
-        three = kernels.linear_bf16w(x, w)
+        yield
     finally:
         kernels.set_num_threads(1)
-    torch.testing.assert_close(three, one, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("M", [1, 3, 16])
+@pytest.mark.parametrize("N,K", [(8200, 520), (300, 256), (37, 2048)])
+def test_threaded_gemm_matches_single_thread(M, N, K):
+    """GEMMs of >= 2^16 weights are split by rows over the pool's threads (uneven last chunk, 2 and 3 threads): the
+    same bits as one thread."""
+    w, x = _randn(N, K).bfloat16(), _randn(M, K)
+    one = kernels.linear_bf16w(x, w)
+    for n in (2, 3):
+        with _kernel_threads(n):
+            torch.testing.assert_close(kernels.linear_bf16w(x, w), one, atol=0, rtol=0)
+
+
+def test_threaded_attention_and_experts_match_single_thread():
+    """Attention runs one pool task per (sequence, kv head), the routed experts one per expert (uneven counts, an
+    empty expert): the same bits as one thread."""
+    B, nq, h, d, dv, chunk, n = 5, 8, 2, 48, 32, 4, 3
+    k_pool, v_pool = _randn(h, 20 * chunk, d), _randn(h, 20 * chunk, dv)
+    table = torch.randperm(20, generator=G)[:B * n].view(B, n)
+    q, sinks = _randn(B, nq, d), _randn(nq)
+    E, F2, D = 6, 2 * 40, 64
+    gate_up, down = _randn(E, F2, D).bfloat16(), _randn(E, D, F2 // 2).bfloat16()
+    counts = torch.tensor([3, 0, 1, 5, 2, 1])
+    x_PD = _randn(int(counts.sum()), D)
+    one_a = kernels.attn_decode_paged(q, k_pool, v_pool, table, chunk, n * chunk - 2, None, sinks, 0.1)
+    one_e = kernels.experts_bf16(x_PD, counts, gate_up, down)
+    for t in (2, 3):
+        with _kernel_threads(t):
+            two_a = kernels.attn_decode_paged(q, k_pool, v_pool, table, chunk, n * chunk - 2, None, sinks, 0.1)
+            two_e = kernels.experts_bf16(x_PD, counts, gate_up, down)
+        torch.testing.assert_close(two_a, one_a, atol=0, rtol=0)
+        torch.testing.assert_close(two_e, one_e, atol=0, rtol=0)
+
+
+def test_pool_survives_fork():
+    """A child forked after the pool started has no worker threads: its first parallel call must start new ones
+    (the atfork handler), not wait for the parent's."""
+    import multiprocessing as mp
+    w, x = _randn(512, 256).bfloat16(), _randn(4, 256)
+    with _kernel_threads(2):
+        ref = kernels.linear_bf16w(x, w)                      # the parent's workers exist now
+        ctx = mp.get_context("fork")
+        with ctx.Pool(1) as pool:
+            got = pool.apply_async(_fork_child_gemm, (x, w)).get(timeout=60)
+    torch.testing.assert_close(got, ref, atol=0, rtol=0)
+
+
+def _fork_child_gemm(x, w):
+    kernels.set_num_threads(2)
+    return kernels.linear_bf16w(x, w)
 
 
 @pytest.mark.parametrize("T", [1, 2, 3])

@@ -1,6 +1,7 @@
 """CPU kernels that torch lacks, compiled on first use with the system C compiler and loaded with ctypes.
 
 * `linear_bf16w(x, w)`: y = x @ w.T with x fp32 and w stored as bfloat16 (wgemm.c says why);
+* a persistent thread pool (pool.c) that splits the GEMMs, attention and experts over `set_num_threads` threads;
 * `decode_layer` (decode.c): a whole decoder layer for one decoded token in one call (`LayerArgs` holds its
   weights' pointers); used by `engine/fused_decode.py`;
 * fused fp32 decode ops (ops.c): `rms_norm`, `qkv_rope_` (RoPE on q|k and the value scale, in place),
@@ -36,7 +37,7 @@ import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
-_SOURCES = [Path(__file__).with_name(n) for n in ("wgemm.c", "ops.c", "decode.c")]
+_SOURCES = [Path(__file__).with_name(n) for n in ("wgemm.c", "ops.c", "decode.c", "pool.c")]
 _FLAGS = ["-O3", "-fPIC", "-shared", "-std=gnu11", "-fopenmp-simd", "-pthread"]
 _lib: ctypes.CDLL | None = None
 _tried = False
@@ -117,8 +118,9 @@ def _load() -> ctypes.CDLL | None:
 
 
 def set_num_threads(n: int) -> None:
-    """Threads for large bf16-weight GEMMs (>= 2^22 weights, split by rows); the engine passes
-    torch.get_num_threads() so that `--threads` / torch.set_num_threads govern both."""
+    """Threads of the kernels' pool (pool.c): bf16-weight GEMMs of >= 2^16 weights split by rows, decode attention
+    by (sequence, kv head), routed experts by expert. The engine passes torch.get_num_threads() so that `--threads`
+    / torch.set_num_threads govern both. Results do not depend on the count."""
     lib = _load()
     if lib is not None:
         lib.mf_set_num_threads(int(n))
@@ -242,10 +244,13 @@ def attn_decode_paged(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tenso
     if scratch is None or scratch.numel() < K:
         scratch = _local.scratch = torch.empty(max(K, 4096), dtype=torch.float32)
     out = torch.empty(B, nq, dv, dtype=torch.float32)
-    if lib.mf_attn_decode(q.data_ptr(), q.stride(0), k_pool.data_ptr(), k_pool.stride(0), v_pool.data_ptr(),
-                          v_pool.stride(0), None if bias is None else bias.data_ptr(),
-                          None if sinks is None else sinks.data_ptr(), out.data_ptr(), B, nq, h, K, d, dv, scale,
-                          scratch.data_ptr(), table.data_ptr(), n, chunk, S // chunk):
+    rc = lib.mf_attn_decode(q.data_ptr(), q.stride(0), k_pool.data_ptr(), k_pool.stride(0), v_pool.data_ptr(),
+                            v_pool.stride(0), None if bias is None else bias.data_ptr(),
+                            None if sinks is None else sinks.data_ptr(), out.data_ptr(), B, nq, h, K, d, dv, scale,
+                            scratch.data_ptr(), table.data_ptr(), n, chunk, S // chunk)
+    if rc == -2:
+        raise MemoryError("attn_decode_paged: could not allocate the kernel's row pointers")
+    if rc:
         raise ValueError(f"attn_decode_paged: a chunk id in the table is outside [0, {S // chunk})")
     return out
 
@@ -286,7 +291,7 @@ def experts_bf16(x_PD: torch.Tensor, counts: torch.Tensor, gate_up: torch.Tensor
         raise ValueError("experts_bf16: unexpected shapes, dtypes or layouts")
     counts = counts.contiguous()
     y = torch.empty(P, D, dtype=torch.float32)
-    scratch = torch.empty(max(1, 3 * (F2 // 2) * int(counts.max())), dtype=torch.float32)
+    scratch = torch.empty(max(1, 3 * (F2 // 2) * P), dtype=torch.float32)
     rc = lib.mf_experts_bf16(x_PD.data_ptr(), P, counts.data_ptr(), E, D, F2 // 2, gate_up.data_ptr(),
                              down.data_ptr(), y.data_ptr(), scratch.data_ptr())
     if rc == -2:

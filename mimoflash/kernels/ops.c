@@ -4,7 +4,11 @@
  * attention.py), which stays the reference; tests/test_kernels.py compares the two.
  */
 #include <math.h>
+#include <stdatomic.h>
 #include <stddef.h>
+#include <stdlib.h>
+
+void mf_parallel(long n, void (*fn)(void *, long), void *ctx);   /* pool.c */
 
 /* One binary for any x86-64: GCC builds an AVX2+FMA clone of each function and picks it at load time (ifunc);
  * `omp simd` (-fopenmp-simd, no OpenMP runtime) lets the compiler vectorize the reductions. */
@@ -183,6 +187,46 @@ AVX2 static void attn_group_avx2(const float *const *krow, const float *const *v
         }
     }
 }
+typedef struct {
+    const float *q;
+    long q_sb;
+    const float *k_base;
+    long k_sh;
+    const float *v_base;
+    long v_sh;
+    const float *bias, *sinks;
+    float *out;
+    long nq, h, K, d, dv;
+    float scale;
+    const long *table;
+    long n_chunks, chunk;
+    atomic_int failed;                             /* a task could not allocate its row pointers */
+} attn_job;
+
+/* Task i = (sequence b, kv head hh): resolve the K key/value rows through the chunk table, then the G query heads
+ * of that kv head (attn_group_avx2). */
+AVX2 static void attn_task(void *p, long i) {
+    attn_job *j = (attn_job *)p;
+    long b = i / j->h, hh = i % j->h, K = j->K, G = j->nq / j->h, n = K > 0 ? K : 1;
+    const float **rows = (const float **)malloc(sizeof(float *) * 2 * (size_t)n);
+    float *scores = (float *)malloc(sizeof(float) * (size_t)(G * n));
+    if (rows && scores) {
+        const long *tb = j->table + b * j->n_chunks;
+        for (long k = 0, c = 0, slot = 0; k < K; k++) {
+            long off = tb[c] * j->chunk + slot;
+            rows[k] = j->k_base + hh * j->k_sh + off * j->d;
+            rows[K + k] = j->v_base + hh * j->v_sh + off * j->dv;
+            if (++slot == j->chunk) { slot = 0; c++; }
+        }
+        attn_group_avx2(rows, rows + K, K, j->q + b * j->q_sb + hh * G * j->d, G, j->d, j->dv,
+                        j->bias ? j->bias + b * K : NULL, j->sinks ? j->sinks + hh * G : NULL, j->scale,
+                        j->out + (b * j->nq + hh * G) * j->dv, scores);
+    } else {
+        atomic_store(&j->failed, 1);
+    }
+    free(rows);
+    free(scores);
+}
 #endif
 
 /* Decode attention over the paged KV cache, one query token per sequence, with an optional per-head sink logit.
@@ -192,8 +236,9 @@ AVX2 static void attn_group_avx2(const float *const *krow, const float *const *v
  *         rings are read where they are instead of being gathered into a copy first
  *   bias  (B, K) additive mask (-inf = not a key) or NULL; sinks (nq) or NULL;  out (B, nq, dv) contiguous.
  * p_k = exp(s_k - m) / (exp(sink - m) + sum_k exp(s_k - m)) with s_k = scale * q.k + bias: the sink joins the
- * denominator only (SPEC §2.3). `scratch` holds K floats. Returns -1 (nothing computed) if a table entry is
- * outside [0, pool_chunks), else 0. */
+ * denominator only (SPEC §2.3). `scratch` holds K floats (portable path). The AVX2 path runs one pool task per
+ * (sequence, kv head). Returns -1 (nothing computed) if a table entry is outside [0, pool_chunks), -2 if a task
+ * could not allocate its row pointers, else 0. */
 VEC int mf_attn_decode(const float *q, long q_sb, const float *k_base, long k_sh, const float *v_base, long v_sh,
                        const float *bias, const float *sinks, float *out, long B, long nq, long h, long K, long d,
                        long dv, float scale, float *scratch, const long *table, long n_chunks, long chunk,
@@ -203,27 +248,10 @@ VEC int mf_attn_decode(const float *q, long q_sb, const float *k_base, long k_sh
         if (table[i] < 0 || table[i] >= pool_chunks) return -1;
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
     if (mf_simd_level() == 2 && d % 8 == 0 && dv % 8 == 0 && nq % h == 0) {
-        const float **rows = (const float **)malloc(sizeof(float *) * 2 * (size_t)(K > 0 ? K : 1));
-        float *scores = (float *)malloc(sizeof(float) * (size_t)(G * (K > 0 ? K : 1)));
-        if (rows && scores) {
-            for (long b = 0; b < B; b++)
-                for (long hh = 0; hh < h; hh++) {
-                    const long *tb = table + b * n_chunks;
-                    for (long k = 0, c = 0, slot = 0; k < K; k++) {
-                        long off = tb[c] * chunk + slot;
-                        rows[k] = k_base + hh * k_sh + off * d;
-                        rows[K + k] = v_base + hh * v_sh + off * dv;
-                        if (++slot == chunk) { slot = 0; c++; }
-                    }
-                    attn_group_avx2(rows, rows + K, K, q + b * q_sb + hh * G * d, G, d, dv, bias ? bias + b * K : NULL,
-                                    sinks ? sinks + hh * G : NULL, scale, out + (b * nq + hh * G) * dv, scores);
-                }
-            free(rows);
-            free(scores);
-            return 0;
-        }
-        free(rows);
-        free(scores);
+        attn_job j = {q, q_sb, k_base, k_sh, v_base, v_sh, bias, sinks, out, nq, h, K, d, dv, scale, table,
+                      n_chunks, chunk, 0};
+        mf_parallel(B * h, attn_task, &j);         /* one task per (sequence, kv head): disjoint outputs */
+        return j.failed ? -2 : 0;
     }
 #endif
     for (long b = 0; b < B; b++) {
@@ -324,11 +352,35 @@ VEC int mf_moe_token_bf16(const float *x, long D, const float *router_w, const f
     return 0;
 }
 
+typedef struct {
+    const float *x_PD;
+    float *y_PD, *scratch;
+    const long *counts, *first;
+    long D, F;
+    const unsigned short *gate_up, *down;
+} experts_job;
+
+/* Task e: expert e's rows [first[e], first[e] + counts[e]) through its SwiGLU, scratch rows of its own. */
+static void expert_task(void *p, long e) {
+    const experts_job *j = (const experts_job *)p;
+    long n = j->counts[e], lo = j->first[e], D = j->D, F = j->F;
+    if (n <= 0) return;
+    float *h = j->scratch + 3 * F * lo, *act = h + 2 * F * n;
+    mf_gemm_bf16w(j->x_PD + lo * D, D, j->gate_up + e * 2 * F * D, h, 2 * F, n, 2 * F, D);
+    for (long r = 0; r < n; r++)
+#pragma omp simd
+        for (long i = 0; i < F; i++) {
+            float g = h[r * 2 * F + i];
+            act[r * F + i] = g / (1.0f + exp_approx(-g)) * h[r * 2 * F + F + i];
+        }
+    mf_gemm_bf16w(act, F, j->down + e * D * F, j->y_PD + lo * D, D, n, D, F);
+}
+
 /* The routed experts of one layer for P (token, expert) pairs already sorted by expert: rows
  * [off_e, off_e + counts[e]) of x_PD (P, D) go through expert e; y_PD (P, D) gets down[e] @ (silu(gate[e] @ x) *
- * (up[e] @ x)) per row, unweighted. One call instead of a Python loop of ~6 torch calls per expert.
- * scratch: 3 * F * max(counts) floats. Returns 0; -1 if a GEMV could not allocate its buffer; -2 if the counts
- * are negative or do not sum to P. */
+ * (up[e] @ x)) per row, unweighted. One call instead of a Python loop of ~6 torch calls per expert; one pool task
+ * per expert (each reads its weights once for its rows; tasks are claimed dynamically, so uneven counts balance).
+ * scratch: 3 * F * P floats. Returns 0; -1 out of memory; -2 if the counts are negative or do not sum to P. */
 VEC int mf_experts_bf16(const float *x_PD, long P, const long *counts, long E, long D, long F,
                         const unsigned short *gate_up, const unsigned short *down, float *y_PD, float *scratch) {
     long total = 0;
@@ -337,20 +389,11 @@ VEC int mf_experts_bf16(const float *x_PD, long P, const long *counts, long E, l
         total += counts[e];
     }
     if (total != P) return -2;                         /* the rows would not match x_PD / y_PD */
-    long lo = 0;
-    for (long e = 0; e < E; e++) {
-        long n = counts[e];
-        if (n <= 0) continue;
-        float *h = scratch, *act = scratch + 2 * F * n;
-        if (mf_gemm_bf16w(x_PD + lo * D, D, gate_up + e * 2 * F * D, h, 2 * F, n, 2 * F, D)) return -1;
-        for (long r = 0; r < n; r++)
-#pragma omp simd
-            for (long i = 0; i < F; i++) {
-                float g = h[r * 2 * F + i];
-                act[r * F + i] = g / (1.0f + exp_approx(-g)) * h[r * 2 * F + F + i];
-            }
-        if (mf_gemm_bf16w(act, F, down + e * D * F, y_PD + lo * D, D, n, D, F)) return -1;
-        lo += n;
-    }
+    long *first = (long *)malloc(sizeof(long) * (size_t)(E > 0 ? E : 1));
+    if (!first) return -1;
+    for (long e = 0, acc = 0; e < E; e++) { first[e] = acc; acc += counts[e]; }
+    experts_job j = {x_PD, y_PD, scratch, counts, first, D, F, gate_up, down};
+    mf_parallel(E, expert_task, &j);
+    free(first);
     return 0;
 }

@@ -17,7 +17,6 @@
  * machines get the portable loop. Built and loaded by mimoflash/kernels/__init__.py; tested against
  * F.linear(x, w.float()) in tests/test_kernels.py.
  */
-#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -199,69 +198,51 @@ static int have_avx2(void) {
 static int have_avx2(void) { return 0; }
 #endif
 
-static int gemm_range(const float *x, long ldx, const uint16_t *w, float *y, long ldy, long M, long N, long K) {
+static void gemm_range(const float *x, long ldx, const uint16_t *w, float *y, long ldy, long M, long N, long K) {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
     if (have_avx2()) {
         if (M <= 2) {
             gemm_small_m(x, ldx, w, y, ldy, M, N, K);
-            return 0;
+            return;
         }
         gemm_big_m(x, ldx, w, y, ldy, M, N, K);
-        return 0;
+        return;
     }
 #endif
     gemm_portable(x, ldx, w, y, ldy, M, N, K);
-    return 0;
 }
 
-/* Threads: one GEMM with at least 2^22 weights (8 MB of bf16) is split by weight rows over up to
- * mf_set_num_threads() threads (pthreads created per call: ~20-50 us, small next to the >= 1 ms such a product
- * takes; with 2^20 the shipped 15M model's lm_head was split and decoding got 2x slower); smaller ones run on the
- * caller's thread. Python sets the count from torch.get_num_threads() (mimoflash.kernels.set_num_threads). */
-static int g_threads = 1;
-
-void mf_set_num_threads(int n) { g_threads = n < 1 ? 1 : (n > 64 ? 64 : n); }
+/* Threads: a product with at least 2^16 weights (128 KB of bf16, ~5 us of streaming) is split by weight rows
+ * into one chunk per thread of the pool (pool.c; mf_set_num_threads, which Python sets from
+ * torch.get_num_threads()); smaller ones, and products inside a pool task, run on the calling thread. Each output
+ * element is computed by one thread in the same order, so the result does not depend on the thread count. */
+void mf_parallel(long n, void (*fn)(void *, long), void *ctx);
+int mf_num_threads(void);
 
 typedef struct {
     const float *x;
     const uint16_t *w;
     float *y;
-    long ldx, ldy, M, N, K;
-    int rc;
+    long ldx, ldy, M, N, K, per;
 } gemm_job;
 
-static void *gemm_job_run(void *p) {
-    gemm_job *j = (gemm_job *)p;
-    j->rc = gemm_range(j->x, j->ldx, j->w, j->y, j->ldy, j->M, j->N, j->K);
-    return NULL;
+static void gemm_task(void *p, long t) {
+    const gemm_job *j = (const gemm_job *)p;
+    long n0 = t * j->per, n1 = n0 + j->per < j->N ? n0 + j->per : j->N;
+    if (n0 < n1) gemm_range(j->x, j->ldx, j->w + n0 * j->K, j->y + n0, j->ldy, j->M, n1 - n0, j->K);
 }
 
-/* Exported: y (M, N) = x (M, K) @ w (N, K)^T with w bf16. Returns 0, or -1 if a scratch buffer could not be
- * allocated. */
+/* Exported: y (M, N) = x (M, K) @ w (N, K)^T with w bf16. Returns 0. */
 int mf_gemm_bf16w(const float *x, long ldx, const uint16_t *w, float *y, long ldy, long M, long N, long K) {
-    int T = g_threads;
-    if (T > 1 && N * K >= (1L << 22) && N >= 12L * T) {
-        gemm_job jobs[64];
-        pthread_t tid[64];
-        int started[64] = {0};
-        long per = ((N + T - 1) / T + 11) / 12 * 12;    /* a multiple of the 2- and 4-row blocks */
-        int n_jobs = 0;
-        for (long n0 = 0; n0 < N && n_jobs < T; n0 += per, n_jobs++) {
-            long n1 = n0 + per < N ? n0 + per : N;
-            jobs[n_jobs] = (gemm_job){x, w + n0 * K, y + n0, ldx, ldy, M, n1 - n0, K, 0};
-        }
-        for (int t = 1; t < n_jobs; t++)
-            started[t] = pthread_create(&tid[t], NULL, gemm_job_run, &jobs[t]) == 0;
-        gemm_job_run(&jobs[0]);
-        int rc = jobs[0].rc;
-        for (int t = 1; t < n_jobs; t++) {
-            if (started[t]) pthread_join(tid[t], NULL);
-            else gemm_job_run(&jobs[t]);                /* could not start a thread: do it here */
-            rc |= jobs[t].rc;
-        }
-        return rc ? -1 : 0;
+    long T = mf_num_threads();
+    if (T > 1 && N * K >= (1L << 16) && N >= 8 * T) {
+        long per = ((N + T - 1) / T + 3) / 4 * 4;     /* a multiple of the 2- and 4-row blocks */
+        gemm_job j = {x, w, y, ldx, ldy, M, N, K, per};
+        mf_parallel((N + per - 1) / per, gemm_task, &j);
+        return 0;
     }
-    return gemm_range(x, ldx, w, y, ldy, M, N, K);
+    gemm_range(x, ldx, w, y, ldy, M, N, K);
+    return 0;
 }
 
 int mf_simd_level(void) { return have_avx2() ? 2 : 0; }

@@ -1,0 +1,154 @@
+/* A small persistent thread pool for the kernels: `mf_parallel(n, fn, ctx)` runs fn(ctx, 0..n-1) over the
+ * mf_set_num_threads() threads (the caller is one of them) and returns when all are done.
+ *
+ * Why not OpenMP: torch ships its own OpenMP runtime, and a second one in the same process (the system libgomp)
+ * would keep a second set of threads spinning against torch's. Why not a thread per call (what wgemm.c did before):
+ * pthread_create + join costs 20-50 us, as much as a decode step's small products (30-100 us), so only the lm_head
+ * could be split. Here a dispatch costs ~1 us while the workers are awake: they spin for ~50 us after their last
+ * task (a decode layer issues its parallel regions microseconds apart), then sleep on a condition variable so an
+ * idle engine, or torch's own threads between steps, get the cores back.
+ *
+ * Tasks are claimed one at a time with a compare-and-swap on a ticket that holds (job generation, next task), so a
+ * worker that wakes late can never take a task of a later job; `done` counts finished tasks of the current job and
+ * the caller waits for it, so no task of a job is still running when mf_parallel returns. Inside a task, nested
+ * mf_parallel calls run serially (thread-local flag). Every split the kernels make writes disjoint outputs with the
+ * same per-element summation order as one thread, so results are bit-identical for any thread count (tested).
+ * After fork() the child has no workers: an atfork handler resets the pool so it starts afresh on first use.
+ */
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdint.h>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define CPU_RELAX() _mm_pause()
+#else
+#define CPU_RELAX() ((void)0)
+#endif
+
+#define MAX_THREADS 64
+#define SPIN_ROUNDS 4000      /* ~50 us of pause instructions before a worker sleeps */
+
+typedef void (*mf_task)(void *ctx, long i);
+
+static struct {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    _Atomic uint64_t ticket;  /* generation << 32 | next task index */
+    _Atomic long done;
+    mf_task fn;
+    void *ctx;
+    long n;
+    int workers;              /* started */
+    int stop;
+    pthread_t tid[MAX_THREADS];
+} P = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER};
+
+static int g_threads = 1;
+static _Thread_local int in_task;
+static int atfork_set;
+
+static int claim(uint64_t gen, long *i) {
+    uint64_t t = atomic_load_explicit(&P.ticket, memory_order_acquire);
+    for (;;) {
+        if (t >> 32 != gen || (long)(t & 0xffffffffu) >= P.n) return 0;
+        if (atomic_compare_exchange_weak_explicit(&P.ticket, &t, t + 1, memory_order_acq_rel, memory_order_acquire)) {
+            *i = (long)(t & 0xffffffffu);
+            return 1;
+        }
+    }
+}
+
+static void run_tasks(uint64_t gen) {
+    long i;
+    in_task = 1;
+    while (claim(gen, &i)) {
+        P.fn(P.ctx, i);
+        atomic_fetch_add_explicit(&P.done, 1, memory_order_release);
+    }
+    in_task = 0;
+}
+
+static void *worker(void *arg) {
+    (void)arg;
+    uint64_t seen = atomic_load_explicit(&P.ticket, memory_order_acquire) >> 32;
+    for (;;) {
+        uint64_t gen = seen;
+        for (int s = 0; s < SPIN_ROUNDS && gen == seen; s++) {
+            CPU_RELAX();
+            gen = atomic_load_explicit(&P.ticket, memory_order_acquire) >> 32;
+        }
+        if (gen == seen) {
+            pthread_mutex_lock(&P.mu);
+            while (!P.stop && (gen = atomic_load_explicit(&P.ticket, memory_order_acquire) >> 32) == seen)
+                pthread_cond_wait(&P.cv, &P.mu);
+            int stop = P.stop;
+            pthread_mutex_unlock(&P.mu);
+            if (stop) return NULL;
+        }
+        seen = gen;
+        run_tasks(gen);
+    }
+}
+
+static void stop_workers(void) {
+    pthread_mutex_lock(&P.mu);
+    P.stop = 1;
+    pthread_cond_broadcast(&P.cv);
+    pthread_mutex_unlock(&P.mu);
+    for (int t = 0; t < P.workers; t++) pthread_join(P.tid[t], NULL);
+    P.workers = 0;
+    P.stop = 0;
+}
+
+static void after_fork_child(void) {
+    pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
+    pthread_cond_t cv = PTHREAD_COND_INITIALIZER;
+    P.mu = mu;
+    P.cv = cv;
+    P.workers = 0;
+    P.stop = 0;
+}
+
+void mf_set_num_threads(int n) {
+    n = n < 1 ? 1 : (n > MAX_THREADS ? MAX_THREADS : n);
+    if (n == g_threads) return;
+    if (P.workers > n - 1) stop_workers();   /* fewer threads: restart lazily with the new count */
+    g_threads = n;
+}
+
+int mf_num_threads(void) { return in_task ? 1 : g_threads; }
+
+/* Runs fn(ctx, i) for i in [0, n), on up to mf_set_num_threads() threads; serially when nested, single-threaded
+ * or n == 1. Not reentrant from two caller threads at once (the engine drives the kernels from one thread). */
+void mf_parallel(long n, mf_task fn, void *ctx) {
+    if (n <= 0) return;
+    if (n == 1 || g_threads == 1 || in_task) {
+        for (long i = 0; i < n; i++) fn(ctx, i);
+        return;
+    }
+    if (!atfork_set) {
+        pthread_atfork(NULL, NULL, after_fork_child);
+        atfork_set = 1;
+    }
+    while (P.workers < g_threads - 1) {
+        if (pthread_create(&P.tid[P.workers], NULL, worker, NULL) != 0) break;
+        P.workers++;
+    }
+    if (P.workers == 0) {                    /* no thread could be started: do it here */
+        for (long i = 0; i < n; i++) fn(ctx, i);
+        return;
+    }
+    P.fn = fn;
+    P.ctx = ctx;
+    P.n = n;
+    atomic_store_explicit(&P.done, 0, memory_order_relaxed);
+    uint64_t gen = (atomic_load_explicit(&P.ticket, memory_order_relaxed) >> 32) + 1;
+    gen &= 0xffffffffu;
+    atomic_store_explicit(&P.ticket, gen << 32, memory_order_release);
+    pthread_mutex_lock(&P.mu);
+    pthread_cond_broadcast(&P.cv);
+    pthread_mutex_unlock(&P.mu);
+    run_tasks(gen);
+    while (atomic_load_explicit(&P.done, memory_order_acquire) < n) CPU_RELAX();
+}
