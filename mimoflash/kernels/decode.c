@@ -45,32 +45,48 @@ void mf_route_row(const float *x, long D, const float *router_w, const float *bi
 int mf_experts_bf16(const float *x_PD, long P, const long *counts, long E, long D, long F,
                     const unsigned short *gate_up, const unsigned short *down, float *y_PD, float *scratch);
 
+/* Scratch kept between calls: a decode step calls mf_decode_layer once per layer with the same sizes, and buffers
+ * over glibc's mmap threshold (128 KB; a 16-sequence MoE layer of the benchmark model needs ~0.9 MB) were mapped,
+ * page-faulted and unmapped on every call. One growing buffer per slot and calling thread instead (slot 0: the
+ * layer's activations, slot 1: moe_rows'); NULL when it cannot grow. */
+static _Thread_local void *arena[2];
+static _Thread_local size_t arena_bytes[2];
+
+static void *scratch(int slot, size_t bytes) {
+    if (arena_bytes[slot] < bytes) {
+        free(arena[slot]);
+        arena[slot] = malloc(bytes);
+        arena_bytes[slot] = arena[slot] ? bytes : 0;
+    }
+    return arena[slot];
+}
+
 /* B tokens (one per sequence) through the routed experts: route each row, group the B * top_k pairs by expert
  * (counting sort), run every expert once on its rows (mf_experts_bf16: each expert's weights read once for the
  * batch), and add the weighted rows back. y (B, H) is overwritten. */
 static int moe_rows(const mf_layer *L, const float *xn, long B, float *y, long *chosen) {
     long H = L->H, E = L->E, k = L->top_k, F = L->F_moe, P = B * k;
-    float *scores = (float *)malloc(sizeof(float) * (size_t)(E + P + 2 * P * H + 3 * F * P));
-    long *counts = (long *)calloc((size_t)(E + 1 + P), sizeof(long));
-    if (!scores || !counts) { free(scores); free(counts); return -2; }
-    float *w = scores + E, *x_PD = w + P, *y_PD = x_PD + P * H, *scratch = y_PD + P * H;
+    size_t nf = (size_t)(E + P + 2 * P * H + 3 * F * P + 1) & ~(size_t)1;    /* even: the longs stay aligned */
+    char *mem = (char *)scratch(1, sizeof(float) * nf + sizeof(long) * (size_t)(2 * E + 1 + P));
+    if (!mem) return -2;
+    float *scores = (float *)mem;
+    long *counts = (long *)(mem + sizeof(float) * nf), *pos = counts + E + 1 + P;
+    memset(counts, 0, sizeof(long) * (size_t)(E + 1 + P));
+    float *w = scores + E, *x_PD = w + P, *y_PD = x_PD + P * H, *ffn = y_PD + P * H;
     long *order = counts + E + 1;                      /* order[q] = pair index of the q-th expert-sorted row */
     for (long b = 0; b < B; b++) {
         mf_route_row(xn + b * H, H, L->router_w, L->router_bias, E, k, L->norm_topk, L->scaling, scores,
                      chosen + b * k, w + b * k);
         for (long j = 0; j < k; j++) counts[chosen[b * k + j]]++;
     }
-    long *pos = (long *)malloc(sizeof(long) * (size_t)E);
-    if (!pos) { free(scores); free(counts); return -2; }
     for (long e = 0, acc = 0; e < E; e++) { pos[e] = acc; acc += counts[e]; }
     for (long p = 0; p < P; p++) {                      /* stable: pairs of one expert keep token order */
         long e = chosen[p], dst = pos[e]++;
         order[dst] = p;
         memcpy(x_PD + dst * H, xn + (p / k) * H, sizeof(float) * H);
     }
-    free(pos);
-    int rc = mf_experts_bf16(x_PD, P, counts, E, H, F, L->gate_up, L->down, y_PD, scratch);
-    if (rc) { free(scores); free(counts); return rc == -1 ? -2 : -1; }
+    int rc = mf_experts_bf16(x_PD, P, counts, E, H, F, L->gate_up, L->down, y_PD, ffn);
+    if (rc) return rc == -1 ? -2 : -1;
     memset(y, 0, sizeof(float) * (size_t)(B * H));
     for (long q = 0; q < P; q++) {
         long p = order[q];
@@ -78,8 +94,6 @@ static int moe_rows(const mf_layer *L, const float *xn, long B, float *y, long *
         const float *src = y_PD + q * H;
         for (long i = 0; i < H; i++) yr[i] += wp * src[i];
     }
-    free(scores);
-    free(counts);
     return 0;
 }
 
@@ -95,13 +109,13 @@ int mf_decode_layer(const mf_layer *L, float *x, long B, const float *cos_, cons
     for (long b = 0; b < B; b++)
         if (slots[b] < 0 || slots[b] >= S) return -1;
     size_t n = (size_t)(B * (H + W + nq * dv + H) + (K > 0 ? K : 1) + B * 3 * F + (L->moe ? L->E + H : 0));
-    float *buf = (float *)malloc(sizeof(float) * n);
+    float *buf = (float *)scratch(0, sizeof(float) * n);
     if (!buf) return -2;
     float *xn = buf, *qkv = xn + B * H, *o = qkv + B * W, *y = o + B * nq * dv, *scores = y + B * H;
     float *ffn = scores + (K > 0 ? K : 1);
 
     mf_rms_norm(x, H, L->in_norm, xn, H, B, H, L->eps_in);
-    if (mf_gemm_bf16w(xn, H, L->qkv_w, qkv, W, B, W, H)) { free(buf); return -2; }
+    if (mf_gemm_bf16w(xn, H, L->qkv_w, qkv, W, B, W, H)) return -2;
     mf_qkv_rope(qkv, W, B, nq + nkv, d, L->rd, cos_, sin_, Wq, nkv * dv, L->v_scale);
     for (long b = 0; b < B; b++)                      /* store first: the ring has room for this token's key */
         for (long hh = 0; hh < nkv; hh++) {
@@ -110,24 +124,23 @@ int mf_decode_layer(const mf_layer *L, float *x, long B, const float *cos_, cons
         }
     int rc = mf_attn_decode(qkv, W, L->k_pool, S * d, L->v_pool, S * dv, bias, L->sinks, o, B, nq, nkv, K, d, dv,
                             L->scale, scores, table, n_chunks, chunk, S / chunk);
-    if (rc) { free(buf); return rc; }
-    if (mf_gemm_bf16w(o, nq * dv, L->o_w, y, H, B, H, nq * dv)) { free(buf); return -2; }
+    if (rc) return rc;
+    if (mf_gemm_bf16w(o, nq * dv, L->o_w, y, H, B, H, nq * dv)) return -2;
     for (long i = 0; i < B * H; i++) x[i] += y[i];
 
     mf_rms_norm(x, H, L->post_norm, xn, H, B, H, L->eps_post);
     if (L->moe && B == 1) {
         if (mf_moe_token_bf16(xn, H, L->router_w, L->router_bias, L->E, L->top_k, L->norm_topk, L->scaling,
-                              L->gate_up, L->down, F, y, ffn, chosen)) { free(buf); return -2; }
+                              L->gate_up, L->down, F, y, ffn, chosen)) return -2;
     } else if (L->moe) {
-        if ((rc = moe_rows(L, xn, B, y, chosen))) { free(buf); return rc; }
+        if ((rc = moe_rows(L, xn, B, y, chosen))) return rc;
     } else {
         float *gu = ffn, *act = ffn + 2 * B * F;
         if (mf_gemm_bf16w(xn, H, L->gate_w, gu, 2 * F, B, F, H) ||
-            mf_gemm_bf16w(xn, H, L->up_w, gu + F, 2 * F, B, F, H)) { free(buf); return -2; }
+            mf_gemm_bf16w(xn, H, L->up_w, gu + F, 2 * F, B, F, H)) return -2;
         mf_silu_mul(gu, 2 * F, act, F, B, F);
-        if (mf_gemm_bf16w(act, F, L->down_w, y, H, B, H, F)) { free(buf); return -2; }
+        if (mf_gemm_bf16w(act, F, L->down_w, y, H, B, H, F)) return -2;
     }
     for (long i = 0; i < B * H; i++) x[i] += y[i];
-    free(buf);
     return 0;
 }

@@ -161,25 +161,36 @@ ROWS_X_2(4)
 ROWS_X_2(5)
 ROWS_X_2(6)
 
+/* Loop order: chunks of R weight rows (about 16 KB of bf16), then blocks of 6 x rows, then the row pairs of the
+ * chunk. With the row pairs outermost, every pair re-read all M x rows (M = 16, K = 512: 32 KB, the whole L1) from
+ * L2 for 2 KB of weights, and L2 bandwidth capped the kernel at about half the FMA peak; now a block of x rows stays
+ * in L1 across the chunk and the chunk is re-read from L1/L2 once per block. */
+AVX2 static void rows_x2(const float *xm, long ldx, const uint16_t *wn, long K, float *ym, long ldy, long mb,
+                         int pf) {
+    switch (mb) {
+    case 6: rows6_x2(xm, ldx, wn, K, ym, ldy, pf); break;
+    case 5: rows5_x2(xm, ldx, wn, K, ym, ldy, pf); break;
+    case 4: rows4_x2(xm, ldx, wn, K, ym, ldy, pf); break;
+    case 3: rows3_x2(xm, ldx, wn, K, ym, ldy, pf); break;
+    case 2: rows2_x2(xm, ldx, wn, K, ym, ldy, pf); break;
+    case 1: rows1_x2(xm, ldx, wn, K, ym, ldy, pf); break;
+    default: break;
+    }
+}
+
 AVX2 static void gemm_big_m(const float *x, long ldx, const uint16_t *w, float *y, long ldy, long M, long N, long K) {
-    long n = 0;
-    for (; n + 2 <= N; n += 2) {
-        const uint16_t *wn = w + n * K;
-        long m = 0;
-        int pf = 1;                                  /* prefetch the rows ahead on the first pass only */
-        for (; m + 6 <= M; m += 6, pf = 0) rows6_x2(x + m * ldx, ldx, wn, K, y + m * ldy + n, ldy, pf);
-        const float *xm = x + m * ldx;
-        float *ym = y + m * ldy + n;
-        switch (M - m) {
-        case 5: rows5_x2(xm, ldx, wn, K, ym, ldy, pf); break;
-        case 4: rows4_x2(xm, ldx, wn, K, ym, ldy, pf); break;
-        case 3: rows3_x2(xm, ldx, wn, K, ym, ldy, pf); break;
-        case 2: rows2_x2(xm, ldx, wn, K, ym, ldy, pf); break;
-        case 1: rows1_x2(xm, ldx, wn, K, ym, ldy, pf); break;
-        default: break;
+    long R = (8192 / (K > 0 ? K : 1)) & ~1L;        /* rows per chunk: 16 KB of bf16, even, at least 2 */
+    if (R < 2) R = 2;
+    long N2 = N & ~1L;
+    for (long n0 = 0; n0 < N2; n0 += R) {
+        long n1 = n0 + R < N2 ? n0 + R : N2;
+        for (long m = 0; m < M; m += 6) {
+            long mb = M - m < 6 ? M - m : 6;
+            for (long n = n0; n < n1; n += 2)       /* prefetch the rows ahead on the first pass only */
+                rows_x2(x + m * ldx, ldx, w + n * K, K, y + m * ldy + n, ldy, mb, m == 0);
         }
     }
-    for (; n < N; n++)
+    for (long n = N2; n < N; n++)
         for (long m = 0; m < M; m++) y[m * ldy + n] = dot_row(x + m * ldx, w + n * K, K);
 }
 
