@@ -82,6 +82,20 @@ def test_qkv_rope_matches_partial_rope_and_value_scale():
         kernels.qkv_rope_(qkv, nq + nkv, d, cos[:2], sin[:2], (nq + nkv) * d, 1.0)
 
 
+def test_argmax_rows_matches_torch():
+    """Greedy sampling's argmax: the first index of the maximum (ties), the first NaN when a row has one, all -inf,
+    rows with a stride (a slice of a wider tensor), one column."""
+    x = _randn(7, 1001)
+    x[1, 10] = x[1, 500] = x[1].max() + 1                       # a tie: the first wins
+    x[2, 30], x[2, 40] = float("nan"), float("inf")             # NaN beats everything, as in torch
+    x[3] = float("-inf")
+    x[4, 1000] = 1e9                                            # the last column
+    x[5] = 0.0
+    wide = _randn(4, 300)[:, 17:250]
+    for t in (x, wide, _randn(3, 1)):
+        assert torch.equal(kernels.argmax_rows(t), t.argmax(dim=-1))
+
+
 def test_silu_mul():
     h = _randn(3, 2 * 20)
     torch.testing.assert_close(kernels.silu_mul(h), F.silu(h[:, :20]) * h[:, 20:])

@@ -28,6 +28,8 @@ from typing import Any, Sequence
 
 import torch
 
+from .. import kernels
+
 
 @dataclass(kw_only=True)
 class SamplingParams:
@@ -197,7 +199,7 @@ def sample(logits: torch.Tensor, rows: Sequence[SampleRow], shared_generator: to
     if any(r.params.needs_penalties for r in rows):
         logits = apply_penalties(logits.clone(), rows)
 
-    tokens = logits.argmax(dim=-1)                                                     # (R,) greedy default
+    tokens = kernels.argmax_rows(logits)                                     # (R,) greedy default; = argmax(-1)
     rand = [i for i, r in enumerate(rows) if not r.params.greedy]
     if rand:
         sub = logits[rand] / torch.tensor([rows[i].params.temperature for i in rand], device=logits.device)[:, None]
@@ -209,7 +211,7 @@ def sample(logits: torch.Tensor, rows: Sequence[SampleRow], shared_generator: to
         noise = torch.empty_like(probs)
         for j, i in enumerate(rand):
             noise[j].exponential_(generator=rows[i].generator or shared_generator)
-        tokens[rand] = (probs / noise).argmax(dim=-1)
+        tokens[rand] = kernels.argmax_rows(probs / noise)
     token_list = tokens.tolist()
 
     lps: list = [None] * R

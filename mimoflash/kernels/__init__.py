@@ -5,8 +5,9 @@
 * `decode_layer` (decode.c): a whole decoder layer for one decoded token in one call (`LayerArgs` holds its
   weights' pointers); used by `engine/fused_decode.py`;
 * fused fp32 decode ops (ops.c): `rms_norm`, `qkv_rope_` (RoPE on q|k and the value scale, in place),
-  `silu_mul`, `attn_decode_paged` (one query per sequence read against the paged cache in place, GQA,
-  optional sink and mask), `moe_token_bf16` and `experts_bf16` (a layer's routed experts in one call).
+  `silu_mul`, `argmax_rows` (greedy sampling), `attn_decode_paged` (one query per sequence read against the paged
+  cache in place, GQA, optional sink and mask), `moe_token_bf16` and `experts_bf16` (a layer's routed experts in
+  one call).
 
 These take raw pointers, so the wrappers check dtypes, shapes and strides and raise ValueError otherwise. The
 shared library is built from the C files into a per-source-hash cache directory (`$MIMOFLASH_CACHE`, default
@@ -111,7 +112,8 @@ def _load() -> ctypes.CDLL | None:
     lib.mf_decode_layer.argtypes = [c_void, c_void, c_long, c_void, c_void, c_void, c_long, c_long, c_long, c_void,
                                     c_void, c_void]
     lib.mf_decode_layer.restype = ctypes.c_int
-    for f in (lib.mf_rms_norm, lib.mf_qkv_rope, lib.mf_silu_mul):
+    lib.mf_argmax_rows.argtypes = [c_void, c_long, c_long, c_long, c_void]
+    for f in (lib.mf_rms_norm, lib.mf_qkv_rope, lib.mf_silu_mul, lib.mf_argmax_rows):
         f.restype = None
     _lib = lib
     return lib
@@ -205,6 +207,21 @@ def qkv_rope_(qkv: torch.Tensor, heads: int, d: int, cos: torch.Tensor, sin: tor
     lib.mf_qkv_rope(qkv.data_ptr(), qkv.stride(0), N, heads, d, rd, cos.data_ptr(), sin.data_ptr(), v_off, W - v_off,
                     v_scale)
     return qkv
+
+
+def argmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """x (R, V) float32 with unit last stride -> (R,) int64, equal to x.argmax(-1) (first index of the maximum; the
+    first NaN if a row has one). Falls back to torch without the library or off the CPU."""
+    lib = _lib if _lib is not None else _load()
+    if lib is None or x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 2 or x.stride(1) != 1:
+        return x.argmax(dim=-1)
+    R, V = x.shape
+    out = torch.empty(R, dtype=torch.int64)
+    if R and V:
+        lib.mf_argmax_rows(x.data_ptr(), x.stride(0), R, V, out.data_ptr())
+    elif R:
+        return x.argmax(dim=-1)                   # torch's error for an empty row
+    return out
 
 
 def silu_mul(h: torch.Tensor) -> torch.Tensor:

@@ -397,3 +397,27 @@ VEC int mf_experts_bf16(const float *x_PD, long P, const long *counts, long E, l
     free(first);
     return 0;
 }
+
+/* out[r] = torch.argmax(x[r, :V]) for R rows of stride ld: the first index of the maximum, or of the first NaN if
+ * the row has one (torch's rule). Greedy decoding takes this on every step: torch's CPU argmax over a (16, 32000)
+ * batch of logits takes ~0.7 ms here, longer than a layer's attention. Two passes: a vectorizable max (NaN
+ * noticed, not propagated), then the first index that holds it. */
+VEC void mf_argmax_rows(const float *x, long ld, long R, long V, long *out) {
+    for (long r = 0; r < R; r++) {
+        const float *row = x + r * ld;
+        float m = -INFINITY;
+        int nan = 0;
+#pragma omp simd reduction(max : m) reduction(| : nan)
+        for (long i = 0; i < V; i++) {
+            m = row[i] > m ? row[i] : m;
+            nan |= row[i] != row[i];
+        }
+        long at = 0;
+        if (nan) {
+            while (row[at] == row[at]) at++;
+        } else {
+            while (at < V - 1 && row[at] != m) at++;
+        }
+        out[r] = at;
+    }
+}
