@@ -369,6 +369,28 @@ def test_threaded_attention_and_experts_match_single_thread():
         torch.testing.assert_close(two_e, one_e, atol=0, rtol=0)
 
 
+def test_pool_concurrent_callers():
+    """Two Python threads calling the kernels at once (ctypes releases the GIL): one job holds the pool, the other
+    runs on its own thread; every result is still exact."""
+    import threading
+    w, x = _randn(600, 256).bfloat16(), _randn(5, 256)
+    ref = kernels.linear_bf16w(x, w)
+    bad = []
+
+    def worker():
+        for _ in range(200):
+            if not torch.equal(kernels.linear_bf16w(x, w), ref):
+                bad.append(1)
+
+    with _kernel_threads(2):
+        ts = [threading.Thread(target=worker) for _ in range(2)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join(timeout=120)
+    assert not any(t.is_alive() for t in ts) and not bad
+
+
 def test_pool_survives_fork():
     """A child forked after the pool started has no worker threads: its first parallel call must start new ones
     (the atfork handler), not wait for the parent's."""

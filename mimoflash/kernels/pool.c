@@ -8,10 +8,13 @@
  * task (a decode layer issues its parallel regions microseconds apart), then sleep on a condition variable so an
  * idle engine, or torch's own threads between steps, get the cores back.
  *
- * Tasks are claimed one at a time with a compare-and-swap on a ticket that holds (job generation, next task), so a
- * worker that wakes late can never take a task of a later job; `done` counts finished tasks of the current job and
- * the caller waits for it, so no task of a job is still running when mf_parallel returns. Inside a task, nested
- * mf_parallel calls run serially (thread-local flag). Every split the kernels make writes disjoint outputs with the
+ * Tasks are claimed one at a time with a compare-and-swap on one 64-bit ticket holding (job generation, task
+ * count, next task): a worker decides from that single word whether a task is left, so one that wakes late (still
+ * holding an old generation, or reading while the caller writes the next job) can never claim a task of another
+ * job; `done` counts finished tasks of the current job and the caller waits for it, so no task of a job is still
+ * running when mf_parallel returns, and only then are the next job's fields written. Inside a task, nested
+ * mf_parallel calls run serially (thread-local flag), and so does a call from a second thread while the pool is
+ * busy (a try-lock), so concurrent callers stay correct. Every split the kernels make writes disjoint outputs with the
  * same per-element summation order as one thread, so results are bit-identical for any thread count (tested).
  * After fork() the child has no workers: an atfork handler resets the pool so it starts afresh on first use.
  */
@@ -28,21 +31,24 @@
 
 #define MAX_THREADS 64
 #define SPIN_ROUNDS 4000      /* ~50 us of pause instructions before a worker sleeps */
+#define TASK_BITS 20          /* ticket = generation (24 bits) | task count (20) | next task (20) */
+#define TASK_MASK ((1ULL << TASK_BITS) - 1)
+#define GEN_OF(t) ((t) >> (2 * TASK_BITS))
 
 typedef void (*mf_task)(void *ctx, long i);
 
 static struct {
     pthread_mutex_t mu;
     pthread_cond_t cv;
-    _Atomic uint64_t ticket;  /* generation << 32 | next task index */
+    _Atomic uint64_t ticket;  /* generation | task count | next task (TASK_BITS) */
     _Atomic long done;
     mf_task fn;
     void *ctx;
-    long n;
     int workers;              /* started */
     int stop;
     pthread_t tid[MAX_THREADS];
 } P = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER};
+static pthread_mutex_t dispatch_mu = PTHREAD_MUTEX_INITIALIZER;   /* one job at a time */
 
 static int g_threads = 1;
 static _Thread_local int in_task;
@@ -51,9 +57,9 @@ static int atfork_set;
 static int claim(uint64_t gen, long *i) {
     uint64_t t = atomic_load_explicit(&P.ticket, memory_order_acquire);
     for (;;) {
-        if (t >> 32 != gen || (long)(t & 0xffffffffu) >= P.n) return 0;
+        if (GEN_OF(t) != gen || (t & TASK_MASK) >= ((t >> TASK_BITS) & TASK_MASK)) return 0;
         if (atomic_compare_exchange_weak_explicit(&P.ticket, &t, t + 1, memory_order_acq_rel, memory_order_acquire)) {
-            *i = (long)(t & 0xffffffffu);
+            *i = (long)(t & TASK_MASK);
             return 1;
         }
     }
@@ -71,16 +77,16 @@ static void run_tasks(uint64_t gen) {
 
 static void *worker(void *arg) {
     (void)arg;
-    uint64_t seen = atomic_load_explicit(&P.ticket, memory_order_acquire) >> 32;
+    uint64_t seen = GEN_OF(atomic_load_explicit(&P.ticket, memory_order_acquire));
     for (;;) {
         uint64_t gen = seen;
         for (int s = 0; s < SPIN_ROUNDS && gen == seen; s++) {
             CPU_RELAX();
-            gen = atomic_load_explicit(&P.ticket, memory_order_acquire) >> 32;
+            gen = GEN_OF(atomic_load_explicit(&P.ticket, memory_order_acquire));
         }
         if (gen == seen) {
             pthread_mutex_lock(&P.mu);
-            while (!P.stop && (gen = atomic_load_explicit(&P.ticket, memory_order_acquire) >> 32) == seen)
+            while (!P.stop && (gen = GEN_OF(atomic_load_explicit(&P.ticket, memory_order_acquire))) == seen)
                 pthread_cond_wait(&P.cv, &P.mu);
             int stop = P.stop;
             pthread_mutex_unlock(&P.mu);
@@ -102,10 +108,11 @@ static void stop_workers(void) {
 }
 
 static void after_fork_child(void) {
-    pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
+    pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER, dmu = PTHREAD_MUTEX_INITIALIZER;
     pthread_cond_t cv = PTHREAD_COND_INITIALIZER;
     P.mu = mu;
     P.cv = cv;
+    dispatch_mu = dmu;
     P.workers = 0;
     P.stop = 0;
 }
@@ -113,17 +120,19 @@ static void after_fork_child(void) {
 void mf_set_num_threads(int n) {
     n = n < 1 ? 1 : (n > MAX_THREADS ? MAX_THREADS : n);
     if (n == g_threads) return;
+    pthread_mutex_lock(&dispatch_mu);        /* not while a job runs */
     if (P.workers > n - 1) stop_workers();   /* fewer threads: restart lazily with the new count */
     g_threads = n;
+    pthread_mutex_unlock(&dispatch_mu);
 }
 
 int mf_num_threads(void) { return in_task ? 1 : g_threads; }
 
-/* Runs fn(ctx, i) for i in [0, n), on up to mf_set_num_threads() threads; serially when nested, single-threaded
- * or n == 1. Not reentrant from two caller threads at once (the engine drives the kernels from one thread). */
+/* Runs fn(ctx, i) for i in [0, n), on up to mf_set_num_threads() threads; serially when nested, single-threaded,
+ * n == 1 (or >= 2^20 tasks), or while another thread's job holds the pool. */
 void mf_parallel(long n, mf_task fn, void *ctx) {
     if (n <= 0) return;
-    if (n == 1 || g_threads == 1 || in_task) {
+    if (n == 1 || g_threads == 1 || in_task || (uint64_t)n > TASK_MASK || pthread_mutex_trylock(&dispatch_mu)) {
         for (long i = 0; i < n; i++) fn(ctx, i);
         return;
     }
@@ -136,19 +145,19 @@ void mf_parallel(long n, mf_task fn, void *ctx) {
         P.workers++;
     }
     if (P.workers == 0) {                    /* no thread could be started: do it here */
+        pthread_mutex_unlock(&dispatch_mu);
         for (long i = 0; i < n; i++) fn(ctx, i);
         return;
     }
     P.fn = fn;
     P.ctx = ctx;
-    P.n = n;
     atomic_store_explicit(&P.done, 0, memory_order_relaxed);
-    uint64_t gen = (atomic_load_explicit(&P.ticket, memory_order_relaxed) >> 32) + 1;
-    gen &= 0xffffffffu;
-    atomic_store_explicit(&P.ticket, gen << 32, memory_order_release);
+    uint64_t gen = (GEN_OF(atomic_load_explicit(&P.ticket, memory_order_relaxed)) + 1) & 0xffffffu;
+    atomic_store_explicit(&P.ticket, gen << (2 * TASK_BITS) | (uint64_t)n << TASK_BITS, memory_order_release);
     pthread_mutex_lock(&P.mu);
     pthread_cond_broadcast(&P.cv);
     pthread_mutex_unlock(&P.mu);
     run_tasks(gen);
     while (atomic_load_explicit(&P.done, memory_order_acquire) < n) CPU_RELAX();
+    pthread_mutex_unlock(&dispatch_mu);
 }
