@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from mimoflash import kernels
-from mimoflash.engine.cpu_layout import use_cpu_layout
+from mimoflash.engine.cpu_layout import KERNEL_MAX_ROWS, use_cpu_layout
 from mimoflash.engine.kv_cache import KVCache, KVCacheManager, plan_cache
 from mimoflash.engine.llm import LLM
 from mimoflash.engine.request import Request
@@ -228,12 +228,12 @@ def test_moe_token_kernel_matches_dense_reference(norm):
         torch.testing.assert_close(y, moe.forward_dense_reference(x), atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("T", [1, 3, 40])
+@pytest.mark.parametrize("T", [1, 3, 5 * KERNEL_MAX_ROWS])
 @pytest.mark.parametrize("groups", [{}, {"n_group": 2, "topk_group": 1}])
 def test_bf16_weight_moe_paths_match_dense_reference(T, groups):
     """T=1: the one-call token kernel (group-limited routing: the torch router, then the picked experts one by
-    one); T=3: all experts in one kernel call; T=40 (> KERNEL_MAX_ROWS rows for some expert): MKL on upcast
-    weights, expert by expert."""
+    one); T=3: all experts in one kernel call; T=5 * KERNEL_MAX_ROWS (top-2 of 8 experts: > KERNEL_MAX_ROWS rows
+    for some expert): MKL on upcast weights, expert by expert."""
     from mimoflash.model.moe import MoE
     m16, m32 = _pair(seed=7, **groups)
     use_cpu_layout(m16, torch.float32)

@@ -33,7 +33,7 @@ from ..model.attention import Attention
 from ..model.layers import RMSNorm
 from ..model.moe import Experts, MoE
 
-KERNEL_MAX_ROWS = 16        # above this many rows the bf16-weight kernel loses to MKL on an upcast weight
+KERNEL_MAX_ROWS = 32        # above this many rows MKL on an upcast weight catches up with the bf16-weight kernel
 
 
 # ---------------------------------------------------------------------------------------------- bf16 weights
