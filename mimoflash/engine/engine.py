@@ -42,6 +42,7 @@ class EngineConfig:
     include_mtp: bool = False                # give MTP blocks (SWA ids L+n) rings too
     attention_impl: str = "fast"             # "fast" | "reference"
     dtype: Any = None                        # compute (activation + KV cache) dtype; None = the weights' dtype
+    kv_cache_dtype: Any = None               # KV cache storage dtype; None = the compute dtype
     seed: int = 0                            # the shared generator of unseeded requests
 
 
@@ -66,24 +67,26 @@ class LLMEngine:
         self.model, self.tokenizer = model, tokenizer
         mc = model.config
         p = next(model.parameters())
-        # The cache takes the compute dtype: by default the attention weights' dtype (the router stays fp32 whatever
-        # the model dtype); fp32 when bf16 weights are computed in fp32 (engine/cpu_layout.py).
+        # The cache takes the compute dtype unless kv_cache_dtype says otherwise: by default the attention weights'
+        # dtype (the router stays fp32 whatever the model dtype); fp32 when bf16 weights are computed in fp32
+        # (engine/cpu_layout.py).
         self.device = p.device
         dtype = cfg.dtype or next((q.dtype for n, q in model.named_parameters() if n.endswith("q_proj.weight")),
                                   p.dtype)
+        kv_dtype = cfg.kv_cache_dtype or dtype
         max_len = cfg.max_model_len or mc.max_position_embeddings
         if max_len > mc.max_position_embeddings:
             raise ValueError(f"max_model_len={max_len} exceeds the model's max_position_embeddings="
                              f"{mc.max_position_embeddings}")
         probe = plan_cache(mc, 1 << 62, max_num_seqs=1, block_size=cfg.block_size, max_draft=cfg.max_draft,
-                           include_mtp=cfg.include_mtp, dtype=dtype)
+                           include_mtp=cfg.include_mtp, dtype=kv_dtype)
         if cfg.kv_cache_memory is None:
             want = cfg.max_num_seqs * probe.bytes_per_sequence(max_len + cfg.max_draft + 1)
             memory = min(want, resolve_memory(0.3, self.device))
         else:
             memory = resolve_memory(cfg.kv_cache_memory, self.device)
         self.layout = plan_cache(mc, memory, max_num_seqs=cfg.max_num_seqs, block_size=cfg.block_size,
-                                 max_draft=cfg.max_draft, include_mtp=cfg.include_mtp, dtype=dtype)
+                                 max_draft=cfg.max_draft, include_mtp=cfg.include_mtp, dtype=kv_dtype)
         self.cache = KVCache(self.layout, self.device)
         self.kv = KVCacheManager(self.layout)
         # A budget that holds fewer rings than max_num_seqs limits concurrency through ring availability.

@@ -10,7 +10,7 @@ and tokens. The model's modules are read once, at build time (pointers to their 
 model, so casting or moving it while an engine holds it is not supported (as in the other engines). `MoE.last_topk_idx` is not updated on this path (only the trainer reads it).
 
 Used for decode steps (one token per sequence, any batch size) when every layer qualifies (bf16 matmul weights after `use_bf16_weights`, fp32
-norms and cache, plain top-k routing with at most 64 experts per token); otherwise the runner uses the model.
+norms, an fp32 or bf16 cache, plain top-k routing with at most 64 experts per token); otherwise the runner uses the model.
 """
 
 from __future__ import annotations
@@ -54,7 +54,8 @@ class FusedDecoder:
                         or not _ok(layer.input_layernorm.weight, torch.float32)
                         or not _ok(layer.post_attention_layernorm.weight, torch.float32)
                         or (sinks is not None and not _ok(sinks, torch.float32))
-                        or not _ok(k_pool, torch.float32) or not _ok(v_pool, torch.float32)):
+                        or k_pool.dtype not in (torch.float32, torch.bfloat16) or not _ok(k_pool, k_pool.dtype)
+                        or not _ok(v_pool, k_pool.dtype)):
                     return None
                 a = kernels.LayerArgs(
                     H=cfg.hidden_size, nq=attn.num_heads, nkv=attn.num_kv_heads, d=attn.head_dim, dv=attn.v_head_dim,
@@ -64,7 +65,7 @@ class FusedDecoder:
                     post_norm=layer.post_attention_layernorm.weight.data_ptr(),
                     sinks=None if sinks is None else sinks.data_ptr(), qkv_w=fused[0].data_ptr(),
                     o_w=attn.o_proj.weight.data_ptr(), k_pool=k_pool.data_ptr(), v_pool=v_pool.data_ptr(),
-                    pool_slots=k_pool.shape[1])
+                    pool_slots=k_pool.shape[1], kv_bf16=int(k_pool.dtype == torch.bfloat16))
                 keep += [fused[0], k_pool, v_pool]
                 top_k = 1
                 if isinstance(mlp, MLP):

@@ -12,6 +12,8 @@ either way. A checkpoint without tokenizer files still runs from `{"prompt_token
 `text` (vLLM's skip_tokenizer_init).
 
 Dtypes. `dtype` is the compute dtype (activations, KV cache): "auto" = float32 on CPU, bfloat16 on CUDA.
+`kv_cache_dtype` stores the KV cache in another dtype: "bfloat16" halves its bytes under fp32 compute (keys and
+values rounded once when stored, read back exactly); "auto" = the compute dtype.
 `weight_dtype` is how the matmul weights are stored: "auto" keeps a bf16 (or FP8) checkpoint's weights in bf16 on
 CPU when computing in fp32 (engine/cpu_layout.py: half the bytes per decoded token, same result as the fp32 model up
 to summation order), and equals `dtype` otherwise (fp32 checkpoints, CUDA, or without the CPU kernels).
@@ -71,8 +73,10 @@ class LLM:
                  kv_cache_memory: int | float | None = None, max_model_len: int | None = None,
                  max_num_batched_tokens: int = 512, enable_chunked_prefill: bool = True, block_size: int = 16,
                  seed: int = 0, attention_impl: str = "fast", skip_tokenizer_init: bool = False,
-                 progress: bool = True):
+                 kv_cache_dtype: str | torch.dtype = "auto", progress: bool = True):
         device = torch.device(device)
+        kv_dtype = None if kv_cache_dtype in (None, "auto") else _resolve_dtype(kv_cache_dtype, device,
+                                                                                 "kv_cache_dtype")
         if isinstance(model, torch.nn.Module):          # a built MiMoForCausalLM (or a test double)
             stored = matmul_weight_dtype(model)
             compute = _resolve_dtype(dtype, device)
@@ -98,7 +102,7 @@ class LLM:
             max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
             enable_chunked_prefill=enable_chunked_prefill, max_model_len=max_model_len,
             kv_cache_memory=kv_cache_memory, block_size=block_size, attention_impl=attention_impl, seed=seed,
-            dtype=compute))
+            dtype=compute, kv_cache_dtype=kv_dtype))
 
     def get_tokenizer(self):
         return self.tokenizer

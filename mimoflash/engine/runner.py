@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from ..model.attention import attend_reference
 from ..model.mimo import MiMoForCausalLM
 from .. import kernels
-from .cpu_layout import use_cpu_layout
+from .cpu_layout import matmul_weight_dtype, use_cpu_layout
 from .fused_decode import FusedDecoder
 from .kv_cache import KVCache
 from .scheduler import Batch
@@ -140,7 +140,8 @@ class PagedAttention:
 
     def _decode(self, layer, dm: DecodeKindMeta, k_pool, v_pool, q) -> torch.Tensor:
         """q (B, nq, d) -> (B, nq, dv): one matmul per kv-head group, the sink as an extra score column."""
-        if self.use_kernels and q.dtype == k_pool.dtype == torch.float32:     # reads the blocks/rings in place
+        if (self.use_kernels and q.dtype == torch.float32                     # reads the blocks/rings in place
+                and k_pool.dtype in (torch.float32, torch.bfloat16)):
             return kernels.attn_decode_paged(q, k_pool, v_pool, dm.chunks, dm.chunk, dm.keys, dm.bias,
                                              layer.attention_sink_bias, layer.scale)
         B, nq, d = q.shape
@@ -236,6 +237,9 @@ class ModelRunner:
         self.model, self.cache, self.impl = model, cache, impl
         self.layout = cache.layout
         self.device = cache.device
+        # masks (and the sink logits written into them) in the compute dtype, not the cache's: a bf16 cache under
+        # fp32 compute must not round the sinks
+        self.bias_dtype = compute_dtype if compute_dtype is not None else matmul_weight_dtype(model)
         self._buffers: dict = {}
         self.use_kernels = False
         self.fused: FusedDecoder | None = None       # one kernel call per layer for decode steps
@@ -366,7 +370,7 @@ class ModelRunner:
         bias = torch.zeros(ok.shape, dtype=torch.float32).masked_fill_(~ok, NEG_INF)[:, None]   # (B, 1, Tmax, K)
         dev = self.device
         return KindMeta(read.to(dev), None if src is None else src.to(dev), dst.to(dev),
-                        bias.to(device=dev, dtype=self.layout.dtype), kpos.to(dev))
+                        bias.to(device=dev, dtype=self.bias_dtype), kpos.to(dev))
 
     # ------------------------------------------------------------------ forward
     @torch.inference_mode()

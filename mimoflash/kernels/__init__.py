@@ -102,7 +102,7 @@ def _load() -> ctypes.CDLL | None:
     lib.mf_silu_mul.argtypes = [c_void, c_long, c_void, c_long, c_long, c_long]
     lib.mf_attn_decode.argtypes = [c_void, c_long, c_void, c_long, c_void, c_long, c_void, c_void, c_void, c_long,
                                    c_long, c_long, c_long, c_long, c_long, c_float, c_void, c_void, c_long, c_long,
-                                   c_long]
+                                   c_long, ctypes.c_int]
     lib.mf_attn_decode.restype = ctypes.c_int
     lib.mf_moe_token_bf16.argtypes = [c_void, c_long, c_void, c_void, c_long, c_long, ctypes.c_int, c_float, c_void,
                                       c_void, c_long, c_void, c_void, c_void]
@@ -240,7 +240,7 @@ def attn_decode_paged(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tenso
     v_pool (h, S, dv) contiguous, table (B, n) int64 chunk ids (blocks or rings of `chunk` slots): sequence b's key k
     is slot table[b, k // chunk] * chunk + k % chunk, for k < K <= n * chunk. bias (B, K) additive or None, sinks
     (nq,) or None -> (B, nq, dv) = softmax(scale * q.k + bias) @ v with the sink in the denominator only; query head
-    j reads kv head j // (nq / h)."""
+    j reads kv head j // (nq / h). The pools may be bfloat16 (kv_cache_dtype="bfloat16"; read as fp32, exactly)."""
     lib = _lib if _lib is not None else _lib_or_raise()
     B, nq, d = q.shape
     h, S, dk = k_pool.shape
@@ -250,9 +250,10 @@ def attn_decode_paged(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tenso
             or dk != d or v_pool.shape[:2] != (h, S) or nq % h or K > n * chunk or S % chunk):
         raise ValueError(f"attn_decode_paged: q {tuple(q.shape)} pools {tuple(k_pool.shape)} {tuple(v_pool.shape)} "
                          f"table {tuple(table.shape)} chunk {chunk} K {K}")
-    if not (q.dtype == k_pool.dtype == v_pool.dtype == torch.float32 and q.stride()[1:] == (d, 1)
-            and k_pool.is_contiguous() and v_pool.is_contiguous()):
-        raise ValueError("attn_decode_paged: q (contiguous heads) and the pools (contiguous) must be float32")
+    if not (q.dtype == torch.float32 and k_pool.dtype == v_pool.dtype in (torch.float32, torch.bfloat16)
+            and q.stride()[1:] == (d, 1) and k_pool.is_contiguous() and v_pool.is_contiguous()):
+        raise ValueError("attn_decode_paged: q (contiguous heads) must be float32 and the pools (contiguous) both "
+                         "float32 or both bfloat16")
     if bias is not None and (bias.numel() != B * K or not bias.is_contiguous() or bias.dtype != torch.float32):
         raise ValueError(f"attn_decode_paged: bias must be a contiguous float32 (B, K) = ({B}, {K}) mask")
     if sinks is not None and (sinks.dtype != torch.float32 or not sinks.is_contiguous()):
@@ -264,7 +265,8 @@ def attn_decode_paged(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tenso
     rc = lib.mf_attn_decode(q.data_ptr(), q.stride(0), k_pool.data_ptr(), k_pool.stride(0), v_pool.data_ptr(),
                             v_pool.stride(0), None if bias is None else bias.data_ptr(),
                             None if sinks is None else sinks.data_ptr(), out.data_ptr(), B, nq, h, K, d, dv, scale,
-                            scratch.data_ptr(), table.data_ptr(), n, chunk, S // chunk)
+                            scratch.data_ptr(), table.data_ptr(), n, chunk, S // chunk,
+                            int(k_pool.dtype == torch.bfloat16))
     if rc == -2:
         raise MemoryError("attn_decode_paged: could not allocate the kernel's row pointers")
     if rc:
@@ -331,7 +333,7 @@ class LayerArgs(ctypes.Structure):
                 ("F_dense", ctypes.c_long), ("router_w", ctypes.c_void_p), ("router_bias", ctypes.c_void_p),
                 ("E", ctypes.c_long), ("top_k", ctypes.c_long), ("norm_topk", ctypes.c_int),
                 ("scaling", ctypes.c_float), ("gate_up", ctypes.c_void_p), ("down", ctypes.c_void_p),
-                ("F_moe", ctypes.c_long)]
+                ("F_moe", ctypes.c_long), ("kv_bf16", ctypes.c_int)]
 
 
 def decode_layer(args: LayerArgs, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, table: torch.Tensor,

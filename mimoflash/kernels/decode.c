@@ -14,7 +14,7 @@ typedef struct {
     float eps_in, eps_post, scale, v_scale;
     const float *in_norm, *post_norm, *sinks;        /* sinks may be NULL */
     const unsigned short *qkv_w, *o_w;               /* (W, H), (H, nq * dv) bf16 */
-    float *k_pool, *v_pool;                          /* (nkv, S, d), (nkv, S, dv) fp32, contiguous */
+    void *k_pool, *v_pool;                           /* (nkv, S, d), (nkv, S, dv) fp32 or bf16, contiguous */
     long pool_slots;                                 /* S */
     int moe;
     const unsigned short *gate_w, *up_w, *down_w;    /* dense: (F, H), (F, H), (H, F) bf16 */
@@ -25,6 +25,7 @@ typedef struct {
     float scaling;
     const unsigned short *gate_up, *down;            /* (E, 2F, H), (E, H, F) bf16 */
     long F_moe;
+    int kv_bf16;                                     /* the pools hold bf16 (kv_cache_dtype="bfloat16") */
 } mf_layer;
 
 int mf_gemm_bf16w(const float *x, long ldx, const unsigned short *w, float *y, long ldy, long M, long N, long K);
@@ -32,10 +33,10 @@ void mf_rms_norm(const float *x, long ldx, const float *w, float *y, long ldy, l
 void mf_qkv_rope(float *qkv, long ld, long N, long heads, long d, long rd, const float *cos_, const float *sin_,
                  long v_off, long v_len, float v_scale);
 void mf_silu_mul(const float *h, long ldh, float *out, long ldo, long M, long F);
-int mf_attn_decode(const float *q, long q_sb, const float *k_base, long k_sh, const float *v_base, long v_sh,
+int mf_attn_decode(const float *q, long q_sb, const void *k_base, long k_sh, const void *v_base, long v_sh,
                    const float *bias, const float *sinks, float *out, long B, long nq, long h, long K, long d,
                    long dv, float scale, float *scratch, const long *table, long n_chunks, long chunk,
-                   long pool_chunks);
+                   long pool_chunks, int kv_bf16);
 int mf_moe_token_bf16(const float *x, long D, const float *router_w, const float *bias, long E, long top_k,
                       int norm_topk, float scaling, const unsigned short *gate_up, const unsigned short *down, long F,
                       float *y, float *scratch, long *chosen);
@@ -44,6 +45,17 @@ void mf_route_row(const float *x, long D, const float *router_w, const float *bi
                   int norm_topk, float scaling, float *scores, long *chosen, float *weights);
 int mf_experts_bf16(const float *x_PD, long P, const long *counts, long E, long D, long F,
                     const unsigned short *gate_up, const unsigned short *down, float *y_PD, float *scratch);
+
+/* n floats -> bf16 at dst, rounded to nearest even as torch's .to(torch.bfloat16) does (NaN as 0x7fc0), so the
+ * cache holds the same bits whichever path stored a token. */
+static void store_bf16(unsigned short *dst, const float *src, long n) {
+    for (long i = 0; i < n; i++) {
+        unsigned u;
+        memcpy(&u, src + i, sizeof u);
+        if ((u & 0x7fffffffu) > 0x7f800000u) dst[i] = 0x7fc0;                 /* NaN: torch stores 0x7fc0 */
+        else dst[i] = (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+    }
+}
 
 /* Scratch kept between calls: a decode step calls mf_decode_layer once per layer with the same sizes, and buffers
  * over glibc's mmap threshold (128 KB; a 16-sequence MoE layer of the benchmark model needs ~0.9 MB) were mapped,
@@ -119,11 +131,18 @@ int mf_decode_layer(const mf_layer *L, float *x, long B, const float *cos_, cons
     mf_qkv_rope(qkv, W, B, nq + nkv, d, L->rd, cos_, sin_, Wq, nkv * dv, L->v_scale);
     for (long b = 0; b < B; b++)                      /* store first: the ring has room for this token's key */
         for (long hh = 0; hh < nkv; hh++) {
-            memcpy(L->k_pool + (hh * S + slots[b]) * d, qkv + b * W + nq * d + hh * d, sizeof(float) * d);
-            memcpy(L->v_pool + (hh * S + slots[b]) * dv, qkv + b * W + Wq + hh * dv, sizeof(float) * dv);
+            const float *kn = qkv + b * W + nq * d + hh * d, *vn = qkv + b * W + Wq + hh * dv;
+            long ks = (hh * S + slots[b]) * d, vs = (hh * S + slots[b]) * dv;
+            if (L->kv_bf16) {
+                store_bf16((unsigned short *)L->k_pool + ks, kn, d);
+                store_bf16((unsigned short *)L->v_pool + vs, vn, dv);
+            } else {
+                memcpy((float *)L->k_pool + ks, kn, sizeof(float) * d);
+                memcpy((float *)L->v_pool + vs, vn, sizeof(float) * dv);
+            }
         }
     int rc = mf_attn_decode(qkv, W, L->k_pool, S * d, L->v_pool, S * dv, bias, L->sinks, o, B, nq, nkv, K, d, dv,
-                            L->scale, scores, table, n_chunks, chunk, S / chunk);
+                            L->scale, scores, table, n_chunks, chunk, S / chunk, L->kv_bf16);
     if (rc) return rc;
     if (mf_gemm_bf16w(o, nq * dv, L->o_w, y, H, B, H, nq * dv)) return -2;
     for (long i = 0; i < B * H; i++) x[i] += y[i];

@@ -97,13 +97,21 @@ AVX2 static inline float hsum8(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
+/* K/V rows are fp32 or bf16 (kv_cache_dtype="bfloat16": half the cache bytes; bf16 -> fp32 is exact, so only the
+ * rounding when a key is stored differs). ld_f32 / ld_b16 load 8 elements of a row as fp32. */
+AVX2 static inline __m256 ld_f32(const void *row, long i) { return _mm256_loadu_ps((const float *)row + i); }
+AVX2 static inline __m256 ld_b16(const void *row, long i) {
+    __m128i h = _mm_loadu_si128((const __m128i *)((const unsigned short *)row + i));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
 /* Scores of GC query heads (q rows of d floats) against KB keys at a time: KB * GC <= 8 accumulators, so 8
  * independent FMA chains hide the FMA latency (one key at a time left a 12-deep dependent chain per key), and
- * each key vector is loaded once for the GC heads (GQA). MB-style compile-time sizes keep the accumulators in
- * registers. scores[g * ld + k] = scale * q_g . key_k + bias[k]. */
-#define SCORES(KB, GC)                                                                                                \
-    AVX2 static void scores_##KB##x##GC(const float *const *krow, long K, const float *q, long d, const float *bias, \
-                                        float scale, float *scores, long ld) {                                       \
+ * each key vector is loaded once for the GC heads (GQA). Compile-time sizes keep the accumulators in registers.
+ * scores[g * ld + k] = scale * q_g . key_k + bias[k]. T: the K/V element type (f32 or b16). */
+#define SCORES(KB, GC, T)                                                                                             \
+    AVX2 static void scores_##KB##x##GC##_##T(const void *const *krow, long K, const float *q, long d,              \
+                                               const float *bias, float scale, float *scores, long ld) {            \
         long k = 0;                                                                                                  \
         for (; k + KB <= K; k += KB) {                                                                               \
             __m256 acc[KB][GC];                                                                                      \
@@ -111,7 +119,7 @@ AVX2 static inline float hsum8(__m256 v) {
                 for (int g = 0; g < GC; g++) acc[j][g] = _mm256_setzero_ps();                                        \
             for (long i = 0; i < d; i += 8)                                                                          \
                 for (int j = 0; j < KB; j++) {                                                                       \
-                    __m256 kv = _mm256_loadu_ps(krow[k + j] + i);                                                    \
+                    __m256 kv = ld_##T(krow[k + j], i);                                                              \
                     for (int g = 0; g < GC; g++)                                                                     \
                         acc[j][g] = _mm256_fmadd_ps(_mm256_loadu_ps(q + g * d + i), kv, acc[j][g]);                  \
                 }                                                                                                    \
@@ -123,76 +131,78 @@ AVX2 static inline float hsum8(__m256 v) {
             for (int g = 0; g < GC; g++) {                                                                           \
                 __m256 a = _mm256_setzero_ps();                                                                      \
                 for (long i = 0; i < d; i += 8)                                                                      \
-                    a = _mm256_fmadd_ps(_mm256_loadu_ps(q + g * d + i), _mm256_loadu_ps(krow[k] + i), a);            \
+                    a = _mm256_fmadd_ps(_mm256_loadu_ps(q + g * d + i), ld_##T(krow[k], i), a);                      \
                 scores[g * ld + k] = hsum8(a) * scale + (bias ? bias[k] : 0.f);                                      \
             }                                                                                                        \
     }
-SCORES(8, 1)
-SCORES(4, 2)
-SCORES(2, 3)
-SCORES(2, 4)
-SCORES(1, 5)
-SCORES(1, 6)
-SCORES(1, 7)
-SCORES(1, 8)
+#define SCORES_ALL(T)                                                                                                 \
+    SCORES(8, 1, T) SCORES(4, 2, T) SCORES(2, 3, T) SCORES(2, 4, T)                                                   \
+    SCORES(1, 5, T) SCORES(1, 6, T) SCORES(1, 7, T) SCORES(1, 8, T)
+SCORES_ALL(f32)
+SCORES_ALL(b16)
 
 /* The G query heads that share one kv head, for one sequence (any G; heads in sub-groups of <= 8): scores with
  * each key row loaded once per sub-group, softmax with the sink, then the value sums with 8 accumulators (64
  * floats of dv) per pass over the keys. d, dv multiples of 8. krow/vrow: the K key/value row pointers, resolved
  * through the chunk table by the caller. scores: G * K floats. */
-AVX2 static void attn_group_avx2(const float *const *krow, const float *const *vrow, long K, const float *q, long G,
-                                 long d, long dv, const float *bias, const float *sinks, float scale, float *out,
-                                 float *scores) {
-    for (long g0 = 0; g0 < G; g0 += 8) {
-        long gc = G - g0 < 8 ? G - g0 : 8;
-        const float *qg = q + g0 * d;
-        float *sg = scores + g0 * K;
-        switch (gc) {
-        case 1: scores_8x1(krow, K, qg, d, bias, scale, sg, K); break;
-        case 2: scores_4x2(krow, K, qg, d, bias, scale, sg, K); break;
-        case 3: scores_2x3(krow, K, qg, d, bias, scale, sg, K); break;
-        case 4: scores_2x4(krow, K, qg, d, bias, scale, sg, K); break;
-        case 5: scores_1x5(krow, K, qg, d, bias, scale, sg, K); break;
-        case 6: scores_1x6(krow, K, qg, d, bias, scale, sg, K); break;
-        case 7: scores_1x7(krow, K, qg, d, bias, scale, sg, K); break;
-        default: scores_1x8(krow, K, qg, d, bias, scale, sg, K); break;
-        }
+#define ATTN_GROUP(T)                                                                                                 \
+    AVX2 static void attn_group_##T(const void *const *krow, const void *const *vrow, long K, const float *q,       \
+                                    long G, long d, long dv, const float *bias, const float *sinks, float scale,     \
+                                    float *out, float *scores) {                                                     \
+        for (long g0 = 0; g0 < G; g0 += 8) {                                                                         \
+            long gc = G - g0 < 8 ? G - g0 : 8;                                                                       \
+            const float *qg = q + g0 * d;                                                                            \
+            float *sg = scores + g0 * K;                                                                             \
+            switch (gc) {                                                                                            \
+            case 1: scores_8x1_##T(krow, K, qg, d, bias, scale, sg, K); break;                                       \
+            case 2: scores_4x2_##T(krow, K, qg, d, bias, scale, sg, K); break;                                       \
+            case 3: scores_2x3_##T(krow, K, qg, d, bias, scale, sg, K); break;                                       \
+            case 4: scores_2x4_##T(krow, K, qg, d, bias, scale, sg, K); break;                                       \
+            case 5: scores_1x5_##T(krow, K, qg, d, bias, scale, sg, K); break;                                       \
+            case 6: scores_1x6_##T(krow, K, qg, d, bias, scale, sg, K); break;                                       \
+            case 7: scores_1x7_##T(krow, K, qg, d, bias, scale, sg, K); break;                                       \
+            default: scores_1x8_##T(krow, K, qg, d, bias, scale, sg, K); break;                                      \
+            }                                                                                                        \
+        }                                                                                                            \
+        for (long g = 0; g < G; g++) {                                                                               \
+            float *sc = scores + g * K, mx = sinks ? sinks[g] : -INFINITY;                                           \
+            for (long k = 0; k < K; k++) mx = sc[k] > mx ? sc[k] : mx;                                               \
+            float denom = sinks ? expf(sinks[g] - mx) : 0.f;                                                         \
+            _Pragma("omp simd reduction(+ : denom)")                                                                 \
+            for (long k = 0; k < K; k++) {                                                                           \
+                float p = sc[k] == -INFINITY ? 0.f : exp_approx(sc[k] - mx);                                         \
+                sc[k] = p;                                                                                           \
+                denom += p;                                                                                          \
+            }                                                                                                        \
+            float inv = 1.0f / denom, *o = out + g * dv;                                                             \
+            for (long i0 = 0; i0 < dv; i0 += 64) {                                                                   \
+                long nv = (dv - i0 < 64 ? dv - i0 : 64) / 8;                                                         \
+                __m256 acc[8];                                                                                       \
+                for (int j = 0; j < 8; j++) acc[j] = _mm256_setzero_ps();                                            \
+                for (long k = 0; k < K; k++) {                                                                       \
+                    if (sc[k] == 0.f) continue;           /* masked key: its (maybe unwritten) row is not read */    \
+                    __m256 p = _mm256_set1_ps(sc[k]);                                                                \
+                    if (nv == 8)                                                                                     \
+                        for (int j = 0; j < 8; j++)                                                                  \
+                            acc[j] = _mm256_fmadd_ps(p, ld_##T(vrow[k], i0 + 8 * j), acc[j]);                        \
+                    else                                                                                             \
+                        for (int j = 0; j < nv; j++)                                                                 \
+                            acc[j] = _mm256_fmadd_ps(p, ld_##T(vrow[k], i0 + 8 * j), acc[j]);                        \
+                }                                                                                                    \
+                __m256 iv = _mm256_set1_ps(inv);                                                                     \
+                for (int j = 0; j < nv; j++) _mm256_storeu_ps(o + i0 + 8 * j, _mm256_mul_ps(acc[j], iv));            \
+            }                                                                                                        \
+        }                                                                                                            \
     }
-    for (long g = 0; g < G; g++) {
-        float *sc = scores + g * K, mx = sinks ? sinks[g] : -INFINITY;
-        for (long k = 0; k < K; k++) mx = sc[k] > mx ? sc[k] : mx;
-        float denom = sinks ? expf(sinks[g] - mx) : 0.f;
-#pragma omp simd reduction(+ : denom)
-        for (long k = 0; k < K; k++) {
-            float p = sc[k] == -INFINITY ? 0.f : exp_approx(sc[k] - mx);
-            sc[k] = p;
-            denom += p;
-        }
-        float inv = 1.0f / denom, *o = out + g * dv;
-        for (long i0 = 0; i0 < dv; i0 += 64) {
-            long nv = (dv - i0 < 64 ? dv - i0 : 64) / 8;
-            __m256 acc[8];
-            for (int j = 0; j < 8; j++) acc[j] = _mm256_setzero_ps();
-            for (long k = 0; k < K; k++) {
-                if (sc[k] == 0.f) continue;               /* masked key: its (maybe unwritten) row is not read */
-                __m256 p = _mm256_set1_ps(sc[k]);
-                const float *vr = vrow[k] + i0;
-                if (nv == 8)
-                    for (int j = 0; j < 8; j++) acc[j] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vr + 8 * j), acc[j]);
-                else
-                    for (int j = 0; j < nv; j++) acc[j] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vr + 8 * j), acc[j]);
-            }
-            __m256 iv = _mm256_set1_ps(inv);
-            for (int j = 0; j < nv; j++) _mm256_storeu_ps(o + i0 + 8 * j, _mm256_mul_ps(acc[j], iv));
-        }
-    }
-}
+ATTN_GROUP(f32)
+ATTN_GROUP(b16)
+
 typedef struct {
     const float *q;
     long q_sb;
-    const float *k_base;
+    const void *k_base;
     long k_sh;
-    const float *v_base;
+    const void *v_base;
     long v_sh;
     const float *bias, *sinks;
     float *out;
@@ -200,27 +210,33 @@ typedef struct {
     float scale;
     const long *table;
     long n_chunks, chunk;
+    int kv_bf16;                                   /* K/V elements: 1 = bf16, 0 = fp32 */
     atomic_int failed;                             /* a task could not allocate its row pointers */
 } attn_job;
 
 /* Task i = (sequence b, kv head hh): resolve the K key/value rows through the chunk table, then the G query heads
- * of that kv head (attn_group_avx2). */
+ * of that kv head (attn_group_f32 or _b16). */
 AVX2 static void attn_task(void *p, long i) {
     attn_job *j = (attn_job *)p;
     long b = i / j->h, hh = i % j->h, K = j->K, G = j->nq / j->h, n = K > 0 ? K : 1;
-    const float **rows = (const float **)malloc(sizeof(float *) * 2 * (size_t)n);
+    const void **rows = (const void **)malloc(sizeof(void *) * 2 * (size_t)n);
     float *scores = (float *)malloc(sizeof(float) * (size_t)(G * n));
     if (rows && scores) {
         const long *tb = j->table + b * j->n_chunks;
+        long es = j->kv_bf16 ? 2 : 4;                  /* bytes per K/V element */
         for (long k = 0, c = 0, slot = 0; k < K; k++) {
             long off = tb[c] * j->chunk + slot;
-            rows[k] = j->k_base + hh * j->k_sh + off * j->d;
-            rows[K + k] = j->v_base + hh * j->v_sh + off * j->dv;
+            rows[k] = (const char *)j->k_base + (hh * j->k_sh + off * j->d) * es;
+            rows[K + k] = (const char *)j->v_base + (hh * j->v_sh + off * j->dv) * es;
             if (++slot == j->chunk) { slot = 0; c++; }
         }
-        attn_group_avx2(rows, rows + K, K, j->q + b * j->q_sb + hh * G * j->d, G, j->d, j->dv,
-                        j->bias ? j->bias + b * K : NULL, j->sinks ? j->sinks + hh * G : NULL, j->scale,
-                        j->out + (b * j->nq + hh * G) * j->dv, scores);
+        const float *qb = j->q + b * j->q_sb + hh * G * j->d, *bias = j->bias ? j->bias + b * K : NULL;
+        const float *sinks = j->sinks ? j->sinks + hh * G : NULL;
+        float *out = j->out + (b * j->nq + hh * G) * j->dv;
+        if (j->kv_bf16)
+            attn_group_b16(rows, rows + K, K, qb, G, j->d, j->dv, bias, sinks, j->scale, out, scores);
+        else
+            attn_group_f32(rows, rows + K, K, qb, G, j->d, j->dv, bias, sinks, j->scale, out, scores);
     } else {
         atomic_store(&j->failed, 1);
     }
@@ -229,9 +245,18 @@ AVX2 static void attn_task(void *p, long i) {
 }
 #endif
 
+/* Element i of a K/V pool as fp32 (the portable path). */
+static inline float kv_elem(const void *base, long i, int bf16) {
+    if (!bf16) return ((const float *)base)[i];
+    union { unsigned u; float f; } v;
+    v.u = (unsigned)((const unsigned short *)base)[i] << 16;
+    return v.f;
+}
+
 /* Decode attention over the paged KV cache, one query token per sequence, with an optional per-head sink logit.
  *   q     (B, nq, d)  rows: q + b * q_sb + j * d;  query head j reads kv head j / (nq / h)
- *   pools K (h, S, d) at k_base + hh * k_sh + slot * d, V (h, S, dv) likewise (v_sh, dv)
+ *   pools K (h, S, d) at k_base + hh * k_sh + slot * d, V (h, S, dv) likewise (v_sh, dv), in elements: fp32, or
+ *         bf16 when kv_bf16 (read as fp32: exact)
  *   table (B, n_chunks): key k of sequence b is slot table[b][k / chunk] * chunk + k % chunk (k < K), so blocks and
  *         rings are read where they are instead of being gathered into a copy first
  *   bias  (B, K) additive mask (-inf = not a key) or NULL; sinks (nq) or NULL;  out (B, nq, dv) contiguous.
@@ -239,17 +264,17 @@ AVX2 static void attn_task(void *p, long i) {
  * denominator only (SPEC §2.3). `scratch` holds K floats (portable path). The AVX2 path runs one pool task per
  * (sequence, kv head). Returns -1 (nothing computed) if a table entry is outside [0, pool_chunks), -2 if a task
  * could not allocate its row pointers, else 0. */
-VEC int mf_attn_decode(const float *q, long q_sb, const float *k_base, long k_sh, const float *v_base, long v_sh,
+VEC int mf_attn_decode(const float *q, long q_sb, const void *k_base, long k_sh, const void *v_base, long v_sh,
                        const float *bias, const float *sinks, float *out, long B, long nq, long h, long K, long d,
                        long dv, float scale, float *scratch, const long *table, long n_chunks, long chunk,
-                       long pool_chunks) {
+                       long pool_chunks, int kv_bf16) {
     long G = nq / h;
     for (long i = 0; i < B * n_chunks; i++)      /* a bad table would read outside the pools: refuse it */
         if (table[i] < 0 || table[i] >= pool_chunks) return -1;
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
     if (mf_simd_level() == 2 && d % 8 == 0 && dv % 8 == 0 && nq % h == 0) {
         attn_job j = {q, q_sb, k_base, k_sh, v_base, v_sh, bias, sinks, out, nq, h, K, d, dv, scale, table,
-                      n_chunks, chunk, 0};
+                      n_chunks, chunk, kv_bf16, 0};
         mf_parallel(B * h, attn_task, &j);         /* one task per (sequence, kv head): disjoint outputs */
         return j.failed ? -2 : 0;
     }
@@ -262,11 +287,10 @@ VEC int mf_attn_decode(const float *q, long q_sb, const float *k_base, long k_sh
             const float *qv = q + b * q_sb + j * d;
             float mx = sinks ? sinks[j] : -INFINITY;
             for (long k = 0, c = 0, slot = 0; k < K; k++) {         /* c: chunk index, slot: slot within it */
-                const float *kr = k_base + hh * k_sh + (tb[c] * chunk + slot) * d;
+                long at = hh * k_sh + (tb[c] * chunk + slot) * d;
                 if (++slot == chunk) { slot = 0; c++; }
                 float s = 0.f;
-#pragma omp simd reduction(+ : s)
-                for (long i = 0; i < d; i++) s += qv[i] * kr[i];
+                for (long i = 0; i < d; i++) s += qv[i] * kv_elem(k_base, at + i, kv_bf16);
                 s = s * scale + (bb ? bb[k] : 0.f);
                 scratch[k] = s;
                 if (s > mx) mx = s;
@@ -281,13 +305,11 @@ VEC int mf_attn_decode(const float *q, long q_sb, const float *k_base, long k_sh
             float *o = out + (b * nq + j) * dv;
             for (long i = 0; i < dv; i++) o[i] = 0.f;
             for (long k = 0, c = 0, slot = 0; k < K; k++) {
-                const float *vr = v_base + hh * v_sh + (tb[c] * chunk + slot) * dv;
+                long at = hh * v_sh + (tb[c] * chunk + slot) * dv;
                 if (++slot == chunk) { slot = 0; c++; }
                 float p = scratch[k];
-                if (p != 0.f) {
-#pragma omp simd
-                    for (long i = 0; i < dv; i++) o[i] += p * vr[i];
-                }
+                if (p != 0.f)
+                    for (long i = 0; i < dv; i++) o[i] += p * kv_elem(v_base, at + i, kv_bf16);
             }
             float inv = 1.0f / denom;
             for (long i = 0; i < dv; i++) o[i] *= inv;
