@@ -318,13 +318,15 @@ def test_fused_decode_same_with_kernel_threads():
 
 def test_bf16_kv_cache_fused_and_module_paths_agree():
     """kv_cache_dtype="bfloat16" under fp32 compute: the pools are bf16 (half the bytes), decode steps still take
-    the fused kernel path, and it matches the module path (torch stores, kernel or torch reads) token for token,
+    the fused kernel path, and it matches the module path (torch stores, kernel or torch reads) and the reference
+    attention token for token,
     logprobs within 2e-3. Both round to nearest even when storing, but the two paths' fp32 keys differ in the last
     bits (summation order), and a value on a rounding boundary then lands one bf16 step (2^-8 relative) apart
     (measured: ~5 of 11,520 ring elements; logprob differences 1e-5 to 1.2e-4), so the bound is looser than the fp32
     cache's 1e-5; a misread or misrounded pool would be off by far more."""
     m16, _ = _pair(seed=8)
-    ps = [{"prompt_token_ids": torch.randint(0, 512, (n,), generator=G).tolist()} for n in (6, 11, 2)]
+    g = torch.Generator().manual_seed(11)                 # fixed prompts: the last check has a tolerance
+    ps = [{"prompt_token_ids": torch.randint(0, 512, (n,), generator=g).tolist()} for n in (6, 11, 2)]
     sp = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, logprobs=1)
     a = LLM(m16, max_num_seqs=4, block_size=4, kv_cache_dtype="bfloat16")
     ref32 = LLM(_pair(seed=8)[0], max_num_seqs=4, block_size=4)
@@ -332,18 +334,20 @@ def test_bf16_kv_cache_fused_and_module_paths_agree():
     assert a.engine.layout.bytes_per_sequence(4096) * 2 == ref32.engine.layout.bytes_per_sequence(4096)
     got = [o.outputs[0] for o in a.generate(ps, sp)]
     a.engine.runner.fused = None
-    ref = [o.outputs[0] for o in a.generate(ps, sp)]
-    for g, r in zip(got, ref):
-        assert g.token_ids == r.token_ids
-        for lx, ly in zip(g.logprobs, r.logprobs):
-            t = next(iter(ly))
-            assert abs(lx[t].logprob - ly[t].logprob) < 2e-3
+    slow = LLM(_pair(seed=8)[0], max_num_seqs=4, block_size=4, kv_cache_dtype="bfloat16", attention_impl="reference")
+    for other in (a, slow):                            # the module path, and the per-sequence reference attention
+        ref = [o.outputs[0] for o in other.generate(ps, sp)]
+        for g, r in zip(got, ref):
+            assert g.token_ids == r.token_ids
+            for lx, ly in zip(g.logprobs, r.logprobs):
+                t = next(iter(ly))
+                assert abs(lx[t].logprob - ly[t].logprob) < 2e-3
     # against the fp32 cache: only the K/V rounding (2^-9 relative) differs, so the chosen tokens' logprobs stay
-    # within ~1% (this random model's logits are sensitive; a misread pool would be off by whole nats)
+    # within ~0.1 nats (measured on these prompts: at most 0.018; a misread pool would be off by nats)
     full = [o.outputs[0] for o in ref32.generate(ps, sp)]
     for g, f in zip(got, full):
         n = next((i for i, (x, y) in enumerate(zip(g.token_ids, f.token_ids)) if x != y), len(g.token_ids))
-        assert n >= 1                                  # near-ties of this random model may flip later tokens
+        assert n >= 3                                  # near-ties of this random model may flip later tokens
         for lx, ly in list(zip(g.logprobs, f.logprobs))[:n]:
             t = next(iter(ly))
             assert abs(lx[t].logprob - ly[t].logprob) < 0.1
