@@ -19,8 +19,9 @@ Three mimoflash settings run on the same bf16-valued checkpoint (transformers ge
 CPU setting): "default" = what LLM() does with a bf16 checkpoint on CPU (bf16 weights through mimoflash/kernels,
 fp32 activations and KV cache), "fp32" = weights upcast to fp32, "bf16" = everything in bf16 (dtype="bfloat16").
 The last stdout line is one JSON object. Seeded: the same model and prompts every run.
-Threads: `--threads` (default 1); OMP_WAIT_POLICY defaults to PASSIVE (set before torch is imported). On a shared machine an OpenMP barrier waiting for a descheduled thread can
-slow tiny ops by 100x; one thread measures the code, not the neighbours.
+Threads: `--threads` (default 1); OMP_WAIT_POLICY defaults to PASSIVE (set before torch is imported). On a shared
+machine an OpenMP barrier waiting for a descheduled thread can slow tiny ops by 100x; one thread measures the code,
+not the neighbours.
 """
 
 from __future__ import annotations
@@ -185,7 +186,8 @@ def main(argv=None) -> int:
     mean_ctx = a.prompt_len + a.new_tokens // 2
     for name, llm in llms.items():
         lay = llm.engine.layout
-        bpt = decode_bytes_per_token(llm.model, mean_ctx, lay.ring_slots, torch.empty(0, dtype=lay.dtype).element_size())
+        bpt = decode_bytes_per_token(llm.model, mean_ctx, lay.ring_slots,
+                                     torch.empty(0, dtype=lay.dtype).element_size())
         bound = bandwidth / bpt                                 # tokens/s if only memory traffic counted
         single = med[f"{name}_single"]
         rows.append((f"mimoflash {name}", single, med[f"{name}_batch"], bpt / 1e6, single / bound,

@@ -3,13 +3,18 @@
     python benchmarks/bench_kernels.py                # a few seconds per shape
     python benchmarks/bench_kernels.py --threads 1 --repeats 7
 
-For each weight shape of the decode benchmark's model (bench_decode.py) and M = 1, 2, 4, 16 rows, side by side and
-interleaved, medians of `--repeats`:
+For each weight shape of the decode benchmark's model (bench_decode.py) and M = 1, 2, 3, 4, 16 rows, side by side
+and interleaved, medians of `--repeats`:
   * kernel: y = x @ w.T, x fp32, w bf16 (what the engine's default CPU path runs);
   * torch fp32: F.linear on an fp32 copy of w (the layout MKL runs fastest for few rows: column-major);
   * torch bf16: F.linear with x and w in bf16 (what torch offers for bf16 weights; activations rounded).
-GB/s counts the weight bytes each variant reads (2 per weight for bf16, 4 for fp32). Seeded; the last stdout line is
-one JSON object.
+GB/s counts the weight bytes each variant reads (2 per weight for bf16, 4 for fp32).
+Then the pieces of a 16-request decode step that are not one product:
+  * experts: `kernels.experts_bf16` on one MoE layer of that model (16 experts, F = 480) for 16 tokens' top-2 picks
+    (seeded), with the bytes of the experts it touches and that time's GB/s;
+  * argmax: greedy sampling over (16, 32000) logits, `kernels.argmax_rows` vs torch's argmax;
+  * reference: a large fp32 matmul in torch (MKL, 1024^3), the GFLOP/s this machine reaches at all.
+Seeded; the last stdout line is one JSON object.
 """
 
 from __future__ import annotations
@@ -45,6 +50,32 @@ def timeit(f, reps: int) -> float:
         n *= 4
 
 
+def step_pieces(g: torch.Generator, repeats: int) -> dict:
+    """The experts of one MoE layer for a 16-token batch, greedy argmax over its logits, and a compute reference."""
+    E, Fd, D = 16, 480, 512
+    gate_up = (torch.randn(E, 2 * Fd, D, generator=g) * 0.02).bfloat16()
+    down = (torch.randn(E, D, Fd, generator=g) * 0.02).bfloat16()
+    picks = torch.stack([torch.randperm(E, generator=g)[:2] for _ in range(16)]).view(-1)   # 16 tokens, top-2
+    counts = torch.bincount(picks, minlength=E)
+    x_PD = torch.randn(int(counts.sum()), D, generator=g)
+    logits = torch.randn(16, 32000, generator=g)
+    a, b = torch.randn(1024, 1024, generator=g), torch.randn(1024, 1024, generator=g)
+    cands = {"experts": lambda: kernels.experts_bf16(x_PD, counts, gate_up, down),
+             "argmax kernel": lambda: kernels.argmax_rows(logits), "argmax torch": lambda: logits.argmax(dim=-1),
+             "matmul": lambda: a @ b}
+    ts = {k: [] for k in cands}
+    for _ in range(repeats):
+        for k, f in cands.items():
+            ts[k].append(timeit(f, repeats))
+    med = {k: statistics.median(v) for k, v in ts.items()}
+    touched = int((counts > 0).sum()) * 3 * Fd * D * 2                # bytes of the experts with a token
+    return {"experts": {"counts": counts.tolist(), "us": round(med["experts"] * 1e6, 1),
+                        "MB": round(touched / 1e6, 1), "GBps": round(touched / med["experts"] / 1e9, 1)},
+            "argmax": {"kernel_us": round(med["argmax kernel"] * 1e6, 1),
+                       "torch_us": round(med["argmax torch"] * 1e6, 1)},
+            "reference_fp32_GFLOPs": round(2 * 1024 ** 3 / med["matmul"] / 1e9, 1)}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=1)
@@ -60,7 +91,7 @@ def main(argv=None) -> int:
     for name, (N, K) in SHAPES.items():
         w16 = (torch.randn(N, K, generator=g) * 0.02).bfloat16()
         w32 = w16.float().t().contiguous().t()                # column-major: MKL's fast GEMV case
-        for M in (1, 2, 4, 16):
+        for M in (1, 2, 3, 4, 16):
             x = torch.randn(M, K, generator=g)
             xb = x.bfloat16()
             cands = {"kernel": lambda: kernels.linear_bf16w(x, w16), "torch fp32": lambda: F.linear(x, w32),
@@ -78,12 +109,18 @@ def main(argv=None) -> int:
             r["kernel_speedup_vs_fp32"] = round(med["torch fp32"] / med["kernel"], 2)
             out["results"].append(r)
             rows.append(r)
+    out["step_pieces"] = step_pieces(g, a.repeats)
     print(f"{'shape':<16}{'N x K':>12}{'M':>4}{'kernel us':>11}{'GB/s':>7}{'fp32 us':>10}{'GB/s':>7}"
           f"{'bf16 us':>10}{'speedup':>9}")
     for r in rows:
         k, f32, b16 = r["kernel"], r["torch fp32"], r["torch bf16"]
         print(f"{r['shape']:<16}{r['N']:>6} x {r['K']:<5}{r['M']:>3}{k['us']:>11.1f}{k['GBps']:>7.1f}"
               f"{f32['us']:>10.1f}{f32['GBps']:>7.1f}{b16['us']:>10.1f}{r['kernel_speedup_vs_fp32']:>8.2f}x")
+    sp = out["step_pieces"]
+    print(f"experts, 16 tokens top-2 (counts {sp['experts']['counts']}): {sp['experts']['us']} us, "
+          f"{sp['experts']['MB']} MB of experts at {sp['experts']['GBps']} GB/s")
+    print(f"argmax (16, 32000): kernel {sp['argmax']['kernel_us']} us, torch {sp['argmax']['torch_us']} us")
+    print(f"reference: torch fp32 matmul 1024^3 {sp['reference_fp32_GFLOPs']} GFLOP/s")
     print(json.dumps(out))
     return 0
 

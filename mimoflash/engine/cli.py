@@ -45,7 +45,7 @@ def _add_common(ap: argparse.ArgumentParser, max_tokens: int) -> None:
                     help="KV cache budget: bytes, or a fraction of RAM when <= 1 (default: what max_num_seqs needs)")
     ap.add_argument("--max-model-len", type=int, default=None)
     ap.add_argument("--threads", type=int, default=None,
-                    help="CPU threads for torch and the kernels' pool (default: torch's choice, usually the core count)")
+                    help="CPU threads for torch and the kernels' pool (default: torch's, usually the core count)")
     g = ap.add_argument_group("sampling")
     g.add_argument("--max-tokens", type=int, default=max_tokens)
     g.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")

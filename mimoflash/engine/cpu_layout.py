@@ -13,8 +13,8 @@ and the module tree stay; memory layouts and a few forwards change. `use_cpu_lay
 * both fp32-compute modes route RMSNorm and the attention projection path (RoPE + value scale in place) through the
   fused kernels (`_fast_fp32_ops`); with bf16 weights, decode steps go further, one C call per layer
   (engine/fused_decode.py).
-* **bf16 compute** (`_same_dtype_layout`): layouts stay (these layouts sent oneDNN/MKL to paths 4x slower in bf16 here); bf16 experts only
-  skip the unpicked experts for one or two tokens (`_picked_experts`).
+* **bf16 compute** (`_same_dtype_layout`): layouts stay (these layouts sent oneDNN/MKL to paths 4x slower in bf16
+  here); bf16 experts only skip the unpicked experts for one or two tokens (`_picked_experts`).
 
 Every transformed forward falls back to the module's own math under autograd or after a cast that breaks the
 views, and `tests/test_engine.py` / `tests/test_kernels.py` check each against the untransformed model.
@@ -186,7 +186,7 @@ def use_bf16_weights(model: torch.nn.Module) -> None:
                 m.forward = functools.partial(_w16_linear, m)
             elif (isinstance(m, Experts) and m.gate_proj.dtype == torch.bfloat16
                   and not hasattr(m, "_grouped_forward")):
-                E, Fd, D = m.gate_proj.shape
+                Fd = m.gate_proj.shape[1]
                 gu = torch.cat([m.gate_proj.data, m.up_proj.data], dim=1)            # (E, 2F, D)
                 m.gate_proj.data, m.up_proj.data = gu[:, :Fd], gu[:, Fd:]
                 m.down_proj.data = m.down_proj.data.contiguous()                     # (E, D, F)
@@ -209,7 +209,8 @@ def _cpu_experts(experts: Experts, fallback, x_TD: torch.Tensor, topk_idx_TK: to
     sides (MKL's fast GEMV/GEMM case), mixed by `_mix_picked`."""
     gu, dn = experts._gate_up, experts._down_t
     if (x_TD.device.type != "cpu" or torch.is_grad_enabled() or experts.gate_proj.data_ptr() != gu.data_ptr()
-            or experts.down_proj.data_ptr() != dn.data_ptr() or x_TD.dtype != gu.dtype):   # training (the views carry no gradient), moved/cast since
+            or experts.down_proj.data_ptr() != dn.data_ptr() or x_TD.dtype != gu.dtype):
+        # training (the views carry no gradient), or moved / cast since the transform
         return fallback(x_TD, topk_idx_TK, weight_TK)
     Fd = dn.shape[1]
     gu, dn = experts._gate_up_list, experts._down_t_list          # per-expert views: no indexing op per call

@@ -2,15 +2,17 @@
 
 With each sequence decoding one token, a layer's arithmetic is a few small GEMMs over weights it must read anyway
 (each weight read once for the whole batch; the experts grouped by expert); what the torch path adds on top is ~40
-small calls per layer (norms, views, RoPE, cache writes, attention, router,
-experts) at ~3-15 us each, as much time as the weight reads. This runner helper does the same math as the model's
-forward on the engine's CPU path (engine/cpu_layout.py with bf16 weights and fp32 compute, runner.PagedAttention's
-decode path) in C: the model is still the reference and `tests/test_kernels.py` checks both give the same logits
-and tokens. The model's modules are read once, at build time (pointers to their tensors); the engine owns the
-model, so casting or moving it while an engine holds it is not supported (as in the other engines). `MoE.last_topk_idx` is not updated on this path (only the trainer reads it).
+small calls per layer (norms, views, RoPE, cache writes, attention, router, experts) at ~3-15 us each, as much time as
+the weight reads. This runner helper does the same math as the model's forward on the engine's CPU path
+(engine/cpu_layout.py with bf16 weights and fp32 compute, runner.PagedAttention's decode path) in C: the model is
+still the reference and `tests/test_kernels.py` checks both give the same logits and tokens. The model's modules are
+read once, at build time (pointers to their tensors); the engine owns the model, so casting or moving it while an
+engine holds it is not supported (as in the other engines). `MoE.last_topk_idx` is not updated on this path (only the
+trainer reads it).
 
-Used for decode steps (one token per sequence, any batch size) when every layer qualifies (bf16 matmul weights after `use_bf16_weights`, fp32
-norms, an fp32 or bf16 cache, plain top-k routing with at most 64 experts per token); otherwise the runner uses the model.
+Used for decode steps (one token per sequence, any batch size) when every layer qualifies (bf16 matmul weights after
+`use_bf16_weights`, fp32 norms, an fp32 or bf16 cache, plain top-k routing with at most 64 experts per token);
+otherwise the runner uses the model.
 """
 
 from __future__ import annotations

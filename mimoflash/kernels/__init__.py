@@ -91,7 +91,7 @@ def _load() -> ctypes.CDLL | None:
         return None
     c_long, c_void = ctypes.c_long, ctypes.c_void_p
     lib.mf_gemm_bf16w.argtypes = [c_void, c_long, c_void, c_void, c_long, c_long, c_long, c_long]
-    lib.mf_gemm_bf16w.restype = ctypes.c_int
+    lib.mf_gemm_bf16w.restype = None
     lib.mf_simd_level.restype = ctypes.c_int
     lib.mf_set_num_threads.argtypes = [ctypes.c_int]
     lib.mf_set_num_threads.restype = None
@@ -160,8 +160,8 @@ def linear_bf16w(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         x2 = x2.contiguous()
     M, N = x2.shape[0], w.shape[0]
     y = torch.empty(M, N, dtype=torch.float32)
-    if M and lib.mf_gemm_bf16w(x2.data_ptr(), x2.stride(0), w.data_ptr(), y.data_ptr(), N, M, N, K):
-        raise MemoryError("linear_bf16w: could not allocate the kernel's scratch buffer")
+    if M:
+        lib.mf_gemm_bf16w(x2.data_ptr(), x2.stride(0), w.data_ptr(), y.data_ptr(), N, M, N, K)
     return y if x.dim() == 2 else y.view(*x.shape[:-1], N)
 
 
@@ -316,7 +316,7 @@ def experts_bf16(x_PD: torch.Tensor, counts: torch.Tensor, gate_up: torch.Tensor
     if rc == -2:
         raise ValueError(f"experts_bf16: counts must be >= 0 and sum to the {P} rows")
     if rc:
-        raise MemoryError("experts_bf16: could not allocate a GEMV buffer")
+        raise MemoryError("experts_bf16: could not allocate the experts' row offsets")
     return y
 
 

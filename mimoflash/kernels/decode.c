@@ -28,7 +28,7 @@ typedef struct {
     int kv_bf16;                                     /* the pools hold bf16 (kv_cache_dtype="bfloat16") */
 } mf_layer;
 
-int mf_gemm_bf16w(const float *x, long ldx, const unsigned short *w, float *y, long ldy, long M, long N, long K);
+void mf_gemm_bf16w(const float *x, long ldx, const unsigned short *w, float *y, long ldy, long M, long N, long K);
 void mf_rms_norm(const float *x, long ldx, const float *w, float *y, long ldy, long M, long D, float eps);
 void mf_qkv_rope(float *qkv, long ld, long N, long heads, long d, long rd, const float *cos_, const float *sin_,
                  long v_off, long v_len, float v_scale);
@@ -127,7 +127,7 @@ int mf_decode_layer(const mf_layer *L, float *x, long B, const float *cos_, cons
     float *ffn = scores + (K > 0 ? K : 1);
 
     mf_rms_norm(x, H, L->in_norm, xn, H, B, H, L->eps_in);
-    if (mf_gemm_bf16w(xn, H, L->qkv_w, qkv, W, B, W, H)) return -2;
+    mf_gemm_bf16w(xn, H, L->qkv_w, qkv, W, B, W, H);
     mf_qkv_rope(qkv, W, B, nq + nkv, d, L->rd, cos_, sin_, Wq, nkv * dv, L->v_scale);
     for (long b = 0; b < B; b++)                      /* store first: the ring has room for this token's key */
         for (long hh = 0; hh < nkv; hh++) {
@@ -144,7 +144,7 @@ int mf_decode_layer(const mf_layer *L, float *x, long B, const float *cos_, cons
     int rc = mf_attn_decode(qkv, W, L->k_pool, S * d, L->v_pool, S * dv, bias, L->sinks, o, B, nq, nkv, K, d, dv,
                             L->scale, scores, table, n_chunks, chunk, S / chunk, L->kv_bf16);
     if (rc) return rc;
-    if (mf_gemm_bf16w(o, nq * dv, L->o_w, y, H, B, H, nq * dv)) return -2;
+    mf_gemm_bf16w(o, nq * dv, L->o_w, y, H, B, H, nq * dv);
     for (long i = 0; i < B * H; i++) x[i] += y[i];
 
     mf_rms_norm(x, H, L->post_norm, xn, H, B, H, L->eps_post);
@@ -155,10 +155,10 @@ int mf_decode_layer(const mf_layer *L, float *x, long B, const float *cos_, cons
         if ((rc = moe_rows(L, xn, B, y, chosen))) return rc;
     } else {
         float *gu = ffn, *act = ffn + 2 * B * F;
-        if (mf_gemm_bf16w(xn, H, L->gate_w, gu, 2 * F, B, F, H) ||
-            mf_gemm_bf16w(xn, H, L->up_w, gu + F, 2 * F, B, F, H)) return -2;
+        mf_gemm_bf16w(xn, H, L->gate_w, gu, 2 * F, B, F, H);
+        mf_gemm_bf16w(xn, H, L->up_w, gu + F, 2 * F, B, F, H);
         mf_silu_mul(gu, 2 * F, act, F, B, F);
-        if (mf_gemm_bf16w(act, F, L->down_w, y, H, B, H, F)) return -2;
+        mf_gemm_bf16w(act, F, L->down_w, y, H, B, H, F);
     }
     for (long i = 0; i < B * H; i++) x[i] += y[i];
     return 0;

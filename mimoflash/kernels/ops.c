@@ -318,7 +318,7 @@ VEC int mf_attn_decode(const float *q, long q_sb, const void *k_base, long k_sh,
     return 0;
 }
 
-int mf_gemm_bf16w(const float *x, long ldx, const unsigned short *w, float *y, long ldy, long M, long N, long K);
+void mf_gemm_bf16w(const float *x, long ldx, const unsigned short *w, float *y, long ldy, long M, long N, long K);
 
 /* One token through a routed-MoE layer with bf16 experts (SPEC §2.5), replacing ~20 torch calls:
  *   scores = sigmoid(router_w @ x) (fp32), choice = scores + bias, top-k of choice (first index wins a tie),
@@ -365,7 +365,7 @@ VEC int mf_moe_token_bf16(const float *x, long D, const float *router_w, const f
     for (long i = 0; i < D; i++) y[i] = 0.f;
     for (long k = 0; k < top_k; k++) {
         long e = chosen[k];
-        mf_gemm_bf16w(x, D, gate_up + e * 2 * F * D, h, 2 * F, 1, 2 * F, D);     /* M = 1: no allocation */
+        mf_gemm_bf16w(x, D, gate_up + e * 2 * F * D, h, 2 * F, 1, 2 * F, D);
 #pragma omp simd
         for (long i = 0; i < F; i++) act[i] = h[i] / (1.0f + exp_approx(-h[i])) * h[F + i];
         mf_gemm_bf16w(act, F, down + e * D * F, out, D, 1, D, F);

@@ -243,17 +243,16 @@ static void gemm_task(void *p, long t) {
     if (n0 < n1) gemm_range(j->x, j->ldx, j->w + n0 * j->K, j->y + n0, j->ldy, j->M, n1 - n0, j->K);
 }
 
-/* Exported: y (M, N) = x (M, K) @ w (N, K)^T with w bf16. Returns 0. */
-int mf_gemm_bf16w(const float *x, long ldx, const uint16_t *w, float *y, long ldy, long M, long N, long K) {
+/* Exported: y (M, N) = x (M, K) @ w (N, K)^T with w bf16. Allocates nothing, cannot fail. */
+void mf_gemm_bf16w(const float *x, long ldx, const uint16_t *w, float *y, long ldy, long M, long N, long K) {
     long T = mf_num_threads();
     if (T > 1 && N * K >= (1L << 16) && N >= 8 * T) {
         long per = ((N + T - 1) / T + 3) / 4 * 4;     /* a multiple of the 2- and 4-row blocks */
         gemm_job j = {x, w, y, ldx, ldy, M, N, K, per};
         mf_parallel((N + per - 1) / per, gemm_task, &j);
-        return 0;
+        return;
     }
     gemm_range(x, ldx, w, y, ldy, M, N, K);
-    return 0;
 }
 
 int mf_simd_level(void) { return have_avx2() ? 2 : 0; }
