@@ -3,9 +3,11 @@
     python benchmarks/bench_kernels.py                # a few seconds per shape
     python benchmarks/bench_kernels.py --threads 1 --repeats 7
 
-For each weight shape of the decode benchmark's model (bench_decode.py) and M = 1, 2, 3, 4, 16 rows, side by side
-and interleaved, medians of `--repeats`:
-  * kernel: y = x @ w.T, x fp32, w bf16 (what the engine's default CPU path runs);
+For each weight shape of the decode benchmark's model (bench_decode.py) and M = 1, 2, 3, 4, 6, 16 rows, side by
+side and interleaved, medians of `--repeats`:
+  * kernel: y = x @ w.T, x fp32, w bf16 row-major (wgemm.c; the experts' path, and the dense linears' with
+    `weight_panels=False`);
+  * panels: the same product on w packed in panels (panels.c; the engine's default for the dense linears);
   * torch fp32: F.linear on an fp32 copy of w (the layout MKL runs fastest for few rows: column-major);
   * torch bf16: F.linear with x and w in bf16 (what torch offers for bf16 weights; activations rounded).
 GB/s counts the weight bytes each variant reads (2 per weight for bf16, 4 for fp32).
@@ -91,31 +93,35 @@ def main(argv=None) -> int:
     for name, (N, K) in SHAPES.items():
         w16 = (torch.randn(N, K, generator=g) * 0.02).bfloat16()
         w32 = w16.float().t().contiguous().t()                # column-major: MKL's fast GEMV case
-        for M in (1, 2, 3, 4, 16):
+        wp = kernels.pack_panels(w16)
+        for M in (1, 2, 3, 4, 6, 16):
             x = torch.randn(M, K, generator=g)
             xb = x.bfloat16()
-            cands = {"kernel": lambda: kernels.linear_bf16w(x, w16), "torch fp32": lambda: F.linear(x, w32),
+            cands = {"kernel": lambda: kernels.linear_bf16w(x, w16), "panels": lambda: kernels.linear_panels(x, wp, N),
+                     "torch fp32": lambda: F.linear(x, w32),
                      "torch bf16": lambda: F.linear(xb, w16)}
             ts = {k: [] for k in cands}
             for _ in range(a.repeats):
                 for k, f in cands.items():
                     ts[k].append(timeit(f, a.repeats))
             med = {k: statistics.median(v) for k, v in ts.items()}
-            wbytes = {"kernel": 2, "torch fp32": 4, "torch bf16": 2}
+            wbytes = {"kernel": 2, "panels": 2, "torch fp32": 4, "torch bf16": 2}
             r = {"shape": name, "N": N, "K": K, "M": M}
             for k, t in med.items():
                 r[k] = {"us": round(t * 1e6, 1), "GBps": round(N * K * wbytes[k] / t / 1e9, 1),
                         "GFLOPs": round(2 * M * N * K / t / 1e9, 1)}
             r["kernel_speedup_vs_fp32"] = round(med["torch fp32"] / med["kernel"], 2)
+            r["panels_speedup_vs_kernel"] = round(med["kernel"] / med["panels"], 2)
             out["results"].append(r)
             rows.append(r)
     out["step_pieces"] = step_pieces(g, a.repeats)
-    print(f"{'shape':<16}{'N x K':>12}{'M':>4}{'kernel us':>11}{'GB/s':>7}{'fp32 us':>10}{'GB/s':>7}"
-          f"{'bf16 us':>10}{'speedup':>9}")
+    print(f"{'shape':<16}{'N x K':>12}{'M':>4}{'kernel us':>11}{'GB/s':>7}{'GFLOP/s':>9}{'panels us':>11}"
+          f"{'GFLOP/s':>9}{'p/k':>6}{'fp32 us':>10}{'GB/s':>7}{'bf16 us':>10}{'k/fp32':>8}")
     for r in rows:
-        k, f32, b16 = r["kernel"], r["torch fp32"], r["torch bf16"]
+        k, p, f32, b16 = r["kernel"], r["panels"], r["torch fp32"], r["torch bf16"]
         print(f"{r['shape']:<16}{r['N']:>6} x {r['K']:<5}{r['M']:>3}{k['us']:>11.1f}{k['GBps']:>7.1f}"
-              f"{f32['us']:>10.1f}{f32['GBps']:>7.1f}{b16['us']:>10.1f}{r['kernel_speedup_vs_fp32']:>8.2f}x")
+              f"{k['GFLOPs']:>9.1f}{p['us']:>11.1f}{p['GFLOPs']:>9.1f}{r['panels_speedup_vs_kernel']:>5.2f}x"
+              f"{f32['us']:>10.1f}{f32['GBps']:>7.1f}{b16['us']:>10.1f}{r['kernel_speedup_vs_fp32']:>7.2f}x")
     sp = out["step_pieces"]
     print(f"experts, 16 tokens top-2 (counts {sp['experts']['counts']}): {sp['experts']['us']} us, "
           f"{sp['experts']['MB']} MB of experts at {sp['experts']['GBps']} GB/s")

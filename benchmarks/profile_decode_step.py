@@ -5,7 +5,8 @@ the lm_head, for one request and for 16 concurrent ones.
     python benchmarks/profile_decode_step.py --batches 1 16 --repeats 3
 
 Each decode step runs every decoder layer as one `kernels.decode_layer` call (engine/fused_decode.py); this script
-wraps that call and `kernels.linear_bf16w` (the lm_head) with wall-clock timers, runs 96 new tokens after a
+wraps that call and the lm_head's product (`kernels.linear_panels`, or `kernels.linear_bf16w` with
+`weight_panels=False`) with wall-clock timers, runs 96 new tokens after a
 32-token prompt (greedy), and reports milliseconds per decode step, medians over `--repeats` runs. Prefill is
 excluded (its steps do not go through these calls, except the lm_head of the last prompt token, one call per
 request). Seeded; the last stdout line is one JSON object.
@@ -38,10 +39,13 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--new-tokens", type=int, default=96)
+    ap.add_argument("--no-weight-panels", dest="weight_panels", action="store_false",
+                    help="the dense linears row-major (LLM(weight_panels=False)), for comparison")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     cfg = bench_config()
-    llm = LLM(build_model(cfg).cast(torch.bfloat16), max_num_seqs=max(a.batches), max_num_batched_tokens=512)
+    llm = LLM(build_model(cfg).cast(torch.bfloat16), max_num_seqs=max(a.batches), max_num_batched_tokens=512,
+              weight_panels=a.weight_panels)
     if llm.engine.runner.fused is None:
         print("the fused decode path is not in use (CPU kernels unavailable?)", file=sys.stderr)
         return 1
@@ -54,7 +58,7 @@ def main(argv=None) -> int:
         kind = ("SWA" if layer.is_sliding else "GA") + (" MoE" if hasattr(layer.mlp, "experts") else " dense")
         names[i] = kind
     layer_of = {id(args): i for i, (args, _, _) in enumerate(llm.engine.runner.fused.layers)}
-    decode_layer, linear = kernels.decode_layer, kernels.linear_bf16w
+    decode_layer, linear, linear_p = kernels.decode_layer, kernels.linear_bf16w, kernels.linear_panels
 
     def timed_layer(args, *rest):
         t = time.perf_counter()
@@ -70,7 +74,17 @@ def main(argv=None) -> int:
             acc["lm_head"] += time.perf_counter() - t
         return y
 
-    kernels.decode_layer, kernels.linear_bf16w = timed_layer, timed_linear
+    lm_panels = getattr(llm.model.lm_head, "_panels", None)
+    lm_panels_ptr = lm_panels.wp.data_ptr() if lm_panels is not None else None
+
+    def timed_linear_p(x, wp, n):
+        t = time.perf_counter()
+        y = linear_p(x, wp, n)
+        if wp.data_ptr() == lm_panels_ptr:
+            acc["lm_head"] += time.perf_counter() - t
+        return y
+
+    kernels.decode_layer, kernels.linear_bf16w, kernels.linear_panels = timed_layer, timed_linear, timed_linear_p
     runner = llm.engine.runner
     execute = runner.execute
 
@@ -95,7 +109,7 @@ def main(argv=None) -> int:
             out["ms_per_decode_step"][B] = {k: round(statistics.median(v), 2) for k, v in sorted(per.items())}
             out["tok_s"][B] = round(statistics.median(rates), 1)
     finally:
-        kernels.decode_layer, kernels.linear_bf16w = decode_layer, linear
+        kernels.decode_layer, kernels.linear_bf16w, kernels.linear_panels = decode_layer, linear, linear_p
     print(f"ms per decode step (medians of {a.repeats}, {a.threads} thread(s)); 'runner.execute' includes prefill")
     for B, parts in out["ms_per_decode_step"].items():
         print(f"{B} request(s), {out['tok_s'][B]} tok/s:")

@@ -40,6 +40,9 @@ def _add_common(ap: argparse.ArgumentParser, max_tokens: int) -> None:
                          "CPU with float32 compute, through mimoflash's CPU kernels)")
     ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                     help="KV cache storage (auto = the compute dtype; bfloat16 halves the cache under fp32 compute)")
+    ap.add_argument("--no-weight-panels", dest="weight_panels", action="store_false",
+                    help="CPU bf16 weights: skip the packed copy of the dense linears (saves their size in RAM; "
+                         "batched decoding and prefill run slower)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--kv-cache-memory", type=float, default=None,
                     help="KV cache budget: bytes, or a fraction of RAM when <= 1 (default: what max_num_seqs needs)")
@@ -78,7 +81,7 @@ def _load(a: argparse.Namespace, max_num_seqs: int = 4):
     llm = LLM(path, dtype=a.dtype, weight_dtype=a.weight_dtype, kv_cache_dtype=a.kv_cache_dtype, device=a.device,
               max_num_seqs=max_num_seqs,
               kv_cache_memory=int(a.kv_cache_memory) if a.kv_cache_memory and a.kv_cache_memory > 1
-              else a.kv_cache_memory, max_model_len=a.max_model_len, progress=True)
+              else a.kv_cache_memory, max_model_len=a.max_model_len, weight_panels=a.weight_panels, progress=True)
     print(f"loaded {path} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     return llm
 

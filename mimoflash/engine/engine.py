@@ -43,6 +43,7 @@ class EngineConfig:
     attention_impl: str = "fast"             # "fast" | "reference"
     dtype: Any = None                        # compute (activation + KV cache) dtype; None = the weights' dtype
     kv_cache_dtype: Any = None               # KV cache storage dtype; None = the compute dtype
+    weight_panels: bool = True               # CPU, bf16 weights: also pack dense linears in panels (cpu_layout)
     seed: int = 0                            # the shared generator of unseeded requests
 
 
@@ -92,7 +93,7 @@ class LLMEngine:
         # A budget that holds fewer rings than max_num_seqs limits concurrency through ring availability.
         self.scheduler = Scheduler(SchedulerConfig(cfg.max_num_seqs, cfg.max_num_batched_tokens,
                                                    cfg.enable_chunked_prefill, max_len), self.kv)
-        self.runner = ModelRunner(model, self.cache, cfg.attention_impl, cfg.dtype)
+        self.runner = ModelRunner(model, self.cache, cfg.attention_impl, cfg.dtype, cfg.weight_panels)
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
         eos = mc.eos_token_id
         eos_ids = set(eos if isinstance(eos, list) else ([eos] if eos is not None else []))

@@ -11,7 +11,7 @@ engine holds it is not supported (as in the other engines). `MoE.last_topk_idx` 
 trainer reads it).
 
 Used for decode steps (one token per sequence, any batch size) when every layer qualifies (bf16 matmul weights after
-`use_bf16_weights`, fp32 norms, an fp32 or bf16 cache, plain top-k routing with at most 64 experts per token);
+`use_bf16_weights`, whose dense products read the packed panels when it made them, fp32 norms, an fp32 or bf16 cache, plain top-k routing with at most 64 experts per token);
 otherwise the runner uses the model.
 """
 
@@ -31,8 +31,9 @@ def _ok(t: torch.Tensor | None, dtype: torch.dtype) -> bool:
 
 
 class FusedDecoder:
-    def __init__(self, model, layers: list, keep: list):
+    def __init__(self, model, layers: list, keep: list, panels: list):
         self.model = model
+        self._panels = panels           # cpu_layout.Panels the LayerArgs point into (refreshed each step)
         self.emb = model.model.embed_tokens.weight
         self.layers = layers            # [(LayerArgs, sliding, experts per token)]
         self._keep = keep               # tensors the LayerArgs point into
@@ -45,7 +46,7 @@ class FusedDecoder:
                 or not _ok(model.model.embed_tokens.weight, torch.bfloat16)):
             return None
         cfg = model.config
-        layers, keep = [], []
+        layers, keep, panels = [], [], []
         with torch.no_grad():
             for layer in model.model.layers:
                 attn, mlp = layer.self_attn, layer.mlp
@@ -59,6 +60,7 @@ class FusedDecoder:
                         or k_pool.dtype not in (torch.float32, torch.bfloat16) or not _ok(k_pool, k_pool.dtype)
                         or not _ok(v_pool, k_pool.dtype)):
                     return None
+                pq, po = getattr(attn, "_qkv_panels", None), getattr(attn.o_proj, "_panels", None)
                 a = kernels.LayerArgs(
                     H=cfg.hidden_size, nq=attn.num_heads, nkv=attn.num_kv_heads, d=attn.head_dim, dv=attn.v_head_dim,
                     rd=cfg.rotary_dim(sliding), eps_in=layer.input_layernorm.eps,
@@ -70,13 +72,16 @@ class FusedDecoder:
                     pool_slots=k_pool.shape[1], kv_bf16=int(k_pool.dtype == torch.bfloat16))
                 keep += [fused[0], k_pool, v_pool]
                 top_k = 1
+                layer_panels = [pq, po]
                 if isinstance(mlp, MLP):
-                    ws = [mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight]
+                    lins = [mlp.gate_proj, mlp.up_proj, mlp.down_proj]
+                    ws = [lin.weight for lin in lins]
                     if not all(_ok(w, torch.bfloat16) for w in ws):
                         return None
                     a.moe, a.F_dense = 0, ws[0].shape[0]
                     a.gate_w, a.up_w, a.down_w = (w.data_ptr() for w in ws)
                     keep += ws
+                    layer_panels += [getattr(lin, "_panels", None) for lin in lins]
                 elif isinstance(mlp, MoE):
                     ex, r = mlp.experts, mlp.gate
                     gu = getattr(ex, "_gate_up", None)
@@ -92,12 +97,20 @@ class FusedDecoder:
                     top_k = r.top_k
                 else:
                     return None
+                if all(p is not None and p.get() is not None for p in layer_panels):   # the layer's products
+                    a.panels = 1                                                    # on panels (cpu_layout)
+                    a.qkv_w, a.o_w = pq.wp.data_ptr(), po.wp.data_ptr()
+                    if not a.moe:
+                        a.gate_w, a.up_w, a.down_w = (p.wp.data_ptr() for p in layer_panels[2:])
+                    panels += layer_panels
                 layers.append((a, sliding, top_k))
-        return cls(model, layers, keep)
+        return cls(model, layers, keep, panels)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kinds: dict) -> torch.Tensor:
         """B sequences, one token each: input_ids / positions (1, B), kinds = AttnMeta.kinds (DecodeKindMeta per
         kind) -> residual stream (1, B, H) before the final norm, as `MiMoModel.forward` returns it."""
+        for p in self._panels:          # a weight edited in place since the last step is repacked into its buffer
+            p.get()
         B = input_ids.shape[1]
         x = F.embedding(input_ids.view(-1), self.emb).float()                        # (B, H), a fresh tensor
         rope = self.model.model.rope(positions, torch.float32)                       # kind -> (cos, sin) (1, B, rd)

@@ -14,6 +14,8 @@ either way. A checkpoint without tokenizer files still runs from `{"prompt_token
 Dtypes. `dtype` is the compute dtype (activations, KV cache): "auto" = float32 on CPU, bfloat16 on CUDA.
 `kv_cache_dtype` stores the KV cache in another dtype: "bfloat16" halves its bytes under fp32 compute (keys and
 values rounded once when stored, read back exactly); "auto" = the compute dtype.
+`weight_panels` (CPU, bf16 weights): also keep the dense linears packed in panels, the layout the many-row
+products of batched decoding and prefill run fastest on (engine/cpu_layout.py); False saves that copy's memory.
 `weight_dtype` is how the matmul weights are stored: "auto" keeps a bf16 (or FP8) checkpoint's weights in bf16 on
 CPU when computing in fp32 (engine/cpu_layout.py: half the bytes per decoded token, same result as the fp32 model up
 to summation order), and equals `dtype` otherwise (fp32 checkpoints, CUDA, or without the CPU kernels).
@@ -73,7 +75,7 @@ class LLM:
                  kv_cache_memory: int | float | None = None, max_model_len: int | None = None,
                  max_num_batched_tokens: int = 512, enable_chunked_prefill: bool = True, block_size: int = 16,
                  seed: int = 0, attention_impl: str = "fast", skip_tokenizer_init: bool = False,
-                 kv_cache_dtype: str | torch.dtype = "auto", progress: bool = True):
+                 kv_cache_dtype: str | torch.dtype = "auto", weight_panels: bool = True, progress: bool = True):
         device = torch.device(device)
         kv_dtype = None if kv_cache_dtype in (None, "auto") else _resolve_dtype(kv_cache_dtype, device,
                                                                                  "kv_cache_dtype")
@@ -102,7 +104,7 @@ class LLM:
             max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
             enable_chunked_prefill=enable_chunked_prefill, max_model_len=max_model_len,
             kv_cache_memory=kv_cache_memory, block_size=block_size, attention_impl=attention_impl, seed=seed,
-            dtype=compute, kv_cache_dtype=kv_dtype))
+            dtype=compute, kv_cache_dtype=kv_dtype, weight_panels=weight_panels))
 
     def get_tokenizer(self):
         return self.tokenizer

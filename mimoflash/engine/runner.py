@@ -231,7 +231,7 @@ def _first_if_consecutive(chunks: torch.Tensor) -> int | None:
 
 class ModelRunner:
     def __init__(self, model: MiMoForCausalLM, cache: KVCache, impl: str = "fast",
-                 compute_dtype: torch.dtype | None = None):
+                 compute_dtype: torch.dtype | None = None, weight_panels: bool = True):
         if impl not in ("fast", "reference"):
             raise ValueError(f"attention impl must be 'fast' or 'reference', got {impl!r}")
         self.model, self.cache, self.impl = model, cache, impl
@@ -244,7 +244,7 @@ class ModelRunner:
         self.use_kernels = False
         self.fused: FusedDecoder | None = None       # one kernel call per layer for decode steps
         if self.device.type == "cpu":
-            use_cpu_layout(model, compute_dtype)
+            use_cpu_layout(model, compute_dtype, panels=weight_panels)
             self.use_kernels = kernels.available()
             kernels.set_num_threads(torch.get_num_threads())
             if self.use_kernels and impl == "fast":

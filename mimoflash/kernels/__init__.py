@@ -1,6 +1,8 @@
 """CPU kernels that torch lacks, compiled on first use with the system C compiler and loaded with ctypes.
 
 * `linear_bf16w(x, w)`: y = x @ w.T with x fp32 and w stored as bfloat16 (wgemm.c says why);
+* `pack_panels(w)` / `linear_panels(x, wp, N)`: the same product on the weight repacked in 16-row k-major panels,
+  an outer-product layout that runs many-row products (batched decode, prefill) near the FMA peak (panels.c);
 * a persistent thread pool (pool.c) that splits the GEMMs, attention and experts over `set_num_threads` threads;
 * `decode_layer` (decode.c): a whole decoder layer for one decoded token in one call (`LayerArgs` holds its
   weights' pointers); used by `engine/fused_decode.py`;
@@ -38,7 +40,7 @@ import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
-_SOURCES = [Path(__file__).with_name(n) for n in ("wgemm.c", "ops.c", "decode.c", "pool.c")]
+_SOURCES = [Path(__file__).with_name(n) for n in ("wgemm.c", "panels.c", "ops.c", "decode.c", "pool.c")]
 _FLAGS = ["-O3", "-fPIC", "-shared", "-std=gnu11", "-fopenmp-simd", "-pthread"]
 _lib: ctypes.CDLL | None = None
 _tried = False
@@ -92,6 +94,8 @@ def _load() -> ctypes.CDLL | None:
     c_long, c_void = ctypes.c_long, ctypes.c_void_p
     lib.mf_gemm_bf16w.argtypes = [c_void, c_long, c_void, c_void, c_long, c_long, c_long, c_long]
     lib.mf_gemm_bf16w.restype = None
+    lib.mf_gemm_bf16p.argtypes = [c_void, c_long, c_void, c_void, c_long, c_long, c_long, c_long]
+    lib.mf_gemm_bf16p.restype = None
     lib.mf_simd_level.restype = ctypes.c_int
     lib.mf_set_num_threads.argtypes = [ctypes.c_int]
     lib.mf_set_num_threads.restype = None
@@ -162,6 +166,49 @@ def linear_bf16w(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     y = torch.empty(M, N, dtype=torch.float32)
     if M:
         lib.mf_gemm_bf16w(x2.data_ptr(), x2.stride(0), w.data_ptr(), y.data_ptr(), N, M, N, K)
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], N)
+
+
+PANEL = 16                          # output rows per panel (panels.c)
+
+
+def pack_panels(w: torch.Tensor) -> torch.Tensor:
+    """w (N, K) bf16 -> (ceil(N / 16), K, 16) bf16 panels (panels.c): panel p holds rows 16p..16p+15 k-major, and
+    within a k-row, 32-bit word j holds row j in its low half and row j + 8 in its high half. N is padded with zero
+    rows. A copy: it does not follow later in-place changes of w (cpu_layout.Panels checks for them)."""
+    if w.dim() != 2 or w.dtype != torch.bfloat16:
+        raise ValueError(f"pack_panels wants a (N, K) bfloat16 weight, got {tuple(w.shape)} {w.dtype}")
+    N, K = w.shape
+    P = -(-N // PANEL)
+    padded = w.new_zeros(P * PANEL, K)
+    padded[:N] = w
+    return padded.view(P, 2, PANEL // 2, K).permute(0, 3, 2, 1).contiguous().view(P, K, PANEL)
+
+
+def unpack_panels(wp: torch.Tensor, N: int) -> torch.Tensor:
+    """The inverse of pack_panels: (P, K, 16) -> (N, K) (tests, and the slow paths that want the plain weight)."""
+    P, K, _ = wp.shape
+    return wp.view(P, K, PANEL // 2, 2).permute(0, 3, 2, 1).reshape(P * PANEL, K)[:N]
+
+
+def linear_panels(x: torch.Tensor, wp: torch.Tensor, N: int) -> torch.Tensor:
+    """x (..., K) fp32 @ w.T for w = unpack_panels(wp, N) -> (..., N) fp32, any number of rows. Without the library:
+    the reference on the unpacked weight."""
+    lib = _lib if _lib is not None else _load()
+    K = x.shape[-1]
+    if (x.dtype != torch.float32 or wp.dtype != torch.bfloat16 or wp.dim() != 3 or wp.shape[1:] != (K, PANEL)
+            or not 0 < N <= wp.shape[0] * PANEL or N <= (wp.shape[0] - 1) * PANEL or not wp.is_contiguous()):
+        raise ValueError(f"linear_panels wants x (..., K) float32 and contiguous (ceil(N/16), K, 16) bfloat16 "
+                         f"panels, got x {tuple(x.shape)} {x.dtype}, panels {tuple(wp.shape)} {wp.dtype}, N {N}")
+    if lib is None or x.device.type != "cpu":
+        return F.linear(x, unpack_panels(wp, N).float())
+    x2 = x if x.dim() == 2 else x.reshape(-1, K)
+    if x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    M = x2.shape[0]
+    y = torch.empty(M, N, dtype=torch.float32)
+    if M:
+        lib.mf_gemm_bf16p(x2.data_ptr(), x2.stride(0), wp.data_ptr(), y.data_ptr(), N, M, N, K)
     return y if x.dim() == 2 else y.view(*x.shape[:-1], N)
 
 
@@ -333,7 +380,7 @@ class LayerArgs(ctypes.Structure):
                 ("F_dense", ctypes.c_long), ("router_w", ctypes.c_void_p), ("router_bias", ctypes.c_void_p),
                 ("E", ctypes.c_long), ("top_k", ctypes.c_long), ("norm_topk", ctypes.c_int),
                 ("scaling", ctypes.c_float), ("gate_up", ctypes.c_void_p), ("down", ctypes.c_void_p),
-                ("F_moe", ctypes.c_long), ("kv_bf16", ctypes.c_int)]
+                ("F_moe", ctypes.c_long), ("kv_bf16", ctypes.c_int), ("panels", ctypes.c_int)]
 
 
 def decode_layer(args: LayerArgs, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, table: torch.Tensor,

@@ -26,9 +26,11 @@ typedef struct {
     const unsigned short *gate_up, *down;            /* (E, 2F, H), (E, H, F) bf16 */
     long F_moe;
     int kv_bf16;                                     /* the pools hold bf16 (kv_cache_dtype="bfloat16") */
+    int panels;                                      /* qkv_w .. down_w are packed panels (panels.c), not (N, K) */
 } mf_layer;
 
 void mf_gemm_bf16w(const float *x, long ldx, const unsigned short *w, float *y, long ldy, long M, long N, long K);
+void mf_gemm_bf16p(const float *x, long ldx, const unsigned short *wp, float *y, long ldy, long M, long N, long K);
 void mf_rms_norm(const float *x, long ldx, const float *w, float *y, long ldy, long M, long D, float eps);
 void mf_qkv_rope(float *qkv, long ld, long N, long heads, long d, long rd, const float *cos_, const float *sin_,
                  long v_off, long v_len, float v_scale);
@@ -109,6 +111,15 @@ static int moe_rows(const mf_layer *L, const float *xn, long B, float *y, long *
     return 0;
 }
 
+/* The layer's dense products: y (M, N) = x (M, K) @ w^T, w row-major or in panels as the layer's weights are. */
+static void layer_gemm(const mf_layer *L, const float *x, long ldx, const unsigned short *w, float *y, long ldy,
+                       long M, long N, long K) {
+    if (L->panels)
+        mf_gemm_bf16p(x, ldx, w, y, ldy, M, N, K);
+    else
+        mf_gemm_bf16w(x, ldx, w, y, ldy, M, N, K);
+}
+
 /* x (B, H) fp32, one decoded token per sequence, updated in place. cos/sin: (B, rd) rows of the tokens' positions
  * for the layer's attention kind. Token b's K/V go to pool slot slots[b]; its keys 0..K-1 are read through
  * table[b] (n_chunks chunk ids of `chunk` slots), bias (B, K) additive or NULL. chosen: (B, top_k) expert ids out
@@ -127,7 +138,7 @@ int mf_decode_layer(const mf_layer *L, float *x, long B, const float *cos_, cons
     float *ffn = scores + (K > 0 ? K : 1);
 
     mf_rms_norm(x, H, L->in_norm, xn, H, B, H, L->eps_in);
-    mf_gemm_bf16w(xn, H, L->qkv_w, qkv, W, B, W, H);
+    layer_gemm(L, xn, H, L->qkv_w, qkv, W, B, W, H);
     mf_qkv_rope(qkv, W, B, nq + nkv, d, L->rd, cos_, sin_, Wq, nkv * dv, L->v_scale);
     for (long b = 0; b < B; b++)                      /* store first: the ring has room for this token's key */
         for (long hh = 0; hh < nkv; hh++) {
@@ -144,7 +155,7 @@ int mf_decode_layer(const mf_layer *L, float *x, long B, const float *cos_, cons
     int rc = mf_attn_decode(qkv, W, L->k_pool, S * d, L->v_pool, S * dv, bias, L->sinks, o, B, nq, nkv, K, d, dv,
                             L->scale, scores, table, n_chunks, chunk, S / chunk, L->kv_bf16);
     if (rc) return rc;
-    mf_gemm_bf16w(o, nq * dv, L->o_w, y, H, B, H, nq * dv);
+    layer_gemm(L, o, nq * dv, L->o_w, y, H, B, H, nq * dv);
     for (long i = 0; i < B * H; i++) x[i] += y[i];
 
     mf_rms_norm(x, H, L->post_norm, xn, H, B, H, L->eps_post);
@@ -155,10 +166,10 @@ int mf_decode_layer(const mf_layer *L, float *x, long B, const float *cos_, cons
         if ((rc = moe_rows(L, xn, B, y, chosen))) return rc;
     } else {
         float *gu = ffn, *act = ffn + 2 * B * F;
-        mf_gemm_bf16w(xn, H, L->gate_w, gu, 2 * F, B, F, H);
-        mf_gemm_bf16w(xn, H, L->up_w, gu + F, 2 * F, B, F, H);
+        layer_gemm(L, xn, H, L->gate_w, gu, 2 * F, B, F, H);
+        layer_gemm(L, xn, H, L->up_w, gu + F, 2 * F, B, F, H);
         mf_silu_mul(gu, 2 * F, act, F, B, F);
-        mf_gemm_bf16w(act, F, L->down_w, y, H, B, H, F);
+        layer_gemm(L, act, F, L->down_w, y, H, B, H, F);
     }
     for (long i = 0; i < B * H; i++) x[i] += y[i];
     return 0;

@@ -248,7 +248,8 @@ static void gemm_task(void *p, long t) {
 void mf_gemm_bf16w(const float *x, long ldx, const uint16_t *w, float *y, long ldy, long M, long N, long K) {
     long T = mf_num_threads();
     if (T > 1 && N * K >= (1L << 16) && N >= 8 * T) {
-        long per = ((N + T - 1) / T + 3) / 4 * 4;     /* a multiple of the 2- and 4-row blocks */
+        long per = ((N + 4 * T - 1) / (4 * T) + 3) / 4 * 4;  /* ~4 tasks per thread (panels.c says why), a multiple
+                                                                 of the 2- and 4-row blocks */
         gemm_job j = {x, w, y, ldx, ldy, M, N, K, per};
         mf_parallel((N + per - 1) / per, gemm_task, &j);
         return;

@@ -1,0 +1,213 @@
+/* bf16-weight matmul on weights packed in panels: y (M, N) fp32 = x (M, K) fp32 @ w (N, K)^T, where w is stored
+ * as ceil(N / 16) panels of 16 output rows, each panel k-major: for every k, 16 weights in 32 bytes.
+ *
+ * Why a second layout: with the checkpoint's row-major (N, K) weights a GEMM must take dot products along k (one
+ * accumulator per (x row, weight row), horizontal sums at the end, every bf16 vector converted once per x block);
+ * the best such tile here (wgemm.c, 6 x rows x 2 weight rows) reaches ~80% of the FMA peak. In a panel, one 32-byte
+ * load holds the k-th weight of 16 outputs, so the tile is an outer product: 6 x values broadcast, 12 FMAs into
+ * (6 rows x 16 outputs) accumulators, 1 load + 2 integer ops of conversion per 12 FMAs and no horizontal sums
+ * (~97% of the peak in a throwaway timing). A 16-request decode step is mostly such products (the lm_head alone is
+ * 16 x 32000 x 512), so this is where batched decoding gains on one request. Panels are read front to back, so
+ * one or two rows (the single-request step) stream at the memory rate like the row-major kernel.
+ *
+ * Interleave: within a k-row of a panel, 32-bit word j holds output j's weight in its low half and output j + 8's
+ * in its high half, so `word << 16` gives outputs 0-7 as fp32 and `word & 0xffff0000` gives 8-15, both exact.
+ * N is padded to a multiple of 16 with zero rows. engine/cpu_layout.py packs (kernels.pack_panels) and
+ * tests/test_kernels.py checks every path against F.linear on the unpacked weight.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+void mf_parallel(long n, void (*fn)(void *, long), void *ctx);
+int mf_num_threads(void);
+
+#define PW 16                                         /* outputs per panel */
+
+static inline float bf16_at(const uint16_t *panel, long k, int j) {
+    uint32_t u = (uint32_t)panel[k * PW + 2 * (j & 7) + (j >> 3)] << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+/* Portable: any machine, and the reference for the vector path's layout. */
+static void panels_portable(const float *x, long ldx, const uint16_t *wp, float *y, long ldy, long M, long N,
+                            long K, long p0, long p1) {
+    for (long p = p0; p < p1; p++) {
+        const uint16_t *panel = wp + p * K * PW;
+        for (long m = 0; m < M; m++)
+            for (int j = 0; j < PW && p * PW + j < N; j++) {
+                float acc = 0.f;
+                for (long k = 0; k < K; k++) acc += x[m * ldx + k] * bf16_at(panel, k, j);
+                y[m * ldy + p * PW + j] = acc;
+            }
+    }
+}
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define AVX2 __attribute__((target("avx2,fma")))
+
+/* Up to 6 x rows against one panel. Accumulators are named variables (an array of them was kept in memory by GCC,
+ * a store per FMA); `mb_ > i` is a compile-time constant in each instantiation, so unused rows vanish. */
+#define PF_BYTES 1024                                 /* software prefetch distance on the first pass */
+#define FMA_ROW(i)                                                                                                \
+    if (mb_ > i) {                                                                                                \
+        __m256 xb = _mm256_broadcast_ss(x + i * ldx + k);                                                         \
+        a##i##0 = _mm256_fmadd_ps(xb, lo, a##i##0);                                                               \
+        a##i##1 = _mm256_fmadd_ps(xb, hi, a##i##1);                                                               \
+    }
+#define STORE_ROW(i)                                                                                              \
+    if (mb_ > i) {                                                                                                \
+        _mm256_storeu_ps(out + i * ldo, a##i##0);                                                                 \
+        _mm256_storeu_ps(out + i * ldo + 8, a##i##1);                                                             \
+    }
+#define PANEL_ROWS(MB)                                                                                            \
+    AVX2 static void panel##MB(const float *x, long ldx, const uint16_t *panel, long K, float *out, long ldo,     \
+                               int pf) {                                                                          \
+        const int mb_ = MB;                                                                                       \
+        const __m256i mask = _mm256_set1_epi32((int)0xffff0000u);                                                 \
+        __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00, a30 = a00,      \
+               a31 = a00, a40 = a00, a41 = a00, a50 = a00, a51 = a00;                                             \
+        for (long k = 0; k < K; k++) {                                                                            \
+            if (pf && (k & 1) == 0) _mm_prefetch((const char *)(panel + k * PW) + PF_BYTES, _MM_HINT_T0);        \
+            __m256i w = _mm256_loadu_si256((const __m256i *)(panel + k * PW));                                    \
+            __m256 lo = _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));                                            \
+            __m256 hi = _mm256_castsi256_ps(_mm256_and_si256(w, mask));                                           \
+            FMA_ROW(0) FMA_ROW(1) FMA_ROW(2) FMA_ROW(3) FMA_ROW(4) FMA_ROW(5)                                      \
+        }                                                                                                         \
+        STORE_ROW(0) STORE_ROW(1) STORE_ROW(2) STORE_ROW(3) STORE_ROW(4) STORE_ROW(5)                             \
+    }
+PANEL_ROWS(1)
+PANEL_ROWS(2)
+PANEL_ROWS(3)
+PANEL_ROWS(4)
+PANEL_ROWS(5)
+PANEL_ROWS(6)
+
+/* One or two x rows (the single-request step, an expert-sized batch): one panel's chains would wait on FMA latency
+ * (2-4 chains of 4 cycles: below the memory rate), so NP panels go side by side, 8 accumulators in all. Each output
+ * still sums k in order in one chain, as in PANEL_ROWS, so a row's result does not depend on the batch it is in. */
+#define FEW_ROWS(MB, NP)                                                                                          \
+    AVX2 static void few##MB(const float *x, long ldx, const uint16_t *panel, long K, float *out, long ldo) {    \
+        const __m256i mask = _mm256_set1_epi32((int)0xffff0000u);                                                 \
+        __m256 acc[MB][NP][2];                                                                                    \
+        for (int m = 0; m < MB; m++)                                                                              \
+            for (int q = 0; q < NP; q++) acc[m][q][0] = acc[m][q][1] = _mm256_setzero_ps();                       \
+        for (long k = 0; k < K; k++) {                                                                            \
+            for (int q = 0; q < NP; q++) {                                                                        \
+                const uint16_t *pk = panel + q * K * PW + k * PW;                                                 \
+                if ((k & 1) == 0) _mm_prefetch((const char *)pk + PF_BYTES, _MM_HINT_T0);                          \
+                __m256i w = _mm256_loadu_si256((const __m256i *)pk);                                               \
+                __m256 lo = _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));                                        \
+                __m256 hi = _mm256_castsi256_ps(_mm256_and_si256(w, mask));                                       \
+                for (int m = 0; m < MB; m++) {                                                                    \
+                    __m256 xb = _mm256_broadcast_ss(x + m * ldx + k);                                             \
+                    acc[m][q][0] = _mm256_fmadd_ps(xb, lo, acc[m][q][0]);                                         \
+                    acc[m][q][1] = _mm256_fmadd_ps(xb, hi, acc[m][q][1]);                                         \
+                }                                                                                                 \
+            }                                                                                                     \
+        }                                                                                                         \
+        for (int m = 0; m < MB; m++)                                                                              \
+            for (int q = 0; q < NP; q++) {                                                                        \
+                _mm256_storeu_ps(out + m * ldo + q * PW, acc[m][q][0]);                                           \
+                _mm256_storeu_ps(out + m * ldo + q * PW + 8, acc[m][q][1]);                                       \
+            }                                                                                                     \
+    }
+FEW_ROWS(1, 4)
+FEW_ROWS(2, 2)
+
+/* One panel for all M rows: blocks of at most 6 rows, balanced (M = 8 -> 4 + 4, not 6 + 2); the panel (K x 32
+ * bytes: 16 KB at K = 512) stays in L1/L2 across the blocks, so it is read from memory once. The last panel of an
+ * N that is not a multiple of 16 goes through a 16-wide scratch row. */
+AVX2 static void panel_all_rows(const float *x, long ldx, const uint16_t *panel, float *y, long ldy, long M,
+                                long K, long width) {
+    float tmp[6 * PW];
+    long nb = (M + 5) / 6;
+    for (long b = 0, m = 0; b < nb; b++) {
+        long mb = (M - m) / (nb - b);
+        float *out = width == PW ? y + m * ldy : tmp;
+        long ldo = width == PW ? ldy : PW;
+        const float *xm = x + m * ldx;
+        int pf = b == 0;
+        switch (mb) {
+        case 6: panel6(xm, ldx, panel, K, out, ldo, pf); break;
+        case 5: panel5(xm, ldx, panel, K, out, ldo, pf); break;
+        case 4: panel4(xm, ldx, panel, K, out, ldo, pf); break;
+        case 3: panel3(xm, ldx, panel, K, out, ldo, pf); break;
+        case 2: panel2(xm, ldx, panel, K, out, ldo, pf); break;
+        default: panel1(xm, ldx, panel, K, out, ldo, pf); break;
+        }
+        if (width < PW)
+            for (long r = 0; r < mb; r++) memcpy(y + (m + r) * ldy, tmp + r * PW, sizeof(float) * (size_t)width);
+        m += mb;
+    }
+}
+
+/* Panels [p0, p1): groups of NP full panels through few##M for M <= 2, the rest one panel at a time. */
+AVX2 static void panels_avx2(const float *x, long ldx, const uint16_t *wp, float *y, long ldy, long M, long N,
+                             long K, long p0, long p1) {
+    long p = p0, full = N / PW < p1 ? N / PW : p1;        /* panels before `full` have 16 real outputs */
+    if (M == 1)
+        for (; p + 4 <= full; p += 4) few1(x, ldx, wp + p * K * PW, K, y + p * PW, ldy);
+    else if (M == 2)
+        for (; p + 2 <= full; p += 2) few2(x, ldx, wp + p * K * PW, K, y + p * PW, ldy);
+    for (; p < p1; p++) {
+        long width = N - p * PW < PW ? N - p * PW : PW;
+        panel_all_rows(x, ldx, wp + p * K * PW, y + p * PW, ldy, M, K, width);
+    }
+}
+
+static int have_avx2_fma(void) {
+    static int cached = -1;
+    if (cached < 0) {
+        __builtin_cpu_init();
+        const char *force = getenv("MIMOFLASH_KERNELS_PORTABLE");     /* as in wgemm.c */
+        cached = (!force || !*force || *force == '0') && __builtin_cpu_supports("avx2") &&
+                 __builtin_cpu_supports("fma");
+    }
+    return cached;
+}
+#endif
+
+static void panels_range(const float *x, long ldx, const uint16_t *wp, float *y, long ldy, long M, long N, long K,
+                         long p0, long p1) {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+    if (have_avx2_fma()) {
+        panels_avx2(x, ldx, wp, y, ldy, M, N, K, p0, p1);
+        return;
+    }
+#endif
+    panels_portable(x, ldx, wp, y, ldy, M, N, K, p0, p1);
+}
+
+typedef struct {
+    const float *x;
+    const uint16_t *wp;
+    float *y;
+    long ldx, ldy, M, N, K, per;
+} panels_job;
+
+static void panels_task(void *p, long t) {
+    const panels_job *j = (const panels_job *)p;
+    long P = (j->N + PW - 1) / PW, p0 = t * j->per, p1 = p0 + j->per < P ? p0 + j->per : P;
+    if (p0 < p1) panels_range(j->x, j->ldx, j->wp, j->y, j->ldy, j->M, j->N, j->K, p0, p1);
+}
+
+/* Exported: y (M, N) = x (M, K) @ w^T for w packed by kernels.pack_panels. Products of >= 2^16 weights are split
+ * by panels into about 4 tasks per pool thread, claimed as threads free up: on this shared 2-vCPU machine one core
+ * often runs a product ~1.4x slower than the other (measured: halves of a 16-row lm_head in 3.1 vs 4.4 ms), and
+ * with one task per thread the fast one waited. Each output is computed by one task in a fixed order, so the
+ * result does not depend on the thread count. Allocates nothing, cannot fail. */
+void mf_gemm_bf16p(const float *x, long ldx, const uint16_t *wp, float *y, long ldy, long M, long N, long K) {
+    long P = (N + PW - 1) / PW, T = mf_num_threads();
+    if (T > 1 && N * K >= (1L << 16) && P >= 2 * T) {
+        long per = (P + 4 * T - 1) / (4 * T);
+        per = per < 4 ? 4 : (per + 3) / 4 * 4;                 /* whole groups of the one-row kernel (few1) */
+        panels_job j = {x, wp, y, ldx, ldy, M, N, K, per};
+        mf_parallel((P + j.per - 1) / j.per, panels_task, &j);
+        return;
+    }
+    panels_range(x, ldx, wp, y, ldy, M, N, K, 0, P);
+}
