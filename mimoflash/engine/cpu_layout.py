@@ -6,14 +6,15 @@ and the module tree stay; memory layouts and a few forwards change. `use_cpu_lay
   them bf16 halves the bytes of an fp32 copy. Activations, norms, attention, the KV cache and accumulation stay fp32
   (bf16 -> fp32 is exact), so the result is the fp32 model's up to summation order. Every nn.Linear, the fused
   q|k|v projection and the experts multiply through `mimoflash.kernels.linear_bf16w` (an AVX2 kernel: torch has
-  no fast bf16-weight x fp32-activation GEMV on CPUs without native bf16); more than `KERNEL_MAX_ROWS` rows (prefill)
-  go to MKL on the weight upcast per call, where compute, not bytes, is the cost. The embedding returns fp32 rows.
-  With `panels=True` (the default) the dense linears and the fused q|k|v also get a copy packed in 16-row k-major
-  panels (`Panels`, kernels/panels.c), which every row count multiplies against: an outer-product tile that runs
-  the many-row products of batched decoding and prefill near the FMA peak, where the row-major kernel's dot
-  products reach ~80% of it, and streams one or two rows at the memory rate. The cost is a second copy of those
-  weights (not the experts, which stay row-major): +55 MB on the 126M-parameter benchmark model. The copy follows
-  the weight: replaced (`.data =`) or changed in place under no_grad, it is repacked before the next use.
+  no fast bf16-weight x fp32-activation GEMV on CPUs without native bf16); on that row-major kernel, more than
+  `KERNEL_MAX_ROWS` rows (prefill) go to MKL on the weight upcast per call. The embedding returns fp32 rows.
+  With `panels=True` (the default) the dense linears and the fused q|k|v also get a copy packed in 16-row
+  k-major panels (`Panels`, kernels/panels.c), which every row count multiplies against instead: an outer-product
+  tile that runs the many-row products of batched decoding and prefill near the FMA peak, where the row-major
+  kernel's dot products reach ~80% of it, and streams one or two rows at the memory rate. The cost is a second
+  copy of those weights (not the experts, which stay row-major): +54 MB (+21%) on the 126M-parameter benchmark
+  model. The copy follows the weight: replaced (`.data =`) or changed in place under no_grad, it is repacked
+  before the next use.
 * **fp32** (`_same_dtype_layout`): wide linears get column-major weights, q/k/v one (H, q|k|v) tensor, experts a
   fused (E, D, 2F) gate|up tensor, as MKL is fastest there for one or two rows.
 * both fp32-compute modes route RMSNorm and the attention projection path (RoPE + value scale in place) through the

@@ -11,8 +11,8 @@ engine holds it is not supported (as in the other engines). `MoE.last_topk_idx` 
 trainer reads it).
 
 Used for decode steps (one token per sequence, any batch size) when every layer qualifies (bf16 matmul weights after
-`use_bf16_weights`, whose dense products read the packed panels when it made them, fp32 norms, an fp32 or bf16 cache, plain top-k routing with at most 64 experts per token);
-otherwise the runner uses the model.
+`use_bf16_weights`, whose dense products read the packed panels when it made them, fp32 norms, an fp32 or bf16
+cache, plain top-k routing with at most 64 experts per token); otherwise the runner uses the model.
 """
 
 from __future__ import annotations

@@ -51,7 +51,7 @@ static void panels_portable(const float *x, long ldx, const uint16_t *wp, float 
 
 /* Up to 6 x rows against one panel. Accumulators are named variables (an array of them was kept in memory by GCC,
  * a store per FMA); `mb_ > i` is a compile-time constant in each instantiation, so unused rows vanish. */
-#define PF_BYTES 1024                                 /* software prefetch distance on the first pass */
+#define PF_BYTES 1024                                 /* software prefetch distance of the one/two-row kernels */
 #define FMA_ROW(i)                                                                                                \
     if (mb_ > i) {                                                                                                \
         __m256 xb = _mm256_broadcast_ss(x + i * ldx + k);                                                         \
@@ -65,13 +65,13 @@ static void panels_portable(const float *x, long ldx, const uint16_t *wp, float 
     }
 #define PANEL_ROWS(MB)                                                                                            \
     AVX2 static void panel##MB(const float *x, long ldx, const uint16_t *panel, long K, float *out, long ldo,     \
-                               int pf) {                                                                          \
+                               const char *next) {                                                                \
         const int mb_ = MB;                                                                                       \
         const __m256i mask = _mm256_set1_epi32((int)0xffff0000u);                                                 \
         __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00, a30 = a00,      \
                a31 = a00, a40 = a00, a41 = a00, a50 = a00, a51 = a00;                                             \
         for (long k = 0; k < K; k++) {                                                                            \
-            if (pf && (k & 1) == 0) _mm_prefetch((const char *)(panel + k * PW) + PF_BYTES, _MM_HINT_T0);        \
+            if (next && (k & 1) == 0) _mm_prefetch(next + k * PW * 2, _MM_HINT_T1);                               \
             __m256i w = _mm256_loadu_si256((const __m256i *)(panel + k * PW));                                    \
             __m256 lo = _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));                                            \
             __m256 hi = _mm256_castsi256_ps(_mm256_and_si256(w, mask));                                           \
@@ -119,8 +119,10 @@ FEW_ROWS(1, 4)
 FEW_ROWS(2, 2)
 
 /* One panel for all M rows: blocks of at most 6 rows, balanced (M = 8 -> 4 + 4, not 6 + 2); the panel (K x 32
- * bytes: 16 KB at K = 512) stays in L1/L2 across the blocks, so it is read from memory once. The last panel of an
- * N that is not a multiple of 16 goes through a 16-wide scratch row. */
+ * bytes: 16 KB at K = 512) stays in L1/L2 across the blocks, so it is read from memory once. The first block pulls
+ * the next panel into L2, one line per two k-rows (a prefetch a fixed distance ahead in the current panel came
+ * too late: the first block waited on memory, and a 16-row lm_head scaled 1.3x from one thread to two). The last
+ * panel of an N that is not a multiple of 16 goes through a 16-wide scratch row. */
 AVX2 static void panel_all_rows(const float *x, long ldx, const uint16_t *panel, float *y, long ldy, long M,
                                 long K, long width) {
     float tmp[6 * PW];
@@ -130,7 +132,7 @@ AVX2 static void panel_all_rows(const float *x, long ldx, const uint16_t *panel,
         float *out = width == PW ? y + m * ldy : tmp;
         long ldo = width == PW ? ldy : PW;
         const float *xm = x + m * ldx;
-        int pf = b == 0;
+        const char *pf = b == 0 ? (const char *)(panel + K * PW) : NULL;   /* past the end: prefetches don't fault */
         switch (mb) {
         case 6: panel6(xm, ldx, panel, K, out, ldo, pf); break;
         case 5: panel5(xm, ldx, panel, K, out, ldo, pf); break;
