@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -49,3 +51,14 @@ def tiny_cfg() -> MiMoConfig:
 @pytest.fixture
 def tiny_model(tiny_cfg) -> MiMoForCausalLM:
     return make_model(tiny_cfg)
+
+
+@contextlib.contextmanager
+def kernel_threads(n: int):
+    """The kernels' thread pool at n threads for a block, back to 1 (the tests' default) after."""
+    from mimoflash import kernels
+    kernels.set_num_threads(n)
+    try:
+        yield
+    finally:
+        kernels.set_num_threads(1)

@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import os
 import subprocess
 import sys
@@ -24,7 +22,7 @@ from mimoflash.engine.scheduler import Batch, ScheduledRequest
 from mimoflash.model.attention import attend_reference
 from mimoflash.model.layers import RMSNorm, apply_partial_rope
 
-from tests.conftest import make_model, tiny_config
+from tests.conftest import kernel_threads, make_model, tiny_config
 
 if not kernels.available():          # a failed build is an error here, not a reason to skip
     kernels.build(force=True)
@@ -196,7 +194,7 @@ def test_llm_default_keeps_bf16_weights_and_matches_fp32():
 def test_without_kernels_weights_are_upcast():
     """MIMOFLASH_NO_KERNELS=1 (or no compiler): available() is False and LLM keeps everything in fp32."""
     code = ("import torch; from mimoflash import kernels; from mimoflash.engine.llm import LLM; "
-            "from tests.conftest import make_model, tiny_config; assert not kernels.available(); "
+            "from tests.conftest import kernel_threads, make_model, tiny_config; assert not kernels.available(); "
             "llm = LLM(make_model(tiny_config(), dtype=torch.bfloat16)); assert llm.weight_dtype == torch.float32; "
             "out = llm.generate({'prompt_token_ids': [1, 2, 3]}, {'max_tokens': 4, 'temperature': 0}); "
             "assert len(out[0].outputs[0].token_ids) == 4")
@@ -303,7 +301,7 @@ def _assert_same_greedy(got, ref, tol):
             assert abs(lx[t].logprob - ly[t].logprob) < tol
 
 
-def test_fused_decode_same_with_kernel_threads():
+def test_fused_decode_same_withkernel_threads():
     """A ragged batch through runner.fused with the kernel pool at 1 and at 2 threads (attention split by
     sequence and kv head, experts by expert): the same tokens and the same logprobs, bit for bit."""
     m16, _ = _pair(seed=5)
@@ -312,7 +310,7 @@ def test_fused_decode_same_with_kernel_threads():
     llm = LLM(m16, max_num_seqs=4, block_size=4)
     assert llm.engine.runner.fused is not None
     one = [o.outputs[0] for o in llm.generate(ps, sp)]
-    with _kernel_threads(2):
+    with kernel_threads(2):
         two = [o.outputs[0] for o in llm.generate(ps, sp)]
     for a, b in zip(one, two):
         assert a.token_ids == b.token_ids
@@ -371,15 +369,6 @@ def test_shipped_model_default_path_matches_fp32_weights():
     assert oa.token_ids == ob.token_ids and oa.text
 
 
-@contextlib.contextmanager
-def _kernel_threads(n):
-    kernels.set_num_threads(n)
-    try:
-        yield
-    finally:
-        kernels.set_num_threads(1)
-
-
 @pytest.mark.parametrize("M", [1, 3, 16])
 @pytest.mark.parametrize("N,K", [(8200, 520), (300, 256), (37, 2048)])
 def test_threaded_gemm_matches_single_thread(M, N, K):
@@ -388,7 +377,7 @@ def test_threaded_gemm_matches_single_thread(M, N, K):
     w, x = _randn(N, K).bfloat16(), _randn(M, K)
     one = kernels.linear_bf16w(x, w)
     for n in (2, 3):
-        with _kernel_threads(n):
+        with kernel_threads(n):
             torch.testing.assert_close(kernels.linear_bf16w(x, w), one, atol=0, rtol=0)
 
 
@@ -406,7 +395,7 @@ def test_threaded_attention_and_experts_match_single_thread():
     one_a = kernels.attn_decode_paged(q, k_pool, v_pool, table, chunk, n * chunk - 2, None, sinks, 0.1)
     one_e = kernels.experts_bf16(x_PD, counts, gate_up, down)
     for t in (2, 3):
-        with _kernel_threads(t):
+        with kernel_threads(t):
             two_a = kernels.attn_decode_paged(q, k_pool, v_pool, table, chunk, n * chunk - 2, None, sinks, 0.1)
             two_e = kernels.experts_bf16(x_PD, counts, gate_up, down)
         torch.testing.assert_close(two_a, one_a, atol=0, rtol=0)
@@ -426,7 +415,7 @@ def test_pool_concurrent_callers():
             if not torch.equal(kernels.linear_bf16w(x, w), ref):
                 bad.append(1)
 
-    with _kernel_threads(2):
+    with kernel_threads(2):
         ts = [threading.Thread(target=worker) for _ in range(2)]
         for t in ts:
             t.start()
@@ -440,7 +429,7 @@ def test_pool_survives_fork():
     (the atfork handler), not wait for the parent's."""
     import multiprocessing as mp
     w, x = _randn(512, 256).bfloat16(), _randn(4, 256)
-    with _kernel_threads(2):
+    with kernel_threads(2):
         ref = kernels.linear_bf16w(x, w)                      # the parent's workers exist now
         ctx = mp.get_context("fork")
         with ctx.Pool(1) as pool:

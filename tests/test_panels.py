@@ -3,7 +3,6 @@ unpacked weight, batch and thread invariance, the copy following its weight, and
 
 from __future__ import annotations
 
-import contextlib
 import os
 import subprocess
 import sys
@@ -17,7 +16,7 @@ from mimoflash.engine.cpu_layout import use_cpu_layout
 from mimoflash.engine.llm import LLM
 from mimoflash.engine.sampling import SamplingParams
 
-from tests.conftest import make_model, tiny_config
+from tests.conftest import kernel_threads, make_model, tiny_config
 
 if not kernels.available():          # a failed build is an error here, not a reason to skip
     kernels.build(force=True)
@@ -27,15 +26,6 @@ G = torch.Generator().manual_seed(0)
 
 def _randn(*shape):
     return torch.randn(*shape, generator=G)
-
-
-@contextlib.contextmanager
-def _kernel_threads(n):
-    kernels.set_num_threads(n)
-    try:
-        yield
-    finally:
-        kernels.set_num_threads(1)
 
 
 @pytest.mark.parametrize("N,K", [(1, 1), (5, 33), (16, 8), (37, 100), (64, 24), (1408, 64)])
@@ -86,7 +76,7 @@ def test_threaded_panels_match_single_thread(M, N, K):
     wp = kernels.pack_panels(w)
     one = kernels.linear_panels(x, wp, N)
     for n in (2, 3):
-        with _kernel_threads(n):
+        with kernel_threads(n):
             torch.testing.assert_close(kernels.linear_panels(x, wp, N), one, atol=0, rtol=0)
 
 

@@ -16,11 +16,11 @@
  * tests/test_kernels.py checks every path against F.linear on the unpacked weight.
  */
 #include <stdint.h>
-#include <stdlib.h>
 #include <string.h>
 
 void mf_parallel(long n, void (*fn)(void *, long), void *ctx);
 int mf_num_threads(void);
+int mf_simd_level(void);
 
 #define PW 16                                         /* outputs per panel */
 
@@ -161,22 +161,12 @@ AVX2 static void panels_avx2(const float *x, long ldx, const uint16_t *wp, float
     }
 }
 
-static int have_avx2_fma(void) {
-    static int cached = -1;
-    if (cached < 0) {
-        __builtin_cpu_init();
-        const char *force = getenv("MIMOFLASH_KERNELS_PORTABLE");     /* as in wgemm.c */
-        cached = (!force || !*force || *force == '0') && __builtin_cpu_supports("avx2") &&
-                 __builtin_cpu_supports("fma");
-    }
-    return cached;
-}
 #endif
 
 static void panels_range(const float *x, long ldx, const uint16_t *wp, float *y, long ldy, long M, long N, long K,
                          long p0, long p1) {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-    if (have_avx2_fma()) {
+    if (mf_simd_level() == 2) {                      /* wgemm.c's run-time AVX2+FMA check (and its override) */
         panels_avx2(x, ldx, wp, y, ldy, M, N, K, p0, p1);
         return;
     }
