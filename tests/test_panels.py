@@ -179,3 +179,26 @@ def test_fused_decode_repacks_a_weight_edited_in_place():
             layer.self_attn.o_proj.weight.mul_(-1)
     b = LLM(b_model, max_num_seqs=4, block_size=4)
     assert [o.outputs[0].token_ids for o in a.generate(ps, sp)] == [o.outputs[0].token_ids for o in b.generate(ps, sp)]
+
+
+def test_cli_no_weight_panels_reaches_the_engine(tmp_path, monkeypatch, capsys):
+    """`mimoflash generate --no-weight-panels` on a bf16 checkpoint builds the engine without panels; the default
+    builds it with them; both print the same greedy tokens."""
+    import json
+    from mimoflash.checkpoint.saver import save_model
+    from mimoflash.engine import cli, llm as llm_module
+    ckpt = save_model(_bf16_model(), tmp_path / "ckpt", dtype=torch.bfloat16)
+    built = []
+
+    def spy(*args, **kwargs):
+        llm = LLM(*args, **kwargs)
+        built.append(llm)
+        return llm
+    monkeypatch.setattr(llm_module, "LLM", spy)                    # cli imports it from there when it runs
+    outs = []
+    for extra in ([], ["--no-weight-panels"]):
+        assert cli.generate_main(["--model", str(ckpt), "--token-ids", "1,2,3", "--max-tokens", "6", "--json",
+                                  "--temperature", "0", *extra]) == 0
+        outs.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["outputs"][0]["token_ids"])
+    assert hasattr(built[0].model.lm_head, "_panels") and not hasattr(built[1].model.lm_head, "_panels")
+    assert outs[0] == outs[1] and len(outs[0]) == 6
