@@ -202,3 +202,17 @@ def test_cli_no_weight_panels_reaches_the_engine(tmp_path, monkeypatch, capsys):
         outs.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["outputs"][0]["token_ids"])
     assert hasattr(built[0].model.lm_head, "_panels") and not hasattr(built[1].model.lm_head, "_panels")
     assert outs[0] == outs[1] and len(outs[0]) == 6
+
+
+def test_transformed_model_pickles():
+    """The panels hold no closures: a model after the CPU layout still goes through torch.save / load, and the
+    loaded copy computes the same logits."""
+    import io
+    m = _bf16_model()
+    use_cpu_layout(m, torch.float32)
+    buf = io.BytesIO()
+    torch.save(m, buf)
+    buf.seek(0)
+    m2 = torch.load(buf, weights_only=False)
+    x = _randn(2, m.config.hidden_size)
+    torch.testing.assert_close(m2.lm_head(x), m.lm_head(x), atol=0, rtol=0)

@@ -56,21 +56,25 @@ def _w16_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 class Panels:
     """A bf16 weight's copy in panels (kernels.pack_panels), kept in step with the weight: `get()` repacks in place
     when the weight's storage or version counter moved since packing (`.data =`, a no_grad in-place op; an edit
-    through `.data.copy_` bypasses the counter and is not seen). `source` returns the weight: a callable, so that a
-    parameter replaced on its module is followed too."""
+    through `.data.copy_` bypasses the counter and is not seen). The weight is `owner.<attr>` (so that a parameter
+    replaced on its module is followed too) or, with attr None, the tensor `owner` itself. No closures: a transformed
+    model still pickles."""
 
-    __slots__ = ("source", "N", "K", "wp", "_stamp")
+    __slots__ = ("owner", "attr", "N", "K", "wp", "_stamp")
 
-    def __init__(self, source):
-        self.source = source
-        w = source()
+    def __init__(self, owner, attr: str | None = None):
+        self.owner, self.attr = owner, attr
+        w = self.weight()
         self.N, self.K = w.shape
         self.wp = kernels.pack_panels(w)
         self._stamp = (w.data_ptr(), w._version)
 
+    def weight(self) -> torch.Tensor:
+        return self.owner if self.attr is None else getattr(self.owner, self.attr)
+
     def get(self) -> torch.Tensor | None:
         """-> the panels, current with the weight; None if the weight is no longer a (N, K) bf16 tensor."""
-        w = self.source()
+        w = self.weight()
         if w.dtype != torch.bfloat16 or tuple(w.shape) != (self.N, self.K):
             return None
         if (w.data_ptr(), w._version) != self._stamp:
@@ -225,7 +229,7 @@ def use_bf16_weights(model: torch.nn.Module, panels: bool = True) -> None:
                         w.data = t[lo:lo + w.shape[0]]
                         lo += w.shape[0]
                     if panels:
-                        m._qkv_panels = Panels(lambda t=t: t)
+                        m._qkv_panels = Panels(t)
                         m.qkv_fused = (t, functools.partial(_panels_matmul, m._qkv_panels))
                     else:
                         m.qkv_fused = (t, _w16_matmul)
@@ -238,7 +242,7 @@ def use_bf16_weights(model: torch.nn.Module, panels: bool = True) -> None:
                     m.weight.data = m.weight.data.contiguous()
                 m.forward = functools.partial(_w16_linear, m)
                 if panels and id(m) not in fused_parts and not hasattr(m, "_panels"):
-                    m._panels = Panels(lambda m=m: m.weight)
+                    m._panels = Panels(m, "weight")
             elif (isinstance(m, Experts) and m.gate_proj.dtype == torch.bfloat16
                   and not hasattr(m, "_grouped_forward")):
                 Fd = m.gate_proj.shape[1]
