@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -62,3 +65,13 @@ def kernel_threads(n: int):
         yield
     finally:
         kernels.set_num_threads(1)
+
+
+def run_portable(test_file: str, select: str) -> None:
+    """Runs the tests of test_file matching `-k select` in a child pytest with MIMOFLASH_KERNELS_PORTABLE=1 (the
+    kernels' portable C loops, what a machine without AVX2 runs); fails with the child's output if they fail."""
+    env = dict(os.environ, MIMOFLASH_KERNELS_PORTABLE="1")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", test_file, "-k", select],
+                       env=env, capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    assert " passed" in r.stdout

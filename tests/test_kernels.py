@@ -22,7 +22,7 @@ from mimoflash.engine.scheduler import Batch, ScheduledRequest
 from mimoflash.model.attention import attend_reference
 from mimoflash.model.layers import RMSNorm, apply_partial_rope
 
-from tests.conftest import kernel_threads, make_model, tiny_config
+from tests.conftest import kernel_threads, make_model, run_portable, tiny_config
 
 if not kernels.available():          # a failed build is an error here, not a reason to skip
     kernels.build(force=True)
@@ -194,7 +194,7 @@ def test_llm_default_keeps_bf16_weights_and_matches_fp32():
 def test_without_kernels_weights_are_upcast():
     """MIMOFLASH_NO_KERNELS=1 (or no compiler): available() is False and LLM keeps everything in fp32."""
     code = ("import torch; from mimoflash import kernels; from mimoflash.engine.llm import LLM; "
-            "from tests.conftest import kernel_threads, make_model, tiny_config; assert not kernels.available(); "
+            "from tests.conftest import kernel_threads, make_model, run_portable, tiny_config; assert not kernels.available(); "
             "llm = LLM(make_model(tiny_config(), dtype=torch.bfloat16)); assert llm.weight_dtype == torch.float32; "
             "out = llm.generate({'prompt_token_ids': [1, 2, 3]}, {'max_tokens': 4, 'temperature': 0}); "
             "assert len(out[0].outputs[0].token_ids) == 4")
@@ -260,12 +260,7 @@ def test_experts_kernel_rejects_counts_that_do_not_match_rows():
 def test_portable_paths_agree_too():
     """The same kernel tests with the AVX2 paths switched off (MIMOFLASH_KERNELS_PORTABLE=1): the portable loops
     are what a non-AVX2 machine runs."""
-    env = dict(os.environ, MIMOFLASH_KERNELS_PORTABLE="1")
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__,
-                        "-k", "linear_bf16w_matches or attn_decode or moe_token or experts_kernel or bf16_weight"],
-                       env=env, capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
-    assert " passed" in r.stdout
+    run_portable(__file__, "linear_bf16w_matches or attn_decode or moe_token or experts_kernel or bf16_weight")
 
 
 def test_portable_switch_is_seen():

@@ -3,9 +3,6 @@ unpacked weight, batch and thread invariance, the copy following its weight, and
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -16,7 +13,7 @@ from mimoflash.engine.cpu_layout import use_cpu_layout
 from mimoflash.engine.llm import LLM
 from mimoflash.engine.sampling import SamplingParams
 
-from tests.conftest import kernel_threads, make_model, tiny_config
+from tests.conftest import kernel_threads, make_model, run_portable, tiny_config
 
 if not kernels.available():          # a failed build is an error here, not a reason to skip
     kernels.build(force=True)
@@ -96,12 +93,7 @@ def test_panels_reject_bad_input():
 
 def test_portable_panels_agree_too():
     """The panel tests with the AVX2 paths off (MIMOFLASH_KERNELS_PORTABLE=1): what a non-AVX2 machine runs."""
-    env = dict(os.environ, MIMOFLASH_KERNELS_PORTABLE="1")
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__,
-                        "-k", "matches_upcast or does_not_depend"],
-                       env=env, capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
-    assert " passed" in r.stdout
+    run_portable(__file__, "matches_upcast or does_not_depend")
 
 
 def _bf16_model(seed=4):
