@@ -3,17 +3,17 @@
  *
  * Why a second layout: with the checkpoint's row-major (N, K) weights a GEMM must take dot products along k (one
  * accumulator per (x row, weight row), horizontal sums at the end, every bf16 vector converted once per x block);
- * the best such tile here (wgemm.c, 6 x rows x 2 weight rows) reaches ~80% of the FMA peak. In a panel, one 32-byte
- * load holds the k-th weight of 16 outputs, so the tile is an outer product: 6 x values broadcast, 12 FMAs into
- * (6 rows x 16 outputs) accumulators, 1 load + 2 integer ops of conversion per 12 FMAs and no horizontal sums
- * (~97% of the peak in a throwaway timing). A 16-request decode step is mostly such products (the lm_head alone is
+ * the best such tile here (wgemm.c, 6 x rows x 2 weight rows) reaches ~70-80% of the FMA peak. In a panel, one
+ * 32-byte load holds the k-th weight of 16 outputs, so the tile is an outer product: 6 x values broadcast, 12 FMAs
+ * into (6 rows x 16 outputs) accumulators, 1 load + 2 integer ops of conversion per 12 FMAs and no horizontal sums
+ * (16-row products 1.2-1.3x the row-major tile in benchmarks/bench_kernels.py). A 16-request decode step is mostly such products (the lm_head alone is
  * 16 x 32000 x 512), so this is where batched decoding gains on one request. Panels are read front to back, so
  * one or two rows (the single-request step) stream at the memory rate like the row-major kernel.
  *
  * Interleave: within a k-row of a panel, 32-bit word j holds output j's weight in its low half and output j + 8's
  * in its high half, so `word << 16` gives outputs 0-7 as fp32 and `word & 0xffff0000` gives 8-15, both exact.
  * N is padded to a multiple of 16 with zero rows. engine/cpu_layout.py packs (kernels.pack_panels) and
- * tests/test_kernels.py checks every path against F.linear on the unpacked weight.
+ * tests/test_panels.py checks every path against F.linear on the unpacked weight.
  */
 #include <stdint.h>
 #include <string.h>
