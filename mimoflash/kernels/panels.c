@@ -158,8 +158,8 @@ AVX2 static void few2(const float *x, long ldx, const uint16_t *panel, long K, f
 
 /* One panel for all M rows: blocks of at most 6 rows, balanced (M = 8 -> 4 + 4, not 6 + 2); the panel (K x 32
  * bytes: 16 KB at K = 512) stays in L1/L2 across the blocks, so it is read from memory once. The first block pulls
- * the next panel into L2, one line per two k-rows (a prefetch a fixed distance ahead in the current panel came
- * too late: the first block waited on memory, and a 16-row lm_head scaled 1.3x from one thread to two). The last
+ * the next panel in (the T1 hint: L2, and L1 too before Zen 4), one line per two k-rows; a prefetch a fixed
+ * distance ahead in the current panel came too late, as the first block waited on memory. The last
  * panel of an N that is not a multiple of 16 goes through a 16-wide scratch row. */
 AVX2 static void panel_all_rows(const float *x, long ldx, const uint16_t *panel, float *y, long ldy, long M,
                                 long K, long width) {
