@@ -222,6 +222,11 @@ def main(argv=None) -> int:
     b16_kv = b16.bytes_per_sequence(ctx) / ctx                       # LLM(kv_cache_dtype="bfloat16")
     out["kv_bytes_per_token_32k"] = {"hybrid": round(ours_kv, 1), "all_global": round(ga_kv, 1),
                                      "ratio": round(ga_kv / ours_kv, 2), "hybrid_bf16_kv": round(b16_kv, 1)}
+    dm = llms["default"].model                        # what weight_panels costs: the packed copies' bytes
+    panels_mb = sum(p.wp.numel() * p.wp.element_size() for m in dm.modules()
+                    for p in (getattr(m, "_panels", None), getattr(m, "_qkv_panels", None)) if p is not None) / 1e6
+    weights_mb = sum(p.numel() * p.element_size() for p in dm.parameters()) / 1e6
+    out["weight_panels_MB"] = {"panels": round(panels_mb, 1), "weights": round(weights_mb, 1)}
 
     print(f"\nrandom MiMo-shaped model: {n_params / 1e6:.1f}M params, {a.threads} thread(s), copy bandwidth "
           f"{bandwidth / 1e9:.1f} GB/s, {a.repeats} repeats (medians), prompt {a.prompt_len}, new {a.new_tokens}")
@@ -233,6 +238,8 @@ def main(argv=None) -> int:
           + ", ".join(f"{n} {out[n]['batch_over_single_paired']}x" for n in llms))
     print(f"KV bytes/token at 32k context: hybrid {ours_kv:.0f} vs all-global {ga_kv:.0f} "
           f"({ga_kv / ours_kv:.1f}x smaller); {b16_kv:.0f} with kv_cache_dtype=\"bfloat16\"")
+    print(f"weight panels (default engine): {panels_mb:.1f} MB packed next to {weights_mb:.1f} MB of weights "
+          f"(+{100 * panels_mb / weights_mb:.0f}%)")
     print(json.dumps(out))
     return 0
 

@@ -28,13 +28,18 @@ def _attn_params(cfg: MiMoConfig, sliding: bool) -> int:
 
 
 def count_parameters(cfg: MiMoConfig) -> dict[str, int]:
-    """Parameter counts (embeddings and lm_head included; the router correction bias is a buffer, not counted)."""
+    """Parameter counts (embeddings and lm_head included; the router correction bias is a buffer, not counted).
+    `dense_linear`: the weights of the linears outside the experts (attention projections, dense MLPs, lm_head,
+    MTP projections), the ones the CPU engine also keeps packed in panels (engine/cpu_layout.py, weight_panels)."""
     H = cfg.hidden_size
     emb = cfg.vocab_size * H
     head = 0 if cfg.tie_word_embeddings else cfg.vocab_size * H
     total = active = emb + head + H                     # + final norm
+    dense_linear = cfg.vocab_size * H                   # the lm_head, packed even when tied to the embedding
     for i in range(cfg.num_hidden_layers):
-        layer = _attn_params(cfg, cfg.is_sliding(i)) + 2 * H
+        sliding = cfg.is_sliding(i)
+        layer = _attn_params(cfg, sliding) + 2 * H
+        dense_linear += _attn_params(cfg, sliding) - (cfg.attn_shape(sliding)[0] if cfg.has_sinks(sliding) else 0)
         if cfg.is_moe(i):
             expert = 3 * H * cfg.moe_intermediate_size
             router = cfg.n_routed_experts * H
@@ -43,9 +48,13 @@ def count_parameters(cfg: MiMoConfig) -> dict[str, int]:
         else:
             total += layer + 3 * H * cfg.intermediate_size
             active += layer + 3 * H * cfg.intermediate_size
+            dense_linear += 3 * H * cfg.intermediate_size
     mtp_one = 2 * H + 2 * H * H + H + _attn_params(cfg, True) + H + 3 * H * cfg.intermediate_size + H
+    mtp_linear = 2 * H * H + _attn_params(cfg, True) - (cfg.attn_shape(True)[0] if cfg.has_sinks(True) else 0) \
+        + 3 * H * cfg.intermediate_size
     return {"total": total, "active": active, "mtp_per_layer": mtp_one,
-            "mtp_total": mtp_one * cfg.num_nextn_predict_layers}
+            "mtp_total": mtp_one * cfg.num_nextn_predict_layers,
+            "dense_linear": dense_linear + mtp_linear * cfg.num_nextn_predict_layers}
 
 
 def kv_report(cfg: MiMoConfig, context: int, batch: int, bytes_per_elem: int = 2) -> dict:
@@ -144,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
           f"FP8 block: {c['fp8_block']}")
     print(f"Parameters: main total {_fmt_count(params['total'])}, active per token {_fmt_count(params['active'])}; "
           f"MTP {_fmt_count(params['mtp_total'])} ({_fmt_count(params['mtp_per_layer'])} per layer)")
+    print(f"  dense linears (outside the experts; kept packed a second time on CPU with weight_panels): "
+          f"{_fmt_count(params['dense_linear'])} = {_fmt_bytes(2 * params['dense_linear'])} in bf16")
     print(f"KV cache ({args.kv_bytes} bytes/elem): global layers {_fmt_bytes(kv['bytes_per_token_global_layers'])}"
           f"/token; SWA layers fixed {_fmt_bytes(kv['swa_fixed_bytes_per_sequence'])}/sequence")
     print(f"  context {args.context} x batch {args.batch}: {_fmt_bytes(kv['kv_bytes'])} "

@@ -67,3 +67,15 @@ def test_inspect_lists_fp8_tensors_of_a_saved_checkpoint(tmp_path, capsys):
     assert pats["model.layers.N.mlp.experts.N.gate_proj.weight"] == 7 * 8      # 7 MoE layers x 8 experts
     assert pats["model.layers.N.self_attn.q_proj.weight"] == 8
     assert not any("o_proj" in p or "embed" in p or "lm_head" in p for p in pats)
+
+
+def test_dense_linear_count_is_what_the_cpu_panels_pack():
+    """count_parameters' dense_linear equals the weights the bf16 CPU layout packs in panels (main model + MTP)."""
+    import torch
+    from mimoflash.engine.cpu_layout import use_cpu_layout
+    cfg = tiny_config(num_nextn_predict_layers=2)
+    model = make_model(cfg, dtype=torch.bfloat16)
+    use_cpu_layout(model, torch.float32)
+    packed = [p for m in model.modules() for p in (getattr(m, "_panels", None), getattr(m, "_qkv_panels", None))
+              if p is not None]
+    assert packed and sum(p.N * p.K for p in packed) == count_parameters(cfg)["dense_linear"]

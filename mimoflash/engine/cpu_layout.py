@@ -10,8 +10,8 @@ and the module tree stay; memory layouts and a few forwards change. `use_cpu_lay
   `KERNEL_MAX_ROWS` rows (prefill) go to MKL on the weight upcast per call. The embedding returns fp32 rows.
   With `panels=True` (the default) the dense linears and the fused q|k|v also get a copy packed in 16-row
   k-major panels (`Panels`, kernels/panels.c), which every row count multiplies against instead: an outer-product
-  tile that runs the many-row products of batched decoding and prefill near the FMA peak, where the row-major
-  kernel's dot products reach ~80% of it, and streams one or two rows at the memory rate. The cost is a second
+  tile that runs the many-row products of batched decoding and prefill 1.2-1.3x faster than the row-major kernel's
+  dot products (benchmarks/bench_kernels.py), and streams one or two rows at the memory rate. The cost is a second
   copy of those weights (not the experts, which stay row-major): +54 MB (+21%) on the 126M-parameter benchmark
   model. The copy follows the weight: replaced (`.data =`) or changed in place under no_grad, it is repacked
   before the next use.
@@ -84,7 +84,7 @@ class Panels:
 
 
 def _panels_matmul(panels: Panels, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x @ w.T on w's panels (any number of rows), or the row-major path if w stopped being what was packed."""
+    """x @ w.T for the fused q|k|v tensor w (contiguous: it is ours) on its panels, or row-major if w changed shape."""
     wp = panels.get()
     if wp is None:
         return _w16_matmul(x, w)
@@ -95,9 +95,10 @@ def _w16_linear(lin: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     w = lin.weight
     if x.dtype == torch.float32 and w.dtype == torch.bfloat16 and not torch.is_grad_enabled():
         panels = getattr(lin, "_panels", None)
-        if panels is not None:
-            return _panels_matmul(panels, x, w)
-        if w.is_contiguous():
+        wp = panels.get() if panels is not None else None
+        if wp is not None:                      # any row count, prefill included (no upcast copy for MKL)
+            return kernels.linear_panels(x, wp, panels.N)
+        if w.is_contiguous():                   # no panels, or the weight stopped being what was packed
             return _w16_matmul(x, w)
     return F.linear(x, w if w.dtype == x.dtype else w.to(x.dtype))
 

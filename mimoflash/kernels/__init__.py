@@ -2,7 +2,7 @@
 
 * `linear_bf16w(x, w)`: y = x @ w.T with x fp32 and w stored as bfloat16 (wgemm.c says why);
 * `pack_panels(w)` / `linear_panels(x, wp, N)`: the same product on the weight repacked in 16-row k-major panels,
-  an outer-product layout that runs many-row products (batched decode, prefill) near the FMA peak (panels.c);
+  an outer-product layout that runs many-row products (batched decode, prefill) faster (panels.c);
 * a persistent thread pool (pool.c) that splits the GEMMs, attention and experts over `set_num_threads` threads;
 * `decode_layer` (decode.c): a whole decoder layer for one decoded token in one call (`LayerArgs` holds its
   weights' pointers); used by `engine/fused_decode.py`;
@@ -159,13 +159,19 @@ def linear_bf16w(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
                          f"{x.dtype}, w {tuple(w.shape)} {w.dtype}")
     if not w.is_contiguous():
         raise ValueError("linear_bf16w wants a contiguous (row-major) weight")
+    return _gemm(lib.mf_gemm_bf16w, x, w, w.shape[0])
+
+
+def _gemm(fn, x: torch.Tensor, w: torch.Tensor, N: int) -> torch.Tensor:
+    """The C product fn on x (..., K) rows (copied if their last stride is not 1) -> (..., N) fp32."""
+    K = x.shape[-1]
     x2 = x if x.dim() == 2 else x.reshape(-1, K)
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
-    M, N = x2.shape[0], w.shape[0]
+    M = x2.shape[0]
     y = torch.empty(M, N, dtype=torch.float32)
     if M:
-        lib.mf_gemm_bf16w(x2.data_ptr(), x2.stride(0), w.data_ptr(), y.data_ptr(), N, M, N, K)
+        fn(x2.data_ptr(), x2.stride(0), w.data_ptr(), y.data_ptr(), N, M, N, K)
     return y if x.dim() == 2 else y.view(*x.shape[:-1], N)
 
 
@@ -202,14 +208,7 @@ def linear_panels(x: torch.Tensor, wp: torch.Tensor, N: int) -> torch.Tensor:
                          f"panels, got x {tuple(x.shape)} {x.dtype}, panels {tuple(wp.shape)} {wp.dtype}, N {N}")
     if lib is None or x.device.type != "cpu":
         return F.linear(x, unpack_panels(wp, N).float())
-    x2 = x if x.dim() == 2 else x.reshape(-1, K)
-    if x2.stride(1) != 1:
-        x2 = x2.contiguous()
-    M = x2.shape[0]
-    y = torch.empty(M, N, dtype=torch.float32)
-    if M:
-        lib.mf_gemm_bf16p(x2.data_ptr(), x2.stride(0), wp.data_ptr(), y.data_ptr(), N, M, N, K)
-    return y if x.dim() == 2 else y.view(*x.shape[:-1], N)
+    return _gemm(lib.mf_gemm_bf16p, x, wp, N)
 
 
 def _lib_or_raise() -> ctypes.CDLL:

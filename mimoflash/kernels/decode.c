@@ -31,6 +31,7 @@ typedef struct {
 
 void mf_gemm_bf16w(const float *x, long ldx, const unsigned short *w, float *y, long ldy, long M, long N, long K);
 void mf_gemm_bf16p(const float *x, long ldx, const unsigned short *wp, float *y, long ldy, long M, long N, long K);
+void *mf_scratch(int slot, size_t bytes);              /* pool.c: per-thread buffers kept between calls */
 void mf_rms_norm(const float *x, long ldx, const float *w, float *y, long ldy, long M, long D, float eps);
 void mf_qkv_rope(float *qkv, long ld, long N, long heads, long d, long rd, const float *cos_, const float *sin_,
                  long v_off, long v_len, float v_scale);
@@ -59,29 +60,13 @@ static void store_bf16(unsigned short *dst, const float *src, long n) {
     }
 }
 
-/* Scratch kept between calls: a decode step calls mf_decode_layer once per layer with the same sizes, and buffers
- * over glibc's mmap threshold (128 KB; a 16-sequence MoE layer of the benchmark model needs ~0.9 MB) were mapped,
- * page-faulted and unmapped on every call. One growing buffer per slot and calling thread instead (slot 0: the
- * layer's activations, slot 1: moe_rows'); NULL when it cannot grow. */
-static _Thread_local void *arena[2];
-static _Thread_local size_t arena_bytes[2];
-
-static void *scratch(int slot, size_t bytes) {
-    if (arena_bytes[slot] < bytes) {
-        free(arena[slot]);
-        arena[slot] = malloc(bytes);
-        arena_bytes[slot] = arena[slot] ? bytes : 0;
-    }
-    return arena[slot];
-}
-
 /* B tokens (one per sequence) through the routed experts: route each row, group the B * top_k pairs by expert
  * (counting sort), run every expert once on its rows (mf_experts_bf16: each expert's weights read once for the
  * batch), and add the weighted rows back. y (B, H) is overwritten. */
 static int moe_rows(const mf_layer *L, const float *xn, long B, float *y, long *chosen) {
     long H = L->H, E = L->E, k = L->top_k, F = L->F_moe, P = B * k;
     size_t nf = (size_t)(E + P + 2 * P * H + 3 * F * P + 1) & ~(size_t)1;    /* even: the longs stay aligned */
-    char *mem = (char *)scratch(1, sizeof(float) * nf + sizeof(long) * (size_t)(2 * E + 1 + P));
+    char *mem = (char *)mf_scratch(1, sizeof(float) * nf + sizeof(long) * (size_t)(2 * E + 1 + P));
     if (!mem) return -2;
     float *scores = (float *)mem;
     long *counts = (long *)(mem + sizeof(float) * nf), *pos = counts + E + 1 + P;
@@ -132,7 +117,7 @@ int mf_decode_layer(const mf_layer *L, float *x, long B, const float *cos_, cons
     for (long b = 0; b < B; b++)
         if (slots[b] < 0 || slots[b] >= S) return -1;
     size_t n = (size_t)(B * (H + W + nq * dv + H) + (K > 0 ? K : 1) + B * 3 * F + (L->moe ? L->E + H : 0));
-    float *buf = (float *)scratch(0, sizeof(float) * n);
+    float *buf = (float *)mf_scratch(0, sizeof(float) * n);
     if (!buf) return -2;
     float *xn = buf, *qkv = xn + B * H, *o = qkv + B * W, *y = o + B * nq * dv, *scores = y + B * H;
     float *ffn = scores + (K > 0 ? K : 1);

@@ -6,9 +6,9 @@
 #include <math.h>
 #include <stdatomic.h>
 #include <stddef.h>
-#include <stdlib.h>
 
 void mf_parallel(long n, void (*fn)(void *, long), void *ctx);   /* pool.c */
+void *mf_scratch(int slot, size_t bytes);                          /* pool.c: per-thread buffers kept */
 
 /* One binary for any x86-64: GCC builds an AVX2+FMA clone of each function and picks it at load time (ifunc);
  * `omp simd` (-fopenmp-simd, no OpenMP runtime) lets the compiler vectorize the reductions. */
@@ -87,7 +87,6 @@ int mf_simd_level(void);
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
-#include <stdlib.h>
 #define AVX2 __attribute__((target("avx2,fma")))
 
 AVX2 static inline float hsum8(__m256 v) {
@@ -219,9 +218,9 @@ typedef struct {
 AVX2 static void attn_task(void *p, long i) {
     attn_job *j = (attn_job *)p;
     long b = i / j->h, hh = i % j->h, K = j->K, G = j->nq / j->h, n = K > 0 ? K : 1;
-    const void **rows = (const void **)malloc(sizeof(void *) * 2 * (size_t)n);
-    float *scores = (float *)malloc(sizeof(float) * (size_t)(G * n));
-    if (rows && scores) {
+    const void **rows = (const void **)mf_scratch(2, (sizeof(void *) * 2 + sizeof(float) * (size_t)G) * (size_t)n);
+    float *scores = rows ? (float *)(rows + 2 * n) : NULL;
+    if (rows) {
         const long *tb = j->table + b * j->n_chunks;
         long es = j->kv_bf16 ? 2 : 4;                  /* bytes per K/V element */
         for (long k = 0, c = 0, slot = 0; k < K; k++) {
@@ -240,8 +239,6 @@ AVX2 static void attn_task(void *p, long i) {
     } else {
         atomic_store(&j->failed, 1);
     }
-    free(rows);
-    free(scores);
 }
 #endif
 
@@ -411,12 +408,11 @@ VEC int mf_experts_bf16(const float *x_PD, long P, const long *counts, long E, l
         total += counts[e];
     }
     if (total != P) return -2;                         /* the rows would not match x_PD / y_PD */
-    long *first = (long *)malloc(sizeof(long) * (size_t)(E > 0 ? E : 1));
+    long *first = (long *)mf_scratch(3, sizeof(long) * (size_t)(E > 0 ? E : 1));
     if (!first) return -1;
     for (long e = 0, acc = 0; e < E; e++) { first[e] = acc; acc += counts[e]; }
     experts_job j = {x_PD, y_PD, scratch, counts, first, D, F, gate_up, down};
     mf_parallel(E, expert_task, &j);
-    free(first);
     return 0;
 }
 

@@ -2,13 +2,13 @@
  * as ceil(N / 16) panels of 16 output rows, each panel k-major: for every k, 16 weights in 32 bytes.
  *
  * Why a second layout: with the checkpoint's row-major (N, K) weights a GEMM must take dot products along k (one
- * accumulator per (x row, weight row), horizontal sums at the end, every bf16 vector converted once per x block);
- * the best such tile here (wgemm.c, 6 x rows x 2 weight rows) reaches ~70-80% of the FMA peak. In a panel, one
- * 32-byte load holds the k-th weight of 16 outputs, so the tile is an outer product: 6 x values broadcast, 12 FMAs
- * into (6 rows x 16 outputs) accumulators, 1 load + 2 integer ops of conversion per 12 FMAs and no horizontal sums
- * (16-row products 1.2-1.3x the row-major tile in benchmarks/bench_kernels.py). A 16-request decode step is mostly such products (the lm_head alone is
- * 16 x 32000 x 512), so this is where batched decoding gains on one request. Panels are read front to back, so
- * one or two rows (the single-request step) stream at the memory rate like the row-major kernel.
+ * accumulator per (x row, weight row), horizontal sums at the end, every bf16 vector converted once per x block),
+ * as wgemm.c's best tile (6 x rows x 2 weight rows) does. In a panel, one 32-byte load holds the k-th weight of 16
+ * outputs, so the tile is an outer product: 6 x values broadcast, 12 FMAs into (6 rows x 16 outputs) accumulators,
+ * 1 load + 2 integer ops of conversion per 12 FMAs and no horizontal sums (16-row products 1.2-1.3x the row-major
+ * tile in benchmarks/bench_kernels.py). A 16-request decode step is mostly such products (the lm_head alone is 16 x
+ * 32000 x 512), so this is where batched decoding gains on one request. Panels are read front to back, so one or
+ * two rows (the single-request step) stream at the memory rate like the row-major kernel.
  *
  * Interleave: within a k-row of a panel, 32-bit word j holds output j's weight in its low half and output j + 8's
  * in its high half, so `word << 16` gives outputs 0-7 as fp32 and `word & 0xffff0000` gives 8-15, both exact.
@@ -18,7 +18,7 @@
 #include <stdint.h>
 #include <string.h>
 
-void mf_parallel(long n, void (*fn)(void *, long), void *ctx);
+void mf_parallel_ranges(long n, long align, void (*range)(void *, long, long), void *ctx);
 int mf_num_threads(void);
 int mf_simd_level(void);
 
@@ -216,27 +216,23 @@ typedef struct {
     const float *x;
     const uint16_t *wp;
     float *y;
-    long ldx, ldy, M, N, K, per;
+    long ldx, ldy, M, N, K;
 } panels_job;
 
-static void panels_task(void *p, long t) {
+static void panels_chunk(void *p, long p0, long p1) {
     const panels_job *j = (const panels_job *)p;
-    long P = (j->N + PW - 1) / PW, p0 = t * j->per, p1 = p0 + j->per < P ? p0 + j->per : P;
-    if (p0 < p1) panels_range(j->x, j->ldx, j->wp, j->y, j->ldy, j->M, j->N, j->K, p0, p1);
+    panels_range(j->x, j->ldx, j->wp, j->y, j->ldy, j->M, j->N, j->K, p0, p1);
 }
 
 /* Exported: y (M, N) = x (M, K) @ w^T for w packed by kernels.pack_panels. Products of >= 2^16 weights are split
- * by panels into about 4 tasks per pool thread, claimed as threads free up: on this shared 2-vCPU machine one core
- * often runs a product ~1.4x slower than the other (measured: halves of a 16-row lm_head in 3.1 vs 4.4 ms), and
- * with one task per thread the fast one waited. Each output is computed by one task in a fixed order, so the
- * result does not depend on the thread count. Allocates nothing, cannot fail. */
+ * by panels over the pool (mf_parallel_ranges: ~4 chunks per thread, each a multiple of 4 panels, the one-row
+ * kernel's group); each output is computed by one task in a fixed order, so the result does not depend on the
+ * thread count. Allocates nothing, cannot fail. */
 void mf_gemm_bf16p(const float *x, long ldx, const uint16_t *wp, float *y, long ldy, long M, long N, long K) {
-    long P = (N + PW - 1) / PW, T = mf_num_threads();
-    if (T > 1 && N * K >= (1L << 16) && P >= 2 * T) {
-        long per = (P + 4 * T - 1) / (4 * T);
-        per = per < 4 ? 4 : (per + 3) / 4 * 4;                 /* whole groups of the one-row kernel (few1) */
-        panels_job j = {x, wp, y, ldx, ldy, M, N, K, per};
-        mf_parallel((P + j.per - 1) / j.per, panels_task, &j);
+    long P = (N + PW - 1) / PW;
+    if (mf_num_threads() > 1 && N * K >= (1L << 16) && P >= 2 * mf_num_threads()) {
+        panels_job j = {x, wp, y, ldx, ldy, M, N, K};
+        mf_parallel_ranges(P, 4, panels_chunk, &j);
         return;
     }
     panels_range(x, ldx, wp, y, ldy, M, N, K, 0, P);

@@ -11,8 +11,8 @@
  * and used at once, with a software prefetch of the rows ahead. M > 2: pairs of weight rows converted in
  * registers against blocks of up to 6 x rows (gemm_big_m); an earlier form converted 3 rows into an fp32 buffer
  * for 4 x 3 blocks and fell to one-row dot products for M % 4 rows (M = 3 took 8x the time of M = 4; an expert
- * with 3 tokens is common in a batch). Products with >= 2^22 weights are split by rows over threads (see
- * mf_gemm_bf16w).
+ * with 3 tokens is common in a batch). Products with >= 2^16 weights are split by rows over the pool's threads
+ * (see mf_gemm_bf16w).
  * The AVX2+FMA path is chosen at run time (__builtin_cpu_supports), so one binary is safe on any x86-64; other
  * machines get the portable loop. Built and loaded by mimoflash/kernels/__init__.py; tested against
  * F.linear(x, w.float()) in tests/test_kernels.py.
@@ -224,34 +224,32 @@ static void gemm_range(const float *x, long ldx, const uint16_t *w, float *y, lo
     gemm_portable(x, ldx, w, y, ldy, M, N, K);
 }
 
-/* Threads: a product with at least 2^16 weights (128 KB of bf16, ~5 us of streaming) is split by weight rows
- * into one chunk per thread of the pool (pool.c; mf_set_num_threads, which Python sets from
- * torch.get_num_threads()); smaller ones, and products inside a pool task, run on the calling thread. Each output
- * element is computed by one thread in the same order, so the result does not depend on the thread count. */
-void mf_parallel(long n, void (*fn)(void *, long), void *ctx);
+/* Threads: a product with at least 2^16 weights (128 KB of bf16, ~5 us of streaming) is split by weight rows into
+ * chunks of a multiple of 4 rows (the 2- and 4-row blocks) over the pool (pool.c, mf_parallel_ranges;
+ * mf_set_num_threads, which Python sets from torch.get_num_threads()); smaller ones, and products inside a pool
+ * task, run on the calling thread. Each output element is computed by one thread in the same order, so the result
+ * does not depend on the thread count. */
+void mf_parallel_ranges(long n, long align, void (*range)(void *, long, long), void *ctx);
 int mf_num_threads(void);
 
 typedef struct {
     const float *x;
     const uint16_t *w;
     float *y;
-    long ldx, ldy, M, N, K, per;
+    long ldx, ldy, M, K;
 } gemm_job;
 
-static void gemm_task(void *p, long t) {
+static void gemm_rows(void *p, long n0, long n1) {
     const gemm_job *j = (const gemm_job *)p;
-    long n0 = t * j->per, n1 = n0 + j->per < j->N ? n0 + j->per : j->N;
-    if (n0 < n1) gemm_range(j->x, j->ldx, j->w + n0 * j->K, j->y + n0, j->ldy, j->M, n1 - n0, j->K);
+    gemm_range(j->x, j->ldx, j->w + n0 * j->K, j->y + n0, j->ldy, j->M, n1 - n0, j->K);
 }
 
 /* Exported: y (M, N) = x (M, K) @ w (N, K)^T with w bf16. Allocates nothing, cannot fail. */
 void mf_gemm_bf16w(const float *x, long ldx, const uint16_t *w, float *y, long ldy, long M, long N, long K) {
     long T = mf_num_threads();
     if (T > 1 && N * K >= (1L << 16) && N >= 8 * T) {
-        long per = ((N + 4 * T - 1) / (4 * T) + 3) / 4 * 4;  /* ~4 tasks per thread (panels.c says why), a multiple
-                                                                 of the 2- and 4-row blocks */
-        gemm_job j = {x, w, y, ldx, ldy, M, N, K, per};
-        mf_parallel((N + per - 1) / per, gemm_task, &j);
+        gemm_job j = {x, w, y, ldx, ldy, M, K};
+        mf_parallel_ranges(N, 4, gemm_rows, &j);
         return;
     }
     gemm_range(x, ldx, w, y, ldy, M, N, K);
