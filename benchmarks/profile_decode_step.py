@@ -41,11 +41,13 @@ def main(argv=None) -> int:
     ap.add_argument("--new-tokens", type=int, default=96)
     ap.add_argument("--no-weight-panels", dest="weight_panels", action="store_false",
                     help="the dense linears row-major (LLM(weight_panels=False)), for comparison")
+    ap.add_argument("--no-huge-pages", dest="huge_pages", action="store_false",
+                    help="weights and KV cache on 4 KB pages (LLM(huge_pages=False)), for comparison")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     cfg = bench_config()
     llm = LLM(build_model(cfg).cast(torch.bfloat16), max_num_seqs=max(a.batches), max_num_batched_tokens=512,
-              weight_panels=a.weight_panels)
+              weight_panels=a.weight_panels, huge_pages=a.huge_pages)
     if llm.engine.runner.fused is None:
         print("the fused decode path is not in use (CPU kernels unavailable?)", file=sys.stderr)
         return 1

@@ -43,6 +43,9 @@ def _add_common(ap: argparse.ArgumentParser, max_tokens: int) -> None:
     ap.add_argument("--no-weight-panels", dest="weight_panels", action="store_false",
                     help="CPU bf16 weights: skip the packed copy of the dense linears (saves their size in RAM; "
                          "batched decoding and prefill run slower)")
+    ap.add_argument("--no-huge-pages", dest="huge_pages", action="store_false",
+                    help="CPU: keep weights and KV cache on ordinary 4 KB pages (default: 2 MB transparent huge pages "
+                         "where Linux allows; same results, faster decoding)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--kv-cache-memory", type=float, default=None,
                     help="KV cache budget: bytes, or a fraction of RAM when <= 1 (default: what max_num_seqs needs)")
@@ -81,7 +84,8 @@ def _load(a: argparse.Namespace, max_num_seqs: int = 4):
     llm = LLM(path, dtype=a.dtype, weight_dtype=a.weight_dtype, kv_cache_dtype=a.kv_cache_dtype, device=a.device,
               max_num_seqs=max_num_seqs,
               kv_cache_memory=int(a.kv_cache_memory) if a.kv_cache_memory and a.kv_cache_memory > 1
-              else a.kv_cache_memory, max_model_len=a.max_model_len, weight_panels=a.weight_panels, progress=True)
+              else a.kv_cache_memory, max_model_len=a.max_model_len, weight_panels=a.weight_panels,
+              huge_pages=a.huge_pages, progress=True)
     print(f"loaded {path} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     return llm
 

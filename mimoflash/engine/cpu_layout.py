@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import kernels
+from . import hugepages
 from ..model.attention import Attention
 from ..model.layers import RMSNorm
 from ..model.moe import Experts, MoE
@@ -315,6 +316,26 @@ def use_cpu_layout(model: torch.nn.Module, compute_dtype: torch.dtype | None = N
         _same_dtype_layout(model)
     if compute_dtype == torch.float32 and kernels.available():
         _fast_fp32_ops(model)
+
+
+def use_huge_pages(model: torch.nn.Module) -> int:
+    """Move the model's large CPU tensors onto huge pages (engine/hugepages.py): parameters, buffers, the tensors
+    this layout keeps on modules (fused q|k|v, expert gate|up) and the packed panels. Values, views and aliasing are
+    kept, so a panel copy that was current stays current (re-stamped, not repacked). Call before building anything
+    that holds raw pointers (FusedDecoder). -> bytes moved."""
+    tensors, panels = list(model.parameters()) + list(model.buffers()), []
+    for mod in model.modules():
+        for v in vars(mod).values():
+            for x in (v if isinstance(v, (list, tuple)) else (v,)):     # qkv_fused, the experts' per-expert views
+                if isinstance(x, torch.Tensor):
+                    tensors.append(x)
+                elif isinstance(x, Panels):
+                    panels.append(x)
+    current = [p for p in panels if p._stamp == (p.weight().data_ptr(), p.weight()._version)]
+    moved = hugepages.rehome(tensors + [p.wp for p in panels])
+    for p in current:
+        p._stamp = (p.weight().data_ptr(), p.weight()._version)
+    return moved
 
 
 def matmul_weight_dtype(model: torch.nn.Module) -> torch.dtype:

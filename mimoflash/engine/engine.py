@@ -44,6 +44,7 @@ class EngineConfig:
     dtype: Any = None                        # compute (activation + KV cache) dtype; None = the weights' dtype
     kv_cache_dtype: Any = None               # KV cache storage dtype; None = the compute dtype
     weight_panels: bool = True               # CPU, bf16 weights: also pack dense linears in panels (cpu_layout)
+    huge_pages: bool = True                  # CPU: weights and KV pools on 2 MB pages where the OS allows (hugepages)
     seed: int = 0                            # the shared generator of unseeded requests
 
 
@@ -88,12 +89,12 @@ class LLMEngine:
             memory = resolve_memory(cfg.kv_cache_memory, self.device)
         self.layout = plan_cache(mc, memory, max_num_seqs=cfg.max_num_seqs, block_size=cfg.block_size,
                                  max_draft=cfg.max_draft, include_mtp=cfg.include_mtp, dtype=kv_dtype)
-        self.cache = KVCache(self.layout, self.device)
+        self.cache = KVCache(self.layout, self.device, huge_pages=cfg.huge_pages)
         self.kv = KVCacheManager(self.layout)
         # A budget that holds fewer rings than max_num_seqs limits concurrency through ring availability.
         self.scheduler = Scheduler(SchedulerConfig(cfg.max_num_seqs, cfg.max_num_batched_tokens,
                                                    cfg.enable_chunked_prefill, max_len), self.kv)
-        self.runner = ModelRunner(model, self.cache, cfg.attention_impl, cfg.dtype, cfg.weight_panels)
+        self.runner = ModelRunner(model, self.cache, cfg.attention_impl, cfg.dtype, cfg.weight_panels, cfg.huge_pages)
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
         eos = mc.eos_token_id
         eos_ids = set(eos if isinstance(eos, list) else ([eos] if eos is not None else []))

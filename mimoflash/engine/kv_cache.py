@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import MiMoConfig
+from . import hugepages
 from .request import Request
 
 
@@ -192,20 +193,26 @@ tensor that matmul consumes without a transposing copy (the decode path reads ev
 
     `layer_index[layer_id] = (sliding, i)` maps an attention layer (main or MTP) to its row in the pool."""
 
-    def __init__(self, layout: CacheLayout, device: torch.device | str = "cpu"):
+    def __init__(self, layout: CacheLayout, device: torch.device | str = "cpu", huge_pages: bool = False):
         self.layout = layout
         self.device = torch.device(device)
         dt = layout.dtype
+
+        def zeros(*shape):
+            if huge_pages and self.device.type == "cpu":     # engine/hugepages.py: the same zeros, on 2 MB pages
+                return hugepages.zeros(shape, dt)
+            return torch.zeros(*shape, dtype=dt, device=device)
+
         h, d, dv = layout.global_shape
         g_slots = layout.num_blocks * layout.block_size
         nG = len(layout.global_layers)
-        self.k_global = torch.zeros(nG, h, g_slots, d, dtype=dt, device=device)
-        self.v_global = torch.zeros(nG, h, g_slots, dv, dtype=dt, device=device)
+        self.k_global = zeros(nG, h, g_slots, d)
+        self.v_global = zeros(nG, h, g_slots, dv)
         h, d, dv = layout.sliding_shape
         s_slots = layout.num_rings * layout.ring_slots
         nS = len(layout.sliding_layers)
-        self.k_ring = torch.zeros(nS, h, s_slots, d, dtype=dt, device=device)
-        self.v_ring = torch.zeros(nS, h, s_slots, dv, dtype=dt, device=device)
+        self.k_ring = zeros(nS, h, s_slots, d)
+        self.v_ring = zeros(nS, h, s_slots, dv)
         self.layer_index = {lid: (False, i) for i, lid in enumerate(layout.global_layers)}
         self.layer_index.update({lid: (True, i) for i, lid in enumerate(layout.sliding_layers)})
 

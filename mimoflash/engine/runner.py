@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from ..model.attention import attend_reference
 from ..model.mimo import MiMoForCausalLM
 from .. import kernels
-from .cpu_layout import matmul_weight_dtype, use_cpu_layout
+from .cpu_layout import matmul_weight_dtype, use_cpu_layout, use_huge_pages
 from .fused_decode import FusedDecoder
 from .kv_cache import KVCache
 from .scheduler import Batch
@@ -231,7 +231,7 @@ def _first_if_consecutive(chunks: torch.Tensor) -> int | None:
 
 class ModelRunner:
     def __init__(self, model: MiMoForCausalLM, cache: KVCache, impl: str = "fast",
-                 compute_dtype: torch.dtype | None = None, weight_panels: bool = True):
+                 compute_dtype: torch.dtype | None = None, weight_panels: bool = True, huge_pages: bool = True):
         if impl not in ("fast", "reference"):
             raise ValueError(f"attention impl must be 'fast' or 'reference', got {impl!r}")
         self.model, self.cache, self.impl = model, cache, impl
@@ -245,6 +245,8 @@ class ModelRunner:
         self.fused: FusedDecoder | None = None       # one kernel call per layer for decode steps
         if self.device.type == "cpu":
             use_cpu_layout(model, compute_dtype, panels=weight_panels)
+            if huge_pages:
+                use_huge_pages(model)                # before FusedDecoder takes raw pointers
             self.use_kernels = kernels.available()
             kernels.set_num_threads(torch.get_num_threads())
             if self.use_kernels and impl == "fast":
