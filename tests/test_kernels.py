@@ -397,6 +397,17 @@ def test_threaded_attention_and_experts_match_single_thread():
         torch.testing.assert_close(two_e, one_e, atol=0, rtol=0)
 
 
+def test_pool_workers_join_the_first_job_after_starting():
+    """Workers start lazily on the first job after a thread-count change; one that began running only after the job
+    was published must still take part (it used to wait for the next job, leaving this one to the caller). Eight
+    tasks of 3 ms each: two threads have time to share them however late the worker starts."""
+    for _ in range(3):
+        kernels.set_num_threads(1)                      # stops the workers; the next job restarts them
+        with kernel_threads(2):
+            assert kernels.pool_threads_used(8, 3000) == 2
+    assert kernels.pool_threads_used(4, 100) == 1      # one thread: the caller alone
+
+
 def test_pool_concurrent_callers():
     """Two Python threads calling the kernels at once (ctypes releases the GIL): one job holds the pool, the other
     runs on its own thread; every result is still exact."""

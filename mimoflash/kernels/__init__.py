@@ -117,6 +117,8 @@ def _load() -> ctypes.CDLL | None:
                                     c_void, c_void]
     lib.mf_decode_layer.restype = ctypes.c_int
     lib.mf_argmax_rows.argtypes = [c_void, c_long, c_long, c_long, c_void]
+    lib.mf_pool_probe.argtypes = [c_long, c_long]
+    lib.mf_pool_probe.restype = c_long
     for f in (lib.mf_rms_norm, lib.mf_qkv_rope, lib.mf_silu_mul, lib.mf_argmax_rows):
         f.restype = None
     _lib = lib
@@ -130,6 +132,11 @@ def set_num_threads(n: int) -> None:
     lib = _load()
     if lib is not None:
         lib.mf_set_num_threads(int(n))
+
+
+def pool_threads_used(n_tasks: int, spin_us: int) -> int:
+    """For tests: run n_tasks tasks of ~spin_us microseconds each on the pool; -> how many threads ran them."""
+    return int(_lib_or_raise().mf_pool_probe(int(n_tasks), int(spin_us)))
 
 
 def available() -> bool:

@@ -76,9 +76,11 @@ static void run_tasks(uint64_t gen) {
     in_task = 0;
 }
 
+/* arg: the generation current when the worker was created, before the job that starts it is published. Reading
+ * the ticket here instead would, for a thread scheduled after the publish, take that job as already seen and leave
+ * it to the caller alone (tests/test_kernels.py checks the first job is shared). */
 static void *worker(void *arg) {
-    (void)arg;
-    uint64_t seen = GEN_OF(atomic_load_explicit(&P.ticket, memory_order_acquire));
+    uint64_t seen = (uint64_t)(uintptr_t)arg;
     for (;;) {
         uint64_t gen = seen;
         for (int s = 0; s < SPIN_ROUNDS && gen == seen; s++) {
@@ -141,8 +143,9 @@ void mf_parallel(long n, mf_task fn, void *ctx) {
         pthread_atfork(NULL, NULL, after_fork_child);
         atfork_set = 1;
     }
+    uint64_t before = GEN_OF(atomic_load_explicit(&P.ticket, memory_order_relaxed));
     while (P.workers < g_threads - 1) {
-        if (pthread_create(&P.tid[P.workers], NULL, worker, NULL) != 0) break;
+        if (pthread_create(&P.tid[P.workers], NULL, worker, (void *)(uintptr_t)before) != 0) break;
         P.workers++;
     }
     if (P.workers == 0) {                    /* no thread could be started: do it here */
@@ -204,4 +207,34 @@ void *mf_scratch(int slot, size_t bytes) {
         arena_bytes[slot] = arena[slot] ? bytes : 0;
     }
     return arena[slot];
+}
+
+/* For tests (kernels.pool_threads_used): runs n tasks of ~spin_us microseconds each through mf_parallel and returns
+ * how many distinct threads ran them, to check that the workers take part from the first job on. */
+#include <time.h>
+typedef struct {
+    long spin_ns;
+    _Atomic unsigned long who[MAX_THREADS];
+} probe_job;
+
+static void probe_task(void *p, long i) {
+    (void)i;
+    probe_job *j = (probe_job *)p;
+    struct timespec a, b;
+    clock_gettime(CLOCK_MONOTONIC, &a);
+    do clock_gettime(CLOCK_MONOTONIC, &b);
+    while ((b.tv_sec - a.tv_sec) * 1000000000L + (b.tv_nsec - a.tv_nsec) < j->spin_ns);
+    unsigned long me = (unsigned long)pthread_self();
+    for (int s = 0; s < MAX_THREADS; s++) {
+        unsigned long cur = 0;
+        if (atomic_compare_exchange_strong(&j->who[s], &cur, me) || cur == me) return;
+    }
+}
+
+long mf_pool_probe(long n, long spin_us) {
+    probe_job j = {spin_us * 1000L, {0}};
+    mf_parallel(n, probe_task, &j);
+    long distinct = 0;
+    for (int s = 0; s < MAX_THREADS; s++) distinct += atomic_load(&j.who[s]) != 0;
+    return distinct;
 }
