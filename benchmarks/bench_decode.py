@@ -17,8 +17,8 @@ What is measured, side by side in one process, interleaved (so that machine nois
   * KV-cache bytes per token at 32k context vs an all-global-attention model of the same shape.
 Five mimoflash settings run on the same bf16-valued checkpoint (transformers gets it upcast to fp32, its fastest
 CPU setting): "default" = what LLM() does with a bf16 checkpoint on CPU (bf16 weights through mimoflash/kernels,
-the dense linears on their packed panels, fp32 activations and KV cache, all on 2 MB huge pages where Linux
-allows), "smallpages" = the same on ordinary 4 KB pages (huge_pages=False), "rowmajor" = the default without the
+the dense linears on their packed panels, fp32 activations and KV cache), "hugepages" = the same on 2 MB
+transparent huge pages (huge_pages=True, engine/hugepages.py), "rowmajor" = the default without the
 panels (weight_panels=False: the row-major kernel, no second copy), "fp32" = weights upcast to fp32, "bf16" =
 everything in bf16 (dtype="bfloat16").
 The last stdout line is one JSON object. Seeded: the same model and prompts every run.
@@ -163,7 +163,7 @@ def main(argv=None) -> int:
     # default: the bf16 checkpoint loaded as LLM() does by default on CPU (bf16 weights, fp32 compute and KV)
     llms["default"] = LLM(build_model(cfg).cast(torch.bfloat16), **kw)
     assert llms["default"].weight_dtype == torch.bfloat16, "the CPU kernels did not build: see mimoflash/kernels"
-    llms["smallpages"] = LLM(build_model(cfg).cast(torch.bfloat16), huge_pages=False, **kw)
+    llms["hugepages"] = LLM(build_model(cfg).cast(torch.bfloat16), huge_pages=True, **kw)
     llms["rowmajor"] = LLM(build_model(cfg).cast(torch.bfloat16), weight_panels=False, **kw)
     llms["fp32"] = LLM(build_model(cfg), **kw)                                     # weights upcast to fp32
     llms["bf16"] = LLM(build_model(cfg).cast(torch.bfloat16), dtype="bfloat16", **kw)   # all-bf16 compute

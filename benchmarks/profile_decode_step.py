@@ -41,8 +41,8 @@ def main(argv=None) -> int:
     ap.add_argument("--new-tokens", type=int, default=96)
     ap.add_argument("--no-weight-panels", dest="weight_panels", action="store_false",
                     help="the dense linears row-major (LLM(weight_panels=False)), for comparison")
-    ap.add_argument("--no-huge-pages", dest="huge_pages", action="store_false",
-                    help="weights and KV cache on 4 KB pages (LLM(huge_pages=False)), for comparison")
+    ap.add_argument("--huge-pages", action="store_true",
+                    help="weights and KV cache on 2 MB huge pages (LLM(huge_pages=True)), for comparison")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     cfg = bench_config()

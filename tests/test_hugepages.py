@@ -119,7 +119,7 @@ def test_engine_results_identical_with_and_without_huge_pages(monkeypatch):
         assert a.outputs[0].logprobs == b.outputs[0].logprobs
 
 
-def test_cli_no_huge_pages_reaches_the_engine(tmp_path, monkeypatch, capsys):
+def test_cli_huge_pages_reaches_the_engine(tmp_path, monkeypatch, capsys):
     from mimoflash.checkpoint.saver import save_model
     from mimoflash.engine import cli, llm as llm_module
     ckpt = save_model(make_model(tiny_config(), seed=6, dtype=torch.bfloat16), tmp_path / "ckpt",
@@ -131,8 +131,8 @@ def test_cli_no_huge_pages_reaches_the_engine(tmp_path, monkeypatch, capsys):
         return LLM(*args, **kwargs)
     monkeypatch.setattr(llm_module, "LLM", spy)
     outs = []
-    for extra in ([], ["--no-huge-pages"]):
+    for extra in ([], ["--huge-pages"]):
         assert cli.generate_main(["--model", str(ckpt), "--token-ids", "1,2,3", "--max-tokens", "5", "--json",
                                   "--temperature", "0", *extra]) == 0
         outs.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["outputs"][0]["token_ids"])
-    assert seen == [True, False] and outs[0] == outs[1] and len(outs[0]) == 5
+    assert seen == [False, True] and outs[0] == outs[1] and len(outs[0]) == 5

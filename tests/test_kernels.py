@@ -94,6 +94,27 @@ def test_argmax_rows_matches_torch():
         assert torch.equal(kernels.argmax_rows(t), t.argmax(dim=-1))
 
 
+def test_argmax_rows_blocks_and_threads():
+    """The kernel keeps the maximum of each block of 64 and rescans the first block holding the row's maximum: ties
+    in two blocks, a tie inside a block, the maximum at a block's first/last index or in a short last block, NaN
+    after the maximum, -inf rows; rows split over 2 and 3 threads give the same indices."""
+    V = 64 * 40 + 17
+    x = _randn(16, V)
+    x[0, 64 * 3 + 5] = x[0, 64 * 30 + 1] = 50.0               # tie across blocks: the earlier block
+    x[1, 64 * 7 + 9] = x[1, 64 * 7 + 2] = 50.0                 # tie within a block: the earlier index
+    x[2, 64 * 9] = 50.0                                        # a block's first index
+    x[3, 64 * 9 + 63] = 50.0                                   # a block's last index
+    x[4, V - 1] = 50.0                                         # the short last block
+    x[5, 64 * 2 + 3], x[5, 64 * 20] = 50.0, float("nan")       # NaN later than the maximum still wins
+    x[6] = float("-inf")
+    x[7, :] = 1.0                                              # all equal: index 0
+    ref = x.argmax(dim=-1)
+    assert torch.equal(kernels.argmax_rows(x), ref)
+    for n in (2, 3):
+        with kernel_threads(n):
+            assert torch.equal(kernels.argmax_rows(x), ref)
+
+
 def test_silu_mul():
     h = _randn(3, 2 * 20)
     torch.testing.assert_close(kernels.silu_mul(h), F.silu(h[:, :20]) * h[:, 20:])

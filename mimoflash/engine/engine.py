@@ -44,7 +44,7 @@ class EngineConfig:
     dtype: Any = None                        # compute (activation + KV cache) dtype; None = the weights' dtype
     kv_cache_dtype: Any = None               # KV cache storage dtype; None = the compute dtype
     weight_panels: bool = True               # CPU, bf16 weights: also pack dense linears in panels (cpu_layout)
-    huge_pages: bool = True                  # CPU: weights and KV pools on 2 MB pages where the OS allows (hugepages)
+    huge_pages: bool = False                 # CPU: weights and KV pools on 2 MB pages where the OS allows (hugepages)
     seed: int = 0                            # the shared generator of unseeded requests
 
 

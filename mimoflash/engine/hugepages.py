@@ -2,11 +2,13 @@
 
 Why: a decode step streams every weight it uses once (76 MB a token for one request of the benchmark model, 230 MB
 for 16), and on 4 KB pages that is a TLB miss every 4 KB and a hardware prefetcher that stops at every page
-boundary. On 2 MB pages one TLB entry covers 512 times as much and the prefetch streams run on
-(`benchmarks/bench_decode.py`'s "4 KB pages" variant measures the difference). glibc and torch map large
-allocations on 4 KB pages unless asked (Linux's usual THP mode is "madvise"), so the engine asks: it moves the
-weights, the packed copies of engine/cpu_layout.py and the KV pools into anonymous mappings advised with
-MADV_HUGEPAGE and aligned to 2 MB. Where the OS cannot (not Linux, THP "never", Python without MADV_HUGEPAGE) the
+boundary. On 2 MB pages one TLB entry covers 512 times as much and the prefetch streams run on. glibc and torch
+map large allocations on 4 KB pages unless asked (Linux's usual THP mode is "madvise"), so with
+`LLM(huge_pages=True)` the engine asks: it moves the weights, the packed copies of engine/cpu_layout.py and the KV
+pools into anonymous mappings advised with MADV_HUGEPAGE and aligned to 2 MB. Measured
+(`benchmarks/bench_decode.py`, "hugepages" variant): within noise of 4 KB pages on the 2-core benchmark machine,
+whose kernels already prefetch across page boundaries in software, so it is off by default; it is kept for
+machines where TLB reach matters more. Where the OS cannot (not Linux, THP "never", Python without MADV_HUGEPAGE) the
 helpers fall back to ordinary tensors: the data and results are the same either way, only the speed differs.
 
 Only anonymous memory is moved; a storage mapped from a file (a memory-mapped checkpoint) stays where it is, since

@@ -16,8 +16,9 @@ Dtypes. `dtype` is the compute dtype (activations, KV cache): "auto" = float32 o
 values rounded once when stored, read back exactly); "auto" = the compute dtype.
 `weight_panels` (CPU, bf16 weights): also keep the dense linears packed in panels, the layout the many-row
 products of batched decoding and prefill run fastest on (engine/cpu_layout.py); False saves that copy's memory.
-`huge_pages` (CPU): put the weights, those copies and the KV pools on 2 MB transparent huge pages where Linux allows
-(engine/hugepages.py): fewer TLB misses while a decode step streams them; results are identical either way.
+`huge_pages` (CPU, off by default): put the weights, those copies and the KV pools on 2 MB transparent huge pages
+where Linux allows (engine/hugepages.py): fewer TLB misses while a decode step streams them; results are identical
+either way. On the benchmark machine the decode rates stayed within noise of the default (docs/ENGINE.md §8).
 `weight_dtype` is how the matmul weights are stored: "auto" keeps a bf16 (or FP8) checkpoint's weights in bf16 on
 CPU when computing in fp32 (engine/cpu_layout.py: half the bytes per decoded token, same result as the fp32 model up
 to summation order), and equals `dtype` otherwise (fp32 checkpoints, CUDA, or without the CPU kernels).
@@ -77,7 +78,7 @@ class LLM:
                  kv_cache_memory: int | float | None = None, max_model_len: int | None = None,
                  max_num_batched_tokens: int = 512, enable_chunked_prefill: bool = True, block_size: int = 16,
                  seed: int = 0, attention_impl: str = "fast", skip_tokenizer_init: bool = False,
-                 kv_cache_dtype: str | torch.dtype = "auto", weight_panels: bool = True, huge_pages: bool = True,
+                 kv_cache_dtype: str | torch.dtype = "auto", weight_panels: bool = True, huge_pages: bool = False,
                  progress: bool = True):
         device = torch.device(device)
         kv_dtype = None if kv_cache_dtype in (None, "auto") else _resolve_dtype(kv_cache_dtype, device,

@@ -231,7 +231,7 @@ def _first_if_consecutive(chunks: torch.Tensor) -> int | None:
 
 class ModelRunner:
     def __init__(self, model: MiMoForCausalLM, cache: KVCache, impl: str = "fast",
-                 compute_dtype: torch.dtype | None = None, weight_panels: bool = True, huge_pages: bool = True):
+                 compute_dtype: torch.dtype | None = None, weight_panels: bool = True, huge_pages: bool = False):
         if impl not in ("fast", "reference"):
             raise ValueError(f"attention impl must be 'fast' or 'reference', got {impl!r}")
         self.model, self.cache, self.impl = model, cache, impl
