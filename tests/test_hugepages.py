@@ -45,6 +45,19 @@ def test_empty_bytes_is_aligned_zeroed_and_advised():
     assert z.shape == (3, 5, 7) and z.dtype == torch.float32 and int(z.count_nonzero()) == 0
 
 
+def test_empty_bytes_falls_back_when_the_kernel_refuses(monkeypatch):
+    """madvise failing (a kernel without THP answers EINVAL) gives ordinary zeroed memory, not an error."""
+    import mmap
+
+    class Refusing(mmap.mmap):
+        def madvise(self, *args):
+            raise OSError(22, "Invalid argument")
+    monkeypatch.setattr(hugepages, "supported", lambda: True)
+    monkeypatch.setattr(hugepages.mmap, "mmap", Refusing)
+    t = hugepages.empty_bytes(3 << 20)
+    assert t.numel() == 3 << 20 and int(t.count_nonzero()) == 0
+
+
 def test_helpers_fall_back_where_unsupported(monkeypatch):
     monkeypatch.setattr(hugepages, "supported", lambda: False)
     z = hugepages.zeros((4, 6), torch.bfloat16)

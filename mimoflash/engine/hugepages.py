@@ -45,9 +45,12 @@ def empty_bytes(nbytes: int) -> torch.Tensor:
     `torch.zeros`. The mapping lives as long as the tensor (and its views) do."""
     if nbytes <= 0 or not supported():
         return torch.zeros(max(nbytes, 0), dtype=torch.uint8)
-    m = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        m = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        m.madvise(mmap.MADV_HUGEPAGE)
+    except OSError:                  # a kernel built without THP (EINVAL), or no address space left: plain memory
+        return torch.zeros(nbytes, dtype=torch.uint8)
     t = torch.frombuffer(m, dtype=torch.uint8)                   # holds a reference to m: unmapped with the tensor
-    m.madvise(mmap.MADV_HUGEPAGE)
     _OURS.add(t.data_ptr())
     weakref.finalize(m, _OURS.discard, t.data_ptr())             # the address may be reused once unmapped
     off = (-t.data_ptr()) % HUGE_PAGE                             # a multiple of the 4 KB page size
