@@ -15,12 +15,13 @@ What is measured, side by side in one process, interleaved (so that machine nois
   * 16 concurrent requests: aggregate decode tokens/s (16 x 95 tokens over the span in which all 16 decode), and its
     ratio to one request, both as the ratio of the medians and as the median of the per-repeat ratios;
   * KV-cache bytes per token at 32k context vs an all-global-attention model of the same shape.
-Five mimoflash settings run on the same bf16-valued checkpoint (transformers gets it upcast to fp32, its fastest
+Six mimoflash settings run on the same bf16-valued checkpoint (transformers gets it upcast to fp32, its fastest
 CPU setting): "default" = what LLM() does with a bf16 checkpoint on CPU (bf16 weights through mimoflash/kernels,
 the dense linears on their packed panels, fp32 activations and KV cache), "hugepages" = the same on 2 MB
-transparent huge pages (huge_pages=True, engine/hugepages.py), "rowmajor" = the default without the
-panels (weight_panels=False: the row-major kernel, no second copy), "fp32" = weights upcast to fp32, "bf16" =
-everything in bf16 (dtype="bfloat16").
+transparent huge pages (huge_pages=True, engine/hugepages.py), "bf16kv" = the default with the KV cache stored in
+bf16 (kv_cache_dtype="bfloat16": half the K/V bytes, keys and values rounded once), "rowmajor" = the default
+without the panels (weight_panels=False: the row-major kernel, no second copy), "fp32" = weights upcast to fp32,
+"bf16" = everything in bf16 (dtype="bfloat16").
 The last stdout line is one JSON object. Seeded: the same model and prompts every run.
 Threads: `--threads` (default 1); OMP_WAIT_POLICY defaults to PASSIVE (set before torch is imported). On a shared
 machine an OpenMP barrier waiting for a descheduled thread can slow tiny ops by 100x; one thread measures the code,
@@ -164,6 +165,7 @@ def main(argv=None) -> int:
     llms["default"] = LLM(build_model(cfg).cast(torch.bfloat16), **kw)
     assert llms["default"].weight_dtype == torch.bfloat16, "the CPU kernels did not build: see mimoflash/kernels"
     llms["hugepages"] = LLM(build_model(cfg).cast(torch.bfloat16), huge_pages=True, **kw)
+    llms["bf16kv"] = LLM(build_model(cfg).cast(torch.bfloat16), kv_cache_dtype="bfloat16", **kw)
     llms["rowmajor"] = LLM(build_model(cfg).cast(torch.bfloat16), weight_panels=False, **kw)
     llms["fp32"] = LLM(build_model(cfg), **kw)                                     # weights upcast to fp32
     llms["bf16"] = LLM(build_model(cfg).cast(torch.bfloat16), dtype="bfloat16", **kw)   # all-bf16 compute
