@@ -22,6 +22,7 @@
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <time.h>
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -211,7 +212,6 @@ void *mf_scratch(int slot, size_t bytes) {
 
 /* For tests (kernels.pool_threads_used): runs n tasks of ~spin_us microseconds each through mf_parallel and returns
  * how many distinct threads ran them, to check that the workers take part from the first job on. */
-#include <time.h>
 typedef struct {
     long spin_ns;
     _Atomic unsigned long who[MAX_THREADS];
