@@ -7,8 +7,10 @@ the lm_head, for one request and for 16 concurrent ones.
 Each decode step runs every decoder layer as one `kernels.decode_layer` call (engine/fused_decode.py); this script
 wraps that call and the lm_head's product (`kernels.linear_panels`, or `kernels.linear_bf16w` with
 `weight_panels=False`) with wall-clock timers, runs 96 new tokens after a
-32-token prompt (greedy), and reports milliseconds per decode step, medians over `--repeats` runs. Prefill is
-excluded (its steps do not go through these calls, except the lm_head of the last prompt token, one call per
+32-token prompt (greedy), and reports milliseconds per decode step, medians over `--repeats` runs. Inside the
+layers, the kernel's own phase timers (`kernels.decode_phase_timing`) split the time into the q|k|v product, RoPE
+and the K/V store, attention, the o product, the routed experts and the dense MLPs, summed over the layers. Prefill
+is excluded (its steps do not go through these calls, except the lm_head of the last prompt token, one call per
 request). Seeded; the last stdout line is one JSON object.
 """
 
@@ -97,18 +99,27 @@ def main(argv=None) -> int:
         return out
 
     runner.execute = timed_execute
-    out = {"threads": a.threads, "new_tokens": a.new_tokens, "ms_per_decode_step": {}, "tok_s": {}}
+    out = {"threads": a.threads, "new_tokens": a.new_tokens, "ms_per_decode_step": {},
+           "layer_phases_ms_per_decode_step": {}, "tok_s": {}}
     try:
         run_ours(llm, prompts[:1], 8)                                        # warm-up
         for B in a.batches:
-            per, rates = collections.defaultdict(list), []
+            per, ph, rates = collections.defaultdict(list), collections.defaultdict(list), []
             for _ in range(a.repeats):
                 acc.clear()
-                rate, _ = run_ours(llm, prompts[:B], a.new_tokens)
+                kernels.decode_phase_timing(True)
+                try:
+                    rate, _ = run_ours(llm, prompts[:B], a.new_tokens)
+                finally:
+                    phases = kernels.decode_phase_timing(False)
                 rates.append(rate)
                 for k, v in acc.items():
                     per[k].append(v / (a.new_tokens - 1) * 1e3)
+                for k, v in phases.items():
+                    ph[k].append(v / (a.new_tokens - 1) * 1e3)
             out["ms_per_decode_step"][B] = {k: round(statistics.median(v), 2) for k, v in sorted(per.items())}
+            out["layer_phases_ms_per_decode_step"][B] = {k: round(statistics.median(ph[k]), 2)
+                                                         for k in kernels.DECODE_PHASES}
             out["tok_s"][B] = round(statistics.median(rates), 1)
     finally:
         kernels.decode_layer, kernels.linear_bf16w, kernels.linear_panels = decode_layer, linear, linear_p
@@ -117,6 +128,9 @@ def main(argv=None) -> int:
         print(f"{B} request(s), {out['tok_s'][B]} tok/s:")
         for k, v in parts.items():
             print(f"  {k:<28}{v:>8.2f}")
+        print("  inside the layers (all kinds):")
+        for k, v in out["layer_phases_ms_per_decode_step"][B].items():
+            print(f"    {k:<26}{v:>8.2f}")
     print(json.dumps(out))
     return 0
 

@@ -334,6 +334,30 @@ def test_fused_decode_same_withkernel_threads():
             [{t: p.logprob for t, p in d.items()} for d in b.logprobs]
 
 
+def test_decode_phase_timers_count_each_phase_and_change_nothing():
+    """kernels.decode_phase_timing (benchmarks/profile_decode_step.py): with the timers on, the same tokens and
+    logprobs as with them off; every phase a MoE/dense model runs gets time; stopped, they stay put."""
+    m16, _ = _pair(seed=5)
+    ps = [{"prompt_token_ids": torch.randint(0, 512, (n,), generator=G).tolist()} for n in (7, 12)]
+    sp = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=1)
+    llm = LLM(m16, max_num_seqs=4, block_size=4)
+    assert llm.engine.runner.fused is not None
+    off = [o.outputs[0] for o in llm.generate(ps, sp)]
+    kernels.decode_phase_timing(True)
+    try:
+        on = [o.outputs[0] for o in llm.generate(ps, sp)]
+    finally:
+        times = kernels.decode_phase_timing(False)
+    _assert_same_greedy(on, off, 1e-12)
+    assert set(times) == set(kernels.DECODE_PHASES)
+    kinds = {type(layer.mlp).__name__ for layer in m16.model.layers}
+    for phase, t in times.items():
+        runs = {"routed experts": "MoE" in kinds, "dense MLP": "MLP" in kinds}.get(phase, True)
+        assert (t > 0) == runs, (phase, t, kinds)
+    llm.generate(ps, sp)
+    assert kernels.decode_phase_timing(False) == times        # stopped: nothing more was added
+
+
 def test_bf16_kv_cache_fused_and_module_paths_agree():
     """kv_cache_dtype="bfloat16" under fp32 compute: the pools are bf16 (half the bytes), decode steps still take
     the fused kernel path, and it matches the module path (torch stores, kernel or torch reads) and the reference

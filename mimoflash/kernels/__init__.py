@@ -117,6 +117,8 @@ def _load() -> ctypes.CDLL | None:
                                     c_void, c_void]
     lib.mf_decode_layer.restype = ctypes.c_int
     lib.mf_argmax_rows.argtypes = [c_void, c_long, c_long, c_long, c_void]
+    lib.mf_decode_timing.argtypes = [ctypes.c_int, c_void]
+    lib.mf_decode_timing.restype = None
     lib.mf_pool_probe.argtypes = [c_long, c_long]
     lib.mf_pool_probe.restype = c_long
     for f in (lib.mf_rms_norm, lib.mf_qkv_rope, lib.mf_silu_mul, lib.mf_argmax_rows):
@@ -404,3 +406,16 @@ def decode_layer(args: LayerArgs, x: torch.Tensor, cos: torch.Tensor, sin: torch
         raise ValueError("decode_layer: a cache slot or a chunk id of the table is out of range")
     if rc:
         raise MemoryError("decode_layer: out of memory")
+
+
+DECODE_PHASES = ("q|k|v product", "RoPE + K/V store", "attention", "o product + norm", "routed experts", "dense MLP")
+
+
+def decode_phase_timing(on: bool) -> dict[str, float]:
+    """Phase timers inside `decode_layer` (kernels/decode.c), for benchmarks/profile_decode_step.py: on=True zeroes
+    and starts them, on=False stops them. Returns the seconds summed per phase (DECODE_PHASES) since they were
+    last started. Off by default; not for concurrent callers."""
+    lib = _lib_or_raise()
+    out = (ctypes.c_double * len(DECODE_PHASES))()
+    lib.mf_decode_timing(int(bool(on)), out)
+    return dict(zip(DECODE_PHASES, out))

@@ -8,6 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <math.h>
+#include <time.h>
 
 typedef struct {
     long H, nq, nkv, d, dv, rd;
@@ -48,6 +49,35 @@ void mf_route_row(const float *x, long D, const float *router_w, const float *bi
                   int norm_topk, float scaling, float *scores, long *chosen, float *weights);
 int mf_experts_bf16(const float *x_PD, long P, const long *counts, long E, long D, long F,
                     const unsigned short *gate_up, const unsigned short *down, float *y_PD, float *scratch);
+
+/* Opt-in phase timers for benchmarks/profile_decode_step.py (kernels.decode_phase_times): where a decode layer's
+ * time goes inside this one call, which a Python-side timer cannot see. Off by default (one branch per phase);
+ * on, wall-clock seconds per phase are summed across calls. Single-caller use only (the profile script). */
+enum { PH_QKV, PH_ROPE_STORE, PH_ATTN, PH_O, PH_EXPERTS, PH_DENSE, PH_N };
+static int g_timing;
+static double g_phase_s[PH_N];
+
+static double now_s(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
+}
+
+/* on: 1 starts (and zeroes) the timers, 0 stops them; out (PH_N doubles) receives the sums when not NULL. */
+void mf_decode_timing(int on, double *out) {
+    if (out)
+        for (int i = 0; i < PH_N; i++) out[i] = g_phase_s[i];
+    if (on)
+        for (int i = 0; i < PH_N; i++) g_phase_s[i] = 0.0;
+    g_timing = on;
+}
+
+#define PHASE_END(ph)                                                                                                 \
+    if (g_timing) {                                                                                                   \
+        double t_ = now_s();                                                                                          \
+        g_phase_s[ph] += t_ - t0;                                                                                     \
+        t0 = t_;                                                                                                      \
+    }
 
 /* n floats -> bf16 at dst, rounded to nearest even as torch's .to(torch.bfloat16) does (NaN as 0x7fc0), so the
  * cache holds the same bits whichever path stored a token. */
@@ -122,8 +152,10 @@ int mf_decode_layer(const mf_layer *L, float *x, long B, const float *cos_, cons
     float *xn = buf, *qkv = xn + B * H, *o = qkv + B * W, *y = o + B * nq * dv, *scores = y + B * H;
     float *ffn = scores + (K > 0 ? K : 1);
 
+    double t0 = g_timing ? now_s() : 0.0;
     mf_rms_norm(x, H, L->in_norm, xn, H, B, H, L->eps_in);
     layer_gemm(L, xn, H, L->qkv_w, qkv, W, B, W, H);
+    PHASE_END(PH_QKV)
     mf_qkv_rope(qkv, W, B, nq + nkv, d, L->rd, cos_, sin_, Wq, nkv * dv, L->v_scale);
     for (long b = 0; b < B; b++)                      /* store first: the ring has room for this token's key */
         for (long hh = 0; hh < nkv; hh++) {
@@ -137,13 +169,16 @@ int mf_decode_layer(const mf_layer *L, float *x, long B, const float *cos_, cons
                 memcpy((float *)L->v_pool + vs, vn, sizeof(float) * dv);
             }
         }
+    PHASE_END(PH_ROPE_STORE)
     int rc = mf_attn_decode(qkv, W, L->k_pool, S * d, L->v_pool, S * dv, bias, L->sinks, o, B, nq, nkv, K, d, dv,
                             L->scale, scores, table, n_chunks, chunk, S / chunk, L->kv_bf16);
     if (rc) return rc;
+    PHASE_END(PH_ATTN)
     layer_gemm(L, o, nq * dv, L->o_w, y, H, B, H, nq * dv);
     for (long i = 0; i < B * H; i++) x[i] += y[i];
 
     mf_rms_norm(x, H, L->post_norm, xn, H, B, H, L->eps_post);
+    PHASE_END(PH_O)
     if (L->moe && B == 1) {
         if (mf_moe_token_bf16(xn, H, L->router_w, L->router_bias, L->E, L->top_k, L->norm_topk, L->scaling,
                               L->gate_up, L->down, F, y, ffn, chosen)) return -2;
@@ -157,5 +192,6 @@ int mf_decode_layer(const mf_layer *L, float *x, long B, const float *cos_, cons
         layer_gemm(L, act, F, L->down_w, y, H, B, H, F);
     }
     for (long i = 0; i < B * H; i++) x[i] += y[i];
+    PHASE_END(L->moe ? PH_EXPERTS : PH_DENSE)
     return 0;
 }
