@@ -132,3 +132,23 @@ def test_rmsnorm_fast_path_bit_identical_to_reference(dtype):
     for shape in [(1, 1, 96), (3, 7, 96), (5, 96)]:
         x = (torch.randn(shape, generator=g) * 30).to(dtype)
         assert torch.equal(norm(x), norm.forward_reference(x))
+
+
+def test_rope_table_lookup_equals_direct_angles():
+    """RotaryEmbedding looks cos/sin up in a table grown on demand (a batched decode step no longer computes them):
+    bit-identical to the direct computation for positions inside the first table, after it grows, for (B, T)
+    and expanded position tensors and a bf16 output; past MAX_TABLE and for negative positions it computes."""
+    from mimoflash.model.layers import RotaryEmbedding
+    rope = RotaryEmbedding(64, 10000.0)
+    g = torch.Generator().manual_seed(3)
+    cases = [torch.randint(0, 200, (1, 16), generator=g),                  # first table (256)
+             torch.randint(0, 70000, (3, 40), generator=g),                # grows to 2^17
+             torch.arange(9).expand(2, 9),                                 # an expanded view (the model's default)
+             torch.tensor([[0, RotaryEmbedding.MAX_TABLE + 5]]),           # direct: too far for a table
+             torch.tensor([[-3, 4]])]                                      # direct
+    for pos in cases:
+        for dtype in (torch.float32, torch.bfloat16):
+            got, want = rope(pos, dtype), rope.reference(pos, dtype)
+            assert got[0].shape == (*pos.shape, 64) and got[0].dtype == dtype
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (pos, dtype)
+    assert rope._table[0].shape == (1 << 17, 32)

@@ -33,15 +33,41 @@ class RMSNorm(nn.Module):
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables for one attention kind (theta and rotary dim differ between GA and SWA layers)."""
+    """cos/sin tables for one attention kind (theta and rotary dim differ between GA and SWA layers).
+
+    The values are looked up in tables of cos / sin(p * inv_freq) for p = 0 .. n-1, computed once and grown (to the
+    next power of two) when a larger position comes: a decode step of 16 sequences computing cos and sin of its
+    (16, rd) angles opened four OpenMP regions in torch's elementwise kernels, ~0.1 ms each with idle threads
+    asleep (OMP_WAIT_POLICY=PASSIVE), as long as the step's attention. The table holds the same float32 products
+    and the same torch cos/sin of them, so the values are those of `reference` (tests/test_model.py checks it).
+    Past MAX_TABLE positions (a 1M-token context) the angles are computed directly."""
+
+    MAX_TABLE = 1 << 20
 
     def __init__(self, rotary_dim: int, theta: float):
         super().__init__()
         self.rotary_dim = rotary_dim
         inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self._table: tuple[torch.Tensor, torch.Tensor] | None = None    # (n, rd/2) cos, sin; not state: rebuilt
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions (..., T) integer -> cos, sin (..., T, rd) in dtype."""
+        if positions.numel() == 0 or positions.is_floating_point():
+            return self.reference(positions, dtype)
+        top = int(positions.max())
+        if top >= self.MAX_TABLE or int(positions.min()) < 0:
+            return self.reference(positions, dtype)
+        t = self._table
+        if t is None or t[0].shape[0] <= top or t[0].device != self.inv_freq.device:
+            n = max(256, 1 << top.bit_length())
+            freqs = torch.arange(n, device=self.inv_freq.device).float()[:, None] * self.inv_freq   # (n, rd/2)
+            t = self._table = (freqs.cos(), freqs.sin())
+        c, s = F.embedding(positions, t[0]), F.embedding(positions, t[1])                    # (..., T, rd/2)
+        return torch.cat((c, c), dim=-1).to(dtype), torch.cat((s, s), dim=-1).to(dtype)
+
+    def reference(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The angles computed directly (the table's definition)."""
         freqs = positions.float()[..., None] * self.inv_freq          # (..., T, rd/2)
         emb = torch.cat((freqs, freqs), dim=-1)                       # (..., T, rd)
         return emb.cos().to(dtype), emb.sin().to(dtype)
