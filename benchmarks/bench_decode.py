@@ -2,6 +2,7 @@
 
     python benchmarks/bench_decode.py                      # full run (a few minutes)
     python benchmarks/bench_decode.py --repeats 1 --no-hf  # quick look
+    python benchmarks/bench_decode.py --threads 2 --repeats 9 --variants default   # the headline figures only
 
 What is measured, side by side in one process, interleaved (so that machine noise hits every candidate alike),
 `--repeats` times, medians reported:
@@ -13,7 +14,9 @@ What is measured, side by side in one process, interleaved (so that machine nois
     by the copy bandwidth measured in the same run (STREAM "copy": read + write bytes per second). The fraction
     is bound time / measured time per token;
   * 16 concurrent requests: aggregate decode tokens/s (16 x 95 tokens over the span in which all 16 decode), and its
-    ratio to one request, both as the ratio of the medians and as the median of the per-repeat ratios;
+    ratio to one request, both as the ratio of the medians and as the median of the per-repeat ratios (each
+    variant's single request and batch run back to back, their order and the variants' order flipping every
+    repeat);
   * KV-cache bytes per token at 32k context vs an all-global-attention model of the same shape.
 Six mimoflash settings run on the same bf16-valued checkpoint (transformers gets it upcast to fp32, its fastest
 CPU setting): "default" = what LLM() does with a bf16 checkpoint on CPU (bf16 weights through mimoflash/kernels,
@@ -70,6 +73,18 @@ def build_model(cfg: MiMoConfig, seed: int = 0) -> MiMoForCausalLM:
             elif not name.endswith("mlp.gate.weight"):     # a bf16 checkpoint, as released (router in fp32)
                 p.copy_(p.bfloat16().float())
     return model.eval()
+
+
+# The engines compared, all on the same bf16-valued checkpoint (see the module docstring).
+VARIANTS = {
+    # what LLM() does with a bf16 checkpoint on CPU: bf16 weights, fp32 compute and KV
+    "default": lambda cfg, kw: LLM(build_model(cfg).cast(torch.bfloat16), **kw),
+    "hugepages": lambda cfg, kw: LLM(build_model(cfg).cast(torch.bfloat16), huge_pages=True, **kw),
+    "bf16kv": lambda cfg, kw: LLM(build_model(cfg).cast(torch.bfloat16), kv_cache_dtype="bfloat16", **kw),
+    "rowmajor": lambda cfg, kw: LLM(build_model(cfg).cast(torch.bfloat16), weight_panels=False, **kw),
+    "fp32": lambda cfg, kw: LLM(build_model(cfg), **kw),                                   # weights upcast to fp32
+    "bf16": lambda cfg, kw: LLM(build_model(cfg).cast(torch.bfloat16), dtype="bfloat16", **kw),   # all-bf16
+}
 
 
 def copy_bandwidth(nbytes: int = 256 << 20, reps: int = 7) -> float:
@@ -142,7 +157,13 @@ def main(argv=None) -> int:
     ap.add_argument("--new-tokens", type=int, default=96)
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
+    ap.add_argument("--variants", default=",".join(VARIANTS),
+                    help=f"comma-separated mimoflash settings to run (default: all of {', '.join(VARIANTS)})")
     a = ap.parse_args(argv)
+    a.variants = [v.strip() for v in a.variants.split(",") if v.strip()]
+    bad = [v for v in a.variants if v not in VARIANTS]
+    if bad or not a.variants:
+        ap.error(f"--variants: unknown {', '.join(bad) or '(none given)'}; choose from {', '.join(VARIANTS)}")
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     cfg = bench_config()
@@ -159,16 +180,10 @@ def main(argv=None) -> int:
         hcfg._attn_implementation = "eager"
         hf = MiMoV2FlashForCausalLM(hcfg).eval()
         hf.load_state_dict(to_transformers_state_dict(base.state_dict()), strict=False)
-    llms = {}
     kw = dict(max_num_seqs=a.concurrency, max_num_batched_tokens=max(512, a.concurrency * a.prompt_len))
-    # default: the bf16 checkpoint loaded as LLM() does by default on CPU (bf16 weights, fp32 compute and KV)
-    llms["default"] = LLM(build_model(cfg).cast(torch.bfloat16), **kw)
-    assert llms["default"].weight_dtype == torch.bfloat16, "the CPU kernels did not build: see mimoflash/kernels"
-    llms["hugepages"] = LLM(build_model(cfg).cast(torch.bfloat16), huge_pages=True, **kw)
-    llms["bf16kv"] = LLM(build_model(cfg).cast(torch.bfloat16), kv_cache_dtype="bfloat16", **kw)
-    llms["rowmajor"] = LLM(build_model(cfg).cast(torch.bfloat16), weight_panels=False, **kw)
-    llms["fp32"] = LLM(build_model(cfg), **kw)                                     # weights upcast to fp32
-    llms["bf16"] = LLM(build_model(cfg).cast(torch.bfloat16), dtype="bfloat16", **kw)   # all-bf16 compute
+    llms = {name: VARIANTS[name](cfg, kw) for name in a.variants}
+    if "default" in llms:
+        assert llms["default"].weight_dtype == torch.bfloat16, "the CPU kernels did not build: see mimoflash/kernels"
 
     res: dict[str, list[float]] = {}
     bw = []
@@ -176,12 +191,18 @@ def main(argv=None) -> int:
         bw.append(copy_bandwidth())
         if hf is not None:
             res.setdefault("hf_single", []).append(run_hf(hf, prompts[0], a.new_tokens))
-        for name, llm in llms.items():
-            rate, ttft = run_ours(llm, prompts[:1], a.new_tokens)
-            res.setdefault(f"{name}_single", []).append(rate)
-            res.setdefault(f"{name}_ttft", []).append(ttft)
-        for name, llm in llms.items():
-            res.setdefault(f"{name}_batch", []).append(run_ours(llm, prompts, a.new_tokens)[0])
+        # Each variant's single request and batch run back to back (the order flipping every repeat, as does the
+        # order of the variants), so that the per-repeat ratio compares the two in the same phase of the machine.
+        names = list(llms) if rep % 2 == 0 else list(llms)[::-1]
+        for name in names:
+            llm = llms[name]
+            for kind in (("single", "batch") if rep % 2 == 0 else ("batch", "single")):
+                if kind == "single":
+                    rate, ttft = run_ours(llm, prompts[:1], a.new_tokens)
+                    res.setdefault(f"{name}_single", []).append(rate)
+                    res.setdefault(f"{name}_ttft", []).append(ttft)
+                else:
+                    res.setdefault(f"{name}_batch", []).append(run_ours(llm, prompts, a.new_tokens)[0])
         print(f"repeat {rep + 1}/{a.repeats}: " + ", ".join(f"{k}={v[-1]:.1f}" for k, v in res.items()),
               file=sys.stderr)
     med = {k: statistics.median(v) for k, v in res.items()}
@@ -216,7 +237,8 @@ def main(argv=None) -> int:
         out["hf_single_tok_s"] = round(med["hf_single"], 2)
     out["fastest_single"] = max(llms, key=lambda n: out[n]["single_tok_s"])
 
-    lay = llms["default"].engine.layout
+    bs = next(iter(llms.values())).engine.layout.block_size
+    lay = plan_cache(cfg, 1 << 40, max_num_seqs=1, block_size=bs, dtype=torch.float32)   # the default's fp32 cache
     ctx = 32768
     ours_kv = lay.bytes_per_sequence(ctx) / ctx
     all_ga = plan_cache(cfg.replace(hybrid_layer_pattern=[0] * cfg.num_hidden_layers), 1 << 40, max_num_seqs=1,
@@ -226,7 +248,7 @@ def main(argv=None) -> int:
     b16_kv = b16.bytes_per_sequence(ctx) / ctx                       # LLM(kv_cache_dtype="bfloat16")
     out["kv_bytes_per_token_32k"] = {"hybrid": round(ours_kv, 1), "all_global": round(ga_kv, 1),
                                      "ratio": round(ga_kv / ours_kv, 2), "hybrid_bf16_kv": round(b16_kv, 1)}
-    dm = llms["default"].model                        # what weight_panels costs: the packed copies' bytes
+    dm = next(iter(llms.values())).model              # what weight_panels costs: the packed copies' bytes
     panels_mb = sum(p.wp.numel() * p.wp.element_size() for m in dm.modules()
                     for p in (getattr(m, "_panels", None), getattr(m, "_qkv_panels", None)) if p is not None) / 1e6
     weights_mb = sum(p.numel() * p.element_size() for p in dm.parameters()) / 1e6
@@ -242,7 +264,7 @@ def main(argv=None) -> int:
           + ", ".join(f"{n} {out[n]['batch_over_single_paired']}x" for n in llms))
     print(f"KV bytes/token at 32k context: hybrid {ours_kv:.0f} vs all-global {ga_kv:.0f} "
           f"({ga_kv / ours_kv:.1f}x smaller); {b16_kv:.0f} with kv_cache_dtype=\"bfloat16\"")
-    print(f"weight panels (default engine): {panels_mb:.1f} MB packed next to {weights_mb:.1f} MB of weights "
+    print(f"weight panels ({next(iter(llms))} engine): {panels_mb:.1f} MB packed next to {weights_mb:.1f} MB of weights "
           f"(+{100 * panels_mb / weights_mb:.0f}%)")
     print(json.dumps(out))
     return 0
