@@ -40,9 +40,9 @@ class RotaryEmbedding(nn.Module):
     (16, rd) angles opened four OpenMP regions in torch's elementwise kernels, ~0.1 ms each with idle threads
     asleep (OMP_WAIT_POLICY=PASSIVE), as long as the step's attention. The table holds the same float32 products
     and the same torch cos/sin of them, so the values are those of `reference` (tests/test_model.py checks it).
-    Past MAX_TABLE positions (a 1M-token context) the angles are computed directly."""
+    Past MAX_TABLE positions the angles are computed directly (the tables stay <= 2 x 16 MB at rotary dim 64)."""
 
-    MAX_TABLE = 1 << 20
+    MAX_TABLE = 1 << 17
 
     def __init__(self, rotary_dim: int, theta: float):
         super().__init__()
