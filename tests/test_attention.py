@@ -142,7 +142,7 @@ def test_rope_table_lookup_equals_direct_angles():
     rope = RotaryEmbedding(64, 10000.0)
     g = torch.Generator().manual_seed(3)
     cases = [torch.randint(0, 200, (1, 16), generator=g),                  # first table (256)
-             torch.randint(0, 70000, (3, 40), generator=g),                # grows to 2^17
+             torch.randint(0, 40000, (3, 40), generator=g),                # grows to 2^16
              torch.arange(9).expand(2, 9),                                 # an expanded view (the model's default)
              torch.tensor([[0, RotaryEmbedding.MAX_TABLE + 5]]),           # direct: too far for a table
              torch.tensor([[-3, 4]])]                                      # direct
@@ -151,4 +151,5 @@ def test_rope_table_lookup_equals_direct_angles():
             got, want = rope(pos, dtype), rope.reference(pos, dtype)
             assert got[0].shape == (*pos.shape, 64) and got[0].dtype == dtype
             assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (pos, dtype)
-    assert rope._table[0].shape == (1 << 17, 32)
+    assert rope._table[0].shape == (1 << 16, 64)
+    assert rope.tables(RotaryEmbedding.MAX_TABLE) is None and rope.tables(5)[0].shape == (1 << 16, 64)

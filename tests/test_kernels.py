@@ -334,6 +334,33 @@ def test_fused_decode_same_withkernel_threads():
             [{t: p.logprob for t, p in d.items()} for d in b.logprobs]
 
 
+def test_embed_bf16_equals_torch_embedding_and_checks_ids():
+    emb = _randn(50, 24).bfloat16()
+    ids = torch.tensor([3, 0, 49, 3], dtype=torch.int64)
+    assert torch.equal(kernels.embed_bf16(ids, emb), F.embedding(ids, emb).float())
+    for bad in ([50], [-1]):
+        with pytest.raises(ValueError, match="outside"):
+            kernels.embed_bf16(torch.tensor(bad, dtype=torch.int64), emb)
+    with pytest.raises(ValueError, match="int64"):
+        kernels.embed_bf16(ids.int(), emb)
+
+
+def test_fused_decode_rope_past_the_tables(monkeypatch):
+    """The fused step reads cos/sin rows from RotaryEmbedding's tables by position; past MAX_TABLE it passes
+    computed rows instead (and the module path computes them too): the same tokens and logprobs, bit for bit, as
+    with the tables, across the switch (MAX_TABLE lowered to 12 so that 20 new tokens cross it)."""
+    from mimoflash.model.layers import RotaryEmbedding
+    ps = [{"prompt_token_ids": torch.randint(0, 512, (n,), generator=G).tolist()} for n in (6, 9)]
+    sp = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, logprobs=1)
+    m16, _ = _pair(seed=8)
+    llm = LLM(m16, max_num_seqs=4, block_size=4)
+    assert llm.engine.runner.fused is not None
+    tables = [o.outputs[0] for o in llm.generate(ps, sp)]
+    monkeypatch.setattr(RotaryEmbedding, "MAX_TABLE", 12)
+    computed = [o.outputs[0] for o in llm.generate(ps, sp)]
+    _assert_same_greedy(computed, tables, 1e-12)
+
+
 def test_decode_phase_timers_count_each_phase_and_change_nothing():
     """kernels.decode_phase_timing (benchmarks/profile_decode_step.py): with the timers on, the same tokens and
     logprobs as with them off; every phase a MoE/dense model runs gets time; stopped, they stay put."""

@@ -18,7 +18,6 @@ cache, plain top-k routing with at most 64 experts per token); otherwise the run
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .. import kernels
 from ..model.layers import MLP
@@ -112,18 +111,24 @@ class FusedDecoder:
         for p in self._panels:          # a weight edited in place since the last step is repacked into its buffer
             p.get()
         B = input_ids.shape[1]
-        x = F.embedding(input_ids.view(-1), self.emb).float()                        # (B, H), a fresh tensor
-        rope = self.model.model.rope(positions, torch.float32)                       # kind -> (cos, sin) (1, B, rd)
+        x = kernels.embed_bf16(input_ids.view(-1), self.emb)                         # (B, H) fp32, a fresh tensor
+        pos = positions.view(-1)
+        top = int(pos.max())
+        rotary = self.model.model.rotary
         per_kind = {}
         for sliding, dm in kinds.items():
             bias = None if dm.bias is None else dm.bias.reshape(B, -1)
-            cos, sin = rope[sliding]
-            per_kind[sliding] = (cos.reshape(B, -1), sin.reshape(B, -1), dm.chunks.contiguous(), dm.chunk, dm.keys,
+            # The kernel reads each token's cos/sin row from the tables by position: no torch op per step.
+            tabs, rows = rotary["sliding" if sliding else "full"].tables(top), pos
+            if tabs is None:                                       # past the tables: the rows computed
+                cos, sin = rotary["sliding" if sliding else "full"].reference(pos, torch.float32)
+                tabs, rows = (cos.contiguous(), sin.contiguous()), None
+            per_kind[sliding] = (tabs[0], tabs[1], rows, dm.chunks.contiguous(), dm.chunk, dm.keys,
                                  dm.write_dst.contiguous(), bias)
         chosen = self._chosen.get(B)
         if chosen is None:
             chosen = self._chosen[B] = [torch.empty(B, k, dtype=torch.int64) for _, _, k in self.layers]
         for (args, sliding, _), ch in zip(self.layers, chosen):
-            cos, sin, table, chunk, K, slots, bias = per_kind[sliding]
-            kernels.decode_layer(args, x, cos, sin, table, chunk, K, slots, bias, ch)
+            cos, sin, rows, table, chunk, K, slots, bias = per_kind[sliding]
+            kernels.decode_layer(args, x, cos, sin, table, chunk, K, slots, bias, ch, rope_rows=rows)
         return x.view(1, B, -1)

@@ -113,8 +113,10 @@ def _load() -> ctypes.CDLL | None:
     lib.mf_moe_token_bf16.restype = ctypes.c_int
     lib.mf_experts_bf16.argtypes = [c_void, c_long, c_void, c_long, c_long, c_long, c_void, c_void, c_void, c_void]
     lib.mf_experts_bf16.restype = ctypes.c_int
-    lib.mf_decode_layer.argtypes = [c_void, c_void, c_long, c_void, c_void, c_void, c_long, c_long, c_long, c_void,
-                                    c_void, c_void]
+    lib.mf_decode_layer.argtypes = [c_void, c_void, c_long, c_void, c_void, c_void, c_void, c_long, c_long, c_long,
+                                    c_void, c_void, c_void]
+    lib.mf_embed_bf16.argtypes = [c_void, c_long, c_void, c_long, c_long, c_void]
+    lib.mf_embed_bf16.restype = ctypes.c_int
     lib.mf_decode_layer.restype = ctypes.c_int
     lib.mf_argmax_rows.argtypes = [c_void, c_long, c_long, c_long, c_void]
     lib.mf_decode_timing.argtypes = [ctypes.c_int, c_void]
@@ -392,20 +394,37 @@ class LayerArgs(ctypes.Structure):
 
 
 def decode_layer(args: LayerArgs, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, table: torch.Tensor,
-                 chunk: int, K: int, slots: torch.Tensor, bias: torch.Tensor | None, chosen: torch.Tensor) -> None:
+                 chunk: int, K: int, slots: torch.Tensor, bias: torch.Tensor | None, chosen: torch.Tensor,
+                 rope_rows: torch.Tensor | None = None) -> None:
     """One decoded token for each of B sequences through one layer. x (B, H) fp32 contiguous, updated in place;
-    cos/sin (B, rd) fp32 of the tokens' positions; table (B, n) int64 chunk ids, K keys per sequence; slots (B,)
-    int64 = where each token's K/V go; bias (B, K) or None; chosen (B, top_k) int64 out (MoE). The caller
+    cos/sin (B, rd) fp32 of the tokens' positions, or with rope_rows (B,) int64, (n, rd) tables whose row
+    rope_rows[b] is token b's (every row < n: the caller checks); table (B, n) int64 chunk ids, K keys per sequence;
+    slots (B,) int64 = where each token's K/V go; bias (B, K) or None; chosen (B, top_k) int64 out (MoE). The caller
     (engine/fused_decode.py) builds these contiguous; no copies are made here."""
     lib = _lib if _lib is not None else _lib_or_raise()
     B = x.shape[0]
     rc = lib.mf_decode_layer(ctypes.addressof(args), x.data_ptr(), B, cos.data_ptr(), sin.data_ptr(),
-                             table.data_ptr(), table.shape[-1], chunk, K, slots.data_ptr(),
-                             None if bias is None else bias.data_ptr(), chosen.data_ptr())
+                             None if rope_rows is None else rope_rows.data_ptr(), table.data_ptr(), table.shape[-1],
+                             chunk, K, slots.data_ptr(), None if bias is None else bias.data_ptr(), chosen.data_ptr())
     if rc == -1:
         raise ValueError("decode_layer: a cache slot or a chunk id of the table is out of range")
     if rc:
         raise MemoryError("decode_layer: out of memory")
+
+
+def embed_bf16(ids: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    """ids (B,) int64 contiguous, emb (V, H) bf16 contiguous -> (B, H) fp32 = F.embedding(ids, emb).float() in one
+    call (a decode step's two torch ops cost ~40 us here). Raises ValueError for an id outside [0, V)."""
+    lib = _lib if _lib is not None else _lib_or_raise()
+    if (ids.dtype != torch.int64 or ids.dim() != 1 or not ids.is_contiguous() or emb.dtype != torch.bfloat16
+            or emb.dim() != 2 or not emb.is_contiguous()):
+        raise ValueError(f"embed_bf16 wants ids (B,) int64 and emb (V, H) bfloat16, both contiguous, got ids "
+                         f"{tuple(ids.shape)} {ids.dtype}, emb {tuple(emb.shape)} {emb.dtype}")
+    V, H = emb.shape
+    x = torch.empty(ids.shape[0], H, dtype=torch.float32)
+    if lib.mf_embed_bf16(ids.data_ptr(), ids.shape[0], emb.data_ptr(), V, H, x.data_ptr()):
+        raise ValueError(f"embed_bf16: a token id is outside [0, {V})")
+    return x
 
 
 DECODE_PHASES = ("q|k|v product", "RoPE + K/V store", "attention", "o product + norm", "routed experts", "dense MLP")

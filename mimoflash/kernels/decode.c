@@ -136,11 +136,13 @@ static void layer_gemm(const mf_layer *L, const float *x, long ldx, const unsign
 }
 
 /* x (B, H) fp32, one decoded token per sequence, updated in place. cos/sin: (B, rd) rows of the tokens' positions
- * for the layer's attention kind. Token b's K/V go to pool slot slots[b]; its keys 0..K-1 are read through
+ * for the layer's attention kind, or, with rope_rows (B,), tables whose row rope_rows[b] is token b's (the caller
+ * checks the rows are inside them). Token b's K/V go to pool slot slots[b]; its keys 0..K-1 are read through
  * table[b] (n_chunks chunk ids of `chunk` slots), bias (B, K) additive or NULL. chosen: (B, top_k) expert ids out
  * (MoE). Returns 0; -1 on a bad table or slot; -2 out of memory. */
-int mf_decode_layer(const mf_layer *L, float *x, long B, const float *cos_, const float *sin_, const long *table,
-                    long n_chunks, long chunk, long K, const long *slots, const float *bias, long *chosen) {
+int mf_decode_layer(const mf_layer *L, float *x, long B, const float *cos_, const float *sin_, const long *rope_rows,
+                    const long *table, long n_chunks, long chunk, long K, const long *slots, const float *bias,
+                    long *chosen) {
     long H = L->H, nq = L->nq, nkv = L->nkv, d = L->d, dv = L->dv, S = L->pool_slots;
     long Wq = (nq + nkv) * d, W = Wq + nkv * dv;
     long F = L->moe ? L->F_moe : L->F_dense;
@@ -156,7 +158,12 @@ int mf_decode_layer(const mf_layer *L, float *x, long B, const float *cos_, cons
     mf_rms_norm(x, H, L->in_norm, xn, H, B, H, L->eps_in);
     layer_gemm(L, xn, H, L->qkv_w, qkv, W, B, W, H);
     PHASE_END(PH_QKV)
-    mf_qkv_rope(qkv, W, B, nq + nkv, d, L->rd, cos_, sin_, Wq, nkv * dv, L->v_scale);
+    if (rope_rows)                                    /* cos/sin: tables indexed by each token's position */
+        for (long b = 0; b < B; b++)
+            mf_qkv_rope(qkv + b * W, W, 1, nq + nkv, d, L->rd, cos_ + rope_rows[b] * L->rd,
+                        sin_ + rope_rows[b] * L->rd, Wq, nkv * dv, L->v_scale);
+    else
+        mf_qkv_rope(qkv, W, B, nq + nkv, d, L->rd, cos_, sin_, Wq, nkv * dv, L->v_scale);
     for (long b = 0; b < B; b++)                      /* store first: the ring has room for this token's key */
         for (long hh = 0; hh < nkv; hh++) {
             const float *kn = qkv + b * W + nq * d + hh * d, *vn = qkv + b * W + Wq + hh * dv;

@@ -74,6 +74,19 @@ VEC void mf_qkv_rope(float *qkv, long ld, long N, long heads, long d, long rd, c
     }
 }
 
+/* x (B, H) fp32 = rows ids[b] of the bf16 embedding table emb (V, H): F.embedding(ids, emb).float() in one call
+ * (bf16 -> fp32 is exact). Returns -1, writing nothing, if an id is outside [0, V). */
+int mf_embed_bf16(const long *ids, long B, const unsigned short *emb, long V, long H, float *x) {
+    for (long b = 0; b < B; b++)
+        if (ids[b] < 0 || ids[b] >= V) return -1;
+    for (long b = 0; b < B; b++) {
+        const unsigned short *row = emb + ids[b] * H;
+        unsigned *out = (unsigned *)(x + b * H);
+        for (long i = 0; i < H; i++) out[i] = (unsigned)row[i] << 16;
+    }
+    return 0;
+}
+
 /* out[m, :F] = silu(h[m, :F]) * h[m, F:2F]  (h rows of width 2F, the fused gate|up product). */
 VEC void mf_silu_mul(const float *h, long ldh, float *out, long ldo, long M, long F) {
     for (long m = 0; m < M; m++) {

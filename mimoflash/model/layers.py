@@ -35,36 +35,46 @@ class RMSNorm(nn.Module):
 class RotaryEmbedding(nn.Module):
     """cos/sin tables for one attention kind (theta and rotary dim differ between GA and SWA layers).
 
-    The values are looked up in tables of cos / sin(p * inv_freq) for p = 0 .. n-1, computed once and grown (to the
-    next power of two) when a larger position comes: a decode step of 16 sequences computing cos and sin of its
-    (16, rd) angles opened four OpenMP regions in torch's elementwise kernels, ~0.1 ms each with idle threads
-    asleep (OMP_WAIT_POLICY=PASSIVE), as long as the step's attention. The table holds the same float32 products
-    and the same torch cos/sin of them, so the values are those of `reference` (tests/test_model.py checks it).
-    Past MAX_TABLE positions the angles are computed directly (the tables stay <= 2 x 16 MB at rotary dim 64)."""
+    The values are looked up in tables of cos / sin(p * inv_freq) (halves repeated, as rotate-half wants them) for
+    p = 0 .. n-1, computed once and grown (to the next power of two) when a larger position comes: a decode step of
+    16 sequences computing cos and sin of its (16, rd) angles opened four OpenMP regions in torch's elementwise
+    kernels, ~0.1 ms each with idle threads asleep (OMP_WAIT_POLICY=PASSIVE), as long as the step's attention; and
+    the fused decode step hands the tables to its kernel, which reads each token's row by position (no torch op at
+    all). The table holds the same float32 products and the same torch cos/sin of them, so the values are those of
+    `reference` (tests/test_attention.py checks it). Past MAX_TABLE positions the angles are computed directly (the
+    tables stay <= 2 x 16 MB at rotary dim 64)."""
 
-    MAX_TABLE = 1 << 17
+    MAX_TABLE = 1 << 16
 
     def __init__(self, rotary_dim: int, theta: float):
         super().__init__()
         self.rotary_dim = rotary_dim
         inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
-        self._table: tuple[torch.Tensor, torch.Tensor] | None = None    # (n, rd/2) cos, sin; not state: rebuilt
+        self._table: tuple[torch.Tensor, torch.Tensor] | None = None    # (n, rd) cos, sin; not state: rebuilt
+
+    def tables(self, top: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """-> the (n, rd) fp32 cos, sin tables with n > top (grown if needed), or None when top >= MAX_TABLE."""
+        if top >= self.MAX_TABLE:
+            return None
+        t = self._table
+        if t is None or t[0].shape[0] <= top or t[0].device != self.inv_freq.device:
+            n = max(256, 1 << top.bit_length())
+            with torch.inference_mode(False), torch.no_grad():
+                freqs = torch.arange(n, device=self.inv_freq.device).float()[:, None] * self.inv_freq   # (n, rd/2)
+                c, s = freqs.cos(), freqs.sin()
+                t = self._table = (torch.cat((c, c), dim=-1), torch.cat((s, s), dim=-1))
+        return t
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """positions (..., T) integer -> cos, sin (..., T, rd) in dtype."""
         if positions.numel() == 0 or positions.is_floating_point():
             return self.reference(positions, dtype)
-        top = int(positions.max())
-        if top >= self.MAX_TABLE or int(positions.min()) < 0:
+        lo, hi = torch.aminmax(positions)
+        t = self.tables(int(hi)) if int(lo) >= 0 else None
+        if t is None:
             return self.reference(positions, dtype)
-        t = self._table
-        if t is None or t[0].shape[0] <= top or t[0].device != self.inv_freq.device:
-            n = max(256, 1 << top.bit_length())
-            freqs = torch.arange(n, device=self.inv_freq.device).float()[:, None] * self.inv_freq   # (n, rd/2)
-            t = self._table = (freqs.cos(), freqs.sin())
-        c, s = F.embedding(positions, t[0]), F.embedding(positions, t[1])                    # (..., T, rd/2)
-        return torch.cat((c, c), dim=-1).to(dtype), torch.cat((s, s), dim=-1).to(dtype)
+        return F.embedding(positions, t[0]).to(dtype), F.embedding(positions, t[1]).to(dtype)
 
     def reference(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """The angles computed directly (the table's definition)."""
