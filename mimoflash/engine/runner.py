@@ -242,6 +242,7 @@ class ModelRunner:
         # fp32 compute must not round the sinks
         self.bias_dtype = compute_dtype if compute_dtype is not None else matmul_weight_dtype(model)
         self._buffers: dict = {}
+        self._aranges: dict[int, torch.Tensor] = {}     # batch size -> arange(B) for decode metadata
         self.use_kernels = False
         self.fused: FusedDecoder | None = None       # one kernel call per layer for decode steps
         if self.device.type == "cpu":
@@ -328,43 +329,66 @@ class ModelRunner:
         pos = [it.start for it in items]
         ids = [it.request.token_slice(it.start, it.start + 1)[0] for it in items]
         top = max(pos)
-        pos_t = torch.tensor(pos)
         lay, dev, kinds = self.layout, self.device, {}
+        # The step's integers go to the device in one host tensor, split into views: each torch.tensor call costs
+        # ~10 us here, a sizeable part of a small model's decode step.
+        flat, at = ids + pos, {}
         if lay.global_layers:
             bs = lay.block_size
-            table = self._block_table(items)                                           # (B, nb)
-            keys = top + 1                                                              # <= nb * bs
-            bias = None
-            if B > 1:
-                bias = torch.zeros(B, keys).masked_fill_(torch.arange(keys)[None, :] > pos_t[:, None], NEG_INF)
-                bias = bias.view(B, 1, 1, keys).to(dev)
-            dst = [it.request.block_ids[p // bs] * bs + p % bs for it, p in zip(items, pos)]
-            kinds[False] = DecodeKindMeta(table.to(dev), bs, torch.tensor(dst, device=dev), bias, keys)
+            nb = max(1, max(len(it.request.block_ids) for it in items))
+            at["ga_dst"] = len(flat)
+            flat += [it.request.block_ids[p // bs] * bs + p % bs for it, p in zip(items, pos)]
+            at["table"] = len(flat)
+            for it in items:
+                flat += it.request.block_ids
+                flat += [0] * (nb - len(it.request.block_ids))
         if lay.sliding_layers:
             R = lay.ring_slots
             ring_ids = [it.request.ring_id for it in items]
-            rings = torch.tensor(ring_ids)
+            at["rings"] = len(flat)
+            flat += ring_ids
+            at["swa_dst"] = len(flat)
+            flat += [r * R + p % R for r, p in zip(ring_ids, pos)]
+        host = torch.tensor(flat)
+        pos_t = host[B:2 * B]
+        causal: dict[int, torch.Tensor] = {}
+
+        def causal_bias(keys: int) -> torch.Tensor:               # (B, 1, 1, keys): key j valid iff j <= s_b
+            if keys not in causal:
+                causal[keys] = torch.zeros(B, keys).masked_fill_(
+                    torch.arange(keys)[None, :] > pos_t[:, None], NEG_INF).view(B, 1, 1, keys).to(dev)
+            return causal[keys]
+
+        if lay.global_layers:
+            keys = top + 1                                                              # <= nb * bs
+            o = at["table"]
+            kinds[False] = DecodeKindMeta(host[o:o + B * nb].view(B, nb).to(dev), bs,
+                                          host[at["ga_dst"]:at["ga_dst"] + B].to(dev),
+                                          causal_bias(keys) if B > 1 else None, keys)
+        if lay.sliding_layers:
             bias = None
             if top < R:                                                                 # no ring has wrapped
                 keys = top + 1
                 if B > 1:
-                    bias = torch.zeros(B, keys).masked_fill_(torch.arange(keys)[None, :] > pos_t[:, None], NEG_INF)
+                    bias = causal_bias(keys)
             else:
                 keys = R
                 if R != lay.swa_keys or min(pos) < R - 1:
                     j = torch.arange(R)
                     slot_pos = pos_t[:, None] - (pos_t[:, None] - j[None, :]) % R      # newest position in slot j
                     ok = (slot_pos >= 0) & (pos_t[:, None] - slot_pos < lay.swa_keys)
-                    bias = torch.zeros(B, R).masked_fill_(~ok, NEG_INF)
-            dst = [r * R + p % R for r, p in zip(ring_ids, pos)]
-            kinds[True] = DecodeKindMeta(rings[:, None].to(dev), R, torch.tensor(dst, device=dev),
-                                         None if bias is None else bias.view(B, 1, 1, keys).to(dev), keys)
-        ar = torch.arange(B, device=dev)
+                    bias = torch.zeros(B, R).masked_fill_(~ok, NEG_INF).view(B, 1, 1, keys).to(dev)
+            o = at["rings"]
+            kinds[True] = DecodeKindMeta(host[o:o + B].view(B, 1).to(dev), R,
+                                         host[at["swa_dst"]:at["swa_dst"] + B].to(dev), bias, keys)
+        ar = self._aranges.get(B)
+        if ar is None:                                  # read-only, so kept per batch size
+            ar = self._aranges[B] = torch.arange(B, device=dev)
         meta = AttnMeta(B, 1, True, pos_t[:, None].to(dev), ar[:, None], ar, [(b, b + 1) for b in range(B)], kinds)
         every = all(it.sample for it in items)
         rows = ar if every else torch.tensor([b for b, it in enumerate(items) if it.sample], dtype=torch.long,
                                              device=dev)
-        return StepInputs(torch.tensor([ids], device=dev), pos_t[None].to(dev), meta, rows, every)
+        return StepInputs(host[:B].view(1, B).to(dev), pos_t[None].to(dev), meta, rows, every)
 
     def _kind(self, read, kpos, q_pos, window, dst, src) -> KindMeta:
         qp, kp = q_pos[:, :, None], kpos[:, None, :]
