@@ -64,9 +64,9 @@ def main(argv=None) -> int:
     layer_of = {id(args): i for i, (args, _, _) in enumerate(llm.engine.runner.fused.layers)}
     decode_layer, linear, linear_p = kernels.decode_layer, kernels.linear_bf16w, kernels.linear_panels
 
-    def timed_layer(args, *rest):
+    def timed_layer(args, *rest, **kw):
         t = time.perf_counter()
-        decode_layer(args, *rest)
+        decode_layer(args, *rest, **kw)
         acc[names[layer_of[id(args)]] + " layers"] += time.perf_counter() - t
 
     lm_head = llm.model.lm_head.weight.data_ptr()
