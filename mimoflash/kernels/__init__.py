@@ -115,9 +115,9 @@ def _load() -> ctypes.CDLL | None:
     lib.mf_experts_bf16.restype = ctypes.c_int
     lib.mf_decode_layer.argtypes = [c_void, c_void, c_long, c_void, c_void, c_void, c_void, c_long, c_long, c_long,
                                     c_void, c_void, c_void]
+    lib.mf_decode_layer.restype = ctypes.c_int
     lib.mf_embed_bf16.argtypes = [c_void, c_long, c_void, c_long, c_long, c_void]
     lib.mf_embed_bf16.restype = ctypes.c_int
-    lib.mf_decode_layer.restype = ctypes.c_int
     lib.mf_argmax_rows.argtypes = [c_void, c_long, c_long, c_long, c_void]
     lib.mf_decode_timing.argtypes = [ctypes.c_int, c_void]
     lib.mf_decode_timing.restype = None

@@ -50,7 +50,7 @@ void mf_route_row(const float *x, long D, const float *router_w, const float *bi
 int mf_experts_bf16(const float *x_PD, long P, const long *counts, long E, long D, long F,
                     const unsigned short *gate_up, const unsigned short *down, float *y_PD, float *scratch);
 
-/* Opt-in phase timers for benchmarks/profile_decode_step.py (kernels.decode_phase_times): where a decode layer's
+/* Opt-in phase timers for benchmarks/profile_decode_step.py (kernels.decode_phase_timing): where a decode layer's
  * time goes inside this one call, which a Python-side timer cannot see. Off by default (one branch per phase);
  * on, wall-clock seconds per phase are summed across calls. Single-caller use only (the profile script). */
 enum { PH_QKV, PH_ROPE_STORE, PH_ATTN, PH_O, PH_EXPERTS, PH_DENSE, PH_N };

@@ -6,6 +6,7 @@
 #include <math.h>
 #include <stdatomic.h>
 #include <stddef.h>
+#include <string.h>
 
 void mf_parallel(long n, void (*fn)(void *, long), void *ctx);   /* pool.c */
 int mf_num_threads(void);
@@ -81,8 +82,11 @@ int mf_embed_bf16(const long *ids, long B, const unsigned short *emb, long V, lo
         if (ids[b] < 0 || ids[b] >= V) return -1;
     for (long b = 0; b < B; b++) {
         const unsigned short *row = emb + ids[b] * H;
-        unsigned *out = (unsigned *)(x + b * H);
-        for (long i = 0; i < H; i++) out[i] = (unsigned)row[i] << 16;
+        float *out = x + b * H;
+        for (long i = 0; i < H; i++) {
+            unsigned u = (unsigned)row[i] << 16;
+            memcpy(out + i, &u, sizeof u);
+        }
     }
     return 0;
 }
@@ -123,8 +127,9 @@ AVX2 static inline __m256 ld_b16(const void *row, long i) {
 /* The scores pass reads each key row once, from a ring or block a sequence owns: at 16 sequences the K/V of a
  * layer (~3 MB fp32 here) comes from DRAM in 64 short streams of ~30 KB, where the hardware prefetcher, which
  * restarts at every 4 KB page, left the loads waiting. Prefetching the row PF_KEYS keys ahead cut the batch's
- * attention time by ~12-15% (benchmarks/profile_decode_step.py's phases, 2 threads, interleaved A/B; distances
- * 4-16 alike, 32 worse; prefetching the value rows as well added nothing). Prefetches change no result. */
+ * attention phase (what kernels.decode_phase_timing reports) by ~12-15% (2 threads, interleaved A/B in a throwaway
+ * script; distances 4-16 alike, 32 worse; prefetching the value rows as well added nothing). Prefetches change no
+ * result. */
 #define PF_KEYS 8
 AVX2 static inline void prefetch_row(const void *row, long bytes) {
     for (long o = 0; o < bytes; o += 64) _mm_prefetch((const char *)row + o, _MM_HINT_T0);
