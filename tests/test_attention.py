@@ -153,3 +153,6 @@ def test_rope_table_lookup_equals_direct_angles():
             assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (pos, dtype)
     assert rope._table[0].shape == (1 << 16, 64)
     assert rope.tables(RotaryEmbedding.MAX_TABLE) is None and rope.tables(5)[0].shape == (1 << 16, 64)
+    rope.to(torch.bfloat16)                               # inv_freq cast: the tables follow it
+    pos = torch.arange(300)[None]
+    assert torch.equal(rope(pos, torch.float32)[0], rope.reference(pos, torch.float32)[0])

@@ -52,18 +52,21 @@ class RotaryEmbedding(nn.Module):
         inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self._table: tuple[torch.Tensor, torch.Tensor] | None = None    # (n, rd) cos, sin; not state: rebuilt
+        self._table_of = None                   # the inv_freq it was built from (moved or cast: rebuilt)
 
     def tables(self, top: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """-> the (n, rd) fp32 cos, sin tables with n > top (grown if needed), or None when top >= MAX_TABLE."""
         if top >= self.MAX_TABLE:
             return None
-        t = self._table
-        if t is None or t[0].shape[0] <= top or t[0].device != self.inv_freq.device:
+        t, inv = self._table, self.inv_freq
+        of = (inv.data_ptr(), inv._version, inv.dtype, inv.device)
+        if t is None or t[0].shape[0] <= top or self._table_of != of:
             n = max(256, 1 << top.bit_length())
             with torch.inference_mode(False), torch.no_grad():
-                freqs = torch.arange(n, device=self.inv_freq.device).float()[:, None] * self.inv_freq   # (n, rd/2)
+                freqs = torch.arange(n, device=inv.device).float()[:, None] * inv               # (n, rd/2)
                 c, s = freqs.cos(), freqs.sin()
                 t = self._table = (torch.cat((c, c), dim=-1), torch.cat((s, s), dim=-1))
+                self._table_of = of
         return t
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
