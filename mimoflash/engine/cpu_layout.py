@@ -76,9 +76,7 @@ class Panels:
     def get(self) -> torch.Tensor | None:
         """-> the panels, current with the weight; None if the weight is no longer a (N, K) bf16 tensor."""
         w = self.weight()
-        if (w.data_ptr(), w._version) == self._stamp and w.dtype == torch.bfloat16 and w.shape == (self.N, self.K):
-            return self.wp                                  # the usual case, checked first
-        if w.dtype != torch.bfloat16 or tuple(w.shape) != (self.N, self.K):
+        if w.dtype != torch.bfloat16 or w.shape != (self.N, self.K):
             return None
         if (w.data_ptr(), w._version) != self._stamp:
             self.wp.copy_(kernels.pack_panels(w))           # same shape: pointers into wp (fused decode) stay valid

@@ -119,9 +119,10 @@ class FusedDecoder:
         for sliding, dm in kinds.items():
             bias = None if dm.bias is None else dm.bias.reshape(B, -1)
             # The kernel reads each token's cos/sin row from the tables by position: no torch op per step.
-            tabs, rows = rotary["sliding" if sliding else "full"].tables(top), pos
+            rope = rotary["sliding" if sliding else "full"]
+            tabs, rows = rope.tables(top), pos
             if tabs is None:                                       # past the tables: the rows computed
-                cos, sin = rotary["sliding" if sliding else "full"].reference(pos, torch.float32)
+                cos, sin = rope.reference(pos, torch.float32)
                 tabs, rows = (cos.contiguous(), sin.contiguous()), None
             per_kind[sliding] = (tabs[0], tabs[1], rows, dm.chunks.contiguous(), dm.chunk, dm.keys,
                                  dm.write_dst.contiguous(), bias)

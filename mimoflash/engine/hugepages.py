@@ -18,6 +18,7 @@ copying it would defeat the mapping.
 from __future__ import annotations
 
 import bisect
+import math
 import mmap
 import sys
 import weakref
@@ -61,10 +62,7 @@ def empty_bytes(nbytes: int) -> torch.Tensor:
 
 def zeros(shape, dtype: torch.dtype) -> torch.Tensor:
     """torch.zeros(shape, dtype=dtype) on huge pages (see `empty_bytes`)."""
-    n = 1
-    for s in shape:
-        n *= s
-    return empty_bytes(n * torch.empty(0, dtype=dtype).element_size()).view(dtype).view(shape)
+    return empty_bytes(math.prod(shape) * dtype.itemsize).view(dtype).view(shape)
 
 
 def _file_mappings() -> list[tuple[int, int]]:
