@@ -6,7 +6,7 @@ The script writes a seeded, MiMo-shaped synthetic checkpoint of more than 1 GB (
 sharded) and the same weights as block-FP8 (128 x 128). It then loads each one to bf16 in a fresh subprocess. The
 child measures `ru_maxrss` after `import torch, mimoflash` as its baseline and again after loading. The difference,
 divided by the bytes of the returned model, is the reported ratio. Mapped checkpoint pages count towards RSS, which is
-why the loader remaps its files (checkpoint/loader.py). The last stdout line is JSON (ARCHITECTURE rule 11).
+why the loader remaps its files (checkpoint/loader.py). The last stdout line is JSON.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""`mimoflash <command>`: a thin dispatcher; each command's module parses its own flags (ARCHITECTURE rule 12).
+"""`mimoflash <command>`: a thin dispatcher; each command's module parses its own flags.
 
 Examples:
     mimoflash generate "def fibonacci(n):" --max-tokens 64

@@ -1,6 +1,6 @@
 """MiMoConfig: one dataclass that reads both config dialects of MiMo-V2-Flash.
 
-Two dialects exist in the wild (SPEC §1.1-1.2):
+Two dialects exist in the wild (docs/MODEL.md §1.1-1.2):
 
 * the **official hub keys** (`hybrid_layer_pattern`, `moe_layer_freq`, `swa_*`, `sliding_window_size`,
   `layernorm_epsilon`, `rope_theta` / `swa_rope_theta`, `add_*_attention_sink_bias`, ...), read by SGLang, vLLM
@@ -13,7 +13,7 @@ Field names are the official keys verbatim; `from_dict` maps the transformers ke
 contradictions (both dialects present but disagreeing). When an official key is absent, the default reproduces
 what transformers would build, so a transformers-only config yields the same network in both libraries.
 
-Sliding window (SPEC §2.4): engines disagree by one key. `sliding_window_convention` makes the choice explicit:
+Sliding window (docs/MODEL.md §2.4): engines disagree by one key. `sliding_window_convention` makes the choice explicit:
 
 * ``"previous"`` (default, = transformers 5.23 and SGLang): query i sees the `sliding_window_size` previous keys
   plus itself, i.e. keys ``[i - W, i]`` — ``W + 1`` keys.
@@ -317,7 +317,7 @@ class MiMoConfig:
         """Official keys plus the transformers 5.x keys, so that both stacks read the same network.
 
         `rope_scaling` is never written: transformers 5.23 replaces its nested rope dict with it and then fails
-        (SPEC §1.3)."""
+        (docs/MODEL.md §1.3)."""
         d = {k: v for k, v in self.extra.items() if k not in ("rope_scaling", "dtype", "mimoflash")}
         d.update({f.name: getattr(self, f.name) for f in dataclasses.fields(self)
                   if f.name not in ("extra", "sliding_window_convention")})

@@ -1,8 +1,8 @@
 """`mimoflash inspect`: what a checkpoint is, computed from its config and safetensors headers only.
 
 Nothing is loaded into memory, so this works on the real 309B checkpoint on a laptop: parameter counts come from
-the config's shapes (SPEC §4.2 inventory), FP8 status from each shard's header (dtype F8_E4M3 + a
-`weight_scale_inv` sibling). KV figures use SPEC §2.6: global layers cost nkv*(d+dv) elements per token forever;
+the config's shapes (docs/MODEL.md §4.2 inventory), FP8 status from each shard's header (dtype F8_E4M3 + a
+`weight_scale_inv` sibling). KV figures use docs/MODEL.md §2.6: global layers cost nkv*(d+dv) elements per token forever;
 sliding-window layers cost the same per token but only for the last `swa_keys` tokens of each sequence.
 
 Example:

@@ -3,7 +3,7 @@
 This module owns everything between text and token ids:
 
 * `Tokenizer` wraps a byte-level BPE `tokenizer.json` (the Hugging Face `tokenizers` format, which is what
-  MiMo-V2-Flash ships, SPEC §5.1) plus the optional `tokenizer_config.json`, from which it takes the special
+  MiMo-V2-Flash ships, docs/MODEL.md §5.1) plus the optional `tokenizer_config.json`, from which it takes the special
   tokens and the Jinja chat template. We use the `tokenizers` library directly rather than transformers'
   `AutoTokenizer`: it is the same Rust code underneath and it keeps transformers out of the runtime deps
   (ARCHITECTURE §6).
@@ -12,13 +12,13 @@ This module owns everything between text and token ids:
   The environment mirrors what checkpoint templates expect from transformers: `trim_blocks`,
   `lstrip_blocks`, loop controls, a `raise_exception` global and a `tojson` filter that keeps non-ASCII text.
 * `DEFAULT_CHAT_TEMPLATE` is used when a checkpoint has none. The official MiMo-V2-Flash template text is
-  not known (SPEC §5.2 and §8), so this is our ChatML rendering of the conventions that are documented:
+  not known (docs/MODEL.md §5.2 and §8), so this is our ChatML rendering of the conventions that are documented:
   ChatML turns, Qwen3-style thinking switch (`enable_thinking` false/undefined renders an empty
   `<think>\\n\\n</think>\\n\\n` block after the generation prompt, which tells the model to skip reasoning)
   and the Qwen3-Coder XML tool-call format that SGLang's `mimo` parser and vLLM's `qwen3_xml` parser read.
 * `IncrementalDetokenizer` turns a stream of generated ids into text deltas for streaming responses.
 
-Token ids of `<think>`, `<tool_call>` etc. are never hard-coded: they differ between vocabularies (SPEC §5.1)
+Token ids of `<think>`, `<tool_call>` etc. are never hard-coded: they differ between vocabularies (docs/MODEL.md §5.1)
 and are looked up by content.
 """
 
@@ -282,7 +282,7 @@ class Tokenizer:
         """Render a conversation to the prompt string (tokenize it with `encode`).
 
         `enable_thinking=None` leaves the variable undefined in the template, which is what an OpenAI request
-        without `chat_template_kwargs` means; the default template treats it as thinking off (SPEC §5.2).
+        without `chat_template_kwargs` means; the default template treats it as thinking off (docs/MODEL.md §5.2).
         Extra keyword arguments are passed to the template (e.g. `chat_template_kwargs` from a request).
         """
         messages = validate_messages(messages)

@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny MiMo configs that exercise the hybrid pattern, sinks, MoE routing and MTP (SPEC §7)."""
+"""Shared fixtures: tiny MiMo configs that exercise the hybrid pattern, sinks, MoE routing and MTP (docs/MODEL.md §7)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ torch.set_num_threads(1)
 
 
 def tiny_config(**overrides) -> MiMoConfig:
-    """SPEC §7.1 tiny config: 8 layers [GA, SWA x4, GA, SWA x2], layer 0 dense, 8 experts top-2, window 4."""
+    """docs/MODEL.md §7.1 tiny config: 8 layers [GA, SWA x4, GA, SWA x2], layer 0 dense, 8 experts top-2, window 4."""
     base = dict(vocab_size=512, hidden_size=128, num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=1,
                 head_dim=48, v_head_dim=32, swa_num_attention_heads=4, swa_num_key_value_heads=2, swa_head_dim=48,
                 swa_v_head_dim=32, intermediate_size=256, moe_intermediate_size=64, n_routed_experts=8,
@@ -31,7 +31,7 @@ def tiny_config(**overrides) -> MiMoConfig:
 
 @torch.no_grad()
 def make_model(config: MiMoConfig, seed: int = 0, dtype: torch.dtype = torch.float32) -> MiMoForCausalLM:
-    """Random model whose routing is not near-tied (SPEC §7.2): router ~ N(0,1), sinks ~ N(0,1), bias ~ N(0,0.1)."""
+    """Random model whose routing is not near-tied (docs/MODEL.md §7.2): router ~ N(0,1), sinks ~ N(0,1), bias ~ N(0,0.1)."""
     g = torch.Generator().manual_seed(seed)
     model = MiMoForCausalLM(config)
     model.init_weights(std=0.05, generator=g)

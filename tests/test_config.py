@@ -45,7 +45,7 @@ def test_transformers_dialect_maps_to_official_fields():
 def test_round_trip_through_to_dict_both_dialects():
     cfg = MiMoConfig.from_file(FIXTURE)
     d = cfg.to_dict()
-    assert "rope_scaling" not in d                     # transformers 5.23 breaks on it (SPEC §1.3)
+    assert "rope_scaling" not in d                     # transformers 5.23 breaks on it (docs/MODEL.md §1.3)
     assert d["layer_types"][0] == "full_attention" and d["sliding_window"] == 129
     again = MiMoConfig.from_dict(json.loads(json.dumps(d)))
     assert again.to_dict() == d

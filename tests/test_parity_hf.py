@@ -63,7 +63,7 @@ def test_logits_match_transformers(seed, name):
 
 
 def test_bf16_close_to_fp32_reference():
-    """bf16 run vs the fp32 oracle: relative error ~1e-2 (SPEC §7.2). Every expert is selected here, because in a
+    """bf16 run vs the fp32 oracle: relative error ~1e-2 (docs/MODEL.md §7.2). Every expert is selected here, because in a
     tiny random model bf16 rounding flips near-tied expert choices (transformers' own bf16 run flips the same ones)
     and a flipped expert is a legitimate, not a numerical, difference."""
     cfg = tiny_config(n_routed_experts=8, num_experts_per_tok=8)

@@ -1,4 +1,4 @@
-"""`mimoflash inspect` reproduces the published shape arithmetic of the real model (SPEC §2.6, §4.2)."""
+"""`mimoflash inspect` reproduces the published shape arithmetic of the real model (docs/MODEL.md §2.6, §4.2)."""
 
 import json
 import subprocess
@@ -16,9 +16,9 @@ FIXTURE = Path(__file__).parent / "fixtures" / "mimo_v2_flash_config.json"
 
 def test_real_config_parameter_counts():
     p = count_parameters(MiMoConfig.from_file(FIXTURE))
-    assert abs(p["total"] / 1e9 - 308.78) < 0.01           # SPEC §4.2: 308.78B main model
-    assert abs(p["active"] / 1e9 - 15.4) < 0.1              # SPEC §6: 15.4B active incl. embeddings
-    assert abs(p["mtp_per_layer"] / 1e9 - 0.329) < 0.001    # SPEC §3.2: ~0.329B per MTP layer
+    assert abs(p["total"] / 1e9 - 308.78) < 0.01           # docs/MODEL.md §4.2: 308.78B main model
+    assert abs(p["active"] / 1e9 - 15.4) < 0.1              # docs/MODEL.md §6: 15.4B active incl. embeddings
+    assert abs(p["mtp_per_layer"] / 1e9 - 0.329) < 0.001    # docs/MODEL.md §3.2: ~0.329B per MTP layer
     assert abs((p["total"] + p["mtp_total"]) / 1e9 - 309.77) < 0.01
 
 
@@ -27,7 +27,7 @@ def test_real_config_kv_bytes():
     assert kv["bytes_per_token_global_layers"] == 9 * 4 * (192 + 128) * 2 == 22.5 * 1024
     assert kv["bytes_per_token_per_swa_layer"] == 8 * 320 * 2
     assert abs(kv["kv_bytes"] / 2**30 - 5.65) < 0.05 and abs(kv["kv_bytes_all_global"] / 2**30 - 30.0) < 0.01
-    assert 5.2 < kv["ratio_all_global_over_ours"] < 5.4      # SPEC §2.6: ~5.3x
+    assert 5.2 < kv["ratio_all_global_over_ours"] < 5.4      # docs/MODEL.md §2.6: ~5.3x
 
 
 def test_counts_match_instantiated_model():

@@ -1,4 +1,4 @@
-"""Block-FP8 weights as MiMo-V2-Flash ships them (SPEC §4.3): quantize, dequantize, and a slow reference.
+"""Block-FP8 weights as MiMo-V2-Flash ships them (docs/MODEL.md §4.3): quantize, dequantize, and a slow reference.
 
 Format. A 2-D weight W (rows = out features, cols = in features) is cut into tiles of `block = (br, bc)` elements
 (128 x 128 in the release). Each tile gets one fp32 scale S, and its elements are stored as E4M3 floats
@@ -23,7 +23,7 @@ to exact zeros.
 
 The fast paths are vectorised. When the tiles divide the weight evenly the scale is broadcast through a
 (R, br, C, bc) view, with no expanded copy. `quantize_fp8_block_reference` / `dequantize_fp8_block_reference` loop
-over the tiles one by one and exist only so that tests can check the fast paths bit for bit (ARCHITECTURE rule 7).
+over the tiles one by one and exist only so that tests can check the fast paths bit for bit.
 """
 
 from __future__ import annotations

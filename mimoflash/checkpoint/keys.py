@@ -1,6 +1,6 @@
-"""The one table between checkpoint tensor names and mimoflash parameter names (ARCHITECTURE rule 3).
+"""The one table between checkpoint tensor names and mimoflash parameter names.
 
-Official MiMo-V2-Flash layout (SPEC §4) -> mimoflash:
+Official MiMo-V2-Flash layout (docs/MODEL.md §4) -> mimoflash:
 | official checkpoint name                               | mimoflash parameter                      | transform        |
 |--------------------------------------------------------|------------------------------------------|------------------|
 | model.layers.L.mlp.experts.{e}.gate_proj.weight (F, D) | model.layers.L.mlp.experts.gate_proj     | stack over e     |
@@ -44,7 +44,7 @@ def internal_to_official(name: str, tensor: torch.Tensor) -> Iterator[tuple[str,
 
 
 def is_fp8_candidate(name: str, block_size: tuple[int, int] | None) -> bool:
-    """Which weights the official release stores in block-FP8 (SPEC §4.2-4.3): 2-D projection weights except
+    """Which weights the official release stores in block-FP8 (docs/MODEL.md §4.2-4.3): 2-D projection weights except
     o_proj, embeddings, lm_head, the router and MTP eh_proj, which stay BF16/FP32."""
     if block_size is None or not name.endswith(".weight"):
         return False

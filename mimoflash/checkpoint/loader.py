@@ -1,4 +1,4 @@
-"""Load a MiMo-V2-Flash checkpoint (official layout, SPEC §4) into `MiMoForCausalLM`, strictly and in bounded memory.
+"""Load a MiMo-V2-Flash checkpoint (official layout, docs/MODEL.md §4) into `MiMoForCausalLM`, strictly and in bounded memory.
 
 A checkpoint is a directory with `config.json` and either `model.safetensors` or shards listed in
 `model.safetensors.index.json`. Files are always found through the index's `weight_map`. Shard names are never
@@ -7,7 +7,7 @@ guessed, because the releases do not agree on a naming scheme.
 Loading has three phases, so that a bad checkpoint fails before any weight data is read:
 1. **Plan.** Read every shard header (names, shapes, dtypes) and map each name to its slot through
    `keys.official_to_internal` (per-expert tensors go to slot `[e]` of the stacked parameter). Strictness is
-   checked here (ARCHITECTURE rule 3). Every parameter, persistent buffer and expert index must be filled exactly
+   checked here. Every parameter, persistent buffer and expert index must be filled exactly
    once, no tensor may be left over, and shapes must agree, including the FP8 scale grids. All problems are
    reported together in one `CheckpointError`.
 2. **Build.** Construct the model on the `meta` device, cast it (the router stays fp32, see
@@ -189,7 +189,7 @@ def _read_config(root: Path, names) -> MiMoConfig:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{cfg_path}: not valid JSON ({e})") from e
     if isinstance(raw, dict) and "num_nextn_predict_layers" not in raw:
-        # The hub config has no MTP key (SPEC §1.1); count the model.mtp.layers.N blocks, as Megatron-Bridge does.
+        # The hub config has no MTP key (docs/MODEL.md §1.1); count the model.mtp.layers.N blocks, as Megatron-Bridge does.
         depths = [int(m[1]) for n in names if (m := _MTP.match(n))]
         raw["num_nextn_predict_layers"] = max(depths) + 1 if depths else 0
     try:

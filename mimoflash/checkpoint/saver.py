@@ -1,6 +1,6 @@
 """Save `MiMoForCausalLM` as an official-layout checkpoint that mimoflash, transformers 5.23 and SGLang/vLLM can read.
 
-The layout is the release's (SPEC §4), so the same files serve every consumer:
+The layout is the release's (docs/MODEL.md §4), so the same files serve every consumer:
 * per-expert tensors `mlp.experts.{e}.{gate,up,down}_proj.weight`, made by `keys.internal_to_official`. A tied
   `lm_head.weight` is left out, and MTP blocks are kept under `model.mtp.layers.N.*` (transformers drops them at load).
 * With `fp8=True`, the weights `keys.is_fp8_candidate` selects are stored as block-FP8 plus a `weight_scale_inv`

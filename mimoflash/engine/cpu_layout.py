@@ -1,4 +1,4 @@
-"""CPU transforms the runner applies to a model from outside (ARCHITECTURE rule 6): parameter names, shapes, values
+"""CPU transforms the runner applies to a model from outside: parameter names, shapes, values
 and the module tree stay; memory layouts and a few forwards change. `use_cpu_layout(model, compute_dtype)` picks:
 
 * **bf16 weights, fp32 compute** (`use_bf16_weights`; the CPU default for bf16/FP8 checkpoints). Decode reads every

@@ -290,7 +290,7 @@ static inline float kv_elem(const void *base, long i, int bf16) {
  *         rings are read where they are instead of being gathered into a copy first
  *   bias  (B, K) additive mask (-inf = not a key) or NULL; sinks (nq) or NULL;  out (B, nq, dv) contiguous.
  * p_k = exp(s_k - m) / (exp(sink - m) + sum_k exp(s_k - m)) with s_k = scale * q.k + bias: the sink joins the
- * denominator only (SPEC §2.3). `scratch` holds K floats (portable path). The AVX2 path runs one pool task per
+ * denominator only (docs/MODEL.md §2.3). `scratch` holds K floats (portable path). The AVX2 path runs one pool task per
  * (sequence, kv head). Returns -1 (nothing computed) if a table entry is outside [0, pool_chunks), -2 if a task
  * could not allocate its row pointers, else 0. */
 VEC int mf_attn_decode(const float *q, long q_sb, const void *k_base, long k_sh, const void *v_base, long v_sh,
@@ -349,14 +349,14 @@ VEC int mf_attn_decode(const float *q, long q_sb, const void *k_base, long k_sh,
 
 void mf_gemm_bf16w(const float *x, long ldx, const unsigned short *w, float *y, long ldy, long M, long N, long K);
 
-/* One token through a routed-MoE layer with bf16 experts (SPEC §2.5), replacing ~20 torch calls:
+/* One token through a routed-MoE layer with bf16 experts (docs/MODEL.md §2.5), replacing ~20 torch calls:
  *   scores = sigmoid(router_w @ x) (fp32), choice = scores + bias, top-k of choice (first index wins a tie),
  *   weights = scores[top] (optionally / their sum), * scaling;
  *   y = sum_k weights_k * down[e_k] @ (silu(gate[e_k] @ x) * up[e_k] @ x).
  * gate_up: (E, 2F, D) bf16 (gate rows then up rows), down: (E, D, F) bf16. Group-limited routing is not handled
  * here (the caller falls back to torch). scratch: E + 3F + D floats; chosen: top_k (<= 64) expert ids out.
  * Returns 0, or -1 for top_k > 64. */
-/* Routing of one row (SPEC §2.5): scores = sigmoid(router_w @ x) in fp32, top-k of scores + bias (first index
+/* Routing of one row (docs/MODEL.md §2.5): scores = sigmoid(router_w @ x) in fp32, top-k of scores + bias (first index
  * wins a tie), weights = scores of the chosen (optionally / their sum) * scaling. scores: E floats of scratch. */
 VEC void mf_route_row(const float *x, long D, const float *router_w, const float *bias, long E, long top_k,
                       int norm_topk, float scaling, float *scores, long *chosen, float *weights) {

@@ -1,6 +1,6 @@
 """Attention for both layer kinds: global (GA) and sliding-window (SWA) with a learned per-head sink logit.
 
-MiMo-specific points (SPEC §2.3-2.4):
+MiMo-specific points (docs/MODEL.md §2.3-2.4):
 * Q/K heads are `head_dim` wide, V heads `v_head_dim` (192 vs 128 in the real model): K and V are separate tensors
   everywhere, never padded to a common width.
 * V is multiplied by `attention_value_scale` *before* it is cached; only Q and K are rotated.
@@ -10,7 +10,7 @@ MiMo-specific points (SPEC §2.3-2.4):
 
 Who attends: the module computes q/k/v and RoPE, then either runs dense causal attention over the tokens it was
 given (no cache: training, parity tests) or hands q/k/v to an `AttentionBackend` that the engine passes in. The
-backend owns the KV-cache layout; the model never learns about requests or blocks (ARCHITECTURE rule 8).
+backend owns the KV-cache layout; the model never learns about requests or blocks.
 
 Two implementations of the same math, which `tests/test_attention.py` keeps in agreement:
 * `attend_reference`: explicit scores, mask, sink column, softmax — a transcription of the spec;
@@ -46,7 +46,7 @@ def allowed_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window_keys: int | No
 
 
 def attend_reference(q, k, v, q_pos, k_pos, window_keys, sinks, scale) -> torch.Tensor:
-    """Slow, literal version of SPEC §2.3 steps 4-7. Shapes as in `AttentionBackend.attend` (k/v may be longer)."""
+    """Slow, literal version of docs/MODEL.md §2.3 steps 4-7. Shapes as in `AttentionBackend.attend` (k/v may be longer)."""
     B, Tq, nq, d = q.shape
     group = nq // k.shape[2]
     kk = k.repeat_interleave(group, dim=2).transpose(1, 2)             # (B, nq, Tk, d)

@@ -1,6 +1,6 @@
 """Small building blocks shared by the decoder and the MTP blocks: RMSNorm, partial rotary embedding, SwiGLU MLP.
 
-Numerics follow SPEC §2.2-2.3 and transformers 5.23 exactly, because logits parity with it is a test:
+Numerics follow docs/MODEL.md §2.2-2.3 and transformers 5.23 exactly, because logits parity with it is a test:
 RMSNorm statistics in fp32, the weight applied after casting back (`w * x.to(dtype)`, no `1 + w` offset);
 RoPE angles in fp32, cos/sin cast to the activation dtype, rotate-half (GPT-NeoX) layout on the first
 `rotary_dim` dims of each head, the remaining dims passed through.

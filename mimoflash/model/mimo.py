@@ -1,6 +1,6 @@
 """The MiMo-V2-Flash network: embedding -> decoder layers (GA or SWA attention; dense or MoE FFN) -> norm -> lm_head.
 
-Read top to bottom with SPEC §2. Parameter names equal the official checkpoint names (after the expert stacking
+Read top to bottom with docs/MODEL.md §2. Parameter names equal the official checkpoint names (after the expert stacking
 done in `checkpoint/keys.py`), so `model.state_dict()` is the map from names to tensors.
 
 `MiMoForCausalLM.forward(input_ids)` is the full, cache-free forward (training, parity tests). The engine passes an
@@ -61,7 +61,7 @@ class MiMoModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                 backend: AttentionBackend | None = None) -> torch.Tensor:
-        """input_ids (B, T) -> residual stream before the final norm (B, T, D); MTP consumes this (SPEC §3.3)."""
+        """input_ids (B, T) -> residual stream before the final norm (B, T, D); MTP consumes this (docs/MODEL.md §3.3)."""
         B, T = input_ids.shape
         if positions is None:
             positions = torch.arange(T, device=input_ids.device).expand(B, T)

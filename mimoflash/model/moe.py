@@ -1,4 +1,4 @@
-"""Routed mixture of experts with sigmoid scores and aux-loss-free (bias-corrected) selection, SPEC §2.5.
+"""Routed mixture of experts with sigmoid scores and aux-loss-free (bias-corrected) selection, docs/MODEL.md §2.5.
 
 Shape legend: T tokens, D hidden size, F expert width, E routed experts, K experts per token, G groups.
 

@@ -1,4 +1,4 @@
-"""Multi-token-prediction (MTP) blocks, SPEC §3. Checkpoint prefix: model.mtp.layers.N.
+"""Multi-token-prediction (MTP) blocks, docs/MODEL.md §3. Checkpoint prefix: model.mtp.layers.N.
 
 Each block predicts one more token ahead. Block k at position i sees
   e = embed_tokens[t_{i+k+1}]   (the token k+1 steps ahead of i; the main model's embedding, shared)
@@ -10,7 +10,7 @@ and computes
   u = u + MLP(pre_mlp_layernorm(u))               # dense SwiGLU of width intermediate_size
   logits = lm_head(final_layernorm(u))            # shared head; predicts t_{i+k+2}
 MiMo's blocks are *not chained* through their own hidden output: every block consumes the main model's hidden
-state; only the token stream advances (SPEC §3.4).
+state; only the token stream advances (docs/MODEL.md §3.4).
 """
 
 from __future__ import annotations

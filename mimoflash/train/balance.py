@@ -1,6 +1,6 @@
 """Expert load balancing for training: the aux-loss-free bias update and an optional sequence-level aux loss.
 
-MiMo-V2-Flash follows DeepSeek-V3 (SPEC §2.5): the router's `e_score_correction_bias` is added to the sigmoid
+MiMo-V2-Flash follows DeepSeek-V3 (docs/MODEL.md §2.5): the router's `e_score_correction_bias` is added to the sigmoid
 scores for *selection only*, and the trainer moves it after every optimizer step, with no gradient:
 
     load_e   = number of (token, expert) pairs routed to expert e in this step (all micro-batches, all ranks)

@@ -9,7 +9,7 @@ dtype, counts and separator id.
 
 `TokenDataset` samples fixed-length windows at uniformly random offsets, so documents are packed and a
 window may span several of them (there is no cross-document attention mask; the separator token is the
-model's cue). Targets for MTP follow SPEC §3: with `n_future` MTP heads, row k of the targets holds the
+model's cue). Targets for MTP follow docs/MODEL.md §3: with `n_future` MTP heads, row k of the targets holds the
 token k+1 steps after the main next token:
 
     targets[b, 0, t] = tokens[s + t + 1]                    main next-token loss

@@ -5,7 +5,7 @@ blocks fed the true tokens ahead (teacher forcing):
 
 * `acc[k]` = fraction of positions where argmax of MTP block k equals the true token k+2 ahead;
 * `accept_length` = 1 + mean number of leading depths that are all correct at a position, i.e. the tokens one
-  verify step would emit (the bonus token included, as in SPEC §3.4) if the main model's greedy choice were the
+  verify step would emit (the bonus token included, as in docs/MODEL.md §3.4) if the main model's greedy choice were the
   data token. While depths 0..k-1 are correct, the drafts fed to block k *are* the true tokens, so teacher forcing
   gives exactly the chained draft; the chain stops at the first miss.
 * `main_acc` = next-token accuracy of the main model, for scale.

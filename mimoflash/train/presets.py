@@ -4,7 +4,7 @@
 file (`{"model": {...MiMoConfig keys...}, "train": {...TrainConfig fields...}}`). Command-line flags override
 `train` fields afterwards.
 
-* `tiny`: the SPEC §7.1 shape (8 experts top-2, window 4, hybrid pattern), 2 MTP heads, vocab 512. Tests use it;
+* `tiny`: the docs/MODEL.md §7.1 shape (8 experts top-2, window 4, hybrid pattern), 2 MTP heads, vocab 512. Tests use it;
   one step takes a few milliseconds.
 * `default-small`: the shipped code-completion model (`mimoflash/default_model/`). 14.9M parameters in total
   (13.5M main model + 2 MTP heads of 0.7M), 6.9M active per token, six layers in MiMo's layout (GA + dense FFN

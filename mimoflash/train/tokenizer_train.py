@@ -1,6 +1,6 @@
 """Train a small byte-level BPE tokenizer for from-scratch experiments.
 
-The real MiMo-V2-Flash vocabulary has ~152k ids (SPEC §5.1), far too many for a toy model trained on a few
+The real MiMo-V2-Flash vocabulary has ~152k ids (docs/MODEL.md §5.1), far too many for a toy model trained on a few
 megabytes of text, where most embedding rows would never see a gradient. This trains a vocabulary of the same
 kind (byte-level BPE, the GPT-2/Qwen family) at a size that fits the corpus, with the ChatML and reasoning
 markers our chat template uses.
@@ -46,7 +46,7 @@ SPECIAL_TOKENS = [
 ]
 # Markers that must survive decode(skip_special_tokens=True); see the module docstring.
 MARKER_TOKENS = set(SPECIAL_TOKENS[3:])
-# MiMo-V2-Flash's context length (SPEC §1.1); only informs transformers' length warnings.
+# MiMo-V2-Flash's context length (docs/MODEL.md §1.1); only informs transformers' length warnings.
 MODEL_MAX_LENGTH = 262144
 
 

@@ -6,7 +6,7 @@ Example:
     mimoflash train --config default-small --data runs/default/data --out runs/default/train --resume
     mimoflash train --only-mtp --init mimoflash/default_model --data runs/default/data --out runs/mtp
 
-What one optimizer step does (SPEC §2.5, §3, §6):
+What one optimizer step does (docs/MODEL.md §2.5, §3, §6):
 
 1. For each of `grad_accum` micro-steps, draw a *global* micro-batch of `batch_size` windows from the data
    generator (every rank draws the same one) and keep rows `rank::world` of it. The loss is normalised by the
