@@ -57,10 +57,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mimoflash {cmd}: not available in this installation ({e})", file=sys.stderr)
         return 2
     try:
-        return int(fn(argv[1:]) or 0)
+        result = fn(argv[1:])
     except KeyboardInterrupt:
         return 130
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, RuntimeError) as e:
         # User-facing errors (bad flags, bad checkpoint, bad input) print one clear line, not a traceback.
         print(f"mimoflash {cmd}: error: {e}", file=sys.stderr)
         return 1
+    return exit_code(result)
+
+
+def exit_code(result: object) -> int:
+    """A command's return value -> process exit status. Commands may return an int status, or anything else on
+    success (`train` returns its summary dict, others None), which is 0: only a plain int is a status."""
+    return result if type(result) is int else 0

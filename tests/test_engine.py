@@ -14,6 +14,16 @@ from tests.conftest import make_model, tiny_config
 GREEDY = SamplingParams(temperature=0, max_tokens=10)
 
 
+@pytest.fixture(autouse=True)
+def _grad_mode_restored():
+    """Every test must leave autograd as it found it (on): a leaked no-grad mode would silently change later tests.
+    Grad mode is restored either way, so one offender cannot cascade."""
+    yield
+    leaked = not torch.is_grad_enabled()
+    torch.set_grad_enabled(True)
+    assert not leaked, "this test left torch's grad mode disabled"
+
+
 class ByteTokenizer:
     """ids 0..255 are bytes, 256 is eos (special), 257.. are specials that decode to nothing."""
     eos_token_id = 256
@@ -296,16 +306,27 @@ def test_cpu_layout_transform_matches_dense_reference():
     use_cpu_layout(m)                                                   # idempotent
     moe(xs[2]).sum().backward()                                         # with autograd: the parameters' own path
     assert moe.experts.gate_proj.grad is not None and moe.experts.gate_proj.grad.abs().sum() > 0
-    torch.set_grad_enabled(False)
-    assert "cpu_experts" in repr(moe.experts.forward)
-    assert moe.experts.gate_proj.data_ptr() == moe.experts._gate_up.data_ptr()          # views, no copy
-    for x, b in zip(xs, before):
-        torch.testing.assert_close(moe(x), b, atol=1e-6, rtol=1e-5)
-        torch.testing.assert_close(moe(x), moe.forward_dense_reference(x), atol=1e-5, rtol=1e-4)
-    sd, sd_ref = m.state_dict(), ref.state_dict()
-    assert set(sd) == set(sd_ref) and all(torch.equal(sd[k], sd_ref[k]) for k in sd)   # same values
-    torch.testing.assert_close(m(ids), ref(ids), atol=1e-5, rtol=1e-4)
-    m.double()                                      # a cast breaks the views: the grouped forward takes over
-    assert moe.experts.gate_proj.data_ptr() != moe.experts._gate_up.data_ptr()
-    torch.testing.assert_close(moe(xs[2].double()).float(), before[2], atol=1e-5, rtol=1e-4)
-    torch.set_grad_enabled(True)
+    with torch.no_grad():                          # scoped: a failing check cannot leak no-grad into later tests
+        assert "cpu_experts" in repr(moe.experts.forward)
+        assert moe.experts.gate_proj.data_ptr() == moe.experts._gate_up.data_ptr()          # views, no copy
+        for x, b in zip(xs, before):
+            torch.testing.assert_close(moe(x), b, atol=1e-6, rtol=1e-5)
+            torch.testing.assert_close(moe(x), moe.forward_dense_reference(x), atol=1e-5, rtol=1e-4)
+        sd, sd_ref = m.state_dict(), ref.state_dict()
+        assert set(sd) == set(sd_ref) and all(torch.equal(sd[k], sd_ref[k]) for k in sd)   # same values
+        torch.testing.assert_close(m(ids), ref(ids), atol=1e-5, rtol=1e-4)
+        m.double()                                      # a cast breaks the views: the grouped forward takes over
+        assert moe.experts.gate_proj.data_ptr() != moe.experts._gate_up.data_ptr()
+        torch.testing.assert_close(moe(xs[2].double()).float(), before[2], atol=1e-5, rtol=1e-4)
+
+
+def test_invalid_requests_raise_real_errors_not_asserts():
+    """These checks must survive `python -O`, which strips `assert` statements: they raise ValueError instead."""
+    from mimoflash.engine.engine import LLMEngine
+    from mimoflash.engine.request import Request
+    with pytest.raises(ValueError, match="empty prompt"):
+        Request("r0", [], SamplingParams())
+    engine = LLMEngine(make_model(tiny_config(), seed=3))
+    engine.scheduler.add(Request("dup", [1, 2, 3], SamplingParams()))
+    with pytest.raises(ValueError, match="duplicate request id"):
+        engine.scheduler.add(Request("dup", [4, 5], SamplingParams()))

@@ -257,7 +257,8 @@ def _build(config: MiMoConfig, dtype: torch.dtype, device: torch.device) -> MiMo
         model.get_submodule(name).inv_freq = module.inv_freq.to(device)
     persistent = set(model.state_dict())
     stale = [n for n, _ in model.named_buffers() if n not in persistent and n.rsplit(".", 1)[0] not in fresh]
-    assert not stale, f"non-persistent buffers the loader does not know how to recompute: {stale}"
+    if stale:
+        raise RuntimeError(f"non-persistent buffers the loader does not know how to recompute: {stale}")
     return model.eval()
 
 

@@ -53,7 +53,8 @@ class Request:
     finish_time: float | None = None
 
     def __post_init__(self) -> None:
-        assert self.prompt_token_ids, f"request {self.request_id}: empty prompt"
+        if not self.prompt_token_ids:
+            raise ValueError(f"request {self.request_id}: empty prompt")
         self.group_id = self.group_id or self.request_id
         if self.params.logprobs is not None:
             self.logprobs = []

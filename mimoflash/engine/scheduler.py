@@ -72,7 +72,8 @@ class Scheduler:
 
     # ------------------------------------------------------------------ queue
     def add(self, req: Request) -> None:
-        assert req.request_id not in self.requests, f"duplicate request id {req.request_id!r}"
+        if req.request_id in self.requests:
+            raise ValueError(f"duplicate request id {req.request_id!r}")
         cap = self.kv.layout.token_capacity
         if req.num_prompt_tokens + 1 > min(self.config.max_model_len, cap):
             raise ValueError(f"prompt of {req.num_prompt_tokens} tokens does not fit: max_model_len is "
@@ -160,7 +161,8 @@ class Scheduler:
             req.num_computed_tokens += item.num_tokens
             if not item.sample:
                 continue
-            assert tok is not None, f"{req.request_id}: sampled row without a token"
+            if tok is None:
+                raise RuntimeError(f"{req.request_id}: sampled row without a token")
             req.output_token_ids.append(tok)
             if req.first_token_time is None:
                 req.first_token_time = now
