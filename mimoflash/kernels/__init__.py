@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
-_SOURCES = [Path(__file__).with_name(n) for n in ("wgemm.c", "panels.c", "ops.c", "decode.c", "pool.c")]
+_SOURCES = [Path(__file__).with_name(n) for n in ("wgemm.c", "panels.c", "ops.c", "decode.c", "pool.c", "fp8.c")]
 _FLAGS = ["-O3", "-fPIC", "-shared", "-std=gnu11", "-fopenmp-simd", "-pthread"]
 _lib: ctypes.CDLL | None = None
 _tried = False

@@ -1,0 +1,250 @@
+/* Block-FP8 weight matmuls for CPU decoding: y (M, N) fp32 = x (M, K) fp32 @ W^T, where W (N, K) is stored as
+ * E4M3 bytes with one fp32 scale per (br x bc) tile (docs/MODEL.md §4.3, checkpoint/fp8.py):
+ *     W[n, k] = e4m3(Wq[n, k]) * S[n / br, k / bc].
+ *
+ * Why: decode reads every weight it uses once per token, so bytes per token set the speed, and an FP8 checkpoint is
+ * half the bytes of bf16. Keeping the bytes as shipped and dequantising inside the product gives the exact fp32
+ * dequantisation up to rounding order (no bf16 rounding of the dequantised weights).
+ *
+ * Conversion: an E4M3 byte s.eeee.mmm becomes the fp16 bit pattern s.0eeee.mmm0000000 (two shifts, two masks, an
+ * or), whose value is exactly the E4M3 value / 256 for normal and subnormal bytes alike (both formats' subnormals
+ * scale by the same 2^8); F16C's vcvtph2ps widens 8 of them to fp32 in one instruction. The factor 256 and the tile
+ * scale are folded into the activations: for each block row of weights, xs[m, k] = x[m, k] * (S[nb, k / bc] * 256),
+ * a (M, K) vector computed once per block row (K products) and reused for its br rows, so the inner loop is the
+ * conversion and one FMA per x row, like the bf16 kernel (wgemm.c). Any block size works, ragged edges included.
+ * The byte 0x7f (E4M3 NaN) decodes to 480 here; checkpoints hold no NaN.
+ *
+ * The AVX2+FMA+F16C path is picked at run time; elsewhere a portable loop reads a 256-entry table of the same
+ * values. Products with >= 2^16 weights are split by block rows over the pool's threads (pool.c); each output is
+ * computed by one thread in the same order whatever the thread count. Python wrappers: kernels/fp8.py, tested
+ * against F.linear(x, dequantize_fp8_block(w, s)) in tests/test_fp8_runtime.py.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+void mf_parallel_ranges(long n, long align, void (*range)(void *, long, long), void *ctx);
+int mf_num_threads(void);
+
+static float fp8_lut[256];      /* E4M3 value / 256 (the fp16 reading of the shifted byte) */
+static int fp8_lut_ready = 0;
+
+static void fp8_lut_init(void) {
+    if (fp8_lut_ready) return;
+    for (int b = 0; b < 256; b++) {
+        int e = (b >> 3) & 15, m = b & 7;
+        float v = e ? ldexpf(1.f + m / 8.f, e - 15) : ldexpf(m / 8.f, -14);
+        fp8_lut[b] = (b & 0x80) ? -v : v;
+    }
+    fp8_lut_ready = 1;
+}
+
+/* xs (M, K) = x (M, K) * (S[nb, k / bc] * 256): the activations of one block row, scaled. */
+static void scale_rows(const float *x, long ldx, long M, long K, const float *s_row, long bc, float *xs) {
+    for (long m = 0; m < M; m++) {
+        const float *xr = x + m * ldx;
+        float *o = xs + m * K;
+        for (long k0 = 0; k0 < K; k0 += bc) {
+            float sc = s_row[k0 / bc] * 256.f;
+            long k1 = k0 + bc < K ? k0 + bc : K;
+            for (long k = k0; k < k1; k++) o[k] = xr[k] * sc;
+        }
+    }
+}
+
+static void rows_portable(const float *xs, long M, long K, const uint8_t *w, long rows, float *y, long ldy) {
+    for (long n = 0; n < rows; n++)
+        for (long m = 0; m < M; m++) {
+            const uint8_t *wr = w + n * K;
+            const float *xr = xs + m * K;
+            float acc = 0.f;
+            for (long k = 0; k < K; k++) acc += xr[k] * fp8_lut[wr[k]];
+            y[m * ldy + n] = acc;
+        }
+}
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define FP8_SIMD __attribute__((target("avx2,fma,f16c")))
+
+/* 16 bytes -> two fp32 vectors. In each 16-bit lane: b << 8 = s.eeee.mmm.00000000; an arithmetic shift right by one
+ * copies the sign into bit 14, which the mask clears: s.0eeee.mmm0000000, the fp16 pattern of E4M3 / 256. */
+FP8_SIMD static inline void fp8x16(const uint8_t *p, __m256 *lo, __m256 *hi) {
+    __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)p));
+    __m256i h = _mm256_and_si256(_mm256_srai_epi16(_mm256_slli_epi16(b, 8), 1), _mm256_set1_epi16((short)0xbfff));
+    *lo = _mm256_cvtph_ps(_mm256_castsi256_si128(h));
+    *hi = _mm256_cvtph_ps(_mm256_extracti128_si256(h, 1));
+}
+
+FP8_SIMD static inline __m256 fp8x8(const uint8_t *p) {
+    __m128i b = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)p));
+    return _mm256_cvtph_ps(_mm_and_si128(_mm_srai_epi16(_mm_slli_epi16(b, 8), 1), _mm_set1_epi16((short)0xbfff)));
+}
+
+FP8_SIMD static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    return _mm_cvtss_f32(s);
+}
+
+FP8_SIMD static float dot_fp8(const float *xr, const uint8_t *wr, long K) {
+    __m256 a = _mm256_setzero_ps(), c = a, lo, hi;
+    long k = 0;
+    for (; k + 16 <= K; k += 16) {
+        fp8x16(wr + k, &lo, &hi);
+        a = _mm256_fmadd_ps(_mm256_loadu_ps(xr + k), lo, a);
+        c = _mm256_fmadd_ps(_mm256_loadu_ps(xr + k + 8), hi, c);
+    }
+    for (; k + 8 <= K; k += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(xr + k), fp8x8(wr + k), a);
+    float acc = hsum8(_mm256_add_ps(a, c));
+    for (; k < K; k++) acc += xr[k] * fp8_lut[wr[k]];
+    return acc;
+}
+
+/* Four weight rows at a time, 16 bytes of each converted per step, against one x row (decode of one sequence) or
+ * pairs of x rows (each conversion used twice). The K % 16 tail goes through dot_fp8's scalar-friendly path. */
+FP8_SIMD static void rows_avx2(const float *xs, long M, long K, const uint8_t *w, long rows, float *y, long ldy) {
+    long K16 = K & ~15L, n = 0;
+    for (; n + 4 <= rows; n += 4) {
+        const uint8_t *wr[4] = {w + n * K, w + (n + 1) * K, w + (n + 2) * K, w + (n + 3) * K};
+        for (long m = 0; m < M; m += 2) {
+            const float *x0 = xs + m * K, *x1 = m + 1 < M ? x0 + K : NULL;
+            __m256 a[4], b[4], lo, hi;
+            for (int j = 0; j < 4; j++) a[j] = b[j] = _mm256_setzero_ps();
+            if (!x1) {
+                for (long k = 0; k < K16; k += 16) {
+                    _mm_prefetch((const char *)(wr[0] + 4 * K) + 4 * k, _MM_HINT_T0);
+                    __m256 u = _mm256_loadu_ps(x0 + k), v = _mm256_loadu_ps(x0 + k + 8);
+                    for (int j = 0; j < 4; j++) {
+                        fp8x16(wr[j] + k, &lo, &hi);
+                        a[j] = _mm256_fmadd_ps(u, lo, a[j]);
+                        b[j] = _mm256_fmadd_ps(v, hi, b[j]);
+                    }
+                }
+                for (int j = 0; j < 4; j++) {
+                    float r = hsum8(_mm256_add_ps(a[j], b[j]));
+                    for (long k = K16; k < K; k++) r += x0[k] * fp8_lut[wr[j][k]];
+                    y[m * ldy + n + j] = r;
+                }
+            } else {
+                for (long k = 0; k < K16; k += 16) {
+                    _mm_prefetch((const char *)(wr[0] + 4 * K) + 4 * k, _MM_HINT_T0);
+                    __m256 u0 = _mm256_loadu_ps(x0 + k), u1 = _mm256_loadu_ps(x0 + k + 8);
+                    __m256 v0 = _mm256_loadu_ps(x1 + k), v1 = _mm256_loadu_ps(x1 + k + 8);
+                    for (int j = 0; j < 4; j++) {
+                        fp8x16(wr[j] + k, &lo, &hi);
+                        a[j] = _mm256_fmadd_ps(u1, hi, _mm256_fmadd_ps(u0, lo, a[j]));
+                        b[j] = _mm256_fmadd_ps(v1, hi, _mm256_fmadd_ps(v0, lo, b[j]));
+                    }
+                }
+                for (int j = 0; j < 4; j++) {
+                    float r = hsum8(a[j]), t = hsum8(b[j]);
+                    for (long k = K16; k < K; k++) {
+                        float c = fp8_lut[wr[j][k]];
+                        r += x0[k] * c;
+                        t += x1[k] * c;
+                    }
+                    y[m * ldy + n + j] = r;
+                    y[(m + 1) * ldy + n + j] = t;
+                }
+            }
+        }
+    }
+    for (; n < rows; n++)
+        for (long m = 0; m < M; m++) y[m * ldy + n] = dot_fp8(xs + m * K, w + n * K, K);
+}
+
+static int fp8_simd(void) {
+    static int cached = -1;
+    if (cached < 0) {
+        __builtin_cpu_init();
+        const char *force = getenv("MIMOFLASH_KERNELS_PORTABLE");
+        cached = (!force || !*force || *force == '0') && __builtin_cpu_supports("avx2") &&
+                 __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+    }
+    return cached;
+}
+#else
+static int fp8_simd(void) { return 0; }
+#endif
+
+typedef struct {
+    const float *x;
+    const uint8_t *w;
+    const float *s;
+    float *y;
+    long ldx, ldy, M, N, K, br, bc, ldS;
+    int failed;
+} fp8_job;
+
+/* Output rows [n0, n1): block row by block row, the scaled activations in a per-thread buffer. */
+static void fp8_range(void *p, long n0, long n1) {
+    fp8_job *j = (fp8_job *)p;
+    static _Thread_local float *buf = NULL;
+    static _Thread_local size_t cap = 0;
+    size_t need = (size_t)j->M * (size_t)j->K;
+    if (cap < need) {
+        free(buf);
+        buf = malloc(need * sizeof(float));
+        cap = buf ? need : 0;
+        if (!buf) {
+            j->failed = 1;
+            return;
+        }
+    }
+    for (long n = n0; n < n1;) {
+        long nb = n / j->br, hi = (nb + 1) * j->br < n1 ? (nb + 1) * j->br : n1;
+        scale_rows(j->x, j->ldx, j->M, j->K, j->s + nb * j->ldS, j->bc, buf);
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+        if (fp8_simd())
+            rows_avx2(buf, j->M, j->K, j->w + n * j->K, hi - n, j->y + n, j->ldy);
+        else
+#endif
+            rows_portable(buf, j->M, j->K, j->w + n * j->K, hi - n, j->y + n, j->ldy);
+        n = hi;
+    }
+}
+
+/* Exported: y (M, N) = x (M, K) @ dequant(w, s)^T; w (N, K) E4M3 bytes row-major, s (ceil(N/br), ldS) fp32 with
+ * ldS >= ceil(K/bc). -> 0, or -1 when a scratch buffer could not be allocated. */
+int mf_gemm_fp8w(const float *x, long ldx, const uint8_t *w, const float *s, long ldS, float *y, long ldy, long M,
+                 long N, long K, long br, long bc) {
+    fp8_lut_init();
+    fp8_job j = {x, w, s, y, ldx, ldy, M, N, K, br, bc, ldS, 0};
+    long T = mf_num_threads();
+    if (T > 1 && N * K >= (1L << 16) && N >= 8 * T)
+        mf_parallel_ranges(N, br % 4 == 0 ? br : 4 * br, fp8_range, &j);
+    else
+        fp8_range(&j, 0, N);
+    return j.failed ? -1 : 0;
+}
+
+/* Exported: routed experts over tokens grouped by expert. x (P, D) rows sorted by expert, rows[i] of them for the
+ * i-th listed expert, whose six pointers ptrs[6 i ..] are gate (F, D) bytes, gate scales, up (F, D), up scales,
+ * down (D, F), down scales (scale grids row-major, ceil-div shapes). y (P, D) = down(silu(gate x) * up x) per row,
+ * unweighted. -> 0, or -1 when memory ran out. */
+int mf_experts_fp8(const float *x, long ldx, long D, long Fd, long n, const long *rows, const int64_t *ptrs, long br,
+                   long bc, float *y, long ldy) {
+    long maxr = 0;
+    for (long i = 0; i < n; i++) maxr = rows[i] > maxr ? rows[i] : maxr;
+    float *g = malloc(sizeof(float) * (size_t)(2 * maxr * Fd + 1));
+    if (!g) return -1;
+    float *u = g + maxr * Fd;
+    long Dc = (D + bc - 1) / bc, Fc = (Fd + bc - 1) / bc;
+    int rc = 0;
+    for (long i = 0, lo = 0; i < n && rc == 0; lo += rows[i], i++) {
+        long M = rows[i];
+        if (!M) continue;
+        const int64_t *p = ptrs + 6 * i;
+        const float *xi = x + lo * ldx;
+        rc |= mf_gemm_fp8w(xi, ldx, (const uint8_t *)p[0], (const float *)p[1], Dc, g, Fd, M, Fd, D, br, bc);
+        rc |= mf_gemm_fp8w(xi, ldx, (const uint8_t *)p[2], (const float *)p[3], Dc, u, Fd, M, Fd, D, br, bc);
+        for (long k = 0; k < M * Fd; k++) g[k] = g[k] / (1.f + expf(-g[k])) * u[k];
+        rc |= mf_gemm_fp8w(g, Fd, (const uint8_t *)p[4], (const float *)p[5], Fc, y + lo * ldy, ldy, M, D, Fd, br,
+                           bc);
+    }
+    free(g);
+    return rc;
+}
