@@ -11,6 +11,7 @@ Examples:
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import os
 import sys
@@ -23,7 +24,25 @@ COMMANDS = {
     "train": ("mimoflash.train.train", "main", "train a MiMo-architecture model (next-token + MTP losses)"),
     "train-tokenizer": ("mimoflash.train.tokenizer_train", "main", "train a byte-level BPE tokenizer"),
     "prepare-data": ("mimoflash.train.data", "main", "tokenize a corpus into memory-mapped token shards"),
+    "bench": ("mimoflash.bench", "main", "roofline, prefill/decode tokens/s and cost per million tokens; --plan"),
 }
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Shows each option's default once: appended when the help text does not already state it, and never for
+    flags (store_true / store_false), whose 'default: True/False' reads backwards, nor for a default of None."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_ = action.help or ""
+        if ("default" in help_ or action.nargs == 0 or action.default in (None, [], argparse.SUPPRESS)
+                or not action.option_strings):
+            return help_
+        return f"{help_} (default: %(default)s)"
+
+
+def usage_error(ap: argparse.ArgumentParser, message: str) -> None:
+    """Refuse bad flags in one line (argparse's own `error` prints the whole multi-line usage first); exit 2."""
+    ap.exit(2, f"{ap.prog}: error: {message}\n")
 
 
 def _usage() -> str:

@@ -58,7 +58,7 @@ def export(checkpoint: str | Path, out_dir: str | Path = DEFAULT_MODEL_DIR, data
     from .tokenizer import Tokenizer
     from .train.data import TokenDataset
     from .train.evaluate import greedy_generate, heldout_loss, mtp_acceptance, read_tokens
-    from .train.train import evaluate
+    from .train.train import evaluate, load_trainer_state
 
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
     main_ckpt = checkpoint
@@ -66,7 +66,7 @@ def export(checkpoint: str | Path, out_dir: str | Path = DEFAULT_MODEL_DIR, data
     extra_card = dict(extra_card or {})
     if run_cfg.get("only_mtp"):
         # An --only-mtp run on top of a pre-training run: the card describes the pre-training run, plus this phase.
-        mstate = torch.load(checkpoint / "trainer_state.pt", map_location="cpu", weights_only=False)
+        mstate = load_trainer_state(checkpoint / "trainer_state.pt")
         main_ckpt = Path(run_cfg["init"])
         run_cfg = json.loads((main_ckpt.parent / "train_config.json").read_text())
         acc_file = checkpoint.parent / "mtp_acceptance.json"
@@ -78,7 +78,7 @@ def export(checkpoint: str | Path, out_dir: str | Path = DEFAULT_MODEL_DIR, data
                 fmt = lambda a: ", ".join(f"{x:.3f}" for x in a["mtp_acc"]) + f"; length {a['accept_length']:.2f}"
                 line += f". Acceptance by depth before: {fmt(acc['before'])}; after: {fmt(acc['after'])}"
         extra_card.setdefault("mtp_only", line + ".")
-    state = torch.load(main_ckpt / "trainer_state.pt", map_location="cpu", weights_only=False)
+    state = load_trainer_state(main_ckpt / "trainer_state.pt")
     data_dir = Path(data_dir or run_cfg["data"])
     meta = json.loads((data_dir / "meta.json").read_text())
     model = load_model(checkpoint, torch.float32, "cpu")

@@ -86,13 +86,31 @@ def read_headers(path: Path) -> dict[str, dict]:
     files = sorted(path.glob("*.safetensors")) if path.is_dir() else []
     out = {}
     for f in files:
-        with open(f, "rb") as fh:
-            n = struct.unpack("<Q", fh.read(8))[0]
-            header = json.loads(fh.read(n))
-        for name, info in header.items():
+        for name, info in _read_header(f).items():
             if name != "__metadata__":
                 out[name] = {"dtype": info["dtype"], "shape": info["shape"], "file": f.name}
     return out
+
+
+def _read_header(f: Path) -> dict:
+    """One safetensors header (8-byte little-endian length, then that many bytes of JSON). A truncated or garbled
+    file raises ValueError naming it."""
+    with open(f, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise ValueError(f"{f}: not a safetensors file (only {len(head)} bytes; the header length is missing)")
+        n = struct.unpack("<Q", head)[0]
+        raw = fh.read(n)
+    if len(raw) < n:
+        raise ValueError(f"{f}: truncated safetensors header ({len(raw)} of {n} bytes)")
+    try:
+        header = json.loads(raw)
+        if not isinstance(header, dict) or not all(isinstance(v, dict) and "dtype" in v and "shape" in v
+                                                   for k, v in header.items() if k != "__metadata__"):
+            raise ValueError("not a JSON object of {name: {dtype, shape, data_offsets}}")
+    except (ValueError, UnicodeDecodeError) as e:      # json.JSONDecodeError is a ValueError
+        raise ValueError(f"{f}: unreadable safetensors header ({e})") from None
+    return header
 
 
 def fp8_report(headers: dict[str, dict]) -> dict:
@@ -116,19 +134,25 @@ def _fmt_count(n: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="mimoflash inspect", description=__doc__.split("\n\n")[0])
+    from .cli import HelpFormatter
+    ap = argparse.ArgumentParser(prog="mimoflash inspect", description=__doc__.split("\n\n")[0],
+                                 formatter_class=HelpFormatter)
     ap.add_argument("path", help="checkpoint directory or a config.json file")
-    ap.add_argument("--context", type=int, default=32768, help="tokens per sequence for the KV estimate")
+    ap.add_argument("--context", type=int, default=None,
+                    help="tokens per sequence for the KV estimate (default: the model's context, "
+                         "max_position_embeddings)")
     ap.add_argument("--batch", type=int, default=1, help="concurrent sequences for the KV estimate")
     ap.add_argument("--kv-bytes", type=int, default=2, help="bytes per cached element (2 = bf16)")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args = ap.parse_args(argv)
-    if args.context < 1 or args.batch < 1 or args.kv_bytes < 1:
+    if (args.context is not None and args.context < 1) or args.batch < 1 or args.kv_bytes < 1:
         ap.error("--context, --batch and --kv-bytes must be >= 1")
     path = Path(args.path)
     if not path.exists():
         ap.error(f"{path} does not exist")
     cfg = MiMoConfig.from_file(path)
+    if args.context is None:
+        args.context = cfg.max_position_embeddings
     headers = read_headers(path) if path.is_dir() else {}
     if path.is_dir() and "num_nextn_predict_layers" not in json.loads((path / "config.json").read_text()):
         mtp_ids = {int(m[1]) for n in headers if (m := re.match(r"model\.mtp\.layers\.(\d+)\.", n))}

@@ -87,17 +87,33 @@ def _resolve_path(path) -> Path:
         return p
     if p.exists():
         raise CheckpointError(f"{p}: expected a checkpoint directory (config.json + safetensors), got a file")
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", str(path)) and not str(path).startswith((".", "/")):
+    missing = f"{p}: checkpoint directory does not exist{_near_miss(p)}"
+    # "owner/name" may be a hub repo id, unless its first part is a local directory ("runs/smal" is a typo of a
+    # local path, not something to look for on the network).
+    if (re.fullmatch(r"[\w.-]+/[\w.-]+", str(path)) and not str(path).startswith((".", "/"))
+            and not p.parent.is_dir()):
         try:
             from huggingface_hub import snapshot_download
         except ImportError:
-            raise CheckpointError(f"{path}: no such directory (downloading a hub repo id needs "
-                                  "`pip install mimoflash[hub]`)") from None
+            raise CheckpointError(f"{missing} (and downloading a hub repo id needs `pip install "
+                                  "mimoflash[hub]`)") from None
         try:
             return Path(snapshot_download(str(path), allow_patterns=["*.json", "*.safetensors", "*.jinja"]))
         except Exception as e:
-            raise CheckpointError(f"{path}: not a local directory, and the hub download failed: {e}") from e
-    raise CheckpointError(f"{p}: checkpoint directory does not exist")
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise CheckpointError(f"{missing}, and it is not a downloadable hub repo id either ({reason})") from e
+    raise CheckpointError(missing)
+
+
+def _near_miss(p: Path) -> str:
+    """'; did you mean runs/small?' when a sibling directory has a close name, else ''."""
+    import difflib
+    try:
+        siblings = [d.name for d in p.parent.iterdir() if d.is_dir()] if p.parent.is_dir() else []
+    except OSError:
+        return ""
+    close = difflib.get_close_matches(p.name, siblings, n=1)
+    return f"; did you mean {p.parent / close[0]}?" if close else ""
 
 
 def _weight_map(root: Path) -> dict[str, str]:

@@ -7,17 +7,23 @@ Examples:
     mimoflash chat --model ckpt/ --system "You are terse."
 
 Both default to the model shipped with the package (`mimoflash.default.default_model()`). Text streams to stdout;
-the stats line (tokens, decode tokens/s, time to first token) goes to stderr so that stdout stays pipeable.
+the stats line (tokens, decode tokens/s, time to first token) and notices go to stderr so that stdout stays pipeable.
+
+Seeds: without `--seed` a fresh random seed is drawn for every run (as vLLM does), so two runs sample differently;
+the seed used is printed on the stats line and recorded in `--json` output, and passing it back as `--seed`
+reproduces the run. Greedy decoding (`--temperature 0`) does not depend on it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import secrets
 import sys
 import time
 from dataclasses import asdict
 
+from ..cli import HelpFormatter, usage_error
 from .sampling import SamplingParams
 
 
@@ -32,7 +38,7 @@ def _resolve_model(path: str | None) -> str:
 
 
 def _add_common(ap: argparse.ArgumentParser, max_tokens: int) -> None:
-    ap.add_argument("--model", help="checkpoint directory (default: the model shipped with mimoflash)")
+    ap.add_argument("--model", help="checkpoint directory or hub repo id (default: the model shipped with mimoflash)")
     ap.add_argument("--dtype", default="auto",
                     help="compute dtype: auto | float32 | bfloat16 (auto: float32 on CPU, bf16 on GPU)")
     ap.add_argument("--weight-dtype", default="auto",
@@ -41,29 +47,53 @@ def _add_common(ap: argparse.ArgumentParser, max_tokens: int) -> None:
     ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                     help="KV cache storage (auto = the compute dtype; bfloat16 halves the cache under fp32 compute)")
     ap.add_argument("--no-weight-panels", dest="weight_panels", action="store_false",
-                    help="CPU bf16 weights: skip the packed copy of the dense linears (saves their size in RAM; "
-                         "batched decoding and prefill run slower)")
+                    help="CPU bf16 weights: do not keep the packed copy of the dense linears that is kept by default "
+                         "(saves their size in RAM; batched decoding and prefill run slower)")
     ap.add_argument("--huge-pages", action="store_true",
                     help="CPU: weights and KV cache on 2 MB transparent huge pages where Linux allows (same results; "
                          "fewer TLB misses, within noise on the benchmark machine)")
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--device", default="cpu", help="torch device to run on: cpu, cuda, cuda:1, ...")
     ap.add_argument("--kv-cache-memory", type=float, default=None,
                     help="KV cache budget: bytes, or a fraction of RAM when <= 1 (default: what max_num_seqs needs)")
-    ap.add_argument("--max-model-len", type=int, default=None)
+    ap.add_argument("--max-model-len", type=int, default=None,
+                    help="longest sequence (prompt + generated tokens) in tokens (default: the model's context, "
+                         "max_position_embeddings in its config.json)")
     ap.add_argument("--threads", type=int, default=None,
-                    help="CPU threads for torch and the kernels' pool (default: torch's, usually the core count)")
+                    help="CPU threads for torch and the kernels' pool, >= 1 (default: torch's, usually the core count)")
     g = ap.add_argument_group("sampling")
-    g.add_argument("--max-tokens", type=int, default=max_tokens)
-    g.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--min-p", type=float, default=0.0)
-    g.add_argument("--repetition-penalty", type=float, default=1.0)
-    g.add_argument("--presence-penalty", type=float, default=0.0)
-    g.add_argument("--frequency-penalty", type=float, default=0.0)
-    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--max-tokens", type=int, default=max_tokens, help="most tokens to generate per reply")
+    g.add_argument("--temperature", type=float, default=1.0, help="softmax temperature; 0 = greedy")
+    g.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens only; 0 = off")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1]; 1 = off")
+    g.add_argument("--min-p", type=float, default=0.0,
+                   help="drop tokens below min_p x the top token's probability; 0 = off")
+    g.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="> 1 discourages tokens already in the prompt or output; 1 = off")
+    g.add_argument("--presence-penalty", type=float, default=0.0,
+                   help="in [-2, 2]: subtracted from the logit of every token already generated")
+    g.add_argument("--frequency-penalty", type=float, default=0.0,
+                   help="in [-2, 2]: subtracted once per earlier occurrence of a generated token")
+    g.add_argument("--seed", type=int, default=None,
+                   help="sampling seed (default: a fresh random seed per run, printed so the run can be repeated)")
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    g.add_argument("--ignore-eos", action="store_true")
+    g.add_argument("--ignore-eos", action="store_true", help="keep generating after the end-of-sequence token")
+
+
+def _check_common(ap: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    """Flag values argparse cannot check by type alone; refused before the model is loaded."""
+    if a.threads is not None and a.threads < 1:
+        usage_error(ap, f"--threads must be >= 1, got {a.threads}")
+    if a.max_model_len is not None and a.max_model_len < 2:
+        usage_error(ap, f"--max-model-len must be >= 2 (a prompt token and a generated one), got {a.max_model_len}")
+    if a.kv_cache_memory is not None and a.kv_cache_memory <= 0:
+        usage_error(ap, f"--kv-cache-memory must be > 0, got {a.kv_cache_memory}")
+
+
+def _draw_seed(a: argparse.Namespace) -> int:
+    """The run's seed: --seed, or a fresh random one (vLLM's behaviour: unseeded runs differ from run to run)."""
+    if a.seed is None:
+        a.seed = secrets.randbelow(2 ** 31)
+    return a.seed
 
 
 def _params(a: argparse.Namespace, **extra) -> SamplingParams:
@@ -73,7 +103,7 @@ def _params(a: argparse.Namespace, **extra) -> SamplingParams:
                           **extra)
 
 
-def _load(a: argparse.Namespace, max_num_seqs: int = 4):
+def _load(a: argparse.Namespace, max_num_seqs: int = 4, seed: int = 0):
     import torch
 
     from .llm import LLM
@@ -85,48 +115,97 @@ def _load(a: argparse.Namespace, max_num_seqs: int = 4):
               max_num_seqs=max_num_seqs,
               kv_cache_memory=int(a.kv_cache_memory) if a.kv_cache_memory and a.kv_cache_memory > 1
               else a.kv_cache_memory, max_model_len=a.max_model_len, weight_panels=a.weight_panels,
-              huge_pages=a.huge_pages, progress=True)
+              huge_pages=a.huge_pages, seed=seed, progress=True)
     print(f"loaded {path} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     return llm
 
 
-def _stats(m) -> str:
+def context_limit(llm) -> int:
+    """Tokens one sequence may hold (prompt + output): max_model_len, or less if the KV cache holds fewer."""
+    sched = llm.engine.scheduler.config.max_model_len
+    return min(sched, llm.engine.kv.layout.token_capacity)
+
+
+def clean_text(text: str, what: str) -> str:
+    """Text from argv or stdin that held bytes which are not UTF-8 (Python keeps them as lone surrogates, which no
+    tokenizer accepts) -> the same text with each bad byte replaced by U+FFFD, and a notice on stderr."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    fixed = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    print(f"({what} contained bytes that are not valid UTF-8; each was replaced by U+FFFD)", file=sys.stderr)
+    return fixed
+
+
+def _read_stdin() -> str:
+    return sys.stdin.buffer.read().decode("utf-8", "surrogateescape")
+
+
+def _stats(m, seed: int | None = None) -> str:
     if m is None:
         return ""
     ttft = f"{m.time_to_first_token * 1e3:.0f} ms" if m.time_to_first_token is not None else "-"
     rate = f"{m.decode_tokens_per_s:.1f} tok/s" if m.decode_tokens_per_s else "- tok/s"
-    return f"[{m.prompt_tokens} prompt + {m.generated_tokens} generated tokens | {rate} | TTFT {ttft}]"
+    tail = f" | seed {seed}" if seed is not None else ""
+    return f"[{m.prompt_tokens} prompt + {m.generated_tokens} generated tokens | {rate} | TTFT {ttft}{tail}]"
+
+
+def _context_notice(finish_reason: str | None, prompt_tokens: int, generated: int, max_tokens: int,
+                    limit: int) -> str | None:
+    """A reply that ended as "length" before --max-tokens did so at the end of the context: say so."""
+    if finish_reason == "length" and generated < max_tokens:
+        return (f"(stopped at the context limit: {prompt_tokens} prompt + {generated} generated tokens fill the "
+                f"{limit}-token context, before --max-tokens {max_tokens})")
+    return None
 
 
 def generate_main(argv: list[str] | None = None) -> int:
     """mimoflash generate [--model PATH] "prompt" [sampling flags] [--json]"""
     ap = argparse.ArgumentParser(prog="mimoflash generate", description="Generate text for one prompt.",
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                 formatter_class=HelpFormatter)
     ap.add_argument("prompt", nargs="?", help="prompt text ('-' reads stdin)")
     ap.add_argument("--token-ids", help="comma-separated prompt token ids (for checkpoints without a tokenizer)")
     ap.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
     ap.add_argument("--n", type=int, default=1, help="number of samples")
-    ap.add_argument("--logprobs", type=int, default=None, help="return the top-N logprobs per token (JSON)")
+    ap.add_argument("--logprobs", type=int, default=None,
+                    help="include the top-N log-probabilities of every generated token (needs --json)")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     _add_common(ap, max_tokens=128)
     a = ap.parse_args(argv)
     if (a.prompt is None) == (a.token_ids is None):
-        ap.error("give exactly one of a prompt or --token-ids")
-    params = _params(a, n=a.n, logprobs=a.logprobs)          # validate flags before loading the model
-    llm = _load(a)
+        usage_error(ap, "give exactly one of a prompt or --token-ids")
+    if a.logprobs is not None and not a.json:
+        usage_error(ap, "--logprobs needs --json (the log-probabilities are part of the JSON output)")
+    if a.token_ids is not None and a.chat:
+        usage_error(ap, "--chat formats a text prompt; it cannot be combined with --token-ids")
+    _check_common(ap, a)
+    token_ids = None
     if a.token_ids is not None:
         try:
-            prompt = {"prompt_token_ids": [int(t) for t in a.token_ids.split(",") if t.strip()]}
+            token_ids = [int(t) for t in a.token_ids.split(",") if t.strip()]
         except ValueError:
-            raise ValueError(f"--token-ids must be comma-separated integers, got {a.token_ids!r}")
+            usage_error(ap, f"--token-ids must be comma-separated integers, got {a.token_ids!r}")
+    seed = _draw_seed(a)
+    params = _params(a, n=a.n, logprobs=a.logprobs)          # validate flags before loading the model
+    text = None
+    if token_ids is None:
+        text = clean_text(_read_stdin() if a.prompt == "-" else a.prompt, "the prompt")
+    llm = _load(a)
+    if token_ids is not None:
+        prompt = {"prompt_token_ids": token_ids}
+    elif llm.tokenizer is None:
+        raise ValueError("this checkpoint has no tokenizer, so a text prompt cannot be encoded: give the prompt as "
+                         "token ids instead, e.g. `--token-ids 1,2,3 --json`")
     else:
-        text = sys.stdin.read() if a.prompt == "-" else a.prompt
         prompt = llm._chat_prompt([{"role": "user", "content": text}], True, None) if a.chat else text
+    limit = context_limit(llm)
 
     if a.json or a.n > 1:
         out = llm.generate(prompt, params, use_tqdm=False)[0]
         if a.json:
-            doc = {"prompt": out.prompt, "prompt_token_ids": out.prompt_token_ids,
+            doc = {"prompt": out.prompt, "prompt_token_ids": out.prompt_token_ids, "seed": seed,
                    "outputs": [{"index": o.index, "text": o.text, "token_ids": o.token_ids,
                                 "finish_reason": o.finish_reason, "stop_reason": o.stop_reason,
                                 "logprobs": None if o.logprobs is None else
@@ -137,45 +216,87 @@ def generate_main(argv: list[str] | None = None) -> int:
         else:
             for o in out.outputs:
                 print(f"--- sample {o.index} ({o.finish_reason}) ---\n{o.text}")
-        print(_stats(out.metrics), file=sys.stderr)
+        for o in out.outputs:
+            note = _context_notice(o.finish_reason, len(out.prompt_token_ids), len(o.token_ids), a.max_tokens, limit)
+            if note:
+                print(f"sample {o.index}: {note}" if a.n > 1 else note, file=sys.stderr)
+        print(_stats(out.metrics, seed if a.temperature > 0 else None), file=sys.stderr)
         return 0
-    last = None
+    last, generated = None, 0
     for delta in llm.generate_stream(prompt, params):
         sys.stdout.write(delta.outputs[0].text)
         sys.stdout.flush()
+        generated += len(delta.outputs[0].token_ids)
         last = delta
+    print(file=sys.stdout)
     if llm.tokenizer is None:
         print("(no tokenizer in this checkpoint: use --json to see the token ids)", file=sys.stderr)
-    print(file=sys.stdout)
-    print(_stats(last.metrics if last else None), file=sys.stderr)
+    if last is not None:
+        note = _context_notice(last.outputs[0].finish_reason, len(last.prompt_token_ids), generated, a.max_tokens,
+                               limit)
+        if note:
+            print(note, file=sys.stderr)
+    print(_stats(last.metrics if last else None, seed if a.temperature > 0 else None), file=sys.stderr)
     return 0
 
 
 CHAT_HELP = "commands: /reset clears the conversation, /system TEXT sets the system prompt, /exit quits"
 
 
-def chat_main(argv: list[str] | None = None, input_fn=input) -> int:
-    """mimoflash chat [--model PATH]: interactive chat with streaming output and a stats line per reply."""
-    ap = argparse.ArgumentParser(prog="mimoflash chat", description="Interactive terminal chat.",
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def _fit_history(llm, system: str | None, history: list[dict], reserve: int, limit: int,
+                 enable_thinking) -> tuple[list[int] | None, int]:
+    """Drop the oldest turns until the prompt plus `reserve` reply tokens fits in `limit` tokens; the system prompt
+    and the newest (user) message always stay. -> (prompt token ids, number of messages dropped), or (None, 0)
+    when the newest message alone does not leave room for one reply token."""
+    dropped = 0
+    while True:
+        messages = ([{"role": "system", "content": system}] if system else []) + history
+        ids = llm._chat_prompt(messages, True, enable_thinking)["prompt_token_ids"]
+        if len(ids) + reserve <= limit:
+            return ids, dropped
+        if len(history) == 1:
+            return (ids, dropped) if len(ids) < limit else (None, 0)
+        # drop the oldest user turn and the assistant reply that followed it (a pair keeps roles alternating)
+        n = 2 if len(history) >= 3 and history[1]["role"] == "assistant" else 1
+        del history[:n]
+        dropped += n
+
+
+def chat_main(argv: list[str] | None = None, input_fn=None) -> int:
+    """mimoflash chat [--model PATH]: interactive chat with streaming output and a stats line per reply.
+
+    The conversation is kept in the context: when the next prompt would leave less than --max-tokens (at most half
+    the context) for the reply, the oldest turns are dropped, keeping the system prompt, with a notice. A single
+    message too long for the context is refused and the session goes on."""
+    ap = argparse.ArgumentParser(prog="mimoflash chat", description="Interactive terminal chat. " + CHAT_HELP + ".",
+                                 formatter_class=HelpFormatter)
     ap.add_argument("--system", default=None, help="system prompt")
     ap.add_argument("--enable-thinking", action="store_true", help="let the model reason in <think> first")
     _add_common(ap, max_tokens=512)
     a = ap.parse_args(argv)
+    _check_common(ap, a)
+    if input_fn is None:
+        input_fn = input
+        # undecodable input bytes become lone surrogates (replaced with a notice below) instead of an exception
+        sys.stdin.reconfigure(errors="surrogateescape")
+    # An explicit --seed fixes every reply's sampling; otherwise the session's shared generator gets a fresh seed.
+    session_seed = a.seed if a.seed is not None else secrets.randbelow(2 ** 31)
     params = _params(a)
-    llm = _load(a, max_num_seqs=1)
+    llm = _load(a, max_num_seqs=1, seed=session_seed)
     if llm.tokenizer is None:
         raise ValueError("chat needs a tokenizer; this checkpoint has none (use `mimoflash generate --token-ids`)")
-    system = a.system
+    limit = context_limit(llm)
+    reserve = min(a.max_tokens, limit // 2)
+    system = clean_text(a.system, "the system prompt") if a.system else None
     history: list[dict] = []
-    print(CHAT_HELP, file=sys.stderr)
+    print(f"{CHAT_HELP} (seed {session_seed})", file=sys.stderr)
     while True:
         try:
             line = input_fn("\n> ")
         except (EOFError, KeyboardInterrupt):
             print(file=sys.stderr)
             return 0
-        line = line.strip()
+        line = clean_text(line, "your message").strip()
         if not line:
             continue
         if line in ("/exit", "/quit"):
@@ -189,16 +310,33 @@ def chat_main(argv: list[str] | None = None, input_fn=input) -> int:
             print(f"(system prompt {'set' if system else 'cleared'})", file=sys.stderr)
             continue
         history.append({"role": "user", "content": line})
-        messages = ([{"role": "system", "content": system}] if system else []) + history
-        reply, last = "", None
+        ids, dropped = _fit_history(llm, system, history, reserve, limit, a.enable_thinking or None)
+        if ids is None:
+            history.pop()
+            print(f"(message not sent: it is too long for the model's {limit}-token context; send a shorter one)",
+                  file=sys.stderr)
+            continue
+        if dropped:
+            print(f"(context full: dropped the {dropped} oldest message{'s' if dropped > 1 else ''} of the "
+                  f"conversation; /reset starts afresh)", file=sys.stderr)
+        reply, last, generated = "", None, 0
         try:
-            for delta in llm.chat_stream(messages, params, enable_thinking=a.enable_thinking or None):
+            for delta in llm.generate_stream({"prompt_token_ids": ids}, params):
                 sys.stdout.write(delta.outputs[0].text)
                 sys.stdout.flush()
                 reply += delta.outputs[0].text
+                generated += len(delta.outputs[0].token_ids)
                 last = delta
         except KeyboardInterrupt:                    # Ctrl-C stops this reply (the stream aborts), not the chat
             print("\n(interrupted)", file=sys.stderr)
+        except ValueError as e:                      # a request the engine refuses ends this turn, not the chat
+            history.pop()
+            print(f"\n(message not sent: {e})", file=sys.stderr)
+            continue
         history.append({"role": "assistant", "content": reply})
         print(file=sys.stdout)
+        if last is not None and last.finished:
+            note = _context_notice(last.outputs[0].finish_reason, len(ids), generated, a.max_tokens, limit)
+            if note:
+                print(note, file=sys.stderr)
         print(_stats(last.metrics if last and last.finished else None), file=sys.stderr)

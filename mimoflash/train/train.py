@@ -224,7 +224,7 @@ def save_weights(model: MiMoForCausalLM, path: Path, tokenizer_dir: str | None) 
 
 def load_weights(model: MiMoForCausalLM, path: Path) -> None:
     if (path / "model_state.pt").exists():
-        model.load_state_dict(torch.load(path / "model_state.pt", map_location="cpu"))
+        model.load_state_dict(torch.load(path / "model_state.pt", map_location="cpu", weights_only=True))
         return
     from ..checkpoint.loader import load_model
     loaded = load_model(path, torch.float32, "cpu")
@@ -243,6 +243,22 @@ def save_checkpoint(out_dir: Path, model: MiMoForCausalLM, state: dict, tokenize
     os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def load_trainer_state(path: Path) -> dict:
+    """Read `trainer_state.pt` without running code from it. The state holds only tensors and plain Python data
+    (numbers, strings, lists, dicts), which `torch.load(weights_only=True)` (torch's restricted unpickler) reads;
+    a file that names any other object, such as a tampered one that would call a function, is refused."""
+    import pickle
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        detail = next((ln.strip() for ln in str(e).splitlines() if "GLOBAL" in ln), "")
+        raise ValueError(f"{path}: refused: the trainer state holds objects other than tensors and plain data, and "
+                         f"loading them could run code from the file{f' ({detail})' if detail else ''}") from None
+    if not isinstance(state, dict) or "step" not in state:
+        raise ValueError(f"{path}: not a mimoflash trainer state (a dict with 'step', 'optimizer', ...)")
+    return state
 
 
 def find_checkpoint(out_dir: Path) -> Path | None:
@@ -313,7 +329,7 @@ def train(model_cfg: MiMoConfig, cfg: TrainConfig, data_dir: str | Path, out_dir
     if resume and ckpt is None and is_main:
         print(f"--resume: no checkpoint in {out_dir}, starting fresh", file=sys.stderr)
     if ckpt is not None:
-        state = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False)
+        state = load_trainer_state(ckpt / "trainer_state.pt")
         if state.get("only_mtp", False) != only_mtp:
             raise ValueError(f"checkpoint {ckpt} was written with only_mtp={state.get('only_mtp')}")
         load_weights(model, ckpt)
@@ -543,6 +559,30 @@ def load_config(spec: str) -> tuple[MiMoConfig, TrainConfig]:
     return MiMoConfig.from_dict(raw["model"]), TrainConfig(**raw.get("train", {}))
 
 
+RUN_OUTPUTS = ("checkpoint", "checkpoint.old", "checkpoint.tmp", "metrics.jsonl", "loss.png", "train_config.json",
+               "mtp_acceptance.json")
+
+
+def _check_out_dir(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """An --out that already holds a run is never overwritten by accident: --resume continues it, --overwrite
+    deletes that run's outputs (RUN_OUTPUTS; nothing else in the directory) and starts afresh."""
+    out = Path(args.out)
+    if args.resume and args.overwrite:
+        p.exit(2, f"{p.prog}: error: --resume continues the run in --out and --overwrite replaces it: give one\n")
+    if out.exists() and not out.is_dir():
+        p.exit(2, f"{p.prog}: error: --out {out} exists and is not a directory\n")
+    found = [n for n in RUN_OUTPUTS if (out / n).exists()]
+    if not found or args.resume:
+        return
+    if not args.overwrite:
+        p.exit(2, f"{p.prog}: error: --out {out} already holds a run ({', '.join(found)}); add --resume to continue "
+                  "it or --overwrite to replace it\n")
+    if int(os.environ.get("RANK", "0")) == 0:
+        for name in found:
+            target = out / name
+            shutil.rmtree(target) if target.is_dir() else target.unlink()
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     """Train a MiMo-architecture model (main + MTP losses, aux-loss-free balancing) on a prepared token directory.
 
@@ -554,25 +594,28 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--data", required=True, help="directory from `mimoflash prepare-data` (train.bin, val.bin)")
     p.add_argument("--out", required=True, help="run directory: metrics.jsonl, loss.png, checkpoint/")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint if present")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in OUT (without it, or --resume, an existing run is refused)")
     p.add_argument("--only-mtp", action="store_true", help="freeze the main model, train only the MTP blocks")
     p.add_argument("--init", help="start from this checkpoint (official layout) instead of random weights")
     p.add_argument("--stop-step", type=int, help="stop after this step without changing the LR schedule")
     p.add_argument("--device", help="cpu | cuda (default: cuda if available)")
     p.add_argument("--tokenizer", help="tokenizer dir copied into checkpoints (default: the one in meta.json)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (for logs and scripts)")
     p.add_argument("--acceptance-batches", type=int, default=8, help="--only-mtp: held-out batches for acceptance")
     ints = ("seq_len", "batch_size", "grad_accum", "max_steps", "warmup_steps", "seed", "eval_every",
             "eval_batches", "ckpt_every_steps", "log_every")
     floats = ("lr", "min_lr_ratio", "weight_decay", "grad_clip", "balance_rate", "seq_aux_coef", "init_std",
               "ckpt_every_min", "beta1", "beta2", "mtp_fraction")
     for name in ints:
-        p.add_argument("--" + name.replace("_", "-"), type=int)
+        p.add_argument("--" + name.replace("_", "-"), type=int, help="(default: the --config preset's value)")
     for name in floats:
-        p.add_argument("--" + name.replace("_", "-"), type=float)
+        p.add_argument("--" + name.replace("_", "-"), type=float, help="(default: the --config preset's value)")
     p.add_argument("--mtp-weights", type=float, nargs="+", help="loss weight per MTP depth (last one repeats)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile layers")
     args = p.parse_args(argv)
+    _check_out_dir(p, args)
 
     model_cfg, cfg = load_config(args.config)
     for name in ints + floats + ("mtp_weights", "bf16", "compile"):
