@@ -62,6 +62,7 @@ from ..model.mimo import MiMoForCausalLM
 from ..model.moe import MoE
 from .balance import LoadCounter, RouterTap, imbalance, update_expert_bias
 from .data import IGNORE_INDEX, TokenDataset
+from .distill import distill_loss, extend_window, grow_mtp_heads
 from .presets import PRESETS, get_preset
 
 
@@ -91,6 +92,7 @@ class TrainConfig:
     log_every: int = 1
     bf16: bool = False                # torch.autocast(bfloat16) for matmuls; master weights stay fp32
     compile: bool = False             # torch.compile each decoder layer and MTP block
+    distill: bool = False             # --only-mtp: MTP heads learn the main model's distribution (train/distill.py)
 
     def mtp_weight(self, depth: int) -> float:
         w = self.mtp_weights or [0.0]
@@ -157,25 +159,39 @@ def autocast_ctx(device: torch.device, bf16: bool):
 
 def step_losses(model: MiMoForCausalLM, input_ids: torch.Tensor, targets: torch.Tensor, n_valid: torch.Tensor,
                 n_mtp: int, fill_id: int, main_grad: bool = True, tap: RouterTap | None = None,
-                mtp_rows: int | None = None) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+                mtp_rows: int | None = None, distill: bool = False,
+                ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
     """Main and per-depth MTP losses, each = sum of token CE over this rank's rows / `n_valid` (global counts).
 
     Returns (main, [mtp_0, ...], seq_aux). `main_grad=False` runs the main model without autograd (--only-mtp).
-    `mtp_rows` limits the MTP losses to this rank's first rows (`n_valid[1:]` must count the same rows)."""
+    `mtp_rows` limits the MTP losses to this rank's first rows (`n_valid[1:]` must count the same rows).
+    `distill=True` (frozen main model) makes each MTP loss the KL to the main model's distribution instead of the
+    CE to the data token (train/distill.py); the main model then runs on the window extended by n_mtp tokens."""
     V = model.config.vocab_size
+    T = input_ids.shape[1]
+    if distill and main_grad:
+        raise ValueError("distillation trains the MTP heads against a frozen main model (--only-mtp)")
     with torch.set_grad_enabled(main_grad and torch.is_grad_enabled()):
-        hidden = model.model(input_ids)                                           # (B, T, D) pre-norm
-        logits = model.logits(hidden)                                             # (B, T, V)
-        main = F.cross_entropy(logits.float().view(-1, V), targets[:, 0].reshape(-1), ignore_index=IGNORE_INDEX,
-                               reduction="sum") / n_valid[0].clamp_min(1)
-    del logits
+        run_ids = extend_window(input_ids, targets, n_mtp, fill_id) if distill else input_ids
+        hidden = model.model(run_ids)                                             # (B, T(+F), D) pre-norm
+        logits = model.logits(hidden)                                             # (B, T(+F), V)
+        hidden = hidden[:, :T]
+        main = F.cross_entropy(logits[:, :T].float().reshape(-1, V), targets[:, 0].reshape(-1),
+                               ignore_index=IGNORE_INDEX, reduction="sum") / n_valid[0].clamp_min(1)
+    if not distill:
+        del logits
     seq_aux = tap.sequence_aux_loss(input_ids.shape[0]) if tap is not None else torch.zeros(())
     mtp = []
     if mtp_rows is not None:
         hidden, targets = hidden[:mtp_rows], targets[:mtp_rows]
+    if distill and mtp_rows is not None:
+        logits = logits[:mtp_rows]
     for d in range(n_mtp):
         ahead = mtp_ahead_ids(targets, d, fill_id)
         lg = model.mtp_logits(d, hidden, ahead)
+        if distill:
+            mtp.append(distill_loss(lg, logits, d, targets, n_valid[d + 1]))
+            continue
         mtp.append(F.cross_entropy(lg.float().view(-1, V), targets[:, d + 1].reshape(-1),
                                    ignore_index=IGNORE_INDEX, reduction="sum") / n_valid[d + 1].clamp_min(1))
     return main, mtp, seq_aux
@@ -281,8 +297,12 @@ def build_model(model_cfg: MiMoConfig, cfg: TrainConfig, device: torch.device) -
 def train(model_cfg: MiMoConfig, cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path, *, resume: bool = False,
           only_mtp: bool = False, init: str | Path | None = None, stop_step: int | None = None,
           device: str | torch.device | None = None, progress: bool = True,
-          tokenizer_dir: str | None = None) -> dict:
-    """Run (or continue) training; returns a summary dict (final losses, tokens seen, throughput)."""
+          tokenizer_dir: str | None = None, mtp_heads: int | None = None, new_mtp_init: str = "copy") -> dict:
+    """Run (or continue) training; returns a summary dict (final losses, tokens seen, throughput).
+
+    `mtp_heads` grows the `init` model to that many MTP heads before training (train/distill.py)."""
+    if cfg.distill and not only_mtp:
+        raise ValueError("--distill trains the MTP heads against the frozen main model: it needs --only-mtp")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     rank, world = init_distributed(device)
     if device.type == "cuda" and world > 1:
@@ -298,6 +318,9 @@ def train(model_cfg: MiMoConfig, cfg: TrainConfig, data_dir: str | Path, out_dir
     if init is not None:
         from ..checkpoint.loader import load_model
         model = load_model(init, torch.float32, "cpu").float().to(device)
+        if mtp_heads is not None:
+            model = grow_mtp_heads(model, mtp_heads, new_mtp_init, cfg.init_std,
+                                   torch.Generator().manual_seed(cfg.seed))
         model_cfg = model.config
     else:
         model = build_model(model_cfg, cfg, device)
@@ -386,7 +409,7 @@ def train(model_cfg: MiMoConfig, cfg: TrainConfig, data_dir: str | Path, out_dir
                 with autocast_ctx(device, cfg.bf16):
                     main, mtp, aux = step_losses(fwd_model, inp, tgt, n_valid.to(device), n_mtp,
                                                  train_ds.separator_id, main_grad=not only_mtp, tap=tap,
-                                                 mtp_rows=mtp_rows_local)
+                                                 mtp_rows=mtp_rows_local, distill=cfg.distill)
                     loss = sum((cfg.mtp_weight(d) * l for d, l in enumerate(mtp)), main * (0.0 if only_mtp else 1.0))
                     if tap is not None:
                         loss = loss + cfg.seq_aux_coef * aux / world   # aux is a per-rank mean; average ranks
@@ -614,11 +637,17 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--mtp-weights", type=float, nargs="+", help="loss weight per MTP depth (last one repeats)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile layers")
+    p.add_argument("--distill", action="store_true", default=None,
+                   help="--only-mtp: train the MTP heads on the main model's own distribution (KL) instead of "
+                        "the data tokens")
+    p.add_argument("--mtp-heads", type=int, help="grow the --init model to this many MTP heads first")
+    p.add_argument("--new-mtp-init", choices=("copy", "fresh"), default="copy",
+                   help="new MTP heads start as a copy of the last trained head, or random (default: copy)")
     args = p.parse_args(argv)
     _check_out_dir(p, args)
 
     model_cfg, cfg = load_config(args.config)
-    for name in ints + floats + ("mtp_weights", "bf16", "compile"):
+    for name in ints + floats + ("mtp_weights", "bf16", "compile", "distill"):
         v = getattr(args, name)
         if v is not None:
             setattr(cfg, name, v)
@@ -627,6 +656,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
 
     acc_before = None
+    if cfg.distill and not args.only_mtp:
+        p.error("--distill needs --only-mtp (the main model is the frozen teacher)")
+    if args.mtp_heads is not None and not args.init:
+        p.error("--mtp-heads needs --init CHECKPOINT (the model whose MTP heads it grows)")
     if args.only_mtp:
         if not args.init and not args.resume:
             p.error("--only-mtp needs --init CHECKPOINT (the trained main model)")
@@ -634,6 +667,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
         from .evaluate import mtp_acceptance
         if args.init and world_info()[0] == 0 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
             ref = load_model(args.init, torch.float32, "cpu")
+            if args.mtp_heads is not None:
+                ref = grow_mtp_heads(ref, args.mtp_heads, args.new_mtp_init, cfg.init_std,
+                                     torch.Generator().manual_seed(cfg.seed))
             n = ref.config.num_nextn_predict_layers
             acc_before = mtp_acceptance(ref, TokenDataset(args.data, "val", cfg.seq_len, n), cfg.batch_size,
                                         args.acceptance_batches)
@@ -641,7 +677,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
             del ref
     summary = train(model_cfg, cfg, args.data, args.out, resume=args.resume, only_mtp=args.only_mtp,
                     init=args.init, stop_step=args.stop_step, device=args.device,
-                    progress=not args.no_progress, tokenizer_dir=args.tokenizer)
+                    progress=not args.no_progress, tokenizer_dir=args.tokenizer, mtp_heads=args.mtp_heads,
+                    new_mtp_init=args.new_mtp_init)
     model = summary.pop("model")
     if args.only_mtp and world_info()[0] == 0:
         from .evaluate import mtp_acceptance
