@@ -79,10 +79,13 @@ class LLM:
                  max_num_batched_tokens: int = 512, enable_chunked_prefill: bool = True, block_size: int = 16,
                  seed: int = 0, attention_impl: str = "fast", skip_tokenizer_init: bool = False,
                  kv_cache_dtype: str | torch.dtype = "auto", weight_panels: bool = True, huge_pages: bool = False,
-                 progress: bool = True):
+                 progress: bool = True, memory_budget: int | str | None = None):
         device = torch.device(device)
         kv_dtype = None if kv_cache_dtype in (None, "auto") else _resolve_dtype(kv_cache_dtype, device,
                                                                                  "kv_cache_dtype")
+        if isinstance(model, torch.nn.Module) and memory_budget is not None:
+            raise ValueError("memory_budget applies to a checkpoint path (an FP8 checkpoint's experts are read from "
+                             "its files), not to a built model")
         if isinstance(model, torch.nn.Module):          # a built MiMoForCausalLM (or a test double)
             stored = matmul_weight_dtype(model)
             compute = _resolve_dtype(dtype, device)
@@ -92,10 +95,19 @@ class LLM:
             model = model.to(device).eval()
         elif isinstance(model, (str, Path)):
             from ..checkpoint.loader import load_model, stored_weight_dtype
+            from . import fp8_layout
             path = Path(model)
             compute = _resolve_dtype(dtype, device)
-            weights = _resolve_weight_dtype(weight_dtype, compute, stored_weight_dtype(path), device)
-            model = load_model(path, dtype=weights, device=device, progress=progress).eval()
+            if fp8_layout.wants_fp8(path, weight_dtype, compute, device):     # FP8 kept as shipped (fp8_layout.py)
+                kv_bytes = int(kv_cache_memory) if kv_cache_memory and kv_cache_memory > 1 else 0
+                model, weight_panels = fp8_layout.load_fp8(path, memory_budget, kv_bytes, weight_panels, progress)
+                weights = torch.float8_e4m3fn
+            else:
+                if memory_budget is not None:
+                    raise ValueError("memory_budget bounds the experts read from an FP8 checkpoint's files: it needs "
+                                     "an E4M3 checkpoint on CPU with float32 compute (weight_dtype 'auto' or 'fp8')")
+                weights = _resolve_weight_dtype(weight_dtype, compute, stored_weight_dtype(path), device)
+                model = load_model(path, dtype=weights, device=device, progress=progress).eval()
             if tokenizer is None and not skip_tokenizer_init:
                 from ..tokenizer import Tokenizer, has_tokenizer
                 if has_tokenizer(path):
@@ -104,6 +116,7 @@ class LLM:
             raise ValueError(f"model must be a checkpoint path or a MiMoForCausalLM, got {type(model).__name__}")
         self.model, self.tokenizer = model, (None if skip_tokenizer_init else tokenizer)
         self.dtype, self.weight_dtype = compute, weights
+        self.expert_store = getattr(model, "expert_store", None)     # FP8 checkpoints: experts read when routed
         self.engine = LLMEngine(model, self.tokenizer, EngineConfig(
             max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
             enable_chunked_prefill=enable_chunked_prefill, max_model_len=max_model_len,
@@ -113,6 +126,11 @@ class LLM:
 
     def get_tokenizer(self):
         return self.tokenizer
+
+    def expert_stats(self):
+        """FP8 checkpoints: the expert store's counters (engine/expert_store.ExpertStats: experts touched, bytes
+        read and cache hits, for the last model forward and in total); None for other models."""
+        return None if self.expert_store is None else self.expert_store.stats()
 
     # ------------------------------------------------------------------ inputs
     def _prompt_ids(self, prompt: PromptType) -> tuple[list[int], str | None]:

@@ -1,0 +1,293 @@
+"""FP8 checkpoints run as shipped: block-FP8 weights stay FP8 in memory, experts are read from the files when routed.
+
+The release stores its projections as E4M3 bytes with one fp32 scale per 128 x 128 tile (docs/MODEL.md §4.3).
+Dequantising them to bf16 at load time, as the plain loader does for `weight_dtype="bfloat16"`, doubles the bytes
+and rounds every weight. Here they stay as they are and the products dequantise tile by tile inside the kernels
+(kernels/fp8.c), so:
+
+* resident weight memory is about the checkpoint's size (the bf16 tensors it already has, plus its FP8 bytes);
+* results are the exact fp32 dequantisation's, up to summation order (activations and accumulation in fp32);
+* no whole-model fp32 or bf16 copy exists while loading: the model is built on the meta device, the FP8
+  projections are swapped for `FP8Linear` (which holds `weight` and `weight_scale_inv` under the checkpoint's names),
+  the routed experts for `FP8Experts`, and only then is memory allocated and filled tensor by tensor.
+
+`FP8Experts` reads its experts through an `ExpertStore` (engine/expert_store.py): zero-copy views into the mapped
+shards, touched only when routed, with an LRU cache bounded by `memory_budget`. `print(model)` shows these modules.
+
+What stays as it was: bf16 tensors (embedding, o_proj, lm_head, MTP eh_proj) run through the bf16 kernels and the
+rest of the engine's CPU layout (engine/cpu_layout.py). The fused decode step (engine/fused_decode.py) takes bf16
+weights only, so an FP8 model decodes through the per-module path: one kernel call per FP8 projection and one per
+MoE layer's routed experts. The optional packed copy of the bf16 linears (`weight_panels`) is counted: it is made
+only if it costs at most `PANEL_SHARE` of the weights' bytes and fits the memory budget (the 152k-row LM head alone
+is 1.25 GB of panels, 30% of a 2-layer real-shape checkpoint but 0.4% of the release).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..checkpoint import loader as L
+from ..checkpoint.fp8 import FP8_DTYPE, dequantize_fp8_block, scale_shape
+from ..config import MiMoConfig
+from ..kernels import fp8 as kfp8
+from ..model.layers import RotaryEmbedding
+from ..model.mimo import MiMoForCausalLM
+from .expert_store import ExpertStore, available_ram, current_rss, parse_bytes
+
+log = logging.getLogger(__name__)
+
+PANEL_SHARE = 0.10          # panels of the bf16 linears are made only below this share of the weights' bytes
+_MARGIN = 256 << 20         # activations, scratch buffers and allocator slack assumed on top of the counted bytes
+
+
+class FP8Linear(nn.Module):
+    """y = x @ W.T with W = weight (E4M3, (out, in)) * weight_scale_inv (fp32, one scale per `block` tile), computed
+    in fp32 by kernels.fp8.linear_fp8. The buffers carry the checkpoint's names, so state_dict() is the checkpoint's."""
+
+    def __init__(self, in_features: int, out_features: int, block: tuple[int, int]):
+        super().__init__()
+        self.in_features, self.out_features, self.block = in_features, out_features, tuple(block)
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=FP8_DTYPE))
+        self.register_buffer("weight_scale_inv", torch.empty(scale_shape((out_features, in_features), block)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = kfp8.linear_fp8(x if x.dtype == torch.float32 else x.float(), self.weight, self.weight_scale_inv,
+                            self.block)
+        return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
+        """The exact fp32 dequantisation, then F.linear (slow; tests)."""
+        return F.linear(x.float(), self.dequantized()).to(x.dtype)
+
+    def dequantized(self) -> torch.Tensor:
+        return dequantize_fp8_block(self.weight, self.weight_scale_inv, self.block, torch.float32)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, fp8_e4m3 "
+                f"block={self.block[0]}x{self.block[1]}")
+
+
+class FP8Experts(nn.Module):
+    """`Experts.forward(x_TD, topk_idx_TK, weight_TK)` with each expert's FP8 tensors read from an ExpertStore, only
+    for the experts some token picked. Tokens are grouped by expert (one argsort), all picked experts of the layer run
+    in one kernel call (kernels.fp8.experts_fp8), outputs are weighted and added back per token in fp32."""
+
+    def __init__(self, store: ExpertStore, layer: str, num_experts: int, hidden: int, inter: int,
+                 block: tuple[int, int]):
+        super().__init__()
+        self.store, self.layer = store, layer
+        self.num_experts, self.hidden, self.inter, self.block = num_experts, hidden, inter, tuple(block)
+
+    def forward(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, weight_TK: torch.Tensor) -> torch.Tensor:
+        T, K = topk_idx_TK.shape
+        flat = topk_idx_TK.reshape(-1)
+        order = flat.argsort(stable=True)                                     # (T*K,) pairs grouped by expert
+        tok_P = order // K
+        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
+        ids = [e for e, n in enumerate(counts) if n]
+        rows = [counts[e] for e in ids]
+        x32 = x_TD if x_TD.dtype == torch.float32 else x_TD.float()
+        x_PD = x32.index_select(0, tok_P)                                      # (P, D), expert-sorted
+        ptrs = self.store.acquire(self.layer, ids)
+        try:
+            if kfp8.available() and x_PD.device.type == "cpu" and max(rows) <= kfp8.KERNEL_MAX_ROWS:
+                y_PD = kfp8.experts_fp8(x_PD, rows, ptrs, self.hidden, self.inter, self.block)
+            else:                                                              # prefill: chunked products
+                y_PD = self._per_expert(x_PD, ids, rows, kfp8.linear_fp8)
+        finally:
+            self.store.release(self.layer, ids)
+        y_PD.mul_(weight_TK.float().reshape(-1).index_select(0, order)[:, None])
+        out_TD = torch.zeros_like(x32)
+        out_TD.index_add_(0, tok_P, y_PD)
+        return out_TD if x_TD.dtype == torch.float32 else out_TD.to(x_TD.dtype)
+
+    def _per_expert(self, x_PD, ids, rows, linear) -> torch.Tensor:
+        y_PD = torch.empty_like(x_PD)
+        lo = 0
+        for e, n in zip(ids, rows):
+            gw, gs, uw, us, dw, ds = self.store.expert(self.layer, e)
+            xe = x_PD[lo:lo + n]
+            h = F.silu(linear(xe, gw, gs, self.block)) * linear(xe, uw, us, self.block)
+            y_PD[lo:lo + n] = linear(h, dw, ds, self.block)
+            lo += n
+        return y_PD
+
+    def forward_reference(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, weight_TK: torch.Tensor):
+        """Every picked expert dequantised exactly to fp32 and run with F.linear, token by token (slow; tests)."""
+        out = torch.zeros(x_TD.shape, dtype=torch.float32)
+        for t in range(x_TD.shape[0]):
+            for e, w in zip(topk_idx_TK[t].tolist(), weight_TK[t].float().tolist()):
+                v = self.store.expert(self.layer, e)
+                gw, uw, dw = (dequantize_fp8_block(v[i], v[i + 1], self.block, torch.float32) for i in (0, 2, 4))
+                x = x_TD[t:t + 1].float()
+                out[t] += w * F.linear(F.silu(F.linear(x, gw)) * F.linear(x, uw), dw)[0]
+        return out.to(x_TD.dtype)
+
+    def extra_repr(self) -> str:
+        cap = self.store.capacity
+        return (f"num_experts={self.num_experts}, hidden={self.hidden}, inter={self.inter}, fp8_e4m3 "
+                f"block={self.block[0]}x{self.block[1]}, read from {self.store.root.name} when routed, cache "
+                f"{'unbounded' if cap is None else f'{cap / 2**20:.0f} MiB'}")
+
+
+# ---------------------------------------------------------------------------------------------- choosing the mode
+
+def checkpoint_dtypes(path) -> tuple[bool, str | None]:
+    """-> (whether the checkpoint's projections are block-FP8, safetensors dtype of its o_proj / lm_head). Reads
+    headers only."""
+    root = L._resolve_path(path)
+    wm = L._weight_map(root)
+    probe = [n for n in ("model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.o_proj.weight",
+                         "lm_head.weight") if n in wm]
+    dts = {}
+    for n in probe:
+        with L._open(root / wm[n]) as f:
+            dts[n] = L._guarded(root / wm[n], n, lambda: f.get_slice(n)).get_dtype()
+    q = dts.get("model.layers.0.self_attn.q_proj.weight")
+    other = dts.get("model.layers.0.self_attn.o_proj.weight", dts.get("lm_head.weight"))
+    return q in ("F8_E4M3",), other
+
+
+def wants_fp8(path, weight_dtype, compute: torch.dtype, device: torch.device) -> bool:
+    """LLM's choice: keep FP8 when asked ("fp8") or, for "auto", on an E4M3 checkpoint whose other weights are bf16,
+    on CPU with fp32 compute and the kernels built. Raises ValueError when "fp8" is asked where it cannot run."""
+    asked = weight_dtype in ("fp8", "float8", "float8_e4m3fn")
+    if not asked and weight_dtype not in (None, "auto"):
+        return False
+    is_fp8, other = checkpoint_dtypes(path)
+    ok = is_fp8 and device.type == "cpu" and compute == torch.float32 and kfp8.available()
+    if asked and not ok:
+        why = ("the checkpoint's projections are not E4M3 block-FP8" if not is_fp8 else
+               "it runs on CPU with float32 compute and the CPU kernels built")
+        raise ValueError(f"weight_dtype='fp8' needs {why}")
+    return ok and (asked or other == "BF16")
+
+
+def _build(config: MiMoConfig, swap, device: torch.device) -> MiMoForCausalLM:
+    """loader._build with `swap(model)` run on the meta model before any memory is allocated."""
+    with torch.device("meta"):
+        model = MiMoForCausalLM(config).cast(torch.bfloat16)
+        swap(model)
+    model.to_empty(device=device)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    for name, (rd, theta) in {"full": (config.rotary_dim(False), config.rope_theta),
+                              "sliding": (config.rotary_dim(True), config.swa_rope_theta)}.items():
+        model.model.rotary[name].inv_freq = RotaryEmbedding(rd, theta).inv_freq.to(device)
+    return model.eval()
+
+
+def _tensor_bytes(model: nn.Module) -> int:
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.device.type != "meta" and t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+def panel_bytes(model: nn.Module) -> int:
+    """Bytes the packed copy of the bf16 linears would take (use_bf16_weights packs every bf16 nn.Linear)."""
+    return sum(-(-m.out_features // 16) * 16 * m.in_features * 2 for m in model.modules()
+               if isinstance(m, nn.Linear) and m.weight.dtype == torch.bfloat16)
+
+
+def load_fp8(path, memory_budget=None, kv_bytes: int = 0, panels: bool = True, progress: bool = False
+             ) -> tuple[MiMoForCausalLM, bool]:
+    """FP8 checkpoint -> (model with FP8Linear / FP8Experts, whether panels fit). The checkpoint is validated
+    first exactly as load_model does (same errors). memory_budget (bytes or "24G"): resident bytes for the whole
+    process (what Python and torch hold now, the resident weights, panels, `kv_bytes` of KV cache and a margin);
+    what is left bounds the expert cache. ValueError if the budget cannot hold the non-expert weights."""
+    budget = parse_bytes(memory_budget)
+    root = L._resolve_path(path)
+    if not (root / "config.json").exists():
+        raise L.CheckpointError(f"{root / 'config.json'}: config.json not found")
+    weight_map = L._weight_map(root)
+    config = L._read_config(root, weight_map)
+    info = L._read_headers(root, weight_map)
+    block = config.fp8_block_size
+    with torch.device("meta"):
+        plan = L._plan(MiMoForCausalLM(config), info, block)
+    fp8_dense = {t for _, s, t, e in plan if s is not None and e is None}
+    expert_fp8: dict[str, bool] = {}
+    for _, s, t, e in plan:
+        if e is not None:
+            prefix = t.rsplit(".", 1)[0]
+            expert_fp8[prefix] = expert_fp8.get(prefix, True) and s is not None
+    store = ExpertStore(root, weight_map)
+    stored = {p for p, ok in expert_fp8.items() if ok}
+
+    def swap(model):
+        for t in fp8_dense:
+            parent, child = t[:-len(".weight")].rsplit(".", 1)
+            lin = model.get_submodule(f"{parent}.{child}")
+            setattr(model.get_submodule(parent), child, FP8Linear(lin.in_features, lin.out_features, block))
+        for prefix in sorted(stored):
+            moe = model.get_submodule(prefix[:-len(".experts")])
+            E, Fd, D = moe.experts.gate_proj.shape
+            moe.experts = FP8Experts(store, store.add_layer(prefix, E), E, D, Fd, block)
+
+    base_rss = current_rss()
+    model = _build(config, swap, torch.device("cpu"))
+    resident = _tensor_bytes(model)
+    pbytes = panel_bytes(model)
+    panels = panels and pbytes <= PANEL_SHARE * (resident + store.total_bytes)
+    files = sum((root / f).stat().st_size for f in set(weight_map.values()))
+    if budget is not None:
+        fixed = base_rss + resident + kv_bytes + _MARGIN
+        if panels and fixed + pbytes > budget:
+            panels = False
+        if fixed > budget:
+            raise ValueError(f"memory budget {budget / 2**30:.2f} GiB is too small: the weights that stay resident "
+                             f"need {resident / 2**30:.2f} GiB, plus {base_rss / 2**30:.2f} GiB already used by the "
+                             f"process, {kv_bytes / 2**30:.2f} GiB of KV cache and a {_MARGIN >> 20} MiB margin")
+        store.set_capacity(budget - fixed - (pbytes if panels else 0))
+    else:
+        avail = available_ram()
+        if avail is not None and files > avail:
+            cap = max(0, int(0.9 * avail) - resident - (pbytes if panels else 0) - kv_bytes - _MARGIN)
+            store.set_capacity(cap)
+            log.warning("the checkpoint's files (%.1f GiB) exceed the available RAM (%.1f GiB): experts are read "
+                        "from the files when routed and at most %.1f GiB of them stay cached, so decoding is slower; "
+                        "set --memory-budget / memory_budget= to choose the bound", files / 2**30, avail / 2**30,
+                        cap / 2**30)
+    _fill(model, root, weight_map, plan, block, fp8_dense, stored, progress)
+    model.model.register_forward_pre_hook(store.on_forward)
+    model.expert_store = store
+    return model, panels
+
+
+def _fill(model, root: Path, weight_map, plan, block, fp8_dense, stored, progress: bool) -> None:
+    """Stream every tensor the store does not serve into its slot: FP8 bytes and scales as they are, the rest
+    copied (cast to the slot's dtype)."""
+    slots = model.state_dict(keep_vars=True)
+    todo = [p for p in plan if not (p[3] is not None and p[2].rsplit(".", 1)[0] in stored)]
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(todo), unit="tensor", desc=f"loading {root.name} (fp8)")
+    shards = L._Shards(root)
+    try:
+        with torch.no_grad():
+            for name, scale, target, e in sorted(todo, key=lambda p: (weight_map[p[0]], p[0])):
+                t = shards.get(weight_map[name], name)
+                if target in fp8_dense:
+                    slots[target].copy_(t)
+                    slots[target + "_scale_inv"].copy_(shards.get(weight_map[scale], scale))
+                else:
+                    if scale is not None:
+                        t = dequantize_fp8_block(t, shards.get(weight_map[scale], scale), block, torch.float32,
+                                                 name=name)
+                    (slots[target] if e is None else slots[target][e]).copy_(t)
+                del t
+                if bar is not None:
+                    bar.update(1)
+    finally:
+        shards.close()
+        if bar is not None:
+            bar.close()
