@@ -16,6 +16,7 @@ Without a tokenizer (a checkpoint without tokenizer files) everything works on t
 from __future__ import annotations
 
 import itertools
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,8 +26,9 @@ from ..model.mimo import MiMoForCausalLM
 from .kv_cache import KVCache, KVCacheManager, plan_cache, resolve_memory
 from .request import CompletionOutput, Request, RequestOutput, group_metrics
 from .runner import ModelRunner
-from .sampling import Logprob, SampleRow, SamplingParams, make_generator, sample
+from .sampling import Logprob, SampleRow, SamplingParams, logprob_entry, make_generator, sample
 from .scheduler import Scheduler, SchedulerConfig
+from .speculative import MTPDrafter, SpeculativeConfig
 
 
 @dataclass
@@ -46,6 +48,7 @@ class EngineConfig:
     weight_panels: bool = True               # CPU, bf16 weights: also pack dense linears in panels (cpu_layout)
     huge_pages: bool = False                 # CPU: weights and KV pools on 2 MB pages where the OS allows (hugepages)
     seed: int = 0                            # the shared generator of unseeded requests
+    speculative: SpeculativeConfig | dict | None = None   # MTP speculative decoding (engine/speculative.py)
 
 
 @dataclass
@@ -68,6 +71,14 @@ class LLMEngine:
         self.config = cfg = config or EngineConfig()
         self.model, self.tokenizer = model, tokenizer
         mc = model.config
+        spec = SpeculativeConfig.from_value(cfg.speculative)
+        if spec is not None:
+            if not mc.num_nextn_predict_layers:
+                raise ValueError("speculative decoding with method 'mtp' needs a model with MTP layers "
+                                 "(num_nextn_predict_layers >= 1); this model has none")
+            import dataclasses
+            cfg = self.config = dataclasses.replace(cfg, speculative=spec, include_mtp=True,
+                                                    max_draft=max(cfg.max_draft, spec.num_speculative_tokens))
         p = next(model.parameters())
         # The cache takes the compute dtype unless kv_cache_dtype says otherwise: by default the attention weights'
         # dtype (the router stays fp32 whatever the model dtype); fp32 when bf16 weights are computed in fp32
@@ -96,6 +107,7 @@ class LLMEngine:
                                                    cfg.enable_chunked_prefill, max_len), self.kv)
         self.runner = ModelRunner(model, self.cache, cfg.attention_impl, cfg.dtype, cfg.weight_panels, cfg.huge_pages)
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
+        self.drafter = MTPDrafter(model, self.runner, spec, cfg.max_draft) if spec is not None else None
         eos = mc.eos_token_id
         eos_ids = set(eos if isinstance(eos, list) else ([eos] if eos is not None else []))
         if tokenizer is not None:
@@ -108,10 +120,17 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ requests
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None,
-                    prompt: str | None = None) -> str:
-        """Queue one prompt (n samples). Raises ValueError for bad token ids or a prompt that cannot fit."""
+                    prompt: str | None = None, num_speculative_tokens: int | None = None) -> str:
+        """Queue one prompt (n samples). Raises ValueError for bad token ids or a prompt that cannot fit.
+        num_speculative_tokens: this request's most drafts per step (None = the engine's speculative config, 0 = none;
+        at most the configured number)."""
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
+        top = self.drafter.config.num_speculative_tokens if self.drafter is not None else 0
+        depth = top if num_speculative_tokens is None else num_speculative_tokens
+        if not isinstance(depth, int) or isinstance(depth, bool) or not 0 <= depth <= top:
+            raise ValueError(f"num_speculative_tokens must be an integer in [0, {top}] (the engine's speculative "
+                             f"config), got {num_speculative_tokens!r}")
         ids = [int(t) for t in prompt_token_ids]
         V = self.model.config.vocab_size
         if not ids:
@@ -125,7 +144,8 @@ class LLMEngine:
         group = _Group(prompt, ids)
         for i in range(params.n):
             rid = gid if params.n == 1 else f"{gid}#{i}"
-            req = Request(rid, ids, params, group_id=gid, index=i, eos_token_ids=self.eos_token_ids)
+            req = Request(rid, ids, params, group_id=gid, index=i, eos_token_ids=self.eos_token_ids,
+                          num_speculative_tokens=depth)
             self.scheduler.add(req)          # validates length; the first child raises before anything is kept
             group.reqs.append(req)
             seed = None if params.seed is None else (params.seed if i == 0 else (params.seed * 1_000_003 + i) % 2**63)
@@ -156,22 +176,99 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         changed: set[str] = set()
         if batch.items:
+            t0 = time.perf_counter()
             logits = self.runner.execute(batch)
-            sampled_items = [it for it in batch.items if it.sample]
-            rows = [SampleRow(it.request.params, self._generators[it.request.request_id],
-                              it.request.prompt_token_ids, it.request.output_token_ids) for it in sampled_items]
-            result = sample(logits, rows, self.generator) if rows else None
-            toks = iter(result.token_ids if result else [])
-            sampled = [next(toks) if it.sample else None for it in batch.items]
-            row_of = {it.request.request_id: j for j, it in enumerate(sampled_items)}
-            for req in self.scheduler.postprocess(batch, sampled):
-                self._process_token(req, result.logprobs[row_of[req.request_id]])
+            seconds = time.perf_counter() - t0
+            sampled, lps = self._choose_tokens(batch, logits)
+
+            def on_token(req: Request) -> None:
+                self._process_token(req, lps[req.request_id].pop(0) if req.request_id in lps else None)
+
+            for req in self.scheduler.postprocess(batch, sampled, on_token):
                 changed.add(req.group_id)
+            if self.drafter is not None:
+                self._speculate(batch, sampled, seconds)
         # Requests finished by the scheduler (stops, length, aborts, hopeless ones) must report even without a token.
         changed.update(r.group_id for r in self.scheduler.newly_finished if r.group_id in self._groups)
+        if self.drafter is not None:
+            for r in self.scheduler.newly_finished:
+                self.drafter.forget(r.request_id)
         self.scheduler.newly_finished.clear()
         order = {gid: i for i, gid in enumerate(self._groups)}
         return [self._group_output(gid, delta=True) for gid in sorted(changed, key=order.__getitem__)]
+
+    def _choose_tokens(self, batch, logits: torch.Tensor) -> tuple[list, dict]:
+        """Tokens of every scheduled item from its logits rows (one row, or k + 1 for a verification) -> (per item:
+        None, a token, or a verification's token list; request id -> logprob entries in token order)."""
+        plain, spec, at = [], [], 0
+        for it in batch.items:
+            if it.num_draft:
+                spec.append((it, at))
+                at += it.num_draft + 1
+            elif it.sample:
+                plain.append((it, at))
+                at += 1
+        out: dict[int, Any] = {}
+        lps: dict[str, list] = {}
+        if plain:
+            rows = [SampleRow(it.request.params, self._generators[it.request.request_id],
+                              it.request.prompt_token_ids, it.request.output_token_ids) for it, _ in plain]
+            sel = logits if not spec else logits[torch.tensor([j for _, j in plain])]
+            result = sample(sel, rows, self.generator)
+            for (it, _), tok, lp in zip(plain, result.token_ids, result.logprobs):
+                out[id(it)] = tok
+                lps[it.request.request_id] = [lp]
+        for it, j in spec:
+            req, k = it.request, it.num_draft
+            rows = logits[j:j + k + 1]
+            drafts = list(req.draft_token_ids[:k])
+            toks, a = self.drafter.verify(req, rows, drafts, self._generators[req.request_id], self.generator)
+            out[id(it)] = toks
+            req.num_verify_steps += 1
+            req.num_accepted_tokens += a
+            while len(req.drafted_per_position) < k:
+                req.drafted_per_position.append(0)
+                req.accepted_per_position.append(0)
+            for i in range(min(k, a + 1)):
+                req.drafted_per_position[i] += 1
+                req.accepted_per_position[i] += int(i < a)
+            if self.drafter.adaptive is not None:
+                self.drafter.adaptive.record_acceptance(k, a)
+            if req.params.logprobs is not None:
+                raw = torch.log_softmax(rows.float(), dim=-1)
+                lps[req.request_id] = [logprob_entry(raw[i], t, req.params.logprobs) for i, t in enumerate(toks)]
+        return [out.get(id(it)) for it in batch.items], lps
+
+    def _speculate(self, batch, sampled: list, seconds: float) -> None:
+        """After a step: keep the main model's final hidden states of the speculating requests, then draft for
+        those now decoding (engine/speculative.py)."""
+        d = self.drafter
+        hidden = self.runner.last_hidden
+        lo, rows = 0, 0
+        ready = []
+        for it, tok in zip(batch.items, sampled):
+            req, n = it.request, it.num_tokens
+            rows += n
+            if req.num_speculative_tokens and not req.is_finished:
+                keep = len(tok) if it.num_draft else n             # a verification keeps t and the accepted drafts
+                d.observe(req, it.start, hidden[lo:lo + keep])
+                if req.num_pending_tokens == 1:
+                    ready.append(req)
+            lo += n
+        if d.adaptive is not None:
+            d.adaptive.record_step(rows, seconds)
+        if not ready:
+            return
+        cap = self.scheduler.config.max_model_len
+        caps = [max(0, min(r.num_speculative_tokens, r.params.max_tokens - len(r.output_token_ids) - 1,
+                           cap - r.num_tokens - 1)) for r in ready]
+        if d.adaptive is not None:
+            other = sum(1 for r in self.scheduler.running if r not in ready)
+            caps = d.adaptive.choose(caps, other)
+        t0 = time.perf_counter()
+        d.propose(ready, caps, self.generator, self._generators)
+        if d.adaptive is not None and max(caps, default=0):
+            d.adaptive.record_drafts(sum(1 for c in caps if c), max(caps), time.perf_counter() - t0)
 
     def _process_token(self, req: Request, lp) -> None:
         tok = req.output_token_ids[-1]

@@ -51,6 +51,14 @@ class Request:
     logprobs: list[dict[int, Logprob]] | None = None
     first_token_time: float | None = None
     finish_time: float | None = None
+    # speculative decoding (engine/speculative.py): drafts proposed for the next step, fed after the known tokens
+    # at positions num_tokens.. and never part of `output_token_ids` until verified
+    num_speculative_tokens: int = 0          # this request's most drafts per step (0 = off)
+    draft_token_ids: list[int] = field(default_factory=list)
+    num_verify_steps: int = 0                # steps that verified at least one draft
+    num_accepted_tokens: int = 0             # drafts accepted over those steps
+    accepted_per_position: list[int] = field(default_factory=list)   # [j]: steps whose draft j+1 was accepted
+    drafted_per_position: list[int] = field(default_factory=list)    # [j]: steps that proposed a draft j+1
 
     def __post_init__(self) -> None:
         if not self.prompt_token_ids:
@@ -73,6 +81,11 @@ class Request:
         return self.num_tokens - self.num_computed_tokens
 
     def token_slice(self, start: int, end: int) -> list[int]:
+        """Tokens at positions [start, end); positions from num_tokens on are the pending drafts."""
+        n = self.num_tokens
+        if end > n:
+            extra = self.draft_token_ids[max(0, start - n):end - n]
+            return (self.token_slice(start, n) if start < n else []) + extra
         P = len(self.prompt_token_ids)
         if end <= P:
             return self.prompt_token_ids[start:end]
@@ -107,6 +120,15 @@ class RequestMetrics:
     decode_tokens_per_s: float | None        # (generated - 1) / (finish - first token)
     total_time: float | None = None
     num_preemptions: int = 0
+    # speculative decoding (zero / empty when it is off)
+    verify_steps: int = 0                    # steps that verified drafts
+    accepted_tokens: int = 0                 # drafts accepted in them
+    acceptance_per_position: list[float] = field(default_factory=list)   # [j]: P(draft j+1 accepted | proposed)
+
+    @property
+    def tokens_per_verify_step(self) -> float | None:
+        """Tokens produced per verify step (accepted drafts + the one the main model adds), None without any."""
+        return 1 + self.accepted_tokens / self.verify_steps if self.verify_steps else None
 
 
 @dataclass
@@ -132,6 +154,12 @@ def group_metrics(reqs: list[Request]) -> RequestMetrics:
     if first and ends and len(ends) == len(reqs):
         span = max(ends) - min(first)
         rate = (gen - len(reqs)) / span if span > 0 and gen > len(reqs) else None
+    depth = max((len(r.drafted_per_position) for r in reqs), default=0)
+    drafted = [sum(r.drafted_per_position[j] for r in reqs if j < len(r.drafted_per_position)) for j in range(depth)]
+    accepted = [sum(r.accepted_per_position[j] for r in reqs if j < len(r.accepted_per_position)) for j in range(depth)]
     return RequestMetrics(prompt_tokens=reqs[0].num_prompt_tokens, generated_tokens=gen, time_to_first_token=ttft,
                           decode_tokens_per_s=rate, total_time=(max(ends) - arrival) if ends else None,
-                          num_preemptions=sum(r.num_preemptions for r in reqs))
+                          num_preemptions=sum(r.num_preemptions for r in reqs),
+                          verify_steps=sum(r.num_verify_steps for r in reqs),
+                          accepted_tokens=sum(r.num_accepted_tokens for r in reqs),
+                          acceptance_per_position=[a / d if d else 0.0 for a, d in zip(accepted, drafted)])

@@ -44,6 +44,7 @@ from .. import kernels
 from .cpu_layout import matmul_weight_dtype, use_cpu_layout, use_huge_pages
 from .fused_decode import FusedDecoder
 from .kv_cache import KVCache
+from .request import Request
 from .scheduler import Batch
 
 NEG_INF = float("-inf")
@@ -86,6 +87,16 @@ class AttnMeta:
     pad_of_flat: torch.Tensor         # (N,) index into the B*Tmax padded rows
     seq_ranges: list[tuple[int, int]]  # flat [begin, end) of each sequence (reference path)
     kinds: dict                       # sliding (bool) -> KindMeta, or DecodeKindMeta when decode
+
+
+@dataclass
+class Slice:
+    """What one sequence feeds in a step: `tokens` at positions start, start + 1, ...; rows: which rows' outputs
+    are wanted ("last", "all" for a verification, "none" for a prefill chunk that does not reach the end)."""
+    request: Request                  # only its cache is read: block_ids, ring_id
+    start: int
+    tokens: list[int]
+    rows: str = "last"
 
 
 @dataclass
@@ -245,6 +256,10 @@ class ModelRunner:
         self._aranges: dict[int, torch.Tensor] = {}     # batch size -> arange(B) for decode metadata
         self.use_kernels = False
         self.fused: FusedDecoder | None = None       # one kernel call per layer for decode steps
+        self.fused_mtp: list | None = None           # the same for each MTP block (build_mtp)
+        self.last_hidden: torch.Tensor | None = None
+        # Most tokens one sequence may feed in a rows-path step: 1 + the rings' slack (kv_cache.py, "Ring size")
+        self.max_rows = 1 + self.layout.ring_slots - self.layout.swa_keys
         if self.device.type == "cpu":
             use_cpu_layout(model, compute_dtype, panels=weight_panels)
             if huge_pages:
@@ -256,21 +271,31 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ metadata
     def prepare(self, batch: Batch) -> StepInputs:
-        items = batch.items
-        lens = [it.num_tokens for it in items]
-        if max(lens) == 1 and self.impl == "fast":
-            return self._prepare_decode(batch)
-        B = len(items)
-        starts = [it.start for it in items]
+        """The batch as slices: each item's tokens; its last row sampled, or every row when it verifies drafts."""
+        return self.prepare_slices([Slice(it.request, it.start, it.request.token_slice(it.start, it.start + it.num_tokens),
+                                          "all" if it.num_draft else ("last" if it.sample else "none"))
+                                    for it in batch.items])
+
+    def prepare_slices(self, slices: list[Slice], kinds: tuple[bool, ...] = (False, True)) -> StepInputs:
+        """One step's rows, slice by slice. A step where no sequence feeds more than `max_rows` tokens (decode, a
+        verification of drafts, an MTP layer's draft rows) takes the rows path; longer slices (prefill chunks)
+        the general path. `kinds`: the attention kinds the step's layers have (MTP blocks are all sliding)."""
+        if max(len(s.tokens) for s in slices) <= self.max_rows and self.impl == "fast":
+            return self._prepare_rows(slices, kinds)
+        B = len(slices)
+        lens = [len(s.tokens) for s in slices]
+        starts = [s.start for s in slices]
         Tmax, N = max(lens), sum(lens)
         ids, pos, ranges, sample_rows = [], [], [], []
-        for it in items:
+        for s in slices:
             lo = len(ids)
-            ids.extend(it.request.token_slice(it.start, it.start + it.num_tokens))
-            pos.extend(range(it.start, it.start + it.num_tokens))
-            ranges.append((lo, lo + it.num_tokens))
-            if it.sample:
-                sample_rows.append(lo + it.num_tokens - 1)
+            ids.extend(s.tokens)
+            pos.extend(range(s.start, s.start + len(s.tokens)))
+            ranges.append((lo, len(ids)))
+            if s.rows == "all":
+                sample_rows.extend(range(lo, len(ids)))
+            elif s.rows == "last":
+                sample_rows.append(len(ids) - 1)
         lens_t = torch.tensor(lens)
         starts_t = torch.tensor(starts)
         lo_t = torch.tensor([r[0] for r in ranges])
@@ -282,13 +307,13 @@ class ModelRunner:
         pad_of_flat = (torch.arange(B)[:, None] * Tmax + t[None, :])[valid]            # row-major = flat order
         new_kpos = torch.where(valid, q_pos, -1)                                       # (B, Tmax)
         minus1 = torch.full((B, 1), -1)
-        kinds = {}
+        kind_meta = {}
         lay = self.layout
-        if lay.global_layers:
+        if lay.global_layers and False in kinds:
             bs = lay.block_size
             P = max(starts)
             p = torch.arange(P)
-            table = self._block_table(items)
+            table = self._block_table(slices)
             past_ok = p[None, :] < starts_t[:, None]                                   # (B, P)
             blk = table.gather(1, (p // bs).clamp(max=table.shape[1] - 1).expand(B, P))
             read = torch.where(past_ok, blk * bs + p % bs, 0)
@@ -296,10 +321,10 @@ class ModelRunner:
             fpos = torch.tensor(pos)
             fseq = torch.repeat_interleave(torch.arange(B), lens_t)
             dst = table[fseq, fpos // bs] * bs + fpos % bs
-            kinds[False] = self._kind(read, kpos, q_pos, None, dst, None)
-        if lay.sliding_layers:
+            kind_meta[False] = self._kind(read, kpos, q_pos, None, dst, None)
+        if lay.sliding_layers and True in kinds:
             R = lay.ring_slots
-            rings = torch.tensor([it.request.ring_id for it in items])
+            rings = torch.tensor([s.request.ring_id for s in slices])
             p = starts_t[:, None] - R + torch.arange(R)[None, :]                       # (B, R) cached positions
             read = torch.where(p >= 0, rings[:, None] * R + p % R, 0)
             kpos = torch.cat([minus1, torch.where(p >= 0, p, -1), new_kpos], 1)
@@ -307,44 +332,50 @@ class ModelRunner:
             keep = valid & (t[None, :] >= lens_t[:, None] - R)
             src = flat_of_pad[keep]
             dst = rings[:, None].expand(B, Tmax)[keep] * R + q_pos[keep] % R
-            kinds[True] = self._kind(read, kpos, q_pos, lay.swa_keys, dst, None if bool(keep.sum() == N) else src)
+            kind_meta[True] = self._kind(read, kpos, q_pos, lay.swa_keys, dst, None if bool(keep.sum() == N) else src)
         dev = self.device
-        meta = AttnMeta(B, Tmax, False, q_pos.to(dev), flat_of_pad.to(dev), pad_of_flat.to(dev), ranges, kinds)
+        meta = AttnMeta(B, Tmax, False, q_pos.to(dev), flat_of_pad.to(dev), pad_of_flat.to(dev), ranges, kind_meta)
         return StepInputs(torch.tensor([ids], device=dev), torch.tensor([pos], device=dev), meta,
                           torch.tensor(sample_rows, dtype=torch.long, device=dev))
 
     @staticmethod
-    def _block_table(items) -> torch.Tensor:
-        nb = max(1, max(len(it.request.block_ids) for it in items))
-        return torch.tensor([it.request.block_ids + [0] * (nb - len(it.request.block_ids)) for it in items])
+    def _block_table(slices) -> torch.Tensor:
+        nb = max(1, max(len(s.request.block_ids) for s in slices))
+        return torch.tensor([s.request.block_ids + [0] * (nb - len(s.request.block_ids)) for s in slices])
 
-    def _prepare_decode(self, batch: Batch) -> StepInputs:
-        """One token per sequence at position s_b; keys are positions <= s_b (stored before reading).
+    def _prepare_rows(self, slices: list[Slice], kinds: tuple[bool, ...]) -> StepInputs:
+        """The rows path: one row per (sequence, position, token); every row's K/V is stored first, then each row
+        attends to its own sequence's keys up to its own position. A sequence with several rows (a verification
+        of drafts) repeats its block table / ring id once per row, and each row gets its own mask. Storing a slice
+        of up to `max_rows` = 1 + ring slack tokens before reading never overwrites a key that one of its rows
+        still needs (kv_cache.py, "Ring size").
 
         The gathered chunks of a GA layer hold positions 0, 1, ... in order, and so does a ring that has not wrapped
-        (s_b < R): there the key axis is cut to max(s_b) + 1 and, with one sequence, no mask is needed at all. A
-        wrapped ring with R == swa_keys (no draft slack) is all valid keys: no mask either."""
-        items = batch.items
-        B = len(items)
-        pos = [it.start for it in items]
-        ids = [it.request.token_slice(it.start, it.start + 1)[0] for it in items]
+        (top position < R): there the key axis is cut to the top position + 1 and, with one row, no mask is needed
+        at all. A wrapped ring with R == swa_keys (no draft slack, so one row per sequence) is all valid keys: no
+        mask either."""
+        B = sum(len(s.tokens) for s in slices)                                   # rows
+        owner = [s for s in slices for _ in s.tokens]
+        pos = [p for s in slices for p in range(s.start, s.start + len(s.tokens))]
+        ids = [t for s in slices for t in s.tokens]
         top = max(pos)
-        lay, dev, kinds = self.layout, self.device, {}
+        lay, dev, kinds_meta = self.layout, self.device, {}
         # The step's integers go to the device in one host tensor, split into views: each torch.tensor call costs
         # ~10 us here, a sizeable part of a small model's decode step.
         flat, at = ids + pos, {}
-        if lay.global_layers:
+        if lay.global_layers and False in kinds:
             bs = lay.block_size
-            nb = max(1, max(len(it.request.block_ids) for it in items))
+            nb = max(1, max(len(s.request.block_ids) for s in slices))
             at["ga_dst"] = len(flat)
-            flat += [it.request.block_ids[p // bs] * bs + p % bs for it, p in zip(items, pos)]
+            flat += [s.request.block_ids[p // bs] * bs + p % bs for s, p in zip(owner, pos)]
             at["table"] = len(flat)
-            for it in items:
-                flat += it.request.block_ids
-                flat += [0] * (nb - len(it.request.block_ids))
-        if lay.sliding_layers:
+            for s in slices:
+                row = s.request.block_ids + [0] * (nb - len(s.request.block_ids))
+                for _ in s.tokens:
+                    flat += row
+        if lay.sliding_layers and True in kinds:
             R = lay.ring_slots
-            ring_ids = [it.request.ring_id for it in items]
+            ring_ids = [s.request.ring_id for s in owner]
             at["rings"] = len(flat)
             flat += ring_ids
             at["swa_dst"] = len(flat)
@@ -353,19 +384,19 @@ class ModelRunner:
         pos_t = host[B:2 * B]
         causal: dict[int, torch.Tensor] = {}
 
-        def causal_bias(keys: int) -> torch.Tensor:               # (B, 1, 1, keys): key j valid iff j <= s_b
+        def causal_bias(keys: int) -> torch.Tensor:               # (B, 1, 1, keys): key j valid iff j <= row's position
             if keys not in causal:
                 causal[keys] = torch.zeros(B, keys).masked_fill_(
                     torch.arange(keys)[None, :] > pos_t[:, None], NEG_INF).view(B, 1, 1, keys).to(dev)
             return causal[keys]
 
-        if lay.global_layers:
+        if "ga_dst" in at:
             keys = top + 1                                                              # <= nb * bs
             o = at["table"]
-            kinds[False] = DecodeKindMeta(host[o:o + B * nb].view(B, nb).to(dev), bs,
-                                          host[at["ga_dst"]:at["ga_dst"] + B].to(dev),
-                                          causal_bias(keys) if B > 1 else None, keys)
-        if lay.sliding_layers:
+            kinds_meta[False] = DecodeKindMeta(host[o:o + B * nb].view(B, nb).to(dev), bs,
+                                               host[at["ga_dst"]:at["ga_dst"] + B].to(dev),
+                                               causal_bias(keys) if B > 1 else None, keys)
+        if "rings" in at:
             bias = None
             if top < R:                                                                 # no ring has wrapped
                 keys = top + 1
@@ -374,21 +405,31 @@ class ModelRunner:
             else:
                 keys = R
                 if R != lay.swa_keys or min(pos) < R - 1:
+                    # slot j holds, for a row at position p, the newest position <= p that maps to it; slots that
+                    # hold a later one (this step's later rows, rolled-back drafts) are outside p's window
                     j = torch.arange(R)
-                    slot_pos = pos_t[:, None] - (pos_t[:, None] - j[None, :]) % R      # newest position in slot j
+                    slot_pos = pos_t[:, None] - (pos_t[:, None] - j[None, :]) % R
                     ok = (slot_pos >= 0) & (pos_t[:, None] - slot_pos < lay.swa_keys)
                     bias = torch.zeros(B, R).masked_fill_(~ok, NEG_INF).view(B, 1, 1, keys).to(dev)
             o = at["rings"]
-            kinds[True] = DecodeKindMeta(host[o:o + B].view(B, 1).to(dev), R,
-                                         host[at["swa_dst"]:at["swa_dst"] + B].to(dev), bias, keys)
+            kinds_meta[True] = DecodeKindMeta(host[o:o + B].view(B, 1).to(dev), R,
+                                              host[at["swa_dst"]:at["swa_dst"] + B].to(dev), bias, keys)
         ar = self._aranges.get(B)
         if ar is None:                                  # read-only, so kept per batch size
             ar = self._aranges[B] = torch.arange(B, device=dev)
-        meta = AttnMeta(B, 1, True, pos_t[:, None].to(dev), ar[:, None], ar, [(b, b + 1) for b in range(B)], kinds)
-        every = all(it.sample for it in items)
-        rows = ar if every else torch.tensor([b for b, it in enumerate(items) if it.sample], dtype=torch.long,
-                                             device=dev)
-        return StepInputs(host[:B].view(1, B).to(dev), pos_t[None].to(dev), meta, rows, every)
+        meta = AttnMeta(B, 1, True, pos_t[:, None].to(dev), ar[:, None], ar, [(b, b + 1) for b in range(B)],
+                        kinds_meta)
+        rows, lo = [], 0
+        for s in slices:
+            n = len(s.tokens)
+            if s.rows == "all":
+                rows.extend(range(lo, lo + n))
+            elif s.rows == "last":
+                rows.append(lo + n - 1)
+            lo += n
+        every = len(rows) == B
+        rows_t = ar if every else torch.tensor(rows, dtype=torch.long, device=dev)
+        return StepInputs(host[:B].view(1, B).to(dev), pos_t[None].to(dev), meta, rows_t, every)
 
     def _kind(self, read, kpos, q_pos, window, dst, src) -> KindMeta:
         qp, kp = q_pos[:, :, None], kpos[:, None, :]
@@ -410,9 +451,33 @@ class ModelRunner:
         else:
             backend = PagedAttention(self.cache, step.meta, self.impl, self._buffers, self.use_kernels)
             hidden = self.model.model(step.input_ids, step.positions, backend)           # (1, N, D)
+        self.last_hidden = hidden[0]               # (N, D) every row, slice order: what MTP drafting reads
         if step.sample_rows.numel() == 0:
             return hidden.new_zeros(0, self.model.config.vocab_size, dtype=torch.float32)
         # Every row of a decode step is sampled: the view, not a gather. hidden[0, rows] (advanced indexing) opened
         # an OpenMP region from ~8k elements on, ~0.3 ms a step at 16 rows here with OMP_WAIT_POLICY=PASSIVE.
         picked = hidden[0] if step.all_rows else hidden[0].index_select(0, step.sample_rows)
         return self.model.logits(picked).float()                                       # (R, V)
+
+    @torch.inference_mode()
+    def execute_mtp(self, layer: int, slices: list[Slice], hidden: torch.Tensor,
+                    head_weight: torch.Tensor | None = None) -> torch.Tensor:
+        """MTP block `layer` over the slices' rows: slice tokens = the token `layer + 1` ahead of each row's
+        position, hidden (N, D) = the main model's hidden state at each row, in slice order -> logits (R, V) of the
+        wanted rows (R, S with `head_weight` (S, D), a reduced draft vocabulary). Its K/V go to the block's ring."""
+        step = self.prepare_slices(slices, kinds=(True,))
+        fused = self.fused_mtp[layer] if self.fused_mtp is not None else None
+        if fused is not None and step.meta.decode:
+            out = fused.forward(step.input_ids, step.positions, step.meta.kinds, hidden)       # (N, D) normed
+        else:
+            mm = self.model.model
+            backend = PagedAttention(self.cache, step.meta, self.impl, self._buffers, self.use_kernels)
+            rope = mm.rotary["sliding"](step.positions, hidden.dtype)
+            out = mm.mtp.layers[layer](mm.embed_tokens(step.input_ids), hidden[None], step.positions, rope,
+                                       backend)[0]
+        picked = out if step.all_rows else out.index_select(0, step.sample_rows)
+        if head_weight is None:
+            return self.model.lm_head(picked).float()
+        if head_weight.dtype == torch.bfloat16 and picked.dtype == torch.float32 and self.use_kernels:
+            return kernels.linear_bf16w(picked.contiguous(), head_weight)
+        return F.linear(picked, head_weight.to(picked.dtype)).float()

@@ -188,42 +188,54 @@ def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
     return logits
 
 
+def distributions(logits: torch.Tensor, rows: Sequence[SampleRow]) -> tuple[torch.Tensor, torch.Tensor | None, list[int]]:
+    """The distributions `sample` draws from: logits (R, V) -> (greedy (R,) = argmax of the penalised logits,
+    probs (r, V) = softmax of the processed logits of the r sampled (temperature > 0) rows, their row indices).
+    Speculative verification reads the same distributions, so that what it accepts is distributed as this."""
+    logits = logits.float()
+    if any(r.params.needs_penalties for r in rows):
+        logits = apply_penalties(logits.clone(), rows)
+    greedy = kernels.argmax_rows(logits)                                    # (R,) greedy default; = argmax(-1)
+    rand = [i for i, r in enumerate(rows) if not r.params.greedy]
+    if not rand:
+        return greedy, None, rand
+    sub = logits[rand] / torch.tensor([rows[i].params.temperature for i in rand], device=logits.device)[:, None]
+    p = [rows[i].params for i in rand]
+    sub = filter_logits(sub, torch.tensor([q.top_k for q in p], device=logits.device),
+                        torch.tensor([q.top_p for q in p], device=logits.device, dtype=torch.float32),
+                        torch.tensor([q.min_p for q in p], device=logits.device, dtype=torch.float32))
+    return greedy, sub.softmax(dim=-1), rand
+
+
+def logprob_entry(raw_logprobs: torch.Tensor, token: int, n: int) -> tuple[float, int, list[tuple[int, float]]]:
+    """One row's (logprob of `token`, its rank, top-n (token id, logprob)) under the raw distribution."""
+    chosen = float(raw_logprobs[token])
+    rank = int((raw_logprobs > chosen).sum()) + 1
+    top = []
+    if n:
+        vals, idx = raw_logprobs.topk(min(n, raw_logprobs.shape[-1]))
+        top = list(zip(idx.tolist(), vals.tolist()))
+    return chosen, rank, top
+
+
 def sample(logits: torch.Tensor, rows: Sequence[SampleRow], shared_generator: torch.Generator | None = None
            ) -> SampleResult:
     """logits (R, V) -> one token per row (plus logprobs where asked). Rows are independent of each other."""
     logits = logits.float()
     R, V = logits.shape
-    assert len(rows) == R, f"{len(rows)} sampling rows for {R} logit rows"
+    if len(rows) != R:
+        raise ValueError(f"{len(rows)} sampling rows for {R} logit rows")
     want_lp = [r.params.logprobs is not None for r in rows]
     raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_lp) else None
-    if any(r.params.needs_penalties for r in rows):
-        logits = apply_penalties(logits.clone(), rows)
-
-    tokens = kernels.argmax_rows(logits)                                     # (R,) greedy default; = argmax(-1)
-    rand = [i for i, r in enumerate(rows) if not r.params.greedy]
+    tokens, probs, rand = distributions(logits, rows)
     if rand:
-        sub = logits[rand] / torch.tensor([rows[i].params.temperature for i in rand], device=logits.device)[:, None]
-        p = [rows[i].params for i in rand]
-        sub = filter_logits(sub, torch.tensor([q.top_k for q in p], device=logits.device),
-                            torch.tensor([q.top_p for q in p], device=logits.device, dtype=torch.float32),
-                            torch.tensor([q.min_p for q in p], device=logits.device, dtype=torch.float32))
-        probs = sub.softmax(dim=-1)                                                    # (r, V)
         noise = torch.empty_like(probs)
         for j, i in enumerate(rand):
             noise[j].exponential_(generator=rows[i].generator or shared_generator)
         tokens[rand] = kernels.argmax_rows(probs / noise)
     token_list = tokens.tolist()
-
     lps: list = [None] * R
     for i, r in enumerate(rows):
-        if not want_lp[i]:
-            continue
-        lp_row = raw_logprobs[i]
-        chosen = float(lp_row[token_list[i]])
-        rank = int((lp_row > chosen).sum()) + 1
-        top = []
-        if r.params.logprobs:
-            vals, idx = lp_row.topk(min(r.params.logprobs, V))
-            top = list(zip(idx.tolist(), vals.tolist()))
-        lps[i] = (chosen, rank, top)
+        if want_lp[i]:
+            lps[i] = logprob_entry(raw_logprobs[i], token_list[i], r.params.logprobs)
     return SampleResult(token_list, lps)

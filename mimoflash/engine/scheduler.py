@@ -43,8 +43,9 @@ class SchedulerConfig:
 class ScheduledRequest:
     request: Request
     start: int          # first position fed this step (= num_computed_tokens before the step)
-    num_tokens: int     # tokens fed this step
+    num_tokens: int     # tokens fed this step (the drafts included)
     sample: bool        # the slice reaches the last known token: sample from its logits
+    num_draft: int = 0  # speculative drafts at the end of the slice: every row is sampled (verification)
 
 
 @dataclass
@@ -100,6 +101,14 @@ class Scheduler:
             if n < req.num_pending_tokens and not chunked:
                 i += 1
                 continue
+            drafts = 0
+            if req.draft_token_ids:                # decoding with drafts: verify them in this step if they fit
+                if req.num_pending_tokens == 1:
+                    drafts = min(len(req.draft_token_ids), budget - 1)
+                    while drafts and not self.kv.can_allocate(req, 1 + drafts):
+                        drafts -= 1                # no room: fewer drafts rather than preempting someone
+                del req.draft_token_ids[drafts:]
+                n += drafts
             while not self.kv.can_allocate(req, n):
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -109,7 +118,8 @@ class Scheduler:
             if req.status is not RequestStatus.RUNNING:      # it preempted itself
                 break
             self.kv.allocate(req, n)
-            batch.items.append(ScheduledRequest(req, req.num_computed_tokens, n, n == req.num_pending_tokens))
+            batch.items.append(ScheduledRequest(req, req.num_computed_tokens, n, n == req.num_pending_tokens + drafts,
+                                                drafts))
             budget -= n
             i += 1
         if batch.preempted:
@@ -143,14 +153,19 @@ class Scheduler:
         self.running.remove(req)
         self.kv.free(req)
         req.num_computed_tokens = 0
+        req.draft_token_ids = []
         req.status = RequestStatus.WAITING
         req.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(req)
 
     # ------------------------------------------------------------------ results
-    def postprocess(self, batch: Batch, sampled: list[int | None]) -> list[Request]:
-        """Advance the scheduled requests; `sampled[j]` is the token for `batch.items[j]` (None if not sampled).
+    def postprocess(self, batch: Batch, sampled: list, on_token=None) -> list[Request]:
+        """Advance the scheduled requests; `sampled[j]` is the token for `batch.items[j]` (None if not sampled), or
+        for a verification item (num_draft > 0) the list of tokens it produced: the accepted drafts then the main
+        model's own token. The cache keeps the fed tokens that were accepted and forgets the rest (rollback).
+        Tokens are appended one at a time, each checked against the stop rules; `on_token(req)` runs after each
+        append (the engine's text and stop strings) and the rest of a list is dropped once the request finishes.
         Returns the requests that received a token."""
         got = []
         now = time.perf_counter()
@@ -163,11 +178,22 @@ class Scheduler:
                 continue
             if tok is None:
                 raise RuntimeError(f"{req.request_id}: sampled row without a token")
-            req.output_token_ids.append(tok)
+            toks = [tok] if isinstance(tok, int) else list(tok)
+            if item.num_draft:
+                if not 1 <= len(toks) <= item.num_draft + 1:
+                    raise RuntimeError(f"{req.request_id}: {len(toks)} tokens from {item.num_draft} drafts")
+                req.draft_token_ids = []
+                self.kv.rollback(req, item.start + len(toks))     # fed: last token + drafts; kept: the accepted
             if req.first_token_time is None:
                 req.first_token_time = now
             got.append(req)
-            self._check_token_stop(req, tok)
+            for t in toks:
+                req.output_token_ids.append(t)
+                self._check_token_stop(req, t)
+                if on_token is not None:
+                    on_token(req)
+                if req.is_finished:
+                    break
         return got
 
     def _check_token_stop(self, req: Request, tok: int) -> None:

@@ -1,0 +1,360 @@
+"""MTP speculative decoding: the model's MTP blocks draft, the main model verifies, caches roll back (docs/MTP.md).
+
+One cycle per request, all inside the ordinary engine step (scheduler -> runner -> sampler -> postprocess):
+
+  draft    after a step that left the request decoding at position q (t_{q+1} sampled, not yet cached), MTP block n
+           (n = 0, 1, ...) reads the main model's hidden state h_q and the token n + 1 ahead (t_{q+1}, then its own
+           previous drafts) and proposes d_{n+1}; with fewer blocks than drafts the last block is reused.
+  verify   the next step feeds [t_{q+1}, d_1 .. d_k] at positions q+1 .. q+k+1 as k+1 rows of one sequence (the same
+           rows path as a one-token decode, fused C step included) and every row is sampled: row j gives the main
+           model's distribution for the token after d_j.
+  accept   greedy: the longest prefix of drafts equal to the main model's argmax, plus the main model's token after
+           it. Sampling: draft j is kept with probability min(1, p_j(d_j) / q_j(d_j)); the first rejected one is
+           replaced by a draw from the normalised residual max(p_j - q_j, 0); if all are kept, one more token is drawn
+           from p_k. p_j is exactly what plain decoding would sample from (same penalties, counting the drafts before
+           it as output; same temperature, top-k/top-p/min-p), so the emitted tokens are distributed as without
+           speculation (Leviathan et al. 2023; docs/MTP.md has the argument).
+  rollback the rejected drafts' K/V: `KVCacheManager.rollback` frees whole blocks past the new end; ring slots need
+           nothing (their slack of `max_draft` slots, kv_cache.py). MTP rings: an entry written from a draft token is
+           remembered as tentative and rewritten on the next draft pass unless the draft turned out right.
+
+MTP caches. Block n's K/V at position i depends only on (h_i, t_{i+n+1}) (one attention layer), so a block's ring is
+brought up to date lazily, when it drafts: the rows from its first not-yet-correct position (at most a window back)
+to q, read from a short per-request buffer of the main model's final hidden states. A request that is not drafting
+(adaptive depth 0, prefill) costs nothing on the MTP side.
+
+Adaptive depth picks, per step, one depth for all drafting requests (each capped by its own `num_speculative_tokens`)
+that maximises expected tokens per second: the running acceptance rate of each draft position against the measured
+time of a step with that many rows plus the measured time of the draft passes (see `AdaptiveDepth`).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field, fields
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .. import kernels
+from .request import Request
+from .runner import ModelRunner, Slice
+from .sampling import SampleRow, distributions
+
+
+@dataclass
+class SpeculativeConfig:
+    """vLLM's shape: `LLM(model, speculative_config={"method": "mtp", "num_speculative_tokens": 3})`.
+
+    draft_vocab: the draft head's vocabulary (token ids; None = all). On a small model the head is most of a draft's
+        cost; with a reduced vocabulary the drafts only propose those tokens (still lossless: the main model verifies
+        every draft over the full vocabulary). `draft_vocab_size` = N keeps the N most frequent tokens of
+        `draft_vocab_counts` (token counts, e.g. from held-out text) or, without counts, the N lowest token ids (a
+        BPE vocabulary's first merges are its most frequent pairs)."""
+    method: str = "mtp"
+    num_speculative_tokens: int = 1
+    adaptive: bool = False
+    draft_vocab_size: int | None = None
+    draft_vocab: Sequence[int] | None = None
+    draft_vocab_counts: Any = None
+
+    def __post_init__(self) -> None:
+        if self.method != "mtp":
+            raise ValueError(f"speculative_config.method: only 'mtp' is supported, got {self.method!r}")
+        k = self.num_speculative_tokens
+        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= 16:
+            raise ValueError(f"speculative_config.num_speculative_tokens must be an integer in [1, 16], got {k!r}")
+        if not isinstance(self.adaptive, bool):
+            raise ValueError(f"speculative_config.adaptive must be true or false, got {self.adaptive!r}")
+        n = self.draft_vocab_size
+        if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
+            raise ValueError(f"speculative_config.draft_vocab_size must be a positive integer, got {n!r}")
+
+    @classmethod
+    def from_value(cls, value) -> "SpeculativeConfig | None":
+        """None, a SpeculativeConfig or a dict (unknown keys are an error, not ignored)."""
+        if value is None or isinstance(value, cls):
+            return value
+        if not isinstance(value, dict):
+            raise ValueError(f"speculative_config must be a dict or SpeculativeConfig, got {type(value).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ValueError(f"speculative_config: unknown key(s) {unknown}; known: {sorted(known)}")
+        return cls(**value)
+
+    def vocab(self, vocab_size: int) -> torch.Tensor | None:
+        """The draft vocabulary as sorted token ids, or None for the full one."""
+        if self.draft_vocab is not None:
+            ids = sorted({int(t) for t in self.draft_vocab})
+            if not ids or ids[0] < 0 or ids[-1] >= vocab_size:
+                raise ValueError(f"speculative_config.draft_vocab must be non-empty token ids in [0, {vocab_size})")
+            return torch.tensor(ids, dtype=torch.long)
+        n = self.draft_vocab_size
+        if n is None or n >= vocab_size:
+            return None
+        if self.draft_vocab_counts is not None:
+            counts = torch.as_tensor(self.draft_vocab_counts, dtype=torch.float64)
+            if counts.shape != (vocab_size,):
+                raise ValueError(f"speculative_config.draft_vocab_counts must have {vocab_size} entries")
+            ids = counts.argsort(descending=True, stable=True)[:n]
+        else:
+            ids = torch.arange(n)
+        return ids.sort().values
+
+
+def token_counts(token_ids, vocab_size: int) -> torch.Tensor:
+    """Counts of each token id in a sample of text (for `draft_vocab_counts`)."""
+    return torch.bincount(torch.as_tensor(token_ids, dtype=torch.long).reshape(-1), minlength=vocab_size)[:vocab_size]
+
+
+@dataclass
+class _State:
+    """A request's MTP side: the main model's recent final hidden states and how far each block's ring is right."""
+    preemptions: int
+    num_layers: int
+    h0: int = 0                                   # position of hidden[0]
+    hidden: torch.Tensor | None = None            # (m, D) final hidden states at positions h0 .. h0 + m - 1
+    done: list[int] = field(default_factory=list)            # block n's ring is right for positions < done[n]
+    tentative: list[dict[int, int]] = field(default_factory=list)   # block n: position -> draft token it used
+    draft_probs: torch.Tensor | None = None       # (k, V) the distributions the drafts were drawn from (sampling)
+
+    def __post_init__(self) -> None:
+        self.done = [0] * self.num_layers
+        self.tentative = [{} for _ in range(self.num_layers)]
+
+
+class AdaptiveDepth:
+    """Chooses the step's draft depth from measurements (no fixed thresholds).
+
+    Expected tokens of a verify step with depth k: E(k) = 1 + sum_{j<=k} prod_{i<=j} a_i, a_i the running
+    (exponentially weighted) acceptance rate of draft i given draft i-1 was accepted. Its cost: T_main(rows) + T_draft(k)
+    with T_main measured per total row count of the main step and T_draft per draft pass; unmeasured row counts are
+    interpolated linearly between measured ones (extrapolated with the last slope, or proportionally to rows with one
+    point). The depth maximising sum_r E_r(k) / cost is taken; every `explore` steps a neighbouring depth is tried so
+    that the cost table keeps covering the choices."""
+
+    def __init__(self, max_depth: int, decay: float = 0.05, explore: int = 16, prior: float = 0.6):
+        self.max_depth, self.decay, self.explore = max_depth, decay, explore
+        self.accept = [prior] * max_depth             # a_i, conditional acceptance of draft i + 1
+        self.step_time: dict[int, float] = {}         # main step rows -> seconds (EMA)
+        self.draft_time: dict[tuple[int, int], float] = {}   # (requests, depth) -> seconds of the draft passes (EMA)
+        self.steps = 0
+
+    def _ema(self, table: dict, key, value: float) -> None:
+        old = table.get(key)
+        table[key] = value if old is None else old + 0.2 * (value - old)
+
+    def record_step(self, rows: int, seconds: float) -> None:
+        self._ema(self.step_time, rows, seconds)
+
+    def record_drafts(self, requests: int, depth: int, seconds: float) -> None:
+        self._ema(self.draft_time, (requests, depth), seconds)
+
+    def record_acceptance(self, proposed: int, accepted: int) -> None:
+        for j in range(min(proposed, accepted + 1)):        # draft j+1 was judged only if drafts 1..j were accepted
+            hit = 1.0 if j < accepted else 0.0
+            self.accept[j] += self.decay * (hit - self.accept[j])
+
+    def expected_tokens(self, k: int) -> float:
+        e, run = 1.0, 1.0
+        for j in range(k):
+            run *= self.accept[j]
+            e += run
+        return e
+
+    @staticmethod
+    def _interp(table: dict[int, float], x: int) -> float | None:
+        if not table:
+            return None
+        if x in table:
+            return table[x]
+        xs = sorted(table)
+        if len(xs) == 1:
+            return table[xs[0]] * x / xs[0]
+        lo = max([v for v in xs if v < x], default=None)
+        hi = min([v for v in xs if v > x], default=None)
+        if lo is None:
+            lo, hi = xs[0], xs[1]
+        elif hi is None:
+            lo, hi = xs[-2], xs[-1]
+        return table[lo] + (table[hi] - table[lo]) * (x - lo) / (hi - lo)
+
+    def _draft_cost(self, n: int, k: int) -> float:
+        if k == 0:
+            return 0.0
+        if (n, k) in self.draft_time:
+            return self.draft_time[(n, k)]
+        per = [t / kk for (nn, kk), t in self.draft_time.items() if nn == n] or \
+              [t / kk / nn * n for (nn, kk), t in self.draft_time.items()]
+        return k * (sum(per) / len(per)) if per else 0.0
+
+    def choose(self, caps: list[int], other_rows: int) -> list[int]:
+        """caps: each drafting request's own limit; other_rows: rows of the step that are not theirs -> depths."""
+        self.steps += 1
+        top = max(caps, default=0)
+        if top == 0:
+            return caps
+        best, best_rate = top, -1.0
+        rates = {}
+        for k in range(top + 1):
+            ks = [min(k, c) for c in caps]
+            t = self._interp(self.step_time, other_rows + sum(1 + x for x in ks))
+            if t is None:                               # nothing measured yet: start deep
+                return ks if k == top else [min(top, c) for c in caps]
+            cost = t + self._draft_cost(len(caps), k)
+            rate = sum(self.expected_tokens(x) for x in ks) / cost if cost > 0 else 0.0
+            rates[k] = rate
+            if rate > best_rate:
+                best, best_rate = k, rate
+        if self.explore and self.steps % self.explore == 0:             # keep the neighbours measured
+            best = best + 1 if (self.steps // self.explore) % 2 and best < top else max(0, best - 1)
+        return [min(best, c) for c in caps]
+
+
+class MTPDrafter:
+    """Drafting, verification and the MTP-side state of every speculating request (module docstring)."""
+
+    def __init__(self, model, runner: ModelRunner, config: SpeculativeConfig, max_draft: int):
+        self.model, self.runner, self.config = model, runner, config
+        mc = model.config
+        self.num_layers = mc.num_nextn_predict_layers
+        if self.num_layers < 1:
+            raise ValueError("speculative decoding with method 'mtp' needs a model with MTP layers "
+                             "(num_nextn_predict_layers >= 1); this model has none")
+        if config.num_speculative_tokens > self.num_layers:
+            warnings.warn(f"num_speculative_tokens={config.num_speculative_tokens} with {self.num_layers} MTP layer(s): "
+                          f"drafts {self.num_layers + 1}..{config.num_speculative_tokens} reuse the last MTP layer",
+                          stacklevel=3)
+        self.window = runner.layout.swa_keys
+        self.keep = self.window + max_draft + 1          # hidden states kept per request
+        self.states: dict[str, _State] = {}
+        self.vocab = config.vocab(mc.vocab_size)          # (S,) or None
+        self.head_weight = None
+        if self.vocab is not None:
+            self.head_weight = model.lm_head.weight.detach().index_select(0, self.vocab).contiguous()
+        self.hidden_pre_norm = all(getattr(l, "hidden_pre_norm", True) for l in model.mtp_layers())
+        self.adaptive = AdaptiveDepth(config.num_speculative_tokens) if config.adaptive else None
+
+    # ------------------------------------------------------------------ state
+    def state(self, req: Request) -> _State:
+        st = self.states.get(req.request_id)
+        if st is None or st.preemptions != req.num_preemptions:       # recomputed from scratch: so is our side
+            st = self.states[req.request_id] = _State(req.num_preemptions, self.num_layers)
+        return st
+
+    def forget(self, request_id: str) -> None:
+        self.states.pop(request_id, None)
+
+    def observe(self, req: Request, start: int, hidden: torch.Tensor) -> None:
+        """hidden (n, D): the main model's final hidden states at positions start .. start + n - 1."""
+        st = self.state(req)
+        n = hidden.shape[0]
+        if n > self.keep:
+            hidden, start, n = hidden[-self.keep:], start + n - self.keep, self.keep
+        if st.hidden is None or start != st.h0 + st.hidden.shape[0]:
+            st.hidden, st.h0 = hidden.clone(), start
+        else:
+            st.hidden = torch.cat([st.hidden, hidden])
+        m = st.hidden.shape[0]
+        if m > self.keep:
+            st.hidden, st.h0 = st.hidden[m - self.keep:], st.h0 + m - self.keep
+
+    # ------------------------------------------------------------------ drafting
+    def propose(self, reqs: list[Request], depths: list[int], shared_generator, generators: dict) -> None:
+        """Draft `depths[i]` tokens for each request (decoding at position num_computed_tokens - 1); sets
+        req.draft_token_ids and, for sampled requests, the draft distributions."""
+        work = [(r, k, self.state(r)) for r, k in zip(reqs, depths) if k > 0]
+        if not work:
+            return
+        for r, _, st in work:
+            r.draft_token_ids = []
+            st.draft_probs = None
+            toks = r.prompt_token_ids + r.output_token_ids
+            for n in range(self.num_layers):             # tentative entries the new tokens confirmed
+                d, tent = st.done[n], st.tentative[n]
+                while d in tent and d + n + 1 < len(toks) and toks[d + n + 1] == tent[d]:
+                    d += 1
+                st.done[n], st.tentative[n] = d, {}
+        probs: dict[str, list[torch.Tensor]] = {}
+        for n in range(max(k for _, k, _ in work)):
+            li = min(n, self.num_layers - 1)
+            slices, hid, owners = [], [], []
+            for r, k, st in work:
+                if k <= n:
+                    continue
+                q = r.num_computed_tokens - 1
+                toks = r.prompt_token_ids + r.output_token_ids             # t_0 .. t_{q+1}
+                if n < self.num_layers:
+                    s = max(st.done[li], q - self.window + 1, st.h0, 0)
+                    ids = [toks[i + n + 1] if i + n + 1 <= q + 1 else r.draft_token_ids[i + n - q - 1]
+                           for i in range(s, q + 1)]
+                else:                                    # reused last block: one row at q, the newest draft
+                    s, ids = q, [r.draft_token_ids[n - 1]]
+                slices.append(Slice(r, s, ids, "last"))
+                hid.append(st.hidden[s - st.h0:q + 1 - st.h0])
+                owners.append((r, st, s, q, n))
+            hidden = torch.cat(hid)
+            if not self.hidden_pre_norm:
+                hidden = self.model.model.norm(hidden)
+            logits = self.runner.execute_mtp(li, slices, hidden, self.head_weight)     # (R, S or V)
+            if self.vocab is not None:
+                full = logits.new_full((logits.shape[0], self.model.config.vocab_size), float("-inf"))
+                logits = full.index_copy_(1, self.vocab, logits)
+            rows = [SampleRow(r.params, generators.get(r.request_id), r.prompt_token_ids,
+                              r.output_token_ids + r.draft_token_ids) for r, *_ in owners]
+            greedy, p, rand = distributions(logits, rows)
+            tok = greedy.tolist()
+            for j, i in enumerate(rand):
+                r = owners[i][0]
+                g = generators.get(r.request_id) or shared_generator
+                tok[i] = int(torch.multinomial(p[j], 1, generator=g))
+                probs.setdefault(r.request_id, []).append(p[j])
+            for (r, st, s, q, n), t in zip(owners, tok):
+                li = min(n, self.num_layers - 1)
+                tent = st.tentative[li]
+                for i in range(s, q + 1):                 # rows fed a draft token: tentative
+                    if n >= self.num_layers or i + n + 1 > q + 1:
+                        tent[i] = r.draft_token_ids[i + n - q - 1] if n < self.num_layers else r.draft_token_ids[-1]
+                st.done[li] = min([i for i in tent if i >= s] + [q + 1]) if n < self.num_layers \
+                    else min(st.done[li], q)
+                r.draft_token_ids.append(t)
+        for r, k, st in work:
+            if r.request_id in probs:
+                st.draft_probs = torch.stack(probs[r.request_id])
+
+    # ------------------------------------------------------------------ verification
+    def verify(self, req: Request, logits: torch.Tensor, drafts: list[int], generator, shared_generator
+               ) -> tuple[list[int], int]:
+        """logits (k+1, V): the main model after [t, d_1 .. d_k] -> (tokens to append, drafts accepted)."""
+        k = len(drafts)
+        rows = [SampleRow(req.params, generator, req.prompt_token_ids, req.output_token_ids + drafts[:j])
+                for j in range(k + 1)]
+        greedy, p, rand = distributions(logits, rows)
+        if not rand:                                      # temperature 0: the longest prefix the argmax agrees with
+            g = greedy.tolist()
+            a = 0
+            while a < k and drafts[a] == g[a]:
+                a += 1
+            return drafts[:a] + [g[a]], a
+        gen = generator or shared_generator
+        q = self.states[req.request_id].draft_probs
+        for j in range(k):
+            d = drafts[j]
+            u = float(torch.rand((), generator=gen))
+            if u * float(q[j, d]) < float(p[j, d]):        # accept with probability min(1, p/q)
+                continue
+            resid = (p[j] - q[j]).clamp_(min=0)
+            total = float(resid.sum())
+            t = int(torch.multinomial(resid / total if total > 0 else p[j], 1, generator=gen))
+            return drafts[:j] + [t], j
+        return list(drafts) + [int(torch.multinomial(p[k], 1, generator=gen))], k
+
+
+def draft_head(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x (R, D) fp32 @ weight (S, D) -> (R, S) fp32; bf16 weights through the kernels."""
+    if weight.dtype == torch.bfloat16 and x.dtype == torch.float32 and kernels.available():
+        return kernels.linear_bf16w(x.contiguous(), weight)
+    return F.linear(x, weight.to(x.dtype)).float()
+
