@@ -104,15 +104,16 @@ def test_router_bias_selects_but_does_not_weight():
 
 
 def test_fused_qkv_path_matches_three_projections():
-    """`Attention.qkv_fused` (set by the engine's CPU layout): one q|k|v matmul and one RoPE call for q|k, same math as
-    the three projections; a cast that breaks the aliasing falls back to them."""
-    from mimoflash.engine.cpu_layout import use_cpu_layout
+    """`FastAttention` (swapped in by the engine's CPU layout): one q|k|v matmul and one RoPE call for q|k, same math
+    as the three projections; a cast that breaks the aliasing falls back to them."""
+    from mimoflash.engine.cpu_layout import FastAttention, use_cpu_layout
     m = make_model(tiny_config(), seed=4)
     ref = make_model(tiny_config(), seed=4)
     ids = torch.randint(0, m.config.vocab_size, (2, 13))
     use_cpu_layout(m)
     attn = [x for x in m.modules() if isinstance(x, Attention)]
-    assert attn and all(a.fused_qkv() is None for a in attn)            # grad mode: the parameters' own path
+    assert attn and all(isinstance(a, FastAttention) for a in attn)
+    assert all(a.fused_qkv() is None for a in attn)                    # grad mode: the parameters' own path
     with torch.no_grad():
         assert all(a.fused_qkv() is not None for a in attn)
         torch.testing.assert_close(m(ids), ref(ids), atol=1e-5, rtol=1e-4)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from mimoflash import kernels
-from mimoflash.engine.cpu_layout import KERNEL_MAX_ROWS, use_cpu_layout
+from mimoflash.engine.cpu_layout import KERNEL_MAX_ROWS, Bf16Experts, PickedExperts, use_cpu_layout
 from mimoflash.engine.kv_cache import KVCache, KVCacheManager, plan_cache
 from mimoflash.engine.llm import LLM
 from mimoflash.engine.request import Request
@@ -172,7 +172,7 @@ def test_bf16_weight_decode_equals_fp32_recompute():
     runner = ModelRunner(m16, KVCache(layout), "fast", compute_dtype=torch.float32)
     assert runner.use_kernels and m16.lm_head.weight.dtype == torch.bfloat16
     assert runner.fused is not None                                    # single-sequence decode: one call per layer
-    assert "w16_experts" in repr(m16.model.layers[1].mlp.experts.forward)
+    assert isinstance(m16.model.layers[1].mlp.experts, Bf16Experts)
     req = Request("r", list(toks), SamplingParams(max_tokens=1))
     pos = 0
     for n in [3] + [1] * 9 + [6, 1, 1, 1, 2]:
@@ -522,16 +522,16 @@ def _fork_child_gemm(x, w):
 
 @pytest.mark.parametrize("T", [1, 2, 3])
 def test_bf16_compute_picked_experts_match_grouped_forward(T):
-    """dtype="bfloat16" on CPU: one or two tokens run only their picked experts (`_picked_experts`), more take
+    """dtype="bfloat16" on CPU: one or two tokens run only their picked experts (`PickedExperts`), more take
     `Experts.forward`; same routing inputs, so the two differ by bf16 rounding only."""
-    from mimoflash.model.moe import MoE
+    from mimoflash.model.moe import Experts, MoE
     m = make_model(tiny_config(), seed=9, dtype=torch.bfloat16)
     use_cpu_layout(m, torch.bfloat16)
     ex = next(x for x in m.modules() if isinstance(x, MoE)).experts
-    assert "picked_experts" in repr(ex.forward)
+    assert isinstance(ex, PickedExperts)
     x = _randn(T, m.config.hidden_size).bfloat16()
     idx = torch.stack([torch.randperm(8, generator=G)[:2] for _ in range(T)])
     w = torch.rand(T, 2, generator=G)
     with torch.no_grad():
-        got, ref = ex(x, idx, w).float(), ex._grouped_forward(x, idx, w).float()
+        got, ref = ex(x, idx, w).float(), Experts.forward(ex, x, idx, w).float()
     assert (got - ref).abs().max() <= 0.02 * ref.abs().max()

@@ -108,7 +108,7 @@ def test_layout_packs_dense_linears_not_experts_and_keeps_state_dict():
     for layer in m.model.layers:
         attn = layer.self_attn
         assert attn._qkv_panels.get() is not None and attn.o_proj._panels.get() is not None
-        assert not hasattr(attn.q_proj, "_panels")                   # fused: q|k|v packed once, together
+        assert attn.q_proj._panels is None                           # fused: q|k|v packed once, together
     after = m.state_dict()
     assert after.keys() == before.keys()                             # the panels are not parameters or buffers
     for k, v in before.items():
@@ -144,7 +144,7 @@ def test_engine_with_and_without_panels(lengths):
     assert on.engine.runner.fused is not None and off.engine.runner.fused is not None
     assert all(a.panels == 1 for a, _, _ in on.engine.runner.fused.layers)
     assert all(a.panels == 0 for a, _, _ in off.engine.runner.fused.layers)
-    assert not hasattr(off.model.lm_head, "_panels")
+    assert off.model.lm_head._panels is None
     got, ref = on.generate(ps, sp), off.generate(ps, sp)
     for g, r in zip(got, ref):
         g, r = g.outputs[0], r.outputs[0]
@@ -192,7 +192,7 @@ def test_cli_no_weight_panels_reaches_the_engine(tmp_path, monkeypatch, capsys):
         assert cli.generate_main(["--model", str(ckpt), "--token-ids", "1,2,3", "--max-tokens", "6", "--json",
                                   "--temperature", "0", *extra]) == 0
         outs.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["outputs"][0]["token_ids"])
-    assert hasattr(built[0].model.lm_head, "_panels") and not hasattr(built[1].model.lm_head, "_panels")
+    assert built[0].model.lm_head._panels is not None and built[1].model.lm_head._panels is None
     assert outs[0] == outs[1] and len(outs[0]) == 6
 
 

@@ -9,7 +9,10 @@
 
 `model` is a checkpoint directory or an already built `MiMoForCausalLM` (tests, notebooks); `tokenizer` is optional
 either way. A checkpoint without tokenizer files still runs from `{"prompt_token_ids": [...]}` prompts, with empty
-`text` (vLLM's skip_tokenizer_init).
+`text` (vLLM's skip_tokenizer_init). A built model is left as it was: the engine casts, moves and re-lays out its
+own copy of the module tree (`engine.cpu_layout.engine_copy`: new module and parameter objects over the same
+storages; what it re-lays out is new memory), and `llm.model` is that copy. The storages it keeps are shared, so
+an in-place edit of your model's weights afterwards reaches the engine only partly: build a new `LLM` instead.
 
 Dtypes. `dtype` is the compute dtype (activations, KV cache): "auto" = float32 on CPU, bfloat16 on CUDA.
 `kv_cache_dtype` stores the KV cache in another dtype: "bfloat16" halves its bytes under fp32 compute (keys and
@@ -19,10 +22,6 @@ products of batched decoding and prefill run fastest on (engine/cpu_layout.py); 
 `huge_pages` (CPU, off by default): put the weights, those copies and the KV pools on 2 MB transparent huge pages
 where Linux allows (engine/hugepages.py): fewer TLB misses while a decode step streams them; results are identical
 either way. On the benchmark machine the decode rates stayed within noise of the default (docs/ENGINE.md §8).
-`speculative_config` turns on MTP speculative decoding (vLLM's shape): {"method": "mtp", "num_speculative_tokens": k,
-"adaptive": True} lets the model's MTP layers draft up to k tokens per step that the main model verifies in the next
-step; greedy output is the same token for token, sampled output has the same distribution (docs/MTP.md). Each output's
-`.metrics` then reports verify_steps, accepted_tokens and acceptance_per_position.
 `weight_dtype` is how the matmul weights are stored: "auto" keeps a bf16 (or FP8) checkpoint's weights in bf16 on
 CPU when computing in fp32 (engine/cpu_layout.py: half the bytes per decoded token, same result as the fp32 model up
 to summation order), and equals `dtype` otherwise (fp32 checkpoints, CUDA, or without the CPU kernels).
@@ -40,11 +39,10 @@ from typing import Any, Iterable, Iterator, Sequence
 import torch
 
 from ..model.mimo import MiMoForCausalLM
-from .cpu_layout import matmul_weight_dtype
+from .cpu_layout import engine_copy, matmul_weight_dtype
 from .engine import EngineConfig, LLMEngine
 from .request import CompletionOutput, RequestOutput
 from .sampling import SamplingParams
-from .speculative import SpeculativeConfig
 
 PromptType = str | dict[str, Any]
 
@@ -84,16 +82,15 @@ class LLM:
                  max_num_batched_tokens: int = 512, enable_chunked_prefill: bool = True, block_size: int = 16,
                  seed: int = 0, attention_impl: str = "fast", skip_tokenizer_init: bool = False,
                  kv_cache_dtype: str | torch.dtype = "auto", weight_panels: bool = True, huge_pages: bool = False,
-                 progress: bool = True, memory_budget: int | str | None = None,
-                 speculative_config: dict | SpeculativeConfig | None = None):
+                 progress: bool = True, memory_budget: int | str | None = None):
         device = torch.device(device)
-        spec = SpeculativeConfig.from_value(speculative_config)        # checked before any loading
         kv_dtype = None if kv_cache_dtype in (None, "auto") else _resolve_dtype(kv_cache_dtype, device,
                                                                                  "kv_cache_dtype")
         if isinstance(model, torch.nn.Module) and memory_budget is not None:
             raise ValueError("memory_budget applies to a checkpoint path (an FP8 checkpoint's experts are read from "
                              "its files), not to a built model")
         if isinstance(model, torch.nn.Module):          # a built MiMoForCausalLM (or a test double)
+            model = engine_copy(model)                  # the caller's model stays as it was (see the docstring)
             stored = matmul_weight_dtype(model)
             compute = _resolve_dtype(dtype, device)
             weights = _resolve_weight_dtype(weight_dtype, compute, stored, device)
@@ -129,7 +126,7 @@ class LLM:
             enable_chunked_prefill=enable_chunked_prefill, max_model_len=max_model_len,
             kv_cache_memory=kv_cache_memory, block_size=block_size, attention_impl=attention_impl, seed=seed,
             dtype=compute, kv_cache_dtype=kv_dtype, weight_panels=weight_panels,
-            huge_pages=huge_pages, speculative=spec))
+            huge_pages=huge_pages))
 
     def get_tokenizer(self):
         return self.tokenizer

@@ -103,38 +103,28 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(nq * dv, H, bias=False)
         self.attention_sink_bias = nn.Parameter(torch.zeros(nq)) if config.has_sinks(sliding) else None
         self.impl = "sdpa"                            # "sdpa" | "reference" (see module docstring)
-        # Optional fused projection, set from outside (engine/cpu_layout.py): (t, matmul) where q_proj/k_proj/v_proj's
-        # weights are views of blocks of one tensor t and matmul(x, t) -> (B, T, nq*d + nkv*d + nkv*dv), so that one
-        # product computes q|k|v and one RoPE call rotates q|k. Unused while None or no longer aliased.
-        self.qkv_fused: tuple[torch.Tensor, Callable] | None = None
 
     def fused_qkv(self) -> tuple[torch.Tensor, Callable] | None:
-        """`qkv_fused` if the three projection weights are still views of its tensor (a cast or `.to()` breaks that)
-        and no gradient is wanted (the tensor is not a parameter: training uses the three linears)."""
-        if self.qkv_fused is None or torch.is_grad_enabled():
-            return None
-        t = self.qkv_fused[0]
-        base = t.untyped_storage().data_ptr()
-        ok = all(lin.weight.untyped_storage().data_ptr() == base and lin.weight.dtype == t.dtype
-                 for lin in (self.q_proj, self.k_proj, self.v_proj))
-        return self.qkv_fused if ok else None
+        """q|k|v as one tensor and its product, for the engine's fused decode step: None here (three projections);
+        the engine's CPU layout swaps in `engine.cpu_layout.FastAttention`, which keeps one."""
+        return None
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                 backend: AttentionBackend | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         nq, nkv, d, dv = self.num_heads, self.num_kv_heads, self.head_dim, self.v_head_dim
         cos, sin = rope
-        fused = self.fused_qkv()
-        if fused is not None:                         # same math as below, fewer and larger ops
-            qkv = fused[1](x, fused[0])                                        # (B, T, (nq + nkv) * d + nkv * dv)
-            qk = apply_partial_rope(qkv[..., :(nq + nkv) * d].view(B, T, nq + nkv, d), cos, sin)
-            q, k = qk[:, :, :nq], qk[:, :, nq:]
-            v = qkv[..., (nq + nkv) * d:].reshape(B, T, nkv, dv) * self.value_scale
-        else:
-            q = self.q_proj(x).view(B, T, nq, d)
-            k = self.k_proj(x).view(B, T, nkv, d)
-            v = self.v_proj(x).view(B, T, nkv, dv) * self.value_scale
-            q, k = apply_partial_rope(q, cos, sin), apply_partial_rope(k, cos, sin)
+        q = self.q_proj(x).view(B, T, nq, d)
+        k = self.k_proj(x).view(B, T, nkv, d)
+        v = self.v_proj(x).view(B, T, nkv, dv) * self.value_scale
+        q, k = apply_partial_rope(q, cos, sin), apply_partial_rope(k, cos, sin)
+        return self.attend_project(q, k, v, positions, backend)
+
+    def attend_project(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                       backend: AttentionBackend | None = None) -> torch.Tensor:
+        """q (B, T, nq, d), k (B, T, nkv, d), v (B, T, nkv, dv) after RoPE and the value scale -> o_proj's output
+        (B, T, H): the engine's backend (cached keys), or cache-free attention over these tokens."""
+        B, T = q.shape[:2]
         if backend is not None:
             o = backend.attend(self, q, k, v)
         elif self.impl == "reference":
