@@ -20,6 +20,7 @@ import sys
 COMMANDS = {
     "generate": ("mimoflash.engine.cli", "generate_main", "generate text for a prompt (default: the shipped model)"),
     "chat": ("mimoflash.engine.cli", "chat_main", "interactive terminal chat with streaming output"),
+    "serve": ("mimoflash.serve.cli", "main", "OpenAI-compatible HTTP server with a web chat page"),
     "inspect": ("mimoflash.summary", "main", "parameter counts, KV-cache sizes and FP8 tensors of a checkpoint"),
     "train": ("mimoflash.train.train", "main", "train a MiMo-architecture model (next-token + MTP losses)"),
     "train-tokenizer": ("mimoflash.train.tokenizer_train", "main", "train a byte-level BPE tokenizer"),
