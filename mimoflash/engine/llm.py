@@ -22,6 +22,10 @@ products of batched decoding and prefill run fastest on (engine/cpu_layout.py); 
 `huge_pages` (CPU, off by default): put the weights, those copies and the KV pools on 2 MB transparent huge pages
 where Linux allows (engine/hugepages.py): fewer TLB misses while a decode step streams them; results are identical
 either way. On the benchmark machine the decode rates stayed within noise of the default (docs/ENGINE.md §8).
+`speculative_config` turns on MTP speculative decoding (vLLM's shape): {"method": "mtp", "num_speculative_tokens": k,
+"adaptive": True} lets the model's MTP layers draft up to k tokens per step that the main model verifies in the next
+step; greedy output is the same token for token, sampled output has the same distribution (docs/MTP.md). Each output's
+`.metrics` then reports verify_steps, accepted_tokens and acceptance_per_position.
 `weight_dtype` is how the matmul weights are stored: "auto" keeps a bf16 (or FP8) checkpoint's weights in bf16 on
 CPU when computing in fp32 (engine/cpu_layout.py: half the bytes per decoded token, same result as the fp32 model up
 to summation order), and equals `dtype` otherwise (fp32 checkpoints, CUDA, or without the CPU kernels).
@@ -43,6 +47,7 @@ from .cpu_layout import engine_copy, matmul_weight_dtype
 from .engine import EngineConfig, LLMEngine
 from .request import CompletionOutput, RequestOutput
 from .sampling import SamplingParams
+from .speculative import SpeculativeConfig
 
 PromptType = str | dict[str, Any]
 
@@ -82,8 +87,10 @@ class LLM:
                  max_num_batched_tokens: int = 512, enable_chunked_prefill: bool = True, block_size: int = 16,
                  seed: int = 0, attention_impl: str = "fast", skip_tokenizer_init: bool = False,
                  kv_cache_dtype: str | torch.dtype = "auto", weight_panels: bool = True, huge_pages: bool = False,
-                 progress: bool = True, memory_budget: int | str | None = None):
+                 progress: bool = True, memory_budget: int | str | None = None,
+                 speculative_config: dict | SpeculativeConfig | None = None):
         device = torch.device(device)
+        spec = SpeculativeConfig.from_value(speculative_config)        # checked before any loading
         kv_dtype = None if kv_cache_dtype in (None, "auto") else _resolve_dtype(kv_cache_dtype, device,
                                                                                  "kv_cache_dtype")
         if isinstance(model, torch.nn.Module) and memory_budget is not None:
@@ -126,7 +133,7 @@ class LLM:
             enable_chunked_prefill=enable_chunked_prefill, max_model_len=max_model_len,
             kv_cache_memory=kv_cache_memory, block_size=block_size, attention_impl=attention_impl, seed=seed,
             dtype=compute, kv_cache_dtype=kv_dtype, weight_panels=weight_panels,
-            huge_pages=huge_pages))
+            huge_pages=huge_pages, speculative=spec))
 
     def get_tokenizer(self):
         return self.tokenizer
