@@ -52,6 +52,10 @@ def _add_common(ap: argparse.ArgumentParser, max_tokens: int) -> None:
     ap.add_argument("--huge-pages", action="store_true",
                     help="CPU: weights and KV cache on 2 MB transparent huge pages where Linux allows (same results; "
                          "fewer TLB misses, within noise on the benchmark machine)")
+    ap.add_argument("--memory-budget", default=None, metavar="SIZE",
+                    help="FP8 checkpoints: bound the process's resident memory (e.g. 24G); routed experts beyond it "
+                         "are read from the checkpoint files when needed (slower). Default: no bound, or what is "
+                         "free when the files exceed the available RAM")
     ap.add_argument("--device", default="cpu", help="torch device to run on: cpu, cuda, cuda:1, ...")
     ap.add_argument("--kv-cache-memory", type=float, default=None,
                     help="KV cache budget: bytes, or a fraction of RAM when <= 1 (default: what max_num_seqs needs)")
@@ -115,7 +119,7 @@ def _load(a: argparse.Namespace, max_num_seqs: int = 4, seed: int = 0):
               max_num_seqs=max_num_seqs,
               kv_cache_memory=int(a.kv_cache_memory) if a.kv_cache_memory and a.kv_cache_memory > 1
               else a.kv_cache_memory, max_model_len=a.max_model_len, weight_panels=a.weight_panels,
-              huge_pages=a.huge_pages, seed=seed, progress=True)
+              huge_pages=a.huge_pages, memory_budget=a.memory_budget, seed=seed, progress=True)
     print(f"loaded {path} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     return llm
 

@@ -175,6 +175,7 @@ class ExpertStore:
         self._stats = ExpertStats(capacity=capacity)
         self._step_seen: set = set()
         self._ever: set = set()                 # every (layer, expert) read since loading
+        self._dirty = False                     # pages were faulted in since the last sweep
         self.total_bytes = 0
 
     def _map(self, file: str) -> SafetensorsMap:
@@ -209,6 +210,25 @@ class ExpertStore:
         self.capacity = self._stats.capacity = capacity
         while capacity is not None and self._lru and self._stats.resident_bytes > capacity:
             self._evict(next(iter(self._lru)))
+        if capacity is not None:
+            self.sweep()
+
+    def sweep(self) -> None:
+        """Drop every mapped page outside the resident experts. Reading a page of a mapped file makes Linux map its
+        neighbours too when they are in the page cache ("fault-around", 64 KB windows), so pages of experts that
+        were not routed, or of tensors the loader copied, can enter the resident set at a tensor's edges. With a
+        bounded cache each step starts with this sweep (one madvise per gap between resident experts)."""
+        keep: dict[int, list[tuple[int, int]]] = {}
+        for key in self._lru:
+            for m, a, b in self._experts[key].spans:
+                keep.setdefault(id(m), []).append((a, b))
+        for m in self._maps.values():
+            end = 0
+            for a, b in sorted(keep.get(id(m), ())):
+                m.drop(end, a)
+                end = max(end, b)
+            m.drop(end, len(m.mm))
+        self._dirty = False
 
     # ------------------------------------------------------------------ the hot path
     def on_forward(self, module, args) -> None:
@@ -216,6 +236,8 @@ class ExpertStore:
         self.begin_step()
 
     def begin_step(self) -> None:
+        if self._dirty and self.capacity is not None:
+            self.sweep()
         s = self._stats
         s.steps += 1
         s.step_touched = s.step_bytes_read = s.step_hits = s.step_misses = 0
@@ -239,6 +261,7 @@ class ExpertStore:
                 s.hits += 1
                 s.step_hits += 1
             else:
+                self._dirty = True
                 s.misses += 1
                 s.step_misses += 1
                 s.bytes_read += ex.nbytes

@@ -1,0 +1,241 @@
+"""FP8 checkpoints run as shipped: the FP8 kernels against their reference, exactness through `LLM`, resident bytes,
+experts read only when routed, the memory budget and the cache statistics (engine/fp8_layout.py,
+engine/expert_store.py, kernels/fp8.c)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import kernel_threads, make_model, run_portable, tiny_config
+from mimoflash import LLM, SamplingParams, kernels
+from mimoflash.checkpoint.fp8 import FP8_DTYPE, quantize_fp8_block
+from mimoflash.checkpoint.loader import load_model
+from mimoflash.checkpoint.saver import save_model
+from mimoflash.engine import fp8_layout
+from mimoflash.engine.expert_store import ExpertStore, current_rss, parse_bytes
+from mimoflash.kernels import fp8 as kfp8
+from mimoflash.model.moe import Experts, MoE
+
+needs_kernels = pytest.mark.skipif(not kernels.available(), reason="CPU kernels not built (no C compiler)")
+PROMPTS = [{"prompt_token_ids": [1, 5, 7, 9, 11, 3, 8]}, {"prompt_token_ids": [2, 4, 6]}]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """A tiny model with experts of 256 x 128 (whole 4 KB pages per tensor) saved as the release does: block-FP8
+    projections, bf16 everything else."""
+    model = make_model(tiny_config(hidden_size=256, moe_intermediate_size=128))
+    return save_model(model, tmp_path_factory.mktemp("fp8") / "ckpt", dtype=torch.bfloat16, fp8=True,
+                      fp8_block_size=(128, 128))
+
+
+def _logprobs(out):
+    return [next(iter(d.values())).logprob for d in out.outputs[0].logprobs]
+
+
+# ---------------------------------------------------------------------------------------------- kernels
+@needs_kernels
+@pytest.mark.parametrize("N,K,block,M", [(256, 256, (128, 128), 1), (300, 200, (128, 128), 3), (37, 53, (16, 8), 2),
+                                         (130, 260, (128, 128), 5), (64, 80, (16, 16), 1), (96, 64, (16, 16), 40),
+                                         (1024, 512, (128, 128), 16)])
+def test_linear_fp8_matches_reference(N, K, block, M):
+    g = torch.Generator().manual_seed(N * K + M)
+    q, s = quantize_fp8_block(torch.randn(N, K, generator=g), block)
+    x = torch.randn(M, K, generator=g)
+    ref = kfp8.linear_fp8_reference(x, q, s, block)
+    y = kfp8.linear_fp8(x, q, s, block)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5 * K ** 0.5)
+    with kernel_threads(2):                        # split by block rows: the same bits whatever the thread count
+        assert torch.equal(kfp8.linear_fp8(x, q, s, block), y)
+
+
+@needs_kernels
+def test_fp8_kernel_decodes_every_byte_exactly():
+    """Row b of the weight holds byte b once: the product with a one-hot x is that byte's E4M3 value times the
+    tile scale, with no rounding anywhere (subnormals, both signs, the largest values)."""
+    b = torch.arange(256, dtype=torch.uint8)
+    b[(b & 0x7F) == 0x7F] = 0                                      # E4M3 NaN: checkpoints hold none
+    w = torch.zeros(256, 32, dtype=torch.uint8)
+    w[:, 5] = b
+    w = w.view(FP8_DTYPE)
+    s = torch.tensor([[0.5, 0.5], [2.0, 2.0]])                     # block (128, 16): rows 128+ scale 2
+    x = torch.zeros(1, 32)
+    x[0, 5] = 1.0
+    want = b.view(FP8_DTYPE).float() * torch.where(torch.arange(256) < 128, 0.5, 2.0)
+    assert torch.equal(kfp8.linear_fp8(x, w, s, (128, 16))[0], want)
+
+
+def test_fp8_kernels_portable_loop_matches():
+    """The portable C loop (machines without AVX2/F16C) against the same references."""
+    if not kernels.available():
+        pytest.skip("CPU kernels not built (no C compiler)")
+    run_portable(__file__, "matches_reference or decodes_every_byte")
+
+
+# ---------------------------------------------------------------------------------------------- through LLM
+@needs_kernels
+def test_llm_default_on_fp8_equals_fp32_dequantised(ckpt):
+    """LLM's default on an FP8 checkpoint keeps FP8 (print(model) shows the swapped modules) and gives the exact
+    fp32 dequantisation's greedy tokens and log-probabilities (<= 1e-4)."""
+    sp = SamplingParams(temperature=0, max_tokens=10, logprobs=0)
+    fp8 = LLM(ckpt, progress=False)
+    assert fp8.weight_dtype == FP8_DTYPE
+    shown = repr(fp8.model)
+    assert "FP8Linear" in shown and "FP8Experts" in shown
+    assert not any(isinstance(m, Experts) for m in fp8.model.modules())     # no bf16/fp32 expert tensors exist
+    ref = LLM(load_model(ckpt, dtype=torch.float32), weight_dtype="float32", progress=False)
+    for a, b in zip(fp8.generate(PROMPTS, sp, use_tqdm=False), ref.generate(PROMPTS, sp, use_tqdm=False)):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        assert max(abs(u - v) for u, v in zip(_logprobs(a), _logprobs(b))) <= 1e-4
+
+
+@needs_kernels
+def test_fp8_prefill_path_matches_reference(ckpt):
+    """Many rows (prefill) go through the chunked dequantise-then-GEMM path of linear_fp8 and the per-expert path
+    of FP8Experts; both equal the modules' references."""
+    model, _ = fp8_layout.load_fp8(ckpt)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(48, 256, generator=g)
+    lin = model.model.layers[0].self_attn.q_proj
+    torch.testing.assert_close(lin(x), lin.forward_reference(x), rtol=1e-5, atol=1e-4)
+    moe = model.model.layers[1].mlp
+    assert isinstance(moe, MoE)
+    idx, w, _ = moe.gate(x)
+    for rows in (x[:1], x[:3], x):                                    # one token, a few (kernel), many (chunked)
+        i, ww, _ = moe.gate(rows)
+        torch.testing.assert_close(moe.experts(rows, i, ww), moe.experts.forward_reference(rows, i, ww),
+                                   rtol=1e-5, atol=1e-4)
+
+
+@needs_kernels
+def test_resident_weight_bytes_match_checkpoint(ckpt):
+    """Tensor bytes held (model tensors + every expert once read) ~= the checkpoint's file bytes."""
+    llm = LLM(ckpt, progress=False)
+    store = llm.expert_store
+    files = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
+    held = fp8_layout._tensor_bytes(llm.model) + store.total_bytes
+    # + the norms' fp32 copies (use_bf16_weights) and the safetensors headers: a few percent on this tiny model
+    assert 0.95 <= held / files <= 1.05, (held, files)
+
+
+# ---------------------------------------------------------------------------------------------- lazy experts
+def _routed(model) -> set:
+    """Hooks recording (layer prefix, expert) for every routing decision the model makes."""
+    seen = set()
+    for name, m in model.named_modules():
+        if isinstance(m, MoE):
+            m.gate.register_forward_hook(lambda mod, a, out, p=f"{name}.experts":
+                                         seen.update((p, e) for e in out[0].reshape(-1).tolist()))
+    return seen
+
+
+@needs_kernels
+def test_lazy_experts_touch_only_routed(ckpt):
+    llm = LLM(ckpt, progress=False)
+    store = llm.expert_store
+    routed = _routed(llm.model)
+    llm.generate([{"prompt_token_ids": [3]}], SamplingParams(temperature=0, max_tokens=1), use_tqdm=False)
+    n_moe = sum(isinstance(m, MoE) for m in llm.model.modules())
+    assert store.touched_keys() == routed
+    assert len(routed) == 2 * n_moe                        # one token, top-2: 2 of 8 experts per MoE layer
+    st = llm.expert_stats()
+    assert st.bytes_read == sum(store.expert_bytes(*k) for k in routed)
+    assert st.step_touched == len(routed) and st.misses == len(routed) and st.hits == 0
+
+
+@needs_kernels
+def test_cache_statistics_and_bound(ckpt):
+    """A repeated request hits the unbounded cache; a 3-expert cache stays within its bound (in the store's
+    accounting and in the kernel's resident-page count of the mapped files) and gives the same tokens."""
+    sp = SamplingParams(temperature=0, max_tokens=6)
+    llm = LLM(ckpt, progress=False)
+    first = llm.generate(PROMPTS[:1], sp, use_tqdm=False)[0].outputs[0].token_ids
+    st1 = llm.expert_stats()
+    again = llm.generate(PROMPTS[:1], sp, use_tqdm=False)[0].outputs[0].token_ids
+    st2 = llm.expert_stats()
+    assert again == first
+    assert st2.bytes_read == st1.bytes_read and st2.misses == st1.misses     # everything came from the cache
+    assert st2.hits > st1.hits and 0 < st2.hit_rate < 1 and st2.step_hit_rate == 1.0
+
+    store = llm.expert_store
+    one = store.expert_bytes(*next(iter(store.touched_keys())))
+    store.set_capacity(3 * one)
+    assert store.stats().resident_bytes <= 3 * one
+    rss = store.mapped_rss()
+    assert 0 <= rss <= 3 * one + 6 * 3 * 2 * 4096, rss
+    for _ in range(2):
+        out = llm.generate(PROMPTS[1:], sp, use_tqdm=False)[0].outputs[0].token_ids
+        st = llm.expert_stats()
+        assert st.resident_bytes <= 3 * one and st.step_misses > 0
+    store.sweep()                                  # what the next step does first (fault-around spill)
+    bounded_rss = store.mapped_rss()
+    assert bounded_rss <= 3 * one + 6 * 3 * 2 * 4096, bounded_rss     # + pages shared at tensor edges
+    store.set_capacity(None)
+    assert llm.generate(PROMPTS[1:], sp, use_tqdm=False)[0].outputs[0].token_ids == out
+
+
+def test_expert_store_lru_order(ckpt):
+    """Eviction is least-recently-used; an expert larger than the cache is read and dropped, never admitted."""
+    from mimoflash.checkpoint.loader import _weight_map
+    store = ExpertStore(ckpt, _weight_map(ckpt))
+    layer = store.add_layer("model.layers.1.mlp.experts", 8)
+    one = store.expert_bytes(layer, 0)
+    store.set_capacity(2 * one)
+    for e in (0, 1, 0, 2):                          # 1 is the least recently used when 2 arrives
+        store.acquire(layer, [e])
+        store.release(layer, [e])
+    assert [k[1] for k in store.resident_keys()] == [0, 2]
+    st = store.stats()
+    assert (st.hits, st.misses, st.bytes_read) == (1, 3, 3 * one)
+    store.set_capacity(one // 2)
+    assert store.resident_keys() == []
+    ptrs = store.acquire(layer, [5])
+    assert ptrs.shape == (1, 6) and store.resident_keys() == []
+
+
+# ---------------------------------------------------------------------------------------------- budget and errors
+@needs_kernels
+def test_memory_budget_bounds_expert_cache(ckpt):
+    budget = current_rss() + (400 << 20)
+    llm = LLM(ckpt, progress=False, memory_budget=budget)
+    cap = llm.expert_store.capacity
+    assert cap is not None and 0 < cap < budget
+    llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=3), use_tqdm=False)
+    assert llm.expert_stats().resident_bytes <= cap
+    with pytest.raises(ValueError, match="too small"):
+        LLM(ckpt, progress=False, memory_budget="1M")
+
+
+def test_memory_budget_errors(tmp_path, ckpt):
+    assert parse_bytes("24G") == 24 << 30 and parse_bytes("512MiB") == 512 << 20 and parse_bytes(1000) == 1000
+    for bad in ("lots", "-1G", 0, True):
+        with pytest.raises(ValueError):
+            parse_bytes(bad)
+    bf16 = save_model(make_model(tiny_config()), tmp_path / "bf16", dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="FP8"):
+        LLM(bf16, progress=False, memory_budget="1G")
+    with pytest.raises(ValueError, match="fp8"):
+        LLM(bf16, progress=False, weight_dtype="fp8")
+
+
+@needs_kernels
+def test_bf16_weights_stay_available(ckpt):
+    llm = LLM(ckpt, progress=False, weight_dtype="bfloat16")
+    assert llm.weight_dtype == torch.bfloat16 and llm.expert_store is None
+    assert not any(isinstance(m, fp8_layout.FP8Linear) for m in llm.model.modules())
+
+
+@needs_kernels
+def test_cli_memory_budget(ckpt):
+    def run(*extra):
+        return subprocess.run([sys.executable, "-m", "mimoflash", "generate", "--model", str(ckpt), "--token-ids",
+                               "1,2,3", "--max-tokens", "2", "--temperature", "0", *extra],
+                              capture_output=True, text=True, timeout=120)
+    ok = run("--memory-budget", "8G")
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    bad = run("--memory-budget", "1M")
+    assert bad.returncode == 1 and "too small" in bad.stderr, bad.stderr[-2000:]
