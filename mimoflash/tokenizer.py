@@ -134,6 +134,18 @@ def _make_jinja_env() -> ImmutableSandboxedEnvironment:
     return env
 
 
+
+def _check_encodable(text) -> None:
+    """The Rust tokenizer rejects strings it cannot turn into UTF-8 with a bare TypeError; say what is wrong instead.
+    Such strings hold lone surrogates, which is how Python keeps bytes that were not valid UTF-8 (argv, stdin)."""
+    if not isinstance(text, str):
+        raise ValueError(f"text to encode must be a str, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"text is not valid Unicode at character {e.start} (a lone surrogate, e.g. from bytes that "
+                         "were not UTF-8); decode the input with errors='replace' first") from None
+
 class Tokenizer:
     """A `tokenizers.Tokenizer` plus the special tokens and chat template from `tokenizer_config.json`."""
 
@@ -221,11 +233,21 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         # add_special_tokens only controls the post-processor (e.g. a BOS); special tokens written in the text,
         # such as <|im_start|> in a rendered chat prompt, are always matched as single tokens.
-        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        try:
+            return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        except TypeError:
+            _check_encodable(text)
+            raise
 
     def encode_batch(self, texts: Sequence[str], add_special_tokens: bool = False) -> list[list[int]]:
         """Encode many texts at once; the Rust side spreads them over threads."""
-        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
+        texts = list(texts)
+        try:
+            return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=add_special_tokens)]
+        except TypeError:
+            for t in texts:
+                _check_encodable(t)
+            raise
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)

@@ -176,6 +176,7 @@ def generate_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--logprobs", type=int, default=None,
                     help="include the top-N log-probabilities of every generated token (needs --json)")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    ap.add_argument("--echo", action="store_true", help="print the prompt before the generated text (text prompts without --chat)")
     _add_common(ap, max_tokens=128)
     a = ap.parse_args(argv)
     if (a.prompt is None) == (a.token_ids is None):
@@ -205,6 +206,7 @@ def generate_main(argv: list[str] | None = None) -> int:
     else:
         prompt = llm._chat_prompt([{"role": "user", "content": text}], True, None) if a.chat else text
     limit = context_limit(llm)
+    echo = text if a.echo and not a.chat and text is not None else ""
 
     if a.json or a.n > 1:
         out = llm.generate(prompt, params, use_tqdm=False)[0]
@@ -219,7 +221,7 @@ def generate_main(argv: list[str] | None = None) -> int:
             print(json.dumps(doc, ensure_ascii=False))
         else:
             for o in out.outputs:
-                print(f"--- sample {o.index} ({o.finish_reason}) ---\n{o.text}")
+                print(f"--- sample {o.index} ({o.finish_reason}) ---\n{echo}{o.text}")
         for o in out.outputs:
             note = _context_notice(o.finish_reason, len(out.prompt_token_ids), len(o.token_ids), a.max_tokens, limit)
             if note:
@@ -227,6 +229,7 @@ def generate_main(argv: list[str] | None = None) -> int:
         print(_stats(out.metrics, seed if a.temperature > 0 else None), file=sys.stderr)
         return 0
     last, generated = None, 0
+    sys.stdout.write(echo)
     for delta in llm.generate_stream(prompt, params):
         sys.stdout.write(delta.outputs[0].text)
         sys.stdout.flush()
