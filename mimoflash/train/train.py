@@ -363,7 +363,8 @@ def train(model_cfg: MiMoConfig, cfg: TrainConfig, data_dir: str | Path, out_dir
     if is_main:
         (out_dir / "train_config.json").write_text(json.dumps(
             {"train": dataclasses.asdict(cfg), "model": model_cfg.to_dict(), "data": str(data_dir),
-             "world_size": world, "only_mtp": only_mtp, "init": str(init) if init else None}, indent=2) + "\n")
+             "world_size": world, "only_mtp": only_mtp, "init": str(init) if init else None,
+             "mtp_heads": mtp_heads, "new_mtp_init": new_mtp_init if mtp_heads else None}, indent=2) + "\n")
         _truncate_metrics(out_dir / "metrics.jsonl", step)
 
     fwd_model = model
