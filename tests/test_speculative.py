@@ -1,0 +1,343 @@
+"""MTP speculative decoding (engine/speculative.py, docs/MTP.md): greedy output identical to plain decoding, sampled
+output distributed as plain decoding (chi-square), caches back to their initial state, per-request depth, errors."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+import torch
+
+from conftest import make_model, tiny_config
+from mimoflash import LLM, SamplingParams
+from mimoflash.engine.sampling import SampleRow, distributions
+from mimoflash.engine.speculative import AdaptiveDepth, MTPDrafter, SpeculativeConfig
+
+G = torch.Generator().manual_seed(0)
+
+
+def _cfg(**kw):
+    base = dict(num_nextn_predict_layers=2)          # window 4, 8 layers: rings wrap within a few tokens
+    base.update(kw)
+    return tiny_config(**base)
+
+
+def _prompts(lengths, vocab=512, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [{"prompt_token_ids": torch.randint(0, vocab, (n,), generator=g).tolist()} for n in lengths]
+
+
+def _assert_pools_initial(llm):
+    e = llm.engine
+    assert e.kv.num_free_blocks == e.layout.num_blocks and e.kv.num_free_rings == e.layout.num_rings
+    assert sorted(e.kv.free_blocks) == list(range(e.layout.num_blocks))
+    assert not e.drafter.states and not e.scheduler.running and not e.scheduler.waiting
+
+
+def _oracle_drafts(llm, reference: dict[tuple, list[int]], hit: float, seed: int = 0):
+    """Bias the MTP logits towards the true greedy continuation (known from a plain run) with probability `hit`,
+    so that verification sees long accepted prefixes and rejections at every depth (a random tiny model's MTP
+    layers almost never agree with it)."""
+    runner = llm.engine.runner
+    inner = runner.execute_mtp
+    rnd = random.Random(seed)
+
+    def execute_mtp(layer, slices, hidden, head_weight=None):
+        logits = inner(layer, slices, hidden, head_weight).clone()
+        for row, s in enumerate(slices):
+            r = s.request
+            full = reference[tuple(r.prompt_token_ids)]
+            q = s.start + len(s.tokens) - 1
+            want = q + 1 + len(r.draft_token_ids) + 1           # position of the token this draft guesses
+            if want < len(full) and rnd.random() < hit:
+                logits[row, full[want]] += 1e4
+        return logits
+    runner.execute_mtp = execute_mtp
+
+
+@pytest.mark.parametrize("spec", [{"num_speculative_tokens": 1}, {"num_speculative_tokens": 2},
+                                  {"num_speculative_tokens": 3}, {"num_speculative_tokens": 3, "adaptive": True}])
+def test_greedy_equals_plain_decoding(spec):
+    """Mixed-length batch (more prompts than sequences: later ones are admitted and prefilled in chunks of 8 while
+    others verify), window 4 (rings wrap), blocks of 4, drafts right ~70% of the time: tokens and logprobs as with
+    MTP off, and every pool back to its initial state."""
+    model = make_model(_cfg(), seed=3)
+    ps = _prompts([5, 19, 3, 11, 26, 7])
+    sp = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=1)
+    kw = dict(max_num_seqs=4, block_size=4, max_num_batched_tokens=8)
+    ref = LLM(model, **kw).generate(ps, sp, use_tqdm=False)
+    reference = {tuple(p["prompt_token_ids"]): p["prompt_token_ids"] + o.outputs[0].token_ids
+                 for p, o in zip(ps, ref)}
+    llm = LLM(model, speculative_config=spec, **kw)
+    _oracle_drafts(llm, reference, hit=0.7)
+    got = llm.generate(ps, sp, use_tqdm=False)
+    for g, r in zip(got, ref):
+        assert g.outputs[0].token_ids == r.outputs[0].token_ids
+        for lg, lr in zip(g.outputs[0].logprobs, r.outputs[0].logprobs):
+            t = next(iter(lr))
+            assert abs(lg[t].logprob - lr[t].logprob) < 1e-4
+    m = [o.metrics for o in got]
+    assert sum(x.verify_steps for x in m) > 0 and sum(x.accepted_tokens for x in m) > 0
+    assert all(len(x.acceptance_per_position) <= spec["num_speculative_tokens"] for x in m)
+    _assert_pools_initial(llm)
+
+
+def test_greedy_equals_plain_with_real_mtp_layers_and_rejections():
+    """The MTP layers' own drafts (random weights: nearly all rejected), k = 3 with 2 layers (the last reused),
+    the reference attention path too: same tokens; caches back to their initial state after many rollbacks."""
+    model = make_model(_cfg(), seed=4)
+    ps = _prompts([9, 4, 17])
+    sp = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    ref = [o.outputs[0].token_ids for o in LLM(model, max_num_seqs=4, block_size=4).generate(ps, sp, use_tqdm=False)]
+    with pytest.warns(UserWarning, match="reuse the last MTP layer"):
+        llm = LLM(model, max_num_seqs=4, block_size=4, speculative_config={"num_speculative_tokens": 3})
+    outs = llm.generate(ps, sp, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == ref
+    assert sum(o.metrics.verify_steps for o in outs) >= 3 * 15
+    _assert_pools_initial(llm)
+    with pytest.warns(UserWarning):
+        slow = LLM(model, max_num_seqs=4, block_size=4, attention_impl="reference",
+                   speculative_config={"num_speculative_tokens": 3})
+    assert [o.outputs[0].token_ids for o in slow.generate(ps, sp, use_tqdm=False)] == ref
+
+
+def test_shipped_model_greedy_equal_and_drafts_accepted():
+    """The shipped model (bf16 weights, fused C step for decode and verification): k = 1, 2, 3 and adaptive give the
+    tokens of plain decoding, and its trained MTP layers get most first drafts accepted."""
+    import mimoflash
+    path = mimoflash.default_model()
+    prompts = ["def merge_intervals(pairs):\n", "class LRUCache:\n    def __init__(self, capacity):\n"]
+    sp = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    plain = LLM(path, max_num_seqs=2, progress=False)
+    assert plain.engine.runner.fused is not None
+    ref = [o.outputs[0].token_ids for o in plain.generate(prompts, sp, use_tqdm=False)]
+    for spec in ({"num_speculative_tokens": 1}, {"num_speculative_tokens": 2}, {"num_speculative_tokens": 3},
+                 {"num_speculative_tokens": 3, "adaptive": True}):
+        with pytest.warns() if spec["num_speculative_tokens"] > plain.model.config.num_nextn_predict_layers \
+                else _no_warning():
+            llm = LLM(path, max_num_seqs=2, progress=False, speculative_config=spec)
+        outs = llm.generate(prompts, sp, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in outs] == ref, spec
+        assert all(o.metrics.acceptance_per_position[0] > 0.4 for o in outs), spec
+        assert all(o.metrics.tokens_per_verify_step > 1.3 for o in outs), spec
+
+
+class _no_warning:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_per_request_depth_and_plain_requests_share_batches():
+    """One engine, requests with depths 0 (plain), 1 and 2 decoding side by side: each gets plain decoding's
+    tokens; the plain one is never verified."""
+    model = make_model(_cfg(), seed=5)
+    ps = _prompts([6, 10, 3])
+    sp = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    ref = [o.outputs[0].token_ids for o in LLM(model, max_num_seqs=4, block_size=4).generate(ps, sp, use_tqdm=False)]
+    llm = LLM(model, max_num_seqs=4, block_size=4, speculative_config={"num_speculative_tokens": 2})
+    reference = {tuple(p["prompt_token_ids"]): p["prompt_token_ids"] + r for p, r in zip(ps, ref)}
+    _oracle_drafts(llm, reference, hit=0.8)
+    e = llm.engine
+    ids = [e.add_request(p["prompt_token_ids"], sp, num_speculative_tokens=d) for p, d in zip(ps, (0, 1, 2))]
+    final = {}
+    while e.has_unfinished_requests():
+        for out in e.step():
+            final.setdefault(out.request_id, []).extend(out.outputs[0].token_ids)
+            if out.finished:
+                final[out.request_id + "m"] = out.metrics
+    assert [final[i] for i in ids] == ref
+    assert final[ids[0] + "m"].verify_steps == 0
+    assert final[ids[1] + "m"].verify_steps > 0 and len(final[ids[1] + "m"].acceptance_per_position) == 1
+    assert len(final[ids[2] + "m"].acceptance_per_position) == 2
+    with pytest.raises(ValueError, match="num_speculative_tokens"):
+        e.add_request([1, 2], sp, num_speculative_tokens=3)
+    _assert_pools_initial(llm)
+
+
+def test_stops_inside_accepted_drafts():
+    """A stop token, max_tokens and a stop string met in the middle of a verified run of drafts end the output
+    exactly where plain decoding ends it."""
+    model = make_model(_cfg(), seed=6)
+    ps = _prompts([7, 12])
+    base = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    ref = LLM(model, max_num_seqs=2, block_size=4).generate(ps, base, use_tqdm=False)
+    reference = {tuple(p["prompt_token_ids"]): p["prompt_token_ids"] + o.outputs[0].token_ids for p, o in zip(ps, ref)}
+    for sp in (base.replace(stop_token_ids=[ref[0].outputs[0].token_ids[9]]), base.replace(max_tokens=11)):
+        want = [o.outputs[0].token_ids for o in LLM(model, max_num_seqs=2, block_size=4).generate(ps, sp,
+                                                                                                 use_tqdm=False)]
+        llm = LLM(model, max_num_seqs=2, block_size=4, speculative_config={"num_speculative_tokens": 3})
+        _oracle_drafts(llm, reference, hit=1.0)
+        got = llm.generate(ps, sp, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in got] == want
+        assert [o.outputs[0].finish_reason for o in got] == [
+            o.outputs[0].finish_reason for o in LLM(model, max_num_seqs=2, block_size=4).generate(ps, sp,
+                                                                                                  use_tqdm=False)]
+        _assert_pools_initial(llm)
+
+
+def test_preemption_resets_the_mtp_side():
+    """A KV budget too small for all sequences: requests are preempted and recomputed mid-speculation; tokens stay
+    those of plain decoding."""
+    model = make_model(_cfg(), seed=7)
+    ps = _prompts([10, 14, 9, 12])
+    sp = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    kw = dict(max_num_seqs=4, block_size=4, max_num_batched_tokens=64)
+    ref = LLM(model, **kw).generate(ps, sp, use_tqdm=False)
+    reference = {tuple(p["prompt_token_ids"]): p["prompt_token_ids"] + o.outputs[0].token_ids for p, o in zip(ps, ref)}
+    probe = LLM(model, speculative_config={"num_speculative_tokens": 2}, **kw)
+    budget = probe.engine.layout.num_rings * probe.engine.layout.ring_bytes + 20 * probe.engine.layout.block_bytes
+    llm = LLM(model, speculative_config={"num_speculative_tokens": 2}, kv_cache_memory=budget, **kw)
+    _oracle_drafts(llm, reference, hit=0.7)
+    got = llm.generate(ps, sp, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in ref]
+    assert sum(o.metrics.num_preemptions for o in got) > 0
+    _assert_pools_initial(llm)
+
+
+# ------------------------------------------------------------------------------------------------ sampling
+
+
+def _chi2_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    """Pearson's test of observed counts against probabilities, cells with expected count < 5 pooled."""
+    n = counts.sum()
+    exp = probs * n
+    small = exp < 5
+    obs = torch.cat([counts[~small], counts[small].sum()[None]])
+    ex = torch.cat([exp[~small], exp[small].sum()[None]])
+    keep = ex > 0
+    obs, ex = obs[keep], ex[keep]
+    stat = float(((obs - ex) ** 2 / ex).sum())
+    df = obs.numel() - 1
+    return float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64),
+                                         torch.tensor(stat / 2, dtype=torch.float64)))
+
+
+def _joint_target(model, prompt: list[int], sp: SamplingParams, V: int) -> torch.Tensor:
+    """Exact P(t1, t2, t3) of plain decoding: the model's full forward and the sampler's own distributions."""
+    out = torch.zeros(V, V, V, dtype=torch.float64)
+    with torch.no_grad():
+        def dist(prefix_list):
+            ids = torch.tensor([prompt + p for p in prefix_list])
+            logits = model(ids)[:, -1].float()
+            rows = [SampleRow(sp, None, prompt, p) for p in prefix_list]
+            return distributions(logits, rows)[1].double()
+        p1 = dist([[]])[0]
+        p2 = dist([[a] for a in range(V)])
+        pairs = list(itertools.product(range(V), range(V)))
+        p3 = dist([list(ab) for ab in pairs])
+    for i, (a, b) in enumerate(pairs):
+        out[a, b] = p1[a] * p2[a, b] * p3[i]
+    return out.reshape(-1)
+
+
+def _sample_joint(llm, prompt, sp, n: int, V: int) -> torch.Tensor:
+    counts = torch.zeros(V ** 3, dtype=torch.float64)
+    outs = llm.generate([{"prompt_token_ids": prompt}] * n, sp, use_tqdm=False)
+    for o in outs:
+        a, b, c = o.outputs[0].token_ids
+        counts[(a * V + b) * V + c] += 1
+    return counts
+
+
+def test_speculative_sampling_matches_target_distribution():
+    """Chi-square: the first three sampled tokens (t1 from the prompt; t2, t3 through a verification of two drafts)
+    with temperature, top-p, repetition and presence penalties on, against the exact joint distribution of plain
+    decoding. The same test rejects a broken verifier that keeps every draft (the test can fail)."""
+    V = 6
+    model = make_model(_cfg(vocab_size=V, pad_token_id=0, eos_token_id=1), seed=11)
+    prompt = [2, 3, 4, 5, 2]
+    sp = SamplingParams(temperature=1.3, top_p=0.9, repetition_penalty=1.4, presence_penalty=0.3, max_tokens=3,
+                        ignore_eos=True)
+    target = _joint_target(model.float(), prompt, sp, V)
+    llm = LLM(model, max_num_seqs=128, block_size=4, seed=1, speculative_config={"num_speculative_tokens": 2})
+    counts = _sample_joint(llm, prompt, sp, 2000, V)
+    outs_metrics = llm.engine                                       # drafts were judged: both outcomes happened
+    assert _chi2_pvalue(counts, target) > 1e-3
+    broken = LLM(model, max_num_seqs=128, block_size=4, seed=1, speculative_config={"num_speculative_tokens": 2})
+    broken.engine.drafter.verify = lambda req, logits, drafts, g, sg: (
+        list(drafts) + [int(torch.multinomial(torch.softmax(logits[len(drafts)], -1), 1))], len(drafts))
+    assert _chi2_pvalue(_sample_joint(broken, prompt, sp, 2000, V), target) < 1e-6
+    assert outs_metrics.drafter.adaptive is None
+
+
+def test_sampling_acceptance_stats_cover_accepts_and_rejects():
+    """The verification with sampling both accepts and rejects drafts on a tiny vocabulary (so the chi-square above
+    exercised the residual draw as well as acceptance)."""
+    V = 6
+    model = make_model(_cfg(vocab_size=V, pad_token_id=0, eos_token_id=1), seed=11)
+    sp = SamplingParams(temperature=1.3, top_p=0.9, max_tokens=12, ignore_eos=True, seed=5)
+    llm = LLM(model, max_num_seqs=8, block_size=4, speculative_config={"num_speculative_tokens": 2})
+    outs = llm.generate([{"prompt_token_ids": [2, 3, 4]}] * 8, sp, use_tqdm=False)
+    acc = sum(o.metrics.accepted_tokens for o in outs)
+    steps = sum(o.metrics.verify_steps for o in outs)
+    assert 0 < acc < 2 * steps
+    again = LLM(model, max_num_seqs=8, block_size=4, speculative_config={"num_speculative_tokens": 2})
+    assert [o.outputs[0].token_ids for o in again.generate([{"prompt_token_ids": [2, 3, 4]}] * 8, sp,
+                                                           use_tqdm=False)] == [o.outputs[0].token_ids for o in outs]
+
+
+# ------------------------------------------------------------------------------------------------ config, adaptive
+
+
+def test_config_errors_are_clear():
+    model = make_model(_cfg(), seed=1)
+    for bad, msg in [({"method": "eagle"}, "method"), ({"num_speculative_tokens": 0}, "num_speculative_tokens"),
+                     ({"num_speculative_tokens": 2, "adaptiv": True}, "unknown key"),
+                     ({"adaptive": "yes"}, "adaptive"), ({"draft_vocab_size": 0}, "draft_vocab_size")]:
+        with pytest.raises(ValueError, match=msg):
+            LLM(model, speculative_config=bad)
+    with pytest.raises(ValueError, match="MTP layers"):
+        LLM(make_model(_cfg(num_nextn_predict_layers=0), seed=1), speculative_config={"num_speculative_tokens": 1})
+    with pytest.raises(ValueError, match="draft_vocab"):
+        LLM(model, speculative_config={"draft_vocab": [0, 9999]})
+
+
+def test_adaptive_depth_follows_cost_and_acceptance():
+    """Cheap extra rows and good acceptance -> deep drafts; rows that cost as much as whole steps, or drafts that
+    are never accepted -> no drafts."""
+    a = AdaptiveDepth(3, explore=0)
+    for rows, t in [(1, 1.0), (2, 1.05), (3, 1.1), (4, 1.15)]:
+        a.record_step(rows, t)
+    a.record_drafts(1, 3, 0.15)
+    for _ in range(50):
+        a.record_acceptance(3, 3)
+    assert a.choose([3], 0) == [3]
+    b = AdaptiveDepth(3, explore=0)
+    for rows, t in [(16, 1.0), (32, 2.0), (48, 3.0), (64, 4.0)]:
+        b.record_step(rows, t)
+    b.record_drafts(16, 3, 0.3)
+    assert b.choose([3] * 16, 0) == [0] * 16
+    c = AdaptiveDepth(2, explore=0)
+    for rows, t in [(1, 1.0), (2, 1.05), (3, 1.1)]:
+        c.record_step(rows, t)
+    for _ in range(200):
+        c.record_acceptance(2, 0)
+    c.record_drafts(1, 2, 0.2)
+    assert c.choose([2], 0) == [0]
+
+
+def test_reduced_draft_vocabulary_is_lossless_and_restricts_drafts():
+    model = make_model(_cfg(), seed=9)
+    ps = _prompts([8, 5])
+    sp = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    ref = [o.outputs[0].token_ids for o in LLM(model, max_num_seqs=2, block_size=4).generate(ps, sp, use_tqdm=False)]
+    vocab = list(range(0, 512, 3))
+    llm = LLM(model, max_num_seqs=2, block_size=4, speculative_config={"num_speculative_tokens": 2,
+                                                                       "draft_vocab": vocab})
+    seen = []
+    inner = llm.engine.drafter.propose
+
+    def propose(reqs, depths, *a):
+        inner(reqs, depths, *a)
+        seen.extend(t for r in reqs for t in r.draft_token_ids)
+    llm.engine.drafter.propose = propose
+    assert [o.outputs[0].token_ids for o in llm.generate(ps, sp, use_tqdm=False)] == ref
+    assert seen and set(seen) <= set(vocab)
+    cfg = SpeculativeConfig(num_speculative_tokens=1, draft_vocab_size=3, draft_vocab_counts=[0, 5, 1, 9, 2, 7])
+    assert cfg.vocab(6).tolist() == [1, 3, 5]
+    assert SpeculativeConfig(draft_vocab_size=2).vocab(6).tolist() == [0, 1]
+    assert isinstance(llm.engine.drafter, MTPDrafter)
