@@ -14,7 +14,7 @@ from safetensors import safe_open
 from mimoflash.checkpoint.fp8 import FP8_DTYPE
 from mimoflash.checkpoint.loader import load_model
 from mimoflash.checkpoint.saver import save_model
-from mimoflash.checkpoint.synthetic import checkpoint_plan, parse_size, synthetic_config, write_synthetic_checkpoint
+from mimoflash.checkpoint.synthetic import checkpoint_plan, main, parse_size, synthetic_config, write_synthetic_checkpoint
 from mimoflash.summary import read_headers
 
 from conftest import make_model, tiny_config
@@ -132,7 +132,7 @@ print(json.dumps({"peak": peak, "files": sum(f.stat().st_size for f in root.glob
     assert r["peak"] < 0.25 * r["files"], r
 
 
-def test_cli(tmp_path):
+def test_cli(tmp_path, capsys):
     base = tmp_path / "base.json"
     base.write_text(json.dumps(tiny_config().to_dict()))
     cmd = [sys.executable, "-m", "mimoflash.checkpoint.synthetic", "--out", str(tmp_path / "c"), "--config",
@@ -142,10 +142,11 @@ def test_cli(tmp_path):
     info = json.loads(out.stdout.strip().splitlines()[-1])
     assert info["bytes"] == sum(f.stat().st_size for f in (tmp_path / "c").glob("*.safetensors"))
     assert load_model(tmp_path / "c").config.n_routed_experts == 4
-    bad = subprocess.run(cmd[:-2] + ["--experts-per-tok", "8"], capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 1 and "experts_per_tok=8 exceeds experts=4" in bad.stderr
-    bad = subprocess.run(cmd[:-2] + ["--shard-size", "lots"], capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 1 and "not a size" in bad.stderr
+    # bad input: exit 1 and one clear line (in-process: the same main() the command runs)
+    assert main(cmd[3:-2] + ["--experts-per-tok", "8"]) == 1
+    assert "experts_per_tok=8 exceeds experts=4" in capsys.readouterr().err
+    assert main(cmd[3:-2] + ["--shard-size", "lots"]) == 1
+    assert "not a size: 'lots'" in capsys.readouterr().err
 
 
 def test_parse_size():
