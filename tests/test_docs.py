@@ -34,7 +34,7 @@ HEADING_RE = re.compile(r"^#{1,6}\s+(\d+(?:\.\d+)*)\.?\s", re.M)
 FORBIDDEN_CITATIONS = [
     (re.compile(r"\.\./shared|/work/shared"), "a path outside the repository"),
     (re.compile(r"\bSPEC\s*§|\bSPEC\.md\b"), "a design document users do not have"),
-    (re.compile(r"\bARCHITECTURE rules?\b"), "a design document users do not have"),
+    (re.compile(r"\bARCHITECTURE\s+rules?\b"), "a design document users do not have"),
     (re.compile(r"\bPEERS(?:\.md)?\b"), "a design document users do not have"),
     (re.compile(r"\bdesign brief\b", re.I), "a design document users do not have"),
 ]
