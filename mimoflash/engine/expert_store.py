@@ -178,6 +178,10 @@ class ExpertStore:
         self._dirty = False                     # pages were faulted in since the last sweep
         self.total_bytes = 0
 
+    def file(self, file: str) -> SafetensorsMap:
+        """The mapping of one shard (opened once, shared by the loader's copies and the experts' views)."""
+        return self._map(file)
+
     def _map(self, file: str) -> SafetensorsMap:
         if file not in self._maps:
             self._maps[file] = SafetensorsMap(self.root / file)
