@@ -57,29 +57,41 @@ def export(checkpoint: str | Path, out_dir: str | Path = DEFAULT_MODEL_DIR, data
     from .summary import count_parameters
     from .tokenizer import Tokenizer
     from .train.data import TokenDataset
-    from .train.evaluate import greedy_generate, heldout_loss, mtp_acceptance, read_tokens
+    from .train.evaluate import greedy_acceptance, greedy_generate, heldout_loss, mtp_acceptance, read_tokens
     from .train.train import evaluate, load_trainer_state
 
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
     main_ckpt = checkpoint
     run_cfg = json.loads((checkpoint.parent / "train_config.json").read_text())
     extra_card = dict(extra_card or {})
+    pretraining, mtp_phases = None, []
     if run_cfg.get("only_mtp"):
         # An --only-mtp run on top of a pre-training run: the card describes the pre-training run, plus this phase.
-        mstate = load_trainer_state(checkpoint / "trainer_state.pt")
-        main_ckpt = Path(run_cfg["init"])
-        run_cfg = json.loads((main_ckpt.parent / "train_config.json").read_text())
-        acc_file = checkpoint.parent / "mtp_acceptance.json"
-        line = (f"MTP-only phase (`--only-mtp`, main model frozen): {mstate['step']} steps, "
-                f"{mstate['tokens_seen']:,} tokens, {mstate['elapsed_s'] / 60:.0f} minutes")
-        if acc_file.exists():
-            acc = json.loads(acc_file.read_text())
-            if acc.get("before") and acc.get("after"):
-                fmt = lambda a: ", ".join(f"{x:.3f}" for x in a["mtp_acc"]) + f"; length {a['accept_length']:.2f}"
-                line += f". Acceptance by depth before: {fmt(acc['before'])}; after: {fmt(acc['after'])}"
-        extra_card.setdefault("mtp_only", line + ".")
-    state = load_trainer_state(main_ckpt / "trainer_state.pt")
+        # Its init is either that run's checkpoint or an exported model (whose training_metrics.json carries the
+        # pre-training record forward); read it before `out_dir`, possibly the same directory, is overwritten.
+        init = Path(run_cfg["init"])
+        data_dir = data_dir or run_cfg["data"]
+        if (init / "trainer_state.pt").exists():
+            main_ckpt = init
+            run_cfg = json.loads((main_ckpt.parent / "train_config.json").read_text())
+        else:
+            pretraining = json.loads((init / "training_metrics.json").read_text())["pretraining"]
+            main_ckpt = None     # no pre-training run directory: keep the exported loss.png
+            mtp_phases = list(pretraining.get("mtp_phases", []))
+        mtp_phases.append(_mtp_phase_line(checkpoint.parent, json.loads((init / "config.json").read_text())))
+    if pretraining is None:
+        state = load_trainer_state(main_ckpt / "trainer_state.pt")
+        pretraining = {"steps": state["step"], "tokens_seen": state["tokens_seen"],
+                       "train_time_s": state["elapsed_s"], "train_config": run_cfg["train"]}
+    for key in ("hardware", "history", "throughput_note"):
+        if key in pretraining and key not in extra_card:
+            extra_card[key] = pretraining[key]
+    pretraining.update({k: extra_card[k] for k in ("hardware", "history", "throughput_note") if k in extra_card})
+    pretraining["mtp_phases"] = mtp_phases
+    state = {"step": pretraining["steps"], "tokens_seen": pretraining["tokens_seen"],
+             "elapsed_s": pretraining["train_time_s"]}
     data_dir = Path(data_dir or run_cfg["data"])
+    run_cfg = {"train": pretraining["train_config"]}
     meta = json.loads((data_dir / "meta.json").read_text())
     model = load_model(checkpoint, torch.float32, "cpu")
     save_model(model, out_dir, torch.bfloat16, tokenizer_dir=str(checkpoint))
@@ -100,6 +112,7 @@ def export(checkpoint: str | Path, out_dir: str | Path = DEFAULT_MODEL_DIR, data
     t0 = time.time()
     full_val = evaluate(shipped, val, eval_batch_size, eval_batches, n_mtp)
     acc = mtp_acceptance(shipped, val, eval_batch_size, acceptance_batches)
+    greedy_acc = greedy_acceptance(shipped, val, n_prompts=16, prompt_len=64, new_tokens=128) if n_mtp else None
     tok = Tokenizer.from_dir(out_dir)
     samples = []
     for prompt in SAMPLE_PROMPTS:
@@ -107,20 +120,56 @@ def export(checkpoint: str | Path, out_dir: str | Path = DEFAULT_MODEL_DIR, data
         samples.append((prompt, tok.decode(ids[len(tok.encode(prompt)):])))
     counts = count_parameters(cfg)
     info = {"state": state, "run": run_cfg, "meta": meta, "heldout": heldout, "val": full_val, "acceptance": acc,
-            "samples": samples, "counts": counts, "config": cfg, "eval_s": time.time() - t0, **extra_card}
+            "acceptance_greedy": greedy_acc, "samples": samples, "counts": counts, "config": cfg,
+            "eval_s": time.time() - t0, "mtp_phases": mtp_phases, **extra_card}
     from .train.train import plot_losses
-    metrics_file = main_ckpt.parent / "metrics.jsonl"
-    if metrics_file.exists():
+    metrics_file = main_ckpt.parent / "metrics.jsonl" if main_ckpt is not None else None
+    if metrics_file is not None and metrics_file.exists():
         plot_losses(metrics_file, out_dir / "loss.png")
         info["loss_png"] = True
     (out_dir / "README.md").write_text(_model_card(info))
-    metrics = {k: v for k, v in info.items() if k in ("heldout", "val", "acceptance")}
-    metrics["tokens_seen"] = state["tokens_seen"]
-    metrics["steps"] = state["step"]
-    metrics["train_time_s"] = state["elapsed_s"]
-    metrics.update(extra_card)
+    metrics = {k: v for k, v in info.items() if k in ("heldout", "val", "acceptance", "acceptance_greedy")}
+    metrics["pretraining"] = pretraining
     (out_dir / "training_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
+
+
+def _mtp_phase_line(run_dir: Path, init_config: dict) -> str:
+    """One model-card line for an `--only-mtp` run in `run_dir` (its metrics.jsonl, train_config.json and
+    mtp_acceptance.json) on top of a model with `init_config`."""
+    import json
+
+    recs = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    last = [r for r in recs if "step" in r][-1]
+    run = json.loads((run_dir / "train_config.json").read_text())
+    tr = run["train"]
+    heads, old = run["model"]["num_nextn_predict_layers"], init_config.get("num_nextn_predict_layers", 0)
+    how = ("self-distillation: loss = KL from the main model's distribution at position i+k+1 to head k's at "
+           "position i, so the heads learn what the main model will say" if tr.get("distill")
+           else "cross-entropy to the data tokens")
+    grown = ""
+    if heads > old:
+        init = run.get("new_mtp_init") or "copy"
+        grown = (f"; grown from {old} to {heads} heads, the new one" + (" a copy of the last trained head"
+                 if init == "copy" else " randomly initialised"))
+    line = (f"MTP-only phase (`--only-mtp{' --distill' if tr.get('distill') else ''}`, main model frozen, {how}"
+            f"{grown}): {last['step']} steps of {tr['batch_size'] * tr['grad_accum']} x {tr['seq_len']} tokens "
+            f"({last['tokens']:,} tokens), LR {tr['lr']:g} with {tr['warmup_steps']} warmup steps and cosine decay "
+            f"to {tr['min_lr_ratio']:g}x, {last['elapsed_s'] / 60:.0f} minutes")
+    acc_file = run_dir / "mtp_acceptance.json"
+    if acc_file.exists():
+        acc = json.loads(acc_file.read_text())
+        b, a = acc.get("before"), acc.get("after")
+        if b and a:
+            fmt = lambda x, key, length: ", ".join(f"{v:.3f}" for v in x[key]) + f" (length {x[length]:.2f})"
+            line += (f". Acceptance by depth on {a['positions']:,} validation positions against the data, before: "
+                     f"{fmt(b, 'mtp_acc', 'accept_length')}; "
+                     f"after: {fmt(a, 'mtp_acc', 'accept_length')}")
+            if "mtp_acc_model" in a and "mtp_acc_model" in b:
+                line += (f"; against the main model's greedy token, before: "
+                         f"{fmt(b, 'mtp_acc_model', 'accept_length_model')}; after: "
+                         f"{fmt(a, 'mtp_acc_model', 'accept_length_model')}")
+    return line + "."
 
 
 def _model_card(i: dict) -> str:
@@ -129,13 +178,15 @@ def _model_card(i: dict) -> str:
     pattern = "".join("G" if not cfg.is_sliding(l) else "S" for l in range(cfg.num_hidden_layers))
     ffn = "".join("M" if cfg.is_moe(l) else "D" for l in range(cfg.num_hidden_layers))
     hours = st["elapsed_s"] / 3600
+    corpus_tokens = meta["train"]["tokens"] + meta["val"]["tokens"]
     lines = [
         "# mimoflash default model: a tiny MiMo-V2-Flash-architecture Python completion model",
         "",
         "A small model with MiMo-V2-Flash's architecture (hybrid sliding-window/global attention with attention "
         "sinks, sigmoid-routed MoE with aux-loss-free balancing, multi-token-prediction heads), trained from scratch "
-        "on the Python standard library's source. It exists so that the engine, server and speculative decoding "
-        "can be exercised end to end with real (if modest) weights; it completes Python code, nothing more.",
+        "on the Python standard library's source. It exists so that the inference engine and its tests run end to "
+        "end on real (if modest) weights, and its MTP heads are trained to draft tokens for speculative decoding; "
+        "it completes Python code, nothing more.",
         "",
         "Load it with `mimoflash.checkpoint.loader.load_model(mimoflash.default.default_model())`, or with "
         "transformers' `AutoModelForCausalLM.from_pretrained` (`model_type` `mimo_v2_flash`; transformers ignores the "
@@ -164,10 +215,12 @@ def _model_card(i: dict) -> str:
         "",
         "## Training data",
         "",
-        f"The `*.py` files of the CPython {meta.get('python_version', '3.11')} standard library "
-        f"(`{meta.get('source', '')}`), "
-        f"{meta['train']['docs'] + meta['val']['docs']} files, licensed under the Python Software Foundation "
-        "License (PSF-2.0). Each file is one document, followed by `<|endoftext|>`. "
+        f"The `*.py` files of the CPython {i.get('corpus_python', '3.11')} standard library (every module and "
+        "package directory of the stdlib except `site-packages`, i.e. no third-party code), "
+        f"{meta['train']['docs'] + meta['val']['docs']} files after skipping "
+        f"{sum(meta.get('skipped_files', {}).values())} empty or non-UTF-8 ones, {corpus_tokens:,} tokens with "
+        "this model's tokenizer, licensed under the Python Software Foundation License (PSF-2.0). Each file is one "
+        "document, followed by `<|endoftext|>`. "
         f"Training split: {meta['train']['docs']} files, {meta['train']['tokens']:,} tokens; validation split: "
         f"{meta['val']['docs']} whole files held out at random (seed {meta.get('seed', 0)}), "
         f"{meta['val']['tokens']:,} tokens. The corpus itself is not redistributed here; `heldout.bin` holds the "
@@ -187,6 +240,8 @@ def _model_card(i: dict) -> str:
     ]
     if i.get("history"):
         lines.append(f"- {i['history']}")
+    for phase in i.get("mtp_phases", []):
+        lines.append(f"- {phase}")
     if i.get("loss_png"):
         lines += ["", "![training and validation loss](loss.png)"]
     v = i["val"]
@@ -200,14 +255,28 @@ def _model_card(i: dict) -> str:
         f"- Held-out sample `heldout.bin` ({i['heldout']['tokens']:,} tokens, {i['heldout']['seq_len']}-token "
         f"windows): loss **{i['heldout']['loss']:.3f}** (tests/test_train.py recomputes it).",
         f"- Greedy next-token accuracy of the main model: {acc['main_acc']:.3f}.",
-        "- MTP draft acceptance on the validation split (greedy, against the data tokens, teacher-forced; see "
-        "`mimoflash/train/evaluate.py`): "
-        + ", ".join(f"depth {d} (token {d + 2} ahead) {a:.3f}" for d, a in enumerate(acc["mtp_acc"]))
-        + f"; chained acceptance length {acc['accept_length']:.2f} tokens per verify step (bonus token included, "
-        f"max {1 + len(acc['mtp_acc'])}).",
+        "- MTP draft acceptance on the validation split (greedy, teacher-forced, "
+        f"{acc['positions']:,} positions; see `mimoflash/train/evaluate.py`), by depth (head k drafts the token "
+        "k+2 ahead):",
+        "",
+        "  | reference | " + " | ".join(f"depth {d}" for d in range(len(acc["mtp_acc"])))
+        + " | chained length (max " + f"{1 + len(acc['mtp_acc'])}) |",
+        "  |---|" + "---|" * (len(acc["mtp_acc"]) + 1),
+        "  | the data token | " + " | ".join(f"{a:.3f}" for a in acc["mtp_acc"]) + f" | {acc['accept_length']:.2f} |",
+        "  | the main model's greedy token | " + " | ".join(f"{a:.3f}" for a in acc["mtp_acc_model"])
+        + f" | {acc['accept_length_model']:.2f} |",
     ]
-    if i.get("mtp_only"):
-        lines.append(f"- {i['mtp_only']}")
+    g = i.get("acceptance_greedy")
+    if g:
+        lines += [
+            "",
+            f"- On the model's own greedy output ({g['prompts']} prompts of {g['prompt_len']} validation tokens, "
+            f"{g['new_tokens']} greedy tokens each; this is what greedy speculative decoding accepts): acceptance "
+            "by depth " + ", ".join(f"{a:.3f}" for a in g["mtp_acc"]) + "; tokens per verify step with "
+            + ", ".join(f"{k + 1} draft{'s' if k else ''} {t:.2f}" for k, t in enumerate(g["tokens_per_step"]))
+            + ". The greedy output of a model this small repeats itself, which makes it easier to draft than the "
+            "data.",
+        ]
     lines += ["", "## Greedy samples", ""]
     for prompt, out in i["samples"]:
         lines += ["```python", prompt + out, "```", ""]
@@ -227,6 +296,7 @@ def _model_card(i: dict) -> str:
 if __name__ == "__main__":
     import argparse
     import json
+    import platform
 
     p = argparse.ArgumentParser(description="export a training run's checkpoint as mimoflash/default_model/")
     p.add_argument("checkpoint", help="run checkpoint dir (OUT/checkpoint)")
@@ -235,10 +305,11 @@ if __name__ == "__main__":
     p.add_argument("--hardware", help="hardware line for the card")
     p.add_argument("--history", help="extra training-history line for the card")
     p.add_argument("--throughput-note", help="throughput line for the card")
-    p.add_argument("--mtp-only", help="line about the MTP-only phase for the card")
     p.add_argument("--acceptance-batches", type=int)
+    p.add_argument("--corpus-python", default=platform.python_version(),
+                   help="CPython version whose stdlib is the corpus (default: this interpreter's)")
     a = p.parse_args()
     extra = {k: v for k, v in {"hardware": a.hardware, "history": a.history, "throughput_note": a.throughput_note,
-                               "mtp_only": a.mtp_only}.items() if v}
+                               "corpus_python": a.corpus_python}.items() if v}
     print(json.dumps(export(a.checkpoint, a.out, a.data, acceptance_batches=a.acceptance_batches,
                             extra_card=extra), indent=2))

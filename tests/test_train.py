@@ -260,6 +260,119 @@ def test_only_mtp_trains_heads_and_freezes_the_main_model(data_dir, tmp_path):
     assert 1.0 <= after_acc["accept_length"] <= 3.0
 
 
+def test_extend_window_appends_the_tokens_after_the_window(data_dir):
+    from mimoflash.train.distill import extend_window
+    ds = TokenDataset(data_dir, "train", 16, 3)
+    starts = [0, 100, 4321]
+    inp, tgt = ds.batch_at(starts)
+    ext = extend_window(inp, tgt, 3, ds.separator_id)                                  # (B, 19)
+    raw = torch.from_numpy(np.stack([np.asarray(ds.tokens[s:s + 19], dtype=np.int64) for s in starts]))
+    # Equal up to a masked token (one after a document boundary), which is replaced by the separator id.
+    differs = ext != raw
+    assert not differs[:, :17].any()
+    assert (ext[differs] == ds.separator_id).all()
+
+
+def test_distill_loss_is_zero_only_when_the_head_matches_the_teacher():
+    from mimoflash.train.distill import distill_loss
+    g = torch.Generator().manual_seed(0)
+    B, T, V, depth = 2, 6, 11, 1
+    main_ext = torch.randn(B, T + 2, V, generator=g)
+    targets = torch.randint(1, V, (B, 3, T), generator=g)
+    targets[0, depth + 1, 2] = IGNORE_INDEX
+    n_valid = (targets[:, depth + 1] != IGNORE_INDEX).sum()
+    exact = main_ext[:, depth + 1: depth + 1 + T].clone()
+    assert float(distill_loss(exact, main_ext, depth, targets, n_valid)) == pytest.approx(0.0, abs=1e-6)
+    assert float(distill_loss(exact + 0.0 * exact + torch.randn(B, T, V, generator=g), main_ext, depth, targets,
+                              n_valid)) > 0.01
+    # The masked position does not count: changing the head's logits there leaves the loss unchanged.
+    moved = exact.clone()
+    moved[0, 2] += 5.0 * torch.randn(V, generator=g)
+    assert float(distill_loss(moved, main_ext, depth, targets, n_valid)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_grow_mtp_heads_keeps_every_weight_and_copies_the_last_head():
+    from mimoflash.train.distill import grow_mtp_heads
+    mcfg, _ = tiny()
+    model = MiMoForCausalLM(mcfg)
+    model.init_weights(generator=torch.Generator().manual_seed(0))
+    grown = grow_mtp_heads(model, 3, "copy")
+    old, new = model.state_dict(), grown.state_dict()
+    assert grown.config.num_nextn_predict_layers == 3
+    assert all(torch.equal(old[k], new[k]) for k in old)
+    for k, t in old.items():
+        if k.startswith("model.mtp.layers.1."):
+            assert torch.equal(new[k.replace("layers.1.", "layers.2.")], t)
+    fresh = grow_mtp_heads(model, 3, "fresh")
+    assert not torch.equal(fresh.state_dict()["model.mtp.layers.2.eh_proj.weight"], old["model.mtp.layers.1.eh_proj.weight"])
+    with pytest.raises(ValueError, match="shrinking"):
+        grow_mtp_heads(model, 1)
+
+
+def test_distill_cli_lowers_the_kl_grows_heads_and_freezes_the_main_model(data_dir, tmp_path):
+    """`mimoflash train --only-mtp --distill --mtp-heads 3` as a user runs it: exit 0, 3 MTP heads, the logged
+    distillation loss (KL to the main model) falls, the main model is bit-identical, and acceptance against the
+    main model's own greedy tokens rises."""
+    mcfg, cfg = tiny()
+    cfg.max_steps, cfg.eval_every, cfg.ckpt_every_min = 8, 0, 0
+    base = train(mcfg, cfg, data_dir, tmp_path / "base", device="cpu", progress=False)["model"]
+    out = tmp_path / "distill"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "mimoflash", "train", "--config", "tiny", "--only-mtp", "--distill",
+                        "--mtp-heads", "3", "--init", str(tmp_path / "base" / "checkpoint"), "--data", str(data_dir),
+                        "--out", str(out), "--max-steps", "40", "--lr", "3e-3", "--no-progress", "--device", "cpu",
+                        "--ckpt-every-min", "0", "--eval-every", "0", "--acceptance-batches", "2"],
+                       env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    recs = [m for m in metrics(out) if "mtp_loss" in m]
+    assert len(recs[0]["mtp_loss"]) == 3
+    first = np.mean([m["mtp_loss"] for m in recs[:5]], axis=0)
+    last = np.mean([m["mtp_loss"] for m in recs[-5:]], axis=0)
+    assert (last < 0.8 * first).all(), (first, last)
+    from mimoflash.checkpoint.loader import load_model
+    after = load_model(out / "checkpoint", torch.float32, "cpu")
+    assert after.config.num_nextn_predict_layers == 3
+    new = after.state_dict()
+    for n, p in base.state_dict().items():
+        if not n.startswith("model.mtp."):
+            assert torch.equal(p, new[n]), f"{n} changed under --only-mtp --distill"
+    acc = json.loads((out / "mtp_acceptance.json").read_text())
+    assert len(acc["after"]["mtp_acc_model"]) == 3
+    assert sum(acc["after"]["mtp_acc_model"]) > sum(acc["before"]["mtp_acc_model"])
+    assert json.loads((out / "train_config.json").read_text())["train"]["distill"] is True
+
+
+def test_distill_without_only_mtp_is_a_usage_error(data_dir, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "mimoflash", "train", "--config", "tiny", "--distill", "--data",
+                        str(data_dir), "--out", str(tmp_path / "x"), "--no-progress"],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert "--distill needs --only-mtp" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_replay_cycle_counts_tokens_per_verify_step():
+    from mimoflash.train.evaluate import _replay_cycle
+    # positions 0..5; depth hits per position (2 depths)
+    hits = torch.tensor([[1, 1], [0, 0], [0, 0], [1, 0], [0, 1], [1, 1]], dtype=torch.bool)
+    # start 0: run 2 -> emit 3, jump to 3: run 1 -> emit 2, jump to 5: run 2 -> emit 3; 8 tokens in 3 steps
+    assert _replay_cycle(hits, 0, 2) == (8, 3)
+    # one draft: 0: 2 tokens -> 2: 1 -> 3: 2 -> 5: 2; 7 tokens in 4 steps
+    assert _replay_cycle(hits, 0, 1) == (7, 4)
+
+
+def test_greedy_acceptance_scores_the_models_own_continuation(data_dir):
+    from mimoflash.train.evaluate import greedy_acceptance, mtp_acceptance
+    mcfg, cfg = tiny()
+    model = MiMoForCausalLM(mcfg)
+    model.init_weights(generator=torch.Generator().manual_seed(0))
+    g = greedy_acceptance(model, TokenDataset(data_dir, "val", 32, 2), n_prompts=4, prompt_len=8, new_tokens=12)
+    assert g["main_acc"] == pytest.approx(1.0)         # the continuation is the main model's own greedy output
+    assert len(g["mtp_acc"]) == 2 and all(1.0 <= t <= 1.0 + k for k, t in enumerate(g["tokens_per_step"], 1))
+    a = mtp_acceptance(model, TokenDataset(data_dir, "val", 32, 2), 4, 2)
+    assert 1.0 <= a["accept_length_model"] <= 3.0 and len(a["mtp_acc_model"]) == 2
+
+
 # ----------------------------------------------------------------------------------------- the shipped model
 
 needs_default = pytest.mark.skipif(not (DEFAULT_MODEL / "config.json").exists(),
