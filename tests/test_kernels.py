@@ -535,3 +535,83 @@ def test_bf16_compute_picked_experts_match_grouped_forward(T):
     with torch.no_grad():
         got, ref = ex(x, idx, w).float(), Experts.forward(ex, x, idx, w).float()
     assert (got - ref).abs().max() <= 0.02 * ref.abs().max()
+
+
+# ---------------------------------------------------------------------------------------------- the C interface
+
+def _fresh_lib(signatures=None):
+    """A second handle on the built library (its own ctypes function objects), declared from `signatures`."""
+    import ctypes
+    lib = ctypes.CDLL(str(kernels.build()))
+    for name, (res, args) in (signatures or kernels._SIGNATURES).items():
+        getattr(lib, name).restype, getattr(lib, name).argtypes = res, args
+    return lib
+
+
+def test_ctypes_side_matches_the_header():
+    """Every function of the header's Python section is declared for ctypes exactly as there, and LayerArgs has
+    mf_layer's fields in order at the compiler's offsets; the wrappers that declare their own (kernels/fp8.py) too."""
+    from mimoflash.kernels import fp8
+    assert set(kernels.header_prototypes()) == set(kernels._SIGNATURES)
+    assert kernels.header_struct_fields() == [f for f, _ in kernels.LayerArgs._fields_]
+    fp8._lib()
+    kernels.check_abi()
+    kernels.check_abi(_fresh_lib())
+
+
+def test_a_mismatched_signature_or_struct_is_detected():
+    import ctypes
+    sigs = dict(kernels._SIGNATURES)
+    res, args = sigs["mf_silu_mul"]
+    sigs["mf_silu_mul"] = (res, args[:-1] + [ctypes.c_int])                    # long F declared as int
+    with pytest.raises(kernels.KernelABIError, match=r"mf_silu_mul: header \(.*c_long\) != ctypes \(.*c_int\)"):
+        kernels.check_abi(_fresh_lib(sigs))
+    sigs = dict(kernels._SIGNATURES)
+    sigs["mf_argmax_rows"] = (ctypes.c_int, sigs["mf_argmax_rows"][1])         # a void function said to return int
+    with pytest.raises(kernels.KernelABIError, match="mf_argmax_rows: returns void"):
+        kernels.check_abi(_fresh_lib(sigs))
+    header = kernels._HEADER.read_text()
+    edited = header.replace("void mf_silu_mul(const float *h, long ldh, float *out, long ldo, long M, long F);",
+                            "void mf_silu_mul(const float *h, long ldh, float *out, long ldo, long M);")
+    assert edited != header
+    with pytest.raises(kernels.KernelABIError, match="mf_silu_mul"):
+        kernels.check_abi(_fresh_lib(), header=edited)
+    with pytest.raises(kernels.KernelABIError, match="mf_layer fields"):            # two fields swapped
+        kernels.check_abi(_fresh_lib(), header=header.replace("int kv_bf16;", "int kv_tmp;").replace(
+            "int panels;", "int kv_bf16;").replace("int kv_tmp;", "int panels;"))
+
+
+def test_layer_args_offsets_are_checked_against_the_compiler(monkeypatch):
+    """LayerArgs with a field retyped (float -> double: the later offsets move) fails the check, by the offsets that
+    mf_layer_abi reports, although the names still match."""
+    import ctypes
+    fields = [(n, ctypes.c_double if n == "eps_in" else t) for n, t in kernels.LayerArgs._fields_]
+    monkeypatch.setattr(kernels, "LayerArgs", type("LayerArgs", (ctypes.Structure,), {"_fields_": fields}))
+    with pytest.raises(kernels.KernelABIError, match="offsets"):
+        kernels.check_abi(_fresh_lib())
+
+
+def test_a_mismatch_fails_loading_loudly():
+    """Loading with a wrong declaration raises (every time), instead of kernels quietly being unavailable."""
+    code = ("import ctypes, pytest; from mimoflash import kernels; "
+            "kernels._SIGNATURES['mf_rms_norm'] = (None, [ctypes.c_void_p] * 8); "
+            "[pytest.raises(kernels.KernelABIError, kernels.available) for _ in range(2)]; print('raised')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert r.returncode == 0 and "raised" in r.stdout, r.stderr
+
+
+def test_a_definition_that_disagrees_with_the_header_does_not_compile(monkeypatch, tmp_path):
+    """Every .c file includes the header, so a prototype there that differs from the definition is a compile error
+    (checked with -fsyntax-only on a copy whose header declares mf_silu_mul's F as int)."""
+    import shutil
+    for p in kernels._SOURCES + [kernels._HEADER]:
+        shutil.copy(p, tmp_path / p.name)
+    h = tmp_path / kernels._HEADER.name
+    h.write_text(h.read_text().replace("long ldo, long M, long F);", "long ldo, long M, int F);"))
+    monkeypatch.setattr(kernels, "_SOURCES", [tmp_path / p.name for p in kernels._SOURCES])
+    monkeypatch.setattr(kernels, "_HEADER", h)
+    monkeypatch.setattr(kernels, "_FLAGS", kernels._FLAGS + ["-fsyntax-only"])
+    monkeypatch.setenv("MIMOFLASH_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(RuntimeError, match="conflicting types for .mf_silu_mul"):
+        kernels.build(force=True)

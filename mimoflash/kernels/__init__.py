@@ -19,6 +19,12 @@ in fp32 instead; `linear_bf16w_reference` is the slow torch path the tests compa
 
 No torch headers are involved (the kernel takes raw pointers), so building needs only `cc`, not a torch build
 toolchain; ctypes releases the GIL during the call.
+
+The C interface is declared once, in mimoflash_kernels.h, which every .c file includes (so the compiler holds each
+definition to its prototype). Loading the library checks `_SIGNATURES`, the ctypes side, against the header's
+Python section and `LayerArgs` against the header's `mf_layer` (field names in order; offsets and size as the
+compiler laid them out, from `mf_layer_abi`): a difference raises `KernelABIError` naming it, instead of a call
+that passes arguments or reads struct fields at the wrong place.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import hashlib
 import logging
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sysconfig
@@ -40,7 +47,9 @@ import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
-_SOURCES = [Path(__file__).with_name(n) for n in ("wgemm.c", "panels.c", "ops.c", "decode.c", "pool.c", "fp8.c")]
+_SOURCES = [Path(__file__).with_name(n) for n in ("wgemm.c", "panels.c", "ops.c", "decode.c", "pool.c", "fp8.c",
+                                                  "abi.c")]
+_HEADER = Path(__file__).with_name("mimoflash_kernels.h")
 _FLAGS = ["-O3", "-fPIC", "-shared", "-std=gnu11", "-fopenmp-simd", "-pthread"]
 _lib: ctypes.CDLL | None = None
 _tried = False
@@ -60,7 +69,7 @@ def build(force: bool = False) -> Path:
     cc = _compiler()
     if cc is None:
         raise RuntimeError("no C compiler found (set CC); mimoflash runs without its CPU kernels")
-    src = b"".join(p.read_bytes() for p in _SOURCES)
+    src = b"".join(p.read_bytes() for p in _SOURCES + [_HEADER])
     key = hashlib.sha256(src + " ".join(_FLAGS).encode() + platform.machine().encode()).hexdigest()[:16]
     out = _cache_dir() / f"libmimoflash_cpu_{key}.so"
     if out.exists() and not force:
@@ -80,7 +89,9 @@ def build(force: bool = False) -> Path:
 
 
 def _load() -> ctypes.CDLL | None:
-    global _lib, _tried
+    global _lib, _tried, _abi_error
+    if _abi_error is not None:
+        raise _abi_error
     if _tried:
         return _lib
     _tried = True
@@ -91,42 +102,130 @@ def _load() -> ctypes.CDLL | None:
     except (RuntimeError, OSError) as e:
         log.warning("CPU kernels unavailable, bf16 weights will be upcast to fp32: %s", e)
         return None
-    c_long, c_void = ctypes.c_long, ctypes.c_void_p
-    lib.mf_gemm_bf16w.argtypes = [c_void, c_long, c_void, c_void, c_long, c_long, c_long, c_long]
-    lib.mf_gemm_bf16w.restype = None
-    lib.mf_gemm_bf16p.argtypes = [c_void, c_long, c_void, c_void, c_long, c_long, c_long, c_long]
-    lib.mf_gemm_bf16p.restype = None
-    lib.mf_simd_level.restype = ctypes.c_int
-    lib.mf_set_num_threads.argtypes = [ctypes.c_int]
-    lib.mf_set_num_threads.restype = None
-    c_float = ctypes.c_float
-    lib.mf_rms_norm.argtypes = [c_void, c_long, c_void, c_void, c_long, c_long, c_long, c_float]
-    lib.mf_qkv_rope.argtypes = [c_void, c_long, c_long, c_long, c_long, c_long, c_void, c_void, c_long, c_long,
-                                c_float]
-    lib.mf_silu_mul.argtypes = [c_void, c_long, c_void, c_long, c_long, c_long]
-    lib.mf_attn_decode.argtypes = [c_void, c_long, c_void, c_long, c_void, c_long, c_void, c_void, c_void, c_long,
-                                   c_long, c_long, c_long, c_long, c_long, c_float, c_void, c_void, c_long, c_long,
-                                   c_long, ctypes.c_int]
-    lib.mf_attn_decode.restype = ctypes.c_int
-    lib.mf_moe_token_bf16.argtypes = [c_void, c_long, c_void, c_void, c_long, c_long, ctypes.c_int, c_float, c_void,
-                                      c_void, c_long, c_void, c_void, c_void]
-    lib.mf_moe_token_bf16.restype = ctypes.c_int
-    lib.mf_experts_bf16.argtypes = [c_void, c_long, c_void, c_long, c_long, c_long, c_void, c_void, c_void, c_void]
-    lib.mf_experts_bf16.restype = ctypes.c_int
-    lib.mf_decode_layer.argtypes = [c_void, c_void, c_long, c_void, c_void, c_void, c_void, c_long, c_long, c_long,
-                                    c_void, c_void, c_void]
-    lib.mf_decode_layer.restype = ctypes.c_int
-    lib.mf_embed_bf16.argtypes = [c_void, c_long, c_void, c_long, c_long, c_void]
-    lib.mf_embed_bf16.restype = ctypes.c_int
-    lib.mf_argmax_rows.argtypes = [c_void, c_long, c_long, c_long, c_void]
-    lib.mf_decode_timing.argtypes = [ctypes.c_int, c_void]
-    lib.mf_decode_timing.restype = None
-    lib.mf_pool_probe.argtypes = [c_long, c_long]
-    lib.mf_pool_probe.restype = c_long
-    for f in (lib.mf_rms_norm, lib.mf_qkv_rope, lib.mf_silu_mul, lib.mf_argmax_rows):
-        f.restype = None
+    for name, (restype, argtypes) in _SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = restype, argtypes
+    try:
+        check_abi(lib)
+    except KernelABIError as e:         # not a reason to run without the kernels: a bug, raised on every use
+        _abi_error = e
+        raise
     _lib = lib
     return lib
+
+
+# The ctypes side of mimoflash_kernels.h's Python section: name -> (restype, argtypes). Pointers are addresses.
+_P, _L, _I, _F = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_float
+_SIGNATURES: dict[str, tuple] = {
+    "mf_gemm_bf16w": (None, [_P, _L, _P, _P, _L, _L, _L, _L]),
+    "mf_gemm_bf16p": (None, [_P, _L, _P, _P, _L, _L, _L, _L]),
+    "mf_simd_level": (_I, []),
+    "mf_rms_norm": (None, [_P, _L, _P, _P, _L, _L, _L, _F]),
+    "mf_qkv_rope": (None, [_P, _L, _L, _L, _L, _L, _P, _P, _L, _L, _F]),
+    "mf_embed_bf16": (_I, [_P, _L, _P, _L, _L, _P]),
+    "mf_silu_mul": (None, [_P, _L, _P, _L, _L, _L]),
+    "mf_attn_decode": (_I, [_P, _L, _P, _L, _P, _L, _P, _P, _P, _L, _L, _L, _L, _L, _L, _F, _P, _P, _L, _L, _L, _I]),
+    "mf_moe_token_bf16": (_I, [_P, _L, _P, _P, _L, _L, _I, _F, _P, _P, _L, _P, _P, _P]),
+    "mf_experts_bf16": (_I, [_P, _L, _P, _L, _L, _L, _P, _P, _P, _P]),
+    "mf_argmax_rows": (None, [_P, _L, _L, _L, _P]),
+    "mf_decode_layer": (_I, [_P, _P, _L, _P, _P, _P, _P, _L, _L, _L, _P, _P, _P]),
+    "mf_decode_timing": (None, [_I, _P]),
+    "mf_gemm_fp8w": (_I, [_P, _L, _P, _P, _L, _P, _L, _L, _L, _L, _L, _L]),
+    "mf_experts_fp8": (_I, [_P, _L, _L, _L, _L, _P, _P, _L, _L, _P, _L]),
+    "mf_set_num_threads": (None, [_I]),
+    "mf_pool_probe": (_L, [_L, _L]),
+    "mf_layer_abi": (_L, [_P, _L]),
+}
+_abi_error: Exception | None = None
+
+
+class KernelABIError(RuntimeError):
+    """The ctypes declarations disagree with mimoflash_kernels.h (a signature or the mf_layer struct)."""
+
+
+_C_SCALARS = {"long": ctypes.c_long, "int": ctypes.c_int, "float": ctypes.c_float, "double": ctypes.c_double,
+              "size_t": ctypes.c_size_t, "int64_t": ctypes.c_int64, "void": None}
+
+
+def _c_to_ctypes(decl: str):
+    """A parameter or return declaration ('const float *x', 'long', 'void') -> its ctypes type (pointers: c_void_p)."""
+    if "*" in decl:
+        return ctypes.c_void_p
+    words = [w for w in decl.replace("const", " ").split() if w]
+    if not words or words[0] not in _C_SCALARS:
+        raise KernelABIError(f"mimoflash_kernels.h: no ctypes equivalent for {decl.strip()!r}")
+    return _C_SCALARS[words[0]]
+
+
+def header_prototypes(text: str | None = None) -> dict[str, tuple]:
+    """The Python section of mimoflash_kernels.h -> {name: (restype, argtypes)} in ctypes terms."""
+    text = _HEADER.read_text() if text is None else text
+    m = re.search(r"mimoflash-python-begin \*/(.*?)/\* mimoflash-python-end", text, re.S)
+    if m is None:
+        raise KernelABIError("mimoflash_kernels.h: the Python section markers are missing")
+    body = re.sub(r"/\*.*?\*/", " ", m.group(1), flags=re.S)
+    out = {}
+    for ret, name, args in re.findall(r"([A-Za-z_][\w\s\*]*?)\b(mf_\w+)\s*\(([^)]*)\)\s*;", body):
+        params = [a for a in args.split(",") if a.strip() and a.strip() != "void"]
+        # a parameter's name is its last word; what is left (with any '*') is its type
+        out[name] = (_c_to_ctypes(ret), [_c_to_ctypes(re.sub(r"\w+\s*$", "", a)) for a in params])
+    return out
+
+
+def header_struct_fields(name: str = "mf_layer", text: str | None = None) -> list[str]:
+    """Field names, in order, of `typedef struct { ... } name;` in mimoflash_kernels.h."""
+    text = _HEADER.read_text() if text is None else text
+    m = re.search(r"typedef struct \{(.*?)\}\s*" + name + r"\s*;", text, re.S)
+    if m is None:
+        raise KernelABIError(f"mimoflash_kernels.h: struct {name} not found")
+    body = re.sub(r"/\*.*?\*/", " ", m.group(1), flags=re.S)
+    fields = []
+    for decl in body.split(";"):
+        if decl.strip():
+            first, *rest = decl.split(",")                  # 'const float *a', ' *b', ' c'
+            fields += [re.findall(r"\w+", part)[-1] for part in [first] + rest]
+    return fields
+
+
+def _ctypes_name(t) -> str:
+    return "void" if t is None else t.__name__
+
+
+def check_abi(lib: ctypes.CDLL | None = None, header: str | None = None) -> None:
+    """Compare the loaded library's ctypes declarations (restype/argtypes as set now, by `_SIGNATURES` or by a
+    wrapper module) and `LayerArgs` with mimoflash_kernels.h; raise KernelABIError listing every difference."""
+    lib = _lib_or_raise() if lib is None else lib
+    protos, errors = header_prototypes(header), []
+    for name in sorted(set(protos) | set(_SIGNATURES)):
+        if name not in protos:
+            errors.append(f"{name}: declared for ctypes but not in the header's Python section")
+            continue
+        if name not in _SIGNATURES:
+            errors.append(f"{name}: in the header's Python section but not in kernels._SIGNATURES")
+            continue
+        fn = getattr(lib, name)
+        want_res, want_args = protos[name]
+        have_args = list(fn.argtypes or [])
+        if fn.restype is not want_res:
+            errors.append(f"{name}: returns {_ctypes_name(want_res)} in the header, ctypes says "
+                          f"{_ctypes_name(fn.restype)}")
+        if have_args != want_args:
+            errors.append(f"{name}: header ({', '.join(map(_ctypes_name, want_args))}) != ctypes "
+                          f"({', '.join(map(_ctypes_name, have_args))})")
+    names = header_struct_fields("mf_layer", header)
+    py_names = [f for f, _ in LayerArgs._fields_]
+    if names != py_names:
+        errors.append(f"mf_layer fields {names} != LayerArgs fields {py_names}")
+    else:
+        out = (ctypes.c_long * (len(names) + 1))()
+        n = lib.mf_layer_abi(out, len(out))
+        c = list(out)[:n]
+        py = [ctypes.sizeof(LayerArgs)] + [getattr(LayerArgs, f).offset for f in py_names]
+        if n != len(py) or c != py:
+            errors.append(f"mf_layer size/offsets from the compiler {c} != LayerArgs {py} (abi.c lists every field)")
+    if errors:
+        raise KernelABIError("mimoflash kernels: the ctypes side disagrees with mimoflash_kernels.h:\n  "
+                             + "\n  ".join(errors))
 
 
 def set_num_threads(n: int) -> None:
@@ -378,7 +477,8 @@ def experts_bf16(x_PD: torch.Tensor, counts: torch.Tensor, gate_up: torch.Tensor
 
 
 class LayerArgs(ctypes.Structure):
-    """decode.c's `mf_layer`: one decoder layer's dimensions and weight / cache pointers (field order matters).
+    """`mf_layer` of mimoflash_kernels.h: one decoder layer's dimensions and weight / cache pointers (field order
+    matters; `check_abi` compares it with the header and the compiler's layout when the library loads).
     The tensors must outlive it: `engine/fused_decode.py` keeps them referenced."""
     _fields_ = [("H", ctypes.c_long), ("nq", ctypes.c_long), ("nkv", ctypes.c_long), ("d", ctypes.c_long),
                 ("dv", ctypes.c_long), ("rd", ctypes.c_long), ("eps_in", ctypes.c_float),

@@ -10,45 +10,7 @@
 #include <math.h>
 #include <time.h>
 
-typedef struct {
-    long H, nq, nkv, d, dv, rd;
-    float eps_in, eps_post, scale, v_scale;
-    const float *in_norm, *post_norm, *sinks;        /* sinks may be NULL */
-    const unsigned short *qkv_w, *o_w;               /* (W, H), (H, nq * dv) bf16 */
-    void *k_pool, *v_pool;                           /* (nkv, S, d), (nkv, S, dv) fp32 or bf16, contiguous */
-    long pool_slots;                                 /* S */
-    int moe;
-    const unsigned short *gate_w, *up_w, *down_w;    /* dense: (F, H), (F, H), (H, F) bf16 */
-    long F_dense;
-    const float *router_w, *router_bias;             /* MoE: (E, H), (E,) fp32 */
-    long E, top_k;
-    int norm_topk;
-    float scaling;
-    const unsigned short *gate_up, *down;            /* (E, 2F, H), (E, H, F) bf16 */
-    long F_moe;
-    int kv_bf16;                                     /* the pools hold bf16 (kv_cache_dtype="bfloat16") */
-    int panels;                                      /* qkv_w .. down_w are packed panels (panels.c), not (N, K) */
-} mf_layer;
-
-void mf_gemm_bf16w(const float *x, long ldx, const unsigned short *w, float *y, long ldy, long M, long N, long K);
-void mf_gemm_bf16p(const float *x, long ldx, const unsigned short *wp, float *y, long ldy, long M, long N, long K);
-void *mf_scratch(int slot, size_t bytes);              /* pool.c: per-thread buffers kept between calls */
-void mf_rms_norm(const float *x, long ldx, const float *w, float *y, long ldy, long M, long D, float eps);
-void mf_qkv_rope(float *qkv, long ld, long N, long heads, long d, long rd, const float *cos_, const float *sin_,
-                 long v_off, long v_len, float v_scale);
-void mf_silu_mul(const float *h, long ldh, float *out, long ldo, long M, long F);
-int mf_attn_decode(const float *q, long q_sb, const void *k_base, long k_sh, const void *v_base, long v_sh,
-                   const float *bias, const float *sinks, float *out, long B, long nq, long h, long K, long d,
-                   long dv, float scale, float *scratch, const long *table, long n_chunks, long chunk,
-                   long pool_chunks, int kv_bf16);
-int mf_moe_token_bf16(const float *x, long D, const float *router_w, const float *bias, long E, long top_k,
-                      int norm_topk, float scaling, const unsigned short *gate_up, const unsigned short *down, long F,
-                      float *y, float *scratch, long *chosen);
-
-void mf_route_row(const float *x, long D, const float *router_w, const float *bias, long E, long top_k,
-                  int norm_topk, float scaling, float *scores, long *chosen, float *weights);
-int mf_experts_bf16(const float *x_PD, long P, const long *counts, long E, long D, long F,
-                    const unsigned short *gate_up, const unsigned short *down, float *y_PD, float *scratch);
+#include "mimoflash_kernels.h"          /* mf_layer and every kernel's prototype */
 
 /* Opt-in phase timers for benchmarks/profile_decode_step.py (kernels.decode_phase_timing): where a decode layer's
  * time goes inside this one call, which a Python-side timer cannot see. Off by default (one branch per phase);

@@ -24,8 +24,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-void mf_parallel_ranges(long n, long align, void (*range)(void *, long, long), void *ctx);
-int mf_num_threads(void);
+#include "mimoflash_kernels.h"          /* every kernel's prototype */
 
 static float fp8_lut[256];      /* E4M3 value / 256 (the fp16 reading of the shifted byte) */
 static int fp8_lut_ready = 0;

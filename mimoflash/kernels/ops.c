@@ -8,9 +8,7 @@
 #include <stddef.h>
 #include <string.h>
 
-void mf_parallel(long n, void (*fn)(void *, long), void *ctx);   /* pool.c */
-int mf_num_threads(void);
-void *mf_scratch(int slot, size_t bytes);                          /* pool.c: per-thread buffers kept */
+#include "mimoflash_kernels.h"          /* every kernel's prototype */
 
 /* One binary for any x86-64: GCC builds an AVX2+FMA clone of each function and picks it at load time (ifunc);
  * `omp simd` (-fopenmp-simd, no OpenMP runtime) lets the compiler vectorize the reductions. */
@@ -100,8 +98,6 @@ VEC void mf_silu_mul(const float *h, long ldh, float *out, long ldo, long M, lon
         for (long i = 0; i < F; i++) o[i] = g[i] / (1.0f + exp_approx(-g[i])) * u[i];
     }
 }
-
-int mf_simd_level(void);
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
@@ -346,8 +342,6 @@ VEC int mf_attn_decode(const float *q, long q_sb, const void *k_base, long k_sh,
     }
     return 0;
 }
-
-void mf_gemm_bf16w(const float *x, long ldx, const unsigned short *w, float *y, long ldy, long M, long N, long K);
 
 /* One token through a routed-MoE layer with bf16 experts (docs/MODEL.md §2.5), replacing ~20 torch calls:
  *   scores = sigmoid(router_w @ x) (fp32), choice = scores + bias, top-k of choice (first index wins a tie),

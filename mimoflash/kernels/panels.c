@@ -18,9 +18,7 @@
 #include <stdint.h>
 #include <string.h>
 
-void mf_parallel_ranges(long n, long align, void (*range)(void *, long, long), void *ctx);
-int mf_num_threads(void);
-int mf_simd_level(void);
+#include "mimoflash_kernels.h"          /* every kernel's prototype */
 
 #define PW 16                                         /* outputs per panel */
 

@@ -24,6 +24,8 @@
 #include <stdlib.h>
 #include <time.h>
 
+#include "mimoflash_kernels.h"          /* every kernel's prototype, mf_task */
+
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #define CPU_RELAX() _mm_pause()
@@ -36,8 +38,6 @@
 #define TASK_BITS 20          /* ticket = generation (24 bits) | task count (20) | next task (20) */
 #define TASK_MASK ((1ULL << TASK_BITS) - 1)
 #define GEN_OF(t) ((t) >> (2 * TASK_BITS))
-
-typedef void (*mf_task)(void *ctx, long i);
 
 static struct {
     pthread_mutex_t mu;

@@ -21,6 +21,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "mimoflash_kernels.h"          /* every kernel's prototype */
+
 static inline float bf16_to_f32(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
     float f;
@@ -229,9 +231,6 @@ static void gemm_range(const float *x, long ldx, const uint16_t *w, float *y, lo
  * mf_set_num_threads, which Python sets from torch.get_num_threads()); smaller ones, and products inside a pool
  * task, run on the calling thread. Each output element is computed by one thread in the same order, so the result
  * does not depend on the thread count. */
-void mf_parallel_ranges(long n, long align, void (*range)(void *, long, long), void *ctx);
-int mf_num_threads(void);
-
 typedef struct {
     const float *x;
     const uint16_t *w;

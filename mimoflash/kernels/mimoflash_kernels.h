@@ -1,0 +1,90 @@
+/* The C interface of mimoflash's CPU kernels, declared once: every .c file of kernels/ includes this header, so the
+ * compiler rejects a definition that disagrees with its prototype here, and kernels/__init__.py reads this file
+ * when it loads the library and checks its ctypes table against the prototypes of the first section (and the
+ * mf_layer struct against its LayerArgs, names in order, offsets and size through mf_layer_abi), raising
+ * KernelABIError on any difference. Python passes every pointer as an address (c_void_p); `long` is 64-bit on the
+ * platforms the kernels build for, as the Python side assumes.
+ */
+#ifndef MIMOFLASH_KERNELS_H
+#define MIMOFLASH_KERNELS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* One decoder layer's dimensions and weight / cache pointers for mf_decode_layer (Python: kernels.LayerArgs). */
+typedef struct {
+    long H, nq, nkv, d, dv, rd;
+    float eps_in, eps_post, scale, v_scale;
+    const float *in_norm, *post_norm, *sinks;        /* sinks may be NULL */
+    const unsigned short *qkv_w, *o_w;               /* (W, H), (H, nq * dv) bf16 */
+    void *k_pool, *v_pool;                           /* (nkv, S, d), (nkv, S, dv) fp32 or bf16, contiguous */
+    long pool_slots;                                 /* S */
+    int moe;
+    const unsigned short *gate_w, *up_w, *down_w;    /* dense: (F, H), (F, H), (H, F) bf16 */
+    long F_dense;
+    const float *router_w, *router_bias;             /* MoE: (E, H), (E,) fp32 */
+    long E, top_k;
+    int norm_topk;
+    float scaling;
+    const unsigned short *gate_up, *down;            /* (E, 2F, H), (E, H, F) bf16 */
+    long F_moe;
+    int kv_bf16;                                     /* the pools hold bf16 (kv_cache_dtype="bfloat16") */
+    int panels;                                      /* qkv_w .. down_w are packed panels (panels.c), not (N, K) */
+} mf_layer;
+
+/* ---- Called from Python (kernels/__init__.py checks its ctypes table against this section) ---- */
+/* mimoflash-python-begin */
+
+/* wgemm.c, panels.c: y (M, N) = x (M, K) @ w^T, w bf16 row-major (N, K) or packed in panels */
+void mf_gemm_bf16w(const float *x, long ldx, const uint16_t *w, float *y, long ldy, long M, long N, long K);
+void mf_gemm_bf16p(const float *x, long ldx, const uint16_t *wp, float *y, long ldy, long M, long N, long K);
+int mf_simd_level(void);
+
+/* ops.c: fused fp32 ops */
+void mf_rms_norm(const float *x, long ldx, const float *w, float *y, long ldy, long M, long D, float eps);
+void mf_qkv_rope(float *qkv, long ld, long N, long heads, long d, long rd, const float *cos_, const float *sin_,
+                 long v_off, long v_len, float v_scale);
+int mf_embed_bf16(const long *ids, long B, const unsigned short *emb, long V, long H, float *x);
+void mf_silu_mul(const float *h, long ldh, float *out, long ldo, long M, long F);
+int mf_attn_decode(const float *q, long q_sb, const void *k_base, long k_sh, const void *v_base, long v_sh,
+                   const float *bias, const float *sinks, float *out, long B, long nq, long h, long K, long d,
+                   long dv, float scale, float *scratch, const long *table, long n_chunks, long chunk,
+                   long pool_chunks, int kv_bf16);
+int mf_moe_token_bf16(const float *x, long D, const float *router_w, const float *bias, long E, long top_k,
+                      int norm_topk, float scaling, const unsigned short *gate_up, const unsigned short *down, long F,
+                      float *y, float *scratch, long *chosen);
+int mf_experts_bf16(const float *x_PD, long P, const long *counts, long E, long D, long F,
+                    const unsigned short *gate_up, const unsigned short *down, float *y_PD, float *scratch);
+void mf_argmax_rows(const float *x, long ld, long R, long V, long *out);
+
+/* decode.c: one decoder layer for one token per sequence */
+int mf_decode_layer(const mf_layer *L, float *x, long B, const float *cos_, const float *sin_, const long *rope_rows,
+                    const long *table, long n_chunks, long chunk, long K, const long *slots, const float *bias,
+                    long *chosen);
+void mf_decode_timing(int on, double *out);
+
+/* fp8.c: products against block-FP8 weights */
+int mf_gemm_fp8w(const float *x, long ldx, const uint8_t *w, const float *s, long ldS, float *y, long ldy, long M,
+                 long N, long K, long br, long bc);
+int mf_experts_fp8(const float *x, long ldx, long D, long Fd, long n, const long *rows, const int64_t *ptrs, long br,
+                   long bc, float *y, long ldy);
+
+/* pool.c: the thread pool */
+void mf_set_num_threads(int n);
+long mf_pool_probe(long n, long spin_us);
+
+/* abi.c: sizeof(mf_layer), then the offset of each of its fields in order, into out[0 .. n) -> values written */
+long mf_layer_abi(long *out, long n);
+
+/* mimoflash-python-end */
+
+/* ---- Shared between the .c files only ---- */
+typedef void (*mf_task)(void *ctx, long i);
+void mf_parallel(long n, mf_task fn, void *ctx);                                     /* pool.c */
+void mf_parallel_ranges(long n, long align, void (*range)(void *, long, long), void *ctx);
+int mf_num_threads(void);
+void *mf_scratch(int slot, size_t bytes);              /* pool.c: per-thread buffers kept between calls */
+void mf_route_row(const float *x, long D, const float *router_w, const float *bias, long E, long top_k,
+                  int norm_topk, float scaling, float *scores, long *chosen, float *weights);      /* ops.c */
+
+#endif
