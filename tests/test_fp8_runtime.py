@@ -122,6 +122,21 @@ def test_resident_weight_bytes_match_checkpoint(ckpt):
     assert 0.95 <= held / files <= 1.05, (held, files)
 
 
+def test_loader_keep_fp8_keeps_bytes_and_scales(ckpt):
+    """load_model(keep_fp8=True): the checkpoint's FP8 bytes and scales, verbatim, under the checkpoint's names;
+    no expert tensor is loaded (they stay in the files until routed)."""
+    from safetensors import safe_open
+    model = load_model(ckpt, keep_fp8=True)
+    sd = model.state_dict()
+    name = "model.layers.0.self_attn.q_proj.weight"
+    with safe_open(str(ckpt / "model.safetensors"), framework="pt") as f:
+        assert torch.equal(sd[name].view(torch.uint8), f.get_tensor(name).view(torch.uint8))
+        assert torch.equal(sd[name + "_scale_inv"], f.get_tensor(name + "_scale_inv"))
+    assert not any(".experts." in n for n in sd)
+    with pytest.raises(ValueError):                     # the FP8 kernels are CPU kernels
+        load_model(ckpt, keep_fp8=True, device="meta")
+
+
 # ---------------------------------------------------------------------------------------------- lazy experts
 def _routed(model) -> set:
     """Hooks recording (layer prefix, expert) for every routing decision the model makes."""

@@ -297,10 +297,19 @@ def stored_weight_dtype(path) -> torch.dtype:
     return _STORED.get(st, torch.float32)
 
 
-def load_model(path, dtype=torch.bfloat16, device="cpu", progress: bool = False) -> MiMoForCausalLM:
+def load_model(path, dtype=torch.bfloat16, device="cpu", progress: bool = False, keep_fp8: bool = False,
+               memory_budget=None) -> MiMoForCausalLM:
     """Checkpoint directory (or hub repo id, with the [hub] extra) -> MiMoForCausalLM in `dtype` on `device`.
 
+    keep_fp8 (CPU): block-FP8 weights stay FP8 with their scales instead of being dequantised to `dtype`, and the
+    routed experts are read from the files when routed, within `memory_budget` (engine/fp8_layout.py).
+
     Example: `model = load_model("ckpt/MiMo-V2-Flash", dtype="bfloat16", device="cuda")`."""
+    if keep_fp8:
+        from ..engine.fp8_layout import load_fp8
+        if _resolve_device(device).type != "cpu":
+            raise ValueError("keep_fp8 runs on CPU (the FP8 kernels are CPU kernels)")
+        return load_fp8(path, memory_budget=memory_budget, progress=progress)[0]
     dtype, device, root = _resolve_dtype(dtype), _resolve_device(device), _resolve_path(path)
     if not (root / "config.json").exists():
         raise CheckpointError(f"{root / 'config.json'}: config.json not found")
