@@ -12,7 +12,25 @@ Who attends: the module computes q/k/v and RoPE, then either runs dense causal a
 given (no cache: training, parity tests) or hands q/k/v to an `AttentionBackend` that the engine passes in. The
 backend owns the KV-cache layout; the model never learns about requests or blocks.
 
-Two implementations of the same math, which `tests/test_attention.py` keeps in agreement:
+On CPU the engine swaps in `engine.cpu_layout.FastAttention` (one fused q|k|v product, RoPE and the value scale in
+one kernel); its backend (engine/runner.py) picks the cached-attention path.
+
+Sink attention, the five implementations and when each runs (all tested against `attend_reference`):
+
+| implementation                               | runs                                                   | test                 |
+|----------------------------------------------|--------------------------------------------------------|----------------------|
+| `attend_reference` (here)                    | the reference; `impl="reference"` (cache-free) and the | -                    |
+|                                              | engine's `attention_impl="reference"`, per sequence    |                      |
+| `attend_sdpa` (here)                         | cache-free forward: training, parity with transformers | test_attention.py    |
+| `runner.PagedAttention`, general path        | engine steps with long slices (prefill chunks): one    | test_kv_cache.py     |
+|                                              | SDPA call, the sink as a zero key in column 0          |                      |
+| `runner.PagedAttention`, rows path in torch  | rows path (every slice a few tokens: decode, draft     | test_kv_cache.py     |
+|                                              | verification; each row one query with its own keys)    |                      |
+|                                              | without the kernels (bf16 compute, no compiler)        |                      |
+| `kernels.attn_decode_paged` (ops.c)          | rows path with fp32 queries and the kernels; also      | test_kernels.py,     |
+|                                              | inside the fused decode step (decode.c)                | test_kv_cache.py     |
+
+Two cache-free implementations of the same math, which `tests/test_attention.py` keeps in agreement:
 * `attend_reference`: explicit scores, mask, sink column, softmax — a transcription of the spec;
 * `attend_sdpa`: torch's fused scaled_dot_product_attention. The sink becomes one extra key whose K and V are zero
   and whose additive mask entry is the sink logit: its score is exactly `sink_h`, it adds nothing to the output.

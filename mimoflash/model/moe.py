@@ -13,6 +13,11 @@ Experts are stored stacked (`experts.gate_proj` (E, F, D), `up_proj` (E, F, D), 
 keeps one tensor per expert and `checkpoint/keys.py` stacks them. Dispatch groups the T*K (token, expert) pairs by
 expert and runs one grouped matmul (`torch._grouped_mm`), or a loop over *experts* with tokens, never over tokens.
 `MoE.forward_dense_reference` computes every expert for every token; tests use it as the slow reference.
+
+What runs in the engine: on CPU the runner swaps in subclasses of `Experts` and `MoE` (engine/cpu_layout.py, whose
+docstring has the table: `Bf16Experts` and `KernelMoE` with bf16 weights, `Fp32Experts`, `PickedExperts` under bf16
+compute) that run only the picked experts; `print(model)` shows them. Each is tested against
+`forward_dense_reference`, and falls back to `Experts.forward` / `MoE.forward` under autograd.
 """
 
 from __future__ import annotations
