@@ -44,10 +44,12 @@ What runs when (reference = the model's own class, which the fast class falls ba
 | `Fp32Experts` (Experts)       | fp32 weights          | picked experts only, MKL on the fused (E, D, 2F) layout          |
 | `PickedExperts` (Experts)     | bf16 compute          | one or two tokens: picked experts only; more: Experts.forward    |
 
-Expert dispatch references: `Experts.forward` (grouped `torch._grouped_mm`, or a loop over experts where that is
-missing or for other dtypes) and `MoE.forward_dense_reference` (every expert on every token: the slow reference
-the tests compare every path above against). Sink attention: see runner.py (which backend path runs when);
-`model.attention.attend_reference` is the reference of all of them.
+Expert dispatch, every path: `MoE.forward_dense_reference` (every expert on every token: the reference all others
+are tested against); `Experts.forward` (grouped `torch._grouped_mm`; a loop over experts for dtypes it lacks):
+training, and the fallback of the classes above; the three branches of `Bf16Experts`, `KernelMoE`, `Fp32Experts`,
+`PickedExperts` (table); the fused decode step's MoE (kernels/decode.c: the token kernel for one sequence, the
+batch's rows grouped by expert for more; tested against the module path); `FP8Experts` for FP8 checkpoints
+(engine/fp8_layout.py). Sink attention: the table in model/attention.py.
 
 The transforms are idempotent and change the model they are given (the runner's model). `LLM(model)` hands them
 `engine_copy(model)`, so a caller's model object stays as it was. The saver copies each tensor, so saving after a
