@@ -16,8 +16,8 @@ model), then a table and one JSON line.
   come from the engine's model as loaded, at the dtype it holds them in (FP8 bytes for weights kept in FP8): every
   main-model weight except the embedding table (one row per token) and the MTP blocks (plain decoding does not run
   them), the routed experts of each MoE layer, and the K/V attended at the mean context. At 16 sequences a step
-  reads the experts any of them picked: E * (1 - (1 - k/E)^B) distinct experts per layer, the expectation under
-  uniform routing.
+  reads the experts any of them picked. For an FP8 checkpoint the engine's expert store counts them per step
+  (measured); otherwise the count is E * (1 - (1 - k/E)^B) per layer, the expectation under uniform routing.
 * Cost per million tokens = price per machine-hour / (3600 * tokens/s) * 1e6, input at the prefill rate and output
   at the decode rate, beside MiMo-V2-Flash's API launch price (0.7 / 2.1 CNY per million input / output tokens).
 
@@ -27,7 +27,9 @@ release: tests/fixtures/mimo_v2_flash_config.json) on a described machine:
     mimoflash bench --plan config.json --ram 384GiB --bandwidth 200GB/s --cores 32 --context 32768 --batch 1
 
 Weights are counted tensor by tensor from the checkpoint layout the saver would write (FP8 with its scales, or
-bf16), panels are the packed bf16 copy of the dense linears (docs/ENGINE.md), KV is `summary.kv_report`. The
+bf16). Panels are the engine's packed second copy of bf16 linears (docs/ENGINE.md): with bf16 weights every dense
+linear, with FP8 weights only the bf16 ones (o_proj, lm_head, MTP eh_proj), made when they cost at most
+engine/fp8_layout.py's `PANEL_SHARE` of the weights. KV is `summary.kv_report`. The
 decode prediction is the smaller of the bandwidth bound and the compute bound, with the formula printed:
     tokens/s = B * bandwidth / (W_dense + L_moe * U(B) * W_expert + B * KV(context)),  U(B) = E (1 - (1 - k/E)^B)
     compute  = cores * core_gflops / (2 * active params + attention FLOPs per token)
@@ -92,7 +94,8 @@ def weight_bytes(model) -> dict:
     """Bytes of the loaded model's tensors by role, at the dtype held (parameters and buffers, shared storage once):
     `dense` = read by every decode step (attention, dense MLPs, router, norms, lm_head), `experts` = all routed
     experts, `embedding` = the table (a step reads one row per token), `mtp` = the MTP blocks, `row` = one embedding
-    row."""
+    row. Experts an FP8 model reads from its files (a module with an expert `store`, engine/fp8_layout.py) count
+    at the size of their stored tensors."""
     out = {"dense": 0, "experts": 0, "embedding": 0, "mtp": 0, "row": 0}
     seen = set()
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
@@ -109,6 +112,11 @@ def weight_bytes(model) -> dict:
             out["experts"] += nb
         elif "inv_freq" not in name and "rope" not in name.lower():
             out["dense"] += nb
+    for name, m in model.named_modules():
+        store = getattr(m, "store", None)
+        if store is not None and hasattr(store, "expert_bytes"):
+            out["mtp" if ".mtp." in name else "experts"] += sum(store.expert_bytes(m.layer, e)
+                                                               for e in range(m.num_experts))
     return out
 
 
@@ -118,13 +126,16 @@ def kv_bytes_per_sequence(cfg, context: int, elem_bytes: int) -> int:
     return kv_report(cfg, context, 1, elem_bytes)["kv_bytes"]
 
 
-def step_bytes(cfg, wb: dict, batch: int, context: int, kv_elem: int) -> float:
-    """Bytes one decode step of `batch` sequences reads (module docstring)."""
+def step_bytes(cfg, wb: dict, batch: int, context: int, kv_elem: int, experts_per_layer: float | None = None
+               ) -> float:
+    """Bytes one decode step of `batch` sequences reads (module docstring). `experts_per_layer`: the distinct
+    experts a step reads per MoE layer when measured; default the uniform-routing expectation."""
     moe_layers = sum(cfg.is_moe(i) for i in range(cfg.num_hidden_layers))
     E, k = cfg.n_routed_experts, cfg.num_experts_per_tok
     per_expert = wb["experts"] / max(1, moe_layers * E)
-    return (wb["dense"] + batch * wb["row"] + moe_layers * distinct_experts(E, k, batch) * per_expert
-            + batch * kv_bytes_per_sequence(cfg, context, kv_elem))
+    U = distinct_experts(E, k, batch) if experts_per_layer is None else experts_per_layer
+    return wb["dense"] + batch * wb["row"] + moe_layers * U * per_expert + batch * kv_bytes_per_sequence(
+        cfg, context, kv_elem)
 
 
 # ---------------------------------------------------------------------------------------------- engine runs
@@ -143,14 +154,31 @@ def prefill_rate(llm, vocab: int, batch: int, length: int, seed: int) -> float:
     return batch * length / (time.perf_counter() - t)
 
 
-def decode_rate(llm, vocab: int, batch: int, length: int, new: int, seed: int) -> float:
-    """Generated tokens per second once decoding: sum(new - 1) / (last finish - first first-token)."""
+def decode_rate(llm, vocab: int, batch: int, length: int, new: int, seed: int) -> tuple[float, float | None]:
+    """-> (generated tokens per second once decoding: sum(new - 1) / (last finish - first first-token),
+    distinct experts read per MoE layer per decode step, from the expert store's per-step counters, or None for
+    a model without a store). Decode steps are the forwards of at most `batch` tokens (prompts are longer)."""
     from .engine.sampling import SamplingParams
-    outs = llm.generate(_prompts(vocab, batch, length, seed),
-                        SamplingParams(temperature=0, max_tokens=new, ignore_eos=True), use_tqdm=False)
+    store = getattr(llm, "expert_store", None)
+    log = []
+
+    def after_forward(module, args, kwargs, out):
+        ids = args[0] if args else kwargs.get("input_ids")
+        log.append((0 if ids is None else ids.numel(), store.stats().step_touched))
+    hook = llm.model.model.register_forward_hook(after_forward, with_kwargs=True) if store is not None else None
+    try:
+        outs = llm.generate(_prompts(vocab, batch, length, seed),
+                            SamplingParams(temperature=0, max_tokens=new, ignore_eos=True), use_tqdm=False)
+    finally:
+        if hook is not None:
+            hook.remove()
     m = [o.metrics for o in outs]
     span = max(x.total_time for x in m) - min(x.time_to_first_token for x in m)
-    return sum(x.generated_tokens - 1 for x in m) / span
+    cfg = llm.model.config
+    moe_layers = sum(cfg.is_moe(i) for i in range(cfg.num_hidden_layers))
+    steps = [t for n, t in log if 0 < n <= batch]
+    touched = statistics.mean(steps) / moe_layers if steps and moe_layers else None
+    return sum(x.generated_tokens - 1 for x in m) / span, touched
 
 
 def measure(args) -> dict:
@@ -166,17 +194,21 @@ def measure(args) -> dict:
             "matmul_flops": matmul_flops(args.matmul_n, args.repeats + 2)}
     t0 = time.perf_counter()
     llm = LLM(args.model, max_num_seqs=max(args.batch), max_model_len=args.prompt + args.new + 16,
-              skip_tokenizer_init=True, progress=False)
+              skip_tokenizer_init=True, progress=False,
+              **({"memory_budget": args.memory_budget} if args.memory_budget else {}))
     load_s = time.perf_counter() - t0
     cfg = llm.model.config
     vocab = cfg.vocab_size
     decode_rate(llm, vocab, 1, 4, 2, seed=99)                       # warm-up: kernels, caches, first pages
-    runs = {(kind, b): [] for kind in ("prefill", "decode") for b in args.batch}
+    runs = {(kind, b): [] for kind in ("prefill", "decode", "experts") for b in args.batch}
     for r in range(args.repeats):
         order = args.batch if r % 2 == 0 else args.batch[::-1]      # interleaved, order flipping per repeat
         for b in order:
             runs["prefill", b].append(prefill_rate(llm, vocab, b, args.prompt, seed=r))
-            runs["decode", b].append(decode_rate(llm, vocab, b, args.prompt, args.new, seed=1000 + r))
+            rate, touched = decode_rate(llm, vocab, b, args.prompt, args.new, seed=1000 + r)
+            runs["decode", b].append(rate)
+            if touched is not None:
+                runs["experts", b].append(touched)
     wb = weight_bytes(llm.model)
     kv_dtype = llm.engine.config.kv_cache_dtype or llm.dtype
     kv_elem = torch.empty((), dtype=kv_dtype).element_size()
@@ -184,13 +216,17 @@ def measure(args) -> dict:
     rows = {}
     for b in args.batch:
         pre, dec = statistics.median(runs["prefill", b]), statistics.median(runs["decode", b])
-        sb = step_bytes(cfg, wb, b, context, kv_elem)
+        touched = statistics.median(runs["experts", b]) if runs["experts", b] else None
+        sb = step_bytes(cfg, wb, b, context, kv_elem, touched)
         bound = b * roof["read_bandwidth"] / sb                     # tokens/s if a step only streamed its bytes
         rows[b] = {"prefill_tok_s": pre, "decode_tok_s": dec, "bytes_per_step": sb, "bytes_per_token": sb / b,
+                   "experts_per_layer_step": touched, "experts_measured": touched is not None,
                    "bandwidth_bound_tok_s": bound, "fraction_of_bound": dec / bound,
                    "usd_per_mtok_input": args.price_per_hour / 3600 / pre * 1e6,
                    "usd_per_mtok_output": args.price_per_hour / 3600 / dec * 1e6}
+    stats = llm.expert_stats() if hasattr(llm, "expert_stats") else None
     return {"model": str(args.model), "threads": args.threads, "load_s": load_s, "roofline": roof,
+            "expert_stats": stats.as_dict() if stats is not None else None,
             "weights": {"dtype": str(llm.weight_dtype).removeprefix("torch."), **wb},
             "kv_elem_bytes": kv_elem, "prompt": args.prompt, "new_tokens": args.new, "repeats": args.repeats,
             "price_per_hour_usd": args.price_per_hour, "launch_price_cny_per_mtok": CNY_PER_MTOK, "batches": rows}
@@ -239,7 +275,13 @@ def plan(cfg, *, ram: int, bandwidth: float, cores: int, fp8: bool, context: int
         if role == "embedding":
             wb["row"] = shape[-1] * dt.itemsize
     weights = wb["dense"] + wb["experts"] + wb["embedding"] + wb["mtp"]
-    panel_bytes = 2 * params["dense_linear"] if panels else 0
+    if not fp8:     # bf16 weights: every dense linear (q|k|v fused, o_proj, dense MLPs, lm_head, MTP) packed again
+        panel_bytes = 2 * params["dense_linear"] if panels else 0
+    else:           # FP8 weights: only the bf16 linears are packed, and only below the engine's share of the weights
+        from .engine.fp8_layout import PANEL_SHARE
+        panel_bytes = sum(_nbytes(dt, shape) for _, name, dt, shape in tensors
+                          if dt == torch.bfloat16 and len(shape) == 2 and "embed_tokens" not in name)
+        panel_bytes = panel_bytes if panels and panel_bytes <= PANEL_SHARE * weights else 0
     kv = kv_report(cfg, context, batch, kv_bytes)
     need = weights + panel_bytes + kv["kv_bytes"]
 
@@ -299,7 +341,7 @@ def print_plan(p: dict) -> None:
     print(f"{'memory':<34}{'GB':>10}")
     print(f"{'  weights (files, all resident)':<34}{m['weights'] / gb:>10.1f}")
     print(f"{'    of which routed experts':<34}{m['weights_by_role']['experts'] / gb:>10.1f}")
-    print(f"{'  panels (bf16 dense linears)':<34}{m['panels'] / gb:>10.1f}")
+    print(f"{'  panels (packed bf16 linears)':<34}{m['panels'] / gb:>10.1f}")
     print(f"{'  KV cache':<34}{m['kv'] / gb:>10.1f}")
     print(f"{'  total':<34}{m['total'] / gb:>10.1f}   {'fits' if m['fits'] else 'does NOT fit'} in RAM")
     print(f"decode step bytes = W_dense + L_moe * U(B) * W_expert + B * KV(context)")
@@ -335,6 +377,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, nargs="+", default=None, help="batch sizes (default 1 16; with --plan: one, default 1)")
     ap.add_argument("--price-per-hour", type=float, default=1.0,
                     help="machine price in USD per hour for the cost per million tokens (default 1.0)")
+    ap.add_argument("--memory-budget", default=None,
+                    help="FP8 checkpoints: bound on resident bytes, e.g. 8G (experts beyond it are re-read)")
     ap.add_argument("--json", action="store_true", help="print only the JSON line")
     g = ap.add_argument_group("plan (no weights)")
     g.add_argument("--plan", metavar="CONFIG", help="predict memory and decode tokens/s of this config")
@@ -380,6 +424,8 @@ def main(argv: list[str] | None = None) -> int:
         a.threads = torch.get_num_threads()
     if min(a.batch) < 1 or a.repeats < 1 or a.prompt < 1 or a.new < 2 or a.threads < 1 or a.price_per_hour <= 0:
         ap.error("--batch, --repeats, --prompt, --threads must be >= 1, --new >= 2, --price-per-hour > 0")
+    if a.prompt <= max(a.batch):
+        ap.error("--prompt must be longer than the largest --batch (decode steps are told from prefill by size)")
     if a.model is None:
         from .default import default_model
         a.model = default_model()

@@ -97,8 +97,19 @@ def _release_bytes(fp8: bool) -> dict:
             layers += dense_mlp
     mtp = c["num_nextn_predict_layers"] * (5 * H * 2 + lin(H, 2 * H, quant=False)
                                            + attn(c["swa_num_key_value_heads"], True) + dense_mlp)
+    # panels: the packed bf16 linears. FP8 weights: o_proj, lm_head, MTP eh_proj; bf16: every non-expert linear
+    n_mtp, L = c["num_nextn_predict_layers"], len(c["hybrid_layer_pattern"])
+    o_proj = H * nq * dv
+    if fp8:
+        panels = 2 * ((L + n_mtp) * o_proj + V * H + n_mtp * 2 * H * H)
+    else:
+        qkv = sum(nq * d * H + nkv * (d + dv) * H for nkv in
+                  [c["swa_num_key_value_heads"] if swa else c["num_key_value_heads"] for swa in c["hybrid_layer_pattern"]]
+                  + [c["swa_num_key_value_heads"]] * n_mtp)
+        n_dense = c["moe_layer_freq"].count(0) + n_mtp
+        panels = 2 * (qkv + (L + n_mtp) * o_proj + n_dense * 3 * F * H + V * H + n_mtp * 2 * H * H)
     return {"embedding": V * H * 2, "dense": layers + V * H * 2 + H * 2, "experts": experts,    # + lm_head, norm
-            "mtp": mtp, "expert": expert}
+            "mtp": mtp, "expert": expert, "panels": panels}
 
 
 @pytest.mark.parametrize("fmt", ["--fp8", "--bf16"])
@@ -118,6 +129,7 @@ def test_plan_matches_hand_arithmetic(fmt, capsys):
     assert wb["embedding"] == hand["embedding"] and wb["experts"] == hand["experts"] and wb["mtp"] == hand["mtp"]
     assert wb["dense"] == hand["dense"]
     assert p["memory"]["weights"] == hand["embedding"] + hand["dense"] + hand["experts"] + hand["mtp"]
+    assert p["memory"]["panels"] == hand["panels"]
     if fmt == "--fp8":                       # the release's files: about 310 GB
         assert 300e9 < p["memory"]["weights"] < 320e9
     # KV at 32k, bf16: 9 global layers x 4 kv heads x (192 + 128) x 32768 + 39 SWA layers x 8 x 320 x 129 keys
@@ -157,3 +169,26 @@ def test_bad_input_is_one_clear_error(tmp_path, capsys):
         with pytest.raises(SystemExit) as e:
             main(argv)
         assert e.value.code == 2 and msg in capsys.readouterr().err
+
+
+def test_fp8_checkpoint_counts_the_experts_each_step_reads(tmp_path, capsys):
+    """On an FP8 checkpoint the engine reads experts from its files; the bench takes their bytes from the expert
+    store and counts the distinct experts per layer per decode step: exactly k for one sequence."""
+    from mimoflash.checkpoint.synthetic import synthetic_config, write_synthetic_checkpoint
+    from conftest import tiny_config
+    cfg = synthetic_config(3, 8, 2, 0, tiny_config())
+    path = write_synthetic_checkpoint(tmp_path / "fp8", cfg, fp8_block=(16, 16))
+    assert main([str(path), "--quick", "--json", "--threads", "1"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["weights"]["dtype"] == "float8_e4m3fn"
+    per_expert = 3 * (cfg.hidden_size * cfg.moe_intermediate_size + (cfg.hidden_size // 16)
+                      * (cfg.moe_intermediate_size // 16) * 4)                      # FP8 bytes + fp32 scales
+    assert res["weights"]["experts"] == 2 * 8 * per_expert                           # 2 MoE layers x 8 experts
+    one, four = res["batches"]["1"], res["batches"]["4"]
+    assert one["experts_measured"] and one["experts_per_layer_step"] == 2
+    assert 2 <= four["experts_per_layer_step"] <= 8
+    kv = sum((16 + 4) * cfg.attn_shape(cfg.is_sliding(i))[1] * sum(cfg.attn_shape(cfg.is_sliding(i))[2:])
+             if not cfg.is_sliding(i) else
+             min(20, cfg.swa_keys) * cfg.attn_shape(True)[1] * sum(cfg.attn_shape(True)[2:])
+             for i in range(cfg.num_hidden_layers)) * res["kv_elem_bytes"]
+    assert one["bytes_per_step"] == res["weights"]["dense"] + res["weights"]["row"] + 2 * 2 * per_expert + kv
