@@ -112,5 +112,25 @@ def main(argv: list[str] | None = None) -> int:
     # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal to the handler that was installed before
     # it: this one, so that a completed shutdown exits 0 instead of dying by the signal (Ctrl-C still gives 130).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    uvicorn.Server(config).run()
+    _Server = _server_class()
+    _Server(config, on_exit=lambda: app.state.engine_loop.drain(0.8 * a.graceful_timeout)).run()
     return 0
+
+
+def _server_class():
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn's server, which also tells the engine loop to wind down when a shutdown signal arrives: requests
+        not finished within the graceful period are aborted by the engine, so their streams end normally."""
+
+        def __init__(self, config, on_exit):
+            super().__init__(config)
+            self._on_exit = on_exit
+
+        def handle_exit(self, sig, frame) -> None:
+            if not self.should_exit:
+                self._on_exit()
+            super().handle_exit(sig, frame)
+
+    return Server

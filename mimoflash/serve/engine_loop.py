@@ -86,6 +86,7 @@ class EngineLoop:
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None
         self.steps = 0
+        self._drain_deadline: float | None = None
 
     # ------------------------------------------------------------------ handler side (event loop)
     @property
@@ -121,6 +122,11 @@ class EngineLoop:
             raise
         return handle
 
+    def drain(self, seconds: float) -> None:
+        """Shutting down: requests still running after `seconds` are aborted (their streams end with
+        finish_reason "abort"), so that no connection is left for the server to cancel."""
+        self._inbox.put(("drain", time.monotonic() + seconds))
+
     def shutdown(self, timeout: float = 30.0) -> None:
         """Abort whatever is left and stop the thread."""
         if self._thread is not None and self._thread.is_alive():
@@ -145,6 +151,9 @@ class EngineLoop:
                         cmd = self._inbox.get_nowait()
                     except queue.Empty:
                         cmd = None
+                if self._drain_deadline is not None and time.monotonic() > self._drain_deadline:
+                    for gid in list(self._handles):
+                        self.engine.abort_request(gid)
                 if self.engine.has_unfinished_requests():
                     outs = self.engine.step()
                     self.steps += 1
@@ -173,6 +182,8 @@ class EngineLoop:
                 for i, m in enumerate(matchers):
                     self.masking.matchers[self._child_id(handle, i)] = m
             self._resolve(handle, ack, None)
+        elif cmd[0] == "drain":
+            self._drain_deadline = cmd[1]
         elif cmd[0] == "abort":
             if cmd[1] in self._handles:
                 self.engine.abort_request(cmd[1])

@@ -142,7 +142,8 @@ class ChatOutputParser:
             at, tag = hit
             self._emit(out, self._buf[:at])
             self._buf = self._buf[at + len(tag):]
-            self._ws, self._seg_start = "", True
+            if tag in (THINK_START, THINK_END):               # a new segment: surrounding whitespace dropped
+                self._ws, self._seg_start = "", True
             if tag == THINK_START:
                 self.mode, self.saw_reasoning = "reasoning", True
             elif tag == THINK_END:
@@ -192,8 +193,7 @@ class ChatOutputParser:
             self._emit(out, CALL_START + call.text + (CALL_END if end >= 0 else ""))
         else:
             self.calls.append(call)
-        self._ws, self._seg_start = "", True
-        return True
+        return True             # a call does not end the text segment around it: held whitespace stays pending
 
     def _advance_call(self, out: ParsedDelta, call: _Call, closed: bool) -> None:
         if call.name is None:

@@ -1,0 +1,136 @@
+"""Server operations: API key, 429 on a full queue, SIGTERM with requests in flight, and a bounded loopback load test
+(32 concurrent streaming clients): every request completes or gets 429, caches back to empty, memory stable."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import threading
+import time
+
+import pytest
+
+openai = pytest.importorskip("openai", reason="the serve tests need the dev extra (pip install -e '.[dev]')")
+httpx = pytest.importorskip("httpx")
+
+from test_serve import MODEL, USER, ServerProcess  # noqa: E402
+
+
+def _rss_kb(pid: int) -> int:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+
+
+def test_api_key_queue_full_and_sigterm():
+    s = ServerProcess("--api-key", "s3cret", "--max-num-seqs", "1", "--max-waiting", "1", "--graceful-timeout", "2")
+    try:
+        assert httpx.get(s.url + "/health").status_code == 200              # health needs no key
+        r = httpx.get(s.url + "/v1/models")
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=s.url + "/v1", api_key="wrong", max_retries=0).models.list()
+        good = openai.OpenAI(base_url=s.url + "/v1", api_key="s3cret", max_retries=0)
+        assert good.models.list().data[0].id == MODEL
+
+        # Two long streams fill the batch (1) and the waiting room (1): the third request gets 429.
+        body = {"model": MODEL, "messages": USER, "max_tokens": 3000, "stream": True, "ignore_eos": True}
+        hdr = {"Authorization": "Bearer s3cret"}
+        got: dict[int, list[str]] = {0: [], 1: []}
+        started = [threading.Event(), threading.Event()]
+
+        def stream(i):
+            try:
+                with httpx.stream("POST", s.url + "/v1/chat/completions", json=body, headers=hdr, timeout=60) as r:
+                    started[i].set()
+                    for line in r.iter_lines():
+                        got[i].append(line)
+            except httpx.HTTPError as e:
+                got[i].append(f"ERROR {e!r}")
+            finally:
+                started[i].set()
+
+        threads = [threading.Thread(target=stream, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for e in started:
+            assert e.wait(30)
+        with pytest.raises(openai.RateLimitError) as e:
+            good.chat.completions.create(model=MODEL, messages=USER, max_tokens=2)
+        assert e.value.status_code == 429
+        assert s.metric("mimoflash:request_rejected_total", reason="queue_full") == 1
+        # SIGTERM with both in flight: graceful period (2 s), then cancelled; the process exits 0.
+        t0 = time.time()
+        code, out = s.stop(signal.SIGTERM, timeout=30)
+        for t in threads:
+            t.join(10)
+        assert code == 0, out
+        assert time.time() - t0 < 20
+        assert "Application shutdown complete" in out and "Traceback" not in out
+        for i in range(2):                  # the running one ended with finish_reason "abort"; both end in [DONE]
+            assert got[i] and got[i][-2:] == ["data: [DONE]", ""] or got[i][-1] == "data: [DONE]", got[i][-3:]
+        assert any('"finish_reason": "abort"' in ln for ln in got[0] + got[1])
+    finally:
+        s.stop(signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_load_32_streaming_clients():
+    """32 clients stream requests back to back for ~10 s against 16 batch slots and 8 waiting slots."""
+    s = ServerProcess("--max-num-seqs", "16", "--max-waiting", "8")
+    results = {"done": 0, "429": 0, "errors": [], "tokens": 0}
+    duration = 10.0
+
+    async def client(i: int, until: float):
+        async with httpx.AsyncClient(base_url=s.url, timeout=60) as c:
+            k = 0
+            while time.time() < until:
+                k += 1
+                body = {"model": MODEL, "messages": [{"role": "user", "content": f"def f{i}_{k}(x):"}],
+                        "max_tokens": 24, "temperature": 0.8, "seed": i * 1000 + k, "stream": True,
+                        "stream_options": {"include_usage": True}}
+                try:
+                    async with c.stream("POST", "/v1/chat/completions", json=body) as r:
+                        if r.status_code == 429:
+                            results["429"] += 1
+                            await r.aread()
+                            await asyncio.sleep(0.05)
+                            continue
+                        if r.status_code != 200:
+                            results["errors"].append(f"{r.status_code} {(await r.aread())[:200]!r}")
+                            continue
+                        lines = [ln async for ln in r.aiter_lines() if ln.startswith("data: ")]
+                    if lines[-1] != "data: [DONE]":
+                        results["errors"].append(f"no [DONE]: {lines[-1][:100]}")
+                        continue
+                    usage = json.loads(lines[-2][6:])["usage"]
+                    results["tokens"] += usage["completion_tokens"]
+                    results["done"] += 1
+                except httpx.HTTPError as e:
+                    results["errors"].append(repr(e))
+
+    async def run(seconds):
+        until = time.time() + seconds
+        await asyncio.gather(*(client(i, until) for i in range(32)))
+
+    try:
+        asyncio.run(run(duration / 2))
+        rss_half = _rss_kb(s.proc.pid)
+        asyncio.run(run(duration / 2))
+        rss_end = _rss_kb(s.proc.pid)
+        assert results["errors"] == []
+        assert results["done"] >= 32 and results["429"] >= 1, results          # saturated, refused, not errored
+        time.sleep(0.5)
+        assert s.metric("mimoflash:num_requests_running") == 0
+        assert s.metric("mimoflash:num_requests_waiting") == 0
+        assert s.metric("mimoflash:kv_cache_usage_perc", pool="global_blocks") == 0
+        assert s.metric("mimoflash:kv_cache_usage_perc", pool="swa_rings") == 0
+        assert s.metric("mimoflash:request_success_total") == results["done"]
+        assert rss_end - rss_half < 64 * 1024, (rss_half, rss_end)                 # kB: no growth per request
+        print(f"\nload: {results['done']} streams completed, {results['429']} refused with 429, "
+              f"{results['tokens']} tokens in {duration:.0f} s; RSS {rss_half // 1024} -> {rss_end // 1024} MB")
+    finally:
+        code, out = s.stop()
+        assert code == 0, out
