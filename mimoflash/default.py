@@ -40,7 +40,7 @@ SAMPLE_PROMPTS = [   # each ends inside a line: BPE merges whitespace with the n
 
 def export(checkpoint: str | Path, out_dir: str | Path = DEFAULT_MODEL_DIR, data_dir: str | Path | None = None,
            heldout_tokens: int = 4097, eval_batch_size: int = 16, eval_batches: int | None = None,
-           acceptance_batches: int | None = None,
+           acceptance_batches: int | None = None, greedy_prompts: int = 16, greedy_tokens: int = 128,
            extra_card: dict | None = None) -> dict:
     """Write a trained run's checkpoint as the shipped model: bf16 weights + tokenizer (save_model), a held-out
     token sample with its loss (`heldout.bin` / `heldout.json`), and the model card README.md.
@@ -65,20 +65,22 @@ def export(checkpoint: str | Path, out_dir: str | Path = DEFAULT_MODEL_DIR, data
     run_cfg = json.loads((checkpoint.parent / "train_config.json").read_text())
     extra_card = dict(extra_card or {})
     pretraining, mtp_phases = None, []
-    if run_cfg.get("only_mtp"):
-        # An --only-mtp run on top of a pre-training run: the card describes the pre-training run, plus this phase.
-        # Its init is either that run's checkpoint or an exported model (whose training_metrics.json carries the
-        # pre-training record forward); read it before `out_dir`, possibly the same directory, is overwritten.
+    data_dir = data_dir or run_cfg["data"]
+    run_dir = checkpoint.parent
+    while run_cfg.get("only_mtp"):
+        # An --only-mtp run on top of another run: the card describes the pre-training run, plus each phase. The
+        # chain of inits ends at a pre-training checkpoint or at an exported model, whose training_metrics.json
+        # carries the pre-training record forward (read before `out_dir`, possibly that directory, is rewritten).
         init = Path(run_cfg["init"])
-        data_dir = data_dir or run_cfg["data"]
+        mtp_phases.insert(0, _mtp_phase_line(run_dir, json.loads((init / "config.json").read_text())))
         if (init / "trainer_state.pt").exists():
-            main_ckpt = init
-            run_cfg = json.loads((main_ckpt.parent / "train_config.json").read_text())
+            main_ckpt, run_dir = init, init.parent
+            run_cfg = json.loads((run_dir / "train_config.json").read_text())
         else:
             pretraining = json.loads((init / "training_metrics.json").read_text())["pretraining"]
+            mtp_phases = list(pretraining.get("mtp_phases", [])) + mtp_phases
             main_ckpt = None     # no pre-training run directory: keep the exported loss.png
-            mtp_phases = list(pretraining.get("mtp_phases", []))
-        mtp_phases.append(_mtp_phase_line(checkpoint.parent, json.loads((init / "config.json").read_text())))
+            break
     if pretraining is None:
         state = load_trainer_state(main_ckpt / "trainer_state.pt")
         pretraining = {"steps": state["step"], "tokens_seen": state["tokens_seen"],
@@ -112,7 +114,8 @@ def export(checkpoint: str | Path, out_dir: str | Path = DEFAULT_MODEL_DIR, data
     t0 = time.time()
     full_val = evaluate(shipped, val, eval_batch_size, eval_batches, n_mtp)
     acc = mtp_acceptance(shipped, val, eval_batch_size, acceptance_batches)
-    greedy_acc = greedy_acceptance(shipped, val, n_prompts=16, prompt_len=64, new_tokens=128) if n_mtp else None
+    greedy_acc = greedy_acceptance(shipped, val, n_prompts=greedy_prompts, prompt_len=64,
+                                   new_tokens=greedy_tokens) if n_mtp else None
     tok = Tokenizer.from_dir(out_dir)
     samples = []
     for prompt in SAMPLE_PROMPTS:
