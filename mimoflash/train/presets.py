@@ -6,11 +6,13 @@ file (`{"model": {...MiMoConfig keys...}, "train": {...TrainConfig fields...}}`)
 
 * `tiny`: the docs/MODEL.md §7.1 shape (8 experts top-2, window 4, hybrid pattern), 2 MTP heads, vocab 512. Tests use it;
   one step takes a few milliseconds.
-* `default-small`: the shipped code-completion model (`mimoflash/default_model/`). 14.9M parameters in total
-  (13.5M main model + 2 MTP heads of 0.7M), 6.9M active per token, six layers in MiMo's layout (GA + dense FFN
-  first, four SWA layers with sinks, one GA layer), hidden 192, 8 routed experts top-2, window 128, trained on
-  256-token windows. Sized for two (shared) CPU cores and about two hours (scripts/train_default_model.sh):
-  4,096 tokens per step; the MTP losses use a quarter of each batch (`mtp_fraction`), because the three
+* `default-small`: the shipped code-completion model (`mimoflash/default_model/`). 13.5M parameters in the main
+  model + 0.7M per MTP head, 6.9M active per token, six layers in MiMo's layout (GA + dense FFN first, four SWA
+  layers with sinks, one GA layer), hidden 192, 8 routed experts top-2, window 128, trained on 256-token windows.
+  Pre-training uses 2 MTP heads; the shipped model gets its third, a copy of the second, in a self-distillation
+  phase afterwards (`--only-mtp --distill --mtp-heads 3`, train/distill.py), much as MiMo-V2-Flash copied its one
+  pre-trained MTP head to three in post-training (docs/MODEL.md §3.1). Sized for two (shared) CPU cores and about
+  two hours of pre-training (scripts/train_default_model.sh): 4,096 tokens per step; the MTP losses use a quarter of each batch (`mtp_fraction`), because the three
   8192-way LM-head passes would otherwise be half of the compute; balance rate 1e-2 because a run of a few
   hundred steps cannot wait for DeepSeek-V3's 1e-3 to move the biases.
 """
