@@ -341,3 +341,48 @@ def test_reduced_draft_vocabulary_is_lossless_and_restricts_drafts():
     assert cfg.vocab(6).tolist() == [1, 3, 5]
     assert SpeculativeConfig(draft_vocab_size=2).vocab(6).tolist() == [0, 1]
     assert isinstance(llm.engine.drafter, MTPDrafter)
+
+
+# ------------------------------------------------------------------------------------------------ fused multi-row step
+
+
+def test_fused_verify_and_draft_steps_equal_module_path():
+    """bf16 weights: verification rows (k + 1 per sequence, each attending to its own sequence's keys up to its own
+    position) and the MTP blocks' draft rows go through the fused C step (kernels.decode_layer); switched off, the
+    same engine runs the modules (the reference). Same greedy tokens, logprobs within 1e-4, the same drafts
+    accepted, across ring wraps and block boundaries with a ragged batch."""
+    model = make_model(_cfg(), seed=12, dtype=torch.bfloat16)
+    ps = _prompts([6, 13, 2])
+    sp = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, logprobs=1)
+
+    def run(fused: bool):
+        llm = LLM(model, max_num_seqs=4, block_size=4, speculative_config={"num_speculative_tokens": 2})
+        runner = llm.engine.runner
+        assert runner.fused is not None and runner.fused_mtp is not None
+        calls = {"verify": 0, "mtp": 0}
+        if fused:
+            inner, inner_mtp = runner.fused.forward, runner.fused_mtp[0].forward
+
+            def fwd(ids, pos, kinds):
+                calls["verify"] += int(ids.shape[1] > len({int(r) for r in kinds[True].chunks.view(-1)}))
+                return inner(ids, pos, kinds)
+
+            def fwd_mtp(*a):
+                calls["mtp"] += 1
+                return inner_mtp(*a)
+            runner.fused.forward, runner.fused_mtp[0].forward = fwd, fwd_mtp
+        else:
+            runner.fused, runner.fused_mtp = None, None
+        reference = {tuple(p["prompt_token_ids"]): p["prompt_token_ids"] + o.outputs[0].token_ids
+                     for p, o in zip(ps, LLM(model, max_num_seqs=4, block_size=4).generate(ps, sp, use_tqdm=False))}
+        _oracle_drafts(llm, reference, hit=0.7)
+        return llm.generate(ps, sp, use_tqdm=False), calls
+
+    (fast, calls), (slow, _) = run(True), run(False)
+    assert calls["verify"] > 5 and calls["mtp"] > 5            # several rows of one sequence in one fused step
+    for f, s in zip(fast, slow):
+        assert f.outputs[0].token_ids == s.outputs[0].token_ids
+        assert f.metrics.accepted_tokens == s.metrics.accepted_tokens
+        for lf, ls in zip(f.outputs[0].logprobs, s.outputs[0].logprobs):
+            t = next(iter(ls))
+            assert abs(lf[t].logprob - ls[t].logprob) < 1e-4

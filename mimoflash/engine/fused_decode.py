@@ -44,65 +44,14 @@ class FusedDecoder:
         if (not isinstance(model, MiMoForCausalLM) or not kernels.available()
                 or not _ok(model.model.embed_tokens.weight, torch.bfloat16)):
             return None
-        cfg = model.config
         layers, keep, panels = [], [], []
         with torch.no_grad():
             for layer in model.model.layers:
-                attn, mlp = layer.self_attn, layer.mlp
-                fused = attn.fused_qkv()
-                sinks = attn.attention_sink_bias
-                sliding, k_pool, v_pool = cache.pools(attn.layer_idx)
-                if (fused is None or not _ok(fused[0], torch.bfloat16) or not _ok(attn.o_proj.weight, torch.bfloat16)
-                        or not _ok(layer.input_layernorm.weight, torch.float32)
-                        or not _ok(layer.post_attention_layernorm.weight, torch.float32)
-                        or (sinks is not None and not _ok(sinks, torch.float32))
-                        or k_pool.dtype not in (torch.float32, torch.bfloat16) or not _ok(k_pool, k_pool.dtype)
-                        or not _ok(v_pool, k_pool.dtype)):
+                got = _layer_args(model.config, layer.self_attn, layer.input_layernorm, layer.post_attention_layernorm,
+                                  layer.mlp, cache, keep, panels)
+                if got is None:
                     return None
-                pq, po = getattr(attn, "_qkv_panels", None), getattr(attn.o_proj, "_panels", None)
-                a = kernels.LayerArgs(
-                    H=cfg.hidden_size, nq=attn.num_heads, nkv=attn.num_kv_heads, d=attn.head_dim, dv=attn.v_head_dim,
-                    rd=cfg.rotary_dim(sliding), eps_in=layer.input_layernorm.eps,
-                    eps_post=layer.post_attention_layernorm.eps, scale=attn.scale, v_scale=attn.value_scale,
-                    in_norm=layer.input_layernorm.weight.data_ptr(),
-                    post_norm=layer.post_attention_layernorm.weight.data_ptr(),
-                    sinks=None if sinks is None else sinks.data_ptr(), qkv_w=fused[0].data_ptr(),
-                    o_w=attn.o_proj.weight.data_ptr(), k_pool=k_pool.data_ptr(), v_pool=v_pool.data_ptr(),
-                    pool_slots=k_pool.shape[1], kv_bf16=int(k_pool.dtype == torch.bfloat16))
-                keep += [fused[0], k_pool, v_pool]
-                top_k = 1
-                layer_panels = [pq, po]
-                if isinstance(mlp, MLP):
-                    lins = [mlp.gate_proj, mlp.up_proj, mlp.down_proj]
-                    ws = [lin.weight for lin in lins]
-                    if not all(_ok(w, torch.bfloat16) for w in ws):
-                        return None
-                    a.moe, a.F_dense = 0, ws[0].shape[0]
-                    a.gate_w, a.up_w, a.down_w = (w.data_ptr() for w in ws)
-                    keep += ws
-                    layer_panels += [getattr(lin, "_panels", None) for lin in lins]
-                elif isinstance(mlp, MoE):
-                    ex, r = mlp.experts, mlp.gate
-                    gu = getattr(ex, "_gate_up", None)
-                    if (gu is None or not _ok(gu, torch.bfloat16) or ex.gate_proj.data_ptr() != gu.data_ptr()
-                            or not _ok(ex.down_proj, torch.bfloat16) or r.n_group > 1 or r.top_k > 64
-                            or not _ok(r.weight, torch.float32) or not _ok(r.e_score_correction_bias, torch.float32)):
-                        return None
-                    a.moe, a.F_moe, a.E, a.top_k = 1, ex.down_proj.shape[2], r.weight.shape[0], r.top_k
-                    a.router_w, a.router_bias = r.weight.data_ptr(), r.e_score_correction_bias.data_ptr()
-                    a.norm_topk, a.scaling = int(r.norm_topk_prob), r.routed_scaling_factor
-                    a.gate_up, a.down = gu.data_ptr(), ex.down_proj.data_ptr()
-                    keep += [gu, ex.down_proj, r.weight, r.e_score_correction_bias]
-                    top_k = r.top_k
-                else:
-                    return None
-                if all(p is not None and p.get() is not None for p in layer_panels):   # the layer's products
-                    a.panels = 1                                                    # on panels (cpu_layout)
-                    a.qkv_w, a.o_w = pq.wp.data_ptr(), po.wp.data_ptr()
-                    if not a.moe:
-                        a.gate_w, a.up_w, a.down_w = (p.wp.data_ptr() for p in layer_panels[2:])
-                    panels += layer_panels
-                layers.append((a, sliding, top_k))
+                layers.append(got)
         return cls(model, layers, keep, panels)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kinds: dict) -> torch.Tensor:
@@ -133,3 +82,125 @@ class FusedDecoder:
             cos, sin, rows, table, chunk, K, slots, bias = per_kind[sliding]
             kernels.decode_layer(args, x, cos, sin, table, chunk, K, slots, bias, ch, rope_rows=rows)
         return x.view(1, B, -1)
+
+
+def _layer_args(cfg, attn, in_norm, post_norm, mlp, cache, keep: list, panels: list):
+    """One pre-norm block (attention, then a dense or routed MLP) as the kernel's LayerArgs -> (args, sliding,
+    experts per token), or None when it does not qualify. Appends the tensors the args point into to `keep` and the
+    Panels they read to `panels`."""
+    fused = attn.fused_qkv()
+    sinks = attn.attention_sink_bias
+    sliding, k_pool, v_pool = cache.pools(attn.layer_idx)
+    if (fused is None or not _ok(fused[0], torch.bfloat16) or not _ok(attn.o_proj.weight, torch.bfloat16)
+            or not _ok(in_norm.weight, torch.float32) or not _ok(post_norm.weight, torch.float32)
+            or (sinks is not None and not _ok(sinks, torch.float32))
+            or k_pool.dtype not in (torch.float32, torch.bfloat16) or not _ok(k_pool, k_pool.dtype)
+            or not _ok(v_pool, k_pool.dtype)):
+        return None
+    pq, po = getattr(attn, "_qkv_panels", None), getattr(attn.o_proj, "_panels", None)
+    a = kernels.LayerArgs(
+        H=cfg.hidden_size, nq=attn.num_heads, nkv=attn.num_kv_heads, d=attn.head_dim, dv=attn.v_head_dim,
+        rd=cfg.rotary_dim(sliding), eps_in=in_norm.eps, eps_post=post_norm.eps, scale=attn.scale,
+        v_scale=attn.value_scale, in_norm=in_norm.weight.data_ptr(), post_norm=post_norm.weight.data_ptr(),
+        sinks=None if sinks is None else sinks.data_ptr(), qkv_w=fused[0].data_ptr(),
+        o_w=attn.o_proj.weight.data_ptr(), k_pool=k_pool.data_ptr(), v_pool=v_pool.data_ptr(),
+        pool_slots=k_pool.shape[1], kv_bf16=int(k_pool.dtype == torch.bfloat16))
+    keep += [fused[0], k_pool, v_pool]
+    top_k = 1
+    layer_panels = [pq, po]
+    if isinstance(mlp, MLP):
+        lins = [mlp.gate_proj, mlp.up_proj, mlp.down_proj]
+        ws = [lin.weight for lin in lins]
+        if not all(_ok(w, torch.bfloat16) for w in ws):
+            return None
+        a.moe, a.F_dense = 0, ws[0].shape[0]
+        a.gate_w, a.up_w, a.down_w = (w.data_ptr() for w in ws)
+        keep += ws
+        layer_panels += [getattr(lin, "_panels", None) for lin in lins]
+    elif isinstance(mlp, MoE):
+        ex, r = mlp.experts, mlp.gate
+        gu = getattr(ex, "_gate_up", None)
+        if (gu is None or not _ok(gu, torch.bfloat16) or ex.gate_proj.data_ptr() != gu.data_ptr()
+                or not _ok(ex.down_proj, torch.bfloat16) or r.n_group > 1 or r.top_k > 64
+                or not _ok(r.weight, torch.float32) or not _ok(r.e_score_correction_bias, torch.float32)):
+            return None
+        a.moe, a.F_moe, a.E, a.top_k = 1, ex.down_proj.shape[2], r.weight.shape[0], r.top_k
+        a.router_w, a.router_bias = r.weight.data_ptr(), r.e_score_correction_bias.data_ptr()
+        a.norm_topk, a.scaling = int(r.norm_topk_prob), r.routed_scaling_factor
+        a.gate_up, a.down = gu.data_ptr(), ex.down_proj.data_ptr()
+        keep += [gu, ex.down_proj, r.weight, r.e_score_correction_bias]
+        top_k = r.top_k
+    else:
+        return None
+    if all(p is not None and p.get() is not None for p in layer_panels):   # the layer's products on panels
+        a.panels = 1
+        a.qkv_w, a.o_w = pq.wp.data_ptr(), po.wp.data_ptr()
+        if not a.moe:
+            a.gate_w, a.up_w, a.down_w = (p.wp.data_ptr() for p in layer_panels[2:])
+        panels += layer_panels
+    return a, sliding, top_k
+
+
+def _rope_rows(rope, pos: torch.Tensor):
+    """(cos table, sin table, rows) for the kernel: the tables and each token's row in them, or, past the tables,
+    the tokens' own computed rows (rows None)."""
+    tabs = rope.tables(int(pos.max()))
+    if tabs is None:
+        cos, sin = rope.reference(pos, torch.float32)
+        return cos.contiguous(), sin.contiguous(), None
+    return tabs[0], tabs[1], pos
+
+
+class FusedMTPLayer:
+    """An MTP block's rows in a few calls: the embedding and hidden-state norms and eh_proj in torch (three small
+    products), then its attention + dense MLP block as one `kernels.decode_layer` call (the same C as a main
+    decoder layer, reading the block's own ring), then final_layernorm. Same math as `MTPLayer.forward` on the
+    module path, which stays the reference (tests/test_speculative.py compares them)."""
+
+    def __init__(self, model, layer, args, keep: list, panels: list):
+        self.model, self.layer, self.args = model, layer, args
+        self._keep, self._panels = keep, panels
+        self.emb = model.model.embed_tokens.weight
+        self._chosen: dict[int, torch.Tensor] = {}
+
+    @classmethod
+    def build(cls, model, cache) -> "list[FusedMTPLayer] | None":
+        if (not isinstance(model, MiMoForCausalLM) or not kernels.available() or not model.mtp_layers()
+                or not _ok(model.model.embed_tokens.weight, torch.bfloat16)):
+            return None
+        out = []
+        with torch.no_grad():
+            for layer in model.mtp_layers():
+                keep, panels = [], []
+                try:
+                    got = _layer_args(model.config, layer.self_attn, layer.input_layernorm, layer.pre_mlp_layernorm,
+                                      layer.mlp, cache, keep, panels)
+                except KeyError:                            # no ring for the MTP blocks (include_mtp off)
+                    return None
+                if got is None or not got[1]:
+                    return None
+                out.append(cls(model, layer, got[0], keep, panels))
+        return out
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kinds: dict, hidden: torch.Tensor
+                ) -> torch.Tensor:
+        """N rows: input_ids / positions (1, N), kinds[True] the rows' DecodeKindMeta, hidden (N, H) -> (N, H) after
+        final_layernorm."""
+        for p in self._panels:
+            p.get()
+        L = self.layer
+        N = input_ids.shape[1]
+        e = kernels.embed_bf16(input_ids.view(-1), self.emb)                          # (N, H) fp32
+        h = hidden if hidden.is_contiguous() else hidden.contiguous()
+        x = L.eh_proj(torch.cat([kernels.rms_norm(e, L.enorm.weight, L.enorm.eps),
+                                 kernels.rms_norm(h, L.hnorm.weight, L.hnorm.eps)], dim=-1))
+        x = x.contiguous()
+        dm = kinds[True]
+        cos, sin, rows = _rope_rows(self.model.model.rotary["sliding"], positions.view(-1))
+        chosen = self._chosen.get(N)
+        if chosen is None:
+            chosen = self._chosen[N] = torch.empty(N, 1, dtype=torch.int64)
+        bias = None if dm.bias is None else dm.bias.reshape(N, -1)
+        kernels.decode_layer(self.args, x, cos, sin, dm.chunks.contiguous(), dm.chunk, dm.keys,
+                             dm.write_dst.contiguous(), bias, chosen, rope_rows=rows)
+        return kernels.rms_norm(x, L.final_layernorm.weight, L.final_layernorm.eps)

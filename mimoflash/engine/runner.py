@@ -42,7 +42,7 @@ from ..model.attention import attend_reference
 from ..model.mimo import MiMoForCausalLM
 from .. import kernels
 from .cpu_layout import matmul_weight_dtype, use_cpu_layout, use_huge_pages
-from .fused_decode import FusedDecoder
+from .fused_decode import FusedDecoder, FusedMTPLayer
 from .kv_cache import KVCache
 from .request import Request
 from .scheduler import Batch
@@ -268,6 +268,9 @@ class ModelRunner:
             kernels.set_num_threads(torch.get_num_threads())
             if self.use_kernels and impl == "fast":
                 self.fused = FusedDecoder.build(model, cache)
+                if self.fused is not None and any(i >= model.config.num_hidden_layers
+                                                  for i in self.layout.sliding_layers):
+                    self.fused_mtp = FusedMTPLayer.build(model, cache)
 
     # ------------------------------------------------------------------ metadata
     def prepare(self, batch: Batch) -> StepInputs:

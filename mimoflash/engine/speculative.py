@@ -290,10 +290,10 @@ class MTPDrafter:
                     s = max(st.done[li], q - self.window + 1, st.h0, 0)
                     ids = [toks[i + n + 1] if i + n + 1 <= q + 1 else r.draft_token_ids[i + n - q - 1]
                            for i in range(s, q + 1)]
-                else:                                    # reused last block: one row at q, the newest draft
-                    s, ids = q, [r.draft_token_ids[n - 1]]
+                else:                                    # the last block reused: one row, h_q and the newest draft,
+                    s, ids = q + n - li, [r.draft_token_ids[n - 1]]   # one position further per reuse (below)
                 slices.append(Slice(r, s, ids, "last"))
-                hid.append(st.hidden[s - st.h0:q + 1 - st.h0])
+                hid.append(st.hidden[min(s, q) - st.h0:q + 1 - st.h0])
                 owners.append((r, st, s, q, n))
             hidden = torch.cat(hid)
             if not self.hidden_pre_norm:
@@ -312,13 +312,11 @@ class MTPDrafter:
                 tok[i] = int(torch.multinomial(p[j], 1, generator=g))
                 probs.setdefault(r.request_id, []).append(p[j])
             for (r, st, s, q, n), t in zip(owners, tok):
-                li = min(n, self.num_layers - 1)
-                tent = st.tentative[li]
-                for i in range(s, q + 1):                 # rows fed a draft token: tentative
-                    if n >= self.num_layers or i + n + 1 > q + 1:
-                        tent[i] = r.draft_token_ids[i + n - q - 1] if n < self.num_layers else r.draft_token_ids[-1]
-                st.done[li] = min([i for i in tent if i >= s] + [q + 1]) if n < self.num_layers \
-                    else min(st.done[li], q)
+                if n < self.num_layers:
+                    tent = st.tentative[n]
+                    for i in range(max(s, q - n + 1), q + 1):     # rows fed a draft token: tentative
+                        tent[i] = r.draft_token_ids[i + n - q - 1]
+                    st.done[n] = min([i for i in tent if i >= s] + [q + 1])
                 r.draft_token_ids.append(t)
         for r, k, st in work:
             if r.request_id in probs:
