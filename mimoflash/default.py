@@ -57,7 +57,8 @@ def export(checkpoint: str | Path, out_dir: str | Path = DEFAULT_MODEL_DIR, data
     from .summary import count_parameters
     from .tokenizer import Tokenizer
     from .train.data import TokenDataset
-    from .train.evaluate import greedy_acceptance, greedy_generate, heldout_loss, mtp_acceptance, read_tokens
+    from .train.evaluate import (greedy_acceptance, greedy_generate, heldout_acceptance, heldout_loss,
+                                 mtp_acceptance, read_tokens)
     from .train.train import evaluate, load_trainer_state
 
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
@@ -105,10 +106,14 @@ def export(checkpoint: str | Path, out_dir: str | Path = DEFAULT_MODEL_DIR, data
     val = TokenDataset(data_dir, "val", seq_len, n_mtp)
     held = np.asarray(val.tokens[:heldout_tokens], dtype=meta["dtype"])
     held.tofile(out_dir / "heldout.bin")
-    hloss = heldout_loss(shipped, read_tokens(out_dir / "heldout.bin", meta["dtype"]), seq_len)
+    held_tokens = read_tokens(out_dir / "heldout.bin", meta["dtype"])
+    hloss = heldout_loss(shipped, held_tokens, seq_len)
     heldout = {"file": "heldout.bin", "dtype": meta["dtype"], "tokens": int(len(held)), "seq_len": seq_len,
                "loss": round(hloss, 5), "note": "first tokens of the validation split; loss = mean next-token CE "
                "of the shipped weights loaded in fp32 (mimoflash.train.evaluate.heldout_loss)"}
+    if n_mtp:
+        heldout["mtp_acceptance"] = heldout_acceptance(shipped, held_tokens, seq_len, val.separator_id)
+        heldout["separator_id"] = val.separator_id
     (out_dir / "heldout.json").write_text(json.dumps(heldout, indent=2) + "\n")
 
     t0 = time.time()
@@ -157,7 +162,7 @@ def _mtp_phase_line(run_dir: Path, init_config: dict) -> str:
                  if init == "copy" else " randomly initialised"))
     line = (f"MTP-only phase (`--only-mtp{' --distill' if tr.get('distill') else ''}`, main model frozen, {how}"
             f"{grown}): {last['step']} steps of {tr['batch_size'] * tr['grad_accum']} x {tr['seq_len']} tokens "
-            f"({last['tokens']:,} tokens), LR {tr['lr']:g} with {tr['warmup_steps']} warmup steps and cosine decay "
+            f"({last['tokens']:,} tokens), LR {tr['lr']:g} with {tr['warmup_steps']} warmup step{'s' * (tr['warmup_steps'] != 1)} and cosine decay "
             f"to {tr['min_lr_ratio']:g}x, {last['elapsed_s'] / 60:.0f} minutes")
     acc_file = run_dir / "mtp_acceptance.json"
     if acc_file.exists():
@@ -256,7 +261,13 @@ def _model_card(i: dict) -> str:
         f"**{v['val_loss']:.3f}** nats/token (perplexity {math.exp(v['val_loss']):.1f}); MTP heads: "
         + ", ".join(f"depth {d} {x:.3f}" for d, x in enumerate(v["val_mtp_loss"])) + ".",
         f"- Held-out sample `heldout.bin` ({i['heldout']['tokens']:,} tokens, {i['heldout']['seq_len']}-token "
-        f"windows): loss **{i['heldout']['loss']:.3f}** (tests/test_train.py recomputes it).",
+        f"windows): loss **{i['heldout']['loss']:.3f}**"
+        + (f"; MTP acceptance by depth against the data "
+           + ", ".join(f"{a:.3f}" for a in i["heldout"]["mtp_acceptance"]["mtp_acc"])
+           + ", against the main model's greedy token "
+           + ", ".join(f"{a:.3f}" for a in i["heldout"]["mtp_acceptance"]["mtp_acc_model"])
+           if "mtp_acceptance" in i["heldout"] else "")
+        + " (tests/test_train.py recomputes these).",
         f"- Greedy next-token accuracy of the main model: {acc['main_acc']:.3f}.",
         "- MTP draft acceptance on the validation split (greedy, teacher-forced, "
         f"{acc['positions']:,} positions; see `mimoflash/train/evaluate.py`), by depth (head k drafts the token "

@@ -60,19 +60,44 @@ def _hits(model, inp: torch.Tensor, tgt: torch.Tensor, fill_id: int) -> tuple[li
 @torch.no_grad()
 def mtp_acceptance(model, dataset: TokenDataset, batch_size: int = 8, max_batches: int | None = 8) -> dict:
     """Per-depth greedy accuracy of the MTP blocks against the data and against the main model, and the chained
-    acceptance lengths (see module docstring)."""
+    acceptance lengths (see module docstring), over the first `max_batches` in-order batches of `dataset`."""
     n_mtp = model.config.num_nextn_predict_layers
     if dataset.n_future < n_mtp:
         raise ValueError(f"dataset has n_future={dataset.n_future}, the model has {n_mtp} MTP blocks")
+    return _acceptance(model, dataset.iter_eval_batches(batch_size, max_batches), dataset.separator_id)
+
+
+@torch.no_grad()
+def heldout_acceptance(model, tokens: torch.Tensor, seq_len: int, separator_id: int) -> dict:
+    """`mtp_acceptance` on a token file such as the model card's `heldout.bin`: consecutive windows of `seq_len`
+    inputs (plus the n_mtp + 1 tokens after each for the targets), all in one batch."""
+    F_ = model.config.num_nextn_predict_layers
+    n = (len(tokens) - 1 - F_) // seq_len
+    ids = torch.stack([tokens[i * seq_len: i * seq_len + seq_len + 1 + F_] for i in range(n)])   # (n, T + 1 + F)
+    return _acceptance(model, [_windows(ids, seq_len, F_, separator_id)], separator_id)
+
+
+def _windows(ids: torch.Tensor, T: int, n_future: int, sep: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, >= T+1+n_future) token rows -> inputs (B, T) and targets (B, 1+n_future, T), masked exactly as
+    `TokenDataset.batch_at` masks them (a separator between position t and target t+1+k hides that target)."""
+    seps = torch.cumsum(ids == sep, dim=1)
+    tgt = torch.stack([ids[:, 1 + k: 1 + k + T].masked_fill((seps[:, k: k + T] - seps[:, :T]) > 0, IGNORE_INDEX)
+                       for k in range(1 + n_future)], dim=1)
+    return ids[:, :T], tgt
+
+
+@torch.no_grad()
+def _acceptance(model, batches, separator_id: int) -> dict:
+    n_mtp = model.config.num_nextn_predict_layers
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     correct = torch.zeros(1 + 2 * n_mtp, dtype=torch.float64)     # main, vs data per depth, vs model per depth
     total = torch.zeros(1 + 2 * n_mtp, dtype=torch.float64)
     run_sum, run_sum_model, run_n = 0.0, 0.0, 0
-    for inp, tgt in dataset.iter_eval_batches(batch_size, max_batches):
+    for inp, tgt in batches:
         inp, tgt = inp.to(device), tgt.to(device)
-        vs_data, vs_model = _hits(model, inp, tgt, dataset.separator_id)
+        vs_data, vs_model = _hits(model, inp, tgt, separator_id)
         valid = [tgt[:, k] != IGNORE_INDEX for k in range(1 + n_mtp)]
         for k, h in enumerate(vs_data + vs_model):
             v = valid[k if k <= n_mtp else k - n_mtp]
@@ -125,13 +150,8 @@ def greedy_acceptance(model, dataset: TokenDataset, n_prompts: int = 16, prompt_
                                      for s in starts])).to(device)                        # (P, prompt_len)
     for _ in range(new_tokens + n_mtp):          # n_mtp more, so that every continuation position is scored
         ids = torch.cat([ids, model(ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
-    L = ids.shape[1]
-    T = L - 1 - n_mtp
-    inp = ids[:, :T]
-    # targets (P, 1+n_mtp, T) exactly as TokenDataset.batch_at builds them (separators mask later depths)
-    seps = torch.cumsum(ids == sep, dim=1)
-    tgt = torch.stack([ids[:, 1 + k: 1 + k + T].masked_fill((seps[:, k: k + T] - seps[:, :T]) > 0, IGNORE_INDEX)
-                       for k in range(1 + n_mtp)], dim=1)
+    T = ids.shape[1] - 1 - n_mtp
+    inp, tgt = _windows(ids, T, n_mtp, sep)                                             # (P, T), (P, 1+F, T)
     hidden = model.model(inp)
     main_hit = model.logits(hidden).argmax(-1) == tgt[:, 0]
     hits = torch.stack([model.mtp_logits(d, hidden, mtp_ahead_ids(tgt, d, sep)).argmax(-1) == tgt[:, d + 1]
