@@ -386,3 +386,29 @@ def test_fused_verify_and_draft_steps_equal_module_path():
         for lf, ls in zip(f.outputs[0].logprobs, s.outputs[0].logprobs):
             t = next(iter(ls))
             assert abs(lf[t].logprob - ls[t].logprob) < 1e-4
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+
+def test_cli_mtp_flags_as_a_user_runs_them():
+    """`mimoflash generate --mtp K [--mtp-adaptive]` on the shipped model: the same greedy tokens as without, the
+    stats line shows tokens per verify step; bad values are one-line usage errors (exit 2)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    def run(*extra):
+        return subprocess.run([sys.executable, "-m", "mimoflash", "generate", "def area(r):\n", "--max-tokens", "24",
+                               "--temperature", "0", "--threads", "1", "--json", *extra], capture_output=True, text=True,
+                              env=dict(os.environ, OMP_WAIT_POLICY="PASSIVE"), timeout=300)
+    plain, spec = run(), run("--mtp", "3", "--mtp-adaptive")
+    assert plain.returncode == 0 and spec.returncode == 0, spec.stderr[-2000:]
+    a, b = (json.loads(r.stdout.strip().splitlines()[-1]) for r in (plain, spec))
+    assert a["outputs"][0]["token_ids"] == b["outputs"][0]["token_ids"]
+    assert b["metrics"]["verify_steps"] > 0 and "tokens per verify step" in spec.stderr
+    assert "tokens per verify step" not in plain.stderr
+    bad = subprocess.run([sys.executable, "-m", "mimoflash", "generate", "x", "--mtp-adaptive"], capture_output=True,
+                         text=True, timeout=300)
+    assert bad.returncode == 2 and "--mtp-adaptive needs --mtp" in bad.stderr and "Traceback" not in bad.stderr

@@ -64,6 +64,12 @@ def _add_common(ap: argparse.ArgumentParser, max_tokens: int) -> None:
                          "max_position_embeddings in its config.json)")
     ap.add_argument("--threads", type=int, default=None,
                     help="CPU threads for torch and the kernels' pool, >= 1 (default: torch's, usually the core count)")
+    ap.add_argument("--mtp", type=int, default=0, metavar="K",
+                    help="MTP speculative decoding: the model's MTP layers draft up to K tokens per step that the main "
+                         "model verifies (same greedy output, same sampling distribution; docs/MTP.md); 0 = off")
+    ap.add_argument("--mtp-adaptive", action="store_true",
+                    help="with --mtp: choose the number of drafts each step from the measured acceptance and step "
+                         "times (fewer or none where verifying costs more than it saves)")
     g = ap.add_argument_group("sampling")
     g.add_argument("--max-tokens", type=int, default=max_tokens, help="most tokens to generate per reply")
     g.add_argument("--temperature", type=float, default=1.0, help="softmax temperature; 0 = greedy")
@@ -91,6 +97,10 @@ def _check_common(ap: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         usage_error(ap, f"--max-model-len must be >= 2 (a prompt token and a generated one), got {a.max_model_len}")
     if a.kv_cache_memory is not None and a.kv_cache_memory <= 0:
         usage_error(ap, f"--kv-cache-memory must be > 0, got {a.kv_cache_memory}")
+    if not 0 <= a.mtp <= 16:
+        usage_error(ap, f"--mtp must be in [0, 16] (0 = off), got {a.mtp}")
+    if a.mtp_adaptive and not a.mtp:
+        usage_error(ap, "--mtp-adaptive needs --mtp K (the most drafts per step)")
 
 
 def _draw_seed(a: argparse.Namespace) -> int:
@@ -119,7 +129,9 @@ def _load(a: argparse.Namespace, max_num_seqs: int = 4, seed: int = 0):
               max_num_seqs=max_num_seqs,
               kv_cache_memory=int(a.kv_cache_memory) if a.kv_cache_memory and a.kv_cache_memory > 1
               else a.kv_cache_memory, max_model_len=a.max_model_len, weight_panels=a.weight_panels,
-              huge_pages=a.huge_pages, memory_budget=a.memory_budget, seed=seed, progress=True)
+              huge_pages=a.huge_pages, memory_budget=a.memory_budget, seed=seed, progress=True,
+              speculative_config={"method": "mtp", "num_speculative_tokens": a.mtp, "adaptive": a.mtp_adaptive}
+              if a.mtp else None)
     print(f"loaded {path} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     return llm
 
@@ -153,6 +165,9 @@ def _stats(m, seed: int | None = None) -> str:
     ttft = f"{m.time_to_first_token * 1e3:.0f} ms" if m.time_to_first_token is not None else "-"
     rate = f"{m.decode_tokens_per_s:.1f} tok/s" if m.decode_tokens_per_s else "- tok/s"
     tail = f" | seed {seed}" if seed is not None else ""
+    if getattr(m, "verify_steps", 0):
+        acc = ", ".join(f"{x:.2f}" for x in m.acceptance_per_position)
+        tail = f" | {m.tokens_per_verify_step:.2f} tokens per verify step (acceptance by draft {acc})" + tail
     return f"[{m.prompt_tokens} prompt + {m.generated_tokens} generated tokens | {rate} | TTFT {ttft}{tail}]"
 
 

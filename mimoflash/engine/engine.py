@@ -244,18 +244,19 @@ class LLMEngine:
         those now decoding (engine/speculative.py)."""
         d = self.drafter
         hidden = self.runner.last_hidden
-        lo, rows = 0, 0
+        lo, rows, prefill = 0, 0, False
         ready = []
         for it, tok in zip(batch.items, sampled):
             req, n = it.request, it.num_tokens
             rows += n
+            prefill |= n > it.num_draft + 1
             if req.num_speculative_tokens and not req.is_finished:
                 keep = len(tok) if it.num_draft else n             # a verification keeps t and the accepted drafts
                 d.observe(req, it.start, hidden[lo:lo + keep])
                 if req.num_pending_tokens == 1:
                     ready.append(req)
             lo += n
-        if d.adaptive is not None:
+        if d.adaptive is not None and not prefill:          # the cost table of decode / verify steps
             d.adaptive.record_step(rows, seconds)
         if not ready:
             return

@@ -35,7 +35,6 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from .. import kernels
 from .request import Request
@@ -130,10 +129,11 @@ class AdaptiveDepth:
 
     Expected tokens of a verify step with depth k: E(k) = 1 + sum_{j<=k} prod_{i<=j} a_i, a_i the running
     (exponentially weighted) acceptance rate of draft i given draft i-1 was accepted. Its cost: T_main(rows) + T_draft(k)
-    with T_main measured per total row count of the main step and T_draft per draft pass; unmeasured row counts are
-    interpolated linearly between measured ones (extrapolated with the last slope, or proportionally to rows with one
-    point). The depth maximising sum_r E_r(k) / cost is taken; every `explore` steps a neighbouring depth is tried so
-    that the cost table keeps covering the choices."""
+    with T_main measured per total row count of the decode/verify steps and T_draft per draft pass; unmeasured row
+    counts are interpolated linearly between measured ones (extrapolated with the nearest slope). Until two row
+    counts of the step's range are measured, its two ends (deepest, none) are tried. The depth maximising
+    sum_r E_r(k) / cost is taken; every `explore` steps a neighbouring depth is tried so that the cost table keeps
+    covering the choices."""
 
     def __init__(self, max_depth: int, decay: float = 0.05, explore: int = 16, prior: float = 0.6):
         self.max_depth, self.decay, self.explore = max_depth, decay, explore
@@ -196,16 +196,16 @@ class AdaptiveDepth:
         top = max(caps, default=0)
         if top == 0:
             return caps
+        rows = {k: other_rows + sum(1 + min(k, c) for c in caps) for k in range(top + 1)}
+        seen = [r for r in self.step_time if rows[0] <= r <= rows[top]]
+        if len(seen) < 2:                               # measure the two ends of the range first
+            k = top if rows[top] not in self.step_time else 0
+            return [min(k, c) for c in caps]
         best, best_rate = top, -1.0
-        rates = {}
         for k in range(top + 1):
             ks = [min(k, c) for c in caps]
-            t = self._interp(self.step_time, other_rows + sum(1 + x for x in ks))
-            if t is None:                               # nothing measured yet: start deep
-                return ks if k == top else [min(top, c) for c in caps]
-            cost = t + self._draft_cost(len(caps), k)
+            cost = self._interp(self.step_time, rows[k]) + self._draft_cost(len(caps), k)
             rate = sum(self.expected_tokens(x) for x in ks) / cost if cost > 0 else 0.0
-            rates[k] = rate
             if rate > best_rate:
                 best, best_rate = k, rate
         if self.explore and self.steps % self.explore == 0:             # keep the neighbours measured
@@ -299,13 +299,18 @@ class MTPDrafter:
             if not self.hidden_pre_norm:
                 hidden = self.model.model.norm(hidden)
             logits = self.runner.execute_mtp(li, slices, hidden, self.head_weight)     # (R, S or V)
-            if self.vocab is not None:
-                full = logits.new_full((logits.shape[0], self.model.config.vocab_size), float("-inf"))
-                logits = full.index_copy_(1, self.vocab, logits)
-            rows = [SampleRow(r.params, generators.get(r.request_id), r.prompt_token_ids,
-                              r.output_token_ids + r.draft_token_ids) for r, *_ in owners]
-            greedy, p, rand = distributions(logits, rows)
-            tok = greedy.tolist()
+            if all(r.params.greedy and not r.params.needs_penalties for r, *_ in owners):   # plain argmax
+                best = kernels.argmax_rows(logits)
+                tok = (best if self.vocab is None else self.vocab[best]).tolist()
+                rand = []
+            else:
+                if self.vocab is not None:
+                    full = logits.new_full((logits.shape[0], self.model.config.vocab_size), float("-inf"))
+                    logits = full.index_copy_(1, self.vocab, logits)
+                rows = [SampleRow(r.params, generators.get(r.request_id), r.prompt_token_ids,
+                                  r.output_token_ids + r.draft_token_ids) for r, *_ in owners]
+                greedy, p, rand = distributions(logits, rows)
+                tok = greedy.tolist()
             for j, i in enumerate(rand):
                 r = owners[i][0]
                 g = generators.get(r.request_id) or shared_generator
@@ -348,11 +353,4 @@ class MTPDrafter:
             t = int(torch.multinomial(resid / total if total > 0 else p[j], 1, generator=gen))
             return drafts[:j] + [t], j
         return list(drafts) + [int(torch.multinomial(p[k], 1, generator=gen))], k
-
-
-def draft_head(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x (R, D) fp32 @ weight (S, D) -> (R, S) fp32; bf16 weights through the kernels."""
-    if weight.dtype == torch.bfloat16 and x.dtype == torch.float32 and kernels.available():
-        return kernels.linear_bf16w(x.contiguous(), weight)
-    return F.linear(x, weight.to(x.dtype)).float()
 
