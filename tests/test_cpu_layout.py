@@ -172,5 +172,7 @@ def test_engine_copy_keeps_ties_and_shares_storage():
     assert c.lm_head.weight is not m.lm_head.weight
     assert c.lm_head.weight.data_ptr() == m.lm_head.weight.data_ptr()                 # no weight copied
     assert all(a is not b for a, b in zip(c.modules(), m.modules()))
+    c.lm_head.register_forward_hook(lambda *args: None)                                # hooks are the copy's own
+    assert not m.lm_head._forward_hooks and c.config is m.config                       # other attributes shared
     cl.use_cpu_layout(c, torch.float32)
     assert type(m.model.layers[1].self_attn) is Attention and type(m.model.norm) is RMSNorm

@@ -58,7 +58,6 @@ transform works, and a transformed model pickles (no closures).
 
 from __future__ import annotations
 
-import copy
 import functools
 
 import torch
@@ -431,19 +430,33 @@ def _swap(model: nn.Module, new_of) -> None:
 
 def engine_copy(model: nn.Module) -> nn.Module:
     """A copy of the module tree for the engine to transform, leaving `model` as it was: new module and parameter
-    objects over the same storages (no weight is copied here; ties stay). The transforms replace what they re-lay out
+    objects (ties kept) over the same storages, and fresh hook dicts; other attributes (the config, an FP8 expert
+    store) are shared, not copied, so no weight is copied here. The transforms replace what they re-lay out
     (`.data =`), so those new tensors are the copy's alone; tensors they keep stay shared with `model`, so editing
     model's weights in place afterwards would reach the engine only partly: build a new engine instead."""
-    memo: dict[int, object] = {}
-    for m in model.modules():
-        for p in m._parameters.values():
-            if p is not None and id(p) not in memo:
-                memo[id(p)] = nn.Parameter(p.detach(), requires_grad=p.requires_grad)
-        for v in list(m._buffers.values()) + list(vars(m).values()):
-            for t in (v if isinstance(v, (list, tuple)) else (v,)):
-                if isinstance(t, torch.Tensor) and id(t) not in memo:
-                    memo[id(t)] = t.detach()
-    return copy.deepcopy(model, memo)
+    modules: dict[int, nn.Module] = {}
+    params: dict[int, nn.Parameter] = {}
+
+    def copy_of(m: nn.Module) -> nn.Module:
+        if id(m) in modules:
+            return modules[id(m)]
+        new = modules[id(m)] = _adopt(type(m), m)
+        for k, v in vars(new).items():
+            if isinstance(v, dict) and "hook" in k:
+                setattr(new, k, type(v)(v))
+        for k, p in new._parameters.items():
+            if p is not None:
+                if id(p) not in params:
+                    params[id(p)] = nn.Parameter(p.detach(), requires_grad=p.requires_grad)
+                new._parameters[k] = params[id(p)]
+        for k, b in new._buffers.items():
+            if b is not None:
+                new._buffers[k] = b.detach()
+        for k, c in new._modules.items():
+            if c is not None:
+                new._modules[k] = copy_of(c)
+        return new
+    return copy_of(model)
 
 
 def use_bf16_weights(model: nn.Module, panels: bool = True) -> None:
