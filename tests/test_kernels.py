@@ -615,3 +615,15 @@ def test_a_definition_that_disagrees_with_the_header_does_not_compile(monkeypatc
     monkeypatch.setenv("MIMOFLASH_CACHE", str(tmp_path / "cache"))
     with pytest.raises(RuntimeError, match="conflicting types for .mf_silu_mul"):
         kernels.build(force=True)
+
+
+def test_c_files_declare_nothing_the_header_declares():
+    """The interface is declared once: no .c file repeats a prototype of an mf_ function or the mf_layer struct (a
+    local copy would be checked by nobody once the header changes)."""
+    import re
+    for src in kernels._SOURCES:
+        text = re.sub(r"/\*.*?\*/", "", src.read_text(), flags=re.S)
+        assert '#include "mimoflash_kernels.h"' in text, src.name
+        protos = re.findall(r"^(?!static|typedef)[A-Za-z_][\w \t\*]*\b(mf_\w+)\s*\([^;{]*\)\s*;", text, re.M)
+        assert not protos, f"{src.name} declares {protos}: put them in mimoflash_kernels.h"
+        assert "} mf_layer;" not in text, src.name
