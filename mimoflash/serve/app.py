@@ -359,6 +359,11 @@ def build_app(llm, *, served_model_name: str | None = None, api_key: str | None 
         if compiler is None:
             raise APIError(400, "constrained decoding (response_format, tool_choice required/named) needs the "
                            "llguidance package: pip install 'mimoflash[serve]'", "response_format")
+        if getattr(llm.engine, "drafter", None) is not None:
+            # MTP verify steps score several positions per request; the masks are built for one row per request.
+            raise APIError(400, "constrained decoding (response_format, tool_choice required/named) is not "
+                           "available while the server runs MTP speculative decoding (--mtp)",
+                           "response_format" if not want_tools else "tool_choice")
         if want_tools and rf is not None and rf.type != "text":
             raise APIError(400, "response_format cannot be combined with a forced tool call", "response_format")
         try:
@@ -425,34 +430,38 @@ def build_app(llm, *, served_model_name: str | None = None, api_key: str | None 
             body = dict(base, choices=choices)
             if include_usage:
                 body["usage"] = usage_
-            return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+            return f"data: {json.dumps(body, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
         n_gen, mx = 0, None
         try:
             yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                           "finish_reason": None} for i in range(len(parsers))])
-            async for out in handle:
-                choices = []
-                for o in out.outputs:
-                    p = parsers[o.index]
-                    n_gen += len(o.token_ids)
-                    d = p.feed(o.text, final=o.finish_reason is not None, num_tokens=len(o.token_ids))
-                    delta: dict[str, Any] = {}
-                    if d.reasoning and req.include_reasoning:
-                        delta["reasoning_content"] = d.reasoning
-                    if d.content:
-                        delta["content"] = d.content
-                    if d.tool_calls:
-                        delta["tool_calls"] = d.tool_calls
-                    reason = o.finish_reason
-                    if reason == "stop" and p.calls:
-                        reason = "tool_calls"
-                    lp = None
-                    if req.logprobs and o.token_ids:
-                        lp = {"content": [_chat_lp(c, t, req.top_logprobs or 0) for c, t in logprob_entries(o)]}
-                    if delta or reason or lp:
-                        choices.append({"index": o.index, "delta": delta, "logprobs": lp, "finish_reason": reason})
-                mx = out.metrics or mx
+            async for batch in handle.batches():
+                merged: dict[int, dict] = {}                  # choice index -> its chunk entry for this batch
+                for out in batch:
+                    for o in out.outputs:
+                        p = parsers[o.index]
+                        n_gen += len(o.token_ids)
+                        d = p.feed(o.text, final=o.finish_reason is not None, num_tokens=len(o.token_ids))
+                        e = merged.setdefault(o.index, {"index": o.index, "delta": {}, "logprobs": None,
+                                                        "finish_reason": None})
+                        delta = e["delta"]
+                        if d.reasoning and req.include_reasoning:
+                            delta["reasoning_content"] = delta.get("reasoning_content", "") + d.reasoning
+                        if d.content:
+                            delta["content"] = delta.get("content", "") + d.content
+                        if d.tool_calls:
+                            delta.setdefault("tool_calls", []).extend(d.tool_calls)
+                        reason = o.finish_reason
+                        if reason == "stop" and p.calls:
+                            reason = "tool_calls"
+                        e["finish_reason"] = reason or e["finish_reason"]
+                        if req.logprobs and o.token_ids:
+                            e["logprobs"] = e["logprobs"] or {"content": []}
+                            e["logprobs"]["content"] += [_chat_lp(c, t, req.top_logprobs or 0)
+                                                         for c, t in logprob_entries(o)]
+                    mx = out.metrics or mx
+                choices = [e for e in merged.values() if e["delta"] or e["finish_reason"] or e["logprobs"]]
                 if choices:
                     yield chunk(choices)
             if include_usage:
@@ -548,24 +557,31 @@ def build_app(llm, *, served_model_name: str | None = None, api_key: str | None 
             body = dict(base, choices=choices)
             if include_usage:
                 body["usage"] = usage_
-            return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+            return f"data: {json.dumps(body, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
         n_gen = 0
         sent_echo = set()
         try:
-            async for k, out in _merge(handles):
-                choices = []
-                for o in out.outputs:
-                    j = k * n + o.index
-                    n_gen += len(o.token_ids)
-                    text = o.text
-                    if j not in sent_echo:
-                        text, _ = echo[k] + text, sent_echo.add(j)
-                    lp = None
-                    if req.logprobs is not None and o.token_ids:
-                        lp = _completion_lp(logprob_entries(o), req.logprobs, 0)
-                    if text or o.finish_reason or lp:
-                        choices.append({"index": j, "text": text, "logprobs": lp, "finish_reason": o.finish_reason})
+            async for batch in _merge_batches(handles):
+                merged: dict[int, dict] = {}
+                for k, out in batch:
+                    for o in out.outputs:
+                        j = k * n + o.index
+                        n_gen += len(o.token_ids)
+                        text = o.text
+                        if j not in sent_echo:
+                            text, _ = echo[k] + text, sent_echo.add(j)
+                        e = merged.setdefault(j, {"index": j, "text": "", "logprobs": None, "finish_reason": None})
+                        e["text"] += text
+                        e["finish_reason"] = o.finish_reason or e["finish_reason"]
+                        if req.logprobs is not None and o.token_ids:
+                            lp = _completion_lp(logprob_entries(o), req.logprobs, 0)
+                            if e["logprobs"] is None:
+                                e["logprobs"] = lp
+                            else:
+                                for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+                                    e["logprobs"][key] += lp[key]
+                choices = [e for e in merged.values() if e["text"] or e["finish_reason"] or e["logprobs"]]
                 if choices:
                     yield chunk(choices)
             u = usage(sum(len(ids) for ids, _ in encoded), n_gen, 0)
@@ -626,6 +642,16 @@ async def _merge(handles) -> AsyncIterator[tuple[int, Any]]:
     finally:
         for t in tasks:
             t.cancel()
+
+
+async def _merge_batches(handles) -> AsyncIterator[list[tuple[int, Any]]]:
+    """Like `_merge`, in batches of everything available at once (see RequestHandle.batches)."""
+    if len(handles) == 1:
+        async for batch in handles[0].batches():
+            yield [(0, out) for out in batch]
+        return
+    async for item in _merge(handles):
+        yield [item]
 
 
 def _prompts(prompt) -> list:

@@ -1,0 +1,187 @@
+"""Serving benchmark: TTFT / inter-token latency p50/p99 and aggregate tokens/s through `mimoflash serve` at 1, 8 and
+32 concurrent streams, beside the engine's own offline throughput (`LLM.generate`, same prompts, same concurrency)
+and, with --with-transformers, `transformers serve` on the same checkpoint, prompts and clients.
+
+    .venv/bin/python benchmarks/bench_serve.py                     # shipped model, 1/8/32 streams
+    .venv/bin/python benchmarks/bench_serve.py --mtp 2             # also the server with MTP
+    .venv/bin/python benchmarks/bench_serve.py --with-transformers # also `transformers serve` if it starts
+
+Seeded prompts (the shipped model's sample prompts, varied), greedy, `ignore_eos` so every request generates
+exactly --max-tokens. Rounds are interleaved (offline, server, server+MTP per concurrency, --repeats times) and
+medians are reported. Prints a table and ends with ONE JSON line. Not run in CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(cmd: list[str], url: str, timeout: float = 180) -> subprocess.Popen:
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{cmd[:4]} exited with {proc.returncode}")
+        try:
+            if httpx.get(url, timeout=1).status_code < 500:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    proc.kill()
+    raise RuntimeError(f"{cmd[:4]} did not start")
+
+
+def prompts(n: int, seed: int) -> list[str]:
+    from mimoflash.default import SAMPLE_PROMPTS
+    import random
+    rng = random.Random(seed)
+    return [SAMPLE_PROMPTS[i % len(SAMPLE_PROMPTS)] + " " * rng.randint(0, 2) for i in range(n)]
+
+
+async def one_stream(client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int, extra: dict) -> dict:
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True, **extra}
+    t0 = time.perf_counter()
+    times = []
+    async with client.stream("POST", "/v1/completions", json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                chunk = json.loads(line[6:])
+                if chunk.get("choices") and chunk["choices"][0].get("text"):
+                    times.append(time.perf_counter())
+    return {"ttft": times[0] - t0 if times else None, "itl": [b - a for a, b in zip(times, times[1:])],
+            "end": time.perf_counter(), "start": t0, "chunks": len(times)}
+
+
+async def http_round(url: str, model: str, ps: list[str], max_tokens: int, extra: dict) -> dict:
+    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+        t0 = time.perf_counter()
+        res = await asyncio.gather(*(one_stream(client, model, p, max_tokens, extra) for p in ps))
+        wall = time.perf_counter() - t0
+    ttft = [r["ttft"] for r in res if r["ttft"] is not None]
+    itl = [x for r in res for x in r["itl"]]
+    return {"tok_s": len(ps) * max_tokens / wall, "ttft": ttft, "itl": itl}
+
+
+def offline_round(llm, ps: list[str], max_tokens: int) -> dict:
+    from mimoflash import SamplingParams
+    sp = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    t0 = time.perf_counter()
+    outs = llm.generate(ps, sp, use_tqdm=False)
+    wall = time.perf_counter() - t0
+    return {"tok_s": sum(len(o.outputs[0].token_ids) for o in outs) / wall,
+            "ttft": [o.metrics.time_to_first_token for o in outs], "itl": []}
+
+
+def pct(xs: list[float], q: float) -> float | None:
+    if not xs:
+        return None
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="checkpoint (default: the shipped model)")
+    ap.add_argument("--concurrency", default="1,8,32")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--mtp", type=int, default=None, help="also run the server with MTP K")
+    ap.add_argument("--with-transformers", action="store_true", help="also `transformers serve` (port, same prompts)")
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args()
+    from mimoflash import LLM
+    from mimoflash.default import default_model
+    path = a.model or default_model()
+    conc = [int(c) for c in a.concurrency.split(",")]
+    max_seqs = max(conc)
+    llm = LLM(path, max_num_seqs=max_seqs, progress=False)
+
+    servers = {}
+    procs = []
+    py = sys.executable
+    port = free_port()
+    procs.append(start([py, "-m", "mimoflash", "serve", path, "--port", str(port), "--max-num-seqs", str(max_seqs),
+                        "--served-model-name", "m", "--log-level", "warning"], f"http://127.0.0.1:{port}/health"))
+    servers["server"] = (f"http://127.0.0.1:{port}", "m", {"ignore_eos": True})
+    if a.mtp:
+        port = free_port()
+        procs.append(start([py, "-m", "mimoflash", "serve", path, "--port", str(port), "--max-num-seqs",
+                            str(max_seqs), "--served-model-name", "m", "--mtp", str(a.mtp), "--log-level", "warning"],
+                           f"http://127.0.0.1:{port}/health"))
+        servers[f"server+mtp{a.mtp}"] = (f"http://127.0.0.1:{port}", "m", {"ignore_eos": True})
+    if a.with_transformers:
+        port = free_port()
+        try:
+            exe = os.path.join(os.path.dirname(py), "transformers")
+            procs.append(start([exe, "serve", "--port", str(port), "--force-model", path],
+                               f"http://127.0.0.1:{port}/v1/models", timeout=300))
+            servers["transformers serve"] = (f"http://127.0.0.1:{port}", path, {})
+        except Exception as e:                       # noqa: BLE001 -- report and go on without it
+            print(f"transformers serve did not start: {e}", file=sys.stderr)
+    rows = []
+    try:
+        for c in conc:
+            ps = prompts(c, a.seed + c)
+            asyncio.run(http_round(servers["server"][0], "m", ps[:1], 4, {"ignore_eos": True}))      # warm-up
+            offline_round(llm, ps[:1], 4)
+            runs: dict[str, list[dict]] = {}
+            for _ in range(a.repeats):                                   # interleaved
+                runs.setdefault("offline LLM.generate", []).append(offline_round(llm, ps, a.max_tokens))
+                for name, (url, model, extra) in servers.items():
+                    runs.setdefault(name, []).append(asyncio.run(http_round(url, model, ps, a.max_tokens, extra)))
+            base = statistics.median(r["tok_s"] for r in runs["offline LLM.generate"])
+            for name, rs in runs.items():
+                tok_s = statistics.median(r["tok_s"] for r in rs)
+                ttft = [x for r in rs for x in r["ttft"] if x is not None]
+                itl = [x for r in rs for x in r["itl"]]
+                rows.append({"concurrency": c, "system": name, "tok_s": round(tok_s, 1),
+                             "vs_offline": round(tok_s / base, 3),
+                             "ttft_p50_ms": _ms(pct(ttft, 50)), "ttft_p99_ms": _ms(pct(ttft, 99)),
+                             "itl_p50_ms": _ms(pct(itl, 50)), "itl_p99_ms": _ms(pct(itl, 99))})
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+    print(f"\n{'streams':>7} {'system':<22} {'tok/s':>8} {'vs offline':>10} {'TTFT p50':>9} {'p99':>8} "
+          f"{'ITL p50':>8} {'p99':>8}   (ms; greedy, {a.max_tokens} tokens/request, medians of {a.repeats})")
+    for r in rows:
+        print(f"{r['concurrency']:>7} {r['system']:<22} {r['tok_s']:>8} {r['vs_offline']:>10} "
+              f"{_s(r['ttft_p50_ms']):>9} {_s(r['ttft_p99_ms']):>8} {_s(r['itl_p50_ms']):>8} {_s(r['itl_p99_ms']):>8}")
+    print(json.dumps({"bench": "serve", "model": path, "max_tokens": a.max_tokens, "repeats": a.repeats,
+                      "rows": rows}))
+    return 0
+
+
+def _ms(x):
+    return None if x is None else round(1000 * x, 1)
+
+
+def _s(x):
+    return "-" if x is None else str(x)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
