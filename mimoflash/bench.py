@@ -319,7 +319,7 @@ def plan(cfg, *, ram: int, bandwidth: float, cores: int, fp8: bool, context: int
         missing = min(wb["experts"], need - ram)
         frac = missing / wb["experts"]
         out["memory"]["experts_not_resident_fraction"] = frac
-        if disk_bandwidth:
+        if disk_bandwidth and fp8:      # the engine maps the experts of FP8 checkpoints only (fp8_layout.py)
             t_step = (step - frac * moe_layers * U * per_expert) / bandwidth \
                 + frac * moe_layers * U * per_expert / disk_bandwidth
             predicted = min(batch / t_step, compute_tok_s)
@@ -352,9 +352,16 @@ def print_plan(p: dict) -> None:
           f"{s['total'] / gb:.2f} GB = {p['decode_bandwidth_bound_tok_s']:.1f} tokens/s")
     print(f"compute bound: cores * GFLOP/s / FLOPs per token = {mach['cores']} * {mach['core_gflops']:g}e9 / "
           f"{p['flops_per_token'] / 1e9:.1f}e9 = {p['compute_bound_tok_s']:.1f} tokens/s (also the prefill bound)")
-    if p["decode_predicted_tok_s"] is None:
+    if p["decode_predicted_tok_s"] is None and p["weights_format"] == "bf16":
+        print("predicted decode: none, the model does not fit; the engine reads experts from the files (memory-"
+              "mapped, within a budget) only for FP8 checkpoints")
+    elif p["decode_predicted_tok_s"] is None:
         print(f"predicted decode: the model does not fit; {m['experts_not_resident_fraction']:.0%} of the experts "
               "would be read from storage per use: give --disk-bandwidth to estimate")
+    elif not m["fits"]:
+        print(f"predicted decode: {p['decode_predicted_tok_s']:.2f} tokens/s, with "
+              f"{m['experts_not_resident_fraction']:.0%} of each step's expert bytes read from storage at "
+              f"{mach['disk_bandwidth'] / gb:g} GB/s and the rest from RAM")
     else:
         print(f"predicted decode: {p['decode_predicted_tok_s']:.1f} tokens/s")
 
