@@ -391,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--plan", metavar="CONFIG", help="predict memory and decode tokens/s of this config")
     g.add_argument("--ram", default="384GiB", help="RAM of the described machine (default 384GiB)")
     g.add_argument("--bandwidth", default="200GB/s", help="memory bandwidth (default 200GB/s)")
-    g.add_argument("--cores", type=int, default=32)
+    g.add_argument("--cores", type=int, default=32, help="cores of the described machine (default 32)")
     g.add_argument("--core-gflops", type=float, default=64.0,
                    help="matmul GFLOP/s per core (default 64: 2 AVX2 FMA units x 8 fp32 lanes x 2 x 2 GHz)")
     g.add_argument("--disk-bandwidth", default=None, help="storage read bandwidth, for a model larger than RAM")
