@@ -26,9 +26,13 @@ either way. On the benchmark machine the decode rates stayed within noise of the
 "adaptive": True} lets the model's MTP layers draft up to k tokens per step that the main model verifies in the next
 step; greedy output is the same token for token, sampled output has the same distribution (docs/MTP.md). Each output's
 `.metrics` then reports verify_steps, accepted_tokens and acceptance_per_position.
-`weight_dtype` is how the matmul weights are stored: "auto" keeps a bf16 (or FP8) checkpoint's weights in bf16 on
-CPU when computing in fp32 (engine/cpu_layout.py: half the bytes per decoded token, same result as the fp32 model up
-to summation order), and equals `dtype` otherwise (fp32 checkpoints, CUDA, or without the CPU kernels).
+`weight_dtype` is how the matmul weights are stored: "auto" keeps a bf16 checkpoint's weights in bf16 on CPU when
+computing in fp32 (engine/cpu_layout.py: half the bytes per decoded token, same result as the fp32 model up to
+summation order), keeps a block-FP8 checkpoint's FP8 weights in FP8 with their scales there (engine/fp8_layout.py:
+the exact fp32 dequantisation's result up to summation order, experts read from the files when routed; "fp8" asks
+for it, "bfloat16" dequantises to bf16 at load instead), and equals `dtype` otherwise (fp32 checkpoints, CUDA, or
+without the CPU kernels). `memory_budget` (FP8 checkpoints; bytes or "24G") bounds the process's resident memory:
+experts beyond it are re-read from the files when routed (docs/BIG_MODEL.md).
 Measured with benchmarks/bench_decode.py on an AVX2 CPU without native bf16 (docs/ENGINE.md, README): bf16 weights
 with fp32 compute are the fastest for one and for many requests; all-bf16 compute (`dtype="bfloat16"`) is
 compute-bound here (torch converts on the fly) and slower.
