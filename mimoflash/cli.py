@@ -35,7 +35,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         help_ = action.help or ""
-        if ("default" in help_ or action.nargs == 0 or action.default in (None, [], argparse.SUPPRESS)
+        if ("default:" in help_ or action.nargs == 0 or action.default in (None, [], argparse.SUPPRESS)
                 or not action.option_strings):
             return help_
         return f"{help_} (default: %(default)s)"

@@ -130,16 +130,16 @@ def test_every_command_has_help(helps, cmd):
     assert helps[cmd].startswith(f"usage: mimoflash {cmd}"), helps[cmd][:200]
 
 
-@pytest.mark.parametrize("cmd", ["generate", "chat", "inspect"])
+@pytest.mark.parametrize("cmd", ["generate", "chat", "inspect", "train"])
 def test_help_gives_every_option_a_text_and_at_most_one_default(helps, cmd):
     entries = _option_entries(helps[cmd])
-    assert "--model" in entries or cmd == "inspect"
+    assert "--model" in entries or cmd in ("inspect", "train")
     for flag, text in entries.items():
         assert text, f"{cmd} {flag} has no help text"
-        assert text.count("default") <= 1, f"{cmd} {flag} states its default twice: {text}"
+        assert text.count("default:") <= 1, f"{cmd} {flag} states its default twice: {text}"
         assert "(default: None)" not in text and "(default: True)" not in text and "(default: False)" not in text, \
             f"{cmd} {flag}: {text}"
-    if cmd != "inspect":
+    if cmd in ("generate", "chat"):
         for flag in ("--max-tokens", "--top-k", "--seed", "--device", "--max-model-len"):
             assert "default" in entries[flag], f"{flag} does not say its default: {entries[flag]}"
         assert "kept by default" in entries["--no-weight-panels"]

@@ -613,7 +613,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     Example:
         mimoflash train --config tiny --data runs/data --out runs/tiny --max-steps 200
     """
-    p = argparse.ArgumentParser(prog="mimoflash train", description=main.__doc__.splitlines()[0])
+    from ..cli import HelpFormatter
+    p = argparse.ArgumentParser(prog="mimoflash train", description=main.__doc__.splitlines()[0],
+                                formatter_class=HelpFormatter)
     p.add_argument("--config", default="tiny", help=f"preset ({', '.join(sorted(PRESETS))}) or JSON file")
     p.add_argument("--data", required=True, help="directory from `mimoflash prepare-data` (train.bin, val.bin)")
     p.add_argument("--out", required=True, help="run directory: metrics.jsonl, loss.png, checkpoint/")
