@@ -298,26 +298,32 @@ def test_config_errors_are_clear():
 
 def test_adaptive_depth_follows_cost_and_acceptance():
     """Cheap extra rows and good acceptance -> deep drafts; rows that cost as much as whole steps, or drafts that
-    are never accepted -> no drafts."""
+    are never accepted -> no drafts; nothing measured yet -> the two ends of the range are tried first; trials of a
+    neighbouring depth back off while they do not change the choice."""
     a = AdaptiveDepth(3, explore=0)
-    for rows, t in [(1, 1.0), (2, 1.05), (3, 1.1), (4, 1.15)]:
+    assert a.choose([3], 0) == [3]
+    a.record_step(4, 1.3)
+    assert a.choose([3], 0) == [0]
+    for rows, t in [(1, 1.0), (2, 1.1), (3, 1.2), (4, 1.3)]:
         a.record_step(rows, t)
-    a.record_drafts(1, 3, 0.15)
     for _ in range(50):
         a.record_acceptance(3, 3)
     assert a.choose([3], 0) == [3]
     b = AdaptiveDepth(3, explore=0)
     for rows, t in [(16, 1.0), (32, 2.0), (48, 3.0), (64, 4.0)]:
         b.record_step(rows, t)
-    b.record_drafts(16, 3, 0.3)
     assert b.choose([3] * 16, 0) == [0] * 16
     c = AdaptiveDepth(2, explore=0)
     for rows, t in [(1, 1.0), (2, 1.05), (3, 1.1)]:
         c.record_step(rows, t)
     for _ in range(200):
         c.record_acceptance(2, 0)
-    c.record_drafts(1, 2, 0.2)
     assert c.choose([2], 0) == [0]
+    d = AdaptiveDepth(3, explore=4)
+    for rows, t in [(16, 1.0), (32, 2.0), (48, 3.0), (64, 4.0)]:
+        d.record_step(rows, t)
+    trials = [s for s in range(1, 200) if d.choose([3] * 16, 0) != [0] * 16]
+    assert 3 <= len(trials) <= 8 and trials[1] - trials[0] < trials[-1] - trials[-2]
 
 
 def test_reduced_draft_vocabulary_is_lossless_and_restricts_drafts():

@@ -173,12 +173,11 @@ class LLMEngine:
     # ------------------------------------------------------------------ the loop
     def step(self) -> list[RequestOutput]:
         """One scheduling step; -> delta outputs of every group that produced text/tokens or finished."""
+        t0 = time.perf_counter()
         batch = self.scheduler.schedule()
         changed: set[str] = set()
         if batch.items:
-            t0 = time.perf_counter()
             logits = self.runner.execute(batch)
-            seconds = time.perf_counter() - t0
             sampled, lps = self._choose_tokens(batch, logits)
 
             def on_token(req: Request) -> None:
@@ -187,7 +186,7 @@ class LLMEngine:
             for req in self.scheduler.postprocess(batch, sampled, on_token):
                 changed.add(req.group_id)
             if self.drafter is not None:
-                self._speculate(batch, sampled, seconds)
+                self._speculate(batch, sampled, t0)
         # Requests finished by the scheduler (stops, length, aborts, hopeless ones) must report even without a token.
         changed.update(r.group_id for r in self.scheduler.newly_finished if r.group_id in self._groups)
         if self.drafter is not None:
@@ -239,7 +238,7 @@ class LLMEngine:
                 lps[req.request_id] = [logprob_entry(raw[i], t, req.params.logprobs) for i, t in enumerate(toks)]
         return [out.get(id(it)) for it in batch.items], lps
 
-    def _speculate(self, batch, sampled: list, seconds: float) -> None:
+    def _speculate(self, batch, sampled: list, t0: float) -> None:
         """After a step: keep the main model's final hidden states of the speculating requests, then draft for
         those now decoding (engine/speculative.py)."""
         d = self.drafter
@@ -256,8 +255,6 @@ class LLMEngine:
                 if req.num_pending_tokens == 1:
                     ready.append(req)
             lo += n
-        if d.adaptive is not None and not prefill:          # the cost table of decode / verify steps
-            d.adaptive.record_step(rows, seconds)
         if not ready:
             return
         cap = self.scheduler.config.max_model_len
@@ -266,10 +263,9 @@ class LLMEngine:
         if d.adaptive is not None:
             other = sum(1 for r in self.scheduler.running if r not in ready)
             caps = d.adaptive.choose(caps, other)
-        t0 = time.perf_counter()
         d.propose(ready, caps, self.generator, self._generators)
-        if d.adaptive is not None and max(caps, default=0):
-            d.adaptive.record_drafts(sum(1 for c in caps if c), max(caps), time.perf_counter() - t0)
+        if d.adaptive is not None and not prefill:          # the whole step, its draft passes included
+            d.adaptive.record_step(rows, time.perf_counter() - t0)
 
     def _process_token(self, req: Request, lp) -> None:
         tok = req.output_token_ids[-1]

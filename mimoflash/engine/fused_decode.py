@@ -10,9 +10,12 @@ read once, at build time (pointers to their tensors); the engine owns the model,
 engine holds it is not supported (as in the other engines). `MoE.last_topk_idx` is not updated on this path (only the
 trainer reads it).
 
-Used for decode steps (one token per sequence, any batch size) when every layer qualifies (bf16 matmul weights after
+Used for every rows-path step (runner.py: one-token decoding, and the k + 1 rows of a sequence verifying speculative
+drafts, each row with its own block table / ring, position and mask; any number of sequences) when every layer
+qualifies (bf16 matmul weights after
 `use_bf16_weights`, whose dense products read the packed panels when it made them, fp32 norms, an fp32 or bf16
-cache, plain top-k routing with at most 64 experts per token); otherwise the runner uses the model.
+cache, plain top-k routing with at most 64 experts per token); otherwise the runner uses the model. `FusedMTPLayer`
+does the same for an MTP block's draft rows (docs/MTP.md).
 """
 
 from __future__ import annotations

@@ -5,7 +5,9 @@ No policy lives here (who runs, how many tokens: the scheduler decided). The run
      contributes `n_b` tokens starting at position `s_b`; N = sum n_b),
   2. builds one `AttnMeta` per step (gather indices, write slots, additive masks) so no layer repeats that work,
   3. runs `model.model(input_ids, positions, backend)`; each attention layer calls `PagedAttention.attend`,
-  4. applies norm + lm_head only to the rows that are sampled (the last token of each finished slice).
+  4. applies norm + lm_head only to the rows that are sampled (the last token of each finished slice; every token of
+     a slice that verifies speculative drafts), and keeps the step's final hidden states (`last_hidden`) for the MTP
+     drafter; `execute_mtp` runs one MTP block over rows the same way (engine/speculative.py, docs/MTP.md).
 
 General path (prefill chunks, mixed batches), per layer and for both kinds alike:
     keys(b) = [sink] + cached keys of sequence b + the step's new keys of sequence b
@@ -16,8 +18,11 @@ call runs the whole batch. The sink is a zero key/value in column 0 (joining the
 anyway) whose additive mask entry is the sink logit: its score is sink_h and it adds no value. The new K/V are
 stored only after attending, because the ring slots they overwrite may hold keys this step still reads.
 
-Decode path (every sequence feeds one token; the common case, so it is lean): the token's K/V are stored first
-(the ring has swa_keys + max_draft slots, so storing never evicts a key the query needs), then whole blocks / whole
+Rows path (one-token decode, the verification of k drafts, MTP draft rows: every sequence feeds at most
+1 + max_draft tokens; the common case, so it is lean). A step is a set of rows (sequence, position, token); a
+sequence with several rows repeats its block table / ring id per row and each row gets its own mask, so each row
+attends to its own sequence's keys up to its own position. The rows' K/V are stored first (the ring has
+swa_keys + max_draft slots, so storing 1 + max_draft tokens never evicts a key a row needs), then whole blocks / whole
 rings are copied out with one `index_select` each (contiguous chunks, not per-slot gathers), and the query heads
 that share a kv head attend in one matmul (no GQA expansion). The sink is a column concatenated to the (tiny)
 score matrix.

@@ -128,29 +128,27 @@ class AdaptiveDepth:
     """Chooses the step's draft depth from measurements (no fixed thresholds).
 
     Expected tokens of a verify step with depth k: E(k) = 1 + sum_{j<=k} prod_{i<=j} a_i, a_i the running
-    (exponentially weighted) acceptance rate of draft i given draft i-1 was accepted. Its cost: T_main(rows) + T_draft(k)
-    with T_main measured per total row count of the decode/verify steps and T_draft per draft pass; unmeasured row
-    counts are interpolated linearly between measured ones (extrapolated with the nearest slope). Until two row
-    counts of the step's range are measured, its two ends (deepest, none) are tried. The depth maximising
-    sum_r E_r(k) / cost is taken; every `explore` steps a neighbouring depth is tried so that the cost table keeps
-    covering the choices."""
+    (exponentially weighted) acceptance rate of draft i given draft i-1 was accepted. Its cost: the measured wall time
+    of a whole engine step with that many rows (forward, verification, bookkeeping and the draft passes made at its
+    end: in a steady state they belong to a step of the same depth), per total row count of decode/verify steps;
+    unmeasured row counts are interpolated linearly between measured ones (extrapolated with the nearest slope).
+    Until two row counts of the step's range are measured, its two ends (deepest, none) are tried. The depth
+    maximising sum_r E_r(k) / cost is taken. A neighbouring depth is tried now and then so that the table follows the
+    machine; each trial that does not change the choice doubles the wait before the next one (16 steps, up to 1024),
+    so where drafting does not pay (large batches) the trials cost little."""
 
     def __init__(self, max_depth: int, decay: float = 0.05, explore: int = 16, prior: float = 0.6):
         self.max_depth, self.decay, self.explore = max_depth, decay, explore
         self.accept = [prior] * max_depth             # a_i, conditional acceptance of draft i + 1
-        self.step_time: dict[int, float] = {}         # main step rows -> seconds (EMA)
-        self.draft_time: dict[tuple[int, int], float] = {}   # (requests, depth) -> seconds of the draft passes (EMA)
+        self.step_time: dict[int, float] = {}         # step rows -> seconds (EMA)
         self.steps = 0
-
-    def _ema(self, table: dict, key, value: float) -> None:
-        old = table.get(key)
-        table[key] = value if old is None else old + 0.2 * (value - old)
+        self.interval = explore
+        self.next_trial = explore
+        self.last_best: int | None = None
 
     def record_step(self, rows: int, seconds: float) -> None:
-        self._ema(self.step_time, rows, seconds)
-
-    def record_drafts(self, requests: int, depth: int, seconds: float) -> None:
-        self._ema(self.draft_time, (requests, depth), seconds)
+        old = self.step_time.get(rows)
+        self.step_time[rows] = seconds if old is None else old + 0.2 * (seconds - old)
 
     def record_acceptance(self, proposed: int, accepted: int) -> None:
         for j in range(min(proposed, accepted + 1)):        # draft j+1 was judged only if drafts 1..j were accepted
@@ -165,14 +163,10 @@ class AdaptiveDepth:
         return e
 
     @staticmethod
-    def _interp(table: dict[int, float], x: int) -> float | None:
-        if not table:
-            return None
+    def _interp(table: dict[int, float], x: int) -> float:
         if x in table:
             return table[x]
         xs = sorted(table)
-        if len(xs) == 1:
-            return table[xs[0]] * x / xs[0]
         lo = max([v for v in xs if v < x], default=None)
         hi = min([v for v in xs if v > x], default=None)
         if lo is None:
@@ -180,15 +174,6 @@ class AdaptiveDepth:
         elif hi is None:
             lo, hi = xs[-2], xs[-1]
         return table[lo] + (table[hi] - table[lo]) * (x - lo) / (hi - lo)
-
-    def _draft_cost(self, n: int, k: int) -> float:
-        if k == 0:
-            return 0.0
-        if (n, k) in self.draft_time:
-            return self.draft_time[(n, k)]
-        per = [t / kk for (nn, kk), t in self.draft_time.items() if nn == n] or \
-              [t / kk / nn * n for (nn, kk), t in self.draft_time.items()]
-        return k * (sum(per) / len(per)) if per else 0.0
 
     def choose(self, caps: list[int], other_rows: int) -> list[int]:
         """caps: each drafting request's own limit; other_rows: rows of the step that are not theirs -> depths."""
@@ -203,13 +188,17 @@ class AdaptiveDepth:
             return [min(k, c) for c in caps]
         best, best_rate = top, -1.0
         for k in range(top + 1):
-            ks = [min(k, c) for c in caps]
-            cost = self._interp(self.step_time, rows[k]) + self._draft_cost(len(caps), k)
-            rate = sum(self.expected_tokens(x) for x in ks) / cost if cost > 0 else 0.0
+            cost = self._interp(self.step_time, rows[k])
+            rate = sum(self.expected_tokens(min(k, c)) for c in caps) / cost if cost > 0 else 0.0
             if rate > best_rate:
                 best, best_rate = k, rate
-        if self.explore and self.steps % self.explore == 0:             # keep the neighbours measured
-            best = best + 1 if (self.steps // self.explore) % 2 and best < top else max(0, best - 1)
+        if best != self.last_best:                      # the choice moved: watch it closely again
+            self.interval, self.next_trial = self.explore, self.steps + self.explore
+        self.last_best = best
+        if self.explore and self.steps >= self.next_trial:
+            self.next_trial = self.steps + self.interval
+            self.interval = min(2 * self.interval, 64 * self.explore)
+            best = best + 1 if best < top and (best == 0 or (self.steps // self.explore) % 2) else best - 1
         return [min(best, c) for c in caps]
 
 

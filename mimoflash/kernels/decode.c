@@ -126,6 +126,10 @@ int mf_decode_layer(const mf_layer *L, float *x, long B, const float *cos_, cons
                         sin_ + rope_rows[b] * L->rd, Wq, nkv * dv, L->v_scale);
     else
         mf_qkv_rope(qkv, W, B, nq + nkv, d, L->rd, cos_, sin_, Wq, nkv * dv, L->v_scale);
+    /* Rows, not sequences: a sequence verifying k drafts has k + 1 rows here, each with its own position, slot,
+     * table row (the sequence's, repeated) and mask row. Every row is stored before any row attends, so a row sees
+     * its sequence's earlier rows of this step through the cache, and later ones are masked by its bias row; a ring
+     * of swa_keys + max_draft slots holds all k + 1 <= 1 + max_draft of them without evicting a key a row needs. */
     for (long b = 0; b < B; b++)                      /* store first: the ring has room for this token's key */
         for (long hh = 0; hh < nkv; hh++) {
             const float *kn = qkv + b * W + nq * d + hh * d, *vn = qkv + b * W + Wq + hh * dv;

@@ -24,6 +24,11 @@ from .layers import MLP, RMSNorm
 
 
 class MTPLayer(nn.Module):
+    # The setting for h: True = the main model's residual stream before model.norm (what `forward` is handed by
+    # training and by the engine's drafter); False = after it (vLLM's choice): the drafter then applies model.norm
+    # first. docs/MTP.md, "Which hidden state".
+    hidden_pre_norm: bool = True
+
     def __init__(self, config: MiMoConfig, n: int):
         super().__init__()
         H, eps = config.hidden_size, config.layernorm_epsilon
