@@ -300,7 +300,8 @@ def chat_main(argv: list[str] | None = None, input_fn=None) -> int:
     if input_fn is None:
         input_fn = input
         # undecodable input bytes become lone surrogates (replaced with a notice below) instead of an exception
-        sys.stdin.reconfigure(errors="surrogateescape")
+        if hasattr(sys.stdin, "reconfigure"):
+            sys.stdin.reconfigure(errors="surrogateescape")
     # An explicit --seed fixes every reply's sampling; otherwise the session's shared generator gets a fresh seed.
     session_seed = a.seed if a.seed is not None else secrets.randbelow(2 ** 31)
     params = _params(a)
