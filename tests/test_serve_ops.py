@@ -136,3 +136,29 @@ def test_load_32_streaming_clients():
     finally:
         code, out = s.stop()
         assert code == 0, out
+
+
+def test_mtp_passes_through_and_reports_acceptance():
+    """--mtp K reaches the engine: greedy text is the plain engine's, usage carries the verify-step figures."""
+    from mimoflash import LLM, SamplingParams, default_model
+    import inspect
+    if "speculative_config" not in inspect.signature(LLM.__init__).parameters:
+        pytest.skip("this engine has no MTP speculative decoding")
+    s = ServerProcess("--mtp", "2")
+    try:
+        c = openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0)
+        r = c.completions.create(model=MODEL, prompt="def fibonacci(n):", max_tokens=40, temperature=0,
+                                 extra_body={"ignore_eos": True})
+        ref = LLM(default_model(), max_num_seqs=1, progress=False).generate(
+            "def fibonacci(n):", SamplingParams(temperature=0, max_tokens=40, ignore_eos=True), use_tqdm=False)
+        assert r.choices[0].text == ref[0].outputs[0].text
+        mtp = r.usage.model_extra["mtp"]
+        assert mtp["verify_steps"] >= 1 and 0 <= mtp["accepted_tokens"] <= 2 * mtp["verify_steps"]
+        assert 1 <= mtp["tokens_per_verify_step"] <= 3
+        assert s.metric("mimoflash:spec_decode_num_verify_steps_total") == mtp["verify_steps"]
+        bad = httpx.post(s.url + "/v1/chat/completions", json={"model": MODEL, "messages": USER,
+                                                                "response_format": {"type": "json_object"}})
+        assert bad.status_code == 400 and "--mtp" in bad.json()["error"]["message"]
+    finally:
+        code, out = s.stop()
+        assert code == 0, out

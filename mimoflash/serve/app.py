@@ -20,6 +20,7 @@ import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, AsyncIterator
 
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -66,7 +67,7 @@ class ServerConfig:
     max_waiting: int = 64
     max_n: int = 16
     max_body_bytes: int = 4 << 20
-    price_input_per_m: float = 0.10          # USD per million prompt tokens (MiMo-V2-Flash API price, MODEL.md §6)
+    price_input_per_m: float = 0.10          # USD per million prompt tokens (MiMo-V2-Flash API price, docs/MODEL.md §6)
     price_output_per_m: float = 0.30         # USD per million completion tokens
     mtp: int | None = None
 
@@ -522,7 +523,7 @@ def build_app(llm, *, served_model_name: str | None = None, api_key: str | None 
         texts = [""] * (len(handles) * n)
         lps: list[list] = [[] for _ in texts]
         finish: list[str | None] = [None] * len(texts)
-        n_gen = 0
+        n_gen, mxs = 0, []
         try:
             async for k, out in _merge(handles):
                 for o in out.outputs:
@@ -532,6 +533,7 @@ def build_app(llm, *, served_model_name: str | None = None, api_key: str | None 
                     if req.logprobs is not None:
                         lps[j] += logprob_entries(o)
                     finish[j] = o.finish_reason
+                mxs.append(out.metrics)
         except EngineDead as e:
             raise APIError(503, str(e))
         finally:
@@ -542,7 +544,7 @@ def build_app(llm, *, served_model_name: str | None = None, api_key: str | None 
             k = j // n
             lp = _completion_lp(lps[j], req.logprobs, len(echo[k])) if req.logprobs is not None else None
             choices.append({"index": j, "text": echo[k] + t, "logprobs": lp, "finish_reason": finish[j]})
-        u = usage(sum(len(ids) for ids, _ in encoded), n_gen, 0)
+        u = usage(sum(len(ids) for ids, _ in encoded), n_gen, 0, _sum_metrics(mxs))
         account(u)
         return {"id": rid, "object": "text_completion", "created": now, "model": cfg.served_model_name,
                 "choices": choices, "usage": u, "system_fingerprint": None}
@@ -559,7 +561,7 @@ def build_app(llm, *, served_model_name: str | None = None, api_key: str | None 
                 body["usage"] = usage_
             return f"data: {json.dumps(body, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
-        n_gen = 0
+        n_gen, mxs = 0, []
         sent_echo = set()
         try:
             async for batch in _merge_batches(handles):
@@ -581,10 +583,11 @@ def build_app(llm, *, served_model_name: str | None = None, api_key: str | None 
                             else:
                                 for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
                                     e["logprobs"][key] += lp[key]
+                    mxs.append(out.metrics)
                 choices = [e for e in merged.values() if e["text"] or e["finish_reason"] or e["logprobs"]]
                 if choices:
                     yield chunk(choices)
-            u = usage(sum(len(ids) for ids, _ in encoded), n_gen, 0)
+            u = usage(sum(len(ids) for ids, _ in encoded), n_gen, 0, _sum_metrics(mxs))
             account(u)
             if include_usage:
                 yield chunk([], u)
@@ -652,6 +655,15 @@ async def _merge_batches(handles) -> AsyncIterator[list[tuple[int, Any]]]:
         return
     async for item in _merge(handles):
         yield [item]
+
+
+def _sum_metrics(mxs: list):
+    """Speculative-decoding figures summed over several requests (one per prompt); None without MTP."""
+    steps = sum(getattr(m, "verify_steps", 0) or 0 for m in mxs if m is not None)
+    if not steps:
+        return None
+    acc = sum(getattr(m, "accepted_tokens", 0) or 0 for m in mxs if m is not None)
+    return SimpleNamespace(verify_steps=steps, accepted_tokens=acc)
 
 
 def _prompts(prompt) -> list:

@@ -45,9 +45,15 @@ class ServerMetrics:
                                      registry=r)
         self.model = model_name
         self._preempt_seen = 0
+        self._children: dict = {}
 
     def m(self, metric, **labels):
-        return metric.labels(model_name=self.model, **labels)
+        """The child of `metric` for this model (and `labels`), cached: the engine thread calls this per token."""
+        key = (id(metric), tuple(sorted(labels.items())))
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(model_name=self.model, **labels)
+        return child
 
     def on_step(self, engine) -> None:
         """Gauges from the engine's state; called by the engine thread after each step."""

@@ -1,7 +1,7 @@
 """Reasoning and tool calls, parsed incrementally out of the generated text.
 
 MiMo writes its reasoning inside `<think>...</think>` and calls tools in the Qwen3-Coder XML form
-(docs/MODEL.md §5.3):
+(docs/MODEL.md §5.2):
 
     <tool_call>
     <function=get_weather>
