@@ -65,7 +65,7 @@ def _cache_dir() -> Path:
 
 
 def build(force: bool = False) -> Path:
-    """Compile wgemm.c (if not cached) -> path of the shared library. Raises RuntimeError naming what failed."""
+    """Compile the kernels (if not cached) -> path of the shared library. Raises RuntimeError naming what failed."""
     cc = _compiler()
     if cc is None:
         raise RuntimeError("no C compiler found (set CC); mimoflash runs without its CPU kernels")
