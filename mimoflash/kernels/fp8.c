@@ -14,8 +14,7 @@
  * conversion and one FMA per x row, like the bf16 kernel (wgemm.c). Any block size works, ragged edges included.
  * The byte 0x7f (E4M3 NaN) decodes to 480 here; checkpoints hold no NaN.
  *
- * Three or more x rows widen 128 KB of weight rows at a time to bf16 (exact) and run the bf16 kernel's many-row
- * path on them (rows_avx2_many).
+ * Three or more x rows convert each weight once per block of four x rows (rows_avx2_many).
  * The AVX2+FMA+F16C path is picked at run time; elsewhere a portable loop reads a 256-entry table of the same
  * values. Products with >= 2^16 weights are split by block rows over the pool's threads (pool.c); each output is
  * computed by one thread in the same order whatever the thread count. Python wrappers: kernels/fp8.py, tested
@@ -104,53 +103,68 @@ FP8_SIMD static float dot_fp8(const float *xr, const uint8_t *wr, long K) {
     return acc;
 }
 
-/* Many x rows (batched decode, prefill chunks): converting the bytes once per pair of x rows made the conversion the
- * bottleneck. Instead a block row of weights is widened once into a bf16 buffer (exact: an E4M3 value / 256 has
- * 4 significant bits, bf16 has 8, and the exponent range fits) and handed to the bf16-weight kernel's many-row
- * path (wgemm.c), which is tuned for exactly this. */
+/* Three or more x rows (batched decode): two weight rows at a time, 16 bytes of each converted once per block of
+ * up to four x rows (8 accumulators, 4 converted vectors, one x vector live: 13 of the 16 registers), so the
+ * conversion is spread over four rows' FMAs instead of two. Widening to a bf16 buffer and running the bf16 kernel
+ * was tried instead and measured 1.1-2x slower than this at 3 to 16 rows (the widening pass costs as much as the
+ * product). MB is a compile-time constant in each instantiation. */
+#define FP8_X_ROWS(MB)                                                                                                \
+    FP8_SIMD static void x##MB##_rows2(const float *x, long K, const uint8_t *w0, float *y, long ldy) {            \
+        const uint8_t *w1 = w0 + K;                                                                                \
+        long K16 = K & ~15L;                                                                                       \
+        __m256 a[MB][2], l0, h0, l1, h1;                                                                           \
+        for (int m = 0; m < MB; m++) a[m][0] = a[m][1] = _mm256_setzero_ps();                                      \
+        for (long k = 0; k < K16; k += 16) {                                                                       \
+            _mm_prefetch((const char *)(w0 + 2 * K) + 2 * k, _MM_HINT_T0);                                         \
+            fp8x16(w0 + k, &l0, &h0);                                                                              \
+            fp8x16(w1 + k, &l1, &h1);                                                                              \
+            for (int m = 0; m < MB; m++) {                                                                         \
+                __m256 u = _mm256_loadu_ps(x + m * K + k), v = _mm256_loadu_ps(x + m * K + k + 8);                 \
+                a[m][0] = _mm256_fmadd_ps(v, h0, _mm256_fmadd_ps(u, l0, a[m][0]));                                 \
+                a[m][1] = _mm256_fmadd_ps(v, h1, _mm256_fmadd_ps(u, l1, a[m][1]));                                 \
+            }                                                                                                      \
+        }                                                                                                          \
+        for (int m = 0; m < MB; m++) {                                                                             \
+            float r0 = hsum8(a[m][0]), r1 = hsum8(a[m][1]);                                                        \
+            for (long k = K16; k < K; k++) {                                                                       \
+                r0 += x[m * K + k] * fp8_lut[w0[k]];                                                               \
+                r1 += x[m * K + k] * fp8_lut[w1[k]];                                                               \
+            }                                                                                                      \
+            y[m * ldy] = r0;                                                                                       \
+            y[m * ldy + 1] = r1;                                                                                   \
+        }                                                                                                          \
+    }
+FP8_X_ROWS(1)
+FP8_X_ROWS(2)
+FP8_X_ROWS(3)
+FP8_X_ROWS(4)
 
-FP8_SIMD static void widen_bf16(const uint8_t *w, long n, uint16_t *out) {
-    long k = 0;
-    __m256 lo, hi;
-    for (; k + 16 <= n; k += 16) {
-        fp8x16(w + k, &lo, &hi);
-        __m256i a = _mm256_srli_epi32(_mm256_castps_si256(lo), 16), b = _mm256_srli_epi32(_mm256_castps_si256(hi), 16);
-        __m256i p = _mm256_permute4x64_epi64(_mm256_packus_epi32(a, b), 0xd8);
-        _mm256_storeu_si256((__m256i *)(out + k), p);
-    }
-    for (; k < n; k++) {
-        float f = fp8_lut[w[k]];
-        uint32_t u;
-        memcpy(&u, &f, 4);
-        out[k] = (uint16_t)(u >> 16);
-    }
+FP8_SIMD static void rows_avx2_many(const float *xs, long M, long K, const uint8_t *w, long rows, float *y, long ldy) {
+    long n = 0;
+    for (; n + 2 <= rows; n += 2)
+        for (long m = 0; m < M; m += 4) {
+            const float *xm = xs + m * K;
+            float *ym = y + m * ldy + n;
+            switch (M - m < 4 ? M - m : 4) {
+            case 4: x4_rows2(xm, K, w + n * K, ym, ldy); break;
+            case 3: x3_rows2(xm, K, w + n * K, ym, ldy); break;
+            case 2: x2_rows2(xm, K, w + n * K, ym, ldy); break;
+            default: x1_rows2(xm, K, w + n * K, ym, ldy); break;
+            }
+        }
+    for (; n < rows; n++)
+        for (long m = 0; m < M; m++) y[m * ldy + n] = dot_fp8(xs + m * K, w + n * K, K);
 }
 
-/* -> 0, or -1 when the widening buffer could not be allocated (the caller then takes the in-register path). */
-FP8_SIMD static int rows_avx2_many(const float *xs, long M, long K, const uint8_t *w, long rows, float *y, long ldy) {
-    static _Thread_local uint16_t *wb = NULL;
-    static _Thread_local size_t cap = 0;
-    long step = (64L << 10) / (K > 0 ? K : 1);         /* rows per piece: 128 KB of bf16, stays in L2 */
-    step = step < 4 ? 4 : step & ~3L;
-    size_t need = (size_t)step * (size_t)K;
-    if (cap < need) {
-        free(wb);
-        wb = malloc(sizeof(uint16_t) * need);
-        cap = wb ? need : 0;
-        if (!wb) return -1;
-    }
-    for (long n = 0; n < rows; n += step) {
-        long r = rows - n < step ? rows - n : step;
-        widen_bf16(w + n * K, r * K, wb);
-        mf_gemm_bf16w(xs, K, wb, y + n, ldy, M, r, K);
-    }
-    return 0;
-}
+static long fp8_many_rows = 3;      /* from this many x rows on, rows_avx2_many */
 
 /* Four weight rows at a time, 16 bytes of each converted per step, against one x row (decode of one sequence) or
  * pairs of x rows (each conversion used twice). The K % 16 tail goes through dot_fp8's scalar-friendly path. */
 FP8_SIMD static void rows_avx2(const float *xs, long M, long K, const uint8_t *w, long rows, float *y, long ldy) {
-    if (M > 2 && rows_avx2_many(xs, M, K, w, rows, y, ldy) == 0) return;
+    if (M >= fp8_many_rows) {
+        rows_avx2_many(xs, M, K, w, rows, y, ldy);
+        return;
+    }
     long K16 = K & ~15L, n = 0;
     for (; n + 4 <= rows; n += 4) {
         const uint8_t *wr[4] = {w + n * K, w + (n + 1) * K, w + (n + 2) * K, w + (n + 3) * K};
