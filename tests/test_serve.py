@@ -412,6 +412,19 @@ def test_disconnect_mid_stream_frees_the_cache(server):
     assert server.metric("mimoflash:generation_tokens_total") < 10**6
 
 
+def test_non_streaming_client_that_gives_up_frees_the_cache(server):
+    before = server.metric("mimoflash:request_success_total", finished_reason="abort")
+    body = {"model": MODEL, "messages": USER, "max_tokens": 3000, "ignore_eos": True}
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(server.url + "/v1/chat/completions", json=body, timeout=1.5)
+    deadline = time.time() + 10
+    while time.time() < deadline and \
+            server.metric("mimoflash:request_success_total", finished_reason="abort") == before:
+        time.sleep(0.1)
+    assert server.metric("mimoflash:request_success_total", finished_reason="abort") == before + 1
+    assert server.metric("mimoflash:kv_cache_usage_perc", pool="global_blocks") == 0
+
+
 # ------------------------------------------------------------------ CLI
 def test_serve_help_and_bad_flags():
     r = subprocess.run([sys.executable, "-m", "mimoflash", "serve", "--help"], capture_output=True, text=True)

@@ -350,7 +350,8 @@ def build_app(llm, *, served_model_name: str | None = None, api_key: str | None 
         if req.stream:
             return StreamingResponse(chat_stream(req, handle, parsers, rid, now, len(ids), request),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        return await chat_full(req, handle, parsers, rid, now, len(ids), request)
+        return await _until_disconnect(request, [handle], chat_full(req, handle, parsers, rid, now, len(ids),
+                                                                    request))
 
     def make_matchers(req: ChatCompletionRequest, tools, named, thinking: bool, n: int):
         rf = req.response_format
@@ -516,7 +517,7 @@ def build_app(llm, *, served_model_name: str | None = None, api_key: str | None 
         if req.stream:
             return StreamingResponse(completion_stream(req, handles, rid, now, encoded, echo),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        return await completion_full(req, handles, rid, now, encoded, echo)
+        return await _until_disconnect(request, handles, completion_full(req, handles, rid, now, encoded, echo))
 
     async def completion_full(req, handles, rid, now, encoded, echo) -> dict:
         n = req.n
@@ -601,6 +602,22 @@ def build_app(llm, *, served_model_name: str | None = None, api_key: str | None 
     app.include_router(v1)
     app.add_middleware(BodySizeLimit, limit=cfg.max_body_bytes)
     return app
+
+
+async def _until_disconnect(request: Request, handles, work):
+    """Await a non-streaming response; if the client goes away first, abort its requests (freeing their caches)
+    instead of generating for nobody. Streaming responses get this from Starlette, which cancels them."""
+    async def watch():
+        while not await request.is_disconnected():
+            await asyncio.sleep(0.25)
+        for h in handles:
+            h.abort()
+
+    watcher = asyncio.create_task(watch())
+    try:
+        return await work
+    finally:
+        watcher.cancel()
 
 
 class ParsedAcc:
