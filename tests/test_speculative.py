@@ -296,34 +296,43 @@ def test_config_errors_are_clear():
         LLM(model, speculative_config={"draft_vocab": [0, 9999]})
 
 
+def _steady(a: AdaptiveDepth, rows: int, seconds: float) -> None:
+    a.prev = a.depth = 0
+    a.record_step(rows, seconds)
+
+
 def test_adaptive_depth_follows_cost_and_acceptance():
     """Cheap extra rows and good acceptance -> deep drafts; rows that cost as much as whole steps, or drafts that
-    are never accepted -> no drafts; nothing measured yet -> the two ends of the range are tried first; trials of a
-    neighbouring depth back off while they do not change the choice."""
+    are never accepted -> no drafts; nothing measured yet -> the two ends of the range are held and measured first
+    (only steady-state steps count); trials of a neighbouring depth back off while they do not change the choice."""
     a = AdaptiveDepth(3, explore=0)
-    assert a.choose([3], 0) == [3]
-    a.record_step(4, 1.3)
-    assert a.choose([3], 0) == [0]
-    for rows, t in [(1, 1.0), (2, 1.1), (3, 1.2), (4, 1.3)]:
-        a.record_step(rows, t)
+    assert [a.choose([3], 0) for _ in range(3)] == [[0]] * 3
+    a.record_step(1, 1.0)                                   # steady at depth 0: recorded
+    assert a.choose([3], 0) == [1]
+    a.record_step(1, 9.9)                                   # a transition (0 -> 1): not recorded
+    assert a.step_time == {1: 1.0}
+    for rows, t in [(2, 1.1), (3, 1.2), (4, 1.3)]:
+        _steady(a, rows, t)
     for _ in range(50):
         a.record_acceptance(3, 3)
+    a.hold = 0
     assert a.choose([3], 0) == [3]
     b = AdaptiveDepth(3, explore=0)
     for rows, t in [(16, 1.0), (32, 2.0), (48, 3.0), (64, 4.0)]:
-        b.record_step(rows, t)
+        _steady(b, rows, t)
     assert b.choose([3] * 16, 0) == [0] * 16
     c = AdaptiveDepth(2, explore=0)
     for rows, t in [(1, 1.0), (2, 1.05), (3, 1.1)]:
-        c.record_step(rows, t)
+        _steady(c, rows, t)
     for _ in range(200):
         c.record_acceptance(2, 0)
     assert c.choose([2], 0) == [0]
     d = AdaptiveDepth(3, explore=4)
     for rows, t in [(16, 1.0), (32, 2.0), (48, 3.0), (64, 4.0)]:
-        d.record_step(rows, t)
-    trials = [s for s in range(1, 200) if d.choose([3] * 16, 0) != [0] * 16]
-    assert 3 <= len(trials) <= 8 and trials[1] - trials[0] < trials[-1] - trials[-2]
+        _steady(d, rows, t)
+    trials = [s for s in range(1, 300) if d.choose([3] * 16, 0) != [0] * 16]
+    starts = [s for s in trials if s - 1 not in trials]
+    assert 3 <= len(starts) <= 8 and starts[1] - starts[0] < starts[-1] - starts[-2]
 
 
 def test_reduced_draft_vocabulary_is_lossless_and_restricts_drafts():

@@ -240,6 +240,19 @@ class PagedAttention:
         return torch.cat(out)
 
 
+class _StoreOnly:
+    """An attention backend that stores the rows' K/V at `dst` and attends to nothing (zeros out): MTP catch-up."""
+
+    def __init__(self, cache: KVCache, dst: torch.Tensor):
+        self.cache, self.dst = cache, dst
+
+    def attend(self, layer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        _, k_pool, v_pool = self.cache.pools(layer.layer_idx)
+        k_pool.index_copy_(1, self.dst, k[0].to(k_pool.dtype).transpose(0, 1))
+        v_pool.index_copy_(1, self.dst, v[0].to(v_pool.dtype).transpose(0, 1))
+        return q.new_zeros(q.shape[:3] + (v.shape[-1],))
+
+
 def _first_if_consecutive(chunks: torch.Tensor) -> int | None:
     """chunks (host tensor) -> c0 when chunks.view(-1) == c0, c0 + 1, ..., else None."""
     flat = chunks.reshape(-1).tolist()
@@ -466,6 +479,22 @@ class ModelRunner:
         # an OpenMP region from ~8k elements on, ~0.3 ms a step at 16 rows here with OMP_WAIT_POLICY=PASSIVE.
         picked = hidden[0] if step.all_rows else hidden[0].index_select(0, step.sample_rows)
         return self.model.logits(picked).float()                                       # (R, V)
+
+    @torch.inference_mode()
+    def fill_mtp_kv(self, layer: int, slices: list[Slice], hidden: torch.Tensor) -> None:
+        """Only the K/V of MTP block `layer` at the slices' rows, stored in its ring (a catch-up: no attention, MLP or
+        head; a block's K/V at a position depends on that position's hidden state and token alone)."""
+        mm = self.model.model
+        blk = mm.mtp.layers[layer]
+        R = self.layout.ring_slots
+        ids = torch.tensor([[t for s in slices for t in s.tokens]], device=self.device)
+        pos = [p for s in slices for p in range(s.start, s.start + len(s.tokens))]
+        dst = torch.tensor([s.request.ring_id * R + p % R for s in slices for p in range(s.start, s.start + len(s.tokens))],
+                           device=self.device)
+        positions = torch.tensor([pos], device=self.device)
+        x = blk.eh_proj(torch.cat([blk.enorm(mm.embed_tokens(ids)), blk.hnorm(hidden[None])], dim=-1))
+        rope = mm.rotary["sliding"](positions, x.dtype)
+        blk.self_attn(blk.input_layernorm(x), positions, rope, _StoreOnly(self.cache, dst))
 
     @torch.inference_mode()
     def execute_mtp(self, layer: int, slices: list[Slice], hidden: torch.Tensor,

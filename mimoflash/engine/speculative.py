@@ -129,26 +129,39 @@ class AdaptiveDepth:
 
     Expected tokens of a verify step with depth k: E(k) = 1 + sum_{j<=k} prod_{i<=j} a_i, a_i the running
     (exponentially weighted) acceptance rate of draft i given draft i-1 was accepted. Its cost: the measured wall time
-    of a whole engine step with that many rows (forward, verification, bookkeeping and the draft passes made at its
-    end: in a steady state they belong to a step of the same depth), per total row count of decode/verify steps;
-    unmeasured row counts are interpolated linearly between measured ones (extrapolated with the nearest slope).
-    Until two row counts of the step's range are measured, its two ends (deepest, none) are tried. The depth
-    maximising sum_r E_r(k) / cost is taken. A neighbouring depth is tried now and then so that the table follows the
-    machine; each trial that does not change the choice doubles the wait before the next one (16 steps, up to 1024),
-    so where drafting does not pay (large batches) the trials cost little."""
+    of a whole engine step (forward, verification, bookkeeping and the draft passes at its end), per total row count
+    (the median of the last 9, so that a busy machine's spikes do not steer it), recorded only in a steady state (the step verified drafts of the depth it drafts again: a change of depth costs
+    the MTP rings a catch-up that a steady state does not pay). Unmeasured row counts are interpolated linearly
+    between measured ones (extrapolated with the nearest slope). Until two row counts of the step's range are
+    measured, depths 0 and 1 (the cheapest two) are held for a few steps each. Then the depth maximising
+    sum_r E_r(k) / cost is taken, going deeper than the current choice only for a gain of 10% or more (a change of
+    depth costs a catch-up the table does not see, and the timings are noisy). A neighbouring depth is tried now and then (held for a few steps) so that the table
+    follows the machine; each trial that does not change the choice doubles the wait before the next (16 steps, up
+    to 1024), so where drafting does not pay (large batches) the trials cost little."""
+
+    HOLD = 3                                          # steps a tried depth is kept (the first is a transition)
+    GAIN = 1.1                                        # a deeper choice must promise 10% more tokens per second
 
     def __init__(self, max_depth: int, decay: float = 0.05, explore: int = 16, prior: float = 0.6):
         self.max_depth, self.decay, self.explore = max_depth, decay, explore
         self.accept = [prior] * max_depth             # a_i, conditional acceptance of draft i + 1
-        self.step_time: dict[int, float] = {}         # step rows -> seconds (EMA)
+        self.step_time: dict[int, float] = {}         # steady-state step rows -> seconds (median of recent ones)
+        self._recent: dict[int, list[float]] = {}
         self.steps = 0
         self.interval = explore
         self.next_trial = explore
         self.last_best: int | None = None
+        self.depth: int | None = None                 # chosen this step
+        self.prev: int | None = None                  # chosen the step before (its drafts were verified now)
+        self.hold = 0
 
     def record_step(self, rows: int, seconds: float) -> None:
-        old = self.step_time.get(rows)
-        self.step_time[rows] = seconds if old is None else old + 0.2 * (seconds - old)
+        if self.depth is None or self.depth != self.prev:
+            return
+        recent = self._recent.setdefault(rows, [])
+        recent.append(seconds)
+        del recent[:-9]
+        self.step_time[rows] = sorted(recent)[len(recent) // 2]     # median of the last 9: spikes do not steer
 
     def record_acceptance(self, proposed: int, accepted: int) -> None:
         for j in range(min(proposed, accepted + 1)):        # draft j+1 was judged only if drafts 1..j were accepted
@@ -178,28 +191,37 @@ class AdaptiveDepth:
     def choose(self, caps: list[int], other_rows: int) -> list[int]:
         """caps: each drafting request's own limit; other_rows: rows of the step that are not theirs -> depths."""
         self.steps += 1
+        self.prev = self.depth
         top = max(caps, default=0)
-        if top == 0:
-            return caps
+        self.depth = self._pick(caps, other_rows, top) if top else 0
+        return [min(self.depth, c) for c in caps]
+
+    def _pick(self, caps: list[int], other_rows: int, top: int) -> int:
+        if self.hold > 0 and self.depth is not None and self.depth <= top:
+            self.hold -= 1
+            return self.depth
         rows = {k: other_rows + sum(1 + min(k, c) for c in caps) for k in range(top + 1)}
         seen = [r for r in self.step_time if rows[0] <= r <= rows[top]]
-        if len(seen) < 2:                               # measure the two ends of the range first
-            k = top if rows[top] not in self.step_time else 0
-            return [min(k, c) for c in caps]
-        best, best_rate = top, -1.0
+        if len(seen) < 2:                               # measure depths 0 and 1 first (the cheapest two)
+            self.hold = self.HOLD - 1
+            return 0 if rows[0] not in self.step_time else 1
+        rate = {}
         for k in range(top + 1):
             cost = self._interp(self.step_time, rows[k])
-            rate = sum(self.expected_tokens(min(k, c)) for c in caps) / cost if cost > 0 else 0.0
-            if rate > best_rate:
-                best, best_rate = k, rate
+            rate[k] = sum(self.expected_tokens(min(k, c)) for c in caps) / cost if cost > 0 else 0.0
+        best = max(rate, key=rate.__getitem__)
+        cur = self.last_best if self.last_best is not None and self.last_best <= top else 0
+        if best > cur and rate[best] < self.GAIN * rate[cur]:      # deeper only for a clear gain: a change of
+            best = cur                                              # depth costs a catch-up, timings are noisy
         if best != self.last_best:                      # the choice moved: watch it closely again
             self.interval, self.next_trial = self.explore, self.steps + self.explore
         self.last_best = best
         if self.explore and self.steps >= self.next_trial:
             self.next_trial = self.steps + self.interval
             self.interval = min(2 * self.interval, 64 * self.explore)
-            best = best + 1 if best < top and (best == 0 or (self.steps // self.explore) % 2) else best - 1
-        return [min(best, c) for c in caps]
+            self.hold = self.HOLD - 1
+            return best + 1 if best < top and (best == 0 or (self.steps // self.explore) % 2) else best - 1
+        return best
 
 
 class MTPDrafter:
@@ -269,7 +291,7 @@ class MTPDrafter:
         probs: dict[str, list[torch.Tensor]] = {}
         for n in range(max(k for _, k, _ in work)):
             li = min(n, self.num_layers - 1)
-            slices, hid, owners = [], [], []
+            slices, hid, owners, fill, fill_hid = [], [], [], [], []
             for r, k, st in work:
                 if k <= n:
                     continue
@@ -281,9 +303,17 @@ class MTPDrafter:
                            for i in range(s, q + 1)]
                 else:                                    # the last block reused: one row, h_q and the newest draft,
                     s, ids = q + n - li, [r.draft_token_ids[n - 1]]   # one position further per reuse (below)
+                if len(ids) > self.runner.max_rows:        # a catch-up: the older rows only need their K/V
+                    cut = len(ids) - self.runner.max_rows
+                    fill.append(Slice(r, s, ids[:cut], "none"))
+                    fill_hid.append(st.hidden[s - st.h0:s + cut - st.h0])
+                    s, ids = s + cut, ids[cut:]
                 slices.append(Slice(r, s, ids, "last"))
                 hid.append(st.hidden[min(s, q) - st.h0:q + 1 - st.h0])
                 owners.append((r, st, s, q, n))
+            if fill:
+                self.runner.fill_mtp_kv(li, fill, torch.cat(fill_hid) if self.hidden_pre_norm
+                                        else self.model.model.norm(torch.cat(fill_hid)))
             hidden = torch.cat(hid)
             if not self.hidden_pre_norm:
                 hidden = self.model.model.norm(hidden)
