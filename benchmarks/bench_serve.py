@@ -57,9 +57,10 @@ def prompts(n: int, seed: int) -> list[str]:
 
 
 async def one_stream(client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int, extra: dict) -> dict:
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True, **extra}
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}, **extra}
     t0 = time.perf_counter()
-    times = []
+    times, tokens = [], None
     async with client.stream("POST", "/v1/completions", json=body) as r:
         r.raise_for_status()
         async for line in r.aiter_lines():
@@ -67,8 +68,11 @@ async def one_stream(client: httpx.AsyncClient, model: str, prompt: str, max_tok
                 chunk = json.loads(line[6:])
                 if chunk.get("choices") and chunk["choices"][0].get("text"):
                     times.append(time.perf_counter())
+                if chunk.get("usage"):
+                    tokens = chunk["usage"]["completion_tokens"]
+    # Tokens from usage where the server reports it (a chunk may carry several tokens), else one per chunk.
     return {"ttft": times[0] - t0 if times else None, "itl": [b - a for a, b in zip(times, times[1:])],
-            "end": time.perf_counter(), "start": t0, "chunks": len(times)}
+            "tokens": tokens if tokens is not None else len(times)}
 
 
 async def http_round(url: str, model: str, ps: list[str], max_tokens: int, extra: dict) -> dict:
@@ -78,7 +82,7 @@ async def http_round(url: str, model: str, ps: list[str], max_tokens: int, extra
         wall = time.perf_counter() - t0
     ttft = [r["ttft"] for r in res if r["ttft"] is not None]
     itl = [x for r in res for x in r["itl"]]
-    return {"tok_s": len(ps) * max_tokens / wall, "ttft": ttft, "itl": itl}
+    return {"tok_s": sum(r["tokens"] for r in res) / wall, "ttft": ttft, "itl": itl}
 
 
 def offline_round(llm, ps: list[str], max_tokens: int) -> dict:
@@ -132,8 +136,8 @@ def main() -> int:
         port = free_port()
         try:
             exe = os.path.join(os.path.dirname(py), "transformers")
-            procs.append(start([exe, "serve", "--port", str(port), "--force-model", path],
-                               f"http://127.0.0.1:{port}/v1/models", timeout=300))
+            procs.append(start([exe, "serve", path, "--host", "127.0.0.1", "--port", str(port), "--log-level",
+                                "warning"], f"http://127.0.0.1:{port}/health", timeout=300))
             servers["transformers serve"] = (f"http://127.0.0.1:{port}", path, {})
         except Exception as e:                       # noqa: BLE001 -- report and go on without it
             print(f"transformers serve did not start: {e}", file=sys.stderr)
