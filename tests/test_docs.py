@@ -44,6 +44,7 @@ DEVELOPMENT_LOG = [
     (re.compile(rf"\b(?:{ORDINALS})\s+sessions?\b", re.I), "talks about work sessions"),
     (re.compile(r"\bissues?\s*#?\d+", re.I), "cites an issue number"),
     (re.compile(r"\bthe engine issue\b", re.I), "cites an issue"),
+    (re.compile(r"(?<![\w.~-])/(?:root|work|tmp|home/[\w.-]+|Users/[\w.-]+)/"), "an absolute path of one machine"),
 ]
 COMMIT_RE = re.compile(r"\bcommits?\s+[0-9a-f]{7,40}\b")
 
@@ -101,6 +102,9 @@ def test_scanner_patterns_on_examples():
     assert HEADING_RE.findall("## 2. Forward pass\n### 2.3 Attention\n## Sources\n") == ["2", "2.3"]
     assert DEVELOPMENT_LOG[0][0].search("as the previous session measured")
     assert not DEVELOPMENT_LOG[0][0].search("chat ends the session")
+    machine_path = DEVELOPMENT_LOG[-1][0]
+    assert machine_path.search("files under /root/.pyenv/versions/3.11.7/lib") and machine_path.search("(/home/ann/x)")
+    assert not machine_path.search("POST /v1/chat/completions, ~/.cache/mimoflash/ or runs/tmp/x")
 
 
 def test_every_repository_path_mentioned_exists():
@@ -170,7 +174,7 @@ def _markdown_files() -> list[Path]:
 
 @pytest.mark.parametrize("path", _markdown_files(), ids=rel)
 def test_markdown_describes_the_product_not_its_development(path):
-    """No work sessions or issue numbers in any .md; commit hashes only in benchmarks/RESULTS.md, the dated log of
+    """No work sessions, issue numbers or one machine's absolute paths in any .md; commit hashes only in benchmarks/RESULTS.md, the dated log of
     measurements, and in the README's benchmark table (which names the commit it measured)."""
     text = read(path)
     found = [f"line {line_of(text, m.start())}: {m.group(0)!r} ({why})"
