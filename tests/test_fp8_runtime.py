@@ -73,7 +73,7 @@ def test_fp8_kernels_portable_loop_matches():
     """The portable C loop (machines without AVX2/F16C) against the same references."""
     if not kernels.available():
         pytest.skip("CPU kernels not built (no C compiler)")
-    run_portable(__file__, "matches_reference or decodes_every_byte")
+    run_portable(__file__, "decodes_every_byte or 256-256 or 300-200 or 37-53 or 130-260 or 64-80")
 
 
 # ---------------------------------------------------------------------------------------------- through LLM
@@ -223,6 +223,23 @@ def test_memory_budget_bounds_expert_cache(ckpt):
     assert llm.expert_stats().resident_bytes <= cap
     with pytest.raises(ValueError, match="too small"):
         LLM(ckpt, progress=False, memory_budget="1M")
+
+
+@needs_kernels
+def test_files_larger_than_ram_still_run_and_say_so(ckpt, monkeypatch, caplog):
+    """Where the files exceed the available RAM (simulated: MemAvailable reported as half the files), the cache is
+    bounded, a warning says so, and the model gives the same tokens as with everything cached."""
+    files = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
+    sp = SamplingParams(temperature=0, max_tokens=4)
+    want = LLM(ckpt, progress=False).generate(PROMPTS, sp, use_tqdm=False)
+    monkeypatch.setattr(fp8_layout, "available_ram", lambda: files // 2)
+    with caplog.at_level("WARNING", logger="mimoflash.engine.fp8_layout"):
+        llm = LLM(ckpt, progress=False)
+    assert "exceed the available RAM" in caplog.text and "slower" in caplog.text
+    assert llm.expert_store.capacity is not None and llm.expert_store.capacity < llm.expert_store.total_bytes
+    got = llm.generate(PROMPTS, sp, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
+    assert llm.expert_stats().resident_bytes <= llm.expert_store.capacity
 
 
 def test_memory_budget_errors(tmp_path, ckpt):
