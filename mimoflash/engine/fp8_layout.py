@@ -162,8 +162,8 @@ def wants_fp8(path, weight_dtype, compute: torch.dtype, device: torch.device) ->
     ok = is_fp8 and device.type == "cpu" and compute == torch.float32 and kfp8.available()
     if asked and not ok:
         why = ("the checkpoint's projections are not E4M3 block-FP8" if not is_fp8 else
-               "it runs on CPU with float32 compute and the CPU kernels built")
-        raise ValueError(f"weight_dtype='fp8' needs {why}")
+               "FP8 weights run on CPU, with float32 compute and the CPU kernels built")
+        raise ValueError(f"weight_dtype='fp8' cannot be used here: {why}")
     return ok and (asked or other == "BF16")
 
 
