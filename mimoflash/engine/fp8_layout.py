@@ -91,6 +91,8 @@ class FP8Experts(nn.Module):
         ids = [e for e, n in enumerate(counts) if n]
         rows = [counts[e] for e in ids]
         x32 = x_TD if x_TD.dtype == torch.float32 else x_TD.float()
+        if not ids:                                                            # no tokens
+            return torch.zeros_like(x_TD)
         x_PD = x32.index_select(0, tok_P)                                      # (P, D), expert-sorted
         ptrs = self.store.acquire(self.layer, ids)
         try:
