@@ -6,7 +6,7 @@ and rounds every weight. Here they stay as they are and the products dequantise 
 (kernels/fp8.c), so:
 
 * resident weight memory is about the checkpoint's size (the bf16 tensors it already has, plus its FP8 bytes);
-* results are the exact fp32 dequantisation's, up to summation order (activations and accumulation in fp32);
+* results are the fp32 dequantisation's up to rounding order (activations and accumulation in fp32);
 * no whole-model fp32 or bf16 copy exists while loading: the model is built on the meta device, the FP8
   projections are swapped for `FP8Linear` (which holds `weight` and `weight_scale_inv` under the checkpoint's names),
   the routed experts for `FP8Experts`, and only then is memory allocated and filled tensor by tensor.

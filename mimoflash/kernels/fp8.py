@@ -6,7 +6,7 @@
 * `experts_fp8(x_PD, counts, ptrs, ...)`: routed experts over tokens grouped by expert, one C call for a layer.
 * `linear_fp8_reference`: the slow path the tests compare against (the exact fp32 dequantisation, then F.linear).
 
-The result equals the fp32-dequantised weight's product up to summation order (fp8.c says why).
+The result equals the fp32-dequantised weight's product up to rounding order (fp8.c says why).
 """
 
 from __future__ import annotations
