@@ -29,7 +29,7 @@ step; greedy output is the same token for token, sampled output has the same dis
 `weight_dtype` is how the matmul weights are stored: "auto" keeps a bf16 checkpoint's weights in bf16 on CPU when
 computing in fp32 (engine/cpu_layout.py: half the bytes per decoded token, same result as the fp32 model up to
 summation order), keeps a block-FP8 checkpoint's FP8 weights in FP8 with their scales there (engine/fp8_layout.py:
-the exact fp32 dequantisation's result up to summation order, experts read from the files when routed; "fp8" asks
+the fp32 dequantisation's result up to rounding order, experts read from the files when routed; "fp8" asks
 for it, "bfloat16" dequantises to bf16 at load instead), and equals `dtype` otherwise (fp32 checkpoints, CUDA, or
 without the CPU kernels). `memory_budget` (FP8 checkpoints; bytes or "24G") bounds the process's resident memory:
 experts beyond it are re-read from the files when routed (docs/BIG_MODEL.md).
