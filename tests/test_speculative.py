@@ -306,7 +306,7 @@ def test_adaptive_depth_follows_cost_and_acceptance():
     are never accepted -> no drafts; nothing measured yet -> the two ends of the range are held and measured first
     (only steady-state steps count); trials of a neighbouring depth back off while they do not change the choice."""
     a = AdaptiveDepth(3, explore=0)
-    assert [a.choose([3], 0) for _ in range(3)] == [[0]] * 3
+    assert [a.choose([3], 0) for _ in range(AdaptiveDepth.HOLD)] == [[0]] * AdaptiveDepth.HOLD
     a.record_step(1, 1.0)                                   # steady at depth 0: recorded
     assert a.choose([3], 0) == [1]
     a.record_step(1, 9.9)                                   # a transition (0 -> 1): not recorded

@@ -114,7 +114,8 @@ class _State:
     preemptions: int
     num_layers: int
     h0: int = 0                                   # position of hidden[0]
-    hidden: torch.Tensor | None = None            # (m, D) final hidden states at positions h0 .. h0 + m - 1
+    buf: torch.Tensor | None = None               # (2 * keep, D): rows [0, m) hold positions h0 .. h0 + m - 1
+    m: int = 0
     done: list[int] = field(default_factory=list)            # block n's ring is right for positions < done[n]
     tentative: list[dict[int, int]] = field(default_factory=list)   # block n: position -> draft token it used
     draft_probs: torch.Tensor | None = None       # (k, V) the distributions the drafts were drawn from (sampling)
@@ -122,6 +123,11 @@ class _State:
     def __post_init__(self) -> None:
         self.done = [0] * self.num_layers
         self.tentative = [{} for _ in range(self.num_layers)]
+
+    @property
+    def hidden(self) -> torch.Tensor:
+        """(m, D) the main model's final hidden states at positions h0 .. h0 + m - 1."""
+        return self.buf[:self.m]
 
 
 class AdaptiveDepth:
@@ -134,15 +140,16 @@ class AdaptiveDepth:
     the MTP rings a catch-up that a steady state does not pay). Unmeasured row counts are interpolated linearly
     between measured ones (extrapolated with the nearest slope). Until two row counts of the step's range are
     measured, depths 0 and 1 (the cheapest two) are held for a few steps each. Then the depth maximising
-    sum_r E_r(k) / cost is taken, going deeper than the current choice only for a gain of 10% or more (a change of
-    depth costs a catch-up the table does not see, and the timings are noisy). A neighbouring depth is tried now and then (held for a few steps) so that the table
-    follows the machine; each trial that does not change the choice doubles the wait before the next (16 steps, up
-    to 1024), so where drafting does not pay (large batches) the trials cost little."""
+    sum_r E_r(k) / cost is taken, going deeper than the current choice only for a gain of 20% or more (a change of
+    depth costs a catch-up the table does not see, and the timings are noisy). A neighbouring depth is tried now and
+    then (held for two steps) so that the table follows the machine; each trial that does not change the choice
+    doubles the wait before the next (32 steps, up to 2048), so where drafting does not pay (large batches) the
+    trials cost little."""
 
-    HOLD = 3                                          # steps a tried depth is kept (the first is a transition)
-    GAIN = 1.1                                        # a deeper choice must promise 10% more tokens per second
+    HOLD = 2                                          # steps a tried depth is kept (the first is a transition)
+    GAIN = 1.2                                        # a deeper choice must promise 20% more tokens per second
 
-    def __init__(self, max_depth: int, decay: float = 0.05, explore: int = 16, prior: float = 0.6):
+    def __init__(self, max_depth: int, decay: float = 0.05, explore: int = 32, prior: float = 0.6):
         self.max_depth, self.decay, self.explore = max_depth, decay, explore
         self.accept = [prior] * max_depth             # a_i, conditional acceptance of draft i + 1
         self.step_time: dict[int, float] = {}         # steady-state step rows -> seconds (median of recent ones)
@@ -259,18 +266,22 @@ class MTPDrafter:
         self.states.pop(request_id, None)
 
     def observe(self, req: Request, start: int, hidden: torch.Tensor) -> None:
-        """hidden (n, D): the main model's final hidden states at positions start .. start + n - 1."""
+        """hidden (n, D): the main model's final hidden states at positions start .. start + n - 1. Kept in a buffer
+        of twice the window that is written in place and compacted once it fills (no copy of the window per step)."""
         st = self.state(req)
-        n = hidden.shape[0]
-        if n > self.keep:
-            hidden, start, n = hidden[-self.keep:], start + n - self.keep, self.keep
-        if st.hidden is None or start != st.h0 + st.hidden.shape[0]:
-            st.hidden, st.h0 = hidden.clone(), start
-        else:
-            st.hidden = torch.cat([st.hidden, hidden])
-        m = st.hidden.shape[0]
-        if m > self.keep:
-            st.hidden, st.h0 = st.hidden[m - self.keep:], st.h0 + m - self.keep
+        n, keep = hidden.shape[0], self.keep
+        if n > keep:
+            hidden, start, n = hidden[-keep:], start + n - keep, keep
+        if st.buf is None or start != st.h0 + st.m:                  # first rows, or recomputed after preemption
+            if st.buf is None:
+                st.buf = hidden.new_empty(2 * keep, hidden.shape[1])
+            st.h0, st.m = start, 0
+        if st.m + n > 2 * keep:                                        # compact: the newest keep - n rows to the front
+            drop = st.m + n - keep
+            st.buf[:st.m - drop] = st.buf[drop:st.m].clone()
+            st.h0, st.m = st.h0 + drop, st.m - drop
+        st.buf[st.m:st.m + n] = hidden
+        st.m += n
 
     # ------------------------------------------------------------------ drafting
     def propose(self, reqs: list[Request], depths: list[int], shared_generator, generators: dict) -> None:
