@@ -84,7 +84,8 @@ def _write_safetensors(file: Path, entries) -> None:
         f.write(blob)
         for _, name, dtype, shape, make in entries:
             t = make().detach().to("cpu", dtype).contiguous()
-            assert tuple(t.shape) == tuple(shape), (name, t.shape, shape)
+            if tuple(t.shape) != tuple(shape):
+                raise RuntimeError(f"{file}: tensor {name} has shape {tuple(t.shape)}, the header says {tuple(shape)}")
             f.write(t.reshape(-1).view(torch.uint8).numpy().data)
             del t
 

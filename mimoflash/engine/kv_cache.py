@@ -159,26 +159,31 @@ class KVCacheManager:
     def allocate(self, req: Request, num_new_tokens: int) -> None:
         """Make room for `num_new_tokens` more tokens of `req` (blocks as needed, a ring on first use)."""
         need = self.blocks_needed(req, num_new_tokens)
-        assert need <= len(self.free_blocks), f"{req.request_id}: need {need} blocks, {len(self.free_blocks)} free"
+        if need > len(self.free_blocks):
+            raise RuntimeError(f"{req.request_id}: need {need} blocks, {len(self.free_blocks)} free")
         req.block_ids.extend(self.free_blocks.pop() for _ in range(need))
         if self.uses_rings and req.ring_id is None:
-            assert self.free_rings, f"{req.request_id}: no free ring"
+            if not self.free_rings:
+                raise RuntimeError(f"{req.request_id}: no free ring")
             req.ring_id = self.free_rings.pop()
 
     def free(self, req: Request) -> None:
         """Return everything `req` holds (finish, abort, preemption)."""
-        assert len(set(req.block_ids)) == len(req.block_ids), f"{req.request_id}: duplicate block ids"
+        if len(set(req.block_ids)) != len(req.block_ids):
+            raise RuntimeError(f"{req.request_id}: duplicate block ids")
         self.free_blocks.extend(reversed(req.block_ids))
         req.block_ids = []
         if req.ring_id is not None:
             self.free_rings.append(req.ring_id)
             req.ring_id = None
-        assert len(self.free_blocks) <= self.layout.num_blocks and len(self.free_rings) <= self.layout.num_rings
+        if len(self.free_blocks) > self.layout.num_blocks or len(self.free_rings) > self.layout.num_rings:
+            raise RuntimeError("KV cache accounting: more free blocks or rings than the pools hold")
 
     def rollback(self, req: Request, num_tokens: int) -> None:
         """Forget cached tokens from position `num_tokens` on (rejected speculative drafts). Blocks past the new end
         go back to the pool; the ring needs nothing (its slack covers `max_draft` overwritten slots)."""
-        assert 0 <= num_tokens <= req.num_computed_tokens, f"rollback to {num_tokens} > {req.num_computed_tokens}"
+        if not 0 <= num_tokens <= req.num_computed_tokens:
+            raise ValueError(f"{req.request_id}: rollback to {num_tokens}, outside 0..{req.num_computed_tokens}")
         keep = math.ceil(num_tokens / self.layout.block_size) if self.uses_blocks else 0
         self.free_blocks.extend(reversed(req.block_ids[keep:]))
         del req.block_ids[keep:]

@@ -281,14 +281,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     Example:
         mimoflash prepare-data --input src/ --glob '*.py' --tokenizer runs/tok --out data/py
     """
-    parser = argparse.ArgumentParser(prog="mimoflash prepare-data", description=main.__doc__.splitlines()[0])
+    from ..cli import HelpFormatter
+    parser = argparse.ArgumentParser(prog="mimoflash prepare-data", description=main.__doc__.splitlines()[0],
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--input", action="append", required=True, help="file or directory (repeatable)")
-    parser.add_argument("--glob", default="*", help="file-name pattern for directories (default: *)")
+    parser.add_argument("--glob", default="*", help="file-name pattern for directories")
     parser.add_argument("--tokenizer", required=True, help="directory with tokenizer.json")
     parser.add_argument("--out", required=True, help="output directory for train.bin, val.bin, meta.json")
-    parser.add_argument("--val-fraction", type=float, default=0.01)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dtype", default="auto", choices=["auto", "uint16", "uint32"])
+    parser.add_argument("--val-fraction", type=float, default=0.01, help="share of the files held out for validation")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the file shuffle that picks the held-out files")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "uint16", "uint32"],
+                        help="token storage (auto: uint16 when the vocabulary fits)")
     args = parser.parse_args(argv)
 
     files = collect_files(args.input, args.glob)

@@ -102,7 +102,8 @@ def train_tokenizer(
             entry["special"] = False
     tok = _HFTokenizer.from_str(json.dumps(spec))
     for i, content in enumerate(SPECIAL_TOKENS):
-        assert tok.token_to_id(content) == i, f"special token {content} got id {tok.token_to_id(content)}, not {i}"
+        if tok.token_to_id(content) != i:
+            raise RuntimeError(f"special token {content} got id {tok.token_to_id(content)}, not {i}")
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -140,12 +141,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     Example:
         mimoflash train-tokenizer --input src/ --glob '*.py' --out runs/tok --vocab-size 8192
     """
-    parser = argparse.ArgumentParser(prog="mimoflash train-tokenizer", description=main.__doc__.splitlines()[0])
+    from ..cli import HelpFormatter
+    parser = argparse.ArgumentParser(prog="mimoflash train-tokenizer", description=main.__doc__.splitlines()[0],
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--input", action="append", required=True, help="file or directory (repeatable)")
-    parser.add_argument("--glob", default="*", help="file-name pattern for directories (default: *)")
+    parser.add_argument("--glob", default="*", help="file-name pattern for directories")
     parser.add_argument("--out", required=True, help="output directory for tokenizer.json/tokenizer_config.json")
-    parser.add_argument("--vocab-size", type=int, default=8192)
-    parser.add_argument("--min-frequency", type=int, default=2)
+    parser.add_argument("--vocab-size", type=int, default=8192,
+                        help="ids in the vocabulary, special tokens and the 256 bytes included")
+    parser.add_argument("--min-frequency", type=int, default=2, help="a pair seen fewer times is never merged")
     args = parser.parse_args(argv)
 
     files = collect_files(args.input, args.glob)
