@@ -373,6 +373,16 @@ def test_greedy_acceptance_scores_the_models_own_continuation(data_dir):
     assert 1.0 <= a["accept_length_model"] <= 3.0 and len(a["mtp_acc_model"]) == 2
 
 
+def test_heldout_acceptance_equals_mtp_acceptance_on_the_same_windows(data_dir):
+    from mimoflash.train.evaluate import heldout_acceptance, mtp_acceptance
+    mcfg, _ = tiny()
+    model = MiMoForCausalLM(mcfg)
+    model.init_weights(generator=torch.Generator().manual_seed(1))
+    ds = TokenDataset(data_dir, "val", 32, 2)
+    tokens = torch.from_numpy(np.asarray(ds.tokens[:6 * 32 + 3], dtype=np.int64))     # 6 windows + targets
+    assert heldout_acceptance(model, tokens, 32, ds.separator_id) == mtp_acceptance(model, ds, 6, 1)
+
+
 # ----------------------------------------------------------------------------------------- the shipped model
 
 needs_default = pytest.mark.skipif(not (DEFAULT_MODEL / "config.json").exists(),
@@ -394,6 +404,28 @@ def test_default_model_reproduces_card_heldout_loss():
     loss = heldout_loss(model, tokens, card["seq_len"])
     assert loss == pytest.approx(card["loss"], rel=0.01)
     assert f"{card['loss']:.3f}" in (DEFAULT_MODEL / "README.md").read_text()
+
+
+@needs_default
+def test_default_model_has_three_mtp_heads_with_the_cards_acceptance():
+    """The shipped MTP heads are the measured ones (heldout.json's acceptance is recomputed), and the card describes
+    its corpus without any path of the machine it was trained on."""
+    from mimoflash.checkpoint.loader import load_model
+    from mimoflash.train.evaluate import heldout_acceptance, read_tokens
+
+    card = json.loads((DEFAULT_MODEL / "heldout.json").read_text())
+    model = load_model(DEFAULT_MODEL, torch.float32, "cpu")
+    assert model.config.num_nextn_predict_layers == 3
+    acc = heldout_acceptance(model, read_tokens(DEFAULT_MODEL / card["file"], card["dtype"]), card["seq_len"],
+                             card["separator_id"])
+    for key in ("mtp_acc", "mtp_acc_model"):
+        assert len(acc[key]) == 3
+        assert acc[key] == pytest.approx(card["mtp_acceptance"][key], abs=2e-3), key
+    text = (DEFAULT_MODEL / "README.md").read_text()
+    assert "PSF" in text and "3 heads" in text
+    for root in ("/root/", "/home/", "/work/", "/tmp/", "/usr/", ".pyenv"):
+        assert root not in text, root
+        assert root not in (DEFAULT_MODEL / "training_metrics.json").read_text(), root
 
 
 @needs_default
