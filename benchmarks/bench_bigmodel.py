@@ -28,7 +28,6 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 OURS = r"""
@@ -64,7 +63,8 @@ kv_dtype = llm.engine.config.kv_cache_dtype or llm.dtype
 step = step_bytes(llm.model.config, wb, 1, prompt + new // 2, torch.empty((), dtype=kv_dtype).element_size())
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 stats = llm.expert_stats()
-print(json.dumps({"peak_bytes": peak - base, "after_load_bytes": after_load - base, "load_s": load_s,
+print(json.dumps({"peak_bytes": peak - base, "peak_abs_bytes": peak, "baseline_bytes": base,
+                  "after_load_bytes": after_load - base, "load_s": load_s,
                   "decode_tok_s": statistics.median(rates), "rates": rates, "tokens": tokens,
                   "expert_stats": stats.as_dict() if stats is not None else None,
                   "weight_dtype": str(llm.weight_dtype).removeprefix("torch."), "weights": wb,
@@ -72,7 +72,7 @@ print(json.dumps({"peak_bytes": peak - base, "after_load_bytes": after_load - ba
 """
 
 THEIRS = r"""
-import json, resource, statistics, sys, time, warnings
+import json, resource, statistics, sys, time
 import torch
 torch.ones(1).sum()
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -99,7 +99,8 @@ for _ in range(repeats):
     tn, tokens = run(new)
     rates.append((new - 1) / (tn - t1))
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print(json.dumps({"peak_bytes": peak - base, "after_load_bytes": after_load - base, "load_s": load_s,
+print(json.dumps({"peak_bytes": peak - base, "peak_abs_bytes": peak, "baseline_bytes": base,
+                  "after_load_bytes": after_load - base, "load_s": load_s,
                   "decode_tok_s": statistics.median(rates), "rates": rates, "tokens": tokens,
                   "weight_dtype": dtype}))
 """
@@ -162,8 +163,9 @@ def main() -> None:
           f"{o['decode_tok_s'] / o['bound_tok_s']:.0%}")
     if o.get("expert_stats"):
         st = o["expert_stats"]
-        print(f"mimoflash expert store: {st['touched']} expert reads over {st['steps']} steps, {st['bytes_read'] / gb:.2f} "
-              f"GB read from the mapped files, hit rate {st['hit_rate']:.0%}, resident {st['resident_bytes'] / gb:.2f} GB"
+        print(f"mimoflash expert store: {st['touched']} expert reads over {st['steps']} steps, "
+              f"{st['bytes_read'] / gb:.2f} GB read from the mapped files, hit rate {st['hit_rate']:.0%}, "
+              f"resident {st['resident_bytes'] / gb:.2f} GB"
               f" (budget {args.memory_budget or 'none'})")
     if "transformers" in res:
         a, b = o["tokens"], res["transformers"]["tokens"]

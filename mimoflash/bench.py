@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import sys
@@ -381,7 +380,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=None, help="repeats per measurement (default 3; medians)")
     ap.add_argument("--prompt", type=int, default=None, help="prompt tokens (default 128)")
     ap.add_argument("--new", type=int, default=None, help="generated tokens per sequence (default 32)")
-    ap.add_argument("--batch", type=int, nargs="+", default=None, help="batch sizes (default 1 16; with --plan: one, default 1)")
+    ap.add_argument("--batch", type=int, nargs="+", default=None,
+                    help="batch sizes (default 1 16; with --plan: one, default 1)")
     ap.add_argument("--price-per-hour", type=float, default=1.0,
                     help="machine price in USD per hour for the cost per million tokens (default 1.0)")
     ap.add_argument("--memory-budget", default=None,

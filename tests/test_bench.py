@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 
 from mimoflash.bench import distinct_experts, main, step_bytes, weight_bytes
-from mimoflash.config import MiMoConfig
 
 RELEASE = Path(__file__).parent / "fixtures" / "mimo_v2_flash_config.json"
 
@@ -103,9 +102,9 @@ def _release_bytes(fp8: bool) -> dict:
     if fp8:
         panels = 2 * ((L + n_mtp) * o_proj + V * H + n_mtp * 2 * H * H)
     else:
-        qkv = sum(nq * d * H + nkv * (d + dv) * H for nkv in
-                  [c["swa_num_key_value_heads"] if swa else c["num_key_value_heads"] for swa in c["hybrid_layer_pattern"]]
-                  + [c["swa_num_key_value_heads"]] * n_mtp)
+        kv_heads = [c["swa_num_key_value_heads"] if swa else c["num_key_value_heads"]
+                    for swa in c["hybrid_layer_pattern"]] + [c["swa_num_key_value_heads"]] * n_mtp
+        qkv = sum(nq * d * H + nkv * (d + dv) * H for nkv in kv_heads)
         n_dense = c["moe_layer_freq"].count(0) + n_mtp
         panels = 2 * (qkv + (L + n_mtp) * o_proj + n_dense * 3 * F * H + V * H + n_mtp * 2 * H * H)
     return {"embedding": V * H * 2, "dense": layers + V * H * 2 + H * 2, "experts": experts,    # + lm_head, norm

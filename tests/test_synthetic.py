@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +15,8 @@ from safetensors import safe_open
 from mimoflash.checkpoint.fp8 import FP8_DTYPE
 from mimoflash.checkpoint.loader import load_model
 from mimoflash.checkpoint.saver import save_model
-from mimoflash.checkpoint.synthetic import checkpoint_plan, main, parse_size, synthetic_config, write_synthetic_checkpoint
+from mimoflash.checkpoint.synthetic import (checkpoint_plan, main, parse_size, synthetic_config,
+                                            write_synthetic_checkpoint)
 from mimoflash.summary import read_headers
 
 from conftest import make_model, tiny_config
@@ -125,7 +127,7 @@ peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
 print(json.dumps({"peak": peak, "files": sum(f.stat().st_size for f in root.glob("*.safetensors"))}))
 """
     out = subprocess.run([sys.executable, "-c", child, str(tmp_path / "big")], capture_output=True, text=True,
-                         cwd=str(__import__("pathlib").Path(__file__).parent), timeout=300)
+                         cwd=str(Path(__file__).parent), timeout=300)
     assert out.returncode == 0, out.stderr
     r = json.loads(out.stdout.strip().splitlines()[-1])
     assert r["files"] > 100e6
