@@ -22,6 +22,8 @@ products of batched decoding and prefill run fastest on (engine/cpu_layout.py); 
 `huge_pages` (CPU, off by default): put the weights, those copies and the KV pools on 2 MB transparent huge pages
 where Linux allows (engine/hugepages.py): fewer TLB misses while a decode step streams them; results are identical
 either way. On the benchmark machine the decode rates stayed within noise of the default (docs/ENGINE.md §8).
+`tensor_parallel_size=N` splits the model over N processes with torch.distributed (heads, experts, vocabulary;
+docs/PARALLEL.md): N-1 workers started on this host, or the ranks of a `torchrun` launch; `close()` stops them.
 `speculative_config` turns on MTP speculative decoding (vLLM's shape): {"method": "mtp", "num_speculative_tokens": k,
 "adaptive": True} lets the model's MTP layers draft up to k tokens per step that the main model verifies in the next
 step; greedy output is the same token for token, sampled output has the same distribution (docs/MTP.md). Each output's
@@ -92,7 +94,12 @@ class LLM:
                  seed: int = 0, attention_impl: str = "fast", skip_tokenizer_init: bool = False,
                  kv_cache_dtype: str | torch.dtype = "auto", weight_panels: bool = True, huge_pages: bool = False,
                  progress: bool = True, memory_budget: int | str | None = None,
-                 speculative_config: dict | SpeculativeConfig | None = None):
+                 speculative_config: dict | SpeculativeConfig | None = None, tensor_parallel_size: int = 1):
+        self._parallel = None
+        if tensor_parallel_size != 1:           # this rank's shard; workers started or joined (parallel/group.py)
+            from ..parallel.group import start
+            self._parallel, model, tokenizer, kv_cache_memory = start(model, tokenizer, tensor_parallel_size,
+                                                                      dict(locals()))
         device = torch.device(device)
         spec = SpeculativeConfig.from_value(speculative_config)        # checked before any loading
         kv_dtype = None if kv_cache_dtype in (None, "auto") else _resolve_dtype(kv_cache_dtype, device,
@@ -138,6 +145,14 @@ class LLM:
             kv_cache_memory=kv_cache_memory, block_size=block_size, attention_impl=attention_impl, seed=seed,
             dtype=compute, kv_cache_dtype=kv_dtype, weight_panels=weight_panels,
             huge_pages=huge_pages, speculative=spec))
+        if self._parallel is not None:
+            self._parallel.attach(self)
+
+    def close(self) -> None:
+        """Stop the tensor-parallel worker processes (also done when the LLM is garbage collected and at exit);
+        a no-op for a single-process LLM."""
+        if self._parallel is not None:
+            self._parallel.close()
 
     def get_tokenizer(self):
         return self.tokenizer

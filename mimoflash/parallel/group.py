@@ -1,0 +1,472 @@
+"""Starting, driving and stopping the ranks of a tensor-parallel `LLM` (torch.distributed: gloo on CPU, NCCL on CUDA).
+
+Who does what. Rank 0 is the process that called `LLM(model, tensor_parallel_size=N)`: it owns the scheduler,
+samples, detokenizes, and runs its share of every forward. Ranks 1..N-1 are *followers*: each builds its own
+shard (parallel/load.py) and a plain single-process engine over it, then loops: wait for the next command, run it.
+Two ways to get the followers:
+* one host: rank 0 starts N-1 processes itself (torch.multiprocessing, spawn), meeting on a free 127.0.0.1 port;
+* across hosts: every rank is started by `torchrun` (RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT set) and runs the
+  same script; `LLM(...)` returns on rank 0 and, on the others, serves rank 0 until it closes, then exits the process
+  (SystemExit(0)).
+
+The step plan. Each engine step, rank 0 publishes the scheduled batch as plain data (per item: start, the token
+slice, draft count, whether it samples, its block ids and ring id: a few hundred bytes) under a sequence-numbered
+key of the group's TCP store; the followers rebuild the same `Batch` shape from it and call the same
+`ModelRunner.execute`, so all ranks prepare identical metadata and issue the same collectives in the same order.
+The store (not a broadcast collective) carries the plan so an idle follower can wait for hours: collectives time
+out, a store wait is retried, and a follower whose rank 0 is gone gets a connection error and exits.
+
+Failures. Collectives run with a timeout (`MIMOFLASH_TP_TIMEOUT`, seconds, default 120). Before each step rank 0
+checks that its child processes are alive; a collective that fails (a peer died: gloo reports the closed connection
+at once) or times out raises `ParallelError` naming the dead ranks and their exit codes; the group is then torn
+down (remaining processes stopped) and the `LLM` refuses further work. `LLM.close()`, garbage collection and
+interpreter exit stop every process the group started: a "stop" command, a bounded join, then terminate / kill.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import pickle
+import signal
+import socket
+import sys
+import time
+import traceback
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .load import build_shard, resident_bytes
+from .modules import COMM
+from .shard import CheckpointReader, ShardPlan, StateDictReader
+
+
+class ParallelError(RuntimeError):
+    """A tensor-parallel group failed (a rank died, a collective timed out) or was used after it failed/closed."""
+
+
+def _timeout() -> float:
+    return float(os.environ.get("MIMOFLASH_TP_TIMEOUT", "120"))
+
+
+def _torchrun_env() -> tuple[int, int] | None:
+    if "WORLD_SIZE" in os.environ and "RANK" in os.environ and "MASTER_ADDR" in os.environ:
+        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    return None
+
+
+# ---------------------------------------------------------------------------------------------- the step plan
+
+
+@dataclass
+class _PlanRequest:
+    """What `ModelRunner.prepare` reads of a request: its cache (block ids, ring id) and the step's token slice."""
+    start: int
+    tokens: list[int]
+    block_ids: list[int]
+    ring_id: int | None
+
+    def token_slice(self, start: int, end: int) -> list[int]:
+        assert start == self.start and end == start + len(self.tokens), "plan and runner disagree on the slice"
+        return self.tokens
+
+
+@dataclass
+class _PlanItem:
+    request: _PlanRequest
+    start: int
+    num_tokens: int
+    num_draft: int
+    sample: bool
+
+
+@dataclass
+class _PlanBatch:
+    items: list[_PlanItem] = field(default_factory=list)
+
+
+def plan_of(batch) -> list[tuple]:
+    """A scheduled Batch -> plain data (module docstring)."""
+    return [(it.start, it.request.token_slice(it.start, it.start + it.num_tokens), it.num_draft, bool(it.sample),
+             list(it.request.block_ids), it.request.ring_id) for it in batch.items]
+
+
+def batch_of(plan: list[tuple]) -> _PlanBatch:
+    return _PlanBatch([_PlanItem(_PlanRequest(s, toks, blocks, ring), s, len(toks), nd, sample)
+                       for s, toks, nd, sample, blocks, ring in plan])
+
+
+# ---------------------------------------------------------------------------------------------- the store channel
+
+
+def _wait_key(store, key: str, deadline: float | None = None) -> bytes:
+    """store.get(key), waiting as long as it takes (until `deadline`, a time.monotonic() value) in short rounds; a
+    store whose server (rank 0) is gone raises here."""
+    while True:
+        try:
+            store.wait([key], datetime.timedelta(seconds=2))
+            return store.get(key)
+        except Exception as e:                      # a wait timeout, or the server is gone
+            try:
+                store.num_keys()                    # raises when the connection is dead
+            except Exception:
+                raise ParallelError(f"the tensor-parallel group's rank 0 is gone ({e})") from None
+            if deadline is not None and time.monotonic() > deadline:
+                raise ParallelError(f"timed out waiting for {key!r} from rank 0") from None
+
+
+# ---------------------------------------------------------------------------------------------- rank 0
+
+
+class _State:
+    """What shutdown needs, kept apart from the handle so a finalizer can hold it."""
+
+    def __init__(self, procs, store):
+        self.procs, self.store = procs, store
+        self.seq = 0
+        self.closed = False
+        self.failed: str | None = None
+
+
+def _shutdown(state: _State) -> None:
+    if state.closed:
+        return
+    state.closed = True
+    if state.failed is None and state.store is not None:
+        try:
+            state.seq += 1
+            state.store.set(f"cmd/{state.seq}", pickle.dumps(("stop",)))
+        except Exception:
+            pass
+    deadline = time.monotonic() + 10
+    for p in state.procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+    for p in state.procs:
+        if p.is_alive():
+            p.terminate()
+            p.join(2)
+        if p.is_alive():
+            p.kill()
+            p.join(2)
+    if dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:
+            pass
+
+
+class ParallelGroup:
+    """Rank 0's handle on the group (module docstring)."""
+
+    def __init__(self, rank: int, world: int, procs: list, store):
+        self.rank, self.world = rank, world
+        self._state = _State(procs, store)
+        self._finalizer = weakref.finalize(self, _shutdown, self._state)    # runs at GC and at interpreter exit
+
+    # -- liveness
+    def dead_ranks(self) -> list[str]:
+        return [f"rank {i} (exit code {p.exitcode})" for i, p in enumerate(self._state.procs, 1) if not p.is_alive()]
+
+    def check(self) -> None:
+        st = self._state
+        if st.failed is not None:
+            raise ParallelError(f"the tensor-parallel group failed earlier and is stopped: {st.failed}")
+        if st.closed:
+            raise ParallelError("this LLM was closed: its tensor-parallel workers are stopped")
+        dead = self.dead_ranks()
+        if dead:
+            raise self.fail(f"tensor-parallel worker {', '.join(dead)} died")
+
+    def fail(self, why: str) -> ParallelError:
+        """Mark the group failed, stop what is left, -> the error to raise."""
+        self._state.failed = why
+        _shutdown(self._state)
+        return ParallelError(why)
+
+    def send(self, cmd: tuple) -> None:
+        self.check()
+        st = self._state
+        st.seq += 1
+        st.store.set(f"cmd/{st.seq}", pickle.dumps(cmd))
+        if st.seq > 1:
+            st.store.delete_key(f"cmd/{st.seq - 1}")    # every follower read it: its step's collectives completed
+
+    def run(self, fn, what: str):
+        """fn() on rank 0 while the followers run their part; a failed collective -> ParallelError."""
+        try:
+            return fn()
+        except ParallelError:
+            raise
+        except Exception as e:
+            time.sleep(0.2)                             # a peer that just died: let its exit code land
+            dead = self.dead_ranks()
+            who = f"worker {', '.join(dead)} died" if dead else "a collective failed"
+            raise self.fail(f"tensor-parallel {what}: {who} ({type(e).__name__}: {e})") from e
+
+    def close(self) -> None:
+        self._finalizer()
+
+    # -- the engine
+    def attach(self, llm) -> None:
+        """After rank 0's engine exists: hand its cache layout to the followers, wait until they have built theirs,
+        and route the engine's steps through `BroadcastingRunner`."""
+        engine = engine_of(llm)
+        st = self._state
+        st.store.set("layout", pickle.dumps(engine.layout))
+        deadline = time.monotonic() + 10 * _timeout()
+        while int(st.store.add("ready", 0)) < self.world - 1:
+            self.check()
+            err = st.store.check(["error"]) and st.store.get("error").decode()
+            if err:
+                raise self.fail(f"a tensor-parallel worker failed to start: {err}")
+            if time.monotonic() > deadline:
+                raise self.fail("timed out waiting for the tensor-parallel workers to build their engines")
+            time.sleep(0.01)
+        _no_fused(engine.runner)
+        engine.runner = BroadcastingRunner(engine.runner, self)
+
+    def stats(self, llm) -> list[dict]:
+        """Every rank's resident weight bytes, KV cache bytes and communication seconds (rank order); `llm` is
+        rank 0's LLM."""
+        self.send(("stats",))
+        return self.run(lambda: _gather_stats(_rank_stats(llm)), "stats")
+
+    def reset_comm(self) -> None:
+        self.send(("reset_comm",))
+        COMM.reset()
+
+
+def engine_of(llm):
+    return llm.engine
+
+
+def _no_fused(runner) -> None:
+    """The fused CPU decode step runs a whole layer in one C call: no room for the collectives in the middle of
+    a layer, so ranks run the module path (whose CPU layouts still apply per module)."""
+    runner.fused = None
+    runner.fused_mtp = None
+
+
+def _rank_stats(llm) -> dict:
+    cache = llm.engine.cache
+    kv = sum(t.numel() * t.element_size() for t in (cache.k_global, cache.v_global, cache.k_ring, cache.v_ring)
+             if t is not None)
+    return {"weights_bytes": resident_bytes(llm.model), "kv_cache_bytes": kv, "comm_seconds": COMM.seconds,
+            "comm_calls": COMM.calls}
+
+
+def _gather_stats(mine: dict) -> list[dict]:
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, mine)
+    return out
+
+
+class BroadcastingRunner:
+    """Rank 0's runner: publishes each step's plan, then runs the same `ModelRunner.execute` as the followers.
+    Anything else is the wrapped runner's."""
+
+    def __init__(self, inner, group: ParallelGroup):
+        self.inner, self.group = inner, group
+
+    def execute(self, batch) -> torch.Tensor:
+        self.group.send(("step", plan_of(batch)))
+        return self.group.run(lambda: self.inner.execute(batch), "step")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+# ---------------------------------------------------------------------------------------------- start
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _source_of(model, opts: dict):
+    """-> (config, source to rebuild the reader in any process, shard dtype or None = the model's)."""
+    from ..engine.llm import _resolve_dtype, _resolve_weight_dtype
+    from ..model.mimo import MiMoForCausalLM
+    device = torch.device(opts["device"])
+    if isinstance(model, MiMoForCausalLM):
+        if hasattr(model, "plan"):
+            raise ValueError("this model is already one rank's shard")
+        sd = {k: v.detach() for k, v in model.state_dict().items()}
+        return model.config, ("state_dict", model.config, sd), None
+    if isinstance(model, (str, Path)):
+        from ..checkpoint.loader import _read_config, _resolve_path, _weight_map, stored_weight_dtype
+        root = _resolve_path(model)
+        config = _read_config(root, _weight_map(root))
+        compute = _resolve_dtype(opts["dtype"], device)
+        weights = _resolve_weight_dtype(opts["weight_dtype"], compute, stored_weight_dtype(root), device)
+        return config, ("path", str(root)), weights
+    raise ValueError(f"model must be a checkpoint path or a MiMoForCausalLM, got {type(model).__name__}")
+
+
+def _reader(source, config):
+    if source[0] == "state_dict":
+        return StateDictReader(source[2])
+    return CheckpointReader(Path(source[1]), config)
+
+
+def _rank_device(device: torch.device, local_rank: int) -> torch.device:
+    if device.type == "cuda":
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return device
+
+
+def _init(rank: int, world: int, device: torch.device, init_method: str | None) -> None:
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    kw = {} if init_method is None else {"init_method": init_method, "rank": rank, "world_size": world}
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=_timeout()), **kw)
+
+
+def start(model, tokenizer, world: Any, opts: dict):
+    """LLM's entry for tensor_parallel_size != 1 -> (group, this rank's shard, tokenizer, per-rank kv_cache_memory).
+    On a torchrun follower it never returns (module docstring)."""
+    import inspect
+    from ..engine.llm import LLM
+    params = set(inspect.signature(LLM.__init__).parameters) - {"self", "model", "tokenizer", "tensor_parallel_size"}
+    opts = {k: v for k, v in opts.items() if k in params}          # LLM's arguments, for the followers' engines
+    if not isinstance(world, int) or isinstance(world, bool) or world < 1:
+        raise ValueError(f"tensor_parallel_size must be a positive integer, got {world!r}")
+    if opts.get("speculative_config") is not None:
+        raise ValueError("speculative decoding (MTP) is not supported with tensor_parallel_size > 1: the MTP blocks "
+                         "are not sharded")
+    if opts.get("memory_budget") is not None:
+        raise ValueError("memory_budget (FP8 experts read from the files) is not supported with tensor_parallel_size "
+                         "> 1: each rank already holds only its share of the experts")
+    if dist.is_initialized():
+        raise ValueError("a torch.distributed process group already exists in this process (another tensor-parallel "
+                         "LLM not closed?)")
+    device = torch.device(opts["device"])
+    config, source, dtype = _source_of(model, opts)
+    plan0 = ShardPlan(config, 0, world)                 # checks the split before any process starts
+    if plan0.replicated_kv:
+        print(f"mimoflash: tensor_parallel_size={world} exceeds the KV heads of an attention kind: each KV head is "
+              "replicated on several ranks (docs/PARALLEL.md)", file=sys.stderr)
+    env = _torchrun_env()
+    procs = []
+    if env is not None:
+        rank, size = env
+        if size != world:
+            raise ValueError(f"tensor_parallel_size={world} but torchrun started WORLD_SIZE={size} ranks")
+        local = int(os.environ.get("LOCAL_RANK", rank))
+        device = _rank_device(device, local)
+        _init(rank, world, device, None)
+        if rank != 0:
+            code = _follow(rank, world, config, source, dtype, dict(opts, device=str(device)))
+            raise SystemExit(code)
+    else:
+        port = _free_port()
+        ctx = torch.multiprocessing.get_context("spawn")
+        for r in range(1, world):
+            p = ctx.Process(target=_follower_main, args=(r, world, port, config, source, dtype, opts), daemon=True,
+                            name=f"mimoflash-tp-rank{r}")
+            p.start()
+            procs.append(p)
+        try:
+            device = _rank_device(device, 0)
+            _init(0, world, device, f"tcp://127.0.0.1:{port}")
+        except Exception as e:
+            state = _State(procs, None)
+            state.failed = "init"
+            _shutdown(state)
+            codes = ", ".join(f"rank {i}: exit code {p.exitcode}" for i, p in enumerate(procs, 1))
+            raise ParallelError(f"the tensor-parallel workers did not join ({codes}): {e}") from e
+    from torch.distributed.distributed_c10d import _get_default_store
+    group = ParallelGroup(0, world, procs, _get_default_store())
+    try:
+        shard = build_shard(plan0, _reader(source, config), dtype or _model_dtype(source), device)
+    except BaseException:
+        group.close()
+        raise
+    if tokenizer is None and source[0] == "path" and not opts.get("skip_tokenizer_init"):
+        from ..tokenizer import Tokenizer, has_tokenizer
+        if has_tokenizer(source[1]):
+            tokenizer = Tokenizer.from_dir(source[1])
+    kv = opts.get("kv_cache_memory")
+    if kv is not None and kv > 0:
+        kv = kv / world if kv <= 1 else int(kv) // world
+    return group, shard, tokenizer, kv
+
+
+def _model_dtype(source) -> torch.dtype:
+    sd = source[2]
+    return next((t.dtype for n, t in sd.items() if n.endswith("q_proj.weight")), torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------- followers
+
+
+def _follower_main(rank, world, port, config, source, dtype, opts) -> None:
+    """Entry of a spawned follower process."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)          # Ctrl-C is rank 0's to handle; it then stops us
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    device = _rank_device(torch.device(opts["device"]), rank)
+    try:
+        _init(rank, world, device, f"tcp://127.0.0.1:{port}")
+    except Exception:
+        traceback.print_exc()
+        sys.exit(3)
+    sys.exit(_follow(rank, world, config, source, dtype, dict(opts, device=str(device))))
+
+
+def _follow(rank, world, config, source, dtype, opts) -> int:
+    """Build this rank's shard and engine, then run rank 0's commands until "stop" -> exit code."""
+    from torch.distributed.distributed_c10d import _get_default_store
+    from ..engine.llm import LLM
+    store = _get_default_store()
+    try:
+        plan = ShardPlan(config, rank, world)
+        shard = build_shard(plan, _reader(source, config), dtype or _model_dtype(source), torch.device(opts["device"]))
+        layout = pickle.loads(_wait_key(store, "layout"))
+        kw = dict(opts)
+        kw.update(kv_cache_memory=layout.total_bytes, tensor_parallel_size=1, progress=False,
+                  skip_tokenizer_init=True, speculative_config=None, memory_budget=None)
+        llm = LLM(shard, **kw)
+        if llm.engine.layout != layout:
+            raise ParallelError(f"rank {rank} planned a different KV cache than rank 0: {llm.engine.layout} vs "
+                                f"{layout}")
+        _no_fused(llm.engine.runner)
+    except BaseException as e:
+        traceback.print_exc()
+        try:
+            store.set("error", f"rank {rank}: {type(e).__name__}: {e}")
+        except Exception:
+            pass
+        return 2
+    store.add("ready", 1)
+    runner = llm.engine.runner
+    seq = 0
+    try:
+        while True:
+            seq += 1
+            cmd = pickle.loads(_wait_key(store, f"cmd/{seq}"))
+            if cmd[0] == "stop":
+                break
+            if cmd[0] == "step":
+                runner.execute(batch_of(cmd[1]))
+            elif cmd[0] == "stats":
+                _gather_stats(_rank_stats(llm))
+            elif cmd[0] == "reset_comm":
+                COMM.reset()
+    except ParallelError as e:
+        print(f"mimoflash tensor-parallel rank {rank}: {e}", file=sys.stderr)
+        return 1
+    except Exception:
+        traceback.print_exc()
+        return 1
+    try:
+        dist.destroy_process_group()
+    except Exception:
+        pass
+    return 0
