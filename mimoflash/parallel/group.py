@@ -256,8 +256,9 @@ def _rank_stats(llm) -> dict:
     cache = llm.engine.cache
     kv = sum(t.numel() * t.element_size() for t in (cache.k_global, cache.v_global, cache.k_ring, cache.v_ring)
              if t is not None)
-    return {"weights_bytes": resident_bytes(llm.model), "kv_cache_bytes": kv, "comm_seconds": COMM.seconds,
-            "comm_calls": COMM.calls}
+    lay = llm.engine.layout
+    return {"weights_bytes": resident_bytes(llm.model), "kv_cache_bytes": kv, "num_blocks": lay.num_blocks,
+            "num_rings": lay.num_rings, "comm_seconds": COMM.seconds, "comm_calls": COMM.calls}
 
 
 def _gather_stats(mine: dict) -> list[dict]:

@@ -1,0 +1,159 @@
+"""Tensor- and expert-parallel inference (mimoflash/parallel, docs/PARALLEL.md): 2 ranks on CPU over gloo.
+
+The single-process engine is the reference: logits (as top-k logprobs) at fp32 tolerance and greedy tokens must
+match; each rank must hold about half the weights and half the KV cache bytes for the same token capacity; a
+worker killed mid-generation must surface as ParallelError within a bounded time with no process left behind.
+Each tensor-parallel LLM spawns one worker process (a few seconds), and a process holds one tensor-parallel LLM at a
+time (it uses the default process group), so each test builds and closes its own.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+import torch
+
+from conftest import make_model, tiny_config
+from mimoflash import LLM, SamplingParams
+from mimoflash.checkpoint.loader import load_model
+from mimoflash.checkpoint.saver import save_model
+from mimoflash.parallel import ParallelError
+from mimoflash.parallel.load import build_shard, resident_bytes
+from mimoflash.parallel.shard import CheckpointReader, ShardPlan
+
+PROMPTS = [{"prompt_token_ids": [1, 5, 9, 33, 2]}, {"prompt_token_ids": list(range(40, 77))},
+           {"prompt_token_ids": [7] * 3 + [300, 301, 302]}]
+KV = 1 << 22
+
+
+def _greedy(llm, max_tokens=10, logprobs=5):
+    outs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=max_tokens, logprobs=logprobs),
+                        use_tqdm=False)
+    return [o.outputs[0] for o in outs]
+
+
+def _assert_same(ref, got, atol):
+    for r, g in zip(ref, got):
+        assert r.token_ids == g.token_ids
+        for lr, lg in zip(r.logprobs, g.logprobs):        # per position: token id -> Logprob
+            assert set(lr) == set(lg)
+            for tid in lr:
+                assert abs(lr[tid].logprob - lg[tid].logprob) < atol, (tid, lr[tid], lg[tid])
+
+
+# ------------------------------------------------------------------------------------------ no processes
+
+
+def test_shard_plan_splits_and_replicates_kv_heads():
+    cfg = tiny_config()                 # GA: 4 q / 1 kv head, SWA: 4 q / 2 kv heads
+    p0, p1 = ShardPlan(cfg, 0, 2), ShardPlan(cfg, 1, 2)
+    assert (p0.heads[False].q_lo, p0.heads[False].q_hi, p1.heads[False].q_lo) == (0, 2, 2)
+    assert p0.heads[False].replicated_kv and (p0.heads[False].kv_lo, p1.heads[False].kv_lo) == (0, 0)
+    assert not p0.heads[True].replicated_kv and (p0.heads[True].kv_lo, p1.heads[True].kv_lo) == (0, 1)
+    four = [ShardPlan(cfg, r, 4) for r in range(4)]     # SWA: 2 kv heads over 4 ranks -> head r // 2
+    assert [p.heads[True].kv_lo for p in four] == [0, 0, 1, 1]
+    rc = p1.rank_config()
+    assert (rc.num_attention_heads, rc.num_key_value_heads, rc.swa_num_key_value_heads) == (2, 1, 1)
+    odd = tiny_config(n_routed_experts=9, vocab_size=511, intermediate_size=255)
+    assert ShardPlan(odd, 0, 2).experts == (0, 5) and ShardPlan(odd, 1, 2).experts == (5, 9)
+    assert ShardPlan(odd, 1, 2).vocab == (256, 511) and ShardPlan(odd, 1, 2).ffn == (128, 255)
+    with pytest.raises(ValueError, match="not divisible by tensor_parallel_size=3"):
+        ShardPlan(cfg, 0, 3)
+
+
+def test_fp8_checkpoint_slices_equal_the_full_load(tmp_path):
+    """Sliced reads of a block-FP8 checkpoint (blocks not aligned with the head ranges) equal the full load's
+    slices, for every parameter of both ranks."""
+    cfg = tiny_config(num_key_value_heads=2, num_nextn_predict_layers=0)
+    path = save_model(make_model(cfg), tmp_path / "fp8", fp8=True, fp8_block_size=(32, 32), max_shard_bytes=1 << 20)
+    full = load_model(path, dtype=torch.float32).state_dict()
+    config = load_model(path, dtype=torch.float32).config
+    for rank in (0, 1):
+        plan = ShardPlan(config, rank, 2)
+        reader = CheckpointReader(path, config)
+        shard = build_shard(plan, reader, torch.float32, torch.device("cpu")).state_dict()
+        for name, t in shard.items():
+            want = full[name][plan.index(name)]
+            assert torch.equal(t[:want.shape[0]], want), name
+        assert reader.read_bytes < 0.75 * sum(f.stat().st_size for f in path.glob("*.safetensors"))
+
+
+def test_bad_tensor_parallel_sizes_fail_before_starting_processes():
+    m = make_model(tiny_config())
+    with pytest.raises(ValueError, match="not divisible by tensor_parallel_size=3"):
+        LLM(m, tensor_parallel_size=3, progress=False)
+    with pytest.raises(ValueError, match="positive integer"):
+        LLM(m, tensor_parallel_size=0, progress=False)
+    with pytest.raises(ValueError, match="speculative decoding"):
+        LLM(m, tensor_parallel_size=2, progress=False, speculative_config={"method": "mtp", "num_speculative_tokens": 1})
+    import multiprocessing
+    assert not multiprocessing.active_children()
+
+
+# ------------------------------------------------------------------------------------------ 2 ranks
+
+
+@pytest.fixture
+def replicated_kv():
+    """The tiny config: 1 GA KV head over 2 ranks (replicated), 8 experts, fp32."""
+    model = make_model(tiny_config())
+    ref = LLM(model, kv_cache_memory=KV, progress=False, max_num_batched_tokens=16)
+    tp = LLM(model, kv_cache_memory=KV, progress=False, max_num_batched_tokens=16, tensor_parallel_size=2)
+    yield ref, tp
+    tp.close()
+
+
+def test_logits_and_greedy_equal_single_process(replicated_kv):
+    ref, tp = replicated_kv
+    _assert_same(_greedy(ref), _greedy(tp), atol=1e-4)          # chunked prefill (16-token steps) and decode
+
+
+@pytest.fixture
+def uneven_fp8(tmp_path_factory):
+    """From an FP8 checkpoint path: 9 experts (5 + 4), group-limited routing (3 groups, top-2 groups), an odd
+    vocabulary (256 + 255 rows) and dense width (128 + 127), bf16 weights with fp32 compute (the CPU default)."""
+    cfg = tiny_config(n_routed_experts=9, n_group=3, topk_group=2, vocab_size=511, intermediate_size=255,
+                      num_key_value_heads=2, num_nextn_predict_layers=0)
+    path = save_model(make_model(cfg, seed=3), tmp_path_factory.mktemp("ckpt") / "fp8", fp8=True,
+                      fp8_block_size=(32, 32))
+    ref = LLM(path, kv_cache_memory=KV, progress=False, weight_dtype="bfloat16")
+    tp = LLM(path, kv_cache_memory=KV, progress=False, tensor_parallel_size=2)
+    yield ref, tp
+    tp.close()
+
+
+def test_group_limited_routing_uneven_experts_from_fp8_checkpoint(uneven_fp8):
+    ref, tp = uneven_fp8
+    assert tp.weight_dtype == ref.weight_dtype == torch.bfloat16
+    _assert_same(_greedy(ref, max_tokens=12), _greedy(tp, max_tokens=12), atol=1e-4)
+    # each rank holds about half: weights, and KV bytes for the same capacity (blocks, rings) as one process
+    stats = tp._parallel.stats(tp)
+    single_w, single_kv = resident_bytes(ref.model), ref.engine.cache.layout.total_bytes
+    for s in stats:
+        assert 0.4 < s["weights_bytes"] / single_w < 0.6, (s, single_w)
+        assert s["kv_cache_bytes"] == pytest.approx(single_kv / 2, rel=0.02)
+        assert (s["num_blocks"], s["num_rings"]) == (ref.engine.layout.num_blocks, ref.engine.layout.num_rings)
+
+
+def test_killed_worker_gives_an_error_and_leaves_no_process():
+    os.environ.setdefault("MIMOFLASH_TP_TIMEOUT", "30")
+    tp = LLM(make_model(tiny_config()), kv_cache_memory=KV, progress=False, tensor_parallel_size=2)
+    procs = list(tp._parallel._state.procs)
+    stream = tp.generate_stream({"prompt_token_ids": [1, 2, 3]}, SamplingParams(temperature=0, max_tokens=400,
+                                                                                ignore_eos=True))
+    next(stream)
+    os.kill(procs[0].pid, signal.SIGKILL)
+    t0 = time.monotonic()
+    with pytest.raises(ParallelError, match="rank 1"):
+        for _ in stream:
+            pass
+    assert time.monotonic() - t0 < 30
+    assert not any(p.is_alive() for p in procs)
+    with pytest.raises(ParallelError, match="failed earlier"):
+        tp.generate(PROMPTS[:1], SamplingParams(max_tokens=2), use_tqdm=False)
+    tp.close()
+    import multiprocessing
+    assert not multiprocessing.active_children()
