@@ -104,18 +104,23 @@ def batch_of(plan: list[tuple]) -> _PlanBatch:
 # ---------------------------------------------------------------------------------------------- the store channel
 
 
+def _first_line(e: BaseException) -> str:
+    """An exception as one line: c10d errors carry a C++ stack trace after the message."""
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+
+
 def _wait_key(store, key: str, deadline: float | None = None) -> bytes:
-    """store.get(key), waiting as long as it takes (until `deadline`, a time.monotonic() value) in short rounds; a
-    store whose server (rank 0) is gone raises here."""
+    """store.get(key), waiting as long as it takes (until `deadline`, a time.monotonic() value) in rounds of a few
+    minutes (each timed-out round logs a c10d warning); a store whose server (rank 0) is gone raises at once."""
     while True:
         try:
-            store.wait([key], datetime.timedelta(seconds=2))
+            store.wait([key], datetime.timedelta(seconds=300))
             return store.get(key)
         except Exception as e:                      # a wait timeout, or the server is gone
             try:
                 store.num_keys()                    # raises when the connection is dead
             except Exception:
-                raise ParallelError(f"the tensor-parallel group's rank 0 is gone ({e})") from None
+                raise ParallelError(f"the tensor-parallel group's rank 0 is gone ({_first_line(e)})") from None
             if deadline is not None and time.monotonic() > deadline:
                 raise ParallelError(f"timed out waiting for {key!r} from rank 0") from None
 
@@ -206,7 +211,7 @@ class ParallelGroup:
             time.sleep(0.2)                             # a peer that just died: let its exit code land
             dead = self.dead_ranks()
             who = f"worker {', '.join(dead)} died" if dead else "a collective failed"
-            raise self.fail(f"tensor-parallel {what}: {who} ({type(e).__name__}: {e})") from e
+            raise self.fail(f"tensor-parallel {what}: {who} ({_first_line(e)})") from e
 
     def close(self) -> None:
         self._finalizer()
@@ -382,7 +387,7 @@ def start(model, tokenizer, world: Any, opts: dict):
             state.failed = "init"
             _shutdown(state)
             codes = ", ".join(f"rank {i}: exit code {p.exitcode}" for i, p in enumerate(procs, 1))
-            raise ParallelError(f"the tensor-parallel workers did not join ({codes}): {e}") from e
+            raise ParallelError(f"the tensor-parallel workers did not join ({codes}): {_first_line(e)}") from e
     from torch.distributed.distributed_c10d import _get_default_store
     group = ParallelGroup(0, world, procs, _get_default_store())
     try:
@@ -411,7 +416,6 @@ def _model_dtype(source) -> torch.dtype:
 def _follower_main(rank, world, port, config, source, dtype, opts) -> None:
     """Entry of a spawned follower process."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)          # Ctrl-C is rank 0's to handle; it then stops us
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     device = _rank_device(torch.device(opts["device"]), rank)
     try:
         _init(rank, world, device, f"tcp://127.0.0.1:{port}")

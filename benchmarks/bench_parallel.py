@@ -1,0 +1,133 @@
+"""Tensor/expert parallelism on the CPU: per-rank memory, decode tokens/s at 1 and 2 ranks, communication per step.
+
+    python benchmarks/bench_parallel.py                     # ~2-4 minutes on 2 busy cores
+    python benchmarks/bench_parallel.py --repeats 1 --max-tokens 16      # quick look
+
+The model is random (seeded), built here, large enough that weights dominate the memory and the decode time
+(default: hidden 1024, 4 layers, 32 experts top-4 of width 512, vocabulary 32k: ~0.23 GB of bf16 weights), kept
+in bf16 with fp32 compute (the CPU default for a bf16 checkpoint). Both variants live in this process (rank 0 of
+the 2-rank group is this process; rank 1 a spawned worker) and are run interleaved, the order alternating every
+repeat; medians are reported:
+  * decode tokens/s at batch 1 and batch `--batch` (greedy, `--max-tokens` new tokens, prefill excluded: (tokens
+    - 1) / (finish - first token), summed over the batch);
+  * resident weight bytes and KV cache bytes per rank (distinct tensor storages, panels included), for the same
+    KV capacity (blocks, rings) in both;
+  * seconds spent in collectives per decode step (all_reduce after each attention and MLP block, one for the
+    vocabulary-parallel embedding, one all_gather for the LM head) on rank 0, over the measured decode runs.
+Each rank uses `--threads` threads (default 1), so 2 ranks use twice the cores of 1 rank: on a machine where other
+work shares the cores the figures are noisy; compare ratios from one run. The single-process engine uses its fused
+decode step (one C call per layer); ranks cannot (a collective sits in the middle of each layer) and run the
+module path. The last stdout line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+ap.add_argument("--threads", type=int, default=1)
+ap.add_argument("--repeats", type=int, default=3)
+ap.add_argument("--max-tokens", type=int, default=32)
+ap.add_argument("--batch", type=int, default=8)
+ap.add_argument("--hidden", type=int, default=1024)
+ap.add_argument("--layers", type=int, default=4)
+ap.add_argument("--experts", type=int, default=32)
+ap.add_argument("--vocab", type=int, default=32000)
+ap.add_argument("--seed", type=int, default=0)
+
+if __name__ == "__main__":
+    args = ap.parse_args()
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)          # inherited by the spawned rank
+
+import torch  # noqa: E402
+
+from mimoflash import LLM, SamplingParams  # noqa: E402
+from mimoflash.config import MiMoConfig  # noqa: E402
+from mimoflash.model.mimo import MiMoForCausalLM  # noqa: E402
+from mimoflash.parallel.load import resident_bytes  # noqa: E402
+from mimoflash.parallel.modules import COMM  # noqa: E402
+
+
+def build(a) -> MiMoForCausalLM:
+    cfg = MiMoConfig(vocab_size=a.vocab, hidden_size=a.hidden, num_hidden_layers=a.layers, num_attention_heads=8,
+                     num_key_value_heads=2, head_dim=128, v_head_dim=128, swa_num_attention_heads=8,
+                     swa_num_key_value_heads=4, intermediate_size=4 * a.hidden, moe_intermediate_size=a.hidden // 2,
+                     n_routed_experts=a.experts, num_experts_per_tok=4, sliding_window_size=128,
+                     max_position_embeddings=4096, num_nextn_predict_layers=0, torch_dtype="bfloat16")
+    g = torch.Generator().manual_seed(a.seed)
+    with torch.no_grad():
+        m = MiMoForCausalLM(cfg)
+        m.init_weights(std=0.02, generator=g)
+        for n, p in m.named_parameters():
+            if n.endswith("mlp.gate.weight"):
+                p.copy_(torch.randn(p.shape, generator=g))
+    return m.cast(torch.bfloat16).eval()
+
+
+def decode_rate(llm, prompts, max_tokens) -> float:
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True),
+                        use_tqdm=False)
+    rates = [o.metrics.decode_tokens_per_s for o in outs]
+    return sum(r for r in rates if r)
+
+
+def main() -> int:
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    model = build(a)
+    kv = 64 << 20
+    common = dict(kv_cache_memory=kv, progress=False, max_num_seqs=max(a.batch, 1))
+    single = LLM(model, **common)
+    tp = LLM(model, tensor_parallel_size=2, **common)
+    try:
+        g = torch.Generator().manual_seed(a.seed + 1)
+        prompts = [{"prompt_token_ids": torch.randint(0, a.vocab, (24,), generator=g).tolist()}
+                   for _ in range(a.batch)]
+        decode_rate(single, prompts[:1], 4)                    # warm-up
+        decode_rate(tp, prompts[:1], 4)
+        res = {("1", b): [] for b in (1, a.batch)} | {("2", b): [] for b in (1, a.batch)}
+        tp._parallel.reset_comm()
+        comm_steps = 0
+        for rep in range(a.repeats):
+            for b in (1, a.batch):
+                order = [("1", single), ("2", tp)] if rep % 2 == 0 else [("2", tp), ("1", single)]
+                for name, llm in order:
+                    res[(name, b)].append(decode_rate(llm, prompts[:b], a.max_tokens))
+                    if name == "2":
+                        comm_steps += a.max_tokens
+        stats = tp._parallel.stats(tp)
+        L = model.config.num_hidden_layers
+        comm_per_step = stats[0]["comm_seconds"] / max(1, stats[0]["comm_calls"] / (2 * L + 2))
+        w1, kv1 = resident_bytes(single.model), single.engine.cache.layout.total_bytes
+        med = {k: statistics.median(v) for k, v in res.items()}
+        print(f"model: hidden {a.hidden}, {L} layers, {a.experts} experts, vocab {a.vocab}, bf16 weights, fp32 compute; "
+              f"threads per rank {a.threads}; repeats {a.repeats}, {a.max_tokens} new tokens")
+        print(f"{'ranks':>5} | {'weights/rank MB':>15} | {'KV/rank MB':>10} | {'tok/s b=1':>9} | "
+              f"{'tok/s b=' + str(a.batch):>10}")
+        print(f"{1:>5} | {w1 / 1e6:15.1f} | {kv1 / 1e6:10.1f} | {med[('1', 1)]:9.1f} | {med[('1', a.batch)]:10.1f}")
+        for r, s in enumerate(stats):
+            rate = f"{med[('2', 1)]:9.1f} | {med[('2', a.batch)]:10.1f}" if r == 0 else f"{'':9} | {'':10}"
+            print(f"{'2:r' + str(r):>5} | {s['weights_bytes'] / 1e6:15.1f} | {s['kv_cache_bytes'] / 1e6:10.1f} | "
+                  f"{rate}")
+        print(f"communication per decode step (rank 0): {comm_per_step * 1e3:.2f} ms "
+              f"({2 * L + 2} collectives per step)")
+        out = {"bench": "parallel", "threads_per_rank": a.threads, "hidden": a.hidden, "layers": L,
+               "experts": a.experts, "vocab": a.vocab, "max_tokens": a.max_tokens, "batch": a.batch,
+               "weights_bytes": {"1": w1, "2": [s["weights_bytes"] for s in stats]},
+               "kv_cache_bytes": {"1": kv1, "2": [s["kv_cache_bytes"] for s in stats]},
+               "decode_tok_s": {f"{n}rank_b{b}": round(v, 2) for (n, b), v in med.items()},
+               "comm_ms_per_step": round(comm_per_step * 1e3, 3)}
+        print(json.dumps(out))
+    finally:
+        tp.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
