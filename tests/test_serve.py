@@ -338,6 +338,8 @@ BAD = [
      "chat_template_kwargs.enable_thinking"),
     ({"model": MODEL, "messages": USER, "logit_bias": {"5": 10}}, "logit_bias"),
     ({"model": MODEL, "messages": [{"role": "user", "content": "x" * 40000}]}, "messages"),
+    ({"model": MODEL, "messages": USER, "tool_choice": "required", "tools": [{"type": "function", "function": {
+        "name": "f", "parameters": {"type": "object", "properties": {"a": {}}, "required": 5}}}]}, "tools"),
 ]
 
 

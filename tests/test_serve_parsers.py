@@ -102,7 +102,8 @@ def test_unclosed_call_at_the_end_closes_its_arguments():
     ("42", {"type": "integer"}, 42), (" 42 ", {"type": "integer"}, 42), ("4.5", {"type": "number"}, 4.5),
     ("7", {"type": "number"}, 7), ("False", {"type": "boolean"}, False), ("null", {"type": ["integer", "null"]}, None),
     ("[1]", {"type": "array"}, [1]), ("hi", {"type": "integer"}, "hi"), ("\nx\n", {"type": "string"}, "x"),
-    ("12", None, "12"), ('{"a": 1}', {"type": "object"}, {"a": 1}),
+    ("12", None, "12"), ('{"a": 1}', {"type": "object"}, {"a": 1}), ("5", 5, "5"), ("5", {"type": 7}, "5"),
+    ("5", {"type": ["integer", 3]}, 5),
 ])
 def test_convert_parameter(raw, schema, want):
     assert convert_parameter(raw, schema) == want

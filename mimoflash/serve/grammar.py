@@ -67,8 +67,12 @@ class GrammarCompiler:
             if only is not None and fn["name"] != only:
                 continue
             params = fn.get("parameters") or {}
-            props = params.get("properties") or {}
-            required = [p for p in params.get("required") or [] if p in props]
+            props = (params.get("properties") or {}) if isinstance(params, dict) else {}
+            req_list = (params.get("required") or []) if isinstance(params, dict) else []
+            if not isinstance(props, dict) or not isinstance(req_list, list):
+                raise ValueError(f"tools[{i}].function.parameters: 'properties' must be an object and 'required' "
+                                 "a list")
+            required = [p for p in req_list if isinstance(p, str) and p in props]
             order = required + [p for p in props if p not in required]
             parts = []
             for j, p in enumerate(order):

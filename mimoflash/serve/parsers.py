@@ -63,7 +63,8 @@ def tool_parameter_schemas(tools: list[dict] | None) -> dict[str, dict]:
     out: dict[str, dict] = {}
     for t in tools or []:
         fn = t.get("function", {})
-        props = (fn.get("parameters") or {}).get("properties") or {}
+        params = fn.get("parameters") or {}
+        props = (params.get("properties") or {}) if isinstance(params, dict) else {}
         out[fn.get("name", "")] = props if isinstance(props, dict) else {}
     return out
 
@@ -72,8 +73,9 @@ def convert_parameter(raw: str, schema: dict | None) -> Any:
     """The XML text of one parameter -> a JSON value of the type its schema declares (text when unsure)."""
     value = raw[1:] if raw.startswith("\n") else raw
     value = value[:-1] if value.endswith("\n") else value
-    types = (schema or {}).get("type")
-    types = [types] if isinstance(types, str) else list(types or [])
+    types = schema.get("type") if isinstance(schema, dict) else None
+    types = [types] if isinstance(types, str) else [t for t in types if isinstance(t, str)] \
+        if isinstance(types, list) else []
     if not types or types == ["string"]:         # undeclared parameters stay text, as the model wrote them
         return value
     s = value.strip()
