@@ -157,3 +157,54 @@ def test_killed_worker_gives_an_error_and_leaves_no_process():
     tp.close()
     import multiprocessing
     assert not multiprocessing.active_children()
+
+
+# ------------------------------------------------------------------------------------------ as users run it
+
+
+def _cli(*args, timeout=240):
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, "-m", "mimoflash", *args], capture_output=True, text=True, timeout=timeout,
+                          env=dict(os.environ, OMP_WAIT_POLICY="PASSIVE"))
+
+
+def test_cli_generate_with_two_ranks_matches_one():
+    """The shipped model (a bf16 checkpoint with a tokenizer) through `mimoflash generate`: same greedy text."""
+    import json
+    args = ["generate", "def fibonacci(n):", "--max-tokens", "12", "--temperature", "0", "--json", "--threads", "1"]
+    one, two = _cli(*args), _cli(*args, "--tensor-parallel-size", "2")
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
+    a, b = json.loads(one.stdout)["outputs"][0], json.loads(two.stdout)["outputs"][0]
+    assert a["token_ids"] == b["token_ids"] and a["text"] == b["text"] and len(a["token_ids"]) == 12
+    bad = _cli("generate", "x", "--tensor-parallel-size", "0")
+    assert bad.returncode == 2 and "--tensor-parallel-size must be >= 1" in bad.stderr
+    bad = _cli("generate", "x", "--tensor-parallel-size", "3", timeout=120)
+    assert bad.returncode != 0 and "not divisible by tensor_parallel_size=3" in bad.stderr
+
+
+TORCHRUN_SCRIPT = """
+import os, sys
+sys.path.insert(0, {tests!r})
+from conftest import tiny_config, make_model
+from mimoflash import LLM, SamplingParams
+m = make_model(tiny_config())
+p, sp = [{{"prompt_token_ids": [1, 5, 9, 33, 2]}}], SamplingParams(temperature=0, max_tokens=8)
+tp = LLM(m, kv_cache_memory=1 << 22, progress=False, tensor_parallel_size=int(os.environ["WORLD_SIZE"]))
+got = tp.generate(p, sp, use_tqdm=False)[0].outputs[0].token_ids       # rank 0 only: the others exit inside LLM()
+tp.close()
+want = LLM(m, kv_cache_memory=1 << 22, progress=False).generate(p, sp, use_tqdm=False)[0].outputs[0].token_ids
+print("RANK", os.environ["RANK"], "SAME" if got == want else f"DIFFERENT {{got}} {{want}}", flush=True)
+"""
+
+
+def test_torchrun_ranks_join_and_followers_exit(tmp_path):
+    import subprocess
+    import sys
+    script = tmp_path / "run.py"
+    script.write_text(TORCHRUN_SCRIPT.format(tests=os.path.dirname(__file__)))
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                        str(script)], capture_output=True, text=True, timeout=240,
+                       env=dict(os.environ, OMP_WAIT_POLICY="PASSIVE"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "RANK 0 SAME" in r.stdout and "RANK 1" not in r.stdout

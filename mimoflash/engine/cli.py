@@ -57,6 +57,8 @@ def _add_common(ap: argparse.ArgumentParser, max_tokens: int) -> None:
                          "are read from the checkpoint files when needed (slower). Default: no bound, or what is "
                          "free when the files exceed the available RAM")
     ap.add_argument("--device", default="cpu", help="torch device to run on: cpu, cuda, cuda:1, ...")
+    ap.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
+                    help="split the model over N processes on this host, or join a torchrun launch (docs/PARALLEL.md)")
     ap.add_argument("--kv-cache-memory", type=float, default=None,
                     help="KV cache budget: bytes, or a fraction of RAM when <= 1 (default: what max_num_seqs needs)")
     ap.add_argument("--max-model-len", type=int, default=None,
@@ -97,6 +99,8 @@ def _check_common(ap: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         usage_error(ap, f"--max-model-len must be >= 2 (a prompt token and a generated one), got {a.max_model_len}")
     if a.kv_cache_memory is not None and a.kv_cache_memory <= 0:
         usage_error(ap, f"--kv-cache-memory must be > 0, got {a.kv_cache_memory}")
+    if a.tensor_parallel_size < 1:
+        usage_error(ap, f"--tensor-parallel-size must be >= 1, got {a.tensor_parallel_size}")
     if not 0 <= a.mtp <= 16:
         usage_error(ap, f"--mtp must be in [0, 16] (0 = off), got {a.mtp}")
     if a.mtp_adaptive and not a.mtp:
@@ -130,6 +134,7 @@ def _load(a: argparse.Namespace, max_num_seqs: int = 4, seed: int = 0):
               kv_cache_memory=int(a.kv_cache_memory) if a.kv_cache_memory and a.kv_cache_memory > 1
               else a.kv_cache_memory, max_model_len=a.max_model_len, weight_panels=a.weight_panels,
               huge_pages=a.huge_pages, memory_budget=a.memory_budget, seed=seed, progress=True,
+              tensor_parallel_size=a.tensor_parallel_size,
               speculative_config={"method": "mtp", "num_speculative_tokens": a.mtp, "adaptive": a.mtp_adaptive}
               if a.mtp else None)
     print(f"loaded {path} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)

@@ -356,10 +356,10 @@ def start(model, tokenizer, world: Any, opts: dict):
     device = torch.device(opts["device"])
     config, source, dtype = _source_of(model, opts)
     plan0 = ShardPlan(config, 0, world)                 # checks the split before any process starts
-    if plan0.replicated_kv:
+    env = _torchrun_env()
+    if plan0.replicated_kv and (env is None or env[0] == 0):
         print(f"mimoflash: tensor_parallel_size={world} exceeds the KV heads of an attention kind: each KV head is "
               "replicated on several ranks (docs/PARALLEL.md)", file=sys.stderr)
-    env = _torchrun_env()
     procs = []
     if env is not None:
         rank, size = env

@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="KV cache budget: bytes, or a fraction of RAM when <= 1")
     ap.add_argument("--dtype", default="auto", help="compute dtype: auto | float32 | bfloat16")
     ap.add_argument("--device", default="cpu", help="torch device: cpu, cuda, ...")
+    ap.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
+                    help="split the model over N processes on this host, or join a torchrun launch (docs/PARALLEL.md)")
     ap.add_argument("--mtp", type=int, default=None, metavar="K",
                     help="MTP speculative decoding with K draft tokens per step (needs an engine with MTP support "
                          "and a checkpoint with MTP heads)")
@@ -70,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     if not 0 <= a.port <= 65535:
         usage_error(ap, f"--port must be in [0, 65535], got {a.port}")
-    for name in ("max_num_seqs", "max_n", "max_body_bytes", "max_num_batched_tokens"):
+    for name in ("max_num_seqs", "max_n", "max_body_bytes", "max_num_batched_tokens", "tensor_parallel_size"):
         if getattr(a, name) < 1:
             usage_error(ap, f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
     if a.max_waiting < 0:
@@ -101,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         kv = int(kv)
     llm = LLM(path, dtype=a.dtype, device=a.device, max_num_seqs=a.max_num_seqs, max_model_len=a.max_model_len,
               max_num_batched_tokens=a.max_num_batched_tokens, kv_cache_memory=kv, seed=a.seed, progress=False,
-              **extra)
+              tensor_parallel_size=a.tensor_parallel_size, **extra)
     app = build_app(llm, served_model_name=name, api_key=a.api_key, max_waiting=a.max_waiting, max_n=a.max_n,
                     max_body_bytes=a.max_body_bytes, price_input_per_m=a.price_input,
                     price_output_per_m=a.price_output, mtp=a.mtp)
