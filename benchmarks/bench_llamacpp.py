@@ -1,0 +1,317 @@
+"""mimoflash vs llama.cpp on the same bf16 weights, CPU: batch-1 decode, 512-token prefill, 16-sequence decode.
+
+    python benchmarks/bench_llamacpp.py                    # first run builds llama.cpp (~15 min on 2 idle cores)
+    python benchmarks/bench_llamacpp.py --repeats 5 --threads 1 2
+    python benchmarks/bench_llamacpp.py --models shipped --repeats 1     # quick look
+
+llama.cpp: the copy vendored in llama-cpp-python 0.3.36's source distribution (it runs the `mimo2` architecture),
+fetched with `pip download --no-binary :all:` into build/llamacpp/ (git-ignored), configured with
+`-DGGML_NATIVE=ON -DLLAMA_CURL=OFF` and built (`llama-bench`, `llama-batched-bench`) under `nice -n 15`; a later
+run reuses the build, the converted GGUF files and the saved checkpoints. The checkpoints are written with
+`mimoflash.save_model` and converted by the vendored `convert_hf_to_gguf.py` to bf16 and Q8_0 GGUF files, with two
+local patches applied to the build directory's copy only (see `patch_converter`): an unknown BPE pre-tokenizer
+hash falls back to "gpt-2" (the tokenizer's identity does not matter for speed: llama-bench feeds token ids), and
+`partial_rotary_factor` is also read per layer type from `rope_parameters` (where transformers writes it).
+`--no-mtp` is passed for models with fewer than the 3 MTP layers the converter assumes for MiMo.
+
+Models: "mimo128m" = benchmarks/bench_decode.py's seeded MiMo-shaped model (hidden 512, 8 layers, 16 experts top-2,
+vocab 32k, window 128), "shipped" = mimoflash.default_model(). mimoflash loads the same saved checkpoint (bf16
+weights; what LLM() does with it on CPU). The random model is run without a tokenizer (its ids exceed the
+borrowed tokenizer's vocabulary); the shipped model with its tokenizer, so detokenization is part of its steps.
+
+What is measured, per model, per thread count, the engines alternating (their order flipping every repeat),
+`--repeats` times, medians reported:
+  * batch-1 decode tok/s: llama-bench `tg96` at depth 32 (`-p 0 -n 96 -d 32`, one repetition per call after its
+    warm-up) vs mimoflash: a 32-token prompt, 96 new tokens, greedy, rate = 95 / (time of the last token - time of
+    the first), through LLMEngine.step() (scheduler, runner, sampling, output objects; prefill excluded);
+  * prefill tok/s of a 512-token prompt (`-p 512 -n 0` vs 512 / time to first token) at the largest thread count;
+  * 16-sequence aggregate decode tok/s (`llama-batched-bench -npp 32 -ntg 96 -npl 16`, S_TG vs 16 x 95 tokens over
+    the span in which all 16 decode) at the largest thread count;
+  * the read-bandwidth bound: bytes one mimoflash decode step reads (touched weights + attended K/V,
+    bench_decode.decode_bytes_per_token) / the read bandwidth measured in the same run (a sum over 256 MiB,
+    `--threads` threads), as tok/s; each engine's fraction of it.
+A table, then ONE JSON line. Not part of CI (it builds a C++ project and runs for many minutes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_decode import bench_config, build_model, decode_bytes_per_token, run_ours  # noqa: E402
+
+from mimoflash import kernels  # noqa: E402
+from mimoflash.checkpoint.saver import save_model  # noqa: E402
+from mimoflash.default import default_model  # noqa: E402
+from mimoflash.engine.llm import LLM  # noqa: E402
+from mimoflash.engine.sampling import SamplingParams  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+BUILD = ROOT / "build" / "llamacpp"
+LLAMA_CPP_PYTHON = "0.3.36"
+TARGETS = ("llama-bench", "llama-batched-bench")
+CONVERTER_MTP_LAYERS = 3                     # what the vendored converter assumes for MiMo
+
+
+# ------------------------------------------------------------------------------------------------ llama.cpp build
+def source_dir(build: Path) -> Path:
+    return build / f"llama_cpp_python-{LLAMA_CPP_PYTHON}" / "vendor" / "llama.cpp"
+
+
+def ensure_llamacpp(build: Path, jobs: int, nice: int) -> Path:
+    """-> the directory of the built binaries; downloads, configures and builds only what is missing."""
+    bindir = build / "cmake-build" / "bin"
+    if all((bindir / t).is_file() for t in TARGETS):
+        return bindir
+    build.mkdir(parents=True, exist_ok=True)
+    sdist = build / f"llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz"
+    if not sdist.is_file():
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+                        f"llama-cpp-python=={LLAMA_CPP_PYTHON}", "-d", str(build)], check=True)
+    src = source_dir(build)
+    if not (src / "CMakeLists.txt").is_file():
+        with tarfile.open(sdist) as tf:
+            tf.extractall(build, filter="data")
+    niced = ["nice", "-n", str(nice)]
+    if not (build / "cmake-build" / "build.ninja").is_file() and not (build / "cmake-build" / "Makefile").is_file():
+        gen = ["-G", "Ninja"] if shutil.which("ninja") else []
+        subprocess.run(niced + ["cmake", "-S", str(src), "-B", str(build / "cmake-build"), *gen,
+                                "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF",
+                                "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_SERVER=OFF"], check=True)
+    print(f"building llama.cpp ({', '.join(TARGETS)}) in {build / 'cmake-build'} with -j{jobs} under nice "
+          f"-n {nice}; this takes a while", file=sys.stderr)
+    subprocess.run(niced + ["cmake", "--build", str(build / "cmake-build"), "--target", *TARGETS, "-j", str(jobs)],
+                   check=True)
+    return bindir
+
+
+PATCHES = [   # (file under the llama.cpp tree, original text, replacement); applied once, to the build's copy
+    ("conversion/base.py",
+     '            raise NotImplementedError("BPE pre-tokenizer was not recognized - update get_vocab_base_pre()")',
+     '            res = "gpt-2"   # local patch (mimoflash benchmark): a speed comparison needs no exact pre-tokenizer'),
+    ("conversion/mimo.py",
+     'rope_dim = int(self.hparams["head_dim"] * self.rope_parameters["partial_rotary_factor"])',
+     'rope_dim = int(self.hparams["head_dim"] * self.rope_parameters.get("partial_rotary_factor",   # local patch\n'
+     '            self.rope_parameters.get("full_attention", {}).get("partial_rotary_factor")))'),
+]
+
+
+def patch_converter(src: Path) -> None:
+    for rel, old, new in PATCHES:
+        path = src / rel
+        text = path.read_text()
+        if new in text:
+            continue
+        if old not in text:
+            raise RuntimeError(f"{path}: the text to patch was not found (a different llama.cpp version?)")
+        path.write_text(text.replace(old, new))
+
+
+def to_gguf(src: Path, model_dir: Path, out: Path, outtype: str, mtp_layers: int) -> Path:
+    """Convert a saved checkpoint (cached: redone only when the checkpoint is newer than the GGUF file)."""
+    weights = max((p.stat().st_mtime for p in model_dir.glob("*.safetensors")), default=0)
+    if out.is_file() and out.stat().st_mtime > weights:
+        return out
+    patch_converter(src)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, str(src / "convert_hf_to_gguf.py"), str(model_dir), "--outfile", str(out),
+           "--outtype", outtype]
+    if mtp_layers < CONVERTER_MTP_LAYERS:
+        cmd.append("--no-mtp")
+    r = subprocess.run(["nice", "-n", "10", *cmd], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"convert_hf_to_gguf failed ({' '.join(cmd)}):\n{r.stderr[-3000:]}")
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ llama.cpp runs
+def _run_json(cmd: list[str]):
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{r.stderr[-3000:]}")
+    return r.stdout
+
+
+def llama_bench(bindir: Path, gguf: Path, threads: int, prompt: int, gen: int, depth: int) -> float:
+    out = json.loads(_run_json([str(bindir / "llama-bench"), "-m", str(gguf), "-t", str(threads), "-p", str(prompt),
+                                "-n", str(gen), "-d", str(depth), "-r", "1", "-o", "json"]))
+    (row,) = out
+    return float(row["avg_ts"])
+
+
+def llama_batched(bindir: Path, gguf: Path, threads: int, prompt: int, gen: int, seqs: int) -> float:
+    ctx = seqs * (prompt + gen)
+    out = _run_json([str(bindir / "llama-batched-bench"), "-m", str(gguf), "-t", str(threads), "-c", str(ctx),
+                     "-b", "2048", "-ub", "512", "-npp", str(prompt), "-ntg", str(gen), "-npl", str(seqs),
+                     "--output-format", "jsonl"])
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    (row,) = rows
+    return float(row["speed_tg"])
+
+
+# ------------------------------------------------------------------------------------------------ mimoflash runs
+def set_threads(n: int) -> None:
+    torch.set_num_threads(n)
+    kernels.set_num_threads(n)           # the runner reads torch's count once, at start
+
+
+def ours_prefill(llm: LLM, prompt: list[int]) -> float:
+    eng = llm.engine
+    eng.add_request(prompt, SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
+    req = eng.scheduler.waiting[-1]
+    while eng.has_unfinished_requests():
+        eng.step()
+    return len(prompt) / (req.first_token_time - req.arrival_time)
+
+
+def read_bandwidth(nbytes: int = 256 << 20, reps: int = 7) -> float:
+    """Bytes per second a reduction reads (a sum over fp32; compute is far below the memory traffic)."""
+    a = torch.rand(nbytes // 4)
+    a.sum()
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        a.sum()
+        ts.append(time.perf_counter() - t)
+    return nbytes / statistics.median(ts)
+
+
+# ------------------------------------------------------------------------------------------------ models
+def prepare_models(names: list[str]) -> dict[str, dict]:
+    """-> name -> {dir, mtp_layers, tokenizer}; the random model is saved once (seeded, so identical each run)."""
+    out = {}
+    for name in names:
+        if name == "mimo128m":
+            d = BUILD / "models" / "mimo128m"
+            if not (d / "model.safetensors").is_file():
+                save_model(build_model(bench_config()), d, dtype=torch.bfloat16, tokenizer_dir=default_model())
+            out[name] = {"dir": d, "mtp_layers": 0, "tokenizer": False}
+        elif name == "shipped":
+            d = Path(default_model())
+            mtp = json.loads((d / "config.json").read_text()).get("num_nextn_predict_layers", 0)
+            out[name] = {"dir": d, "mtp_layers": mtp, "tokenizer": True}
+        else:
+            raise ValueError(f"unknown model {name!r}")
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", nargs="+", default=["mimo128m", "shipped"], choices=["mimo128m", "shipped"])
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=96)
+    ap.add_argument("--prefill-len", type=int, default=512)
+    ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--no-q8", dest="q8", action="store_false", help="skip llama.cpp's Q8_0 runs")
+    ap.add_argument("--build-jobs", type=int, default=2)
+    ap.add_argument("--build-nice", type=int, default=15)
+    a = ap.parse_args(argv)
+    bindir = ensure_llamacpp(BUILD, a.build_jobs, a.build_nice)
+    src = source_dir(BUILD)
+    models = prepare_models(a.models)
+    top = max(a.threads)
+    results: dict[str, dict] = {}
+    table = []
+    for mname, m in models.items():
+        ggufs = {"bf16": to_gguf(src, m["dir"], BUILD / "gguf" / f"{mname}-bf16.gguf", "bf16", m["mtp_layers"])}
+        if a.q8:
+            ggufs["q8_0"] = to_gguf(src, m["dir"], BUILD / "gguf" / f"{mname}-q8_0.gguf", "q8_0", m["mtp_layers"])
+        set_threads(top)
+        llm = LLM(str(m["dir"]), skip_tokenizer_init=not m["tokenizer"], max_num_seqs=a.concurrency,
+                  max_model_len=max(a.prefill_len, a.prompt_len + a.new_tokens) + 16,
+                  max_num_batched_tokens=max(a.prefill_len, a.concurrency * a.prompt_len), progress=False)
+        assert llm.weight_dtype == torch.bfloat16 and llm.engine.runner.fused is not None, \
+            "the CPU kernels did not build: see mimoflash/kernels"
+        V = llm.model.config.vocab_size
+        g = torch.Generator().manual_seed(1)
+        prompts = [torch.randint(3, V, (a.prompt_len,), generator=g).tolist() for _ in range(a.concurrency)]
+        long_prompt = torch.randint(3, V, (a.prefill_len,), generator=g).tolist()
+        run_ours(llm, prompts[:1], 8)                                      # warm-up
+        res: dict[str, list[float]] = {}
+        bw: dict[int, list[float]] = {t: [] for t in a.threads}
+
+        def ours(kind: str, t: int) -> float:
+            set_threads(t)
+            if kind == "tg":
+                return run_ours(llm, prompts[:1], a.new_tokens)[0]
+            if kind == "pp":
+                return ours_prefill(llm, long_prompt)
+            return run_ours(llm, prompts, a.new_tokens)[0]
+
+        def theirs(kind: str, t: int, q: str) -> float:
+            if kind == "tg":
+                return llama_bench(bindir, ggufs[q], t, 0, a.new_tokens, a.prompt_len)
+            if kind == "pp":
+                return llama_bench(bindir, ggufs[q], t, a.prefill_len, 0, 0)
+            return llama_batched(bindir, ggufs[q], t, a.prompt_len, a.new_tokens, a.concurrency)
+
+        jobs = [("tg", t) for t in a.threads] + [("pp", top), ("b16", top)]
+        for rep in range(a.repeats):
+            for t in a.threads:
+                set_threads(t)
+                bw[t].append(read_bandwidth())
+            for kind, t in jobs:
+                engines = ["mimoflash"] + [f"llama.cpp {q}" for q in ggufs]
+                for eng in (engines if rep % 2 == 0 else engines[::-1]):
+                    v = ours(kind, t) if eng == "mimoflash" else theirs(kind, t, eng.split()[1])
+                    res.setdefault(f"{kind}|{t}|{eng}", []).append(v)
+            print(f"[{mname}] repeat {rep + 1}/{a.repeats}: "
+                  + ", ".join(f"{k}={v[-1]:.0f}" for k, v in res.items()), file=sys.stderr)
+        med = {k: statistics.median(v) for k, v in res.items()}
+        lay = llm.engine.layout
+        bpt = decode_bytes_per_token(llm.model, a.prompt_len + a.new_tokens // 2, lay.ring_slots,
+                                     torch.empty(0, dtype=lay.dtype).element_size())
+        mres = {"params_M": round(sum(p.numel() for p in llm.model.parameters()) / 1e6, 1),
+                "bytes_per_token_MB": round(bpt / 1e6, 2), "threads": {}}
+        for kind, t in jobs:
+            ours_v = med[f"{kind}|{t}|mimoflash"]
+            entry = {"mimoflash": round(ours_v, 1)}
+            for q in ggufs:
+                v = med[f"{kind}|{t}|llama.cpp {q}"]
+                entry[f"llama_{q}"] = round(v, 1)
+                entry[f"ratio_vs_{q}"] = round(ours_v / v, 3)
+            label = {"tg": "decode b=1", "pp": f"prefill {a.prefill_len}", "b16": f"decode {a.concurrency} seqs"}[kind]
+            if kind == "tg":
+                bw_t = statistics.median(bw[t])
+                bound = bw_t / bpt
+                entry.update(read_GBps=round(bw_t / 1e9, 2), bound_tok_s=round(bound, 1),
+                             fraction_of_bound=round(ours_v / bound, 3),
+                             llama_bf16_fraction_of_bound=round(entry["llama_bf16"] / bound, 3))
+            else:
+                bound = float("nan")
+            mres["threads"].setdefault(str(t), {})[kind] = entry
+            table.append((mname, label, t, ours_v, entry["llama_bf16"], entry.get("llama_q8_0", float("nan")),
+                          entry["ratio_vs_bf16"], bound))
+        results[mname] = mres
+        del llm
+
+    print(f"\nmimoflash vs llama.cpp (llama-cpp-python {LLAMA_CPP_PYTHON}'s vendored copy), same bf16 weights, "
+          f"medians of {a.repeats}, prompt {a.prompt_len}, new {a.new_tokens}; tok/s")
+    print(f"{'model':<10}{'measure':<18}{'thr':>4}{'mimoflash':>11}{'llama bf16':>12}{'llama q8_0':>12}"
+          f"{'ratio':>7}{'bound':>8}")
+    for r in table:
+        print(f"{r[0]:<10}{r[1]:<18}{r[2]:>4}{r[3]:>11.1f}{r[4]:>12.1f}{r[5]:>12.1f}{r[6]:>6.2f}x{r[7]:>8.0f}")
+    print("ratio = mimoflash / llama.cpp bf16; bound = read bandwidth / bytes a mimoflash decode step reads")
+    print(json.dumps({"llama_cpp_python": LLAMA_CPP_PYTHON, "repeats": a.repeats, "prompt_len": a.prompt_len,
+                      "new_tokens": a.new_tokens, "prefill_len": a.prefill_len, "concurrency": a.concurrency,
+                      "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "models": results}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
