@@ -170,17 +170,20 @@ def _cli(*args, timeout=240):
 
 
 def test_cli_generate_with_two_ranks_matches_one():
-    """The shipped model (a bf16 checkpoint with a tokenizer) through `mimoflash generate`: same greedy text."""
+    """The shipped model (a bf16 checkpoint with a tokenizer) through `mimoflash generate --tensor-parallel-size 2`:
+    the same greedy tokens and text as one process."""
     import json
-    args = ["generate", "def fibonacci(n):", "--max-tokens", "12", "--temperature", "0", "--json", "--threads", "1"]
-    one, two = _cli(*args), _cli(*args, "--tensor-parallel-size", "2")
-    assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
-    a, b = json.loads(one.stdout)["outputs"][0], json.loads(two.stdout)["outputs"][0]
-    assert a["token_ids"] == b["token_ids"] and a["text"] == b["text"] and len(a["token_ids"]) == 12
+    from mimoflash.default import default_model
+    prompt = "def fibonacci(n):"
+    two = _cli("generate", prompt, "--max-tokens", "12", "--temperature", "0", "--json", "--threads", "1",
+               "--tensor-parallel-size", "2")
+    assert two.returncode == 0, two.stderr[-2000:]
+    got = json.loads(two.stdout)["outputs"][0]
+    want = LLM(default_model(), progress=False).generate(prompt, SamplingParams(temperature=0, max_tokens=12),
+                                                         use_tqdm=False)[0].outputs[0]
+    assert got["token_ids"] == want.token_ids and got["text"] == want.text and len(want.token_ids) == 12
     bad = _cli("generate", "x", "--tensor-parallel-size", "0")
     assert bad.returncode == 2 and "--tensor-parallel-size must be >= 1" in bad.stderr
-    bad = _cli("generate", "x", "--tensor-parallel-size", "3", timeout=120)
-    assert bad.returncode != 0 and "not divisible by tensor_parallel_size=3" in bad.stderr
 
 
 TORCHRUN_SCRIPT = """

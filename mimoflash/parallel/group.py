@@ -422,7 +422,10 @@ def _follower_main(rank, world, port, config, source, dtype, opts) -> None:
     except Exception:
         traceback.print_exc()
         sys.exit(3)
-    sys.exit(_follow(rank, world, config, source, dtype, dict(opts, device=str(device))))
+    code = _follow(rank, world, config, source, dtype, dict(opts, device=str(device)))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)           # a dedicated process: skipping the interpreter's teardown makes close() quick
 
 
 def _follow(rank, world, config, source, dtype, opts) -> int:
