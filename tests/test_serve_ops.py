@@ -8,6 +8,7 @@ import json
 import signal
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -159,6 +160,41 @@ def test_mtp_passes_through_and_reports_acceptance():
         bad = httpx.post(s.url + "/v1/chat/completions", json={"model": MODEL, "messages": USER,
                                                                 "response_format": {"type": "json_object"}})
         assert bad.status_code == 400 and "--mtp" in bad.json()["error"]["message"]
+    finally:
+        code, out = s.stop()
+        assert code == 0, out
+
+
+def test_reasoning_end_to_end_with_a_template_that_opens_think(tmp_path):
+    """A checkpoint whose template opens `<think>` in the generation prompt (as Qwen3-style thinking templates do):
+    everything generated before `</think>` is reasoning, streamed as reasoning_content and counted in usage."""
+    from mimoflash import default_model
+    from mimoflash.tokenizer import DEFAULT_CHAT_TEMPLATE
+    src = Path(default_model())
+    for f in src.iterdir():
+        (tmp_path / f.name).symlink_to(f)
+    opened = DEFAULT_CHAT_TEMPLATE.replace("{%- if not enable_thinking -%}", "{%- if enable_thinking -%}"
+                                          "{{- '<think>\\n' -}}{%- else -%}")
+    assert opened != DEFAULT_CHAT_TEMPLATE
+    (tmp_path / "chat_template.jinja").write_text(opened)
+    s = ServerProcess(str(tmp_path), "--served-model-name", MODEL)
+    try:
+        c = openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0)
+        kw = dict(model=MODEL, messages=USER, max_tokens=12, temperature=0,
+                  extra_body={"ignore_eos": True, "stop": ["</think>"],
+                              "chat_template_kwargs": {"enable_thinking": True}})
+        r = c.chat.completions.create(**kw)
+        msg = r.choices[0].message
+        assert msg.model_extra["reasoning_content"] and msg.content == ""          # content "", not null
+        assert r.usage.completion_tokens_details.reasoning_tokens == r.usage.completion_tokens == 12
+        chunks = list(c.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+        streamed = "".join(ch.choices[0].delta.model_extra.get("reasoning_content") or ""
+                           for ch in chunks if ch.choices)
+        assert streamed == msg.model_extra["reasoning_content"]
+        assert chunks[-1].usage.completion_tokens_details.reasoning_tokens == 12
+        off = c.chat.completions.create(model=MODEL, messages=USER, max_tokens=4, temperature=0)
+        assert off.choices[0].message.content and off.usage.completion_tokens_details.reasoning_tokens == 0
+        assert s.metric("mimoflash:reasoning_tokens_total") == 24
     finally:
         code, out = s.stop()
         assert code == 0, out
