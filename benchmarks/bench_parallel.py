@@ -13,7 +13,9 @@ repeat; medians are reported:
   * resident weight bytes and KV cache bytes per rank (distinct tensor storages, panels included), for the same
     KV capacity (blocks, rings) in both;
   * seconds spent in collectives per decode step (all_reduce after each attention and MLP block, one for the
-    vocabulary-parallel embedding, one all_gather for the LM head) on rank 0, over the measured decode runs.
+    vocabulary-parallel embedding, one all_gather for the LM head) on rank 0, over the measured decode runs: this
+    includes waiting for the other rank to arrive; and, apart, the median time of one all_reduce of a decode step's
+    activations with both ranks ready (a barrier before each), the transfer cost alone.
 Each rank uses `--threads` threads (default 1), so 2 ranks use twice the cores of 1 rank: on a machine where other
 work shares the cores the figures are noisy; compare ratios from one run. The single-process engine uses its fused
 decode step (one C call per layer); ranks cannot (a collective sits in the middle of each layer) and run the
@@ -102,6 +104,7 @@ def main() -> int:
                     if name == "2":
                         comm_steps += a.max_tokens
         stats = tp._parallel.stats(tp)
+        probe = {b: tp._parallel.probe(b * a.hidden) for b in (1, a.batch)}      # one all_reduce, ranks in step
         L = model.config.num_hidden_layers
         comm_per_step = stats[0]["comm_seconds"] / max(1, stats[0]["comm_calls"] / (2 * L + 2))
         w1, kv1 = resident_bytes(single.model), single.engine.cache.layout.total_bytes
@@ -115,14 +118,18 @@ def main() -> int:
             rate = f"{med[('2', 1)]:9.1f} | {med[('2', a.batch)]:10.1f}" if r == 0 else f"{'':9} | {'':10}"
             print(f"{'2:r' + str(r):>5} | {s['weights_bytes'] / 1e6:15.1f} | {s['kv_cache_bytes'] / 1e6:10.1f} | "
                   f"{rate}")
-        print(f"communication per decode step (rank 0): {comm_per_step * 1e3:.2f} ms "
-              f"({2 * L + 2} collectives per step)")
+        print(f"communication per decode step (rank 0): {comm_per_step * 1e3:.2f} ms inside the {2 * L + 2} "
+              "collectives of a step, waiting for the other rank included")
+        print("one all_reduce with both ranks ready (median): " +
+              ", ".join(f"{b} x {a.hidden} fp32 {probe[b] * 1e6:.0f} us" for b in probe) +
+              f" -> {(2 * L + 2) * probe[1] * 1e3:.2f} ms per batch-1 step")
         out = {"bench": "parallel", "threads_per_rank": a.threads, "hidden": a.hidden, "layers": L,
                "experts": a.experts, "vocab": a.vocab, "max_tokens": a.max_tokens, "batch": a.batch,
                "weights_bytes": {"1": w1, "2": [s["weights_bytes"] for s in stats]},
                "kv_cache_bytes": {"1": kv1, "2": [s["kv_cache_bytes"] for s in stats]},
                "decode_tok_s": {f"{n}rank_b{b}": round(v, 2) for (n, b), v in med.items()},
-               "comm_ms_per_step": round(comm_per_step * 1e3, 3)}
+               "comm_ms_per_step": round(comm_per_step * 1e3, 3),
+               "all_reduce_us": {f"b{b}": round(v * 1e6, 1) for b, v in probe.items()}}
         print(json.dumps(out))
     finally:
         tp.close()

@@ -241,6 +241,12 @@ class ParallelGroup:
         self.send(("stats",))
         return self.run(lambda: _gather_stats(_rank_stats(llm)), "stats")
 
+    def probe(self, numel: int, repeats: int = 50) -> float:
+        """Median seconds of one all_reduce of `numel` fp32 values, all ranks ready (a barrier first): the
+        collectives' own cost, without the waiting for a slower rank that the step's counters include."""
+        self.send(("probe", numel, repeats))
+        return self.run(lambda: _probe(numel, repeats), "probe")
+
     def reset_comm(self) -> None:
         self.send(("reset_comm",))
         COMM.reset()
@@ -264,6 +270,17 @@ def _rank_stats(llm) -> dict:
     lay = llm.engine.layout
     return {"weights_bytes": resident_bytes(llm.model), "kv_cache_bytes": kv, "num_blocks": lay.num_blocks,
             "num_rings": lay.num_rings, "comm_seconds": COMM.seconds, "comm_calls": COMM.calls}
+
+
+def _probe(numel: int, repeats: int) -> float:
+    t = torch.zeros(numel)
+    times = []
+    for _ in range(repeats):
+        dist.barrier()
+        t0 = time.perf_counter()
+        dist.all_reduce(t)
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
 
 
 def _gather_stats(mine: dict) -> list[dict]:
@@ -465,6 +482,8 @@ def _follow(rank, world, config, source, dtype, opts) -> int:
                 runner.execute(batch_of(cmd[1]))
             elif cmd[0] == "stats":
                 _gather_stats(_rank_stats(llm))
+            elif cmd[0] == "probe":
+                _probe(cmd[1], cmd[2])
             elif cmd[0] == "reset_comm":
                 COMM.reset()
     except ParallelError as e:
