@@ -174,9 +174,10 @@ def test_sync_stream_and_n_seed_stop(server, client):
     assert texts == [c.message.content for c in a.choices]
     # stop: the reply ends before the stop string and says why
     greedy = client.chat.completions.create(model=MODEL, messages=USER, max_tokens=12, temperature=0)
-    word = greedy.choices[0].message.content.split()[1]
-    r = client.chat.completions.create(model=MODEL, messages=USER, max_tokens=12, temperature=0, stop=[word])
-    assert word not in r.choices[0].message.content and r.choices[0].finish_reason == "stop"
+    text = greedy.choices[0].message.content
+    stop = next(text[i:i + 2] for i in range(3, len(text) - 1) if text[i:i + 2].strip() == text[i:i + 2])
+    r = client.chat.completions.create(model=MODEL, messages=USER, max_tokens=12, temperature=0, stop=[stop])
+    assert r.choices[0].message.content == text[:text.find(stop)].strip() and r.choices[0].finish_reason == "stop"
 
 
 def test_max_completion_tokens(server, client):
