@@ -1,0 +1,263 @@
+"""Where a batch-1 decode step's time goes: bytes read at the memory bandwidth vs everything else.
+
+    python benchmarks/profile_step_split.py                          # both models, 1 thread (about a minute)
+    python benchmarks/profile_step_split.py --threads 2 --repeats 5
+
+One request, a 32-token prompt, 96 new tokens, greedy, through `LLMEngine.step()` as `LLM.generate` drives it.
+Each stage of a decode step is wrapped with a wall-clock timer (the wrappers are attributes set on this run's
+objects and removed afterwards; none of the engine's code changes), prefill's step is dropped, and the per-step
+medians over the 95 decode steps of each run, then the median over `--repeats` runs, are reported:
+
+  schedule          Scheduler.schedule()                  who runs, how many tokens
+  prepare           ModelRunner.prepare()                 slices -> positions, block tables, ring slots (metadata)
+  layer kernels     kernels.decode_layer(), every layer    the weights and K/V read here
+  forward glue      FusedDecoder.forward() - the kernels   embedding row, RoPE table lookup, argument marshalling
+  lm_head kernel    the lm_head product                    the other big weight read
+  logits glue       model.logits() - the lm_head kernel    final norm, .float()
+  execute other     runner.execute() - the above           the rest of the runner's Python
+  sampling          LLMEngine._choose_tokens()             SampleRow objects, greedy argmax / sampling
+  detokenize        LLMEngine._process_token()             incremental detokenizer, stop strings, logprobs
+  postprocess       Scheduler.postprocess() - detokenize   append the token, token-level stops
+  outputs           LLMEngine._group_output()              RequestOutput / CompletionOutput objects per step
+  step other        step() - everything above
+
+The bandwidth time is what the step's bytes cost at the read bandwidth measured in the same run (a sum over as many
+bytes of fp32 as the model's weights, the same thread count and clock): the touched weights (attention, dense MLP,
+2 chosen experts per MoE layer, router, norms, lm_head, one embedding row; not the MTP blocks, which plain decode
+skips) and the K/V attended at the mean context (bench_decode.decode_bytes_per_token). "kernels over bandwidth" =
+(layer + lm_head kernel time) - bandwidth time: what the kernels lose to compute, latency and threading; "outside
+the kernels" is everything else in the step.
+Clock: with one thread, the calling thread's CPU time (time.thread_time), so that time the OS gives to other
+processes on a shared machine is not counted; wall-clock with more threads (the pool's workers are other threads).
+Models: "mimo128m" (bench_decode.py's seeded MiMo-shaped model, bf16, no tokenizer) and "shipped"
+(mimoflash.default_model(), with its tokenizer, so detokenization is measured). The last stdout line is one JSON
+object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_decode import bench_config, build_model, decode_bytes_per_token  # noqa: E402
+
+from mimoflash import kernels  # noqa: E402
+from mimoflash.default import default_model  # noqa: E402
+from mimoflash.engine.llm import LLM  # noqa: E402
+from mimoflash.engine.sampling import SamplingParams  # noqa: E402
+
+PARTS = ["schedule", "prepare", "layer kernels", "forward glue", "lm_head kernel", "logits glue", "execute other",
+         "sampling", "detokenize", "postprocess", "outputs", "step other"]
+
+
+CLOCK = time.perf_counter          # main() switches to time.thread_time for --clock cpu
+
+
+def weight_bytes(model) -> int:
+    """Bytes of the weights a decode step can touch (the MTP blocks are not run without speculative decoding)."""
+    return sum(p.numel() * p.element_size() for n, p in model.named_parameters() if ".mtp." not in n)
+
+
+def step_bytes(model, context: int, ring_slots: int, kv_elt: int) -> int:
+    """bench_decode.decode_bytes_per_token without the MTP blocks' weights (which it counts, but decode skips)."""
+    mtp = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if ".mtp." in n)
+    return decode_bytes_per_token(model, context, ring_slots, kv_elt) - mtp
+
+
+def read_bandwidth(nbytes: int, reps: int = 7) -> float:
+    """Bytes per second a sum over `nbytes` of fp32 reads (its compute is far below the memory traffic). Give it the
+    size of the model's weights: the decode loop streams over them every step, so the bound then reflects the level
+    of the memory hierarchy they live in (a last-level cache holds a small model whole)."""
+    a = torch.rand(max(nbytes, 1 << 20) // 4)
+    a.sum()
+    ts = []
+    for _ in range(reps):
+        t = CLOCK()
+        a.sum()
+        ts.append(CLOCK() - t)
+    return a.numel() * 4 / statistics.median(ts)
+
+
+class StepTimer:
+    """Wraps the stages of one engine's step with timers; `steps` collects one dict of raw seconds per step."""
+
+    def __init__(self, llm: LLM):
+        self.eng = eng = llm.engine
+        self.steps: list[dict[str, float]] = []
+        self.cur: dict[str, float] = {}
+        runner = eng.runner
+        lm = llm.model.lm_head
+        lm_ptrs = {lm.weight.data_ptr()}
+        if getattr(lm, "_panels", None) is not None:
+            lm_ptrs.add(lm._panels.wp.data_ptr())
+        self._saved_kernels = {k: getattr(kernels, k) for k in ("decode_layer", "linear_panels", "linear_bf16w")}
+        self._objs = []                       # (object, attribute) pairs set on instances, deleted in close()
+
+        def timed(key, fn):
+            def w(*args, **kw):
+                t = CLOCK()
+                try:
+                    return fn(*args, **kw)
+                finally:
+                    self.cur[key] = self.cur.get(key, 0.0) + CLOCK() - t
+            return w
+
+        def on(obj, name, key):
+            setattr(obj, name, timed(key, getattr(obj, name)))
+            self._objs.append((obj, name))
+
+        kernels.decode_layer = timed("layer kernels", self._saved_kernels["decode_layer"])
+
+        def lm_timed(fn, ptr_of):
+            def w(*args):
+                t = CLOCK()
+                y = fn(*args)
+                if ptr_of(args) in lm_ptrs:
+                    self.cur["lm_head kernel"] = self.cur.get("lm_head kernel", 0.0) + CLOCK() - t
+                return y
+            return w
+
+        kernels.linear_panels = lm_timed(self._saved_kernels["linear_panels"], lambda a: a[1].data_ptr())
+        kernels.linear_bf16w = lm_timed(self._saved_kernels["linear_bf16w"], lambda a: a[1].data_ptr())
+        on(eng.scheduler, "schedule", "schedule")
+        on(runner, "prepare", "prepare")
+        on(runner, "execute", "execute")
+        if runner.fused is not None:
+            on(runner.fused, "forward", "fused forward")
+        on(llm.model, "logits", "logits")
+        on(eng, "_choose_tokens", "sampling")
+        on(eng.scheduler, "postprocess", "postprocess+")
+        on(eng, "_process_token", "detokenize")
+        on(eng, "_group_output", "outputs")
+        step = eng.step
+
+        def timed_step():
+            self.cur = {}
+            t = CLOCK()
+            out = step()
+            self.cur["step"] = CLOCK() - t
+            self.steps.append(self.cur)
+            return out
+
+        eng.step = timed_step
+        self._objs.append((eng, "step"))
+
+    def close(self) -> None:
+        for k, v in self._saved_kernels.items():
+            setattr(kernels, k, v)
+        for obj, name in self._objs:
+            delattr(obj, name)                 # the class's method shows through again
+
+    @staticmethod
+    def split(raw: dict[str, float]) -> dict[str, float]:
+        g = raw.get
+        out = {"schedule": g("schedule", 0), "prepare": g("prepare", 0), "layer kernels": g("layer kernels", 0),
+               "forward glue": g("fused forward", 0) - g("layer kernels", 0), "lm_head kernel": g("lm_head kernel", 0),
+               "logits glue": g("logits", 0) - g("lm_head kernel", 0),
+               "sampling": g("sampling", 0), "detokenize": g("detokenize", 0),
+               "postprocess": g("postprocess+", 0) - g("detokenize", 0), "outputs": g("outputs", 0)}
+        out["execute other"] = g("execute", 0) - g("prepare", 0) - g("fused forward", 0) - g("logits", 0)
+        out["step other"] = g("step", 0) - sum(out[k] for k in ("schedule", "sampling", "postprocess", "detokenize",
+                                                                 "outputs")) - g("execute", 0)
+        out["step"] = g("step", 0)
+        return out
+
+
+def profile(llm: LLM, prompt: list[int], new: int, repeats: int) -> dict[str, float]:
+    """-> median ms per decode step of every part (and 'step')."""
+    sp = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True)
+    timer = StepTimer(llm)
+    per_run = []
+    try:
+        for _ in range(repeats):
+            timer.steps.clear()
+            llm.engine.add_request(prompt, sp)
+            while llm.engine.has_unfinished_requests():
+                llm.engine.step()
+            decode = [StepTimer.split(s) for s in timer.steps[1:]]     # the first step is the prompt's prefill
+            per_run.append({k: statistics.median(d[k] for d in decode) for k in decode[0]})
+    finally:
+        timer.close()
+    return {k: 1e3 * statistics.median(r[k] for r in per_run) for k in per_run[0]}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", nargs="+", default=["mimo128m", "shipped"], choices=["mimo128m", "shipped"])
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=96)
+    ap.add_argument("--clock", choices=["cpu", "wall"], default=None,
+                    help="cpu = the calling thread's CPU time (time.thread_time: time the OS gave to other processes "
+                         "is not counted; only meaningful with --threads 1), wall = time.perf_counter; default: cpu "
+                         "with one thread, wall otherwise")
+    a = ap.parse_args(argv)
+    a.clock = a.clock or ("cpu" if a.threads == 1 else "wall")
+    if a.clock == "cpu" and a.threads != 1:
+        ap.error("--clock cpu counts the calling thread only: use it with --threads 1")
+    global CLOCK
+    CLOCK = time.thread_time if a.clock == "cpu" else time.perf_counter
+    torch.set_num_threads(a.threads)
+    out = {"threads": a.threads, "repeats": a.repeats, "clock": a.clock, "models": {}}
+    for name in a.models:
+        if name == "mimo128m":
+            llm = LLM(build_model(bench_config()).cast(torch.bfloat16), max_num_seqs=1, max_model_len=512)
+        else:
+            llm = LLM(default_model(), max_num_seqs=1, max_model_len=512, progress=False)
+        assert llm.engine.runner.fused is not None, "the fused decode path is not in use (CPU kernels unavailable?)"
+        kernels.set_num_threads(a.threads)
+        V = llm.model.config.vocab_size
+        prompt = torch.randint(3, V, (a.prompt_len,), generator=torch.Generator().manual_seed(1)).tolist()
+        profile(llm, prompt, 8, 1)                                          # warm-up
+        wbytes = weight_bytes(llm.model)
+        bw = read_bandwidth(wbytes)
+        ms = profile(llm, prompt, a.new_tokens, a.repeats)
+        bw = statistics.median([bw, read_bandwidth(wbytes), read_bandwidth(wbytes)])
+        lay = llm.engine.layout
+        ctx = a.prompt_len + a.new_tokens // 2
+        kv_elt = torch.empty(0, dtype=lay.dtype).element_size()
+        total_b = step_bytes(llm.model, ctx, lay.ring_slots, kv_elt)
+        weight_b = step_bytes(llm.model, 0, lay.ring_slots, kv_elt)
+        bw_ms = {"weights at bandwidth": weight_b / bw * 1e3, "K/V at bandwidth": (total_b - weight_b) / bw * 1e3}
+        kern = ms["layer kernels"] + ms["lm_head kernel"]
+        outside = ms["step"] - kern
+        out["models"][name] = {"ms_per_step": {k: round(v, 4) for k, v in ms.items()},
+                               "tok_s": round(1e3 / ms["step"], 1), "read_GBps": round(bw / 1e9, 2),
+                               "weights_MB": round(wbytes / 1e6, 1),
+                               "bytes_per_token_MB": round(total_b / 1e6, 3),
+                               "bandwidth_ms": {k: round(v, 4) for k, v in bw_ms.items()},
+                               "kernels_ms": round(kern, 4),
+                               "kernels_over_bandwidth_ms": round(kern - sum(bw_ms.values()), 4),
+                               "outside_kernels_ms": round(outside, 4),
+                               "outside_kernels_fraction": round(outside / ms["step"], 3)}
+        step = ms["step"]
+        print(f"\n{name}: {1e3 / step:.1f} tok/s, {step:.3f} ms per decode step ({a.threads} thread(s), medians of "
+              f"{a.repeats} runs x {a.new_tokens - 1} steps, {a.clock} clock); read bandwidth {bw / 1e9:.1f} GB/s over "
+              f"{wbytes / 1e6:.0f} MB, "
+              f"{total_b / 1e6:.2f} MB per step")
+        print(f"  {'part':<28}{'ms':>8}{'of step':>9}")
+        for k in PARTS:
+            print(f"  {k:<28}{ms[k]:>8.3f}{ms[k] / step:>9.1%}")
+        print(f"  {'= step':<28}{step:>8.3f}")
+        for k, v in bw_ms.items():
+            print(f"  {k:<28}{v:>8.3f}{v / step:>9.1%}")
+        print(f"  {'kernels over bandwidth':<28}{kern - sum(bw_ms.values()):>8.3f}"
+              f"{(kern - sum(bw_ms.values())) / step:>9.1%}")
+        print(f"  {'outside the kernels':<28}{outside:>8.3f}{outside / step:>9.1%}")
+        del llm
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
