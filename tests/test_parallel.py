@@ -87,6 +87,8 @@ def test_bad_tensor_parallel_sizes_fail_before_starting_processes():
         LLM(m, tensor_parallel_size=3, progress=False)
     with pytest.raises(ValueError, match="positive integer"):
         LLM(m, tensor_parallel_size=0, progress=False)
+    with pytest.raises(ValueError, match="weight_dtype='fp8'"):
+        LLM(m, tensor_parallel_size=2, progress=False, weight_dtype="fp8")
     with pytest.raises(ValueError, match="speculative decoding"):
         LLM(m, tensor_parallel_size=2, progress=False, speculative_config={"method": "mtp", "num_speculative_tokens": 1})
     import multiprocessing

@@ -367,6 +367,9 @@ def start(model, tokenizer, world: Any, opts: dict):
     if opts.get("memory_budget") is not None:
         raise ValueError("memory_budget (FP8 experts read from the files) is not supported with tensor_parallel_size "
                          "> 1: each rank already holds only its share of the experts")
+    if opts.get("weight_dtype") in ("fp8", torch.float8_e4m3fn):
+        raise ValueError("weight_dtype='fp8' (FP8 weights kept compressed) is single-process: with "
+                         "tensor_parallel_size > 1 each rank dequantises its slices (weight_dtype 'auto' or 'bfloat16')")
     if dist.is_initialized():
         raise ValueError("a torch.distributed process group already exists in this process (another tensor-parallel "
                          "LLM not closed?)")
