@@ -28,8 +28,9 @@ What is measured, per model, per thread count, the engines alternating (their or
   * 16-sequence aggregate decode tok/s (`llama-batched-bench -npp 32 -ntg 96 -npl 16`, S_TG vs 16 x 95 tokens over
     the span in which all 16 decode) at the largest thread count;
   * the read-bandwidth bound: bytes one mimoflash decode step reads (touched weights + attended K/V,
-    bench_decode.decode_bytes_per_token) / the read bandwidth measured in the same run (a sum over 256 MiB,
-    `--threads` threads), as tok/s; each engine's fraction of it.
+    profile_step_split.step_bytes) / the read bandwidth measured in the same run (a sum over as many bytes as the
+    model's weights, each thread count), as tok/s; each engine's fraction of it (llama.cpp's bf16 file holds the
+    same weights; its Q8_0 file reads about half the bytes).
 A table, then ONE JSON line. Not part of CI (it builds a C++ project and runs for many minutes).
 """
 
@@ -51,7 +52,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_decode import bench_config, build_model, decode_bytes_per_token, run_ours  # noqa: E402
+from bench_decode import bench_config, build_model, run_ours  # noqa: E402
+from profile_step_split import read_bandwidth, step_bytes, weight_bytes  # noqa: E402
 
 from mimoflash import kernels  # noqa: E402
 from mimoflash.checkpoint.saver import save_model  # noqa: E402
@@ -177,18 +179,6 @@ def ours_prefill(llm: LLM, prompt: list[int]) -> float:
     return len(prompt) / (req.first_token_time - req.arrival_time)
 
 
-def read_bandwidth(nbytes: int = 256 << 20, reps: int = 7) -> float:
-    """Bytes per second a reduction reads (a sum over fp32; compute is far below the memory traffic)."""
-    a = torch.rand(nbytes // 4)
-    a.sum()
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        a.sum()
-        ts.append(time.perf_counter() - t)
-    return nbytes / statistics.median(ts)
-
-
 # ------------------------------------------------------------------------------------------------ models
 def prepare_models(names: list[str]) -> dict[str, dict]:
     """-> name -> {dir, mtp_layers, tokenizer}; the random model is saved once (seeded, so identical each run)."""
@@ -242,6 +232,7 @@ def main(argv=None) -> int:
         prompts = [torch.randint(3, V, (a.prompt_len,), generator=g).tolist() for _ in range(a.concurrency)]
         long_prompt = torch.randint(3, V, (a.prefill_len,), generator=g).tolist()
         run_ours(llm, prompts[:1], 8)                                      # warm-up
+        wbytes = weight_bytes(llm.model)
         res: dict[str, list[float]] = {}
         bw: dict[int, list[float]] = {t: [] for t in a.threads}
 
@@ -264,7 +255,7 @@ def main(argv=None) -> int:
         for rep in range(a.repeats):
             for t in a.threads:
                 set_threads(t)
-                bw[t].append(read_bandwidth())
+                bw[t].append(read_bandwidth(wbytes))
             for kind, t in jobs:
                 engines = ["mimoflash"] + [f"llama.cpp {q}" for q in ggufs]
                 for eng in (engines if rep % 2 == 0 else engines[::-1]):
@@ -274,7 +265,7 @@ def main(argv=None) -> int:
                   + ", ".join(f"{k}={v[-1]:.0f}" for k, v in res.items()), file=sys.stderr)
         med = {k: statistics.median(v) for k, v in res.items()}
         lay = llm.engine.layout
-        bpt = decode_bytes_per_token(llm.model, a.prompt_len + a.new_tokens // 2, lay.ring_slots,
+        bpt = step_bytes(llm.model, a.prompt_len + a.new_tokens // 2, lay.ring_slots,
                                      torch.empty(0, dtype=lay.dtype).element_size())
         mres = {"params_M": round(sum(p.numel() for p in llm.model.parameters()) / 1e6, 1),
                 "bytes_per_token_MB": round(bpt / 1e6, 2), "threads": {}}
