@@ -213,3 +213,42 @@ def test_torchrun_ranks_join_and_followers_exit(tmp_path):
                        env=dict(os.environ, OMP_WAIT_POLICY="PASSIVE"))
     assert r.returncode == 0, r.stderr[-3000:]
     assert "RANK 0 SAME" in r.stdout and "RANK 1" not in r.stdout
+
+
+def _spawned_children(pid: int) -> list[int]:
+    """Worker processes (multiprocessing spawn_main) whose parent is pid, from /proc."""
+    out = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            stat = open(f"/proc/{d}/stat").read()
+            cmd = open(f"/proc/{d}/cmdline", "rb").read()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid and b"spawn_main" in cmd:
+            out.append(int(d))
+    return out
+
+
+def test_serve_with_two_ranks_answers_then_reports_a_dead_worker_unhealthy():
+    httpx = pytest.importorskip("httpx", reason="the serve tests need the dev extra")
+    pytest.importorskip("openai", reason="the serve tests need the dev extra")
+    from test_serve import ServerProcess
+    s = ServerProcess("--tensor-parallel-size", "2", timeout=240)
+    try:
+        r = httpx.post(s.url + "/v1/completions", json={"model": "mimoflash-default", "prompt": "def f(",
+                                                        "max_tokens": 5, "temperature": 0}, timeout=120)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 5
+        (worker,) = _spawned_children(s.proc.pid)
+        os.kill(worker, signal.SIGKILL)
+        deadline = time.monotonic() + 20
+        while httpx.get(s.url + "/health", timeout=5).status_code == 200:       # noticed while idle
+            assert time.monotonic() < deadline, "a dead worker was not reported"
+            time.sleep(0.2)
+        r = httpx.post(s.url + "/v1/completions", json={"model": "mimoflash-default", "prompt": "x", "max_tokens": 2},
+                       timeout=30)
+        assert r.status_code == 503
+    finally:
+        code, out = s.stop()
+    assert "rank 1" in out and not _spawned_children(s.proc.pid)

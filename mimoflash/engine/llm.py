@@ -154,6 +154,12 @@ class LLM:
         if self._parallel is not None:
             self._parallel.close()
 
+    def check_workers(self) -> None:
+        """Tensor parallelism: raise `mimoflash.parallel.ParallelError` if a worker process died (steps check it
+        themselves; an idle server calls this); a no-op for a single-process LLM."""
+        if self._parallel is not None:
+            self._parallel.check()
+
     def get_tokenizer(self):
         return self.tokenizer
 

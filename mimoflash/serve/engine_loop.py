@@ -161,6 +161,7 @@ class EngineLoop:
                     cmd = self._inbox.get(block=not busy, timeout=None if busy else 0.5)
                 except queue.Empty:
                     cmd = None
+                    self.llm.check_workers()          # tensor parallel: a dead worker stops the engine while idle
                 while cmd is not None:
                     if cmd[0] == "stop":
                         self._stop()
