@@ -229,6 +229,9 @@ def main(argv=None) -> int:
         total_b = step_bytes(llm.model, ctx, lay.ring_slots, kv_elt)
         weight_b = step_bytes(llm.model, 0, lay.ring_slots, kv_elt)
         bw_ms = {"weights at bandwidth": weight_b / bw * 1e3, "K/V at bandwidth": (total_b - weight_b) / bw * 1e3}
+        lm_b = llm.model.lm_head.weight.numel() * llm.model.lm_head.weight.element_size()
+        rates = {"lm_head kernel": lm_b / ms["lm_head kernel"] / 1e6,          # GB/s each kernel reads at
+                 "layer kernels": (total_b - lm_b) / ms["layer kernels"] / 1e6}
         kern = ms["layer kernels"] + ms["lm_head kernel"]
         outside = ms["step"] - kern
         out["models"][name] = {"ms_per_step": {k: round(v, 4) for k, v in ms.items()},
@@ -237,6 +240,7 @@ def main(argv=None) -> int:
                                "bytes_per_token_MB": round(total_b / 1e6, 3),
                                "bandwidth_ms": {k: round(v, 4) for k, v in bw_ms.items()},
                                "kernels_ms": round(kern, 4),
+                               "kernel_read_GBps": {k: round(v, 2) for k, v in rates.items()},
                                "kernels_over_bandwidth_ms": round(kern - sum(bw_ms.values()), 4),
                                "outside_kernels_ms": round(outside, 4),
                                "outside_kernels_fraction": round(outside / ms["step"], 3)}
@@ -247,7 +251,8 @@ def main(argv=None) -> int:
               f"{total_b / 1e6:.2f} MB per step")
         print(f"  {'part':<28}{'ms':>8}{'of step':>9}")
         for k in PARTS:
-            print(f"  {k:<28}{ms[k]:>8.3f}{ms[k] / step:>9.1%}")
+            extra = f"  (reads at {rates[k]:.1f} GB/s)" if k in rates else ""
+            print(f"  {k:<28}{ms[k]:>8.3f}{ms[k] / step:>9.1%}{extra}")
         print(f"  {'= step':<28}{step:>8.3f}")
         for k, v in bw_ms.items():
             print(f"  {k:<28}{v:>8.3f}{v / step:>9.1%}")
