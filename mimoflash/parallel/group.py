@@ -456,7 +456,7 @@ def _follow(rank, world, config, source, dtype, opts) -> int:
     try:
         plan = ShardPlan(config, rank, world)
         shard = build_shard(plan, _reader(source, config), dtype or _model_dtype(source), torch.device(opts["device"]))
-        layout = pickle.loads(_wait_key(store, "layout"))
+        layout = pickle.loads(_wait_key(store, "layout", time.monotonic() + 10 * _timeout()))
         kw = dict(opts)
         kw.update(kv_cache_memory=layout.total_bytes, tensor_parallel_size=1, progress=False,
                   skip_tokenizer_init=True, speculative_config=None, memory_budget=None)
