@@ -248,8 +248,11 @@ class ParallelGroup:
         return self.run(lambda: _probe(numel, repeats), "probe")
 
     def reset_comm(self) -> None:
+        """Zero every rank's collective counters. Ends in a barrier: every command but "stop" has a collective, so
+        when the next one is published all followers have read this one (`send` deletes it then)."""
         self.send(("reset_comm",))
         COMM.reset()
+        self.run(dist.barrier, "reset_comm")
 
 
 def engine_of(llm):
@@ -489,6 +492,7 @@ def _follow(rank, world, config, source, dtype, opts) -> int:
                 _probe(cmd[1], cmd[2])
             elif cmd[0] == "reset_comm":
                 COMM.reset()
+                dist.barrier()
     except ParallelError as e:
         print(f"mimoflash tensor-parallel rank {rank}: {e}", file=sys.stderr)
         return 1
