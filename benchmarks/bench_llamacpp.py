@@ -44,7 +44,6 @@ import statistics
 import subprocess
 import sys
 import tarfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -140,23 +139,26 @@ def to_gguf(src: Path, model_dir: Path, out: Path, outtype: str, mtp_layers: int
 
 
 # ------------------------------------------------------------------------------------------------ llama.cpp runs
-def _run_json(cmd: list[str]):
+def _run(cmd: list[str]) -> str:
+    """-> stdout, then stderr (llama.cpp's log writes results to one and progress to the other)."""
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{r.stderr[-3000:]}")
-    return r.stdout
+    return r.stdout + "\n" + r.stderr
 
 
 def llama_bench(bindir: Path, gguf: Path, threads: int, prompt: int, gen: int, depth: int) -> float:
-    out = json.loads(_run_json([str(bindir / "llama-bench"), "-m", str(gguf), "-t", str(threads), "-p", str(prompt),
-                                "-n", str(gen), "-d", str(depth), "-r", "1", "-o", "json"]))
-    (row,) = out
+    r = subprocess.run([str(bindir / "llama-bench"), "-m", str(gguf), "-t", str(threads), "-p", str(prompt),
+                        "-n", str(gen), "-d", str(depth), "-r", "1", "-o", "json"], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"llama-bench failed on {gguf}:\n{r.stderr[-3000:]}")
+    (row,) = json.loads(r.stdout)                   # -o json: the results alone on stdout
     return float(row["avg_ts"])
 
 
 def llama_batched(bindir: Path, gguf: Path, threads: int, prompt: int, gen: int, seqs: int) -> float:
-    ctx = seqs * (prompt + gen)
-    out = _run_json([str(bindir / "llama-batched-bench"), "-m", str(gguf), "-t", str(threads), "-c", str(ctx),
+    ctx = seqs * (prompt + gen + 16)                # split per sequence unless the cache is unified
+    out = _run([str(bindir / "llama-batched-bench"), "-m", str(gguf), "-t", str(threads), "-c", str(ctx),
                      "-b", "2048", "-ub", "512", "-npp", str(prompt), "-ntg", str(gen), "-npl", str(seqs),
                      "--output-format", "jsonl"])
     rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
