@@ -24,13 +24,23 @@ needs_kernels = pytest.mark.skipif(not kernels.available(), reason="CPU kernels 
 PROMPTS = [{"prompt_token_ids": [1, 5, 7, 9, 11, 3, 8]}, {"prompt_token_ids": [2, 4, 6]}]
 
 
+def _save_tiny(tmp_path_factory, block):
+    model = make_model(tiny_config(hidden_size=256, moe_intermediate_size=128))
+    return save_model(model, tmp_path_factory.mktemp("fp8") / "ckpt", dtype=torch.bfloat16, fp8=True,
+                      fp8_block_size=block)
+
+
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     """A tiny model with experts of 256 x 128 (whole 4 KB pages per tensor) saved as the release does: block-FP8
-    projections, bf16 everything else."""
-    model = make_model(tiny_config(hidden_size=256, moe_intermediate_size=128))
-    return save_model(model, tmp_path_factory.mktemp("fp8") / "ckpt", dtype=torch.bfloat16, fp8=True,
-                      fp8_block_size=(128, 128))
+    projections, bf16 everything else. 16-row tiles: q and k rows are whole tiles, so q|k|v are fused."""
+    return _save_tiny(tmp_path_factory, (16, 128))
+
+
+@pytest.fixture(scope="module")
+def ckpt_128(tmp_path_factory):
+    """The same with the release's 128 x 128 tiles: q (192 rows) is not whole tiles, so q/k/v run apart."""
+    return _save_tiny(tmp_path_factory, (128, 128))
 
 
 def _logprobs(out):
@@ -78,14 +88,21 @@ def test_fp8_kernels_portable_loop_matches():
 
 # ---------------------------------------------------------------------------------------------- through LLM
 @needs_kernels
-def test_llm_default_on_fp8_equals_fp32_dequantised(ckpt):
-    """LLM's default on an FP8 checkpoint keeps FP8 (print(model) shows the swapped modules) and gives the exact
-    fp32 dequantisation's greedy tokens and log-probabilities (<= 1e-4)."""
+@pytest.mark.parametrize("which", ["ckpt", "ckpt_128"])
+def test_llm_default_on_fp8_equals_fp32_dequantised(which, request):
+    """LLM's default on an FP8 checkpoint keeps FP8 (print(model) shows the swapped modules) and gives the fp32
+    dequantisation's greedy tokens and log-probabilities (<= 1e-4), with q|k|v fused (16-row tiles) or not."""
+    from mimoflash.engine.cpu_layout import FastAttention
+    ckpt = request.getfixturevalue(which)
     sp = SamplingParams(temperature=0, max_tokens=10, logprobs=0)
     fp8 = LLM(ckpt, progress=False)
     assert fp8.weight_dtype == FP8_DTYPE
     shown = repr(fp8.model)
     assert "FP8Linear" in shown and "FP8Experts" in shown
+    attn = fp8.model.model.layers[0].self_attn
+    with torch.no_grad():
+        fused = attn.fused_qkv() if isinstance(attn, FastAttention) else None
+    assert (fused is not None and fused[0].dtype == FP8_DTYPE) == (which == "ckpt")
     assert not any(isinstance(m, Experts) for m in fp8.model.modules())     # no bf16/fp32 expert tensors exist
     ref = LLM(load_model(ckpt, dtype=torch.float32), weight_dtype="float32", progress=False)
     for a, b in zip(fp8.generate(PROMPTS, sp, use_tqdm=False), ref.generate(PROMPTS, sp, use_tqdm=False)):

@@ -24,6 +24,7 @@ is 1.25 GB of panels, 30% of a 2-layer real-shape checkpoint but 0.4% of the rel
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -34,6 +35,7 @@ from ..checkpoint import loader as L
 from ..checkpoint.fp8 import FP8_DTYPE, dequantize_fp8_block, scale_shape
 from ..config import MiMoConfig
 from ..kernels import fp8 as kfp8
+from ..model.attention import Attention
 from ..model.layers import RotaryEmbedding
 from ..model.mimo import MiMoForCausalLM
 from .expert_store import ExpertStore, available_ram, current_rss, parse_bytes
@@ -258,9 +260,40 @@ def load_fp8(path, memory_budget=None, kv_bytes: int = 0, panels: bool = True, p
                         "set --memory-budget / memory_budget= to choose the bound", files / 2**30, avail / 2**30,
                         cap / 2**30)
     _fill(model, store, weight_map, plan, block, fp8_dense, stored, progress)
+    fuse_fp8_qkv(model)
     model.model.register_forward_pre_hook(store.on_forward)
     model.expert_store = store
     return model, panels
+
+
+def _fp8_qkv_matmul(scale: torch.Tensor, block: tuple[int, int], x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The fused q|k|v product: t (q|k|v rows, H) E4M3 bytes with their stacked tile scales."""
+    return kfp8.linear_fp8(x, t, scale, block)
+
+
+def fuse_fp8_qkv(model: nn.Module) -> int:
+    """Each attention's FP8 q/k/v as one E4M3 tensor of row blocks with one stacked scale grid, the projections'
+    buffers becoming views of them, and the attention a `cpu_layout.FastAttention` over that product: one kernel
+    call instead of three, and RoPE plus the value scale by the layout's in-place kernel. Only where the q and k
+    rows are whole tiles (so the scale grids stack). -> attentions fused."""
+    from .cpu_layout import FastAttention, _swap
+    fused = {}
+    with torch.no_grad():
+        for m in model.modules():
+            lins = [m.q_proj, m.k_proj, m.v_proj] if type(m) is Attention else []
+            if (not lins or not all(isinstance(lin, FP8Linear) for lin in lins)
+                    or len({lin.block for lin in lins}) != 1 or any(lin.out_features % lin.block[0] for lin in lins[:2])):
+                continue
+            t = torch.cat([lin.weight.view(torch.uint8) for lin in lins]).view(FP8_DTYPE)    # (q|k|v, H)
+            s = torch.cat([lin.weight_scale_inv for lin in lins])
+            lo = slo = 0
+            for lin in lins:
+                n, ns = lin.out_features, lin.weight_scale_inv.shape[0]
+                lin.weight, lin.weight_scale_inv = t[lo:lo + n], s[slo:slo + ns]
+                lo, slo = lo + n, slo + ns
+            fused[id(m)] = (t, functools.partial(_fp8_qkv_matmul, s, lins[0].block), None)
+    _swap(model, lambda m: FastAttention.adopt(m, *fused[id(m)]) if id(m) in fused else None)
+    return len(fused)
 
 
 def _fill(model, store: ExpertStore, weight_map, plan, block, fp8_dense, stored, progress: bool) -> None:
