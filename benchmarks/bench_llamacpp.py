@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import shutil
 import statistics
 import subprocess
@@ -214,6 +215,7 @@ def main(argv=None) -> int:
     ap.add_argument("--build-nice", type=int, default=15)
     a = ap.parse_args(argv)
     bindir = ensure_llamacpp(BUILD, a.build_jobs, a.build_nice)
+    load_before = os.getloadavg()
     src = source_dir(BUILD)
     models = prepare_models(a.models)
     top = max(a.threads)
@@ -268,7 +270,7 @@ def main(argv=None) -> int:
         med = {k: statistics.median(v) for k, v in res.items()}
         lay = llm.engine.layout
         bpt = step_bytes(llm.model, a.prompt_len + a.new_tokens // 2, lay.ring_slots,
-                                     torch.empty(0, dtype=lay.dtype).element_size())
+                         torch.empty(0, dtype=lay.dtype).element_size())
         mres = {"params_M": round(sum(p.numel() for p in llm.model.parameters()) / 1e6, 1),
                 "bytes_per_token_MB": round(bpt / 1e6, 2), "threads": {}}
         for kind, t in jobs:
@@ -278,6 +280,9 @@ def main(argv=None) -> int:
                 v = med[f"{kind}|{t}|llama.cpp {q}"]
                 entry[f"llama_{q}"] = round(v, 1)
                 entry[f"ratio_vs_{q}"] = round(ours_v / v, 3)
+                # the same ratio per repeat (the two ran back to back), median: less exposed to the machine drifting
+                entry[f"ratio_vs_{q}_paired"] = round(statistics.median(
+                    o / w for o, w in zip(res[f"{kind}|{t}|mimoflash"], res[f"{kind}|{t}|llama.cpp {q}"])), 3)
             label = {"tg": "decode b=1", "pp": f"prefill {a.prefill_len}", "b16": f"decode {a.concurrency} seqs"}[kind]
             if kind == "tg":
                 bw_t = statistics.median(bw[t])
@@ -300,7 +305,9 @@ def main(argv=None) -> int:
     for r in table:
         print(f"{r[0]:<10}{r[1]:<18}{r[2]:>4}{r[3]:>11.1f}{r[4]:>12.1f}{r[5]:>12.1f}{r[6]:>6.2f}x{r[7]:>8.0f}")
     print("ratio = mimoflash / llama.cpp bf16; bound = read bandwidth / bytes a mimoflash decode step reads")
-    print(json.dumps({"llama_cpp_python": LLAMA_CPP_PYTHON, "repeats": a.repeats, "prompt_len": a.prompt_len,
+    print(f"load average {load_before[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end")
+    print(json.dumps({"machine": f"{platform.machine()}, {os.cpu_count()} cpus", "load_avg_start": load_before[0],
+                      "load_avg_end": os.getloadavg()[0], "llama_cpp_python": LLAMA_CPP_PYTHON, "repeats": a.repeats, "prompt_len": a.prompt_len,
                       "new_tokens": a.new_tokens, "prefill_len": a.prefill_len, "concurrency": a.concurrency,
                       "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "models": results}))
     return 0
