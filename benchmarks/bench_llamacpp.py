@@ -103,7 +103,8 @@ def ensure_llamacpp(build: Path, jobs: int, nice: int) -> Path:
 PATCHES = [   # (file under the llama.cpp tree, original text, replacement); applied once, to the build's copy
     ("conversion/base.py",
      '            raise NotImplementedError("BPE pre-tokenizer was not recognized - update get_vocab_base_pre()")',
-     '            res = "gpt-2"   # local patch (mimoflash benchmark): a speed comparison needs no exact pre-tokenizer'),
+     '            res = "gpt-2"   # local patch (mimoflash benchmark): '
+     'a speed comparison needs no exact pre-tokenizer'),
     ("conversion/mimo.py",
      'rope_dim = int(self.hparams["head_dim"] * self.rope_parameters["partial_rotary_factor"])',
      'rope_dim = int(self.hparams["head_dim"] * self.rope_parameters.get("partial_rotary_factor",   # local patch\n'
@@ -307,7 +308,8 @@ def main(argv=None) -> int:
     print("ratio = mimoflash / llama.cpp bf16; bound = read bandwidth / bytes a mimoflash decode step reads")
     print(f"load average {load_before[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end")
     print(json.dumps({"machine": f"{platform.machine()}, {os.cpu_count()} cpus", "load_avg_start": load_before[0],
-                      "load_avg_end": os.getloadavg()[0], "llama_cpp_python": LLAMA_CPP_PYTHON, "repeats": a.repeats, "prompt_len": a.prompt_len,
+                      "load_avg_end": os.getloadavg()[0], "llama_cpp_python": LLAMA_CPP_PYTHON,
+                      "repeats": a.repeats, "prompt_len": a.prompt_len,
                       "new_tokens": a.new_tokens, "prefill_len": a.prefill_len, "concurrency": a.concurrency,
                       "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "models": results}))
     return 0
