@@ -6,7 +6,9 @@
 One request, a 32-token prompt, 96 new tokens, greedy, through `LLMEngine.step()` as `LLM.generate` drives it.
 Each stage of a decode step is wrapped with a wall-clock timer (the wrappers are attributes set on this run's
 objects and removed afterwards; none of the engine's code changes), prefill's step is dropped, and the per-step
-medians over the 95 decode steps of each run, then the median over `--repeats` runs, are reported:
+medians over the 95 decode steps of each run, then the median over `--repeats` runs, are reported. A clock read
+costs microseconds in a VM: the cost of a timed call is measured at the start and taken out of the part that made
+it and the part that encloses it (and reported apart):
 
   schedule          Scheduler.schedule()                  who runs, how many tokens
   prepare           ModelRunner.prepare()                 slices -> positions, block tables, ring slots (metadata)
@@ -109,6 +111,7 @@ class StepTimer:
                     return fn(*args, **kw)
                 finally:
                     self.cur[key] = self.cur.get(key, 0.0) + CLOCK() - t
+                    self.cur["n " + key] = self.cur.get("n " + key, 0) + 1
             return w
 
         def on(obj, name, key):
@@ -123,6 +126,7 @@ class StepTimer:
                 y = fn(*args)
                 if ptr_of(args) in lm_ptrs:
                     self.cur["lm_head kernel"] = self.cur.get("lm_head kernel", 0.0) + CLOCK() - t
+                    self.cur["n lm_head kernel"] = self.cur.get("n lm_head kernel", 0) + 1
                 return y
             return w
 
@@ -151,24 +155,50 @@ class StepTimer:
         eng.step = timed_step
         self._objs.append((eng, "step"))
 
+        # What one timed call costs: `inside` is the part of it a wrapper counts in its own time, `outside` the rest,
+        # which lands in the enclosing part. Both are removed in split() (a clock read costs microseconds in a VM).
+        noop = timed("cal", lambda: None)
+        self.cur = {}
+        n = 2000
+        t = CLOCK()
+        for _ in range(n):
+            noop()
+        whole = (CLOCK() - t) / n
+        self.inside = self.cur["cal"] / n
+        self.outside = max(whole - self.inside, 0.0)
+        self.cur = {}
+
     def close(self) -> None:
         for k, v in self._saved_kernels.items():
             setattr(kernels, k, v)
         for obj, name in self._objs:
             delattr(obj, name)                 # the class's method shows through again
 
-    @staticmethod
-    def split(raw: dict[str, float]) -> dict[str, float]:
-        g = raw.get
-        out = {"schedule": g("schedule", 0), "prepare": g("prepare", 0), "layer kernels": g("layer kernels", 0),
-               "forward glue": g("fused forward", 0) - g("layer kernels", 0), "lm_head kernel": g("lm_head kernel", 0),
-               "logits glue": g("logits", 0) - g("lm_head kernel", 0),
-               "sampling": g("sampling", 0), "detokenize": g("detokenize", 0),
-               "postprocess": g("postprocess+", 0) - g("detokenize", 0), "outputs": g("outputs", 0)}
-        out["execute other"] = g("execute", 0) - g("prepare", 0) - g("fused forward", 0) - g("logits", 0)
-        out["step other"] = g("step", 0) - sum(out[k] for k in ("schedule", "sampling", "postprocess", "detokenize",
-                                                                 "outputs")) - g("execute", 0)
-        out["step"] = g("step", 0)
+    # Which timed part encloses which (for the timer overhead each call leaves in its enclosing part).
+    PARENT = {"layer kernels": "fused forward", "lm_head kernel": "logits", "prepare": "execute",
+              "fused forward": "execute", "logits": "execute", "detokenize": "postprocess+", "schedule": "step",
+              "execute": "step", "sampling": "step", "postprocess+": "step", "outputs": "step"}
+
+    def split(self, raw: dict[str, float]) -> dict[str, float]:
+        """Raw inclusive seconds of one step -> the parts (exclusive), the timers' own cost removed."""
+        g = {k: v for k, v in raw.items() if not k.startswith("n ")}
+        calls = {k: raw.get("n " + k, 1 if k == "step" else 0) for k in g}
+        for k in g:
+            g[k] -= calls[k] * self.inside
+        for k, parent in self.PARENT.items():
+            if k in g and parent in g:
+                g[parent] -= calls[k] * self.outside
+        get = g.get
+        out = {"schedule": get("schedule", 0), "prepare": get("prepare", 0), "layer kernels": get("layer kernels", 0),
+               "forward glue": get("fused forward", 0) - get("layer kernels", 0),
+               "lm_head kernel": get("lm_head kernel", 0), "logits glue": get("logits", 0) - get("lm_head kernel", 0),
+               "sampling": get("sampling", 0), "detokenize": get("detokenize", 0),
+               "postprocess": get("postprocess+", 0) - get("detokenize", 0), "outputs": get("outputs", 0)}
+        out["execute other"] = get("execute", 0) - get("prepare", 0) - get("fused forward", 0) - get("logits", 0)
+        out["step other"] = get("step", 0) - sum(out[k] for k in ("schedule", "sampling", "postprocess", "detokenize",
+                                                                   "outputs")) - get("execute", 0)
+        out["step"] = get("step", 0)
+        out["timer overhead"] = sum(calls[k] for k in g) * (self.inside + self.outside)
         return out
 
 
@@ -183,7 +213,7 @@ def profile(llm: LLM, prompt: list[int], new: int, repeats: int) -> dict[str, fl
             llm.engine.add_request(prompt, sp)
             while llm.engine.has_unfinished_requests():
                 llm.engine.step()
-            decode = [StepTimer.split(s) for s in timer.steps[1:]]     # the first step is the prompt's prefill
+            decode = [timer.split(s) for s in timer.steps[1:]]     # the first step is the prompt's prefill
             per_run.append({k: statistics.median(d[k] for d in decode) for k in decode[0]})
     finally:
         timer.close()
@@ -254,6 +284,7 @@ def main(argv=None) -> int:
             extra = f"  (reads at {rates[k]:.1f} GB/s)" if k in rates else ""
             print(f"  {k:<28}{ms[k]:>8.3f}{ms[k] / step:>9.1%}{extra}")
         print(f"  {'= step':<28}{step:>8.3f}")
+        print(f"  {'(timers, removed above)':<28}{ms['timer overhead']:>8.3f}")
         for k, v in bw_ms.items():
             print(f"  {k:<28}{v:>8.3f}{v / step:>9.1%}")
         print(f"  {'kernels over bandwidth':<28}{kern - sum(bw_ms.values()):>8.3f}"
