@@ -140,8 +140,8 @@ def test_group_limited_routing_uneven_experts_from_fp8_checkpoint(uneven_fp8):
         assert (s["num_blocks"], s["num_rings"]) == (ref.engine.layout.num_blocks, ref.engine.layout.num_rings)
 
 
-def test_killed_worker_gives_an_error_and_leaves_no_process():
-    os.environ.setdefault("MIMOFLASH_TP_TIMEOUT", "30")
+def test_killed_worker_gives_an_error_and_leaves_no_process(monkeypatch):
+    monkeypatch.setenv("MIMOFLASH_TP_TIMEOUT", "30")           # the bound if the death were not seen at once
     tp = LLM(make_model(tiny_config()), kv_cache_memory=KV, progress=False, tensor_parallel_size=2)
     procs = list(tp._parallel._state.procs)
     stream = tp.generate_stream({"prompt_token_ids": [1, 2, 3]}, SamplingParams(temperature=0, max_tokens=400,
