@@ -42,8 +42,8 @@ def _add_common(ap: argparse.ArgumentParser, max_tokens: int) -> None:
     ap.add_argument("--dtype", default="auto",
                     help="compute dtype: auto | float32 | bfloat16 (auto: float32 on CPU, bf16 on GPU)")
     ap.add_argument("--weight-dtype", default="auto",
-                    help="matmul weight storage: auto | float32 | bfloat16 (auto: a bf16/FP8 checkpoint stays bf16 on "
-                         "CPU with float32 compute, through mimoflash's CPU kernels)")
+                    help="matmul weight storage: auto | float32 | bfloat16 | fp8 (auto on CPU: a bf16 checkpoint stays "
+                         "bf16 and a block-FP8 one stays FP8, with float32 compute through mimoflash's CPU kernels)")
     ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                     help="KV cache storage (auto = the compute dtype; bfloat16 halves the cache under fp32 compute)")
     ap.add_argument("--no-weight-panels", dest="weight_panels", action="store_false",

@@ -244,8 +244,14 @@ class FastAttention(Attention):
 
     def extra_repr(self) -> str:
         t = self.qkv_fused[0]
-        how = "panels" if self._qkv_panels is not None else ("row-major kernel" if t.dtype == torch.bfloat16
-                                                             else "torch.matmul")
+        if self._qkv_panels is not None:
+            how = "panels"
+        elif t.dtype == torch.bfloat16:
+            how = "row-major kernel"
+        elif t.dtype == torch.float32:
+            how = "torch.matmul"
+        else:                                      # e.g. FP8 bytes with their tile scales (fp8_layout.fuse_fp8_qkv)
+            how = "the FP8 kernel"
         return (f"qkv_fused={tuple(t.shape)} {t.dtype} on {how}, "
                 f"rope={'kernel' if self.rope_kernel else 'torch'}")
 
