@@ -28,7 +28,7 @@ What is measured, per model, per thread count, the engines alternating (their or
   * 16-sequence aggregate decode tok/s (`llama-batched-bench -npp 32 -ntg 96 -npl 16`, S_TG vs 16 x 95 tokens over
     the span in which all 16 decode) at the largest thread count;
   * the read-bandwidth bound: bytes one mimoflash decode step reads (touched weights + attended K/V,
-    profile_step_split.step_bytes) / the read bandwidth measured in the same run (a sum over as many bytes as the
+    mimoflash.bench.step_bytes) / the read bandwidth measured in the same run (a sum over as many bytes as the
     model's weights, each thread count), as tok/s; each engine's fraction of it (llama.cpp's bf16 file holds the
     same weights; its Q8_0 file reads about half the bytes).
 A table, then ONE JSON line. Not part of CI (it builds a C++ project and runs for many minutes).
@@ -270,8 +270,7 @@ def main(argv=None) -> int:
                   + ", ".join(f"{k}={v[-1]:.0f}" for k, v in res.items()), file=sys.stderr)
         med = {k: statistics.median(v) for k, v in res.items()}
         lay = llm.engine.layout
-        bpt = step_bytes(llm.model, a.prompt_len + a.new_tokens // 2, lay.ring_slots,
-                         torch.empty(0, dtype=lay.dtype).element_size())
+        bpt = step_bytes(llm.model, a.prompt_len + a.new_tokens // 2, torch.empty(0, dtype=lay.dtype).element_size())
         mres = {"params_M": round(sum(p.numel() for p in llm.model.parameters()) / 1e6, 1),
                 "bytes_per_token_MB": round(bpt / 1e6, 2), "threads": {}}
         for kind, t in jobs:

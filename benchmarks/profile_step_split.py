@@ -26,7 +26,7 @@ it and the part that encloses it (and reported apart):
 The bandwidth time is what the step's bytes cost at the read bandwidth measured in the same run (a sum over as many
 bytes of fp32 as the model's weights, the same thread count and clock): the touched weights (attention, dense MLP,
 2 chosen experts per MoE layer, router, norms, lm_head, one embedding row; not the MTP blocks, which plain decode
-skips) and the K/V attended at the mean context (bench_decode.decode_bytes_per_token). "kernels over bandwidth" =
+skips) and the K/V attended at the mean context (mimoflash.bench.step_bytes). "kernels over bandwidth" =
 (layer + lm_head kernel time) - bandwidth time: what the kernels lose to compute, latency and threading; "outside
 the kernels" is everything else in the step.
 Clock: with one thread, the calling thread's CPU time (time.thread_time), so that time the OS gives to other
@@ -50,9 +50,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_decode import bench_config, build_model, decode_bytes_per_token  # noqa: E402
+from bench_decode import bench_config, build_model  # noqa: E402
 
-from mimoflash import kernels  # noqa: E402
+from mimoflash import bench, kernels  # noqa: E402
 from mimoflash.default import default_model  # noqa: E402
 from mimoflash.engine.llm import LLM  # noqa: E402
 from mimoflash.engine.sampling import SamplingParams  # noqa: E402
@@ -65,14 +65,14 @@ CLOCK = time.perf_counter          # main() switches to time.thread_time for --c
 
 
 def weight_bytes(model) -> int:
-    """Bytes of the weights a decode step can touch (the MTP blocks are not run without speculative decoding)."""
-    return sum(p.numel() * p.element_size() for n, p in model.named_parameters() if ".mtp." not in n)
+    """Bytes of the weights a decode step can touch (not the MTP blocks, which plain decode skips)."""
+    wb = bench.weight_bytes(model)
+    return wb["dense"] + wb["experts"] + wb["embedding"]
 
 
-def step_bytes(model, context: int, ring_slots: int, kv_elt: int) -> int:
-    """bench_decode.decode_bytes_per_token without the MTP blocks' weights (which it counts, but decode skips)."""
-    mtp = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if ".mtp." in n)
-    return decode_bytes_per_token(model, context, ring_slots, kv_elt) - mtp
+def step_bytes(model, context: int, kv_elt: int) -> int:
+    """Bytes one single-sequence decode step reads at `context` tokens (mimoflash.bench.step_bytes)."""
+    return int(bench.step_bytes(model.config, bench.weight_bytes(model), 1, context, kv_elt))
 
 
 def read_bandwidth(nbytes: int, reps: int = 7) -> float:
@@ -256,8 +256,8 @@ def main(argv=None) -> int:
         lay = llm.engine.layout
         ctx = a.prompt_len + a.new_tokens // 2
         kv_elt = torch.empty(0, dtype=lay.dtype).element_size()
-        total_b = step_bytes(llm.model, ctx, lay.ring_slots, kv_elt)
-        weight_b = step_bytes(llm.model, 0, lay.ring_slots, kv_elt)
+        total_b = step_bytes(llm.model, ctx, kv_elt)
+        weight_b = step_bytes(llm.model, 0, kv_elt)
         bw_ms = {"weights at bandwidth": weight_b / bw * 1e3, "K/V at bandwidth": (total_b - weight_b) / bw * 1e3}
         lm_b = llm.model.lm_head.weight.numel() * llm.model.lm_head.weight.element_size()
         rates = {"lm_head kernel": lm_b / ms["lm_head kernel"] / 1e6,          # GB/s each kernel reads at
