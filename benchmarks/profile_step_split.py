@@ -257,7 +257,7 @@ def main(argv=None) -> int:
         ctx = a.prompt_len + a.new_tokens // 2
         kv_elt = torch.empty(0, dtype=lay.dtype).element_size()
         total_b = step_bytes(llm.model, ctx, kv_elt)
-        weight_b = step_bytes(llm.model, 0, kv_elt)
+        weight_b = total_b - bench.kv_bytes_per_sequence(llm.model.config, ctx, kv_elt)
         bw_ms = {"weights at bandwidth": weight_b / bw * 1e3, "K/V at bandwidth": (total_b - weight_b) / bw * 1e3}
         lm_b = llm.model.lm_head.weight.numel() * llm.model.lm_head.weight.element_size()
         rates = {"lm_head kernel": lm_b / ms["lm_head kernel"] / 1e6,          # GB/s each kernel reads at
