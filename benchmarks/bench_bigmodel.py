@@ -15,7 +15,8 @@ process, one after the other (both at once would not fit in 24 GiB), and measure
     on CPU, then `generate`; rate = (new - 1) / (time(new tokens) - time(1 token));
   * for mimoflash, the bandwidth bound: bytes a decode step reads (`mimoflash.bench.step_bytes`, at the dtype the
     engine holds the weights in: FP8 bytes and scales for FP8 weights) / the read bandwidth measured in the same
-    child between the decode runs (median), and the fraction reached.
+    child right after the decode runs (median of `--repeats`; after, so that its buffer is not in the peak), and
+    the fraction reached.
 `--rounds` > 1 alternates the two engines (ours, theirs, ours, ...) and reports medians over rounds. Seeded: the same
 checkpoint and prompts every run. The last stdout line is one JSON object. Not run in CI (minutes, GBs).
 """
@@ -41,8 +42,6 @@ from mimoflash.engine.llm import LLM
 from mimoflash.engine.sampling import SamplingParams
 path, prompt, new, repeats, threads = sys.argv[1], *map(int, sys.argv[2:6])
 torch.set_num_threads(threads); kernels.set_num_threads(threads)
-bws = [read_bandwidth(512 << 20)]
-base = max(base, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)   # the bandwidth buffer is freed
 t = time.perf_counter()
 budget = sys.argv[6] if len(sys.argv) > 6 else None
 llm = LLM(path, max_num_seqs=1, max_model_len=prompt + new + 16, skip_tokenizer_init=True, progress=False,
@@ -52,16 +51,16 @@ after_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 ids = torch.randint(0, llm.model.config.vocab_size, (prompt,), generator=torch.Generator().manual_seed(0)).tolist()
 sp = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True)
 rates, tokens = [], None
-for _ in range(repeats):               # bandwidth measured between the decode runs: the same phase of the machine
+for _ in range(repeats):
     out = llm.generate({"prompt_token_ids": ids}, sp, use_tqdm=False)[0]
     rates.append(out.metrics.decode_tokens_per_s)
     tokens = out.outputs[0].token_ids
-    bws.append(read_bandwidth(256 << 20))
-bw = statistics.median(bws)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+# bandwidth only now: its buffer would raise the peak (ru_maxrss never goes down)
+bw = statistics.median(read_bandwidth(256 << 20) for _ in range(repeats))
 wb = weight_bytes(llm.model)
 kv_dtype = llm.engine.config.kv_cache_dtype or llm.dtype
 step = step_bytes(llm.model.config, wb, 1, prompt + new // 2, torch.empty((), dtype=kv_dtype).element_size())
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 stats = llm.expert_stats()
 print(json.dumps({"peak_bytes": peak - base, "peak_abs_bytes": peak, "baseline_bytes": base,
                   "after_load_bytes": after_load - base, "load_s": load_s,
