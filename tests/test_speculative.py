@@ -119,6 +119,11 @@ def test_shipped_model_greedy_equal_and_drafts_accepted():
             llm = LLM(path, max_num_seqs=2, progress=False, speculative_config=spec)
         outs = llm.generate(prompts, sp, use_tqdm=False)
         assert [o.outputs[0].token_ids for o in outs] == ref, spec
+        if spec.get("adaptive"):
+            # Adaptive may settle on depth 0 here (a verify step costs ~2x a plain one at this size), so a request
+            # verifies only a few trial steps: too few to judge acceptance; it must have tried at least once.
+            assert sum(o.metrics.verify_steps for o in outs) >= 1, spec
+            continue
         assert all(o.metrics.acceptance_per_position[0] > 0.4 for o in outs), spec
         assert all(o.metrics.tokens_per_verify_step > 1.3 for o in outs), spec
 

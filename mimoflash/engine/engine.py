@@ -173,8 +173,8 @@ class LLMEngine:
     # ------------------------------------------------------------------ the loop
     def step(self) -> list[RequestOutput]:
         """One scheduling step; -> delta outputs of every group that produced text/tokens or finished."""
-        t0 = time.perf_counter()
-        batch = self.scheduler.schedule()
+        t0 = time.process_time()                # CPU time: adaptive depth's step costs (wall time on a busy machine
+        batch = self.scheduler.schedule()       # mostly measures the other jobs)
         changed: set[str] = set()
         if batch.items:
             logits = self.runner.execute(batch)
@@ -261,11 +261,10 @@ class LLMEngine:
         caps = [max(0, min(r.num_speculative_tokens, r.params.max_tokens - len(r.output_token_ids) - 1,
                            cap - r.num_tokens - 1)) for r in ready]
         if d.adaptive is not None:
-            other = sum(1 for r in self.scheduler.running if r not in ready)
-            caps = d.adaptive.choose(caps, other)
+            caps = d.adaptive.choose(caps, len(self.scheduler.running) - len(ready))
         d.propose(ready, caps, self.generator, self._generators)
         if d.adaptive is not None and not prefill:          # the whole step, its draft passes included
-            d.adaptive.record_step(rows, time.perf_counter() - t0)
+            d.adaptive.record_step(rows, time.process_time() - t0)
 
     def _process_token(self, req: Request, lp) -> None:
         tok = req.output_token_ids[-1]

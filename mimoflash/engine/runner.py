@@ -102,6 +102,8 @@ class Slice:
     start: int
     tokens: list[int]
     rows: str = "last"
+    key_from: int = 0                 # sliding kinds: ring keys at earlier positions are masked (an MTP ring whose
+    #                                   older entries are stale after a stretch without drafting, speculative.py)
 
 
 @dataclass
@@ -348,7 +350,8 @@ class ModelRunner:
             rings = torch.tensor([s.request.ring_id for s in slices])
             p = starts_t[:, None] - R + torch.arange(R)[None, :]                       # (B, R) cached positions
             read = torch.where(p >= 0, rings[:, None] * R + p % R, 0)
-            kpos = torch.cat([minus1, torch.where(p >= 0, p, -1), new_kpos], 1)
+            first = torch.tensor([max(0, s.key_from) for s in slices])[:, None]
+            kpos = torch.cat([minus1, torch.where(p >= first, p, -1), new_kpos], 1)
             # Only the last R tokens of a long chunk survive in the ring; writing the others would collide.
             keep = valid & (t[None, :] >= lens_t[:, None] - R)
             src = flat_of_pad[keep]
@@ -419,18 +422,25 @@ class ModelRunner:
                                                causal_bias(keys) if B > 1 else None, keys)
         if "rings" in at:
             bias = None
+            key_from = [s.key_from for s in owner] if any(s.key_from > 0 for s in slices) else None
             if top < R:                                                                 # no ring has wrapped
                 keys = top + 1
-                if B > 1:
+                if key_from is not None:              # slot j holds position j: valid iff key_from <= j <= p
+                    j = torch.arange(keys)[None, :]
+                    ok = (j <= pos_t[:, None]) & (j >= torch.tensor(key_from)[:, None])
+                    bias = torch.zeros(B, keys).masked_fill_(~ok, NEG_INF).view(B, 1, 1, keys).to(dev)
+                elif B > 1:
                     bias = causal_bias(keys)
             else:
                 keys = R
-                if R != lay.swa_keys or min(pos) < R - 1:
+                if R != lay.swa_keys or min(pos) < R - 1 or key_from is not None:
                     # slot j holds, for a row at position p, the newest position <= p that maps to it; slots that
                     # hold a later one (this step's later rows, rolled-back drafts) are outside p's window
                     j = torch.arange(R)
                     slot_pos = pos_t[:, None] - (pos_t[:, None] - j[None, :]) % R
                     ok = (slot_pos >= 0) & (pos_t[:, None] - slot_pos < lay.swa_keys)
+                    if key_from is not None:
+                        ok &= slot_pos >= torch.tensor(key_from)[:, None]
                     bias = torch.zeros(B, R).masked_fill_(~ok, NEG_INF).view(B, 1, 1, keys).to(dev)
             o = at["rings"]
             kinds_meta[True] = DecodeKindMeta(host[o:o + B].view(B, 1).to(dev), R,
