@@ -301,40 +301,45 @@ def test_config_errors_are_clear():
         LLM(model, speculative_config={"draft_vocab": [0, 9999]})
 
 
-def _steady(a: AdaptiveDepth, rows: int, seconds: float) -> None:
-    a.prev = a.depth = 0
-    a.record_step(rows, seconds)
+def _steady(a: AdaptiveDepth, depth: int, sequences: int, seconds: float) -> None:
+    a.depth, a.sequences = depth, sequences
+    a.prev = depth
+    a.record_step(seconds)
 
 
 def test_adaptive_depth_follows_cost_and_acceptance():
     """Cheap extra rows and good acceptance -> deep drafts; rows that cost as much as whole steps, or drafts that
-    are never accepted -> no drafts; nothing measured yet -> the two ends of the range are held and measured first
-    (only steady-state steps count); trials of a neighbouring depth back off while they do not change the choice."""
+    are never accepted -> no drafts; nothing measured yet -> depths 0 and 1 are held and measured first (only
+    steady-state steps count); a depth measured at one batch size keeps its ratio to depth 0 at another; trials of
+    a neighbouring depth back off while they do not change the choice."""
     a = AdaptiveDepth(3, explore=0)
     assert [a.choose([3], 0) for _ in range(AdaptiveDepth.HOLD)] == [[0]] * AdaptiveDepth.HOLD
-    a.record_step(1, 1.0)                                   # steady at depth 0: recorded
+    a.record_step(1.0)                                      # steady at depth 0: recorded
     assert a.choose([3], 0) == [1]
-    a.record_step(1, 9.9)                                   # a transition (0 -> 1): not recorded
-    assert a.step_time == {1: 1.0}
-    for rows, t in [(2, 1.1), (3, 1.2), (4, 1.3)]:
-        _steady(a, rows, t)
+    a.record_step(9.9)                                      # a transition (0 -> 1): not recorded
+    assert a.step_time == {0: {1: 1.0}}
+    for depth, t in [(1, 1.1), (2, 1.2), (3, 1.3)]:
+        _steady(a, depth, 1, t)
     for _ in range(50):
         a.record_acceptance(3, 3)
     a.hold = 0
     assert a.choose([3], 0) == [3]
     b = AdaptiveDepth(3, explore=0)
-    for rows, t in [(16, 1.0), (32, 2.0), (48, 3.0), (64, 4.0)]:
-        _steady(b, rows, t)
+    for depth, t in [(0, 1.0), (1, 2.0), (2, 3.0), (3, 4.0)]:
+        _steady(b, depth, 16, t)
     assert b.choose([3] * 16, 0) == [0] * 16
+    _steady(b, 0, 8, 0.5)
+    assert b.cost(1, 8) == pytest.approx(1.0)               # depth 1 measured at 16 only: 2x depth 0 carries over
+    assert b.choose([3] * 8, 0) == [0] * 8
     c = AdaptiveDepth(2, explore=0)
-    for rows, t in [(1, 1.0), (2, 1.05), (3, 1.1)]:
-        _steady(c, rows, t)
+    for depth, t in [(0, 1.0), (1, 1.05), (2, 1.1)]:
+        _steady(c, depth, 1, t)
     for _ in range(200):
         c.record_acceptance(2, 0)
     assert c.choose([2], 0) == [0]
     d = AdaptiveDepth(3, explore=4)
-    for rows, t in [(16, 1.0), (32, 2.0), (48, 3.0), (64, 4.0)]:
-        _steady(d, rows, t)
+    for depth, t in [(0, 1.0), (1, 2.0), (2, 3.0), (3, 4.0)]:
+        _steady(d, depth, 16, t)
     trials = [s for s in range(1, 300) if d.choose([3] * 16, 0) != [0] * 16]
     starts = [s for s in trials if s - 1 not in trials]
     assert 3 <= len(starts) <= 8 and starts[1] - starts[0] < starts[-1] - starts[-2]
@@ -406,6 +411,38 @@ def test_fused_verify_and_draft_steps_equal_module_path():
         for lf, ls in zip(f.outputs[0].logprobs, s.outputs[0].logprobs):
             t = next(iter(ls))
             assert abs(lf[t].logprob - ls[t].logprob) < 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mtp_ring_entries_before_key_from_are_masked(dtype):
+    """A bounded MTP catch-up masks the ring entries before `Slice.key_from`: garbage written there changes nothing,
+    while without key_from it does (the mask is real). Unwrapped and wrapped rings; torch rows path (fp32) and the
+    fused C step (bf16)."""
+    from mimoflash.engine.request import Request
+    from mimoflash.engine.runner import Slice
+    model = make_model(_cfg(), seed=4, dtype=dtype)
+    llm = LLM(model, max_num_seqs=2, block_size=4, speculative_config={"num_speculative_tokens": 1})
+    runner, cache = llm.engine.runner, llm.engine.cache
+    R = llm.engine.layout.ring_slots
+    _, k_pool, v_pool = cache.pools(model.config.num_hidden_layers)        # MTP block 0's ring
+    req = Request("x", [1], SamplingParams())
+    req.ring_id = 1
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(1, model.config.hidden_size, generator=g)
+    for q in (R - 2, 2 * R + 1):                                            # ring not wrapped / wrapped
+        kf = q - 1
+        k_pool.copy_(torch.randn(k_pool.shape, generator=g))
+        v_pool.copy_(torch.randn(v_pool.shape, generator=g))
+
+        def run(key_from):
+            return runner.execute_mtp(0, [Slice(req, q, [7], "last", key_from)], hidden).clone()
+
+        base, unmasked = run(kf), run(0)
+        slots = [req.ring_id * R + p % R for p in range(max(0, q - R + 1), kf)]
+        k_pool[:, slots] = torch.randn(k_pool[:, slots].shape, generator=g).to(k_pool.dtype)
+        v_pool[:, slots] = torch.randn(v_pool[:, slots].shape, generator=g).to(v_pool.dtype)
+        assert torch.equal(run(kf), base)
+        assert not torch.allclose(run(0), unmasked)
 
 
 # ------------------------------------------------------------------------------------------------ CLI

@@ -243,11 +243,10 @@ class LLMEngine:
         those now decoding (engine/speculative.py)."""
         d = self.drafter
         hidden = self.runner.last_hidden
-        lo, rows, prefill = 0, 0, False
+        lo, prefill = 0, False
         ready = []
         for it, tok in zip(batch.items, sampled):
             req, n = it.request, it.num_tokens
-            rows += n
             prefill |= n > it.num_draft + 1
             if req.num_speculative_tokens and not req.is_finished:
                 keep = len(tok) if it.num_draft else n             # a verification keeps t and the accepted drafts
@@ -264,7 +263,7 @@ class LLMEngine:
             caps = d.adaptive.choose(caps, len(self.scheduler.running) - len(ready))
         d.propose(ready, caps, self.generator, self._generators)
         if d.adaptive is not None and not prefill:          # the whole step, its draft passes included
-            d.adaptive.record_step(rows, time.process_time() - t0)
+            d.adaptive.record_step(time.process_time() - t0)
 
     def _process_token(self, req: Request, lp) -> None:
         tok = req.output_token_ids[-1]

@@ -138,19 +138,21 @@ class AdaptiveDepth:
     """Chooses the step's draft depth from measurements (no fixed thresholds).
 
     Expected tokens of a verify step with depth k: E(k) = 1 + sum_{j<=k} prod_{i<=j} a_i, a_i the running
-    (exponentially weighted) acceptance rate of draft i given draft i-1 was accepted. Its cost: the measured wall time
-    of a whole engine step (forward, verification, bookkeeping and the draft passes at its end) in process CPU time
-    (on a shared machine wall time mostly measures the other jobs), per total row count (the median of the last 9,
-    so that spikes do not steer it), recorded only in a steady state (the step verified drafts of the depth it drafts again: a change of depth costs
-    the MTP rings a catch-up that a steady state does not pay). Unmeasured row counts are interpolated linearly
-    between measured ones (extrapolated with the nearest slope). Until two row counts are measured, depths 0 and 1
-    (the cheapest two) are held for a few steps each; a batch that shrinks or grows later is extrapolated, not
-    measured again. Then the depth maximising
-    sum_r E_r(k) / cost is taken, going deeper than the current choice only for a gain of 20% or more (a change of
-    depth costs a catch-up the table does not see, and the timings are noisy). A neighbouring depth is tried now and
-    then (held for two steps) so that the table follows the machine; each trial that does not change the choice
-    doubles the wait before the next (32 steps, up to 2048), so where drafting does not pay (large batches) the
-    trials cost little."""
+    (exponentially weighted) acceptance rate of draft i given draft i-1 was accepted. Its cost: the measured time of a
+    whole engine step (forward, verification, bookkeeping and the draft passes at its end) in process CPU time (on a
+    shared machine wall time mostly measures the other jobs), per depth and number of sequences in the step (the
+    median of the last 9, so that spikes do not steer it), recorded only in a steady state (the step verified drafts
+    of the depth it drafts again: a change of depth costs the MTP rings a catch-up that a steady state does not pay).
+    Per depth, because a step's cost is not a function of its rows alone: the draft passes cost per drafting
+    sequence and per depth, and the verify rows of one sequence share its cache reads. For an unmeasured number of
+    sequences, a depth with two or more measured ones is interpolated linearly (extrapolated with the nearest slope);
+    with one, it keeps its measured ratio to depth 0. Until depths 0 and 1 (the cheapest two) are measured each is
+    held for a few steps; a batch that shrinks or grows later is estimated, not measured again. Then the depth
+    maximising sum_r E_r(k) / cost is taken, going deeper than the current choice only for a gain of 20% or more (a
+    change of depth costs a catch-up the table does not see, and the timings are noisy). A neighbouring depth is
+    tried now and then (held for two steps) so that the table follows the machine; each trial that does not change
+    the choice doubles the wait before the next (32 steps, up to 2048), so where drafting does not pay (large
+    batches) the trials cost little."""
 
     HOLD = 2                                          # steps a tried depth is kept (the first is a transition)
     GAIN = 1.2                                        # a deeper choice must promise 20% more tokens per second
@@ -158,23 +160,25 @@ class AdaptiveDepth:
     def __init__(self, max_depth: int, decay: float = 0.05, explore: int = 32, prior: float = 0.6):
         self.max_depth, self.decay, self.explore = max_depth, decay, explore
         self.accept = [prior] * max_depth             # a_i, conditional acceptance of draft i + 1
-        self.step_time: dict[int, float] = {}         # steady-state step rows -> seconds (median of recent ones)
-        self._recent: dict[int, list[float]] = {}
+        self.step_time: dict[int, dict[int, float]] = {}   # depth -> sequences -> seconds (median of recent ones)
+        self._recent: dict[tuple[int, int], list[float]] = {}
         self.steps = 0
         self.interval = explore
         self.next_trial = explore
         self.last_best: int | None = None
         self.depth: int | None = None                 # chosen this step
         self.prev: int | None = None                  # chosen the step before (its drafts were verified now)
+        self.sequences = 0                            # sequences in this step (drafting or not)
         self.hold = 0
 
-    def record_step(self, rows: int, seconds: float) -> None:
+    def record_step(self, seconds: float) -> None:
+        """The cost of the step whose depth `choose` just picked (counted only in a steady state)."""
         if self.depth is None or self.depth != self.prev:
             return
-        recent = self._recent.setdefault(rows, [])
+        recent = self._recent.setdefault((self.depth, self.sequences), [])
         recent.append(seconds)
         del recent[:-9]
-        self.step_time[rows] = sorted(recent)[len(recent) // 2]     # median of the last 9: spikes do not steer
+        self.step_time.setdefault(self.depth, {})[self.sequences] = sorted(recent)[len(recent) // 2]
 
     def record_acceptance(self, proposed: int, accepted: int) -> None:
         for j in range(min(proposed, accepted + 1)):        # draft j+1 was judged only if drafts 1..j were accepted
@@ -201,29 +205,44 @@ class AdaptiveDepth:
             lo, hi = xs[-2], xs[-1]
         return table[lo] + (table[hi] - table[lo]) * (x - lo) / (hi - lo)
 
+    def cost(self, depth: int, sequences: int) -> float | None:
+        """Estimated seconds of a steady step at `depth` with `sequences` sequences (None: depth never measured)."""
+        t = self.step_time.get(depth)
+        if not t:
+            return None
+        if sequences in t or len(t) >= 2:
+            return self._interp(t, sequences)
+        (m, v), = t.items()                           # one measurement: its ratio to depth 0 carries over
+        base = self.step_time.get(0, {})
+        if depth and m in base and base[m] > 0:
+            ref = self.cost(0, sequences)
+            if ref is not None and ref > 0:
+                return v * ref / base[m]
+        return v * sequences / m
+
     def choose(self, caps: list[int], other_rows: int) -> list[int]:
         """caps: each drafting request's own limit; other_rows: rows of the step that are not theirs -> depths."""
         self.steps += 1
         self.prev = self.depth
+        self.sequences = other_rows + len(caps)
         top = max(caps, default=0)
-        self.depth = self._pick(caps, other_rows, top) if top else 0
+        self.depth = self._pick(caps, top) if top else 0
         return [min(self.depth, c) for c in caps]
 
-    def _pick(self, caps: list[int], other_rows: int, top: int) -> int:
+    def _pick(self, caps: list[int], top: int) -> int:
         if self.hold > 0 and self.depth is not None and self.depth <= top:
             self.hold -= 1
             return self.depth
-        rows = {k: other_rows + sum(1 + min(k, c) for c in caps) for k in range(top + 1)}
-        if len(self.step_time) < 2:                     # measure depths 0 and 1 first (the cheapest two); later
-            #                                             row counts are interpolated or extrapolated, not re-measured
+        if 0 not in self.step_time or 1 not in self.step_time:   # measure depths 0 and 1 first (the cheapest two)
             self.hold = self.HOLD - 1
-            return 0 if rows[0] not in self.step_time else 1
+            return 0 if 0 not in self.step_time else 1
         rate = {}
         for k in range(top + 1):
-            cost = self._interp(self.step_time, rows[k])
-            rate[k] = sum(self.expected_tokens(min(k, c)) for c in caps) / cost if cost > 0 else 0.0
+            cost = self.cost(k, self.sequences)
+            if cost is not None and cost > 0:
+                rate[k] = sum(self.expected_tokens(min(k, c)) for c in caps) / cost
         best = max(rate, key=rate.__getitem__)
-        cur = self.last_best if self.last_best is not None and self.last_best <= top else 0
+        cur = self.last_best if self.last_best in rate else 0
         if best > cur and rate[best] < self.GAIN * rate[cur]:      # deeper only for a clear gain: a change of
             best = cur                                              # depth costs a catch-up, timings are noisy
         if best != self.last_best:                      # the choice moved: watch it closely again
