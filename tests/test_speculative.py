@@ -331,6 +331,9 @@ def test_adaptive_depth_follows_cost_and_acceptance():
     _steady(b, 0, 8, 0.5)
     assert b.cost(1, 8) == pytest.approx(1.0)               # depth 1 measured at 16 only: 2x depth 0 carries over
     assert b.choose([3] * 8, 0) == [0] * 8
+    steps = b.steps                                         # settled on 0: idle steps skip the MTP side, and count
+    assert b.idle(8, margin=4) and b.idle(8, margin=4) and b.steps == steps + 2
+    assert not b.idle(9, margin=4)                          # another batch size: choose again
     c = AdaptiveDepth(2, explore=0)
     for depth, t in [(0, 1.0), (1, 1.05), (2, 1.1)]:
         _steady(c, depth, 1, t)
@@ -343,6 +346,12 @@ def test_adaptive_depth_follows_cost_and_acceptance():
     trials = [s for s in range(1, 300) if d.choose([3] * 16, 0) != [0] * 16]
     starts = [s for s in trials if s - 1 not in trials]
     assert 3 <= len(starts) <= 8 and starts[1] - starts[0] < starts[-1] - starts[-2]
+    while d.hold or d.depth:
+        d.choose([3] * 16, 0)
+    idle = 0                                                # never idle within `margin` steps of a trial
+    while d.idle(16, margin=3):
+        idle += 1
+    assert idle >= 1 and d.next_trial - d.steps == 3
 
 
 def test_reduced_draft_vocabulary_is_lossless_and_restricts_drafts():

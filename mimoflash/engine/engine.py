@@ -242,18 +242,21 @@ class LLMEngine:
         """After a step: keep the main model's final hidden states of the speculating requests, then draft for
         those now decoding (engine/speculative.py)."""
         d = self.drafter
+        if d.adaptive is not None and d.adaptive.idle(len(self.scheduler.running), d.catch_up + 2):
+            return                                          # settled on depth 0: plain decoding, nothing more
         hidden = self.runner.last_hidden
         lo, prefill = 0, False
-        ready = []
+        ready, spans = [], []
         for it, tok in zip(batch.items, sampled):
             req, n = it.request, it.num_tokens
             prefill |= n > it.num_draft + 1
             if req.num_speculative_tokens and not req.is_finished:
                 keep = len(tok) if it.num_draft else n             # a verification keeps t and the accepted drafts
-                d.observe(req, it.start, hidden[lo:lo + keep])
+                spans.append((req, it.start, lo, keep))
                 if req.num_pending_tokens == 1:
                     ready.append(req)
             lo += n
+        d.observe(spans, hidden)
         if not ready:
             return
         cap = self.scheduler.config.max_model_len

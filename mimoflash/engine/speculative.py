@@ -20,10 +20,12 @@ One cycle per request, all inside the ordinary engine step (scheduler -> runner 
 
 MTP caches. Block n's K/V at position i depends only on (h_i, t_{i+n+1}) (one attention layer), so a block's ring is
 brought up to date lazily, when it drafts: the rows from its first not-yet-correct position (at most CATCH_UP
-positions back) to q, read from a short per-request buffer of the main model's final hidden states. A request that is not drafting
-(adaptive depth 0, prefill) costs nothing on the MTP side but keeping its last hidden states (one copy a step); when
-it drafts again, each block's ring is brought up to date over the last `MTPDrafter.CATCH_UP` positions only and its
-older entries are masked (`_State.key_from`), so resuming costs a bounded, small catch-up.
+positions back) to q, read from a short per-request buffer of the main model's final hidden states. Where adaptive depth has
+settled on depth 0 the engine step does nothing on the MTP side (`AdaptiveDepth.idle`), except over the few steps
+before a trial, which keep the hidden states the trial's catch-up reads. Otherwise a request that is not drafting
+(depth 0, prefill) costs one copy of its hidden states per step (one copy for the whole step). When a request drafts
+again, each block's ring is brought up to date over the last `MTPDrafter.CATCH_UP` positions only and its older
+entries are masked (`_State.key_from`), so resuming costs a bounded, small catch-up.
 
 Adaptive depth picks, per step, one depth for all drafting requests (each capped by its own `num_speculative_tokens`)
 that maximises expected tokens per second: the running acceptance rate of each draft position against the measured
@@ -115,9 +117,8 @@ class _State:
     """A request's MTP side: the main model's recent final hidden states and how far each block's ring is right."""
     preemptions: int
     num_layers: int
-    h0: int = 0                                   # position of hidden[0]
-    buf: torch.Tensor | None = None               # (2 * keep, D): rows [0, m) hold positions h0 .. h0 + m - 1
-    m: int = 0
+    h0: int = 0                                   # hidden states kept without a gap from position h0 ...
+    end: int = -1                                 # ... to end - 1 (the newest `keep` of them in the drafter's buffer)
     done: list[int] = field(default_factory=list)            # block n's ring is right for positions < done[n]
     key_from: list[int] = field(default_factory=list)        # block n attends to no ring entry before key_from[n]
     tentative: list[dict[int, int]] = field(default_factory=list)   # block n: position -> draft token it used
@@ -127,11 +128,6 @@ class _State:
         self.done = [0] * self.num_layers
         self.key_from = [0] * self.num_layers
         self.tentative = [{} for _ in range(self.num_layers)]
-
-    @property
-    def hidden(self) -> torch.Tensor:
-        """(m, D) the main model's final hidden states at positions h0 .. h0 + m - 1."""
-        return self.buf[:self.m]
 
 
 class AdaptiveDepth:
@@ -220,6 +216,16 @@ class AdaptiveDepth:
                 return v * ref / base[m]
         return v * sequences / m
 
+    def idle(self, sequences: int, margin: int) -> bool:
+        """A step that is sure to draft nothing, with no trial within `margin` steps: counted and True (the caller
+        then does nothing on the MTP side). Only once depth 0 is the settled choice for this many sequences."""
+        if (self.last_best != 0 or self.depth != 0 or self.hold or sequences != self.sequences
+                or (self.explore and self.next_trial - self.steps <= margin)):
+            return False
+        self.steps += 1
+        self.prev = 0
+        return True
+
     def choose(self, caps: list[int], other_rows: int) -> list[int]:
         """caps: each drafting request's own limit; other_rows: rows of the step that are not theirs -> depths."""
         self.steps += 1
@@ -279,6 +285,7 @@ class MTPDrafter:
         # with 1), at an eighth of the catch-up cost.
         self.catch_up = min(self.window, self.CATCH_UP)
         self.keep = self.catch_up + max_draft + 1        # hidden states kept per request
+        self.hbuf: torch.Tensor | None = None             # (rings * keep, D), see observe
         self.states: dict[str, _State] = {}
         self.vocab = config.vocab(mc.vocab_size)          # (S,) or None
         self.head_weight = None
@@ -297,23 +304,34 @@ class MTPDrafter:
     def forget(self, request_id: str) -> None:
         self.states.pop(request_id, None)
 
-    def observe(self, req: Request, start: int, hidden: torch.Tensor) -> None:
-        """hidden (n, D): the main model's final hidden states at positions start .. start + n - 1. Kept in a buffer
-        of twice the window that is written in place and compacted once it fills (no copy of the window per step)."""
-        st = self.state(req)
-        n, keep = hidden.shape[0], self.keep
-        if n > keep:
-            hidden, start, n = hidden[-keep:], start + n - keep, keep
-        if st.buf is None or start != st.h0 + st.m:                  # first rows, or recomputed after preemption
-            if st.buf is None:
-                st.buf = hidden.new_empty(2 * keep, hidden.shape[1])
-            st.h0, st.m = start, 0
-        if st.m + n > 2 * keep:                                        # compact: the newest keep - n rows to the front
-            drop = st.m + n - keep
-            st.buf[:st.m - drop] = st.buf[drop:st.m].clone()
-            st.h0, st.m = st.h0 + drop, st.m - drop
-        st.buf[st.m:st.m + n] = hidden
-        st.m += n
+    def observe(self, spans: list[tuple[Request, int, int, int]], hidden: torch.Tensor) -> None:
+        """spans: (request, first position, first row of `hidden`, rows); hidden (N, D): the step's final hidden
+        states. Each request's newest `keep` positions are kept in one buffer of `keep` slots per ring (slot
+        ring_id * keep + position % keep), written with one copy for the whole step."""
+        keep, src, dst = self.keep, [], []
+        for req, start, lo, n in spans:
+            st = self.state(req)
+            if n > keep:
+                lo, start, n = lo + n - keep, start + n - keep, keep
+            if start != st.end:                                     # first rows, or recomputed after preemption
+                st.h0 = start
+            st.end = start + n
+            base = req.ring_id * keep
+            src.extend(range(lo, lo + n))
+            dst.extend(base + p % keep for p in range(start, start + n))
+        if not dst:
+            return
+        if self.hbuf is None:
+            self.hbuf = hidden.new_zeros(self.runner.layout.num_rings * keep, hidden.shape[1])
+        rows = hidden if len(src) == hidden.shape[0] and src[-1] == len(src) - 1 else hidden[torch.tensor(src)]
+        self.hbuf.index_copy_(0, torch.tensor(dst), rows)
+
+    def hidden(self, req: Request, lo: int, hi: int) -> torch.Tensor:
+        """(hi - lo, D) the kept final hidden states at positions lo .. hi - 1 (lo >= h0, within the newest keep)."""
+        base, keep = req.ring_id * self.keep, self.keep
+        if lo // keep == (hi - 1) // keep:                          # no wrap in the buffer: a view
+            return self.hbuf[base + lo % keep:base + (hi - 1) % keep + 1]
+        return self.hbuf[torch.tensor([base + p % keep for p in range(lo, hi)])]
 
     # ------------------------------------------------------------------ drafting
     def propose(self, reqs: list[Request], depths: list[int], shared_generator, generators: dict) -> None:
@@ -351,10 +369,10 @@ class MTPDrafter:
                 if len(ids) > self.runner.max_rows:        # a catch-up: the older rows only need their K/V
                     cut = len(ids) - self.runner.max_rows
                     fill.append(Slice(r, s, ids[:cut], "none"))
-                    fill_hid.append(st.hidden[s - st.h0:s + cut - st.h0])
+                    fill_hid.append(self.hidden(r, s, s + cut))
                     s, ids = s + cut, ids[cut:]
                 slices.append(Slice(r, s, ids, "last", st.key_from[li]))
-                hid.append(st.hidden[min(s, q) - st.h0:q + 1 - st.h0])
+                hid.append(self.hidden(r, min(s, q), q + 1))
                 owners.append((r, st, s, q, n))
             if fill:
                 self.runner.fill_mtp_kv(li, fill, torch.cat(fill_hid) if self.hidden_pre_norm
