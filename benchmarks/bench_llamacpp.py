@@ -7,7 +7,8 @@
 llama.cpp: the copy vendored in llama-cpp-python 0.3.36's source distribution (it runs the `mimo2` architecture),
 fetched with `pip download --no-binary :all:` into build/llamacpp/ (git-ignored), configured with
 `-DGGML_NATIVE=ON -DLLAMA_CURL=OFF` and built (`llama-bench`, `llama-batched-bench`) under `nice -n 15`; a later
-run reuses the build, the converted GGUF files and the saved checkpoints. The checkpoints are written with
+run reuses the build, the converted GGUF files and the saved checkpoints. `--q8` adds the Q8_0 file (that llama.cpp
+crashes on it after a prompt; see benchmarks/RESULTS.md). The checkpoints are written with
 `mimoflash.save_model` and converted by the vendored `convert_hf_to_gguf.py` to bf16 and Q8_0 GGUF files, with two
 local patches applied to the build directory's copy only (see `patch_converter`): an unknown BPE pre-tokenizer
 hash falls back to "gpt-2" (the tokenizer's identity does not matter for speed: llama-bench feeds token ids), and
@@ -211,7 +212,10 @@ def main(argv=None) -> int:
     ap.add_argument("--new-tokens", type=int, default=96)
     ap.add_argument("--prefill-len", type=int, default=512)
     ap.add_argument("--concurrency", type=int, default=16)
-    ap.add_argument("--no-q8", dest="q8", action="store_false", help="skip llama.cpp's Q8_0 runs")
+    ap.add_argument("--q8", dest="q8", action="store_true",
+                    help="also run llama.cpp on the Q8_0 file (off by default: with llama-cpp-python 0.3.36's llama.cpp "
+                         "it crashes llama-bench once a prompt has been processed, -d 32)")
+    ap.add_argument("--no-q8", dest="q8", action="store_false", help="skip the Q8_0 runs (the default)")
     ap.add_argument("--build-jobs", type=int, default=2)
     ap.add_argument("--build-nice", type=int, default=15)
     a = ap.parse_args(argv)
