@@ -213,8 +213,8 @@ def main(argv=None) -> int:
     ap.add_argument("--prefill-len", type=int, default=512)
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--q8", dest="q8", action="store_true",
-                    help="also run llama.cpp on the Q8_0 file (off by default: with llama-cpp-python 0.3.36's llama.cpp "
-                         "it crashes llama-bench once a prompt has been processed, -d 32)")
+                    help="also run llama.cpp on the Q8_0 file (off by default: the llama.cpp of llama-cpp-python "
+                         "0.3.36 crashes llama-bench on it once a prompt has been processed, -d 32)")
     ap.add_argument("--no-q8", dest="q8", action="store_false", help="skip the Q8_0 runs (the default)")
     ap.add_argument("--build-jobs", type=int, default=2)
     ap.add_argument("--build-nice", type=int, default=15)
