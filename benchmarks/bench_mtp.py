@@ -13,7 +13,8 @@ What is measured, in one process, variants interleaved prompt by prompt (their o
     norms), the K/V each sequence attends to (fp32 cache), and the experts the verify steps actually routed (the
     distinct experts of each MoE layer per step, read from the fused step's choices): a verify step of k + 1 tokens
     routes to more experts than one token does;
-  * batch 8 and 16 (all 16 prompts, `max_num_seqs` 8 / 16): aggregate decode tokens/s with MTP off and adaptive,
+  * batch 8 and 16 (all 16 prompts, `max_num_seqs` 8 / 16, after one warm-up run per engine): aggregate decode
+    tokens/s with MTP off and adaptive,
     and their ratio per process CPU second (steadier on a shared machine);
   * temperature 0.7 (seeded), batch 1: decode tokens/s off vs on.
 Variants: off; k = 1, 2, 3 drafts with the full draft vocabulary; k = 3 with a reduced draft vocabulary (the
@@ -260,6 +261,8 @@ def main(argv=None) -> int:
             off = LLM(path, max_num_seqs=bs, progress=False)
             on = LLM(path, max_num_seqs=bs, progress=False,
                      speculative_config={"num_speculative_tokens": 3, "adaptive": True, **reduced})
+            for llm in (off, on):      # one warm-up run each: steady-state rates (adaptive's first measurements and
+                run_batch(llm, PROMPTS[:16], sp)      # trials, paid once per engine, fall in it; a cold run is slower)
             r_off, r_on, c_off, c_on = [], [], [], []
             for rep in range(a.repeats):
                 for n, llm, acc, cacc in ((("off", off, r_off, c_off), ("adaptive", on, r_on, c_on))
