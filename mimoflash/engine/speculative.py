@@ -371,7 +371,8 @@ class MTPDrafter:
                     fill.append(Slice(r, s, ids[:cut], "none"))
                     fill_hid.append(self.hidden(r, s, s + cut))
                     s, ids = s + cut, ids[cut:]
-                slices.append(Slice(r, s, ids, "last", st.key_from[li]))
+                kf = st.key_from[li]                     # once the window has moved past it, no mask is needed
+                slices.append(Slice(r, s, ids, "last", kf if kf > s - self.window + 1 else 0))
                 hid.append(self.hidden(r, min(s, q), q + 1))
                 owners.append((r, st, s, q, n))
             if fill:
