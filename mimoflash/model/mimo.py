@@ -59,13 +59,17 @@ class MiMoModel(nn.Module):
     def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> dict[bool, tuple[torch.Tensor, torch.Tensor]]:
         return {False: self.rotary["full"](positions, dtype), True: self.rotary["sliding"](positions, dtype)}
 
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, T) ids -> (B, T, D); a tensor-parallel rank overrides it (its vocabulary slice, then a sum)."""
+        return self.embed_tokens(input_ids)
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                 backend: AttentionBackend | None = None) -> torch.Tensor:
         """input_ids (B, T) -> residual stream before the final norm (B, T, D); MTP consumes this (docs/MODEL.md §3.3)."""
         B, T = input_ids.shape
         if positions is None:
             positions = torch.arange(T, device=input_ids.device).expand(B, T)
-        x = self.embed_tokens(input_ids)
+        x = self.embed(input_ids)
         rope = self.rope(positions, x.dtype)
         for layer in self.layers:
             x = layer(x, positions, rope[layer.is_sliding], backend)

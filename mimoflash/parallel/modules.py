@@ -108,16 +108,6 @@ class ParallelMiMoModel(MiMoModel):
         x = self.embed_tokens(torch.where(mine, local, 0))
         return all_reduce(x.masked_fill(~mine[..., None], 0))
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, backend=None) -> torch.Tensor:
-        B, T = input_ids.shape
-        if positions is None:
-            positions = torch.arange(T, device=input_ids.device).expand(B, T)
-        x = self.embed(input_ids)
-        rope = self.rope(positions, x.dtype)
-        for layer in self.layers:
-            x = layer(x, positions, rope[layer.is_sliding], backend)
-        return x
-
 
 class ParallelMiMoForCausalLM(MiMoForCausalLM):
     """One rank's model. `config` is the rank's config (ShardPlan.rank_config); `plan` says which slice it holds.
