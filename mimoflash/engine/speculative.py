@@ -20,16 +20,15 @@ One cycle per request, all inside the ordinary engine step (scheduler -> runner 
 
 MTP caches. Block n's K/V at position i depends only on (h_i, t_{i+n+1}) (one attention layer), so a block's ring is
 brought up to date lazily, when it drafts: the rows from its first not-yet-correct position (at most CATCH_UP
-positions back) to q, read from a short per-request buffer of the main model's final hidden states. Where adaptive depth has
-settled on depth 0 the engine step does nothing on the MTP side (`AdaptiveDepth.idle`), except over the few steps
-before a trial, which keep the hidden states the trial's catch-up reads. Otherwise a request that is not drafting
-(depth 0, prefill) costs one copy of its hidden states per step (one copy for the whole step). When a request drafts
-again, each block's ring is brought up to date over the last `MTPDrafter.CATCH_UP` positions only and its older
-entries are masked (`_State.key_from`), so resuming costs a bounded, small catch-up.
+positions back) to q, read from a buffer of the main model's final hidden states (the newest few positions of every
+speculating request, written with one copy per step). Older ring entries that were not brought up to date (after a
+prefill or a stretch without drafts) are masked (`_State.key_from`), so resuming costs a bounded, small catch-up.
+Where adaptive depth has settled on depth 0 the engine step does nothing on the MTP side (`AdaptiveDepth.idle`),
+except over the few steps before a trial, which keep the hidden states the trial's catch-up reads.
 
 Adaptive depth picks, per step, one depth for all drafting requests (each capped by its own `num_speculative_tokens`)
 that maximises expected tokens per second: the running acceptance rate of each draft position against the measured
-time of a step with that many rows plus the measured time of the draft passes (see `AdaptiveDepth`).
+CPU time of whole steps at each depth, draft passes included (see `AdaptiveDepth`).
 """
 
 from __future__ import annotations
