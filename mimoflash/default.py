@@ -93,7 +93,7 @@ def export(checkpoint: str | Path, out_dir: str | Path = DEFAULT_MODEL_DIR, data
     pretraining["mtp_phases"] = mtp_phases
     state = {"step": pretraining["steps"], "tokens_seen": pretraining["tokens_seen"],
              "elapsed_s": pretraining["train_time_s"]}
-    data_dir = Path(data_dir or run_cfg["data"])
+    data_dir = Path(data_dir)
     run_cfg = {"train": pretraining["train_config"]}
     meta = json.loads((data_dir / "meta.json").read_text())
     model = load_model(checkpoint, torch.float32, "cpu")

@@ -91,7 +91,8 @@ def steps(run_dir: Path) -> list[int]:
 
 def test_top_level_help_version_and_unknown_command():
     p = ok(mimoflash())
-    for cmd in ("generate", "chat", "inspect", "train", "train-tokenizer", "prepare-data"):
+    from mimoflash.cli import COMMANDS
+    for cmd in COMMANDS:
         assert re.search(rf"^  {re.escape(cmd)}\s", p.stdout, re.M), p.stdout
     assert ok(mimoflash("--help")).stdout == p.stdout
     from mimoflash import __version__

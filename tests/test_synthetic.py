@@ -17,6 +17,7 @@ from mimoflash.checkpoint.loader import load_model
 from mimoflash.checkpoint.saver import save_model
 from mimoflash.checkpoint.synthetic import (checkpoint_plan, main, parse_size, synthetic_config,
                                             write_synthetic_checkpoint)
+from mimoflash.engine.expert_store import parse_bytes
 from mimoflash.summary import read_headers
 
 from conftest import make_model, tiny_config
@@ -153,6 +154,7 @@ def test_cli(tmp_path, capsys):
 
 def test_parse_size():
     assert parse_size("1GB") == 10**9 and parse_size("512MiB") == 512 << 20 and parse_size("2e3") == 2000
+    assert parse_size("8G") == 8 << 30 and parse_size("8G") == parse_bytes("8G")
     for bad in ("", "GB", "-1GB", "1XB"):
         with pytest.raises(ValueError, match="not a size"):
             parse_size(bad)

@@ -177,9 +177,10 @@ def write_synthetic_checkpoint(out, config: MiMoConfig | None = None, *, seed: i
 
 
 def parse_size(text: str) -> int:
-    """'1GB', '512MiB', '1e9' -> bytes."""
+    """'1GB', '512MiB', '8G', '1e9' -> bytes. kB/MB/GB/TB are powers of 1000; KiB/MiB/GiB/TiB and a bare K/M/G/T
+    are powers of 1024, as `--memory-budget` reads them (expert_store.parse_bytes)."""
     units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
     s = text.strip().upper()
     num = s.rstrip("KMGTIB")
     unit = s[len(num):]

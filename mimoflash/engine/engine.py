@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -76,9 +76,8 @@ class LLMEngine:
             if not mc.num_nextn_predict_layers:
                 raise ValueError("speculative decoding with method 'mtp' needs a model with MTP layers "
                                  "(num_nextn_predict_layers >= 1); this model has none")
-            import dataclasses
-            cfg = self.config = dataclasses.replace(cfg, speculative=spec, include_mtp=True,
-                                                    max_draft=max(cfg.max_draft, spec.num_speculative_tokens))
+            cfg = self.config = replace(cfg, speculative=spec, include_mtp=True,
+                                        max_draft=max(cfg.max_draft, spec.num_speculative_tokens))
         p = next(model.parameters())
         # The cache takes the compute dtype unless kv_cache_dtype says otherwise: by default the attention weights'
         # dtype (the router stays fp32 whatever the model dtype); fp32 when bf16 weights are computed in fp32
@@ -220,7 +219,7 @@ class LLMEngine:
         for it, j in spec:
             req, k = it.request, it.num_draft
             rows = logits[j:j + k + 1]
-            drafts = list(req.draft_token_ids[:k])
+            drafts = req.draft_token_ids[:k]                      # a copy (slicing)
             toks, a = self.drafter.verify(req, rows, drafts, self._generators[req.request_id], self.generator)
             out[id(it)] = toks
             req.num_verify_steps += 1
@@ -234,7 +233,7 @@ class LLMEngine:
             if self.drafter.adaptive is not None:
                 self.drafter.adaptive.record_acceptance(k, a)
             if req.params.logprobs is not None:
-                raw = torch.log_softmax(rows.float(), dim=-1)
+                raw = torch.log_softmax(rows[:len(toks)].float(), dim=-1)   # the rows that gave a token
                 lps[req.request_id] = [logprob_entry(raw[i], t, req.params.logprobs) for i, t in enumerate(toks)]
         return [out.get(id(it)) for it in batch.items], lps
 

@@ -647,6 +647,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--new-mtp-init", choices=("copy", "fresh"), default="copy",
                    help="new MTP heads start as a copy of the last trained head, or random (default: copy)")
     args = p.parse_args(argv)
+    # Flag combinations first: a refused command must not have deleted an --overwrite'd run.
+    if args.distill and not args.only_mtp:
+        p.error("--distill needs --only-mtp (the main model is the frozen teacher)")
+    if args.mtp_heads is not None and not args.init:
+        p.error("--mtp-heads needs --init CHECKPOINT (the model whose MTP heads it grows)")
+    if args.only_mtp and not args.init and not args.resume:
+        p.error("--only-mtp needs --init CHECKPOINT (the trained main model)")
     _check_out_dir(p, args)
 
     model_cfg, cfg = load_config(args.config)
@@ -659,13 +666,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
 
     acc_before = None
-    if cfg.distill and not args.only_mtp:
+    if cfg.distill and not args.only_mtp:        # distill set in a --config file
         p.error("--distill needs --only-mtp (the main model is the frozen teacher)")
-    if args.mtp_heads is not None and not args.init:
-        p.error("--mtp-heads needs --init CHECKPOINT (the model whose MTP heads it grows)")
     if args.only_mtp:
-        if not args.init and not args.resume:
-            p.error("--only-mtp needs --init CHECKPOINT (the trained main model)")
         from ..checkpoint.loader import load_model
         from .evaluate import mtp_acceptance
         if args.init and world_info()[0] == 0 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
