@@ -374,6 +374,12 @@ def test_other_client_mistakes(server, client):
     r = _post(server, "/v1/completions", {"model": MODEL, "prompt": "x", "suffix": "y"})
     assert r.status_code == 400 and r.json()["error"]["param"] == "suffix"
     assert httpx.get(server.url + "/v1/chat/completions").status_code == 405
+    # a lone surrogate (valid JSON, not encodable text) is the client's mistake, not a 500
+    for route, body, param in (("/v1/chat/completions", '{"model": "%s", "messages": [{"role": "user", '
+                                '"content": "a\\ud800b"}]}' % MODEL, "messages"),
+                               ("/v1/completions", '{"model": "%s", "prompt": "a\\ud800b"}' % MODEL, "prompt")):
+        r = httpx.post(server.url + route, content=body.encode(), headers={"content-type": "application/json"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
 
 
 # ------------------------------------------------------------------ metrics, disconnect

@@ -28,6 +28,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..engine.cli import context_limit
 from ..engine.sampling import SamplingParams
 from ..tokenizer import ChatTemplateError
 from .engine_loop import EngineDead, EngineLoop, QueueFull
@@ -134,7 +135,7 @@ def build_app(llm, *, served_model_name: str | None = None, api_key: str | None 
     metrics = ServerMetrics(cfg.served_model_name)
     engine_loop = EngineLoop(llm, max_waiting=max_waiting, metrics=metrics)
     tok = llm.tokenizer
-    max_model_len = llm.engine.scheduler.config.max_model_len
+    max_model_len = context_limit(llm)                     # max_model_len, or less where the KV cache holds fewer
     compiler = None
     from . import grammar as _grammar
     if tok is not None and _grammar.available():
@@ -290,7 +291,7 @@ def build_app(llm, *, served_model_name: str | None = None, api_key: str | None 
         steps = getattr(mx, "verify_steps", None) if mx is not None else None
         if steps:
             u["mtp"] = {"verify_steps": steps, "accepted_tokens": getattr(mx, "accepted_tokens", None),
-                        "tokens_per_verify_step": round(completion_tokens / steps, 4)}
+                        "tokens_per_verify_step": round(1 + (getattr(mx, "accepted_tokens", 0) or 0) / steps, 4)}
         return u
 
     def account(u: dict) -> None:
@@ -335,7 +336,10 @@ def build_app(llm, *, served_model_name: str | None = None, api_key: str | None 
             raise APIError(400, str(e), "messages")
         except Exception as e:                                  # jinja errors from the checkpoint's template
             raise APIError(400, f"the chat template failed on these messages: {type(e).__name__}: {e}", "messages")
-        ids = tok.encode(text)
+        try:
+            ids = tok.encode(text)
+        except ValueError as e:                                 # e.g. a lone surrogate in a message's text
+            raise APIError(400, str(e), "messages")
         max_tokens = req.max_completion_tokens or req.max_tokens
         n_lp = (req.top_logprobs or 0) if req.logprobs else None
         if req.top_logprobs and not req.logprobs:
@@ -493,7 +497,10 @@ def build_app(llm, *, served_model_name: str | None = None, api_key: str | None 
             if isinstance(p, str):
                 if tok is None:
                     raise APIError(400, "this model has no tokenizer: send token ids", "prompt")
-                ids = tok.encode(p)
+                try:
+                    ids = tok.encode(p)
+                except ValueError as e:                         # e.g. a lone surrogate in the prompt
+                    raise APIError(400, str(e), "prompt")
                 if not ids:
                     raise APIError(400, "the prompt is empty", "prompt")
                 encoded.append((ids, p))
