@@ -23,8 +23,8 @@ it and the part that encloses it (and reported apart):
   outputs           LLMEngine._group_output()              RequestOutput / CompletionOutput objects per step
   step other        step() - everything above
 
-The bandwidth time is what the step's bytes cost at the read bandwidth measured in the same run (a sum over as many
-bytes of fp32 as the model's weights, the same thread count and clock): the touched weights (attention, dense MLP,
+The bandwidth time is what the step's bytes cost at the read bandwidth measured in the same run (kernels.read_sum,
+a threaded vector read over as many bytes as the model's weights, the same thread count and clock): the touched weights (attention, dense MLP,
 2 chosen experts per MoE layer, router, norms, lm_head, one embedding row; not the MTP blocks, which plain decode
 skips) and the K/V attended at the mean context (mimoflash.bench.step_bytes). "kernels over bandwidth" =
 (layer + lm_head kernel time) - bandwidth time: what the kernels lose to compute, latency and threading; "outside
@@ -76,17 +76,19 @@ def step_bytes(model, context: int, kv_elt: int) -> int:
 
 
 def read_bandwidth(nbytes: int, reps: int = 7) -> float:
-    """Bytes per second a sum over `nbytes` of fp32 reads (its compute is far below the memory traffic). Give it the
-    size of the model's weights: the decode loop streams over them every step, so the bound then reflects the level
-    of the memory hierarchy they live in (a last-level cache holds a small model whole)."""
-    a = torch.rand(max(nbytes, 1 << 20) // 4)
-    a.sum()
+    """Bytes per second that kernels.read_sum reads over `nbytes` (threaded over the kernels' pool at its current
+    thread count, vector loads, integer adds: limited by the loads, as a weight-streaming kernel is). Give it the size
+    of the model's weights: the decode loop streams over them every step, so the bound then reflects the level of the
+    memory hierarchy they live in (a last-level cache holds a small model whole). The fastest of `reps` reads, after
+    one untimed pass that faults the pages in: the bound is what the memory can give, not what it gave on average."""
+    a = torch.ones(max(nbytes, 1 << 20), dtype=torch.uint8)
+    kernels.read_sum(a)
     ts = []
     for _ in range(reps):
         t = CLOCK()
-        a.sum()
+        kernels.read_sum(a)
         ts.append(CLOCK() - t)
-    return a.numel() * 4 / statistics.median(ts)
+    return a.numel() / min(ts)
 
 
 class StepTimer:

@@ -115,6 +115,24 @@ def test_argmax_rows_blocks_and_threads():
             assert torch.equal(kernels.argmax_rows(x), ref)
 
 
+def test_read_sum_matches_wrapping_int64_sum():
+    """The bandwidth yardstick reads every byte: its sum equals torch's (wrapping) int64 sum of the same words, on one
+    thread and split over the pool (2 and 3 threads, a length that is no multiple of the ranges), a tail shorter than
+    one word is ignored, empty reads 0; bad input is refused."""
+    g = torch.Generator().manual_seed(3)
+    words = torch.randint(-2**62, 2**62, ((1 << 17) + 37,), generator=g, dtype=torch.int64)
+    ref = int(words.sum())
+    assert kernels.read_sum(words) == ref
+    for n in (2, 3):
+        with kernel_threads(n):
+            assert kernels.read_sum(words) == ref
+    tail = torch.cat([words[:5].view(torch.uint8), torch.full((7,), 255, dtype=torch.uint8)])
+    assert kernels.read_sum(tail) == int(words[:5].sum())
+    assert kernels.read_sum(torch.empty(0, dtype=torch.uint8)) == 0
+    with pytest.raises(ValueError):
+        kernels.read_sum(words[::2])
+
+
 def test_silu_mul():
     h = _randn(3, 2 * 20)
     torch.testing.assert_close(kernels.silu_mul(h), F.silu(h[:, :20]) * h[:, 20:])

@@ -128,6 +128,7 @@ _SIGNATURES: dict[str, tuple] = {
     "mf_moe_token_bf16": (_I, [_P, _L, _P, _P, _L, _L, _I, _F, _P, _P, _L, _P, _P, _P]),
     "mf_experts_bf16": (_I, [_P, _L, _P, _L, _L, _L, _P, _P, _P, _P]),
     "mf_argmax_rows": (None, [_P, _L, _L, _L, _P]),
+    "mf_read_sum": (ctypes.c_int64, [_P, _L]),
     "mf_decode_layer": (_I, [_P, _P, _L, _P, _P, _P, _P, _L, _L, _L, _P, _P, _P]),
     "mf_decode_timing": (None, [_I, _P]),
     "mf_gemm_fp8w": (_I, [_P, _L, _P, _P, _L, _P, _L, _L, _L, _L, _L, _L]),
@@ -378,6 +379,16 @@ def argmax_rows(x: torch.Tensor) -> torch.Tensor:
     elif R:
         return x.argmax(dim=-1)                   # torch's error for an empty row
     return out
+
+
+def read_sum(t: torch.Tensor) -> int:
+    """The 64-bit words of a contiguous CPU tensor's bytes summed (wrapping, as a signed int64), read by the pool's
+    threads (set_num_threads) with vector loads: what the decode benchmarks time to measure the read bandwidth a
+    weight-streaming kernel can reach. Raises RuntimeError without the library."""
+    lib = _lib_or_raise()
+    if t.device.type != "cpu" or not t.is_contiguous():
+        raise ValueError("read_sum needs a contiguous CPU tensor")
+    return int(lib.mf_read_sum(t.data_ptr(), t.numel() * t.element_size()))
 
 
 def silu_mul(h: torch.Tensor) -> torch.Tensor:

@@ -56,6 +56,7 @@ int mf_moe_token_bf16(const float *x, long D, const float *router_w, const float
 int mf_experts_bf16(const float *x_PD, long P, const long *counts, long E, long D, long F,
                     const unsigned short *gate_up, const unsigned short *down, float *y_PD, float *scratch);
 void mf_argmax_rows(const float *x, long ld, long R, long V, long *out);
+int64_t mf_read_sum(const void *p, long nbytes);   /* the bandwidth yardstick: sum of 64-bit words */
 
 /* decode.c: one decoder layer for one token per sequence */
 int mf_decode_layer(const mf_layer *L, float *x, long B, const float *cos_, const float *sin_, const long *rope_rows,

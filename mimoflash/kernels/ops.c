@@ -496,3 +496,40 @@ void mf_argmax_rows(const float *x, long ld, long R, long V, long *out) {
     }
     for (long r = 0; r < R; r++) out[r] = argmax_row(x + r * ld, V);
 }
+
+/* ---- read bandwidth: the yardstick the decode benchmarks divide a step's bytes by ----
+ * The 64-bit words of p[0, nbytes) summed (wrapping, returned as the same bits signed), the bytes split over the pool in ranges of whole 4 KB pages.
+ * Integer adds over 8 independent lanes (one vector register per lane group) keep the loop limited by loads, not
+ * by an add's latency, so it reads as fast as a weight-streaming kernel can; a fp32 torch sum on one thread does not
+ * (it measured less than the decode kernels achieved). nbytes is rounded down to whole words. */
+typedef struct {
+    const uint64_t *w;
+    _Atomic uint64_t sum;
+} read_job;
+
+VEC static uint64_t read_words(const uint64_t *w, long n) {
+    uint64_t a[32] = {0};
+    long i = 0;
+    for (; i + 32 <= n; i += 32) {
+#pragma omp simd
+        for (int k = 0; k < 32; k++) a[k] += w[i + k];
+    }
+    uint64_t s = 0;
+    for (int k = 0; k < 32; k++) s += a[k];
+    for (; i < n; i++) s += w[i];
+    return s;
+}
+
+static void read_range(void *p, long lo, long hi) {                  /* [lo, hi) in words */
+    read_job *j = (read_job *)p;
+    atomic_fetch_add_explicit(&j->sum, read_words(j->w + lo, hi - lo), memory_order_relaxed);
+}
+
+int64_t mf_read_sum(const void *p, long nbytes) {
+    long n = nbytes / 8;
+    if (n <= 0) return 0;
+    read_job j = {(const uint64_t *)p, 0};
+    if (mf_num_threads() > 1 && n >= (1L << 16)) mf_parallel_ranges(n, 512, read_range, &j);
+    else read_range(&j, 0, n);
+    return (int64_t)atomic_load(&j.sum);
+}
