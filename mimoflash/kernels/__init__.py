@@ -131,6 +131,8 @@ _SIGNATURES: dict[str, tuple] = {
     "mf_read_sum": (ctypes.c_int64, [_P, _L]),
     "mf_decode_layer": (_I, [_P, _P, _L, _P, _P, _P, _P, _L, _L, _L, _P, _P, _P]),
     "mf_decode_timing": (None, [_I, _P]),
+    "mf_decode_attn": (_I, [_P, _P, _L, _P, _P, _P, _P, _L, _L, _L, _P, _P, _P]),
+    "mf_decode_ffn": (_I, [_P, _P, _L, _P, _P, _L, _L]),
     "mf_gemm_fp8w": (_I, [_P, _L, _P, _P, _L, _P, _L, _L, _L, _L, _L, _L]),
     "mf_experts_fp8": (_I, [_P, _L, _L, _L, _L, _P, _P, _L, _L, _P, _L]),
     "mf_set_num_threads": (None, [_I]),
@@ -521,6 +523,35 @@ def decode_layer(args: LayerArgs, x: torch.Tensor, cos: torch.Tensor, sin: torch
         raise ValueError("decode_layer: a cache slot or a chunk id of the table is out of range")
     if rc:
         raise MemoryError("decode_layer: out of memory")
+
+
+def decode_attn(args: LayerArgs, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, table: torch.Tensor,
+                chunk: int, K: int, slots: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor,
+                rope_rows: torch.Tensor | None = None) -> None:
+    """decode_layer's attention half (same arguments): x is read, not updated; y (B, H) fp32 contiguous receives
+    o_proj's output before the residual add (a rank's partial sum under tensor parallelism, parallel/fused.py)."""
+    lib = _lib if _lib is not None else _lib_or_raise()
+    rc = lib.mf_decode_attn(ctypes.addressof(args), x.data_ptr(), x.shape[0], cos.data_ptr(), sin.data_ptr(),
+                            None if rope_rows is None else rope_rows.data_ptr(), table.data_ptr(), table.shape[-1],
+                            chunk, K, slots.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr())
+    if rc == -1:
+        raise ValueError("decode_attn: a cache slot or a chunk id of the table is out of range")
+    if rc:
+        raise MemoryError("decode_attn: out of memory")
+
+
+def decode_ffn(args: LayerArgs, x: torch.Tensor, y: torch.Tensor, chosen: torch.Tensor,
+               experts: tuple[int, int] | None = None) -> None:
+    """decode_layer's FFN half: x (B, H) fp32 is read, y (B, H) receives the dense or routed MLP's output before the
+    residual add; chosen (B, top_k) expert ids out (MoE). experts = (lo, hi): the layer's expert weights hold experts
+    [lo, hi) of the router's args.E (a rank's share under expert parallelism; y is then that share); None = all."""
+    lib = _lib if _lib is not None else _lib_or_raise()
+    lo, hi = (0, args.E) if experts is None else experts
+    rc = lib.mf_decode_ffn(ctypes.addressof(args), x.data_ptr(), x.shape[0], y.data_ptr(), chosen.data_ptr(), lo, hi)
+    if rc == -1:
+        raise ValueError(f"decode_ffn: expert range {experts} outside the router's {args.E} experts")
+    if rc:
+        raise MemoryError("decode_ffn: out of memory")
 
 
 def embed_bf16(ids: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:

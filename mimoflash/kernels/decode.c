@@ -97,24 +97,66 @@ static void layer_gemm(const mf_layer *L, const float *x, long ldx, const unsign
         mf_gemm_bf16w(x, ldx, w, y, ldy, M, N, K);
 }
 
-/* x (B, H) fp32, one decoded token per sequence, updated in place. cos/sin: (B, rd) rows of the tokens' positions
- * for the layer's attention kind, or, with rope_rows (B,), tables whose row rope_rows[b] is token b's (the caller
- * checks the rows are inside them). Token b's K/V go to pool slot slots[b]; its keys 0..K-1 are read through
- * table[b] (n_chunks chunk ids of `chunk` slots), bias (B, K) additive or NULL. chosen: (B, top_k) expert ids out
- * (MoE). Returns 0; -1 on a bad table or slot; -2 out of memory. */
-int mf_decode_layer(const mf_layer *L, float *x, long B, const float *cos_, const float *sin_, const long *rope_rows,
-                    const long *table, long n_chunks, long chunk, long K, const long *slots, const float *bias,
-                    long *chosen) {
+/* moe_rows for a rank that holds only experts [e_lo, e_hi) of the router's E (expert parallelism; L->gate_up /
+ * L->down hold those experts, local id e - e_lo): every row is routed over all E (chosen gets each row's full top-k,
+ * as in one process), only the pairs whose expert is local run, and y (B, H) gets their weighted sum: this rank's
+ * share, completed by the caller's reduction over the ranks. */
+static int moe_rows_range(const mf_layer *L, const float *xn, long B, float *y, long *chosen, long e_lo, long e_hi) {
+    long H = L->H, E = L->E, El = e_hi - e_lo, k = L->top_k, F = L->F_moe, P = B * k;
+    size_t nf = (size_t)(E + P + 2 * P * H + 3 * F * P + 1) & ~(size_t)1;    /* even: the longs stay aligned */
+    char *mem = (char *)mf_scratch(1, sizeof(float) * nf + sizeof(long) * (size_t)(2 * El + 1 + P));
+    if (!mem) return -2;
+    float *scores = (float *)mem;
+    long *counts = (long *)(mem + sizeof(float) * nf), *order = counts + El + 1, *pos = order + P;
+    memset(counts, 0, sizeof(long) * (size_t)(El + 1 + P));
+    float *w = scores + E, *x_PD = w + P, *y_PD = x_PD + P * H, *ffn = y_PD + P * H;
+    for (long b = 0; b < B; b++) {
+        mf_route_row(xn + b * H, H, L->router_w, L->router_bias, E, k, L->norm_topk, L->scaling, scores,
+                     chosen + b * k, w + b * k);
+        for (long j = 0; j < k; j++)
+            if (chosen[b * k + j] >= e_lo && chosen[b * k + j] < e_hi) counts[chosen[b * k + j] - e_lo]++;
+    }
+    long n = 0;                                         /* local pairs */
+    for (long e = 0; e < El; e++) { pos[e] = n; n += counts[e]; }
+    for (long p = 0; p < P; p++) {                      /* stable: pairs of one expert keep token order */
+        long e = chosen[p] - e_lo;
+        if (e < 0 || e >= El) continue;
+        long dst = pos[e]++;
+        order[dst] = p;
+        memcpy(x_PD + dst * H, xn + (p / k) * H, sizeof(float) * H);
+    }
+    int rc = mf_experts_bf16(x_PD, n, counts, El, H, F, L->gate_up, L->down, y_PD, ffn);
+    if (rc) return rc == -1 ? -2 : -1;
+    memset(y, 0, sizeof(float) * (size_t)(B * H));
+    for (long q = 0; q < n; q++) {
+        long p = order[q];
+        float wp = w[p], *yr = y + (p / k) * H;
+        const float *src = y_PD + q * H;
+        for (long i = 0; i < H; i++) yr[i] += wp * src[i];
+    }
+    return 0;
+}
+
+/* Scratch floats of each half (below), for B rows and K keys. */
+static size_t attn_floats(const mf_layer *L, long B, long K) {
+    long W = (L->nq + L->nkv) * L->d + L->nkv * L->dv;
+    return (size_t)(B * (L->H + W + L->nq * L->dv) + (K > 0 ? K : 1));
+}
+
+static size_t ffn_floats(const mf_layer *L, long B) {
+    long F = L->moe ? L->F_moe : L->F_dense;
+    return (size_t)(B * L->H + B * 3 * F + (L->moe ? L->E + L->H : 0));
+}
+
+/* The attention half; buf: attn_floats of scratch. */
+static int attn_half(const mf_layer *L, const float *x, long B, const float *cos_, const float *sin_,
+                     const long *rope_rows, const long *table, long n_chunks, long chunk, long K, const long *slots,
+                     const float *bias, float *y, float *buf) {
     long H = L->H, nq = L->nq, nkv = L->nkv, d = L->d, dv = L->dv, S = L->pool_slots;
     long Wq = (nq + nkv) * d, W = Wq + nkv * dv;
-    long F = L->moe ? L->F_moe : L->F_dense;
     for (long b = 0; b < B; b++)
         if (slots[b] < 0 || slots[b] >= S) return -1;
-    size_t n = (size_t)(B * (H + W + nq * dv + H) + (K > 0 ? K : 1) + B * 3 * F + (L->moe ? L->E + H : 0));
-    float *buf = (float *)mf_scratch(0, sizeof(float) * n);
-    if (!buf) return -2;
-    float *xn = buf, *qkv = xn + B * H, *o = qkv + B * W, *y = o + B * nq * dv, *scores = y + B * H;
-    float *ffn = scores + (K > 0 ? K : 1);
+    float *xn = buf, *qkv = xn + B * H, *o = qkv + B * W, *scores = o + B * nq * dv;
 
     double t0 = g_timing ? now_s() : 0.0;
     mf_rms_norm(x, H, L->in_norm, xn, H, B, H, L->eps_in);
@@ -148,11 +190,22 @@ int mf_decode_layer(const mf_layer *L, float *x, long B, const float *cos_, cons
     if (rc) return rc;
     PHASE_END(PH_ATTN)
     layer_gemm(L, o, nq * dv, L->o_w, y, H, B, H, nq * dv);
-    for (long i = 0; i < B * H; i++) x[i] += y[i];
+    PHASE_END(PH_O)
+    return 0;
+}
 
+/* The FFN half; buf: ffn_floats of scratch. */
+static int ffn_half(const mf_layer *L, const float *x, long B, float *y, long *chosen, long e_lo, long e_hi,
+                    float *buf) {
+    long H = L->H, F = L->moe ? L->F_moe : L->F_dense;
+    float *xn = buf, *ffn = xn + B * H;
+    int rc;
+    double t0 = g_timing ? now_s() : 0.0;
     mf_rms_norm(x, H, L->post_norm, xn, H, B, H, L->eps_post);
     PHASE_END(PH_O)
-    if (L->moe && B == 1) {
+    if (L->moe && (e_lo != 0 || e_hi != L->E)) {      /* a rank's share of the experts */
+        if ((rc = moe_rows_range(L, xn, B, y, chosen, e_lo, e_hi))) return rc;
+    } else if (L->moe && B == 1) {
         if (mf_moe_token_bf16(xn, H, L->router_w, L->router_bias, L->E, L->top_k, L->norm_topk, L->scaling,
                               L->gate_up, L->down, F, y, ffn, chosen)) return -2;
     } else if (L->moe) {
@@ -164,7 +217,47 @@ int mf_decode_layer(const mf_layer *L, float *x, long B, const float *cos_, cons
         mf_silu_mul(gu, 2 * F, act, F, B, F);
         layer_gemm(L, act, F, L->down_w, y, H, B, H, F);
     }
-    for (long i = 0; i < B * H; i++) x[i] += y[i];
     PHASE_END(L->moe ? PH_EXPERTS : PH_DENSE)
+    return 0;
+}
+
+/* The attention half of a layer: x (B, H) fp32 (not modified) -> y (B, H) = o_proj(attention(in_norm(x))), the
+ * tokens' K/V stored into the cache (arguments as mf_decode_layer's). Under tensor parallelism a rank's heads give
+ * a partial sum of y, added over the ranks before the residual add (parallel/fused.py). */
+int mf_decode_attn(const mf_layer *L, const float *x, long B, const float *cos_, const float *sin_,
+                   const long *rope_rows, const long *table, long n_chunks, long chunk, long K, const long *slots,
+                   const float *bias, float *y) {
+    float *buf = (float *)mf_scratch(0, sizeof(float) * attn_floats(L, B, K));
+    if (!buf) return -2;
+    return attn_half(L, x, B, cos_, sin_, rope_rows, table, n_chunks, chunk, K, slots, bias, y, buf);
+}
+
+/* The FFN half of a layer: x (B, H) fp32 (not modified) -> y (B, H) = the dense SwiGLU or routed experts of
+ * post_norm(x); chosen (B, top_k) expert ids out (MoE). The layer's weights hold experts [e_lo, e_hi) of the
+ * router's E: [0, E) in one process; a rank's range under expert parallelism, whose y is then that rank's share. */
+int mf_decode_ffn(const mf_layer *L, const float *x, long B, float *y, long *chosen, long e_lo, long e_hi) {
+    if (L->moe && (e_lo < 0 || e_lo >= e_hi || e_hi > L->E)) return -1;
+    float *buf = (float *)mf_scratch(0, sizeof(float) * ffn_floats(L, B));
+    if (!buf) return -2;
+    return ffn_half(L, x, B, y, chosen, e_lo, e_hi, buf);
+}
+
+/* x (B, H) fp32, one decoded token per sequence, updated in place: both halves with their residual adds. cos/sin:
+ * (B, rd) rows of the tokens' positions for the layer's attention kind, or, with rope_rows (B,), tables whose row
+ * rope_rows[b] is token b's (the caller checks the rows are inside them). Token b's K/V go to pool slot slots[b];
+ * its keys 0..K-1 are read through table[b] (n_chunks chunk ids of `chunk` slots), bias (B, K) additive or NULL.
+ * chosen: (B, top_k) expert ids out (MoE). Returns 0; -1 on a bad table or slot; -2 out of memory. */
+int mf_decode_layer(const mf_layer *L, float *x, long B, const float *cos_, const float *sin_, const long *rope_rows,
+                    const long *table, long n_chunks, long chunk, long K, const long *slots, const float *bias,
+                    long *chosen) {
+    size_t a = attn_floats(L, B, K), f = ffn_floats(L, B);
+    float *y = (float *)mf_scratch(0, sizeof(float) * ((size_t)(B * L->H) + (a > f ? a : f)));
+    if (!y) return -2;
+    float *buf = y + B * L->H;
+    int rc = attn_half(L, x, B, cos_, sin_, rope_rows, table, n_chunks, chunk, K, slots, bias, y, buf);
+    if (rc) return rc;
+    for (long i = 0; i < B * L->H; i++) x[i] += y[i];
+    if ((rc = ffn_half(L, x, B, y, chosen, 0, L->E, buf))) return rc;
+    for (long i = 0; i < B * L->H; i++) x[i] += y[i];
     return 0;
 }

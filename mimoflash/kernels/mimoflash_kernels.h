@@ -63,6 +63,11 @@ int mf_decode_layer(const mf_layer *L, float *x, long B, const float *cos_, cons
                     const long *table, long n_chunks, long chunk, long K, const long *slots, const float *bias,
                     long *chosen);
 void mf_decode_timing(int on, double *out);
+/* decode.c: the layer's two halves, for a caller that adds partial sums between them (tensor parallelism) */
+int mf_decode_attn(const mf_layer *L, const float *x, long B, const float *cos_, const float *sin_,
+                   const long *rope_rows, const long *table, long n_chunks, long chunk, long K, const long *slots,
+                   const float *bias, float *y);
+int mf_decode_ffn(const mf_layer *L, const float *x, long B, float *y, long *chosen, long e_lo, long e_hi);
 
 /* fp8.c: products against block-FP8 weights */
 int mf_gemm_fp8w(const float *x, long ldx, const uint8_t *w, const float *s, long ldS, float *y, long ldy, long M,
