@@ -60,10 +60,20 @@ class FusedDecoder:
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kinds: dict) -> torch.Tensor:
         """B sequences, one token each: input_ids / positions (1, B), kinds = AttnMeta.kinds (DecodeKindMeta per
         kind) -> residual stream (1, B, H) before the final norm, as `MiMoModel.forward` returns it."""
+        B = input_ids.shape[1]
+        per_kind, chosen = self.step_args(positions, kinds, B)
+        x = kernels.embed_bf16(input_ids.view(-1), self.emb)                         # (B, H) fp32, a fresh tensor
+        for (args, sliding, _), ch in zip(self.layers, chosen):
+            cos, sin, rows, table, chunk, K, slots, bias = per_kind[sliding]
+            kernels.decode_layer(args, x, cos, sin, table, chunk, K, slots, bias, ch, rope_rows=rows)
+        return x.view(1, B, -1)
+
+    def step_args(self, positions: torch.Tensor, kinds: dict, B: int) -> tuple[dict, list[torch.Tensor]]:
+        """What every layer's call takes besides x, for B rows -> ({sliding: (cos, sin, rope rows, table, chunk, K,
+        slots, bias)}, per-layer (B, top_k) expert-id buffers). Refreshes the panels first. Also used by the
+        tensor-parallel rank's decoder (parallel/fused.py), which calls the layer's two halves instead."""
         for p in self._panels:          # a weight edited in place since the last step is repacked into its buffer
             p.get()
-        B = input_ids.shape[1]
-        x = kernels.embed_bf16(input_ids.view(-1), self.emb)                         # (B, H) fp32, a fresh tensor
         pos = positions.view(-1)
         top = int(pos.max())
         rotary = self.model.model.rotary
@@ -81,10 +91,7 @@ class FusedDecoder:
         chosen = self._chosen.get(B)
         if chosen is None:
             chosen = self._chosen[B] = [torch.empty(B, k, dtype=torch.int64) for _, _, k in self.layers]
-        for (args, sliding, _), ch in zip(self.layers, chosen):
-            cos, sin, rows, table, chunk, K, slots, bias = per_kind[sliding]
-            kernels.decode_layer(args, x, cos, sin, table, chunk, K, slots, bias, ch, rope_rows=rows)
-        return x.view(1, B, -1)
+        return per_kind, chosen
 
 
 def _layer_args(cfg, attn, in_norm, post_norm, mlp, cache, keep: list, panels: list):
