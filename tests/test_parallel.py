@@ -114,6 +114,36 @@ def test_logits_and_greedy_equal_single_process(replicated_kv):
 
 
 @pytest.fixture
+def bf16_model():
+    """bf16 weights (the fused decode step's condition), plain top-k routing over 9 experts (5 + 4 per rank). The
+    single-process LLM is built first and used after the tensor-parallel one started: handing the model to the
+    workers must leave its tensors (which the first engine's fused step points into) where they are."""
+    model = make_model(tiny_config(n_routed_experts=9, num_key_value_heads=2, num_nextn_predict_layers=0),
+                       dtype=torch.bfloat16)
+    ref = LLM(model, kv_cache_memory=KV, progress=False)
+    tp = LLM(model, kv_cache_memory=KV, progress=False, tensor_parallel_size=2)
+    yield ref, tp
+    tp.close()
+
+
+def test_fused_step_per_rank_equals_module_path_and_one_process(bf16_model):
+    from mimoflash.engine.fused_decode import FusedDecoder
+    from mimoflash.parallel.fused import ParallelFusedDecoder
+    ref, tp = bf16_model
+    assert type(ref.engine.runner.fused) is FusedDecoder
+    assert type(tp.engine.runner.fused) is ParallelFusedDecoder
+    fused = _greedy(tp)
+    steps = [s["fused_steps"] for s in tp._parallel.stats(tp)]
+    assert steps[0] == steps[1] >= 9                    # every decode step of both ranks ran fused
+    assert tp._parallel.use_fused(tp, False) is False
+    module = _greedy(tp)
+    assert [s["fused_steps"] for s in tp._parallel.stats(tp)] == steps
+    assert tp._parallel.use_fused(tp, True) is True
+    _assert_same(module, fused, atol=1e-4)
+    _assert_same(_greedy(ref), fused, atol=1e-4)
+
+
+@pytest.fixture
 def uneven_fp8(tmp_path_factory):
     """From an FP8 checkpoint path: 9 experts (5 + 4), group-limited routing (3 groups, top-2 groups), an odd
     vocabulary (256 + 255 rows) and dense width (128 + 127), bf16 weights with fp32 compute (the CPU default)."""

@@ -41,6 +41,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from .fused import ParallelFusedDecoder
 from .load import build_shard, resident_bytes
 from .modules import COMM
 from .shard import CheckpointReader, ShardPlan, StateDictReader
@@ -232,7 +233,7 @@ class ParallelGroup:
             if time.monotonic() > deadline:
                 raise self.fail("timed out waiting for the tensor-parallel workers to build their engines")
             time.sleep(0.01)
-        _no_fused(engine.runner)
+        self.run(lambda: _fused_per_rank(engine.runner), "start")
         engine.runner = BroadcastingRunner(engine.runner, self)
 
     def stats(self, llm) -> list[dict]:
@@ -247,6 +248,15 @@ class ParallelGroup:
         self.send(("probe", numel, repeats))
         return self.run(lambda: _probe(numel, repeats), "probe")
 
+    def use_fused(self, llm, on: bool) -> bool:
+        """Switch every rank between the fused decode step and the module path (benchmarks and tests compare
+        them) -> whether the fused step is now on (False when it does not qualify for this model)."""
+        runner = engine_of(llm).runner.inner                   # under the BroadcastingRunner
+        self.send(("fused", bool(on)))
+        _set_fused(runner, on)
+        self.run(dist.barrier, "use_fused")
+        return runner.fused is not None
+
     def reset_comm(self) -> None:
         """Zero every rank's collective counters. Ends in a barrier: every command but "stop" has a collective, so
         when the next one is published all followers have read this one (`send` deletes it then)."""
@@ -259,11 +269,20 @@ def engine_of(llm):
     return llm.engine
 
 
-def _no_fused(runner) -> None:
-    """The fused CPU decode step runs a whole layer in one C call: no room for the collectives in the middle of
-    a layer, so ranks run the module path (whose CPU layouts still apply per module)."""
-    runner.fused = None
+def _fused_per_rank(runner) -> None:
+    """The engine built a FusedDecoder for the rank's model where its layers qualify (bf16 weights on the CPU, plain
+    top-k routing): run it in halves with the collectives between them (parallel/fused.py). Every rank must take the
+    same path (the collectives must match), so they agree first: the fused step runs only if it qualified on all.
+    Ends in a collective: rank 0 calls it after the followers reported ready."""
+    ok = torch.tensor([int(runner.fused is not None)])
+    dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    runner.fused = ParallelFusedDecoder.from_fused(runner.fused) if int(ok) else None
+    runner.parallel_fused = runner.fused                       # kept for use_fused(True)
     runner.fused_mtp = None
+
+
+def _set_fused(runner, on: bool) -> None:
+    runner.fused = runner.parallel_fused if on else None
 
 
 def _rank_stats(llm) -> dict:
@@ -272,7 +291,8 @@ def _rank_stats(llm) -> dict:
              if t is not None)
     lay = llm.engine.layout
     return {"weights_bytes": resident_bytes(llm.model), "kv_cache_bytes": kv, "num_blocks": lay.num_blocks,
-            "num_rings": lay.num_rings, "comm_seconds": COMM.seconds, "comm_calls": COMM.calls}
+            "num_rings": lay.num_rings, "comm_seconds": COMM.seconds, "comm_calls": COMM.calls,
+            "fused_steps": getattr(llm.engine.runner.parallel_fused, "steps", 0)}
 
 
 def _probe(numel: int, repeats: int) -> float:
@@ -324,7 +344,11 @@ def _source_of(model, opts: dict):
     if isinstance(model, MiMoForCausalLM):
         if hasattr(model, "plan"):
             raise ValueError("this model is already one rank's shard")
-        sd = {k: v.detach() for k, v in model.state_dict().items()}
+        # Copies in shared memory: handing the model's own tensors to spawn would move their storage into shared
+        # memory in place, freeing the memory that another engine built on the same model points into (raw
+        # pointers of its fused decode step).
+        sd = {k: torch.empty_like(v).share_memory_().copy_(v.detach()) if v.device.type == "cpu" else v.detach()
+              for k, v in model.state_dict().items()}
         return model.config, ("state_dict", model.config, sd), None
     if isinstance(model, (str, Path)):
         from ..checkpoint.loader import _read_config, _resolve_path, _weight_map, stored_weight_dtype
@@ -467,7 +491,6 @@ def _follow(rank, world, config, source, dtype, opts) -> int:
         if llm.engine.layout != layout:
             raise ParallelError(f"rank {rank} planned a different KV cache than rank 0: {llm.engine.layout} vs "
                                 f"{layout}")
-        _no_fused(llm.engine.runner)
     except BaseException as e:
         traceback.print_exc()
         try:
@@ -477,6 +500,11 @@ def _follow(rank, world, config, source, dtype, opts) -> int:
         return 2
     store.add("ready", 1)
     runner = llm.engine.runner
+    try:
+        _fused_per_rank(runner)
+    except Exception as e:
+        print(f"mimoflash tensor-parallel rank {rank}: {_first_line(e)}", file=sys.stderr)
+        return 1
     seq = 0
     try:
         while True:
@@ -490,6 +518,9 @@ def _follow(rank, world, config, source, dtype, opts) -> int:
                 _gather_stats(_rank_stats(llm))
             elif cmd[0] == "probe":
                 _probe(cmd[1], cmd[2])
+            elif cmd[0] == "fused":
+                _set_fused(runner, cmd[1])
+                dist.barrier()
             elif cmd[0] == "reset_comm":
                 COMM.reset()
                 dist.barrier()
