@@ -4,6 +4,7 @@ engine/expert_store.py, kernels/fp8.c)."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -86,12 +87,25 @@ def test_fp8_kernels_portable_loop_matches():
     run_portable(__file__, "decodes_every_byte or 256-256 or 300-200 or 37-53 or 130-260 or 64-80")
 
 
+def test_fp8_kernels_avx2_path_matches():
+    """Where the CPU has AVX-512 the kernels use it; the AVX2 loops (MIMOFLASH_KERNELS_NO_AVX512=1, what an AVX2-only
+    machine runs) against the same references, and the fused FP8 decode step on them."""
+    if not kernels.available():
+        pytest.skip("CPU kernels not built (no C compiler)")
+    env = dict(os.environ, MIMOFLASH_KERNELS_NO_AVX512="1")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k",
+                        "linear_fp8_matches_reference or decodes_every_byte or fused_fp8_step_agrees"],
+                       env=env, capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert r.returncode == 0 and " passed" in r.stdout, r.stdout[-3000:] + r.stderr[-2000:]
+
+
 # ---------------------------------------------------------------------------------------------- through LLM
 @needs_kernels
 @pytest.mark.parametrize("which", ["ckpt", "ckpt_128"])
 def test_llm_default_on_fp8_equals_fp32_dequantised(which, request):
     """LLM's default on an FP8 checkpoint keeps FP8 (print(model) shows the swapped modules) and gives the fp32
-    dequantisation's greedy tokens and log-probabilities (<= 1e-4), with q|k|v fused (16-row tiles) or not."""
+    dequantisation's greedy tokens and log-probabilities (<= 1e-4), with q|k|v fused on whole tiles (16-row tiles)
+    or on a finer stacked grid (128-row tiles: q has 192 rows)."""
     from mimoflash.engine.cpu_layout import FastAttention
     ckpt = request.getfixturevalue(which)
     sp = SamplingParams(temperature=0, max_tokens=10, logprobs=0)
@@ -102,12 +116,54 @@ def test_llm_default_on_fp8_equals_fp32_dequantised(which, request):
     attn = fp8.model.model.layers[0].self_attn
     with torch.no_grad():
         fused = attn.fused_qkv() if isinstance(attn, FastAttention) else None
-    assert (fused is not None and fused[0].dtype == FP8_DTYPE) == (which == "ckpt")
+    assert fused is not None and fused[0].dtype == FP8_DTYPE
+    assert fused[1].block == ((16, 128) if which == "ckpt" else (16, 128))          # gcd(128, 192 q, 48 k rows)
     assert not any(isinstance(m, Experts) for m in fp8.model.modules())     # no bf16/fp32 expert tensors exist
     ref = LLM(load_model(ckpt, dtype=torch.float32), weight_dtype="float32", progress=False)
     for a, b in zip(fp8.generate(PROMPTS, sp, use_tqdm=False), ref.generate(PROMPTS, sp, use_tqdm=False)):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
         assert max(abs(u - v) for u, v in zip(_logprobs(a), _logprobs(b))) <= 1e-4
+
+
+@needs_kernels
+@pytest.mark.parametrize("which", ["ckpt", "ckpt_128"])
+def test_fused_fp8_step_agrees(which, request, monkeypatch):
+    """Decode steps of an FP8 model run the fused one-call-per-layer step (kernels.decode_layer on E4M3 bytes and
+    their scales; experts by address from the store): every decoder layer goes through it, and its greedy tokens
+    and log-probabilities equal the per-module FP8 path's and the fp32 dequantisation's (<= 1e-4) at 1, 2 and 5
+    sequences (one row, two rows, the many-row kernels); the expert store's statistics are the same either way."""
+    ckpt = request.getfixturevalue(which)
+    sp = SamplingParams(temperature=0, max_tokens=6, logprobs=0)
+    batches = [PROMPTS[:1], PROMPTS, PROMPTS + [{"prompt_token_ids": [7 * i + 1, i + 2]} for i in range(3)]]
+    fused = LLM(ckpt, progress=False)
+    runner = fused.engine.runner
+    assert runner.fused is not None and all(a.qkv_s and a.fp8_br for a, _, _ in runner.fused.layers)
+    assert any(a.experts_fp8 for a, _, _ in runner.fused.layers)
+    calls = []
+    real = kernels.decode_layer
+    monkeypatch.setattr(kernels, "decode_layer", lambda args, *a, **k: calls.append(args.qkv_s) or real(args, *a, **k))
+    modules = LLM(ckpt, progress=False)
+    modules.engine.runner.fused = None                                   # the per-module FP8 path
+    ref = LLM(load_model(ckpt, dtype=torch.float32), weight_dtype="float32", progress=False)
+    for prompts in batches:
+        outs = [llm.generate(prompts, sp, use_tqdm=False) for llm in (fused, modules, ref)]
+        for a, b, c in zip(*outs):
+            assert a.outputs[0].token_ids == b.outputs[0].token_ids == c.outputs[0].token_ids
+            assert max(abs(u - v) for u, v in zip(_logprobs(a), _logprobs(b))) <= 1e-4
+            assert max(abs(u - v) for u, v in zip(_logprobs(a), _logprobs(c))) <= 1e-4
+    n_layers = fused.model.config.num_hidden_layers
+    assert len(calls) >= n_layers * 5 * len(batches) and len(calls) % n_layers == 0 and all(calls)
+    sf, sm = fused.expert_stats(), modules.expert_stats()
+    assert (sf.steps, sf.touched, sf.hits, sf.misses, sf.bytes_read) == (sm.steps, sm.touched, sm.hits, sm.misses,
+                                                                          sm.bytes_read)
+
+
+@needs_kernels
+def test_fused_fp8_step_not_used_with_bounded_cache(ckpt):
+    """With a memory budget the experts' cache evicts between layers, which the one-call step cannot: the
+    per-module path runs."""
+    llm = LLM(ckpt, progress=False, memory_budget=current_rss() + (400 << 20))
+    assert llm.engine.runner.fused is None
 
 
 @needs_kernels
@@ -166,11 +222,20 @@ def _routed(model) -> set:
 
 
 @needs_kernels
-def test_lazy_experts_touch_only_routed(ckpt):
+@pytest.mark.parametrize("path", ["modules", "fused"])
+def test_lazy_experts_touch_only_routed(ckpt, path):
+    """Only the experts the router picked are read: on the per-module path (seen by hooks on the routers) and on the
+    fused decode step (the expert ids its kernel returns)."""
     llm = LLM(ckpt, progress=False)
     store = llm.expert_store
-    routed = _routed(llm.model)
+    fused = llm.engine.runner.fused
+    if path == "modules":
+        llm.engine.runner.fused = None
+        routed = _routed(llm.model)
     llm.generate([{"prompt_token_ids": [3]}], SamplingParams(temperature=0, max_tokens=1), use_tqdm=False)
+    if path == "fused":                     # a one-token prompt is a rows-path step: the fused step ran it
+        routed = {(args.expert_layer[1], e) for (args, _, _), ch in zip(fused.layers, fused._chosen[1])
+                  if hasattr(args, "expert_layer") for e in ch.view(-1).tolist()}
     n_moe = sum(isinstance(m, MoE) for m in llm.model.modules())
     assert store.touched_keys() == routed
     assert len(routed) == 2 * n_moe                        # one token, top-2: 2 of 8 experts per MoE layer

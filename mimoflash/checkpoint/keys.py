@@ -33,12 +33,22 @@ def official_to_internal(name: str) -> tuple[str, int | None]:
     return name, None
 
 
+def is_stacked_expert(name: str) -> bool:
+    """A mimoflash stacked expert parameter (`...mlp.experts.gate_proj`), stored as one tensor per expert."""
+    return re.search(r"\.mlp\.experts\.(gate_proj|up_proj|down_proj)$", name) is not None
+
+
+def expert_name(name: str, e: int) -> str:
+    """Stacked expert parameter + expert index -> that expert's checkpoint name."""
+    prefix, proj = name.rsplit(".", 1)
+    return f"{prefix}.{e}.{proj}.weight"
+
+
 def internal_to_official(name: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
     """mimoflash parameter -> checkpoint (name, tensor) pairs (one per expert for stacked expert weights)."""
-    if re.search(r"\.mlp\.experts\.(gate_proj|up_proj|down_proj)$", name):
-        prefix, proj = name.rsplit(".", 1)
+    if is_stacked_expert(name):
         for e in range(tensor.shape[0]):
-            yield f"{prefix}.{e}.{proj}.weight", tensor[e]
+            yield expert_name(name, e), tensor[e]
     else:
         yield name, tensor
 

@@ -163,13 +163,21 @@ class _Shards:
         self.root, self.handles, self.read = root, {}, 0
 
     def get(self, file: str, name: str) -> torch.Tensor:
+        t = _guarded(self.root / file, name, lambda: self._handle(file).get_tensor(name))
+        self.read += t.numel() * t.element_size()
+        return t
+
+    def get_slice(self, file: str, name: str):
+        """The tensor's lazy slice, to read part of it (a tensor-parallel rank's rows, parallel/shard.py); the caller
+        adds the bytes it reads to `read`."""
+        return _guarded(self.root / file, name, lambda: self._handle(file).get_slice(name))
+
+    def _handle(self, file: str):
         if self.read > _REMAP_BYTES:     # earlier tensors are copied and freed by now: unmap them
             self.close()
         if file not in self.handles:
             self.handles[file] = _open(self.root / file).__enter__()
-        t = _guarded(self.root / file, name, lambda: self.handles[file].get_tensor(name))
-        self.read += t.numel() * t.element_size()
-        return t
+        return self.handles[file]
 
     def close(self) -> None:
         for h in self.handles.values():

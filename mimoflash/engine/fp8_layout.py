@@ -15,17 +15,19 @@ and rounds every weight. Here they stay as they are and the products dequantise 
 shards, touched only when routed, with an LRU cache bounded by `memory_budget`. `print(model)` shows these modules.
 
 What stays as it was: bf16 tensors (embedding, o_proj, lm_head, MTP eh_proj) run through the bf16 kernels and the
-rest of the engine's CPU layout (engine/cpu_layout.py). The fused decode step (engine/fused_decode.py) takes bf16
-weights only, so an FP8 model decodes through the per-module path: one kernel call per FP8 projection and one per
-MoE layer's routed experts. The optional packed copy of the bf16 linears (`weight_panels`) is counted: it is made
+rest of the engine's CPU layout (engine/cpu_layout.py). Decode steps run the fused one-call-per-layer step
+(engine/fused_decode.py) on the E4M3 bytes: `fused_layer_args` fills the kernel's FP8 fields (scale grids, the
+experts' addresses from the store) and `account_fused_step` keeps the store's statistics. With a bounded expert
+cache (a memory budget) the per-module path runs instead, whose experts are acquired and evicted layer by layer.
+The optional packed copy of the bf16 linears (`weight_panels`) is counted: it is made
 only if it costs at most `PANEL_SHARE` of the weights' bytes and fits the memory budget (the 152k-row LM head alone
 is 1.25 GB of panels, 30% of a 2-layer real-shape checkpoint but 0.4% of the release).
 """
 
 from __future__ import annotations
 
-import functools
 import logging
+import math
 
 import torch
 import torch.nn.functional as F
@@ -266,34 +268,162 @@ def load_fp8(path, memory_budget=None, kv_bytes: int = 0, panels: bool = True, p
     return model, panels
 
 
-def _fp8_qkv_matmul(scale: torch.Tensor, block: tuple[int, int], x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """The fused q|k|v product: t (q|k|v rows, H) E4M3 bytes with their stacked tile scales."""
-    return kfp8.linear_fp8(x, t, scale, block)
+class FP8QKVProduct:
+    """The fused q|k|v product of an FP8 attention, x @ dequant(t, scale).T for t the stacked (q|k|v rows, H) E4M3
+    bytes: holds the stacked scale grid and its block, which the fused decode step reads too."""
+
+    def __init__(self, scale: torch.Tensor, block: tuple[int, int]):
+        self.scale, self.block = scale, tuple(block)
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return kfp8.linear_fp8(x, t, self.scale, self.block)
+
+
+_MIN_QKV_ROWS = 16          # finest row block the stacked q|k|v grid may use (the kernel rescales x per block row)
 
 
 def fuse_fp8_qkv(model: nn.Module) -> int:
     """Each attention's FP8 q/k/v as one E4M3 tensor of row blocks with one stacked scale grid, the projections'
-    buffers becoming views of them, and the attention a `cpu_layout.FastAttention` over that product: one kernel
-    call instead of three, and RoPE plus the value scale by the layout's in-place kernel. Only where the q and k
-    rows are whole tiles (so the scale grids stack). -> attentions fused."""
+    weights becoming views of it, and the attention a `cpu_layout.FastAttention` over that product: one kernel
+    call instead of three, and RoPE plus the value scale by the layout's in-place kernel. Where the q and k rows
+    are whole tiles the grids stack as they are (the projections' scales become views too). Otherwise the stacked
+    grid uses a row block g dividing the tile rows, q's rows and k's rows (each scale row repeated br / g times: the
+    same weight values), and the projections keep their own grids (their state dict stays the checkpoint's); not
+    fused when g would be below `_MIN_QKV_ROWS`. -> attentions fused."""
     from .cpu_layout import FastAttention, _swap
     fused = {}
     with torch.no_grad():
         for m in model.modules():
             lins = [m.q_proj, m.k_proj, m.v_proj] if type(m) is Attention else []
-            if (not lins or not all(isinstance(lin, FP8Linear) for lin in lins)
-                    or len({lin.block for lin in lins}) != 1 or any(lin.out_features % lin.block[0] for lin in lins[:2])):
+            if not lins or not all(isinstance(lin, FP8Linear) for lin in lins) or len({lin.block for lin in lins}) != 1:
+                continue
+            br, bc = lins[0].block
+            g = math.gcd(br, lins[0].out_features, lins[1].out_features)
+            if g < min(br, _MIN_QKV_ROWS):
                 continue
             t = torch.cat([lin.weight.view(torch.uint8) for lin in lins]).view(FP8_DTYPE)    # (q|k|v, H)
-            s = torch.cat([lin.weight_scale_inv for lin in lins])
+            if g == br:
+                s = torch.cat([lin.weight_scale_inv for lin in lins])
+            else:                       # row i of a projection's finer grid is row i * g // br of its own
+                s = torch.cat([lin.weight_scale_inv[torch.arange(-(-lin.out_features // g)) * g // br]
+                               for lin in lins])
             lo = slo = 0
             for lin in lins:
                 n, ns = lin.out_features, lin.weight_scale_inv.shape[0]
-                lin.weight, lin.weight_scale_inv = t[lo:lo + n], s[slo:slo + ns]
+                lin.weight = t[lo:lo + n]
+                if g == br:
+                    lin.weight_scale_inv = s[slo:slo + ns]
                 lo, slo = lo + n, slo + ns
-            fused[id(m)] = (t, functools.partial(_fp8_qkv_matmul, s, lins[0].block), None)
+            fused[id(m)] = (t, FP8QKVProduct(s, (g, bc)), None)
     _swap(model, lambda m: FastAttention.adopt(m, *fused[id(m)]) if id(m) in fused else None)
     return len(fused)
+
+
+# ---------------------------------------------------------------------------------------------- fused decode step
+
+def fused_layer_args(cfg, attn, in_norm, post_norm, mlp, cache, keep: list):
+    """A decoder block whose projections are block-FP8 as the fused decode step's `kernels.LayerArgs` (its FP8
+    fields: E4M3 bytes with their scale grids, the experts' addresses from the store) -> (args, sliding, experts
+    per token), or None when it does not qualify: q|k|v not fused, mixed FP8 blocks, experts behind a bounded cache
+    (the per-module path then evicts between layers), or a tensor the kernel cannot take. Appends the tensors the
+    args point into to `keep`. Called by engine/fused_decode.py for blocks `is_fp8_block` accepts."""
+    from .. import kernels
+    from ..model.layers import MLP
+    from ..model.moe import MoE
+
+    def ok(t, dtype):
+        return t is not None and t.dtype == dtype and t.is_contiguous() and t.device.type == "cpu"
+
+    with torch.no_grad():
+        fused = attn.fused_qkv()
+    sinks = attn.attention_sink_bias
+    sliding, k_pool, v_pool = cache.pools(attn.layer_idx)
+    if (fused is None or not isinstance(fused[1], FP8QKVProduct) or not ok(fused[0], FP8_DTYPE)
+            or not ok(fused[1].scale, torch.float32) or not ok(in_norm.weight, torch.float32)
+            or not ok(post_norm.weight, torch.float32) or (sinks is not None and not ok(sinks, torch.float32))
+            or k_pool.dtype not in (torch.float32, torch.bfloat16) or not ok(k_pool, k_pool.dtype)
+            or not ok(v_pool, k_pool.dtype)):
+        return None
+    block = None
+    scales = {}
+
+    def fp8_or_bf16(lin, name):
+        """lin's weight address, its scale grid's (or None: bf16) -> False when it fits neither."""
+        nonlocal block
+        if isinstance(lin, FP8Linear):
+            if block not in (None, lin.block) or not ok(lin.weight, FP8_DTYPE) or not ok(lin.weight_scale_inv,
+                                                                                          torch.float32):
+                return False
+            block = lin.block
+            scales[name] = lin.weight_scale_inv
+            keep.extend([lin.weight, lin.weight_scale_inv])
+            return True
+        return type(lin).__name__ != "FP8Linear" and ok(lin.weight, torch.bfloat16) and not keep.append(lin.weight)
+
+    qb = fused[1].block
+    if not fp8_or_bf16(attn.o_proj, "o"):
+        return None
+    a = kernels.LayerArgs(
+        H=cfg.hidden_size, nq=attn.num_heads, nkv=attn.num_kv_heads, d=attn.head_dim, dv=attn.v_head_dim,
+        rd=cfg.rotary_dim(sliding), eps_in=in_norm.eps, eps_post=post_norm.eps, scale=attn.scale,
+        v_scale=attn.value_scale, in_norm=in_norm.weight.data_ptr(), post_norm=post_norm.weight.data_ptr(),
+        sinks=None if sinks is None else sinks.data_ptr(), qkv_w=fused[0].data_ptr(),
+        o_w=attn.o_proj.weight.data_ptr(), k_pool=k_pool.data_ptr(), v_pool=v_pool.data_ptr(),
+        pool_slots=k_pool.shape[1], kv_bf16=int(k_pool.dtype == torch.bfloat16), panels=0,
+        qkv_br=qb[0], qkv_s=fused[1].scale.data_ptr())
+    keep += [fused[0], fused[1].scale, k_pool, v_pool]
+    top_k = 1
+    if isinstance(mlp, MLP):
+        lins = [mlp.gate_proj, mlp.up_proj, mlp.down_proj]
+        if not all(fp8_or_bf16(lin, n) for lin, n in zip(lins, ("gate", "up", "down"))):
+            return None
+        a.moe, a.F_dense = 0, lins[0].out_features
+        a.gate_w, a.up_w, a.down_w = (lin.weight.data_ptr() for lin in lins)
+    elif isinstance(mlp, MoE) and isinstance(mlp.experts, FP8Experts):
+        ex, r = mlp.experts, mlp.gate
+        if (ex.store.capacity is not None or block not in (None, ex.block) or r.n_group > 1 or r.top_k > 64
+                or not ok(r.weight, torch.float32) or not ok(r.e_score_correction_bias, torch.float32)):
+            return None
+        block = ex.block
+        table = torch.tensor([[v.data_ptr() for v in ex.store.expert(ex.layer, e)] for e in range(ex.num_experts)],
+                             dtype=torch.int64)                                          # (E, 6) addresses
+        a.moe, a.F_moe, a.E, a.top_k = 1, ex.inter, ex.num_experts, r.top_k
+        a.router_w, a.router_bias = r.weight.data_ptr(), r.e_score_correction_bias.data_ptr()
+        a.norm_topk, a.scaling = int(r.norm_topk_prob), r.routed_scaling_factor
+        a.experts_fp8 = table.data_ptr()
+        keep += [table, r.weight, r.e_score_correction_bias]
+        top_k = r.top_k
+        a.expert_layer = (ex.store, ex.layer)            # a Python attribute: account_fused_step reads it
+    else:
+        return None
+    block = block or qb
+    if block[1] != qb[1] or block[0] % qb[0]:
+        return None
+    a.fp8_br, a.fp8_bc = block
+    for name, t in scales.items():
+        setattr(a, f"{name}_s", t.data_ptr())
+    return a, sliding, top_k
+
+
+def is_fp8_block(attn, mlp) -> bool:
+    """Whether a decoder block holds FP8 projections (its fused step arguments come from `fused_layer_args`)."""
+    return any(isinstance(m, (FP8Linear, FP8Experts)) for m in list(attn.modules()) + list(mlp.modules()))
+
+
+def account_fused_step(layers, chosen) -> None:
+    """After a fused decode step: the expert store's statistics for it, as the per-module path keeps them (one
+    step; each MoE block's distinct experts acquired and released: counted, and made most recently used)."""
+    stores = {}
+    for (args, _, _), ch in zip(layers, chosen):
+        got = getattr(args, "expert_layer", None)
+        if got is not None:
+            stores.setdefault(id(got[0]), [got[0], []])[1].append((got[1], ch))
+    for store, rows in stores.values():
+        store.begin_step()
+        for layer, ch in rows:
+            ids = sorted(set(ch.view(-1).tolist()))
+            store.acquire(layer, ids)
+            store.release(layer, ids)
 
 
 def _fill(model, store: ExpertStore, weight_map, plan, block, fp8_dense, stored, progress: bool) -> None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from .. import kernels
+from . import fp8_layout
 from ..model.layers import MLP
 from ..model.mimo import MiMoForCausalLM
 from ..model.moe import MoE
@@ -66,6 +67,7 @@ class FusedDecoder:
         for (args, sliding, _), ch in zip(self.layers, chosen):
             cos, sin, rows, table, chunk, K, slots, bias = per_kind[sliding]
             kernels.decode_layer(args, x, cos, sin, table, chunk, K, slots, bias, ch, rope_rows=rows)
+        fp8_layout.account_fused_step(self.layers, chosen)        # FP8 experts: the expert store's statistics
         return x.view(1, B, -1)
 
     def step_args(self, positions: torch.Tensor, kinds: dict, B: int) -> tuple[dict, list[torch.Tensor]]:
@@ -98,6 +100,8 @@ def _layer_args(cfg, attn, in_norm, post_norm, mlp, cache, keep: list, panels: l
     """One pre-norm block (attention, then a dense or routed MLP) as the kernel's LayerArgs -> (args, sliding,
     experts per token), or None when it does not qualify. Appends the tensors the args point into to `keep` and the
     Panels they read to `panels`."""
+    if fp8_layout.is_fp8_block(attn, mlp):           # block-FP8 weights: the FP8 fields (engine/fp8_layout.py)
+        return fp8_layout.fused_layer_args(cfg, attn, in_norm, post_norm, mlp, cache, keep)
     fused = attn.fused_qkv()
     sinks = attn.attention_sink_bias
     sliding, k_pool, v_pool = cache.pools(attn.layer_idx)

@@ -503,7 +503,10 @@ class LayerArgs(ctypes.Structure):
                 ("F_dense", ctypes.c_long), ("router_w", ctypes.c_void_p), ("router_bias", ctypes.c_void_p),
                 ("E", ctypes.c_long), ("top_k", ctypes.c_long), ("norm_topk", ctypes.c_int),
                 ("scaling", ctypes.c_float), ("gate_up", ctypes.c_void_p), ("down", ctypes.c_void_p),
-                ("F_moe", ctypes.c_long), ("kv_bf16", ctypes.c_int), ("panels", ctypes.c_int)]
+                ("F_moe", ctypes.c_long), ("kv_bf16", ctypes.c_int), ("panels", ctypes.c_int),
+                ("fp8_br", ctypes.c_long), ("fp8_bc", ctypes.c_long), ("qkv_br", ctypes.c_long),
+                ("qkv_s", ctypes.c_void_p), ("o_s", ctypes.c_void_p), ("gate_s", ctypes.c_void_p),
+                ("up_s", ctypes.c_void_p), ("down_s", ctypes.c_void_p), ("experts_fp8", ctypes.c_void_p)]
 
 
 def decode_layer(args: LayerArgs, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, table: torch.Tensor,

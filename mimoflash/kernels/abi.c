@@ -17,7 +17,10 @@ long mf_layer_abi(long *out, long n) {
         (long)offsetof(mf_layer, router_bias), (long)offsetof(mf_layer, E), (long)offsetof(mf_layer, top_k),
         (long)offsetof(mf_layer, norm_topk), (long)offsetof(mf_layer, scaling), (long)offsetof(mf_layer, gate_up),
         (long)offsetof(mf_layer, down), (long)offsetof(mf_layer, F_moe), (long)offsetof(mf_layer, kv_bf16),
-        (long)offsetof(mf_layer, panels),
+        (long)offsetof(mf_layer, panels), (long)offsetof(mf_layer, fp8_br), (long)offsetof(mf_layer, fp8_bc),
+        (long)offsetof(mf_layer, qkv_br), (long)offsetof(mf_layer, qkv_s), (long)offsetof(mf_layer, o_s),
+        (long)offsetof(mf_layer, gate_s), (long)offsetof(mf_layer, up_s), (long)offsetof(mf_layer, down_s),
+        (long)offsetof(mf_layer, experts_fp8),
     };
     long m = (long)(sizeof v / sizeof v[0]);
     for (long i = 0; i < m && i < n; i++) out[i] = v[i];

@@ -52,8 +52,30 @@ static void store_bf16(unsigned short *dst, const float *src, long n) {
     }
 }
 
+/* Experts 0..El-1 of the layer's weights on their expert-sorted rows x_PD (P, H), counts[e] rows for expert e, into
+ * y_PD (P, H), unweighted: mf_experts_bf16 over gate_up / down, or for FP8 experts (L->experts_fp8, El rows of six
+ * addresses) the picked experts' addresses gathered for one mf_experts_fp8 call. Each expert's weights are read
+ * once for all its rows. -> 0; -2 out of memory; -1 bad arguments. */
+static int run_experts(const mf_layer *L, const float *x_PD, long P, const long *counts, long El, float *y_PD,
+                       float *ffn) {
+    if (!L->experts_fp8) {
+        int rc = mf_experts_bf16(x_PD, P, counts, El, L->H, L->F_moe, L->gate_up, L->down, y_PD, ffn);
+        return rc == -1 ? -2 : rc ? -1 : 0;
+    }
+    long n = 0;
+    long rows[El];
+    int64_t ptrs[6 * El];
+    for (long e = 0; e < El; e++)
+        if (counts[e]) {
+            rows[n] = counts[e];
+            memcpy(ptrs + 6 * n, L->experts_fp8 + 6 * e, sizeof(int64_t) * 6);
+            n++;
+        }
+    return mf_experts_fp8(x_PD, L->H, L->H, L->F_moe, n, rows, ptrs, L->fp8_br, L->fp8_bc, y_PD, L->H) ? -2 : 0;
+}
+
 /* B tokens (one per sequence) through the routed experts: route each row, group the B * top_k pairs by expert
- * (counting sort), run every expert once on its rows (mf_experts_bf16: each expert's weights read once for the
+ * (counting sort), run every expert once on its rows (run_experts: each expert's weights read once for the
  * batch), and add the weighted rows back. y (B, H) is overwritten. */
 static int moe_rows(const mf_layer *L, const float *xn, long B, float *y, long *chosen) {
     long H = L->H, E = L->E, k = L->top_k, F = L->F_moe, P = B * k;
@@ -76,8 +98,8 @@ static int moe_rows(const mf_layer *L, const float *xn, long B, float *y, long *
         order[dst] = p;
         memcpy(x_PD + dst * H, xn + (p / k) * H, sizeof(float) * H);
     }
-    int rc = mf_experts_bf16(x_PD, P, counts, E, H, F, L->gate_up, L->down, y_PD, ffn);
-    if (rc) return rc == -1 ? -2 : -1;
+    int rc = run_experts(L, x_PD, P, counts, E, y_PD, ffn);
+    if (rc) return rc;
     memset(y, 0, sizeof(float) * (size_t)(B * H));
     for (long q = 0; q < P; q++) {
         long p = order[q];
@@ -88,13 +110,18 @@ static int moe_rows(const mf_layer *L, const float *xn, long B, float *y, long *
     return 0;
 }
 
-/* The layer's dense products: y (M, N) = x (M, K) @ w^T, w row-major or in panels as the layer's weights are. */
-static void layer_gemm(const mf_layer *L, const float *x, long ldx, const unsigned short *w, float *y, long ldy,
-                       long M, long N, long K) {
+/* The layer's dense products: y (M, N) = x (M, K) @ w^T, w E4M3 bytes with their scale grid s (s not NULL), else
+ * bf16 row-major or in panels as the layer's weights are. -> 0, or -2 out of memory (fp8.c's scratch). */
+static int layer_gemm(const mf_layer *L, const float *x, long ldx, const void *w, const float *s, float *y,
+                      long ldy, long M, long N, long K) {
+    if (s)
+        return mf_gemm_fp8w(x, ldx, (const uint8_t *)w, s, (K + L->fp8_bc - 1) / L->fp8_bc, y, ldy, M, N, K,
+                            s == L->qkv_s ? L->qkv_br : L->fp8_br, L->fp8_bc) ? -2 : 0;
     if (L->panels)
-        mf_gemm_bf16p(x, ldx, w, y, ldy, M, N, K);
+        mf_gemm_bf16p(x, ldx, (const uint16_t *)w, y, ldy, M, N, K);
     else
-        mf_gemm_bf16w(x, ldx, w, y, ldy, M, N, K);
+        mf_gemm_bf16w(x, ldx, (const uint16_t *)w, y, ldy, M, N, K);
+    return 0;
 }
 
 /* moe_rows for a rank that holds only experts [e_lo, e_hi) of the router's E (expert parallelism; L->gate_up /
@@ -125,8 +152,8 @@ static int moe_rows_range(const mf_layer *L, const float *xn, long B, float *y, 
         order[dst] = p;
         memcpy(x_PD + dst * H, xn + (p / k) * H, sizeof(float) * H);
     }
-    int rc = mf_experts_bf16(x_PD, n, counts, El, H, F, L->gate_up, L->down, y_PD, ffn);
-    if (rc) return rc == -1 ? -2 : -1;
+    int rc = run_experts(L, x_PD, n, counts, El, y_PD, ffn);
+    if (rc) return rc;
     memset(y, 0, sizeof(float) * (size_t)(B * H));
     for (long q = 0; q < n; q++) {
         long p = order[q];
@@ -159,8 +186,9 @@ static int attn_half(const mf_layer *L, const float *x, long B, const float *cos
     float *xn = buf, *qkv = xn + B * H, *o = qkv + B * W, *scores = o + B * nq * dv;
 
     double t0 = g_timing ? now_s() : 0.0;
+    int rc;
     mf_rms_norm(x, H, L->in_norm, xn, H, B, H, L->eps_in);
-    layer_gemm(L, xn, H, L->qkv_w, qkv, W, B, W, H);
+    if ((rc = layer_gemm(L, xn, H, L->qkv_w, L->qkv_s, qkv, W, B, W, H))) return rc;
     PHASE_END(PH_QKV)
     if (rope_rows)                                    /* cos/sin: tables indexed by each token's position */
         for (long b = 0; b < B; b++)
@@ -185,11 +213,11 @@ static int attn_half(const mf_layer *L, const float *x, long B, const float *cos
             }
         }
     PHASE_END(PH_ROPE_STORE)
-    int rc = mf_attn_decode(qkv, W, L->k_pool, S * d, L->v_pool, S * dv, bias, L->sinks, o, B, nq, nkv, K, d, dv,
+    rc = mf_attn_decode(qkv, W, L->k_pool, S * d, L->v_pool, S * dv, bias, L->sinks, o, B, nq, nkv, K, d, dv,
                             L->scale, scores, table, n_chunks, chunk, S / chunk, L->kv_bf16);
     if (rc) return rc;
     PHASE_END(PH_ATTN)
-    layer_gemm(L, o, nq * dv, L->o_w, y, H, B, H, nq * dv);
+    if ((rc = layer_gemm(L, o, nq * dv, L->o_w, L->o_s, y, H, B, H, nq * dv))) return rc;
     PHASE_END(PH_O)
     return 0;
 }
@@ -205,17 +233,18 @@ static int ffn_half(const mf_layer *L, const float *x, long B, float *y, long *c
     PHASE_END(PH_O)
     if (L->moe && (e_lo != 0 || e_hi != L->E)) {      /* a rank's share of the experts */
         if ((rc = moe_rows_range(L, xn, B, y, chosen, e_lo, e_hi))) return rc;
-    } else if (L->moe && B == 1) {
+    } else if (L->moe && B == 1 && !L->experts_fp8) {
         if (mf_moe_token_bf16(xn, H, L->router_w, L->router_bias, L->E, L->top_k, L->norm_topk, L->scaling,
                               L->gate_up, L->down, F, y, ffn, chosen)) return -2;
     } else if (L->moe) {
         if ((rc = moe_rows(L, xn, B, y, chosen))) return rc;
     } else {
         float *gu = ffn, *act = ffn + 2 * B * F;
-        layer_gemm(L, xn, H, L->gate_w, gu, 2 * F, B, F, H);
-        layer_gemm(L, xn, H, L->up_w, gu + F, 2 * F, B, F, H);
+        if ((rc = layer_gemm(L, xn, H, L->gate_w, L->gate_s, gu, 2 * F, B, F, H)) ||
+            (rc = layer_gemm(L, xn, H, L->up_w, L->up_s, gu + F, 2 * F, B, F, H)))
+            return rc;
         mf_silu_mul(gu, 2 * F, act, F, B, F);
-        layer_gemm(L, act, F, L->down_w, y, H, B, H, F);
+        if ((rc = layer_gemm(L, act, F, L->down_w, L->down_s, y, H, B, H, F))) return rc;
     }
     PHASE_END(L->moe ? PH_EXPERTS : PH_DENSE)
     return 0;

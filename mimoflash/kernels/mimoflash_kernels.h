@@ -30,6 +30,13 @@ typedef struct {
     long F_moe;
     int kv_bf16;                                     /* the pools hold bf16 (kv_cache_dtype="bfloat16") */
     int panels;                                      /* qkv_w .. down_w are packed panels (panels.c), not (N, K) */
+    /* Block-FP8 weights (docs/MODEL.md §4.3): a weight whose scale grid below is not NULL is (N, K) E4M3 bytes,
+     * row-major, with fp32 scales (ceil(N / fp8_br), ceil(K / fp8_bc)) row-major (fp8.c); NULL: bf16 as above.
+     * The q|k|v product's stacked grid has its own row block, qkv_br (a divisor of fp8_br: rows repeated). */
+    long fp8_br, fp8_bc, qkv_br;
+    const float *qkv_s, *o_s, *gate_s, *up_s, *down_s;
+    const int64_t *experts_fp8;                      /* FP8 experts: (E, 6) addresses (gate, its scales, up, its
+                                                        scales, down, its scales; F_moe rows); NULL: gate_up/down */
 } mf_layer;
 
 /* ---- Called from Python (kernels/__init__.py checks its ctypes table against this section) ---- */

@@ -32,11 +32,11 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint import keys
 from ..config import MiMoConfig
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 _FP8_ST_DTYPES = ("F8_E4M3", "F8_E5M2")
-_REMAP_BYTES = 128 << 20
 
 
 def split_range(n: int, world: int, rank: int) -> tuple[int, int]:
@@ -152,55 +152,54 @@ class StateDictReader:
 
 
 class CheckpointReader:
-    """Slices of a checkpoint directory's tensors, read from memory-mapped safetensors (module docstring). Names are
-    the model's (stacked experts: `...mlp.experts.gate_proj`), mapped to the official per-expert names here."""
+    """Slices of a checkpoint directory's tensors, read from memory-mapped safetensors (module docstring) through the
+    loader's handles (checkpoint/loader.py: opened lazily, closed and reopened every 128 MiB of reads so the mapped
+    pages leave RSS). Names are the model's (stacked experts: `...mlp.experts.gate_proj`), mapped to the per-expert
+    checkpoint names by checkpoint/keys.py."""
 
     def __init__(self, root: Path, config: MiMoConfig):
-        from ..checkpoint.loader import _read_headers, _weight_map
+        from ..checkpoint.loader import _read_headers, _Shards, _weight_map
         self.root, self.block = Path(root), config.fp8_block_size
         self.weight_map = _weight_map(self.root)
         self.info = _read_headers(self.root, self.weight_map)       # name -> (file, shape, safetensors dtype)
-        self.handles: dict = {}
-        self.read_bytes = 0                                          # bytes read (FP8 blocks count as stored)
-        self._since_remap = 0
+        self.shards = _Shards(self.root)
+        self._done = 0                                               # bytes read before the last reopening
+
+    @property
+    def read_bytes(self) -> int:
+        """Bytes read so far (FP8 blocks count as stored)."""
+        return self._done + self.shards.read
 
     def _slice(self, name: str):
-        from ..checkpoint.loader import _guarded, _open
-        if self._since_remap > _REMAP_BYTES:        # drop the mapped pages of what was copied already (loader.py)
-            self.close()
-        file = self.weight_map[name]
-        if file not in self.handles:
-            self.handles[file] = _open(self.root / file).__enter__()
-        return _guarded(self.root / file, name, lambda: self.handles[file].get_slice(name))
+        before = self.shards.read
+        sl = self.shards.get_slice(self.weight_map[name], name)
+        if self.shards.read < before:                                # the handles were reopened: count what was read
+            self._done += before
+        return sl
 
-    def _expert_names(self, name: str) -> tuple[str, str] | None:
-        m = re.match(r"^(.*\.mlp\.experts)\.(gate_proj|up_proj|down_proj)$", name)
-        return (m[1], m[2]) if m else None
+    def _count(self, t: torch.Tensor) -> None:
+        self.shards.read += t.numel() * t.element_size()
 
     def shape(self, name: str) -> tuple[int, ...] | None:
-        ex = self._expert_names(name)
-        if ex is None:
+        if not keys.is_stacked_expert(name):
             got = self.info.get(name)
             return None if got is None else got[1]
-        prefix, proj = ex
-        per = [self.info.get(f"{prefix}.{e}.{proj}.weight") for e in range(self.count_experts(prefix, proj))]
-        if not per or any(p is None for p in per):
+        per = [self.info.get(keys.expert_name(name, e)) for e in range(self.count_experts(name))]
+        if not per:
             return None
         return (len(per),) + tuple(per[0][1])
 
-    def count_experts(self, prefix: str, proj: str) -> int:
+    def count_experts(self, name: str) -> int:
         e = 0
-        while f"{prefix}.{e}.{proj}.weight" in self.info:
+        while keys.expert_name(name, e) in self.info:
             e += 1
         return e
 
     def read(self, name: str, index: tuple[slice, ...]) -> torch.Tensor:
-        ex = self._expert_names(name)
-        if ex is None:
+        if not keys.is_stacked_expert(name):
             return self._read(name, index)
-        prefix, proj = ex
         lo, hi = index[0].start, index[0].stop
-        return torch.stack([self._read(f"{prefix}.{e}.{proj}.weight", index[1:]) for e in range(lo, hi)])
+        return torch.stack([self._read(keys.expert_name(name, e), index[1:]) for e in range(lo, hi)])
 
     def _read(self, name: str, index: tuple[slice, ...]) -> torch.Tensor:
         from ..checkpoint.fp8 import dequantize_fp8_block
@@ -211,10 +210,9 @@ class CheckpointReader:
         sl = self._slice(name)
         if st not in _FP8_ST_DTYPES:
             t = sl[tuple(slice(lo, hi) for lo, hi in spans)]
-            self.read_bytes += t.numel() * t.element_size()
-            self._since_remap += t.numel() * t.element_size()
+            self._count(t)
             return t
-        scale_name = name + "_scale_inv"
+        scale_name = name + keys.SCALE_SUFFIX
         if self.block is None or scale_name not in self.info or len(shape) != 2:
             raise CheckpointError(f"{name} is FP8 but has no usable {scale_name} / weight_block_size")
         (r0, r1), (c0, c1) = spans
@@ -223,12 +221,11 @@ class CheckpointReader:
         R1, C1 = min(shape[0], -(-r1 // br) * br), min(shape[1], -(-c1 // bc) * bc)
         w = sl[R0:R1, C0:C1]
         s = self._slice(scale_name)[R0 // br:-(-R1 // br), C0 // bc:-(-C1 // bc)]
-        self.read_bytes += w.numel() + s.numel() * s.element_size()
-        self._since_remap += w.numel() + s.numel() * s.element_size()
+        self._count(w)
+        self._count(s)
         t = dequantize_fp8_block(w, s, self.block, torch.float32, name=name)
         return t[r0 - R0:r1 - R0, c0 - C0:c1 - C0]
 
     def close(self) -> None:
-        for h in self.handles.values():
-            h.__exit__(None, None, None)
-        self.handles, self._since_remap = {}, 0
+        self._done += self.shards.read
+        self.shards.close()
