@@ -220,9 +220,11 @@ class PagedAttention:
         keys = torch.cat([zk, k_past, kn.transpose(1, 2).to(k_past.dtype)], dim=2)  # (B, h, 1 + P + Tmax, d)
         vals = torch.cat([zv, v_past, vn.transpose(1, 2).to(v_past.dtype)], dim=2)  # (B, h, 1 + P + Tmax, dv)
         bias = self._bias(layer, km, nq)
+        if dv < d:     # V zero-padded to K's width: torch's CPU flash kernel needs equal widths (else its math path)
+            vals = F.pad(vals, (0, d - dv))
         o = F.scaled_dot_product_attention(qp.transpose(1, 2), keys.to(q.dtype), vals.to(q.dtype),
                                            attn_mask=bias.to(q.dtype), scale=layer.scale, enable_gqa=True)
-        o = o.transpose(1, 2)                                                        # (B, Tmax, nq, dv)
+        o = o[..., :dv].transpose(1, 2)                                              # (B, Tmax, nq, dv)
         return o.reshape(B * Tmax, nq, dv)[m.pad_of_flat]                            # (N, nq, dv)
 
     def _reference(self, layer, km: KindMeta, k_pool, v_pool, q, k, v) -> torch.Tensor:
