@@ -1,14 +1,20 @@
 """Serving benchmark: TTFT / inter-token latency p50/p99 and aggregate tokens/s through `mimoflash serve` at 1, 8 and
 32 concurrent streams, beside the engine's own offline throughput (`LLM.generate`, same prompts, same concurrency)
-and, with --with-transformers, `transformers serve` on the same checkpoint, prompts and clients.
+and, with --with-transformers, `transformers serve` (with and without `--continuous-batching`) on the same
+checkpoint, prompts and clients.
 
     .venv/bin/python benchmarks/bench_serve.py                     # shipped model, 1/8/32 streams
     .venv/bin/python benchmarks/bench_serve.py --mtp 2             # also the server with MTP
-    .venv/bin/python benchmarks/bench_serve.py --with-transformers # also `transformers serve` if it starts
+    .venv/bin/python benchmarks/bench_serve.py --with-transformers # also `transformers serve` where it works
 
 Seeded prompts (the shipped model's sample prompts, varied), greedy, `ignore_eos` so every request generates
 exactly --max-tokens. Rounds are interleaved (offline, server, server+MTP per concurrency, --repeats times) and
 medians are reported. Prints a table and ends with ONE JSON line. Not run in CI.
+
+The clients: all streams of a round are coroutines in this one process (one asyncio loop), each a streaming
+`POST /v1/completions` that reads the SSE lines and parses every `data:` chunk as JSON (`--client aiohttp`, the
+default, parses HTTP in C; `--client httpx` is pure Python and costs about three times the CPU per chunk). They run
+on the same machine as the server, so their CPU time is taken from it; `LLM.generate` has no client at all.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import httpx
@@ -34,7 +41,10 @@ def free_port() -> int:
 
 
 def start(cmd: list[str], url: str, timeout: float = 180) -> subprocess.Popen:
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    """Start a server; -> its process once `url` answers. Its stderr goes to a temporary file (`proc.log`)."""
+    log = tempfile.TemporaryFile()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log)
+    proc.log = log
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
@@ -56,30 +66,74 @@ def prompts(n: int, seed: int) -> list[str]:
     return [SAMPLE_PROMPTS[i % len(SAMPLE_PROMPTS)] + " " * rng.randint(0, 2) for i in range(n)]
 
 
-async def one_stream(client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int, extra: dict) -> dict:
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+class StreamStats:
+    """One stream's SSE lines -> arrival times of chunks with text, the usage's token count, a server-side error."""
+
+    def __init__(self):
+        self.t0 = time.perf_counter()
+        self.times: list[float] = []
+        self.tokens: int | None = None
+        self.error: str | None = None
+
+    def line(self, line: bytes) -> None:
+        if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
+            return
+        chunk = json.loads(line[6:])
+        if chunk.get("error"):
+            self.error = str(chunk["error"])
+        if chunk.get("choices") and (chunk["choices"][0].get("text") or chunk["choices"][0].get("delta")):
+            self.times.append(time.perf_counter())
+        if chunk.get("usage"):
+            self.tokens = chunk["usage"]["completion_tokens"]
+
+    def result(self) -> dict:
+        # Tokens from usage where the server reports it (a chunk may carry several tokens), else one per chunk.
+        t = self.times
+        return {"ttft": t[0] - self.t0 if t else None, "itl": [b - a for a, b in zip(t, t[1:])],
+                "tokens": self.tokens if self.tokens is not None else len(t), "error": self.error}
+
+
+def request_body(model: str, prompt: str, max_tokens: int, extra: dict) -> dict:
+    return {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}, **extra}
-    t0 = time.perf_counter()
-    times, tokens = [], None
-    async with client.stream("POST", "/v1/completions", json=body) as r:
+
+
+async def stream_aiohttp(session, url: str, body: dict) -> dict:
+    st = StreamStats()
+    async with session.post(url + "/v1/completions", json=body) as r:
+        r.raise_for_status()
+        async for line in r.content:
+            st.line(line)
+    return st.result()
+
+
+async def stream_httpx(client, url: str, body: dict) -> dict:
+    st = StreamStats()
+    async with client.stream("POST", url + "/v1/completions", json=body) as r:
         r.raise_for_status()
         async for line in r.aiter_lines():
-            if line.startswith("data: ") and line != "data: [DONE]":
-                chunk = json.loads(line[6:])
-                if chunk.get("choices") and chunk["choices"][0].get("text"):
-                    times.append(time.perf_counter())
-                if chunk.get("usage"):
-                    tokens = chunk["usage"]["completion_tokens"]
-    # Tokens from usage where the server reports it (a chunk may carry several tokens), else one per chunk.
-    return {"ttft": times[0] - t0 if times else None, "itl": [b - a for a, b in zip(times, times[1:])],
-            "tokens": tokens if tokens is not None else len(times)}
+            st.line(line.encode())
+    return st.result()
 
 
-async def http_round(url: str, model: str, ps: list[str], max_tokens: int, extra: dict) -> dict:
-    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+async def http_round(url: str, model: str, ps: list[str], max_tokens: int, extra: dict,
+                     client: str = "aiohttp") -> dict:
+    """All streams at once, one connection each: -> aggregate tokens/s over the round's wall time, TTFTs, ITLs."""
+    if client == "aiohttp":
+        import aiohttp
+        session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+                                        timeout=aiohttp.ClientTimeout(total=600))
+        one = stream_aiohttp
+    else:
+        session = httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=None))
+        one = stream_httpx
+    async with session:
         t0 = time.perf_counter()
-        res = await asyncio.gather(*(one_stream(client, model, p, max_tokens, extra) for p in ps))
+        res = await asyncio.gather(*(one(session, url, request_body(model, p, max_tokens, extra)) for p in ps))
         wall = time.perf_counter() - t0
+    errors = [r["error"] for r in res if r["error"]]
+    if errors:
+        raise RuntimeError(f"the server streamed an error: {errors[0]}")
     ttft = [r["ttft"] for r in res if r["ttft"] is not None]
     itl = [x for r in res for x in r["itl"]]
     return {"tok_s": sum(r["tokens"] for r in res) / wall, "ttft": ttft, "itl": itl}
@@ -109,7 +163,9 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--mtp", type=int, default=None, help="also run the server with MTP K")
-    ap.add_argument("--with-transformers", action="store_true", help="also `transformers serve` (port, same prompts)")
+    ap.add_argument("--with-transformers", action="store_true",
+                    help="also `transformers serve`, with and without --continuous-batching (same prompts, clients)")
+    ap.add_argument("--client", choices=["aiohttp", "httpx"], default="aiohttp", help="HTTP client of the streams")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
     from mimoflash import LLM
@@ -120,6 +176,7 @@ def main() -> int:
     llm = LLM(path, max_num_seqs=max_seqs, progress=False)
 
     servers = {}
+    failed: dict[str, str] = {}                      # system -> the error that kept it out of the table
     procs = []
     py = sys.executable
     port = free_port()
@@ -133,25 +190,38 @@ def main() -> int:
                            f"http://127.0.0.1:{port}/health"))
         servers[f"server+mtp{a.mtp}"] = (f"http://127.0.0.1:{port}", "m", {"ignore_eos": True})
     if a.with_transformers:
-        port = free_port()
-        try:
-            exe = os.path.join(os.path.dirname(py), "transformers")
-            procs.append(start([exe, "serve", path, "--host", "127.0.0.1", "--port", str(port), "--log-level",
-                                "warning"], f"http://127.0.0.1:{port}/health", timeout=300))
-            servers["transformers serve"] = (f"http://127.0.0.1:{port}", path, {})
-        except Exception as e:                       # noqa: BLE001 -- report and go on without it
-            print(f"transformers serve did not start: {e}", file=sys.stderr)
+        exe = os.path.join(os.path.dirname(py), "transformers")
+        for name, flags in (("transformers serve", []), ("transformers serve --cb", ["--continuous-batching"])):
+            port = free_port()
+            try:
+                proc = start([exe, "serve", path, "--host", "127.0.0.1", "--port", str(port), "--log-level",
+                              "warning", *flags], f"http://127.0.0.1:{port}/health", timeout=300)
+            except Exception as e:                   # noqa: BLE001 -- report and go on without it
+                failed[name] = f"did not start: {e}"
+                continue
+            procs.append(proc)
+            url = f"http://127.0.0.1:{port}"
+            try:                                     # a probe: does it generate at all?
+                r = asyncio.run(asyncio.wait_for(http_round(url, path, ["def add(a, b):"], 4, {}, a.client), 120))
+                if r["tok_s"] <= 0:
+                    raise RuntimeError("no tokens streamed")
+                servers[name] = (url, path, {})
+            except Exception as e:                   # noqa: BLE001
+                failed[name] = _last_error_line(proc) or str(e)
+    for name, why in failed.items():
+        print(f"{name}: failed: {why}", file=sys.stderr)
     rows = []
     try:
         for c in conc:
             ps = prompts(c, a.seed + c)
-            asyncio.run(http_round(servers["server"][0], "m", ps[:1], 4, {"ignore_eos": True}))      # warm-up
+            asyncio.run(http_round(servers["server"][0], "m", ps[:1], 4, {"ignore_eos": True}, a.client))  # warm
             offline_round(llm, ps[:1], 4)
             runs: dict[str, list[dict]] = {}
             for _ in range(a.repeats):                                   # interleaved
                 runs.setdefault("offline LLM.generate", []).append(offline_round(llm, ps, a.max_tokens))
                 for name, (url, model, extra) in servers.items():
-                    runs.setdefault(name, []).append(asyncio.run(http_round(url, model, ps, a.max_tokens, extra)))
+                    runs.setdefault(name, []).append(
+                        asyncio.run(http_round(url, model, ps, a.max_tokens, extra, a.client)))
             base = statistics.median(r["tok_s"] for r in runs["offline LLM.generate"])
             for name, rs in runs.items():
                 tok_s = statistics.median(r["tok_s"] for r in rs)
@@ -170,13 +240,24 @@ def main() -> int:
             except subprocess.TimeoutExpired:
                 p.kill()
     print(f"\n{'streams':>7} {'system':<22} {'tok/s':>8} {'vs offline':>10} {'TTFT p50':>9} {'p99':>8} "
-          f"{'ITL p50':>8} {'p99':>8}   (ms; greedy, {a.max_tokens} tokens/request, medians of {a.repeats})")
+          f"{'ITL p50':>8} {'p99':>8}   (ms; greedy, {a.max_tokens} tokens/request, medians of {a.repeats}, "
+          f"{a.client} clients)")
     for r in rows:
         print(f"{r['concurrency']:>7} {r['system']:<22} {r['tok_s']:>8} {r['vs_offline']:>10} "
               f"{_s(r['ttft_p50_ms']):>9} {_s(r['ttft_p99_ms']):>8} {_s(r['itl_p50_ms']):>8} {_s(r['itl_p99_ms']):>8}")
+    for name, why in failed.items():
+        print(f"{name}: failed: {why}")
     print(json.dumps({"bench": "serve", "model": path, "max_tokens": a.max_tokens, "repeats": a.repeats,
-                      "rows": rows}))
+                      "client": a.client, "rows": rows, "failed": failed}))
     return 0
+
+
+def _last_error_line(proc) -> str | None:
+    """The last `SomethingError: ...` line a server wrote to its stderr (the traceback's message)."""
+    proc.log.seek(0)
+    lines = [ln.strip() for ln in proc.log.read().decode(errors="replace").splitlines()]
+    errs = [ln for ln in lines if ln.split(":", 1)[0].endswith(("Error", "Exception"))]
+    return errs[-1] if errs else None
 
 
 def _ms(x):

@@ -178,6 +178,10 @@ def test_sync_stream_and_n_seed_stop(server, client):
     stop = next(text[i:i + 2] for i in range(3, len(text) - 1) if text[i:i + 2].strip() == text[i:i + 2])
     r = client.chat.completions.create(model=MODEL, messages=USER, max_tokens=12, temperature=0, stop=[stop])
     assert r.choices[0].message.content == text[:text.find(stop)].strip() and r.choices[0].finish_reason == "stop"
+    # stop as a plain string, top_k -1 (vLLM's "off"): the same reply
+    r2 = client.chat.completions.create(model=MODEL, messages=USER, max_tokens=12, temperature=0, stop=stop,
+                                        extra_body={"top_k": -1})
+    assert r2.choices[0].message.content == r.choices[0].message.content
 
 
 def test_max_completion_tokens(server, client):
@@ -213,6 +217,43 @@ def test_completions(server, client):
     chunks = list(s)
     assert "".join(c.choices[0].text for c in chunks if c.choices) == r.choices[0].text[len("def f(x):"):]
     assert chunks[-1].usage.completion_tokens == 6
+
+
+def _sse(server, path: str, body: dict) -> list[dict]:
+    raw = _post(server, path, body).text
+    assert raw.rstrip().endswith("data: [DONE]")
+    return [json.loads(line[6:]) for line in raw.splitlines() if line.startswith("data: {")]
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_stream_continuous_usage_stats(server, path):
+    """stream_options.continuous_usage_stats: every chunk carries the usage so far; the last one the total."""
+    body = {"model": MODEL, "max_tokens": 5, "temperature": 0, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+            **({"prompt": "def f(x):"} if path == "/v1/completions" else {"messages": USER})}
+    chunks = _sse(server, path, body)
+    done = [c["usage"]["completion_tokens"] for c in chunks]
+    assert all(c["usage"]["prompt_tokens"] == chunks[-1]["usage"]["prompt_tokens"] > 0 for c in chunks)
+    assert done == sorted(done) and done[-1] == 5 and chunks[-1]["choices"] == []
+    assert len(set(done)) > 2                                  # it grows while streaming, not only at the end
+    body["stream_options"] = {"include_usage": True}
+    plain = _sse(server, path, body)
+    assert all(c["usage"] is None for c in plain[:-1]) and plain[-1]["usage"]["completion_tokens"] == 5
+
+
+def test_completions_default_max_tokens_fits_the_context(server):
+    """Without max_tokens a completion generates up to 16 tokens, fewer where the context has less room; an explicit
+    max_tokens that does not fit is a 400 naming it."""
+    limit = httpx.get(server.url + "/v1/models").json()["data"][0]["max_model_len"]
+    prompt = [5] * (limit - 3)
+    r = _post(server, "/v1/completions", {"model": MODEL, "prompt": prompt, "temperature": 0, "ignore_eos": True})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] == 3 and r.json()["choices"][0]["finish_reason"] == "length"
+    r = _post(server, "/v1/completions", {"model": MODEL, "prompt": [5, 6], "temperature": 0, "ignore_eos": True})
+    assert r.json()["usage"]["completion_tokens"] == 16
+    r = _post(server, "/v1/completions", {"model": MODEL, "prompt": prompt, "max_tokens": 4})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+    assert r.json()["error"]["code"] == "context_length_exceeded"
 
 
 # ------------------------------------------------------------------ MiMo chat semantics
@@ -331,6 +372,8 @@ BAD = [
     ({"model": MODEL, "messages": USER, "top_logprobs": 50, "logprobs": True}, "top_logprobs"),
     ({"model": MODEL, "messages": USER, "top_logprobs": 2}, "top_logprobs"),
     ({"model": MODEL, "messages": USER, "stop": [""]}, "stop"),
+    ({"model": MODEL, "messages": USER, "stop": ""}, "stop"),
+    ({"model": MODEL, "messages": USER, "top_k": -2}, "top_k"),
     ({"model": MODEL, "messages": USER, "tool_choice": "required"}, "tool_choice"),
     ({"model": MODEL, "messages": USER, "tools": TOOLS, "tool_choice": {"type": "function",
                                                                          "function": {"name": "nope"}}},

@@ -15,6 +15,7 @@ import asyncio
 import hmac
 import json
 import logging
+import re
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -65,7 +66,6 @@ def error_response(status: int, message: str, param: str | None = None, code: st
 class ServerConfig:
     served_model_name: str
     api_key: str | None = None
-    max_waiting: int = 64
     max_n: int = 16
     max_body_bytes: int = 4 << 20
     price_input_per_m: float = 0.10          # USD per million prompt tokens (MiMo-V2-Flash API price, docs/MODEL.md §6)
@@ -130,8 +130,8 @@ def _param(loc: tuple) -> str | None:
 def build_app(llm, *, served_model_name: str | None = None, api_key: str | None = None, max_waiting: int = 64,
               max_n: int = 16, max_body_bytes: int = 4 << 20, price_input_per_m: float = 0.10,
               price_output_per_m: float = 0.30, mtp: int | None = None) -> FastAPI:
-    cfg = ServerConfig(served_model_name or "mimoflash", api_key, max_waiting, max_n, max_body_bytes,
-                       price_input_per_m, price_output_per_m, mtp)
+    cfg = ServerConfig(served_model_name or "mimoflash", api_key, max_n, max_body_bytes, price_input_per_m,
+                       price_output_per_m, mtp)
     metrics = ServerMetrics(cfg.served_model_name)
     engine_loop = EngineLoop(llm, max_waiting=max_waiting, metrics=metrics)
     tok = llm.tokenizer
@@ -236,7 +236,12 @@ def build_app(llm, *, served_model_name: str | None = None, api_key: str | None 
             raise APIError(404, f"model {name!r} does not exist; this server serves {cfg.served_model_name!r}",
                            "model", code="model_not_found")
 
-    def sampling(req, max_tokens: int | None, prompt_len: int, logprobs: int | None) -> SamplingParams:
+    def sampling(req, max_tokens: int | None, default_max: int | None, prompt_len: int,
+                 logprobs: int | None) -> SamplingParams:
+        """The request's sampling fields -> SamplingParams. `max_tokens` is what the client asked for (None:
+        `default_max`, or the rest of the context when that is None too). A default is clipped to the room left in
+        the context; an explicit value that does not fit is a 400, as in vLLM. The values themselves (stop as a
+        string or list, top_k -1 = off, ranges) are SamplingParams' business: its ValueError names the field."""
         if req.n > cfg.max_n:
             raise APIError(400, f"n={req.n} is above this server's limit of {cfg.max_n}", "n")
         if req.logit_bias:
@@ -251,21 +256,14 @@ def build_app(llm, *, served_model_name: str | None = None, api_key: str | None 
             raise APIError(400, f"{field}={max_tokens} does not fit: the prompt has {prompt_len} tokens and the "
                            f"context is {max_model_len}, so at most {room} can be generated", field,
                            code="context_length_exceeded")
-        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-        if any(not s for s in stop):
-            raise APIError(400, "stop strings must be non-empty", "stop")
-        kw: dict[str, Any] = dict(n=req.n, max_tokens=max_tokens or room, stop=stop, seed=req.seed,
-                                  logprobs=logprobs, ignore_eos=req.ignore_eos)
-        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
-                     "frequency_penalty"):
-            if getattr(req, name) is not None:
-                kw[name] = getattr(req, name)
-        if req.top_k is not None:
-            kw["top_k"] = 0 if req.top_k == -1 else req.top_k
+        if max_tokens is None:
+            max_tokens = room if default_max is None else min(default_max, room)
+        kw = req.sampling_fields()
         try:
-            return SamplingParams(**kw)
+            return SamplingParams(**kw, max_tokens=max_tokens, logprobs=logprobs)
         except ValueError as e:
-            raise APIError(400, str(e), str(e).split(".")[1].split(":")[0] if "SamplingParams." in str(e) else None)
+            field_ = re.match(r"SamplingParams\.(\w+)", str(e))
+            raise APIError(400, str(e), field_.group(1) if field_ else None)
 
     async def submit(ids: list[int], params: SamplingParams, prompt: str | None, matchers=None):
         try:
@@ -344,7 +342,7 @@ def build_app(llm, *, served_model_name: str | None = None, api_key: str | None 
         n_lp = (req.top_logprobs or 0) if req.logprobs else None
         if req.top_logprobs and not req.logprobs:
             raise APIError(400, "top_logprobs needs logprobs=true", "top_logprobs")
-        params = sampling(req, max_tokens, len(ids), n_lp).replace(skip_special_tokens=False)
+        params = sampling(req, max_tokens, None, len(ids), n_lp).replace(skip_special_tokens=False)
         matchers = make_matchers(req, use_tools, named, bool(thinking), params.n)
         handle = await submit(ids, params, text, matchers)
         start_reasoning = text.rstrip().endswith("<think>")
@@ -428,20 +426,11 @@ def build_app(llm, *, served_model_name: str | None = None, api_key: str | None 
                 "choices": choices, "usage": u, "system_fingerprint": None}
 
     async def chat_stream(req, handle, parsers, rid, now, n_prompt, request) -> AsyncIterator[str]:
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        base = {"id": rid, "object": "chat.completion.chunk", "created": now, "model": cfg.served_model_name,
-                "system_fingerprint": None}
-
-        def chunk(choices: list, usage_: dict | None = None, last: bool = False) -> str:
-            body = dict(base, choices=choices)
-            if include_usage:
-                body["usage"] = usage_
-            return f"data: {json.dumps(body, ensure_ascii=False, separators=(',', ':'))}\n\n"
-
+        chunk = _ChunkWriter(rid, "chat.completion.chunk", now, cfg.served_model_name, req.stream_options)
         n_gen, mx = 0, None
         try:
             yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                          "finish_reason": None} for i in range(len(parsers))])
+                          "finish_reason": None} for i in range(len(parsers))], lambda: usage(n_prompt, 0, 0))
             async for batch in handle.batches():
                 merged: dict[int, dict] = {}                  # choice index -> its chunk entry for this batch
                 for out in batch:
@@ -469,14 +458,11 @@ def build_app(llm, *, served_model_name: str | None = None, api_key: str | None 
                     mx = out.metrics or mx
                 choices = [e for e in merged.values() if e["delta"] or e["finish_reason"] or e["logprobs"]]
                 if choices:
-                    yield chunk(choices)
-            if include_usage:
-                u = usage(n_prompt, n_gen, sum(p.reasoning_tokens for p in parsers), mx)
-                account(u)
-                yield chunk([], u)
-            else:
-                account(usage(n_prompt, n_gen, sum(p.reasoning_tokens for p in parsers), mx))
-            yield "data: [DONE]\n\n"
+                    yield chunk(choices, lambda: usage(n_prompt, n_gen, sum(p.reasoning_tokens for p in parsers),
+                                                       mx))
+            u = usage(n_prompt, n_gen, sum(p.reasoning_tokens for p in parsers), mx)
+            account(u)
+            yield chunk.final(u)
         except EngineDead as e:
             yield f"data: {json.dumps(error_body(503, str(e)))}\n\n"
         finally:
@@ -508,7 +494,7 @@ def build_app(llm, *, served_model_name: str | None = None, api_key: str | None 
                 if any(not 0 <= t < vocab for t in p):
                     raise APIError(400, f"prompt token ids must be in [0, {vocab})", "prompt")
                 encoded.append((list(p), None))
-        params = [sampling(req, req.max_tokens or 16, len(ids), req.logprobs) for ids, _ in encoded]
+        params = [sampling(req, req.max_tokens, 16, len(ids), req.logprobs) for ids, _ in encoded]
         handles = []
         try:
             for (ids, text), sp in zip(encoded, params):
@@ -558,17 +544,9 @@ def build_app(llm, *, served_model_name: str | None = None, api_key: str | None 
                 "choices": choices, "usage": u, "system_fingerprint": None}
 
     async def completion_stream(req, handles, rid, now, encoded, echo) -> AsyncIterator[str]:
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        chunk = _ChunkWriter(rid, "text_completion", now, cfg.served_model_name, req.stream_options)
         n = req.n
-        base = {"id": rid, "object": "text_completion", "created": now, "model": cfg.served_model_name,
-                "system_fingerprint": None}
-
-        def chunk(choices, usage_=None) -> str:
-            body = dict(base, choices=choices)
-            if include_usage:
-                body["usage"] = usage_
-            return f"data: {json.dumps(body, ensure_ascii=False, separators=(',', ':'))}\n\n"
-
+        n_prompt = sum(len(ids) for ids, _ in encoded)
         n_gen, mxs = 0, []
         sent_echo = set()
         try:
@@ -594,12 +572,10 @@ def build_app(llm, *, served_model_name: str | None = None, api_key: str | None 
                     mxs.append(out.metrics)
                 choices = [e for e in merged.values() if e["text"] or e["finish_reason"] or e["logprobs"]]
                 if choices:
-                    yield chunk(choices)
-            u = usage(sum(len(ids) for ids, _ in encoded), n_gen, 0, _sum_metrics(mxs))
+                    yield chunk(choices, lambda: usage(n_prompt, n_gen, 0, _sum_metrics(mxs)))
+            u = usage(n_prompt, n_gen, 0, _sum_metrics(mxs))
             account(u)
-            if include_usage:
-                yield chunk([], u)
-            yield "data: [DONE]\n\n"
+            yield chunk.final(u)
         except EngineDead as e:
             yield f"data: {json.dumps(error_body(503, str(e)))}\n\n"
         finally:
@@ -609,6 +585,34 @@ def build_app(llm, *, served_model_name: str | None = None, api_key: str | None 
     app.include_router(v1)
     app.add_middleware(BodySizeLimit, limit=cfg.max_body_bytes)
     return app
+
+
+_encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
+class _ChunkWriter:
+    """SSE chunks of one streamed response. The fields every chunk repeats (id, object, created, model) are encoded
+    once; per chunk only the choices (and the usage) are. `stream_options.include_usage` adds `"usage": null` to
+    every chunk and a last chunk with the usage and no choices; with `continuous_usage_stats` too, every chunk
+    carries the usage so far (as vLLM does)."""
+
+    def __init__(self, rid: str, obj: str, created: int, model: str, stream_options):
+        self.prefix = "data: " + _encode({"id": rid, "object": obj, "created": created, "model": model,
+                                          "system_fingerprint": None})[:-1] + ',"choices":'
+        self.include_usage = bool(stream_options and stream_options.include_usage)
+        self.continuous = self.include_usage and stream_options.continuous_usage_stats
+
+    def __call__(self, choices: list, usage_so_far=None) -> str:
+        """`usage_so_far`: a callable giving the usage up to this chunk (called only when the client asked)."""
+        if not self.include_usage:
+            return f"{self.prefix}{_encode(choices)}}}\n\n"
+        u = _encode(usage_so_far()) if self.continuous and usage_so_far is not None else "null"
+        return f"{self.prefix}{_encode(choices)},\"usage\":{u}}}\n\n"
+
+    def final(self, usage_: dict) -> str:
+        """The usage chunk (when asked for) and the end of the stream."""
+        head = f"{self.prefix}[],\"usage\":{_encode(usage_)}}}\n\n" if self.include_usage else ""
+        return head + "data: [DONE]\n\n"
 
 
 async def _until_disconnect(request: Request, handles, work):

@@ -7,10 +7,14 @@
     handle.abort()               --inbox-->    engine.abort_request (the cache is freed at once)
 
 The engine is not thread-safe and a step is a blocking forward pass, so it runs in a plain thread: every engine
-call happens there, and between two steps the thread drains the inbox. Deltas go back to the handler's asyncio
-queue through `loop.call_soon_threadsafe`, so one slow client never blocks the others or the engine (its queue
-just grows by the few deltas it has not read). Many handlers streaming at once simply means many groups in the
-engine's continuous batch.
+call happens there, and between two steps the thread drains the inbox. Deltas go back to the handlers' asyncio
+queues through one `loop.call_soon_threadsafe` per step, so one slow client never blocks the others or the engine
+(its queue just grows by the few deltas it has not read). Many handlers streaming at once simply means many groups
+in the engine's continuous batch.
+
+The engine thread is the critical path: between two steps it does only what the next step needs (commands, grammar
+matchers, bookkeeping of finished requests). Token and latency metrics are recorded by the event loop when the
+step's deltas arrive there, while the engine thread is already inside the next forward pass.
 
 Admission control: at most `max_num_seqs + max_waiting` sequences (n counts) may be queued or running; `add`
 raises `QueueFull` beyond that and the HTTP layer answers 429 instead of letting the queue grow without bound.
@@ -84,33 +88,27 @@ class RequestHandle:
 
 
 class EngineLoop:
-    def __init__(self, llm, *, max_waiting: int = 64, metrics=None, grammar_runner: bool = True):
+    def __init__(self, llm, *, max_waiting: int = 64, metrics=None):
         self.llm, self.engine = llm, llm.engine
         self.metrics = metrics
         self.max_active = self.engine.config.max_num_seqs + max_waiting
         self.masking = None
-        if grammar_runner:
-            from .grammar import MaskingRunner, available
-            if available():
-                self.masking = MaskingRunner(self.engine.runner)
-                self.engine.runner = self.masking
+        from .grammar import MaskingRunner, available
+        if available():
+            self.masking = MaskingRunner(self.engine.runner)
+            self.engine.runner = self.masking
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._handles: dict[str, RequestHandle] = {}
         self._lock = threading.Lock()
         self._active = 0                      # sequences admitted and not yet finished
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None
-        self.steps = 0
         self._drain_deadline: float | None = None
 
     # ------------------------------------------------------------------ handler side (event loop)
     @property
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and self.error is None
-
-    @property
-    def active(self) -> int:
-        return self._active
 
     def start(self) -> None:
         # Two threads share the GIL: the engine thread (Python between torch calls) and the event loop (HTTP, JSON).
@@ -176,7 +174,6 @@ class EngineLoop:
                         self.engine.abort_request(gid)
                 if self.engine.has_unfinished_requests():
                     outs = self.engine.step()
-                    self.steps += 1
                     self._dispatch(outs)
                     if self.metrics is not None:
                         self.metrics.on_step(self.engine)
@@ -223,26 +220,18 @@ class EngineLoop:
             pass
 
     def _dispatch(self, outs: list[RequestOutput]) -> None:
+        """Engine thread, after a step: grammar matchers and finished requests; then hand the deltas over."""
         now = time.perf_counter()
-        met = self.metrics
         ready: list[tuple[RequestHandle, RequestOutput]] = []
         for out in outs:
             handle = self._handles.get(out.request_id)
             if handle is None:
                 continue
-            for o in out.outputs:
-                if self.masking is not None:
+            if self.masking is not None:
+                for o in out.outputs:
                     m = self.masking.matchers.get(self._child_id(handle, o.index))
                     if m is not None and o.token_ids and not m.is_stopped():
                         m.consume_tokens(list(o.token_ids))
-                if o.token_ids and met is not None:
-                    last = handle.last_token.get(o.index)
-                    if last is None:
-                        met.m(met.ttft).observe(now - handle.arrival)
-                    else:
-                        met.m(met.itl).observe((now - last) / len(o.token_ids))
-                    handle.last_token[o.index] = now
-                    met.m(met.generation_tokens).inc(len(o.token_ids))
             if out.finished:
                 self._handles.pop(out.request_id, None)
                 if self.masking is not None:
@@ -250,28 +239,23 @@ class EngineLoop:
                         self.masking.matchers.pop(self._child_id(handle, i), None)
                 with self._lock:
                     self._active -= handle.n
-                if met is not None:
-                    met.m(met.prompt_tokens).inc(len(out.prompt_token_ids))
-                    met.m(met.e2e).observe(now - handle.arrival)
-                    for o in out.outputs:
-                        met.m(met.success, finished_reason=o.finish_reason or "abort").inc()
-                    mx = out.metrics
-                    if mx is not None and getattr(mx, "verify_steps", None):
-                        met.m(met.spec_verify).inc(mx.verify_steps)
-                        met.m(met.spec_accepted).inc(getattr(mx, "accepted_tokens", 0) or 0)
             ready.append((handle, out))
-        self._deliver_many(ready)
+        self._deliver_many(ready, now, self.metrics)
 
     @staticmethod
-    def _deliver_many(ready: list) -> None:
-        """One wake-up of each event loop per step (not one per request): fewer self-pipe writes and GIL trips."""
+    def _deliver_many(ready: list, now: float, met) -> None:
+        """One wake-up of each event loop per step (not one per request): fewer self-pipe writes and GIL trips.
+        The event loop then records the metrics and fills the handles' queues."""
         by_loop: dict[Any, list] = {}
         for handle, item in ready:
-            by_loop.setdefault(handle.loop, []).append((handle.queue, item))
+            by_loop.setdefault(handle.loop, []).append((handle, item))
 
         def put_all(pairs):
-            for q, item in pairs:
-                q.put_nowait(item)
+            if met is not None:
+                for handle, out in pairs:
+                    _observe(met, handle, out, now)
+            for handle, out in pairs:
+                handle.queue.put_nowait(out)
 
         for loop, pairs in by_loop.items():
             try:
@@ -292,3 +276,28 @@ class EngineLoop:
         while self.engine.has_unfinished_requests():
             self._dispatch(self.engine.step())
         self._handles.clear()
+
+
+def _observe(met, handle: RequestHandle, out: RequestOutput, now: float) -> None:
+    """Token and latency metrics of one delta; `now` is when the engine produced it."""
+    n_tokens = 0
+    for o in out.outputs:
+        if o.token_ids:
+            n_tokens += len(o.token_ids)
+            last = handle.last_token.get(o.index)
+            if last is None:
+                met.m(met.ttft).observe(now - handle.arrival)
+            else:
+                met.m(met.itl).observe((now - last) / len(o.token_ids))
+            handle.last_token[o.index] = now
+    if n_tokens:
+        met.m(met.generation_tokens).inc(n_tokens)
+    if out.finished:
+        met.m(met.prompt_tokens).inc(len(out.prompt_token_ids))
+        met.m(met.e2e).observe(now - handle.arrival)
+        for o in out.outputs:
+            met.m(met.success, finished_reason=o.finish_reason or "abort").inc()
+        mx = out.metrics
+        if mx is not None and getattr(mx, "verify_steps", None):
+            met.m(met.spec_verify).inc(mx.verify_steps)
+            met.m(met.spec_accepted).inc(getattr(mx, "accepted_tokens", 0) or 0)

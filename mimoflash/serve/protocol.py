@@ -105,6 +105,16 @@ class _SamplingFields(_Model):
     ignore_eos: bool = False
     logit_bias: dict[str, float] | None = None
 
+    def sampling_fields(self) -> dict[str, Any]:
+        """The fields SamplingParams takes, as sent (unset ones left to its defaults; it normalises and checks)."""
+        kw = {name: getattr(self, name) for name in _SAMPLING if getattr(self, name) is not None}
+        kw["n"], kw["ignore_eos"] = self.n, self.ignore_eos
+        return kw
+
+
+_SAMPLING = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty",
+             "stop", "seed")
+
 
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
