@@ -196,10 +196,11 @@ class FusedMTPLayer:
                 out.append(cls(model, layer, got[0], keep, panels))
         return out
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kinds: dict, hidden: torch.Tensor
-                ) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kinds: dict, hidden: torch.Tensor,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
         """N rows: input_ids / positions (1, N), kinds[True] the rows' DecodeKindMeta, hidden (N, H) -> (N, H) after
-        final_layernorm."""
+        final_layernorm, or (R, H) for the R rows `rows` (the others only store their K/V: a draft pass wants the
+        last row of each sequence)."""
         for p in self._panels:
             p.get()
         L = self.layer
@@ -210,11 +211,13 @@ class FusedMTPLayer:
                                  kernels.rms_norm(h, L.hnorm.weight, L.hnorm.eps)], dim=-1))
         x = x.contiguous()
         dm = kinds[True]
-        cos, sin, rows = _rope_rows(self.model.model.rotary["sliding"], positions.view(-1))
+        cos, sin, rope_rows = _rope_rows(self.model.model.rotary["sliding"], positions.view(-1))
         chosen = self._chosen.get(N)
         if chosen is None:
             chosen = self._chosen[N] = torch.empty(N, 1, dtype=torch.int64)
         bias = None if dm.bias is None else dm.bias.reshape(N, -1)
         kernels.decode_layer(self.args, x, cos, sin, dm.chunks.contiguous(), dm.chunk, dm.keys,
-                             dm.write_dst.contiguous(), bias, chosen, rope_rows=rows)
+                             dm.write_dst.contiguous(), bias, chosen, rope_rows=rope_rows)
+        if rows is not None:
+            x = x[N - 1:] if rows.numel() == 1 and int(rows[0]) == N - 1 else x.index_select(0, rows)
         return kernels.rms_norm(x, L.final_layernorm.weight, L.final_layernorm.eps)

@@ -38,8 +38,9 @@ column, the spec transcription); `tests/test_kv_cache.py` checks that all paths 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -276,6 +277,7 @@ class ModelRunner:
         self.bias_dtype = compute_dtype if compute_dtype is not None else matmul_weight_dtype(model)
         self._buffers: dict = {}
         self._aranges: dict[int, torch.Tensor] = {}     # batch size -> arange(B) for decode metadata
+        self._mtp_step: tuple | None = None              # (rows key, StepInputs) of the last MTP draft pass
         self.use_kernels = False
         self.fused: FusedDecoder | None = None       # one kernel call per layer for decode steps
         self.fused_mtp: list | None = None           # the same for each MTP block (build_mtp)
@@ -379,90 +381,96 @@ class ModelRunner:
         The gathered chunks of a GA layer hold positions 0, 1, ... in order, and so does a ring that has not wrapped
         (top position < R): there the key axis is cut to the top position + 1 and, with one row, no mask is needed
         at all. A wrapped ring with R == swa_keys (no draft slack, so one row per sequence) is all valid keys: no
-        mask either."""
+        mask either.
+
+        The integers and masks are built in numpy and handed to torch without a copy (`torch.from_numpy`): on a
+        few rows a numpy op costs ~1 us where a torch op costs ~5-10 us, and a small model's decode step (or an MTP
+        draft pass) is short enough for that to show."""
         B = sum(len(s.tokens) for s in slices)                                   # rows
-        owner = [s for s in slices for _ in s.tokens]
-        pos = [p for s in slices for p in range(s.start, s.start + len(s.tokens))]
-        ids = [t for s in slices for t in s.tokens]
-        top = max(pos)
+        if len(slices) == B:                                                     # one row per sequence (decode)
+            owner = slices
+            pos_l = [s.start for s in slices]
+            ids_l = [s.tokens[0] for s in slices]
+        else:
+            owner = [s for s in slices for _ in s.tokens]
+            pos_l = [p for s in slices for p in range(s.start, s.start + len(s.tokens))]
+            ids_l = [t for s in slices for t in s.tokens]
+        pos = np.array(pos_l, dtype=np.int64)
+        top = max(pos_l)
         lay, dev, kinds_meta = self.layout, self.device, {}
-        # The step's integers go to the device in one host tensor, split into views: each torch.tensor call costs
-        # ~10 us here, a sizeable part of a small model's decode step.
-        flat, at = ids + pos, {}
+        host = self._host
+        causal: dict[int, np.ndarray] = {}
+
+        def causal_bias(keys: int) -> np.ndarray:                 # (B, keys): key j valid iff j <= row's position
+            if keys not in causal:
+                causal[keys] = np.where(np.arange(keys)[None, :] > pos[:, None], NEG_INF, 0.0).astype(np.float32)
+            return causal[keys]
+
         if lay.global_layers and False in kinds:
             bs = lay.block_size
             nb = max(1, max(len(s.request.block_ids) for s in slices))
-            at["ga_dst"] = len(flat)
-            flat += [s.request.block_ids[p // bs] * bs + p % bs for s, p in zip(owner, pos)]
-            at["table"] = len(flat)
+            dst = [s.request.block_ids[p // bs] * bs + p % bs for s, p in zip(owner, pos_l)]
+            table = np.zeros((B, nb), dtype=np.int64)
+            r = 0
             for s in slices:
-                row = s.request.block_ids + [0] * (nb - len(s.request.block_ids))
-                for _ in s.tokens:
-                    flat += row
+                n, ids = len(s.tokens), s.request.block_ids
+                table[r:r + n, :len(ids)] = ids
+                r += n
+            keys = top + 1                                                              # <= nb * bs
+            kinds_meta[False] = DecodeKindMeta(host(table), bs, host(np.array(dst, dtype=np.int64)),
+                                               host(causal_bias(keys)).view(B, 1, 1, keys) if B > 1 else None, keys)
         if lay.sliding_layers and True in kinds:
             R = lay.ring_slots
-            ring_ids = [s.request.ring_id for s in owner]
-            at["rings"] = len(flat)
-            flat += ring_ids
-            at["swa_dst"] = len(flat)
-            flat += [r * R + p % R for r, p in zip(ring_ids, pos)]
-        host = torch.tensor(flat)
-        pos_t = host[B:2 * B]
-        causal: dict[int, torch.Tensor] = {}
-
-        def causal_bias(keys: int) -> torch.Tensor:               # (B, 1, 1, keys): key j valid iff j <= row's position
-            if keys not in causal:
-                causal[keys] = torch.zeros(B, keys).masked_fill_(
-                    torch.arange(keys)[None, :] > pos_t[:, None], NEG_INF).view(B, 1, 1, keys).to(dev)
-            return causal[keys]
-
-        if "ga_dst" in at:
-            keys = top + 1                                                              # <= nb * bs
-            o = at["table"]
-            kinds_meta[False] = DecodeKindMeta(host[o:o + B * nb].view(B, nb).to(dev), bs,
-                                               host[at["ga_dst"]:at["ga_dst"] + B].to(dev),
-                                               causal_bias(keys) if B > 1 else None, keys)
-        if "rings" in at:
+            rings = np.array([s.request.ring_id for s in owner], dtype=np.int64)
+            dst = rings * R + pos % R
             bias = None
-            key_from = [s.key_from for s in owner] if any(s.key_from > 0 for s in slices) else None
+            key_from = (np.array([s.key_from for s in owner], dtype=np.int64)
+                        if any(s.key_from > 0 for s in slices) else None)
             if top < R:                                                                 # no ring has wrapped
                 keys = top + 1
                 if key_from is not None:              # slot j holds position j: valid iff key_from <= j <= p
-                    j = torch.arange(keys)[None, :]
-                    ok = (j <= pos_t[:, None]) & (j >= torch.tensor(key_from)[:, None])
-                    bias = torch.zeros(B, keys).masked_fill_(~ok, NEG_INF).view(B, 1, 1, keys).to(dev)
+                    j = np.arange(keys)[None, :]
+                    ok = (j <= pos[:, None]) & (j >= key_from[:, None])
+                    bias = np.where(ok, 0.0, NEG_INF).astype(np.float32)
                 elif B > 1:
                     bias = causal_bias(keys)
             else:
                 keys = R
-                if R != lay.swa_keys or min(pos) < R - 1 or key_from is not None:
+                if R != lay.swa_keys or min(pos_l) < R - 1 or key_from is not None:
                     # slot j holds, for a row at position p, the newest position <= p that maps to it; slots that
                     # hold a later one (this step's later rows, rolled-back drafts) are outside p's window
-                    j = torch.arange(R)
-                    slot_pos = pos_t[:, None] - (pos_t[:, None] - j[None, :]) % R
-                    ok = (slot_pos >= 0) & (pos_t[:, None] - slot_pos < lay.swa_keys)
+                    j = np.arange(R)[None, :]
+                    slot_pos = pos[:, None] - (pos[:, None] - j) % R
+                    ok = (slot_pos >= 0) & (pos[:, None] - slot_pos < lay.swa_keys)
                     if key_from is not None:
-                        ok &= slot_pos >= torch.tensor(key_from)[:, None]
-                    bias = torch.zeros(B, R).masked_fill_(~ok, NEG_INF).view(B, 1, 1, keys).to(dev)
-            o = at["rings"]
-            kinds_meta[True] = DecodeKindMeta(host[o:o + B].view(B, 1).to(dev), R,
-                                              host[at["swa_dst"]:at["swa_dst"] + B].to(dev), bias, keys)
+                        ok &= slot_pos >= key_from[:, None]
+                    bias = np.where(ok, 0.0, NEG_INF).astype(np.float32)
+            kinds_meta[True] = DecodeKindMeta(host(rings).view(B, 1), R, host(dst),
+                                              None if bias is None else host(bias).view(B, 1, 1, keys), keys)
         ar = self._aranges.get(B)
         if ar is None:                                  # read-only, so kept per batch size
             ar = self._aranges[B] = torch.arange(B, device=dev)
-        meta = AttnMeta(B, 1, True, pos_t[:, None].to(dev), ar[:, None], ar, [(b, b + 1) for b in range(B)],
-                        kinds_meta)
-        rows, lo = [], 0
-        for s in slices:
-            n = len(s.tokens)
-            if s.rows == "all":
-                rows.extend(range(lo, lo + n))
-            elif s.rows == "last":
-                rows.append(lo + n - 1)
-            lo += n
-        every = len(rows) == B
-        rows_t = ar if every else torch.tensor(rows, dtype=torch.long, device=dev)
-        return StepInputs(host[:B].view(1, B).to(dev), pos_t[None].to(dev), meta, rows_t, every)
+        pos_t = host(pos)
+        meta = AttnMeta(B, 1, True, pos_t[:, None], ar[:, None], ar, [(b, b + 1) for b in range(B)], kinds_meta)
+        if all(s.rows == "last" and len(s.tokens) == 1 or s.rows == "all" for s in slices):
+            rows_t, every = ar, True
+        else:
+            rows, lo = [], 0
+            for s in slices:
+                n = len(s.tokens)
+                if s.rows == "all":
+                    rows.extend(range(lo, lo + n))
+                elif s.rows == "last":
+                    rows.append(lo + n - 1)
+                lo += n
+            every = len(rows) == B
+            rows_t = ar if every else host(np.array(rows, dtype=np.int64))
+        return StepInputs(host(np.array(ids_l, dtype=np.int64)).view(1, B), pos_t[None], meta, rows_t, every)
+
+    def _host(self, a: np.ndarray) -> torch.Tensor:
+        """A numpy array as a tensor on the runner's device (on CPU the same memory, no copy)."""
+        t = torch.from_numpy(a)
+        return t if self.device.type == "cpu" else t.to(self.device)
 
     def _kind(self, read, kpos, q_pos, window, dst, src) -> KindMeta:
         qp, kp = q_pos[:, :, None], kpos[:, None, :]
@@ -514,17 +522,28 @@ class ModelRunner:
         """MTP block `layer` over the slices' rows: slice tokens = the token `layer + 1` ahead of each row's
         position, hidden (N, D) = the main model's hidden state at each row, in slice order -> logits (R, V) of the
         wanted rows (R, S with `head_weight` (S, D), a reduced draft vocabulary). Its K/V go to the block's ring."""
-        step = self.prepare_slices(slices, kinds=(True,))
+        # The draft passes of one step mostly feed the same rows (positions, ring, mask) to different blocks, whose
+        # metadata does not depend on the block: the last pass's is reused when the rows match, only the tokens
+        # differ. The key holds everything `_prepare_rows` reads for sliding kinds.
+        key = tuple((s.request.ring_id, s.start, len(s.tokens), s.key_from, s.rows) for s in slices)
+        memo = self._mtp_step
+        if memo is not None and memo[0] == key:
+            step = replace(memo[1], input_ids=self._host(np.array([t for s in slices for t in s.tokens],
+                                                                   dtype=np.int64)).view(1, -1))
+        else:
+            step = self.prepare_slices(slices, kinds=(True,))
+            self._mtp_step = (key, step) if step.meta.decode else None
         fused = self.fused_mtp[layer] if self.fused_mtp is not None else None
-        if fused is not None and step.meta.decode:
-            out = fused.forward(step.input_ids, step.positions, step.meta.kinds, hidden)       # (N, D) normed
+        if fused is not None and step.meta.decode:                   # only the wanted rows are normed
+            picked = fused.forward(step.input_ids, step.positions, step.meta.kinds, hidden,
+                                   None if step.all_rows else step.sample_rows)          # (R, D)
         else:
             mm = self.model.model
             backend = PagedAttention(self.cache, step.meta, self.impl, self._buffers, self.use_kernels)
             rope = mm.rotary["sliding"](step.positions, hidden.dtype)
             out = mm.mtp.layers[layer](mm.embed_tokens(step.input_ids), hidden[None], step.positions, rope,
                                        backend)[0]
-        picked = out if step.all_rows else out.index_select(0, step.sample_rows)
+            picked = out if step.all_rows else out.index_select(0, step.sample_rows)
         if head_weight is None:
             return self.model.lm_head(picked).float()
         if head_weight.dtype == torch.bfloat16 and picked.dtype == torch.float32 and self.use_kernels:

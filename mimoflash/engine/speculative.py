@@ -336,33 +336,38 @@ class MTPDrafter:
     def propose(self, reqs: list[Request], depths: list[int], shared_generator, generators: dict) -> None:
         """Draft `depths[i]` tokens for each request (decoding at position num_computed_tokens - 1); sets
         req.draft_token_ids and, for sampled requests, the draft distributions."""
-        work = [(r, k, self.state(r)) for r, k in zip(reqs, depths) if k > 0]
-        if not work:
-            return
-        for r, _, st in work:
+        work = []
+        for r, k in zip(reqs, depths):
+            if k <= 0:
+                continue
+            st = self.state(r)
             r.draft_token_ids = []
             st.draft_probs = None
-            toks = r.prompt_token_ids + r.output_token_ids
+            toks = r.prompt_token_ids + r.output_token_ids               # t_0 .. t_{q+1}, once per request
             for n in range(self.num_layers):             # tentative entries the new tokens confirmed
                 d, tent = st.done[n], st.tentative[n]
                 while d in tent and d + n + 1 < len(toks) and toks[d + n + 1] == tent[d]:
                     d += 1
-                st.done[n], st.tentative[n] = d, {}
+                st.done[n] = d
+                if tent:
+                    st.tentative[n] = {}
+            work.append((r, k, st, toks))
+        if not work:
+            return
         probs: dict[str, list[torch.Tensor]] = {}
-        for n in range(max(k for _, k, _ in work)):
+        for n in range(max(w[1] for w in work)):
             li = min(n, self.num_layers - 1)
             slices, hid, owners, fill, fill_hid = [], [], [], [], []
-            for r, k, st in work:
+            for r, k, st, toks in work:
                 if k <= n:
                     continue
                 q = r.num_computed_tokens - 1
-                toks = r.prompt_token_ids + r.output_token_ids             # t_0 .. t_{q+1}
                 if n < self.num_layers:
                     s = max(st.done[li], q - self.catch_up + 1, st.h0, 0)
                     if s > st.done[li]:           # a catch-up bounded to `catch_up` positions: the stale ring
                         st.key_from[li] = s       # entries before s are masked rather than recomputed
-                    ids = [toks[i + n + 1] if i + n + 1 <= q + 1 else r.draft_token_ids[i + n - q - 1]
-                           for i in range(s, q + 1)]
+                    # row i (s <= i <= q) reads t_{i+n+1}: a known token for i <= q - n, else draft d_{i+n-q}
+                    ids = toks[s + n + 1:q + 2] + r.draft_token_ids[max(0, s + n - q - 1):n]
                 else:                                    # the last block reused: one row, h_q and the newest draft,
                     s, ids = q + n - li, [r.draft_token_ids[n - 1]]   # one position further per reuse (below)
                 if len(ids) > self.runner.max_rows:        # a catch-up: the older rows only need their K/V
@@ -377,46 +382,67 @@ class MTPDrafter:
             if fill:
                 self.runner.fill_mtp_kv(li, fill, torch.cat(fill_hid) if self.hidden_pre_norm
                                         else self.model.model.norm(torch.cat(fill_hid)))
-            hidden = torch.cat(hid)
+            hidden = hid[0] if len(hid) == 1 else torch.cat(hid)
             if not self.hidden_pre_norm:
                 hidden = self.model.model.norm(hidden)
             logits = self.runner.execute_mtp(li, slices, hidden, self.head_weight)     # (R, S or V)
-            if all(r.params.greedy and not r.params.needs_penalties for r, *_ in owners):   # plain argmax
-                best = kernels.argmax_rows(logits)
-                tok = (best if self.vocab is None else self.vocab[best]).tolist()
-                rand = []
-            else:
-                if self.vocab is not None:
-                    full = logits.new_full((logits.shape[0], self.model.config.vocab_size), float("-inf"))
-                    logits = full.index_copy_(1, self.vocab, logits)
-                rows = [SampleRow(r.params, generators.get(r.request_id), r.prompt_token_ids,
-                                  r.output_token_ids + r.draft_token_ids) for r, *_ in owners]
-                greedy, p, rand = distributions(logits, rows)
-                tok = greedy.tolist()
-            for j, i in enumerate(rand):
-                r = owners[i][0]
-                g = generators.get(r.request_id) or shared_generator
-                tok[i] = int(torch.multinomial(p[j], 1, generator=g))
-                probs.setdefault(r.request_id, []).append(p[j])
+            tok = self._draft_tokens(logits, owners, shared_generator, generators, probs)
             for (r, st, s, q, n), t in zip(owners, tok):
-                if n < self.num_layers:
+                if n < self.num_layers and n:
                     tent = st.tentative[n]
                     for i in range(max(s, q - n + 1), q + 1):     # rows fed a draft token: tentative
                         tent[i] = r.draft_token_ids[i + n - q - 1]
                     st.done[n] = min([i for i in tent if i >= s] + [q + 1])
+                elif n == 0:                                       # block 0 reads known tokens only
+                    st.done[0] = q + 1
                 r.draft_token_ids.append(t)
-        for r, k, st in work:
+        for r, k, st, _ in work:
             if r.request_id in probs:
                 st.draft_probs = torch.stack(probs[r.request_id])
+
+    def _draft_tokens(self, logits: torch.Tensor, owners: list, shared_generator, generators: dict,
+                      probs: dict) -> list[int]:
+        """One draft per row of `logits` (R, S or V): the argmax for greedy rows, else a draw from the row's
+        distribution under its own sampling settings (kept in `probs`, full vocabulary, for verification)."""
+        if all(r.params.greedy and not r.params.needs_penalties for r, *_ in owners):       # plain argmax
+            best = kernels.argmax_rows(logits)
+            return (best if self.vocab is None else self.vocab[best]).tolist()
+        V = self.model.config.vocab_size
+        penalties = any(r.params.needs_penalties for r, *_ in owners)
+        if self.vocab is not None and penalties:              # penalties index by token id: the full vocabulary
+            full = logits.new_full((logits.shape[0], V), float("-inf"))
+            logits = full.index_copy_(1, self.vocab, logits)
+        reduced = self.vocab is not None and not penalties      # distributions over the draft vocabulary's columns
+        # Token lists are read only for penalties: the drafts before this one count as output (docs/MTP.md).
+        rows = [SampleRow(r.params, generators.get(r.request_id), r.prompt_token_ids,
+                          r.output_token_ids + r.draft_token_ids if r.params.needs_penalties else ())
+                for r, *_ in owners]
+        greedy, p, rand = distributions(logits, rows)
+        tok = (self.vocab[greedy] if reduced else greedy).tolist()
+        for j, i in enumerate(rand):
+            r = owners[i][0]
+            g = generators.get(r.request_id) or shared_generator
+            t = int(torch.multinomial(p[j], 1, generator=g))
+            if reduced:
+                tok[i] = int(self.vocab[t])
+                q = p.new_zeros(V).index_copy_(0, self.vocab, p[j])
+            else:
+                tok[i], q = t, p[j]
+            probs.setdefault(r.request_id, []).append(q)
+        return tok
 
     # ------------------------------------------------------------------ verification
     def verify(self, req: Request, logits: torch.Tensor, drafts: list[int], generator, shared_generator
                ) -> tuple[list[int], int]:
         """logits (k+1, V): the main model after [t, d_1 .. d_k] -> (tokens to append, drafts accepted)."""
-        k = len(drafts)
-        rows = [SampleRow(req.params, generator, req.prompt_token_ids, req.output_token_ids + drafts[:j])
-                for j in range(k + 1)]
-        greedy, p, rand = distributions(logits, rows)
+        k, params = len(drafts), req.params
+        if params.greedy and not params.needs_penalties:
+            greedy, rand = kernels.argmax_rows(logits.float()), []
+        else:
+            # Token lists are read only for penalties: row j counts drafts d_1 .. d_j as output.
+            rows = ([SampleRow(params, generator, req.prompt_token_ids, req.output_token_ids + drafts[:j])
+                     for j in range(k + 1)] if params.needs_penalties else [SampleRow(params, generator)] * (k + 1))
+            greedy, p, rand = distributions(logits, rows)
         if not rand:                                      # temperature 0: the longest prefix the argmax agrees with
             g = greedy.tolist()
             a = 0
