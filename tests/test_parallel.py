@@ -89,8 +89,9 @@ def test_bad_tensor_parallel_sizes_fail_before_starting_processes():
         LLM(m, tensor_parallel_size=0, progress=False)
     with pytest.raises(ValueError, match="weight_dtype='fp8'"):
         LLM(m, tensor_parallel_size=2, progress=False, weight_dtype="fp8")
-    with pytest.raises(ValueError, match="speculative decoding"):
-        LLM(m, tensor_parallel_size=2, progress=False, speculative_config={"method": "mtp", "num_speculative_tokens": 1})
+    with pytest.raises(ValueError, match="reduced draft vocabulary"):
+        LLM(m, tensor_parallel_size=2, progress=False, speculative_config={"num_speculative_tokens": 1,
+                                                                         "draft_vocab_size": 64})
     import multiprocessing
     assert not multiprocessing.active_children()
 
@@ -141,6 +142,29 @@ def test_fused_step_per_rank_equals_module_path_and_one_process(bf16_model):
     assert tp._parallel.use_fused(tp, True) is True
     _assert_same(module, fused, atol=1e-4)
     _assert_same(_greedy(ref), fused, atol=1e-4)
+
+
+def test_mtp_speculative_decoding_under_two_ranks_equals_one_process():
+    """The shipped model (trained MTP blocks, bf16: the fused step verifies the drafts) with 2 drafts per step over
+    2 ranks: the greedy tokens of plain single-process decoding, drafts accepted, and the MTP blocks sharded (each
+    rank holds half of them)."""
+    from mimoflash.default import default_model
+    prompts = ["def merge_intervals(pairs):\n", "class LRUCache:\n    def __init__(self, capacity):\n"]
+    sp = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    plain = LLM(default_model(), max_num_seqs=2, progress=False)
+    ref = [o.outputs[0].token_ids for o in plain.generate(prompts, sp, use_tqdm=False)]
+    tp = LLM(default_model(), max_num_seqs=2, progress=False, tensor_parallel_size=2,
+             speculative_config={"num_speculative_tokens": 2})
+    try:
+        outs = tp.generate(prompts, sp, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in outs] == ref
+        assert all(o.metrics.verify_steps > 0 and o.metrics.accepted_tokens > 0 for o in outs)
+        assert all(s["fused_steps"] > 0 for s in tp._parallel.stats(tp))
+        mine, full = tp.model.model.mtp.layers[0], plain.model.model.mtp.layers[0]
+        for w in ("self_attn.q_proj.weight", "self_attn.o_proj.weight", "mlp.gate_proj.weight", "mlp.down_proj.weight"):
+            assert mine.get_parameter(w).numel() * 2 == full.get_parameter(w).numel(), w
+    finally:
+        tp.close()
 
 
 @pytest.fixture

@@ -41,6 +41,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from . import mtp
 from .fused import ParallelFusedDecoder
 from .load import build_shard, resident_bytes
 from .modules import COMM
@@ -95,6 +96,18 @@ def plan_of(batch) -> list[tuple]:
     """A scheduled Batch -> plain data (module docstring)."""
     return [(it.start, it.request.token_slice(it.start, it.start + it.num_tokens), it.num_draft, bool(it.sample),
              list(it.request.block_ids), it.request.ring_id) for it in batch.items]
+
+
+def slices_plan(slices) -> list[tuple]:
+    """An MTP call's runner Slices -> plain data."""
+    return [(s.start, list(s.tokens), s.rows, s.key_from, list(s.request.block_ids), s.request.ring_id)
+            for s in slices]
+
+
+def slices_of(plan: list[tuple]) -> list:
+    from ..engine.runner import Slice
+    return [Slice(_PlanRequest(start, toks, blocks, ring), start, toks, rows, key_from)
+            for start, toks, rows, key_from, blocks, ring in plan]
 
 
 def batch_of(plan: list[tuple]) -> _PlanBatch:
@@ -235,12 +248,14 @@ class ParallelGroup:
             time.sleep(0.01)
         self.run(lambda: _fused_per_rank(engine.runner), "start")
         engine.runner = BroadcastingRunner(engine.runner, self)
+        if engine.drafter is not None:                 # it was handed the runner before the wrapping
+            engine.drafter.runner = engine.runner
 
     def stats(self, llm) -> list[dict]:
         """Every rank's resident weight bytes, KV cache bytes and communication seconds (rank order); `llm` is
         rank 0's LLM."""
         self.send(("stats",))
-        return self.run(lambda: _gather_stats(_rank_stats(llm)), "stats")
+        return self.run(lambda: _gather_stats(_rank_stats(engine_of(llm).runner.inner)), "stats")
 
     def probe(self, numel: int, repeats: int = 50) -> float:
         """Median seconds of one all_reduce of `numel` fp32 values, all ranks ready (a barrier first): the
@@ -285,14 +300,14 @@ def _set_fused(runner, on: bool) -> None:
     runner.fused = runner.parallel_fused if on else None
 
 
-def _rank_stats(llm) -> dict:
-    cache = llm.engine.cache
+def _rank_stats(runner) -> dict:
+    cache = runner.cache
     kv = sum(t.numel() * t.element_size() for t in (cache.k_global, cache.v_global, cache.k_ring, cache.v_ring)
              if t is not None)
-    lay = llm.engine.layout
-    return {"weights_bytes": resident_bytes(llm.model), "kv_cache_bytes": kv, "num_blocks": lay.num_blocks,
+    lay = runner.layout
+    return {"weights_bytes": resident_bytes(runner.model), "kv_cache_bytes": kv, "num_blocks": lay.num_blocks,
             "num_rings": lay.num_rings, "comm_seconds": COMM.seconds, "comm_calls": COMM.calls,
-            "fused_steps": getattr(llm.engine.runner.parallel_fused, "steps", 0)}
+            "fused_steps": getattr(runner.parallel_fused, "steps", 0)}
 
 
 def _probe(numel: int, repeats: int) -> float:
@@ -322,6 +337,19 @@ class BroadcastingRunner:
     def execute(self, batch) -> torch.Tensor:
         self.group.send(("step", plan_of(batch)))
         return self.group.run(lambda: self.inner.execute(batch), "step")
+
+    def fill_mtp_kv(self, layer: int, slices, hidden: torch.Tensor) -> None:
+        hidden = hidden.contiguous()
+        self.group.send(("mtp_fill", layer, slices_plan(slices), tuple(hidden.shape), hidden.dtype))
+        self.group.run(lambda: (dist.broadcast(hidden, 0), mtp.fill_mtp_kv(self.inner, layer, slices, hidden)),
+                       "MTP step")
+
+    def execute_mtp(self, layer: int, slices, hidden: torch.Tensor, head_weight=None) -> torch.Tensor:
+        assert head_weight is None, "a reduced draft vocabulary is refused under tensor parallelism (start)"
+        hidden = hidden.contiguous()
+        self.group.send(("mtp", layer, slices_plan(slices), tuple(hidden.shape), hidden.dtype))
+        return self.group.run(lambda: (dist.broadcast(hidden, 0),
+                                       mtp.execute_mtp(self.inner, layer, slices, hidden))[1], "MTP step")
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
@@ -388,9 +416,13 @@ def start(model, tokenizer, world: Any, opts: dict):
     opts = {k: v for k, v in opts.items() if k in params}          # LLM's arguments, for the followers' engines
     if not isinstance(world, int) or isinstance(world, bool) or world < 1:
         raise ValueError(f"tensor_parallel_size must be a positive integer, got {world!r}")
-    if opts.get("speculative_config") is not None:
-        raise ValueError("speculative decoding (MTP) is not supported with tensor_parallel_size > 1: the MTP blocks "
-                         "are not sharded")
+    spec = opts.get("speculative_config")
+    if spec is not None:
+        from ..engine.speculative import SpeculativeConfig
+        spec = SpeculativeConfig.from_value(spec)
+        if spec.draft_vocab is not None or spec.draft_vocab_size is not None:
+            raise ValueError("a reduced draft vocabulary (draft_vocab / draft_vocab_size) is not supported with "
+                             "tensor_parallel_size > 1 (the LM head is split by vocabulary)")
     if opts.get("memory_budget") is not None:
         raise ValueError("memory_budget (FP8 experts read from the files) is not supported with tensor_parallel_size "
                          "> 1: each rank already holds only its share of the experts")
@@ -402,7 +434,7 @@ def start(model, tokenizer, world: Any, opts: dict):
                          "LLM not closed?)")
     device = torch.device(opts["device"])
     config, source, dtype = _source_of(model, opts)
-    plan0 = ShardPlan(config, 0, world)                 # checks the split before any process starts
+    plan0 = ShardPlan(config, 0, world, mtp=spec is not None)     # checks the split before any process starts
     env = _torchrun_env()
     if plan0.replicated_kv and (env is None or env[0] == 0):
         print(f"mimoflash: tensor_parallel_size={world} exceeds the KV heads of an attention kind: each KV head is "
@@ -481,12 +513,14 @@ def _follow(rank, world, config, source, dtype, opts) -> int:
     from ..engine.llm import LLM
     store = _get_default_store()
     try:
-        plan = ShardPlan(config, rank, world)
+        plan = ShardPlan(config, rank, world, mtp=opts.get("speculative_config") is not None)
         shard = build_shard(plan, _reader(source, config), dtype or _model_dtype(source), torch.device(opts["device"]))
         layout = pickle.loads(_wait_key(store, "layout", time.monotonic() + 10 * _timeout()))
         kw = dict(opts)
+        # the same speculative config as rank 0, for the same cache layout (MTP rings, ring slack); this rank's
+        # drafter is never called: rank 0's drafts reach it as "mtp" commands
         kw.update(kv_cache_memory=layout.total_bytes, tensor_parallel_size=1, progress=False,
-                  skip_tokenizer_init=True, speculative_config=None, memory_budget=None)
+                  skip_tokenizer_init=True, memory_budget=None)
         llm = LLM(shard, **kw)
         if llm.engine.layout != layout:
             raise ParallelError(f"rank {rank} planned a different KV cache than rank 0: {llm.engine.layout} vs "
@@ -514,8 +548,14 @@ def _follow(rank, world, config, source, dtype, opts) -> int:
                 break
             if cmd[0] == "step":
                 runner.execute(batch_of(cmd[1]))
+            elif cmd[0] in ("mtp", "mtp_fill"):
+                _, layer, plan, shape, dtype = cmd
+                hidden = torch.empty(shape, dtype=dtype, device=runner.device)
+                dist.broadcast(hidden, 0)
+                fn = mtp.execute_mtp if cmd[0] == "mtp" else mtp.fill_mtp_kv
+                fn(runner, layer, slices_of(plan), hidden)
             elif cmd[0] == "stats":
-                _gather_stats(_rank_stats(llm))
+                _gather_stats(_rank_stats(runner))
             elif cmd[0] == "probe":
                 _probe(cmd[1], cmd[2])
             elif cmd[0] == "fused":

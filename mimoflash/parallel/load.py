@@ -23,7 +23,7 @@ def build_shard(plan: ShardPlan, reader, dtype: torch.dtype, device: torch.devic
     cfg = plan.config
     with torch.device("meta"):
         model = ParallelMiMoForCausalLM(plan).cast(dtype)
-        full = MiMoForCausalLM(cfg.replace(num_nextn_predict_layers=0)).state_dict()
+        full = MiMoForCausalLM(cfg.replace(num_nextn_predict_layers=model.config.num_nextn_predict_layers)).state_dict()
     model.to_empty(device=device)
     rc = model.config
     if rc.tie_word_embeddings:                  # to_empty replaces meta parameters one by one, breaking the tie

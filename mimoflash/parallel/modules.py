@@ -24,6 +24,7 @@ from torch import nn
 
 from ..model.mimo import DecoderLayer, MiMoForCausalLM, MiMoModel
 from ..model.moe import MoE
+from ..model.mtp import MTPLayer
 from .shard import ShardPlan
 
 
@@ -93,6 +94,17 @@ class ParallelDecoderLayer(DecoderLayer):
         return x + all_reduce(self.mlp(self.post_attention_layernorm(x)))
 
 
+class ParallelMTPLayer(MTPLayer):
+    """An MTP block at the rank's shapes (sliding-window heads, dense MLP slice): its attention and MLP outputs are
+    partial sums, completed by one all_reduce each, as in `ParallelDecoderLayer`."""
+
+    def forward(self, token_emb, hidden, positions, rope, backend=None):
+        u = self.eh_proj(torch.cat([self.enorm(token_emb), self.hnorm(hidden)], dim=-1))
+        u = u + all_reduce(self.self_attn(self.input_layernorm(u), positions, rope, backend))
+        u = u + all_reduce(self.mlp(self.pre_mlp_layernorm(u)))
+        return self.final_layernorm(u)
+
+
 class ParallelMiMoModel(MiMoModel):
     """The decoder with a vocabulary-parallel embedding: rows [vocab_lo, vocab_hi) of the table live here."""
 
@@ -101,6 +113,9 @@ class ParallelMiMoModel(MiMoModel):
         self.vocab_lo, self.vocab_hi = plan.vocab
         self.embed_tokens = nn.Embedding(plan.vocab_per_rank, config.hidden_size)
         self.layers = nn.ModuleList([ParallelDecoderLayer(config, i, plan) for i in range(config.num_hidden_layers)])
+        if config.num_nextn_predict_layers:
+            self.mtp.layers = nn.ModuleList([ParallelMTPLayer(config, n)
+                                             for n in range(config.num_nextn_predict_layers)])
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         local = input_ids - self.vocab_lo
@@ -123,7 +138,11 @@ class ParallelMiMoForCausalLM(MiMoForCausalLM):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        local = self.lm_head(self.model.norm(hidden)).contiguous()                  # (..., V / world)
+        return self.head(self.model.norm(hidden))
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Normed (..., D) -> the full (..., V) logits: the rank's vocabulary columns, all-gathered."""
+        local = self.lm_head(x).contiguous()                                         # (..., V / world)
         t0 = time.perf_counter()
         parts = [torch.empty_like(local) for _ in range(self.plan.world)]
         dist.all_gather(parts, local)
@@ -132,5 +151,5 @@ class ParallelMiMoForCausalLM(MiMoForCausalLM):
         return torch.cat(parts, dim=-1)[..., :self.config.vocab_size]
 
     def mtp_logits(self, *args, **kwargs):
-        raise NotImplementedError("MTP blocks are not sharded: speculative decoding does not run under tensor "
-                                  "parallelism")
+        raise NotImplementedError("a tensor-parallel rank's MTP blocks run through the engine's drafter "
+                                  "(parallel/mtp.py), not mtp_logits")

@@ -36,6 +36,7 @@ from ..checkpoint import keys
 from ..config import MiMoConfig
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+_MTP = re.compile(r"^model\.mtp\.layers\.(\d+)\.")
 _FP8_ST_DTYPES = ("F8_E4M3", "F8_E5M2")
 
 
@@ -58,10 +59,14 @@ class Heads:
 
 
 class ShardPlan:
-    def __init__(self, config: MiMoConfig, rank: int, world: int):
+    """`mtp`: also hold the MTP blocks (speculative decoding), split like a sliding-window decoder layer with a dense
+    MLP (their eh_proj and norms replicated); without it they are not loaded."""
+
+    def __init__(self, config: MiMoConfig, rank: int, world: int, mtp: bool = False):
         if not (isinstance(world, int) and world >= 1 and 0 <= rank < world):
             raise ValueError(f"rank {rank} of world size {world} is out of range")
         self.config, self.rank, self.world = config, rank, world
+        self.mtp = bool(mtp and config.num_nextn_predict_layers)
         self.heads = {s: self._heads(s) for s in (False, True)}
         self.ffn = split_range(config.intermediate_size, world, rank)
         if config.intermediate_size < world:
@@ -95,12 +100,13 @@ class ShardPlan:
         return any(h.replicated_kv for h in self.heads.values())
 
     def rank_config(self) -> MiMoConfig:
-        """The config of this rank's module tree (module docstring). MTP blocks are not sharded (dropped)."""
+        """The config of this rank's module tree (module docstring); no MTP blocks unless `mtp`."""
         ga, swa = self.heads[False], self.heads[True]
         return self.config.replace(
             num_attention_heads=ga.q_hi - ga.q_lo, num_key_value_heads=ga.kv_hi - ga.kv_lo,
             swa_num_attention_heads=swa.q_hi - swa.q_lo, swa_num_key_value_heads=swa.kv_hi - swa.kv_lo,
-            intermediate_size=self.ffn[1] - self.ffn[0], num_nextn_predict_layers=0)
+            intermediate_size=self.ffn[1] - self.ffn[0],
+            num_nextn_predict_layers=self.config.num_nextn_predict_layers if self.mtp else 0)
 
     def index(self, name: str) -> tuple[slice, ...]:
         """Full-model parameter name -> the slices (one per leading dim; () = all) of the full tensor this rank
@@ -108,13 +114,13 @@ class ShardPlan:
         c = self.config
         if name in ("model.embed_tokens.weight", "lm_head.weight"):
             return (slice(*self.vocab),)
-        m = _LAYER.match(name)
+        m = _LAYER.match(name) or _MTP.match(name)
         if m is None:
             return ()                                                   # final norm: replicated
-        layer = int(m[1])
+        sliding = m.re is _MTP or c.is_sliding(int(m[1]))                # MTP blocks: sliding-window attention
         rest = name[m.end():]
-        h = self.heads[c.is_sliding(layer)]
-        _, _, d, dv = c.attn_shape(c.is_sliding(layer))
+        h = self.heads[sliding]
+        _, _, d, dv = c.attn_shape(sliding)
         if rest == "self_attn.q_proj.weight":
             return (slice(h.q_lo * d, h.q_hi * d),)
         if rest == "self_attn.k_proj.weight":

@@ -1,0 +1,49 @@
+"""MTP speculative decoding on a tensor-parallel group: the drafter's two runner calls, run by every rank.
+
+The MTP blocks are sharded like a sliding-window decoder layer with a dense MLP (parallel/modules.ParallelMTPLayer:
+heads and MLP width split, an all_reduce after the attention and after the MLP; eh_proj and the norms replicated),
+so their K/V rings hold only the rank's heads, in the same cache layout as the decoder's rings. Sharding rather
+than replicating them keeps the one cache layout every rank shares (a replicated block would need rings with all
+the KV heads) and splits their weights like the rest.
+
+The drafter (engine/speculative.py) stays on rank 0: it decides which rows to draft and samples the drafts. Its
+calls `fill_mtp_kv` and `execute_mtp` reach the followers through rank 0's `BroadcastingRunner` (the slices as
+plain data in the step plan, the hidden-state rows by a broadcast), and every rank runs the functions below. They
+are the runner's module-path MTP calls (engine/runner.py) with the vocabulary-parallel embedding
+(`ParallelMiMoModel.embed`) and LM head (`ParallelMiMoForCausalLM.head`) in place of the full tables.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..engine.runner import PagedAttention, _StoreOnly
+
+
+@torch.inference_mode()
+def fill_mtp_kv(runner, layer: int, slices: list, hidden: torch.Tensor) -> None:
+    """Only the K/V of MTP block `layer` at the slices' rows (runner.fill_mtp_kv on a rank)."""
+    mm = runner.model.model
+    blk = mm.mtp.layers[layer]
+    R = runner.layout.ring_slots
+    ids = torch.tensor([[t for s in slices for t in s.tokens]], device=runner.device)
+    pos = [p for s in slices for p in range(s.start, s.start + len(s.tokens))]
+    dst = torch.tensor([s.request.ring_id * R + p % R for s in slices for p in range(s.start, s.start + len(s.tokens))],
+                       device=runner.device)
+    positions = torch.tensor([pos], device=runner.device)
+    x = blk.eh_proj(torch.cat([blk.enorm(mm.embed(ids)), blk.hnorm(hidden[None])], dim=-1))
+    rope = mm.rotary["sliding"](positions, x.dtype)
+    blk.self_attn(blk.input_layernorm(x), positions, rope, _StoreOnly(runner.cache, dst))
+
+
+@torch.inference_mode()
+def execute_mtp(runner, layer: int, slices: list, hidden: torch.Tensor) -> torch.Tensor:
+    """MTP block `layer` over the slices' rows -> full-vocabulary logits (R, V) of the wanted rows
+    (runner.execute_mtp on a rank, without a reduced draft vocabulary)."""
+    step = runner.prepare_slices(slices, kinds=(True,))
+    mm = runner.model.model
+    backend = PagedAttention(runner.cache, step.meta, runner.impl, runner._buffers, runner.use_kernels)
+    rope = mm.rotary["sliding"](step.positions, hidden.dtype)
+    out = mm.mtp.layers[layer](mm.embed(step.input_ids), hidden[None], step.positions, rope, backend)[0]
+    picked = out if step.all_rows else out.index_select(0, step.sample_rows)
+    return runner.model.head(picked).float()
