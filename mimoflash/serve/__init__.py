@@ -1,6 +1,11 @@
 """`mimoflash serve`: an OpenAI-compatible HTTP server (FastAPI + uvicorn) with a web chat page.
 
-    app.py          routes: /v1/models, /v1/chat/completions, /v1/completions, /health, /metrics, / (the page)
+    app.py          wiring: lifespan, API key, /health, /metrics, /v1/models, / (the page)
+    chat.py         POST /v1/chat/completions
+    completions.py  POST /v1/completions
+    state.py        what the routes share: config, engine loop, model check, sampling parameters, usage and cost
+    streaming.py    SSE chunk encoding, logprob entries, aborting the requests of a client that went away
+    errors.py       OpenAI's error object for every client mistake (a 4xx whose `param` names the field)
     engine_loop.py  one thread owns the LLMEngine (add / step / abort); handlers talk to it through queues
     protocol.py     the OpenAI request schema as pydantic models (validation, OpenAPI document)
     parsers.py      <think> reasoning and Qwen3-Coder XML tool calls, parsed incrementally from the text stream

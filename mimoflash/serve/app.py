@@ -6,12 +6,8 @@
     ->  token ids + SamplingParams (+ grammar matchers)  ->  EngineLoop.add  ->  deltas  ->  ChatOutputParser per
     choice (reasoning / content / tool calls)  ->  one JSON response, or SSE chunks ending in `data: [DONE]`
 
-    app.py          wiring: state, lifespan, errors, API key, /health, /metrics, /v1/models, the page
-    state.py        what the routes share: config, engine loop, checks, sampling parameters, usage and cost
-    chat.py         POST /v1/chat/completions
-    completions.py  POST /v1/completions
-    streaming.py    SSE chunk encoding, logprob entries, disconnect handling
-    errors.py       OpenAI's error object for every client mistake (a 4xx whose `param` names the field)
+
+Every client mistake is a 4xx with OpenAI's error object (errors.py); the modules are listed in __init__.py.
 """
 
 from __future__ import annotations
