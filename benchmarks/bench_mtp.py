@@ -13,13 +13,14 @@ What is measured, in one process, variants interleaved prompt by prompt (their o
     norms), the K/V each sequence attends to (fp32 cache), and the experts the verify steps actually routed (the
     distinct experts of each MoE layer per step, read from the fused step's choices): a verify step of k + 1 tokens
     routes to more experts than one token does;
-  * batch 8 and 16 (all 16 prompts, `max_num_seqs` 8 / 16, after one warm-up run per engine): aggregate decode
-    tokens/s with MTP off and adaptive,
-    and their ratio per process CPU second (steadier on a shared machine);
-  * temperature 0.7 (seeded), batch 1: decode tokens/s off vs on.
-Variants: off; k = 1, 2, 3 drafts with the full draft vocabulary; k = 3 with a reduced draft vocabulary (the
+  * batch 8 and 16 (all 16 prompts, `max_num_seqs` 8 / 16): aggregate decode tokens/s with MTP off and adaptive,
+    and their ratio per process CPU second (steadier on a shared machine), after one run per engine that is
+    reported as the cold ratio (adaptive's first measurements fall in it);
+  * temperature 0.7 (seeded), batch 1: decode tokens/s off, k = 3 (reduced vocabulary) and adaptive, interleaved;
+    their engines start cold (adaptive measures its costs in this run).
+Variants: off; k = 1, 2, 3 drafts with the full draft vocabulary; k = 1 and 3 with a reduced draft vocabulary (the
 `--draft-vocab` most frequent tokens of the Python standard library's own source, counted with the model's
-tokenizer: the training distribution); adaptive (k <= 3, reduced vocabulary).
+tokenizer: the training distribution); adaptive (k <= 3, reduced vocabulary). `--variants` picks some of them.
 The last stdout line is one JSON object. OMP_WAIT_POLICY defaults to PASSIVE; `--threads` (default 1).
 """
 
@@ -182,6 +183,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-batch", action="store_true", help="skip the batch 8/16 and temperature runs")
     ap.add_argument("--no-batch1", action="store_true", help="skip the batch-1 greedy table")
+    ap.add_argument("--variants", nargs="+", metavar="NAME",
+                    help="batch-1 variants besides off (default: all of k1 k2 k3 k1+vocab k3+vocab adaptive)")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     warnings.simplefilter("ignore")
@@ -193,8 +196,14 @@ def main(argv=None) -> int:
              "k1": {"num_speculative_tokens": 1},
              "k2": {"num_speculative_tokens": 2},
              "k3": {"num_speculative_tokens": 3},
+             "k1+vocab": {"num_speculative_tokens": 1, **reduced},
              "k3+vocab": {"num_speculative_tokens": 3, **reduced},
              "adaptive": {"num_speculative_tokens": 3, "adaptive": True, **reduced}}
+    if a.variants:
+        unknown = sorted(set(a.variants) - set(specs))
+        if unknown:
+            ap.error(f"--variants: unknown {unknown}; known: {sorted(specs)}")
+        specs = {n: s for n, s in specs.items() if n == "off" or n in a.variants}
     llms = {n: (base if s is None else LLM(path, max_num_seqs=1, progress=False, speculative_config=s))
             for n, s in specs.items()}
     logs = {n: record_experts(llm) for n, llm in llms.items()}
@@ -261,8 +270,9 @@ def main(argv=None) -> int:
             off = LLM(path, max_num_seqs=bs, progress=False)
             on = LLM(path, max_num_seqs=bs, progress=False,
                      speculative_config={"num_speculative_tokens": 3, "adaptive": True, **reduced})
-            for llm in (off, on):      # one warm-up run each: steady-state rates (adaptive's first measurements and
-                run_batch(llm, PROMPTS[:16], sp)      # trials, paid once per engine, fall in it; a cold run is slower)
+            # One warm-up run each, interleaved, reported as the cold ratio: adaptive's first measurements and trials
+            # (paid once per engine) fall in it; the repeats after it give the steady-state rates.
+            cold = [run_batch_cpu(llm, PROMPTS[:16], sp) for llm in (off, on)]
             r_off, r_on, c_off, c_on = [], [], [], []
             for rep in range(a.repeats):
                 for n, llm, acc, cacc in ((("off", off, r_off, c_off), ("adaptive", on, r_on, c_on))
@@ -273,23 +283,39 @@ def main(argv=None) -> int:
             bat[bs] = {"off_tok_s": round(statistics.median(r_off), 1), "adaptive_tok_s": round(statistics.median(r_on), 1),
                        "ratio": round(statistics.median(y / x for x, y in zip(r_off, r_on)), 3),
                        "cpu_ratio": round(statistics.median(y / x for x, y in zip(c_off, c_on)), 3),
+                       "cold_ratio": round(cold[1][0] / cold[0][0], 3), "cold_cpu_ratio": round(cold[1][1] / cold[0][1], 3),
                        "settled_depth": on.engine.drafter.adaptive.last_best}
             print(f"batch {bs:2d}: off {bat[bs]['off_tok_s']} tok/s, adaptive {bat[bs]['adaptive_tok_s']} tok/s, "
                   f"median paired ratio {bat[bs]['ratio']} (per CPU second: {bat[bs]['cpu_ratio']}); adaptive settled "
-                  f"on depth {bat[bs]['settled_depth']}")
+                  f"on depth {bat[bs]['settled_depth']}; first (cold) run {bat[bs]['cold_ratio']} (per CPU second: "
+                  f"{bat[bs]['cold_cpu_ratio']})")
         spt = SamplingParams(temperature=0.7, max_tokens=a.max_tokens, ignore_eos=True, seed=1)
-        t_off, t_on, t_tps = [], [], []
-        on = LLM(path, max_num_seqs=1, progress=False, speculative_config={"num_speculative_tokens": 3, **reduced})
-        for rep in range(a.repeats):
-            for p in prompts:
-                t_off.append(run_one(base, p, spt)[0])
-                rate, tps, _, _ = run_one(on, p, spt)
-                t_on.append(rate)
-                t_tps.append(tps)
-        temp = {"off_tok_s": round(statistics.median(t_off), 1), "k3vocab_tok_s": round(statistics.median(t_on), 1),
-                "tokens_per_verify": round(statistics.median(t_tps), 3)}
-        print(f"temperature 0.7, batch 1: off {temp['off_tok_s']} tok/s, k3+vocab {temp['k3vocab_tok_s']} tok/s, "
-              f"{temp['tokens_per_verify']} tokens per verify step")
+        tvar = {"off": base,
+                "k3+vocab": LLM(path, max_num_seqs=1, progress=False,
+                                speculative_config={"num_speculative_tokens": 3, **reduced}),
+                "adaptive": LLM(path, max_num_seqs=1, progress=False,
+                                speculative_config={"num_speculative_tokens": 3, "adaptive": True, **reduced})}
+        t_rate = {n: [] for n in tvar}
+        t_tps = {n: [] for n in tvar}
+        for rep in range(a.repeats):              # interleaved prompt by prompt, the order rotating; cold engines
+            for i, p in enumerate(prompts):       # (adaptive's first run is in these figures)
+                tn = list(tvar)
+                shift = (rep + i) % len(tn)
+                for n in tn[shift:] + tn[:shift]:
+                    rate, tps, _, _ = run_one(tvar[n], p, spt)
+                    t_rate[n].append(rate)
+                    t_tps[n].append(tps or 0.0)
+        temp = {n: {"decode_tok_s": round(statistics.median(t_rate[n]), 1),
+                    "speedup": round(statistics.median(y / x for x, y in zip(t_rate["off"], t_rate[n])), 3)}
+                for n in tvar}
+        for n in tvar:
+            if n != "off":
+                temp[n]["tokens_per_verify"] = round(statistics.median(t_tps[n]), 3)
+        temp["adaptive"]["settled_depth"] = tvar["adaptive"].engine.drafter.adaptive.last_best
+        print("temperature 0.7 (seeded), batch 1: " + ", ".join(
+            f"{n} {v['decode_tok_s']} tok/s ({v['speedup']}x" + (f", {v['tokens_per_verify']} tokens per verify step)"
+                                                                 if "tokens_per_verify" in v else ")")
+            for n, v in temp.items()) + f"; adaptive settled on depth {temp['adaptive']['settled_depth']}")
         out.update(batch=bat, temperature_0_7=temp)
     print(json.dumps(out))
     return 0

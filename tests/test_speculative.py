@@ -83,6 +83,32 @@ def test_greedy_equals_plain_decoding(spec):
     _assert_pools_initial(llm)
 
 
+@pytest.mark.parametrize("impl", ["fused", "torch"])
+def test_rows_past_the_window_before_the_ring_wraps(impl):
+    """A ring with draft slack is longer than the window (window 4 + the current key = 5 keys, 8 slots at k = 3):
+    rows at positions 5..7 of short prompts, verified before the ring wraps, must not see the key a window back.
+    Logprobs as with MTP off, on the fused C step and on the torch decode path."""
+    model = make_model(_cfg(), seed=6).cast(torch.bfloat16) if impl == "fused" else make_model(_cfg(), seed=6)
+    ps = _prompts([1, 2, 3])
+    sp = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=1)
+    kw = dict(max_num_seqs=3, block_size=4)
+    ref = LLM(model, **kw).generate(ps, sp, use_tqdm=False)
+    reference = {tuple(p["prompt_token_ids"]): p["prompt_token_ids"] + o.outputs[0].token_ids
+                 for p, o in zip(ps, ref)}
+    with pytest.warns(UserWarning, match="reuse the last MTP layer"):
+        llm = LLM(model, speculative_config={"num_speculative_tokens": 3}, **kw)
+    assert (llm.engine.runner.fused is not None) == (impl == "fused")
+    assert llm.engine.layout.ring_slots > llm.engine.layout.swa_keys
+    _oracle_drafts(llm, reference, hit=0.9)
+    got = llm.generate(ps, sp, use_tqdm=False)
+    for g, r in zip(got, ref):
+        assert g.outputs[0].token_ids == r.outputs[0].token_ids
+        for lg, lr in zip(g.outputs[0].logprobs, r.outputs[0].logprobs):
+            t = next(iter(lr))
+            assert abs(lg[t].logprob - lr[t].logprob) < 1e-4
+    assert sum(o.metrics.accepted_tokens for o in got) >= 6
+
+
 def test_greedy_equals_plain_with_real_mtp_layers_and_rejections():
     """The MTP layers' own drafts (random weights: nearly all rejected), k = 3 with 2 layers (the last reused),
     the reference attention path too: same tokens; caches back to their initial state after many rollbacks."""
@@ -126,6 +152,40 @@ def test_shipped_model_greedy_equal_and_drafts_accepted():
             continue
         assert all(o.metrics.acceptance_per_position[0] > 0.4 for o in outs), spec
         assert all(o.metrics.tokens_per_verify_step > 1.3 for o in outs), spec
+
+
+@pytest.mark.skipif(not __import__("mimoflash").kernels.available(), reason="CPU kernels not built (no C compiler)")
+def test_fp8_checkpoint_greedy_equals_plain(tmp_path):
+    """An FP8 checkpoint as the release ships it (block-FP8 projections, MTP blocks included, bf16 the rest): the
+    fused FP8 step verifies several rows per sequence; with drafts right ~70% of the time (long accepted runs and
+    rejections at every depth), k = 1, 2, 3 and adaptive give MTP off's tokens and logprobs, caches back to their
+    initial state."""
+    from mimoflash.checkpoint.fp8 import FP8_DTYPE
+    from mimoflash.checkpoint.saver import save_model
+    model = make_model(_cfg(hidden_size=256, moe_intermediate_size=128), seed=5)
+    ckpt = save_model(model, tmp_path / "ckpt", dtype=torch.bfloat16, fp8=True, fp8_block_size=(16, 128))
+    ps = _prompts([5, 13, 3])
+    sp = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=1)
+    kw = dict(max_num_seqs=2, block_size=4, max_num_batched_tokens=8, progress=False)
+    plain = LLM(ckpt, **kw)
+    assert plain.weight_dtype == FP8_DTYPE and plain.engine.runner.fused is not None
+    ref = plain.generate(ps, sp, use_tqdm=False)
+    reference = {tuple(p["prompt_token_ids"]): p["prompt_token_ids"] + o.outputs[0].token_ids
+                 for p, o in zip(ps, ref)}
+    for spec in ({"num_speculative_tokens": 1}, {"num_speculative_tokens": 2}, {"num_speculative_tokens": 3},
+                 {"num_speculative_tokens": 3, "adaptive": True}):
+        with pytest.warns(UserWarning) if spec["num_speculative_tokens"] > 2 else _no_warning():
+            llm = LLM(ckpt, speculative_config=spec, **kw)
+        assert llm.engine.runner.fused is not None                     # verify rows through the fused FP8 step
+        _oracle_drafts(llm, reference, hit=0.7)
+        got = llm.generate(ps, sp, use_tqdm=False)
+        for g, r in zip(got, ref):
+            assert g.outputs[0].token_ids == r.outputs[0].token_ids, spec
+            for lg, lr in zip(g.outputs[0].logprobs, r.outputs[0].logprobs):
+                t = next(iter(lr))
+                assert abs(lg[t].logprob - lr[t].logprob) < 1e-4
+        assert sum(o.metrics.accepted_tokens for o in got) > 0, spec
+        _assert_pools_initial(llm)
 
 
 class _no_warning:

@@ -379,8 +379,9 @@ class ModelRunner:
         still needs (kv_cache.py, "Ring size").
 
         The gathered chunks of a GA layer hold positions 0, 1, ... in order, and so does a ring that has not wrapped
-        (top position < R): there the key axis is cut to the top position + 1 and, with one row, no mask is needed
-        at all. A wrapped ring with R == swa_keys (no draft slack, so one row per sequence) is all valid keys: no
+        (top position < R): there the key axis is cut to the top position + 1 and, with one row whose window
+        reaches position 0, no mask is needed at all (a ring with draft slack has R > swa_keys slots, so a row at
+        swa_keys <= p < R needs its window masked). A wrapped ring with R == swa_keys (no draft slack, so one row per sequence) is all valid keys: no
         mask either.
 
         The integers and masks are built in numpy and handed to torch without a copy (`torch.from_numpy`): on a
@@ -428,9 +429,15 @@ class ModelRunner:
                         if any(s.key_from > 0 for s in slices) else None)
             if top < R:                                                                 # no ring has wrapped
                 keys = top + 1
-                if key_from is not None:              # slot j holds position j: valid iff key_from <= j <= p
+                if key_from is not None or top >= lay.swa_keys:
+                    # slot j holds position j: valid iff j <= p, within p's window (a ring with draft slack is
+                    # longer than the window: a row at p >= swa_keys must not see position p - swa_keys) and not
+                    # before key_from
                     j = np.arange(keys)[None, :]
-                    ok = (j <= pos[:, None]) & (j >= key_from[:, None])
+                    lo = pos[:, None] - (lay.swa_keys - 1)
+                    if key_from is not None:
+                        lo = np.maximum(lo, key_from[:, None])
+                    ok = (j <= pos[:, None]) & (j >= lo)
                     bias = np.where(ok, 0.0, NEG_INF).astype(np.float32)
                 elif B > 1:
                     bias = causal_bias(keys)
