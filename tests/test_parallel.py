@@ -87,7 +87,7 @@ def test_bad_tensor_parallel_sizes_fail_before_starting_processes():
         LLM(m, tensor_parallel_size=3, progress=False)
     with pytest.raises(ValueError, match="positive integer"):
         LLM(m, tensor_parallel_size=0, progress=False)
-    with pytest.raises(ValueError, match="weight_dtype='fp8'"):
+    with pytest.raises(ValueError, match="pass weight_dtype='auto'"):
         LLM(m, tensor_parallel_size=2, progress=False, weight_dtype="fp8")
     with pytest.raises(ValueError, match="reduced draft vocabulary"):
         LLM(m, tensor_parallel_size=2, progress=False, speculative_config={"num_speculative_tokens": 1,
@@ -170,15 +170,40 @@ def test_mtp_speculative_decoding_under_two_ranks_equals_one_process():
 @pytest.fixture
 def uneven_fp8(tmp_path_factory):
     """From an FP8 checkpoint path: 9 experts (5 + 4), group-limited routing (3 groups, top-2 groups), an odd
-    vocabulary (256 + 255 rows) and dense width (128 + 127), bf16 weights with fp32 compute (the CPU default)."""
+    vocabulary (256 + 255 rows) and dense width (128 + 127), dequantised to bf16 weights with fp32 compute."""
     cfg = tiny_config(n_routed_experts=9, n_group=3, topk_group=2, vocab_size=511, intermediate_size=255,
                       num_key_value_heads=2, num_nextn_predict_layers=0)
     path = save_model(make_model(cfg, seed=3), tmp_path_factory.mktemp("ckpt") / "fp8", fp8=True,
                       fp8_block_size=(32, 32))
     ref = LLM(path, kv_cache_memory=KV, progress=False, weight_dtype="bfloat16")
-    tp = LLM(path, kv_cache_memory=KV, progress=False, tensor_parallel_size=2)
+    tp = LLM(path, kv_cache_memory=KV, progress=False, tensor_parallel_size=2, weight_dtype="bfloat16")
     yield ref, tp
     tp.close()
+
+
+def test_fp8_kept_compressed_on_each_rank(tmp_path):
+    """An FP8 checkpoint with bf16 other weights (the release's kinds) under weight_dtype='auto': each rank keeps its
+    slices as E4M3 (KV heads narrower than a tile: a finer row grid) and its experts (5 + 4 of 9) as FP8 views of the
+    files, runs the fused step on them, holds about half the single process's FP8 weight bytes, and gives its
+    greedy tokens and logprobs."""
+    from mimoflash.engine.fp8_layout import FP8Experts, FP8Linear
+    cfg = tiny_config(n_routed_experts=9, num_key_value_heads=2, num_nextn_predict_layers=0)
+    path = save_model(make_model(cfg, seed=3), tmp_path / "fp8", fp8=True, fp8_block_size=(32, 32))
+    # without the packed bf16 copies (which one process makes only below a share of the weights): weights alone
+    ref = LLM(path, kv_cache_memory=KV, progress=False, weight_panels=False)
+    assert ref.weight_dtype == torch.float8_e4m3fn
+    tp = LLM(path, kv_cache_memory=KV, progress=False, tensor_parallel_size=2, weight_panels=False)
+    try:
+        layer = tp.model.model.layers[1]
+        assert isinstance(layer.self_attn.k_proj, FP8Linear) and layer.self_attn.k_proj.block == (16, 32)
+        assert isinstance(layer.mlp.experts, FP8Experts) and layer.mlp.experts.num_experts == 5
+        _assert_same(_greedy(ref), _greedy(tp), atol=1e-4)
+        single = resident_bytes(ref.model)
+        for s in tp._parallel.stats(tp):
+            assert 0.4 < s["weights_bytes"] / single < 0.6, (s, single)
+            assert s["fused_steps"] >= 9
+    finally:
+        tp.close()
 
 
 def test_group_limited_routing_uneven_experts_from_fp8_checkpoint(uneven_fp8):

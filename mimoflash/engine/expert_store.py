@@ -187,12 +187,13 @@ class ExpertStore:
             self._maps[file] = SafetensorsMap(self.root / file)
         return self._maps[file]
 
-    def add_layer(self, prefix: str, num_experts: int) -> str:
-        """Register `<prefix>.<e>.{gate,up,down}_proj.weight` (+ `_scale_inv`) for e < num_experts -> layer key."""
+    def add_layer(self, prefix: str, num_experts: int, first: int = 0) -> str:
+        """Register `<prefix>.<first + e>.{gate,up,down}_proj.weight` (+ `_scale_inv`) as expert e, for
+        e < num_experts -> layer key. `first`: a tensor-parallel rank's experts start there (parallel/fp8.py)."""
         for e in range(num_experts):
             views, spans = [], []
             for proj in self.PROJS:
-                for name in (f"{prefix}.{e}.{proj}.weight", f"{prefix}.{e}.{proj}.weight_scale_inv"):
+                for name in (f"{prefix}.{first + e}.{proj}.weight", f"{prefix}.{first + e}.{proj}.weight_scale_inv"):
                     m = self._map(self.weight_map[name])
                     views.append(m.view(name))
                     spans.append((m, *m.span(name)))

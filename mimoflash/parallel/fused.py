@@ -32,6 +32,9 @@ class ParallelFusedDecoder(FusedDecoder):
         plan = model.plan
         self.vocab_lo, self.vocab_hi = plan.vocab
         self.experts = [plan.experts if isinstance(layer.mlp, MoE) else None for layer in model.model.layers]
+        for (args, _, _), layer in zip(layers, model.model.layers):
+            if isinstance(layer.mlp, MoE):       # route over all experts (FP8 arguments count the rank's own)
+                args.E = layer.mlp.gate.weight.shape[0]
         self._y: dict[int, torch.Tensor] = {}          # batch size -> (B, H) partial-sum buffer
         self.steps = 0
 

@@ -380,11 +380,13 @@ def _source_of(model, opts: dict):
         return model.config, ("state_dict", model.config, sd), None
     if isinstance(model, (str, Path)):
         from ..checkpoint.loader import _read_config, _resolve_path, _weight_map, stored_weight_dtype
+        from ..engine.fp8_layout import wants_fp8
         root = _resolve_path(model)
         config = _read_config(root, _weight_map(root))
         compute = _resolve_dtype(opts["dtype"], device)
         weights = _resolve_weight_dtype(opts["weight_dtype"], compute, stored_weight_dtype(root), device)
-        return config, ("path", str(root)), weights
+        fp8 = wants_fp8(root, opts["weight_dtype"], compute, device)          # FP8 kept compressed (parallel/fp8.py)
+        return config, ("path", str(root), fp8), weights
     raise ValueError(f"model must be a checkpoint path or a MiMoForCausalLM, got {type(model).__name__}")
 
 
@@ -426,9 +428,9 @@ def start(model, tokenizer, world: Any, opts: dict):
     if opts.get("memory_budget") is not None:
         raise ValueError("memory_budget (FP8 experts read from the files) is not supported with tensor_parallel_size "
                          "> 1: each rank already holds only its share of the experts")
-    if opts.get("weight_dtype") in ("fp8", torch.float8_e4m3fn):
-        raise ValueError("weight_dtype='fp8' (FP8 weights kept compressed) is single-process: with "
-                         "tensor_parallel_size > 1 each rank dequantises its slices (weight_dtype 'auto' or 'bfloat16')")
+    if opts.get("weight_dtype") in ("fp8", "float8", "float8_e4m3fn", torch.float8_e4m3fn):
+        raise ValueError("with tensor_parallel_size > 1 pass weight_dtype='auto' (the default), which keeps an E4M3 "
+                         "checkpoint's FP8 weights compressed on every rank, or 'bfloat16' to dequantise them")
     if dist.is_initialized():
         raise ValueError("a torch.distributed process group already exists in this process (another tensor-parallel "
                          "LLM not closed?)")
@@ -470,7 +472,7 @@ def start(model, tokenizer, world: Any, opts: dict):
     from torch.distributed.distributed_c10d import _get_default_store
     group = ParallelGroup(0, world, procs, _get_default_store())
     try:
-        shard = build_shard(plan0, _reader(source, config), dtype or _model_dtype(source), device)
+        shard = build_shard(plan0, _reader(source, config), dtype or _model_dtype(source), device, _fp8(source))
     except BaseException:
         group.close()
         raise
@@ -482,6 +484,10 @@ def start(model, tokenizer, world: Any, opts: dict):
     if kv is not None and kv > 0:
         kv = kv / world if kv <= 1 else int(kv) // world
     return group, shard, tokenizer, kv
+
+
+def _fp8(source) -> bool:
+    return source[0] == "path" and source[2]
 
 
 def _model_dtype(source) -> torch.dtype:
@@ -514,7 +520,8 @@ def _follow(rank, world, config, source, dtype, opts) -> int:
     store = _get_default_store()
     try:
         plan = ShardPlan(config, rank, world, mtp=opts.get("speculative_config") is not None)
-        shard = build_shard(plan, _reader(source, config), dtype or _model_dtype(source), torch.device(opts["device"]))
+        shard = build_shard(plan, _reader(source, config), dtype or _model_dtype(source), torch.device(opts["device"]),
+                            _fp8(source))
         layout = pickle.loads(_wait_key(store, "layout", time.monotonic() + 10 * _timeout()))
         kw = dict(opts)
         # the same speculative config as rank 0, for the same cache layout (MTP rings, ring slack); this rank's

@@ -10,20 +10,25 @@ from __future__ import annotations
 
 import torch
 
+from ..checkpoint.keys import SCALE_SUFFIX
 from ..checkpoint.loader import CheckpointError
 from ..model.layers import RotaryEmbedding
 from ..model.mimo import MiMoForCausalLM
+from .fp8 import fill_fp8, swap_fp8
 from .modules import ParallelMiMoForCausalLM
 from .shard import ShardPlan
 
 _VOCAB = ("model.embed_tokens.weight", "lm_head.weight")
 
 
-def build_shard(plan: ShardPlan, reader, dtype: torch.dtype, device: torch.device) -> ParallelMiMoForCausalLM:
+def build_shard(plan: ShardPlan, reader, dtype: torch.dtype, device: torch.device,
+                fp8: bool = False) -> ParallelMiMoForCausalLM:
+    """fp8: the checkpoint's block-FP8 projections and experts stay FP8 (parallel/fp8.py; a CheckpointReader)."""
     cfg = plan.config
     with torch.device("meta"):
         model = ParallelMiMoForCausalLM(plan).cast(dtype)
         full = MiMoForCausalLM(cfg.replace(num_nextn_predict_layers=model.config.num_nextn_predict_layers)).state_dict()
+    grids = swap_fp8(model, plan, reader) if fp8 else {}
     model.to_empty(device=device)
     rc = model.config
     if rc.tie_word_embeddings:                  # to_empty replaces meta parameters one by one, breaking the tie
@@ -31,8 +36,9 @@ def build_shard(plan: ShardPlan, reader, dtype: torch.dtype, device: torch.devic
     for name, (rd, theta) in {"full": (rc.rotary_dim(False), rc.rope_theta),
                               "sliding": (rc.rotary_dim(True), rc.swa_rope_theta)}.items():
         model.model.rotary[name].inv_freq = RotaryEmbedding(rd, theta).inv_freq.to(device)
+    kept_fp8 = set(grids) | {n + SCALE_SUFFIX for n in grids}                # filled by fill_fp8
     slots = {n: t for n, t in model.state_dict(keep_vars=True).items()
-             if not (n == "lm_head.weight" and rc.tie_word_embeddings)}
+             if not (n == "lm_head.weight" and rc.tie_word_embeddings) and n not in kept_fp8}
     problems = []
     for name in slots:
         got = reader.shape(name)
@@ -51,13 +57,16 @@ def build_shard(plan: ShardPlan, reader, dtype: torch.dtype, device: torch.devic
             else:
                 slot.copy_(t)
             del t
+        if fp8:
+            fill_fp8(model, plan, reader, grids)
     reader.close()
     return model.eval()
 
 
 def resident_bytes(model: torch.nn.Module) -> int:
     """Bytes of the distinct storages behind the model's parameters, buffers and the tensors its modules keep
-    (fused or re-laid-out copies): what the rank holds for weights."""
+    (fused or re-laid-out copies), plus the bytes of its FP8 experts in the mapped files (read when routed): what
+    the rank holds for weights."""
     seen: dict[int, int] = {}
 
     def add(t: torch.Tensor) -> None:
@@ -72,4 +81,5 @@ def resident_bytes(model: torch.nn.Module) -> int:
                     add(x)
                 elif hasattr(x, "wp") and isinstance(getattr(x, "wp"), torch.Tensor):     # packed panels
                     add(x.wp)
-    return sum(seen.values())
+    store = getattr(model, "expert_store", None)          # FP8 experts: views of the files, read when routed
+    return sum(seen.values()) + (store.total_bytes if store is not None else 0)

@@ -207,6 +207,12 @@ class CheckpointReader:
         lo, hi = index[0].start, index[0].stop
         return torch.stack([self._read(keys.expert_name(name, e), index[1:]) for e in range(lo, hi)])
 
+    def read_raw(self, name: str, index: tuple[slice, ...]) -> torch.Tensor:
+        """Slices of a tensor as stored (FP8 bytes stay FP8: parallel/fp8.py)."""
+        t = self._slice(name)[index]
+        self._count(t)
+        return t
+
     def _read(self, name: str, index: tuple[slice, ...]) -> torch.Tensor:
         from ..checkpoint.fp8 import dequantize_fp8_block
         from ..checkpoint.loader import CheckpointError
