@@ -156,28 +156,28 @@ def prefill_rate(llm, vocab: int, batch: int, length: int, seed: int) -> float:
 def decode_rate(llm, vocab: int, batch: int, length: int, new: int, seed: int) -> tuple[float, float | None]:
     """-> (generated tokens per second once decoding: sum(new - 1) / (last finish - first first-token),
     distinct experts read per MoE layer per decode step, from the expert store's per-step counters, or None for
-    a model without a store). Decode steps are the forwards of at most `batch` tokens (prompts are longer)."""
+    a model without a store). The engine is stepped here so that each step's counters can be read after it; a
+    decode step is one taken when every unfinished sequence already has its first token (whichever path ran it:
+    the fused step keeps the store's counters as the per-module path does)."""
     from .engine.sampling import SamplingParams
     store = getattr(llm, "expert_store", None)
+    eng = llm.engine
+    sp = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True)
+    reqs = []
+    for p in _prompts(vocab, batch, length, seed):
+        eng.add_request(p["prompt_token_ids"], sp)
+        reqs.append(eng.scheduler.waiting[-1])
     log = []
-
-    def after_forward(module, args, kwargs, out):
-        ids = args[0] if args else kwargs.get("input_ids")
-        log.append((0 if ids is None else ids.numel(), store.stats().step_touched))
-    hook = llm.model.model.register_forward_hook(after_forward, with_kwargs=True) if store is not None else None
-    try:
-        outs = llm.generate(_prompts(vocab, batch, length, seed),
-                            SamplingParams(temperature=0, max_tokens=new, ignore_eos=True), use_tqdm=False)
-    finally:
-        if hook is not None:
-            hook.remove()
-    m = [o.metrics for o in outs]
-    span = max(x.total_time for x in m) - min(x.time_to_first_token for x in m)
+    while eng.has_unfinished_requests():
+        decoding = all(r.first_token_time is not None for r in reqs if r.finish_time is None)
+        eng.step()
+        if decoding and store is not None:
+            log.append(store.stats().step_touched)
+    span = max(r.finish_time for r in reqs) - min(r.first_token_time for r in reqs)
     cfg = llm.model.config
     moe_layers = sum(cfg.is_moe(i) for i in range(cfg.num_hidden_layers))
-    steps = [t for n, t in log if 0 < n <= batch]
-    touched = statistics.mean(steps) / moe_layers if steps and moe_layers else None
-    return sum(x.generated_tokens - 1 for x in m) / span, touched
+    touched = statistics.mean(log) / moe_layers if log and moe_layers else None
+    return len(reqs) * (new - 1) / span, touched
 
 
 def measure(args) -> dict:
@@ -258,7 +258,7 @@ def print_measure(res: dict) -> None:
 def plan(cfg, *, ram: int, bandwidth: float, cores: int, fp8: bool, context: int, batch: int,
          core_gflops: float, kv_bytes: int, panels: bool, disk_bandwidth: float | None = None) -> dict:
     """Memory and decode tokens/s of `cfg` on a described machine (module docstring); nothing is allocated."""
-    from .checkpoint.saver import _nbytes
+    from .checkpoint.saver import nbytes
     from .checkpoint.synthetic import checkpoint_plan
     from .summary import count_parameters, kv_report
     import torch
@@ -267,7 +267,7 @@ def plan(cfg, *, ram: int, bandwidth: float, cores: int, fp8: bool, context: int
     tensors = checkpoint_plan(cfg, torch.bfloat16, (128, 128) if fp8 else None)
     wb = {"dense": 0, "experts": 0, "embedding": 0, "mtp": 0, "row": 0}
     for _, name, dt, shape in tensors:
-        nb = _nbytes(dt, shape)
+        nb = nbytes(dt, shape)
         role = ("mtp" if ".mtp." in name else "embedding" if "embed_tokens" in name
                 else "experts" if ".mlp.experts." in name else "dense")
         wb[role] += nb
@@ -278,7 +278,7 @@ def plan(cfg, *, ram: int, bandwidth: float, cores: int, fp8: bool, context: int
         panel_bytes = 2 * params["dense_linear"] if panels else 0
     else:           # FP8 weights: only the bf16 linears are packed, and only below the engine's share of the weights
         from .engine.fp8_layout import PANEL_SHARE
-        panel_bytes = sum(_nbytes(dt, shape) for _, name, dt, shape in tensors
+        panel_bytes = sum(nbytes(dt, shape) for _, name, dt, shape in tensors
                           if dt == torch.bfloat16 and len(shape) == 2 and "embed_tokens" not in name)
         panel_bytes = panel_bytes if panels and panel_bytes <= PANEL_SHARE * weights else 0
     kv = kv_report(cfg, context, batch, kv_bytes)
@@ -286,10 +286,10 @@ def plan(cfg, *, ram: int, bandwidth: float, cores: int, fp8: bool, context: int
 
     moe_layers = sum(cfg.is_moe(i) for i in range(cfg.num_hidden_layers))
     E, k = cfg.n_routed_experts, cfg.num_experts_per_tok
-    per_expert = wb["experts"] / (moe_layers * E)
+    per_expert = wb["experts"] / max(1, moe_layers * E)
     U = distinct_experts(E, k, batch)
-    kv_seq = kv_report(cfg, context, 1, kv_bytes)["kv_bytes"]
-    step = wb["dense"] + batch * wb["row"] + moe_layers * U * per_expert + batch * kv_seq
+    kv_seq = kv_bytes_per_sequence(cfg, context, kv_bytes)
+    step = step_bytes(cfg, wb, batch, context, kv_bytes)          # the measured runs' formula, same terms
     bw_tok_s = batch * bandwidth / step
     # FLOPs per token: 2 per active weight (the embedding lookup is not a product) + QK^T and PV over the keys
     attn = 0

@@ -336,6 +336,26 @@ def test_memory_budget_errors(tmp_path, ckpt):
         LLM(bf16, progress=False, weight_dtype="fp8")
 
 
+def test_llm_reads_the_headers_once(ckpt, tmp_path, monkeypatch):
+    """LLM(path) decides how to load (FP8 or not, which dtype) and loads from one read of the shard headers, for an
+    FP8 and a bf16 checkpoint; a rewritten checkpoint is read again."""
+    from mimoflash.checkpoint import loader
+    opened = []
+    real = loader._open
+    monkeypatch.setattr(loader, "_open", lambda f: opened.append(f.name) or real(f))
+    bf16 = save_model(make_model(tiny_config()), tmp_path / "bf16", dtype=torch.bfloat16)
+    # the FP8 loader maps the file for the data; the bf16 loader opens it a second time for the data
+    for path, want in ((ckpt, ["model.safetensors"]), (bf16, ["model.safetensors"] * 2)):
+        opened.clear()
+        loader._files_cache.clear()
+        LLM(path, progress=False)
+        assert opened == want
+    first = loader.read_checkpoint(bf16)
+    assert loader.read_checkpoint(bf16) is first
+    save_model(make_model(tiny_config(), seed=1), bf16, dtype=torch.bfloat16)
+    assert loader.read_checkpoint(bf16) is not first
+
+
 @needs_kernels
 def test_bf16_weights_stay_available(ckpt):
     llm = LLM(ckpt, progress=False, weight_dtype="bfloat16")

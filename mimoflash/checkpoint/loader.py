@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -185,15 +186,17 @@ class _Shards:
         self.handles, self.read = {}, 0
 
 
-def _read_headers(root: Path, weight_map: dict[str, str]) -> dict[str, tuple[str, tuple[int, ...], str]]:
-    """name -> (file, shape, safetensors dtype string) for every name in the weight map."""
+def _read_headers(root: Path, weight_map: dict[str, str] | None) -> dict[str, tuple[str, tuple[int, ...], str]]:
+    """name -> (file, shape, safetensors dtype string) for every name in the weight map (None: every tensor of the
+    single file)."""
     info = {}
-    by_file: dict[str, list[str]] = {}
-    for name, file in weight_map.items():
+    by_file: dict[str, list[str] | None] = {SINGLE_FILE: None} if weight_map is None else {}
+    for name, file in (weight_map or {}).items():
         by_file.setdefault(file, []).append(name)
     for file, names in sorted(by_file.items()):
         with _open(root / file) as f:
             present = set(_guarded(root / file, None, f.keys))
+            names = sorted(present) if names is None else names
             absent = [n for n in names if n not in present]
             if absent:
                 raise CheckpointError(f"{root / file}: {len(absent)} tensor(s) listed in {INDEX_FILE} are not in this "
@@ -202,6 +205,73 @@ def _read_headers(root: Path, weight_map: dict[str, str]) -> dict[str, tuple[str
                 sl = _guarded(root / file, n, lambda: f.get_slice(n))
                 info[n] = (file, tuple(sl.get_shape()), sl.get_dtype())
     return info
+
+
+@dataclass(frozen=True)
+class CheckpointFiles:
+    """A checkpoint's files as read from disk: `weight_map` (tensor name -> file) and `info` (tensor name -> (file,
+    shape, safetensors dtype string)) for every tensor, from the shard headers; no tensor data."""
+    root: Path
+    weight_map: dict[str, str]
+    info: dict[str, tuple[str, tuple[int, ...], str]]
+
+    def dtype_of(self, name: str) -> str | None:
+        """The safetensors dtype string of tensor `name`, or None if the checkpoint has no such tensor."""
+        got = self.info.get(name)
+        return None if got is None else got[2]
+
+
+_files_cache: dict = {}     # the last checkpoint read: {(root, the files' sizes and mtimes): CheckpointFiles}
+
+
+def read_checkpoint(path) -> CheckpointFiles:
+    """The checkpoint's weight map and every shard header, read once: callers that look at the same checkpoint one
+    after the other (LLM choosing how to load it, then the loader) share one read, while the files are unchanged
+    (same sizes and modification times). Errors as `load_model` raises them."""
+    root = _resolve_path(path)
+    single = (root / SINGLE_FILE).exists() and not (root / INDEX_FILE).exists()
+    weight_map = None if single else _weight_map(root)          # the index (or its errors)
+    try:
+        stamp = tuple((f, st.st_size, st.st_mtime_ns) for f in ([SINGLE_FILE] if single else
+                                                                 sorted(set(weight_map.values())))
+                      for st in [(root / f).stat()])
+    except OSError:
+        stamp = None                    # a missing shard: _read_headers names it
+    key = (str(root.resolve()), stamp)
+    if stamp is None or key not in _files_cache:
+        if single:                      # one header read gives both the names and their entries
+            info = _read_headers(root, None)
+            weight_map = {name: SINGLE_FILE for name in info}
+        else:
+            info = _read_headers(root, weight_map)
+        _files_cache.clear()
+        _files_cache[key] = CheckpointFiles(root, weight_map, info)
+    return _files_cache[key]
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A checkpoint validated against the model its config describes (phase 1 of the module docstring): the files,
+    the config, the FP8 block size (or None) and the plan [(ckpt name, scale name or None, param name, expert or
+    None)]."""
+    files: CheckpointFiles
+    config: MiMoConfig
+    block: tuple[int, int] | None
+    plan: list[tuple[str, str | None, str, int | None]]
+
+
+def prepare(path) -> Prepared:
+    """Read and check a checkpoint without reading tensor data: load_model's phase 1, shared with the loader that
+    keeps FP8 weights FP8 (engine/fp8_layout.py), so both raise the same errors for the same checkpoint."""
+    root = _resolve_path(path)
+    if not (root / "config.json").exists():
+        raise CheckpointError(f"{root / 'config.json'}: config.json not found")
+    files = read_checkpoint(root)
+    config = _read_config(root, files.weight_map)
+    block = config.fp8_block_size
+    with torch.device("meta"):
+        plan = _plan(MiMoForCausalLM(config), files.info, block)
+    return Prepared(files, config, block, plan)
 
 
 def _read_config(root: Path, names) -> MiMoConfig:
@@ -269,9 +339,13 @@ def _plan(model: MiMoForCausalLM, info: dict, block) -> list[tuple[str, str | No
     return plan
 
 
-def _build(config: MiMoConfig, dtype: torch.dtype, device: torch.device) -> MiMoForCausalLM:
+def _build(config: MiMoConfig, dtype: torch.dtype, device: torch.device, swap=None) -> MiMoForCausalLM:
+    """Phase 2; `swap(model)`, if given, runs on the meta model before any memory is allocated (the FP8 loader
+    swaps in its modules there)."""
     with torch.device("meta"):
         model = MiMoForCausalLM(config).cast(dtype)
+        if swap is not None:
+            swap(model)
     model.to_empty(device=device)
     if config.tie_word_embeddings:          # to_empty replaces meta parameters one by one, breaking the tie
         model.lm_head.weight = model.model.embed_tokens.weight
@@ -292,17 +366,14 @@ _STORED = {"BF16": torch.bfloat16, "F8_E4M3": torch.bfloat16, "F8_E5M2": torch.b
 
 def stored_weight_dtype(path) -> torch.dtype:
     """The dtype a checkpoint's matmul weights are best kept in: bf16 for BF16 or FP8 (which dequantizes to bf16
-    losslessly at the block scales' precision), else as stored. Reads one shard header (the lm_head's, or the first
-    projection's), no tensor data."""
-    root = _resolve_path(path)
-    weight_map = _weight_map(root)
-    name = next((n for n in ("lm_head.weight", "model.layers.0.self_attn.q_proj.weight") if n in weight_map),
-                next(iter(sorted(weight_map)), None))
+    losslessly at the block scales' precision), else as stored: the lm_head's dtype, or the first projection's.
+    Reads the headers through `read_checkpoint` (once for the loader that follows), no tensor data."""
+    files = read_checkpoint(path)
+    name = next((n for n in ("lm_head.weight", "model.layers.0.self_attn.q_proj.weight") if n in files.info),
+                next(iter(sorted(files.info)), None))
     if name is None:
-        raise CheckpointError(f"{root}: no tensors found")
-    with _open(root / weight_map[name]) as f:
-        st = _guarded(root / weight_map[name], name, lambda: f.get_slice(name)).get_dtype()
-    return _STORED.get(st, torch.float32)
+        raise CheckpointError(f"{files.root}: no tensors found")
+    return _STORED.get(files.dtype_of(name), torch.float32)
 
 
 def load_model(path, dtype=torch.bfloat16, device="cpu", progress: bool = False, keep_fp8: bool = False,
@@ -318,15 +389,9 @@ def load_model(path, dtype=torch.bfloat16, device="cpu", progress: bool = False,
         if _resolve_device(device).type != "cpu":
             raise ValueError("keep_fp8 runs on CPU (the FP8 kernels are CPU kernels)")
         return load_fp8(path, memory_budget=memory_budget, progress=progress)[0]
-    dtype, device, root = _resolve_dtype(dtype), _resolve_device(device), _resolve_path(path)
-    if not (root / "config.json").exists():
-        raise CheckpointError(f"{root / 'config.json'}: config.json not found")
-    weight_map = _weight_map(root)
-    config = _read_config(root, weight_map)
-    info = _read_headers(root, weight_map)
-    block = config.fp8_block_size
-    with torch.device("meta"):
-        plan = _plan(MiMoForCausalLM(config), info, block)
+    dtype, device = _resolve_dtype(dtype), _resolve_device(device)
+    prep = prepare(path)
+    root, weight_map, config, block, plan = prep.files.root, prep.files.weight_map, prep.config, prep.block, prep.plan
     model = _build(config, dtype, device)
     slots = model.state_dict(keep_vars=True)
     bar = None

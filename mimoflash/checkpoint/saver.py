@@ -37,9 +37,10 @@ _SHARD = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 
-def _entries(model: MiMoForCausalLM, dtype: torch.dtype, block: tuple[int, int] | None):
-    """-> [(group, ckpt name, stored dtype, shape, make)] in state-dict order. `make()` produces the stored
-    tensor lazily. A weight and its scale share a group so that they always land in the same shard."""
+def plan_entries(model: MiMoForCausalLM, dtype: torch.dtype, block: tuple[int, int] | None):
+    """-> [(group, ckpt name, stored dtype, shape, make)] in state-dict order: the write plan of `model` (which may
+    live on the meta device: only `make` reads data). `make()` produces the stored tensor lazily. A weight and its
+    scale share a group so that they always land in the same shard."""
     fp32_names = {f"{n}.{p}" for n, m in model.named_modules() if isinstance(m, Router)
                   for p in ("weight", "e_score_correction_bias")}
     out = []
@@ -63,7 +64,8 @@ def _entries(model: MiMoForCausalLM, dtype: torch.dtype, block: tuple[int, int] 
     return out
 
 
-def _nbytes(dtype: torch.dtype, shape) -> int:
+def nbytes(dtype: torch.dtype, shape) -> int:
+    """Bytes of a tensor of `shape` stored as `dtype`."""
     n = 1
     for d in shape:
         n *= d
@@ -74,7 +76,7 @@ def _write_safetensors(file: Path, entries) -> None:
     """Stream `entries` ([(group, name, dtype, shape, make)]) into one safetensors file."""
     header, offset = {"__metadata__": {"format": "pt"}}, 0
     for _, name, dtype, shape, _ in entries:
-        n = _nbytes(dtype, shape)
+        n = nbytes(dtype, shape)
         header[name] = {"dtype": _ST_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
         offset += n
     blob = json.dumps(header, separators=(",", ":")).encode()
@@ -96,7 +98,7 @@ def _shards(entries, max_shard_bytes: int | None) -> list[list]:
         return [entries]
     shards, size = [[]], 0
     for i, ent in enumerate(entries):
-        n = _nbytes(ent[2], ent[3])
+        n = nbytes(ent[2], ent[3])
         new_group = i == 0 or entries[i - 1][0] != ent[0]
         if new_group and shards[-1] and size + n > max_shard_bytes:
             shards.append([])
@@ -104,6 +106,54 @@ def _shards(entries, max_shard_bytes: int | None) -> list[list]:
         shards[-1].append(ent)
         size += n
     return shards
+
+
+def checkpoint_config(config, dtype: torch.dtype, block: tuple[int, int] | None) -> dict:
+    """The `config.json` contents for `config` stored in `dtype`, with the release's `quantization_config` when
+    `block` is set (its `ignored_layers` lists every `o_proj`, which transformers reads as "leave this Linear
+    alone")."""
+    cfg = config.to_dict()
+    cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
+    cfg.pop("quantization_config", None)
+    if block is not None:
+        with torch.device("meta"):
+            names = [n for n, _ in MiMoForCausalLM(config).named_modules() if n.endswith(".o_proj")]
+        cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                      "weight_block_size": list(block), "ignored_layers": names}
+    return cfg
+
+
+def write_checkpoint(path, cfg: dict, entries, max_shard_bytes: int | None = None, on_shard=None) -> Path:
+    """Write `config.json` (`cfg`) and the tensors of `entries` (`plan_entries`' tuples, each `make` called once,
+    in order) into directory `path`: `model.safetensors`, or with `max_shard_bytes` shards
+    `model-0000i-of-0000N.safetensors` and their index. Old weight files in the directory are removed first (a stale
+    index or shard set would shadow, or mix with, the new files). `on_shard(file name, bytes)` is called after each
+    shard. -> the directory. Used by `save_model` and the synthetic checkpoint writer (checkpoint/synthetic.py)."""
+    if max_shard_bytes is not None and (not isinstance(max_shard_bytes, int) or max_shard_bytes <= 0):
+        raise ValueError(f"max_shard_bytes must be a positive int or None, got {max_shard_bytes!r}")
+    root = Path(path)
+    root.mkdir(parents=True, exist_ok=True)
+    for old in root.iterdir():
+        if old.name in (SINGLE_FILE, INDEX_FILE) or _SHARD.match(old.name):
+            old.unlink()
+    (root / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    with torch.no_grad():
+        if max_shard_bytes is None:
+            _write_safetensors(root / SINGLE_FILE, entries)
+            return root
+        shards = _shards(entries, max_shard_bytes)
+        weight_map, total = {}, 0
+        for i, shard in enumerate(shards):
+            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            _write_safetensors(root / fname, shard)
+            size = sum(nbytes(dt, shape) for _, _, dt, shape, _ in shard)
+            weight_map.update((name, fname) for _, name, _, _, _ in shard)
+            total += size
+            if on_shard is not None:
+                on_shard(fname, size)
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (root / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    return root
 
 
 def save_model(model: MiMoForCausalLM, path, dtype=torch.bfloat16, fp8: bool = False,
@@ -121,43 +171,13 @@ def save_model(model: MiMoForCausalLM, path, dtype=torch.bfloat16, fp8: bool = F
     block = tuple(fp8_block_size) if fp8 else None
     if block is not None and (len(block) != 2 or not all(isinstance(b, int) and b > 0 for b in block)):
         raise ValueError(f"fp8_block_size must be two positive ints, got {fp8_block_size!r}")
-    root = Path(path)
-    root.mkdir(parents=True, exist_ok=True)
-    for old in root.iterdir():       # a stale index or shard set would shadow (or mix with) the new files
-        if old.name in (SINGLE_FILE, INDEX_FILE) or _SHARD.match(old.name):
-            old.unlink()
-
-    cfg = model.config.to_dict()
-    cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
-    cfg.pop("quantization_config", None)
-    if fp8:
-        cfg["quantization_config"] = {
-            "quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": list(block),
-            "ignored_layers": [n for n, _ in model.named_modules() if n.endswith(".o_proj")],
-        }
-    (root / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-
+    if tokenizer_dir is not None and not (Path(tokenizer_dir) / "tokenizer.json").exists():
+        raise FileNotFoundError(f"{Path(tokenizer_dir) / 'tokenizer.json'}: tokenizer_dir has no tokenizer.json")
     with torch.no_grad():
-        entries = _entries(model, dtype, block)
-        shards = _shards(entries, max_shard_bytes)
-        if len(shards) == 1 and max_shard_bytes is None:
-            _write_safetensors(root / SINGLE_FILE, entries)
-        else:
-            weight_map, total = {}, 0
-            for i, shard in enumerate(shards):
-                fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                _write_safetensors(root / fname, shard)
-                for _, name, dt, shape, _ in shard:
-                    weight_map[name] = fname
-                    total += _nbytes(dt, shape)
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            (root / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-
+        root = write_checkpoint(path, checkpoint_config(model.config, dtype, block), plan_entries(model, dtype, block),
+                                max_shard_bytes)
     if tokenizer_dir is not None:
-        src = Path(tokenizer_dir)
-        if not (src / "tokenizer.json").exists():
-            raise FileNotFoundError(f"{src / 'tokenizer.json'}: tokenizer_dir has no tokenizer.json")
         for fname in TOKENIZER_FILES:
-            if (src / fname).exists():
-                shutil.copyfile(src / fname, root / fname)
+            if (Path(tokenizer_dir) / fname).exists():
+                shutil.copyfile(Path(tokenizer_dir) / fname, root / fname)
     return root

@@ -41,7 +41,6 @@ from ..config import MiMoConfig
 from ..model.mimo import MiMoForCausalLM
 from . import keys, saver
 from .fp8 import FP8_DTYPE, quantize_fp8_block
-from .loader import INDEX_FILE
 
 # The release's token ids (docs/MODEL.md §5); everything else in MiMoConfig's defaults is the release's shape.
 _RELEASE_IDS = {"eos_token_id": 151645, "pad_token_id": 151643}
@@ -75,7 +74,7 @@ def checkpoint_plan(config: MiMoConfig, dtype: torch.dtype = torch.bfloat16,
     allocating a tensor (the model lives on the meta device). Also used by `mimoflash bench --plan`."""
     with torch.device("meta"):
         model = MiMoForCausalLM(config)
-    return [(g, n, dt, shape) for g, n, dt, shape, _ in saver._entries(model, dtype, fp8_block)]
+    return [(g, n, dt, shape) for g, n, dt, shape, _ in saver.plan_entries(model, dtype, fp8_block)]
 
 
 def _generator(seed: int, name: str) -> torch.Generator:
@@ -136,44 +135,15 @@ def write_synthetic_checkpoint(out, config: MiMoConfig | None = None, *, seed: i
     """Write a seeded synthetic checkpoint of `config` (default: `synthetic_config()`) into directory `out`.
     Returns the directory. Files are streamed one tensor at a time (module docstring)."""
     config = synthetic_config() if config is None else config
-    if max_shard_bytes is not None and (not isinstance(max_shard_bytes, int) or max_shard_bytes <= 0):
-        raise ValueError(f"max_shard_bytes must be a positive int or None, got {max_shard_bytes!r}")
     block = tuple(fp8_block) if fp8 else None
-    root = Path(out)
-    root.mkdir(parents=True, exist_ok=True)
-    for old in root.iterdir():       # a stale shard set would mix with the new one
-        if old.name in (saver.SINGLE_FILE, INDEX_FILE) or saver._SHARD.match(old.name):
-            old.unlink()
-
-    cfg = config.to_dict()
-    cfg["torch_dtype"] = "bfloat16"
-    if fp8:
-        with torch.device("meta"):
-            names = [n for n, _ in MiMoForCausalLM(config).named_modules() if n.endswith(".o_proj")]
-        cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                                      "weight_block_size": list(block), "ignored_layers": names}
-    (root / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-
     entries = _makers(checkpoint_plan(config, torch.bfloat16, block), seed, std, config.hidden_size, block)
-    shards = saver._shards(entries, max_shard_bytes)
     t0 = time.perf_counter()
-    with torch.no_grad():
-        if max_shard_bytes is None:
-            saver._write_safetensors(root / saver.SINGLE_FILE, entries)
-        else:
-            weight_map, total = {}, 0
-            for i, shard in enumerate(shards):
-                fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                saver._write_safetensors(root / fname, shard)
-                for _, name, dt, shape, _ in shard:
-                    weight_map[name] = fname
-                    total += saver._nbytes(dt, shape)
-                if progress:
-                    print(f"  {fname}: {sum(saver._nbytes(e[2], e[3]) for e in shard) / 1e9:.2f} GB "
-                          f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            (root / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-    return root
+
+    def report(fname: str, size: int) -> None:
+        if progress:
+            print(f"  {fname}: {size / 1e9:.2f} GB ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+    return saver.write_checkpoint(out, saver.checkpoint_config(config, torch.bfloat16, block), entries,
+                                  max_shard_bytes, on_shard=report)
 
 
 def parse_size(text: str) -> int:
@@ -211,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         base = MiMoConfig.from_file(a.config) if a.config else None
         cfg = synthetic_config(a.layers, a.experts, a.experts_per_tok, a.mtp_layers, base)
         plan = checkpoint_plan(cfg, torch.bfloat16, None if a.bf16 else (128, 128))
-        size = sum(saver._nbytes(dt, shape) for _, _, dt, shape in plan)
+        size = sum(saver.nbytes(dt, shape) for _, _, dt, shape in plan)
         print(f"writing {size / 1e9:.2f} GB to {a.out}: {cfg.num_hidden_layers} layers, {cfg.n_routed_experts} "
               f"experts top-{cfg.num_experts_per_tok}, {cfg.num_nextn_predict_layers} MTP, hidden "
               f"{cfg.hidden_size}, vocab {cfg.vocab_size}, {'bf16' if a.bf16 else 'block-FP8 128x128'}",

@@ -35,10 +35,8 @@ from torch import nn
 
 from ..checkpoint import loader as L
 from ..checkpoint.fp8 import FP8_DTYPE, dequantize_fp8_block, scale_shape
-from ..config import MiMoConfig
 from ..kernels import fp8 as kfp8
 from ..model.attention import Attention
-from ..model.layers import RotaryEmbedding
 from ..model.mimo import MiMoForCausalLM
 from .expert_store import ExpertStore, available_ram, current_rss, parse_bytes
 
@@ -144,18 +142,10 @@ class FP8Experts(nn.Module):
 
 def checkpoint_dtypes(path) -> tuple[bool, str | None]:
     """-> (whether the checkpoint's projections are block-FP8, safetensors dtype of its o_proj / lm_head). Reads
-    headers only."""
-    root = L._resolve_path(path)
-    wm = L._weight_map(root)
-    probe = [n for n in ("model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.o_proj.weight",
-                         "lm_head.weight") if n in wm]
-    dts = {}
-    for n in probe:
-        with L._open(root / wm[n]) as f:
-            dts[n] = L._guarded(root / wm[n], n, lambda: f.get_slice(n)).get_dtype()
-    q = dts.get("model.layers.0.self_attn.q_proj.weight")
-    other = dts.get("model.layers.0.self_attn.o_proj.weight", dts.get("lm_head.weight"))
-    return q in ("F8_E4M3",), other
+    headers only, through the loader's `read_checkpoint` (which the load that follows reuses)."""
+    files = L.read_checkpoint(path)
+    other = files.dtype_of("model.layers.0.self_attn.o_proj.weight") or files.dtype_of("lm_head.weight")
+    return files.dtype_of("model.layers.0.self_attn.q_proj.weight") == "F8_E4M3", other
 
 
 def wants_fp8(path, weight_dtype, compute: torch.dtype, device: torch.device) -> bool:
@@ -171,20 +161,6 @@ def wants_fp8(path, weight_dtype, compute: torch.dtype, device: torch.device) ->
                "FP8 weights run on CPU, with float32 compute and the CPU kernels built")
         raise ValueError(f"weight_dtype='fp8' cannot be used here: {why}")
     return ok and (asked or other == "BF16")
-
-
-def _build(config: MiMoConfig, swap, device: torch.device) -> MiMoForCausalLM:
-    """loader._build with `swap(model)` run on the meta model before any memory is allocated."""
-    with torch.device("meta"):
-        model = MiMoForCausalLM(config).cast(torch.bfloat16)
-        swap(model)
-    model.to_empty(device=device)
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    for name, (rd, theta) in {"full": (config.rotary_dim(False), config.rope_theta),
-                              "sliding": (config.rotary_dim(True), config.swa_rope_theta)}.items():
-        model.model.rotary[name].inv_freq = RotaryEmbedding(rd, theta).inv_freq.to(device)
-    return model.eval()
 
 
 def _tensor_bytes(model: nn.Module) -> int:
@@ -209,15 +185,8 @@ def load_fp8(path, memory_budget=None, kv_bytes: int = 0, panels: bool = True, p
     process (what Python and torch hold now, the resident weights, panels, `kv_bytes` of KV cache and a margin);
     what is left bounds the expert cache. ValueError if the budget cannot hold the non-expert weights."""
     budget = parse_bytes(memory_budget)
-    root = L._resolve_path(path)
-    if not (root / "config.json").exists():
-        raise L.CheckpointError(f"{root / 'config.json'}: config.json not found")
-    weight_map = L._weight_map(root)
-    config = L._read_config(root, weight_map)
-    info = L._read_headers(root, weight_map)
-    block = config.fp8_block_size
-    with torch.device("meta"):
-        plan = L._plan(MiMoForCausalLM(config), info, block)
+    prep = L.prepare(path)                             # validated as load_model validates it
+    root, weight_map, config, block, plan = prep.files.root, prep.files.weight_map, prep.config, prep.block, prep.plan
     fp8_dense = {t for _, s, t, e in plan if s is not None and e is None}
     expert_fp8: dict[str, bool] = {}
     for _, s, t, e in plan:
@@ -238,7 +207,7 @@ def load_fp8(path, memory_budget=None, kv_bytes: int = 0, panels: bool = True, p
             moe.experts = FP8Experts(store, store.add_layer(prefix, E), E, D, Fd, block)
 
     base_rss = current_rss()
-    model = _build(config, swap, torch.device("cpu"))
+    model = L._build(config, torch.bfloat16, torch.device("cpu"), swap=swap)
     resident = _tensor_bytes(model)
     pbytes = panel_bytes(model)
     panels = panels and pbytes <= PANEL_SHARE * (resident + store.total_bytes)

@@ -16,39 +16,16 @@ import ctypes
 import torch
 import torch.nn.functional as F
 
-from ..checkpoint.fp8 import FP8_DTYPE, dequantize_fp8_block, scale_shape
+from ..checkpoint.fp8 import dequantize_fp8_block
 from . import _load
 
 KERNEL_MAX_ROWS = 32            # above this, chunks of dequantised weight rows through torch's GEMM are faster
 _CHUNK_BYTES = 16 << 20         # fp32 bytes of weight rows dequantised at a time on the many-row path
-_ready: ctypes.CDLL | None = None
 
 
 def _lib() -> ctypes.CDLL | None:
-    global _ready
-    if _ready is not None:
-        return _ready
-    lib = _load()
-    if lib is None:
-        return None
-    c_long, c_void = ctypes.c_long, ctypes.c_void_p
-    lib.mf_gemm_fp8w.argtypes = [c_void, c_long, c_void, c_void, c_long, c_void, c_long, c_long, c_long, c_long,
-                                 c_long, c_long]
-    lib.mf_gemm_fp8w.restype = ctypes.c_int
-    lib.mf_experts_fp8.argtypes = [c_void, c_long, c_long, c_long, c_long, c_void, c_void, c_long, c_long, c_void,
-                                   c_long]
-    lib.mf_experts_fp8.restype = ctypes.c_int
-    _ready = lib
-    return lib
-
-
-def check_fp8(w: torch.Tensor, s: torch.Tensor, block: tuple[int, int], name: str = "weight") -> None:
-    """Raise ValueError unless w is a contiguous (N, K) E4M3 tensor and s its contiguous fp32 scale grid."""
-    if w.dtype != FP8_DTYPE or w.dim() != 2 or not w.is_contiguous():
-        raise ValueError(f"{name}: want a contiguous 2-d float8_e4m3fn weight, got {tuple(w.shape)} {w.dtype}")
-    if s.dtype != torch.float32 or tuple(s.shape) != scale_shape(w.shape, block) or not s.is_contiguous():
-        raise ValueError(f"{name}: scale grid {tuple(s.shape)} {s.dtype} does not fit a {tuple(w.shape)} weight in "
-                         f"{tuple(block)} blocks (want contiguous float32 {scale_shape(w.shape, block)})")
+    """The kernels' library (its ctypes signatures are set and checked against the header by kernels._load)."""
+    return _load()
 
 
 def linear_fp8_reference(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
