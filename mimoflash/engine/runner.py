@@ -278,6 +278,7 @@ class ModelRunner:
         self._buffers: dict = {}
         self._aranges: dict[int, torch.Tensor] = {}     # batch size -> arange(B) for decode metadata
         self._mtp_step: tuple | None = None              # (rows key, StepInputs) of the last MTP draft pass
+        self._main_rows: tuple | None = None             # (rows key, StepInputs) of the last rows-path main step
         self.use_kernels = False
         self.fused: FusedDecoder | None = None       # one kernel call per layer for decode steps
         self.fused_mtp: list | None = None           # the same for each MTP block (build_mtp)
@@ -494,6 +495,10 @@ class ModelRunner:
     def execute(self, batch: Batch) -> torch.Tensor:
         """Run the batch; -> logits (R, V) fp32 for the sampled items, in batch order."""
         step = self.prepare(batch)
+        # A verification whose drafts are all accepted leaves the next MTP pass the same rows (positions, ring,
+        # mask): execute_mtp reuses this step's sliding metadata for them (the MTP blocks' rings share the layout).
+        self._main_rows = ((tuple((it.request.ring_id, it.start, it.num_tokens, 0) for it in batch.items), step)
+                           if step.meta.decode and True in step.meta.kinds else None)
         if self.fused is not None and step.meta.decode:
             hidden = self.fused.forward(step.input_ids, step.positions, step.meta.kinds)   # (1, B, D)
         else:
@@ -533,10 +538,18 @@ class ModelRunner:
         # metadata does not depend on the block: the last pass's is reused when the rows match, only the tokens
         # differ. The key holds everything `_prepare_rows` reads for sliding kinds.
         key = tuple((s.request.ring_id, s.start, len(s.tokens), s.key_from, s.rows) for s in slices)
-        memo = self._mtp_step
+        memo, main = self._mtp_step, self._main_rows
+        ids = [t for s in slices for t in s.tokens]
         if memo is not None and memo[0] == key:
-            step = replace(memo[1], input_ids=self._host(np.array([t for s in slices for t in s.tokens],
-                                                                   dtype=np.int64)).view(1, -1))
+            step = replace(memo[1], input_ids=self._host(np.array(ids, dtype=np.int64)).view(1, -1))
+        elif main is not None and main[0] == tuple(k[:4] for k in key) and all(s.rows == "last" for s in slices):
+            m = main[1].meta
+            last = np.cumsum([len(s.tokens) for s in slices]) - 1
+            every = len(last) == m.B
+            step = StepInputs(self._host(np.array(ids, dtype=np.int64)).view(1, -1), main[1].positions,
+                              replace(m, kinds={True: m.kinds[True]}),
+                              self._aranges[m.B] if every else self._host(last), every)
+            self._mtp_step = (key, step)
         else:
             step = self.prepare_slices(slices, kinds=(True,))
             self._mtp_step = (key, step) if step.meta.decode else None

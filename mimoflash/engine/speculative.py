@@ -307,7 +307,7 @@ class MTPDrafter:
         """spans: (request, first position, first row of `hidden`, rows); hidden (N, D): the step's final hidden
         states. Each request's newest `keep` positions are kept in one buffer of `keep` slots per ring (slot
         ring_id * keep + position % keep), written with one copy for the whole step."""
-        keep, src, dst = self.keep, [], []
+        keep, src, dst, runs = self.keep, [], [], []
         for req, start, lo, n in spans:
             st = self.state(req)
             if n > keep:
@@ -318,10 +318,15 @@ class MTPDrafter:
             base = req.ring_id * keep
             src.extend(range(lo, lo + n))
             dst.extend(base + p % keep for p in range(start, start + n))
+            runs.append((lo, base + start % keep, n) if start % keep + n <= keep else None)
         if not dst:
             return
         if self.hbuf is None:
             self.hbuf = hidden.new_zeros(self.runner.layout.num_rings * keep, hidden.shape[1])
+        if len(runs) <= 2 and None not in runs:       # a request or two (batch 1): slice copies, no index tensors
+            for lo, at, n in runs:
+                self.hbuf[at:at + n].copy_(hidden[lo:lo + n])
+            return
         rows = hidden if len(src) == hidden.shape[0] and src[-1] == len(src) - 1 else hidden[torch.tensor(src)]
         self.hbuf.index_copy_(0, torch.tensor(dst), rows)
 
