@@ -208,6 +208,12 @@ def main() -> int:
                 servers[name] = (url, path, {})
             except Exception as e:                   # noqa: BLE001
                 failed[name] = _last_error_line(proc) or str(e)
+                procs.remove(proc)                   # stopped now: it may hold a large cache
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
     for name, why in failed.items():
         print(f"{name}: failed: {why}", file=sys.stderr)
     rows = []
