@@ -1,25 +1,26 @@
 """Tensor/expert parallelism on the CPU: per-rank memory, decode tokens/s at 1 and 2 ranks, communication per step.
 
-    python benchmarks/bench_parallel.py                     # ~2-4 minutes on 2 busy cores
+    python benchmarks/bench_parallel.py                     # ~3-5 minutes on 2 busy cores
     python benchmarks/bench_parallel.py --repeats 1 --max-tokens 16      # quick look
 
 The model is random (seeded), built here, large enough that weights dominate the memory and the decode time
 (default: hidden 1024, 4 layers, 32 experts top-4 of width 512, vocabulary 32k: ~0.23 GB of bf16 weights), kept
-in bf16 with fp32 compute (the CPU default for a bf16 checkpoint). Both variants live in this process (rank 0 of
-the 2-rank group is this process; rank 1 a spawned worker) and are run interleaved, the order alternating every
-repeat; medians are reported:
+in bf16 with fp32 compute (the CPU default for a bf16 checkpoint). Three variants: one process (its fused decode
+step, one C call per layer), 2 ranks with the fused step per rank (each layer in two C calls with an all_reduce
+after each, parallel/fused.py) and 2 ranks on the module path (`ParallelGroup.use_fused(False)`). All live in this
+process (rank 0 of the 2-rank group is this process; rank 1 a spawned worker) and are run interleaved, the order
+rotating every repeat; medians are reported:
   * decode tokens/s at batch 1 and batch `--batch` (greedy, `--max-tokens` new tokens, prefill excluded: (tokens
     - 1) / (finish - first token), summed over the batch);
   * resident weight bytes and KV cache bytes per rank (distinct tensor storages, panels included), for the same
     KV capacity (blocks, rings) in both;
   * seconds spent in collectives per decode step (all_reduce after each attention and MLP block, one for the
-    vocabulary-parallel embedding, one all_gather for the LM head) on rank 0, over the measured decode runs: this
-    includes waiting for the other rank to arrive; and, apart, the median time of one all_reduce of a decode step's
-    activations with both ranks ready (a barrier before each), the transfer cost alone.
+    vocabulary-parallel embedding, one all_gather for the LM head) on rank 0, per 2-rank variant, over its measured
+    runs (prefill steps included, counted as steps): this includes waiting for the other rank to arrive; and,
+    apart, the median time of one all_reduce of a decode step's activations with both ranks ready (a barrier
+    before each), the transfer cost alone.
 Each rank uses `--threads` threads (default 1), so 2 ranks use twice the cores of 1 rank: on a machine where other
-work shares the cores the figures are noisy; compare ratios from one run. The single-process engine uses its fused
-decode step (one C call per layer); ranks cannot (a collective sits in the middle of each layer) and run the
-module path. The last stdout line is one JSON object.
+work shares the cores the figures are noisy; compare ratios from one run. The last stdout line is one JSON object.
 """
 
 from __future__ import annotations
@@ -53,7 +54,6 @@ from mimoflash import LLM, SamplingParams  # noqa: E402
 from mimoflash.config import MiMoConfig  # noqa: E402
 from mimoflash.model.mimo import MiMoForCausalLM  # noqa: E402
 from mimoflash.parallel.load import resident_bytes  # noqa: E402
-from mimoflash.parallel.modules import COMM  # noqa: E402
 
 
 def build(a) -> MiMoForCausalLM:
@@ -87,48 +87,61 @@ def main() -> int:
     common = dict(kv_cache_memory=kv, progress=False, max_num_seqs=max(a.batch, 1))
     single = LLM(model, **common)
     tp = LLM(model, tensor_parallel_size=2, **common)
+    group = tp._parallel
     try:
+        assert single.engine.runner.fused is not None and group.use_fused(tp, True), "fused step not available"
         g = torch.Generator().manual_seed(a.seed + 1)
         prompts = [{"prompt_token_ids": torch.randint(0, a.vocab, (24,), generator=g).tolist()}
                    for _ in range(a.batch)]
+        variants = ("1", "2 fused", "2 module")
         decode_rate(single, prompts[:1], 4)                    # warm-up
-        decode_rate(tp, prompts[:1], 4)
-        res = {("1", b): [] for b in (1, a.batch)} | {("2", b): [] for b in (1, a.batch)}
-        tp._parallel.reset_comm()
-        comm_steps = 0
+        for fused in (True, False):
+            group.use_fused(tp, fused)
+            decode_rate(tp, prompts[:1], 4)
+        res = {(v, b): [] for v in variants for b in (1, a.batch)}
+        comm = {v: [0.0, 0] for v in variants[1:]}              # seconds, collective calls on rank 0
         for rep in range(a.repeats):
             for b in (1, a.batch):
-                order = [("1", single), ("2", tp)] if rep % 2 == 0 else [("2", tp), ("1", single)]
-                for name, llm in order:
-                    res[(name, b)].append(decode_rate(llm, prompts[:b], a.max_tokens))
-                    if name == "2":
-                        comm_steps += a.max_tokens
-        stats = tp._parallel.stats(tp)
-        probe = {b: tp._parallel.probe(b * a.hidden) for b in (1, a.batch)}      # one all_reduce, ranks in step
+                k = rep % len(variants)
+                for v in variants[k:] + variants[:k]:
+                    if v == "1":
+                        res[(v, b)].append(decode_rate(single, prompts[:b], a.max_tokens))
+                        continue
+                    group.use_fused(tp, v == "2 fused")
+                    group.reset_comm()
+                    res[(v, b)].append(decode_rate(tp, prompts[:b], a.max_tokens))
+                    s0 = group.stats(tp)[0]
+                    comm[v][0] += s0["comm_seconds"]
+                    comm[v][1] += s0["comm_calls"]
+        stats = group.stats(tp)
+        probe = {b: group.probe(b * a.hidden) for b in (1, a.batch)}      # one all_reduce, ranks in step
         L = model.config.num_hidden_layers
-        comm_per_step = stats[0]["comm_seconds"] / max(1, stats[0]["comm_calls"] / (2 * L + 2))
+        per_step = {v: sec / max(1, calls / (2 * L + 2)) for v, (sec, calls) in comm.items()}
         w1, kv1 = resident_bytes(single.model), single.engine.cache.layout.total_bytes
         med = {k: statistics.median(v) for k, v in res.items()}
         print(f"model: hidden {a.hidden}, {L} layers, {a.experts} experts, vocab {a.vocab}, bf16 weights, fp32 compute; "
               f"threads per rank {a.threads}; repeats {a.repeats}, {a.max_tokens} new tokens")
-        print(f"{'ranks':>5} | {'weights/rank MB':>15} | {'KV/rank MB':>10} | {'tok/s b=1':>9} | "
-              f"{'tok/s b=' + str(a.batch):>10}")
-        print(f"{1:>5} | {w1 / 1e6:15.1f} | {kv1 / 1e6:10.1f} | {med[('1', 1)]:9.1f} | {med[('1', a.batch)]:10.1f}")
-        for r, s in enumerate(stats):
-            rate = f"{med[('2', 1)]:9.1f} | {med[('2', a.batch)]:10.1f}" if r == 0 else f"{'':9} | {'':10}"
-            print(f"{'2:r' + str(r):>5} | {s['weights_bytes'] / 1e6:15.1f} | {s['kv_cache_bytes'] / 1e6:10.1f} | "
-                  f"{rate}")
-        print(f"communication per decode step (rank 0): {comm_per_step * 1e3:.2f} ms inside the {2 * L + 2} "
-              "collectives of a step, waiting for the other rank included")
+        print(f"{'variant':>14} | {'weights/rank MB':>15} | {'KV/rank MB':>10} | {'tok/s b=1':>9} | "
+              f"{'tok/s b=' + str(a.batch):>10} | {'comm ms/step':>12}")
+        print(f"{'1 rank, fused':>14} | {w1 / 1e6:15.1f} | {kv1 / 1e6:10.1f} | {med[('1', 1)]:9.1f} | "
+              f"{med[('1', a.batch)]:10.1f} | {'':>12}")
+        for v in variants[1:]:
+            w = "/".join(f"{s['weights_bytes'] / 1e6:.1f}" for s in stats)
+            kvs = "/".join(f"{s['kv_cache_bytes'] / 1e6:.1f}" for s in stats)
+            print(f"{'2 ranks, ' + v.split()[1]:>14} | {w:>15} | {kvs:>10} | {med[(v, 1)]:9.1f} | "
+                  f"{med[(v, a.batch)]:10.1f} | {per_step[v] * 1e3:12.2f}")
+        print(f"(weights and KV: rank 0 / rank 1; comm: seconds rank 0 spends inside the {2 * L + 2} collectives of a "
+              "step, waiting for the other rank included)")
         print("one all_reduce with both ranks ready (median): " +
               ", ".join(f"{b} x {a.hidden} fp32 {probe[b] * 1e6:.0f} us" for b in probe) +
               f" -> {(2 * L + 2) * probe[1] * 1e3:.2f} ms per batch-1 step")
         out = {"bench": "parallel", "threads_per_rank": a.threads, "hidden": a.hidden, "layers": L,
                "experts": a.experts, "vocab": a.vocab, "max_tokens": a.max_tokens, "batch": a.batch,
+               "repeats": a.repeats,
                "weights_bytes": {"1": w1, "2": [s["weights_bytes"] for s in stats]},
                "kv_cache_bytes": {"1": kv1, "2": [s["kv_cache_bytes"] for s in stats]},
-               "decode_tok_s": {f"{n}rank_b{b}": round(v, 2) for (n, b), v in med.items()},
-               "comm_ms_per_step": round(comm_per_step * 1e3, 3),
+               "decode_tok_s": {f"{v.replace(' ', '_')}_b{b}": round(r, 2) for (v, b), r in med.items()},
+               "comm_ms_per_step": {v.replace(" ", "_"): round(t * 1e3, 3) for v, t in per_step.items()},
                "all_reduce_us": {f"b{b}": round(v * 1e6, 1) for b, v in probe.items()}}
         print(json.dumps(out))
     finally:

@@ -14,7 +14,9 @@ slice, draft count, whether it samples, its block ids and ring id: a few hundred
 key of the group's TCP store; the followers rebuild the same `Batch` shape from it and call the same
 `ModelRunner.execute`, so all ranks prepare identical metadata and issue the same collectives in the same order.
 The store (not a broadcast collective) carries the plan so an idle follower can wait for hours: collectives time
-out, a store wait is retried, and a follower whose rank 0 is gone gets a connection error and exits.
+out, a store wait is retried, and a follower whose rank 0 is gone gets a connection error and exits. With
+speculative decoding the drafter's MTP calls travel the same way (parallel/mtp.py), their hidden-state rows by one
+broadcast. Every rank decodes with its fused step (parallel/fused.py) where one process would.
 
 Failures. Collectives run with a timeout (`MIMOFLASH_TP_TIMEOUT`, seconds, default 120). Before each step rank 0
 checks that its child processes are alive; a collective that fails (a peer died: gloo reports the closed connection

@@ -8,7 +8,8 @@
 * routed experts: each rank owns a contiguous range of experts (uneven when the count does not divide); the
   router (a few KB) is replicated so every rank computes the same top-k;
 * embedding and LM head: the vocabulary, in equal ranges of ceil(V / world) rows (the last one zero-padded);
-* norms, router and rotary tables: replicated.
+* norms, router and rotary tables: replicated;
+* MTP blocks (only with `mtp`, for speculative decoding): as a sliding-window layer with a dense MLP.
 
 `rank_config()` is the config each rank's module tree is built from: head counts and the dense intermediate size
 are the rank's own, so the engine's KV cache (engine/kv_cache.py sizes it from the config) holds only the rank's
@@ -20,7 +21,8 @@ keeps. `StateDictReader` cuts them out of a full state dict (a built model); `Ch
 memory-mapped safetensors files through `safe_open(...).get_slice`, so only the rank's bytes are read: per-expert
 tensors of the rank's experts only, and row / column ranges of the projections. Block-FP8 weights (docs/MODEL.md
 §4.2) are read on block boundaries: the blocks covering the wanted range with their scale rows / columns, which
-are dequantised and then trimmed to the range (an exact cut: a block's scale applies to each of its elements).
+are dequantised and then trimmed to the range (an exact cut: a block's scale applies to each of its elements);
+`read_raw` reads them as stored for a rank that keeps them FP8 (parallel/fp8.py).
 """
 
 from __future__ import annotations
