@@ -414,6 +414,25 @@ def test_adaptive_depth_follows_cost_and_acceptance():
     assert idle >= 1 and d.next_trial - d.steps == 3
 
 
+def test_adaptive_cost_outside_measured_batch_sizes_keeps_ratio_to_depth_0():
+    """Depth 2 measured only at 6 and 8 sequences, slightly cheaper at 8 (noise): a line through those two points
+    would put it at 16 sequences below the cost of depth 1 and choose it; its ratio to depth 0 at 8 carries over
+    instead, depths are never estimated cheaper than shallower ones, and no drafts is chosen."""
+    a = AdaptiveDepth(2, explore=0)
+    for seqs, t in [(6, 3.6), (8, 4.7), (16, 7.0)]:
+        _steady(a, 0, seqs, t)
+    _steady(a, 1, 8, 8.1)
+    for seqs, t in [(6, 10.2), (8, 9.95)]:
+        _steady(a, 2, seqs, t)
+    assert a.cost(1, 16) == pytest.approx(8.1 * 7.0 / 4.7)
+    assert a.cost(2, 16) == pytest.approx(9.95 * 7.0 / 4.7)
+    assert a.cost(2, 7) == pytest.approx((10.2 + 9.95) / 2)            # between measured sizes: linear
+    _steady(a, 1, 6, 11.0)                                              # noise: depth 1 above depth 2 at 6
+    assert a.cost(2, 6) == pytest.approx(11.0)
+    a.depth, a.hold, a.last_best = 0, 0, 0
+    assert a.choose([2] * 16, 0) == [0] * 16
+
+
 def test_reduced_draft_vocabulary_is_lossless_and_restricts_drafts():
     model = make_model(_cfg(), seed=9)
     ps = _prompts([8, 5])

@@ -140,8 +140,9 @@ class AdaptiveDepth:
     of the depth it drafts again: a change of depth costs the MTP rings a catch-up that a steady state does not pay).
     Per depth, because a step's cost is not a function of its rows alone: the draft passes cost per drafting
     sequence and per depth, and the verify rows of one sequence share its cache reads. For an unmeasured number of
-    sequences, a depth with two or more measured ones is interpolated linearly (extrapolated with the nearest slope);
-    with one, it keeps its measured ratio to depth 0. Until depths 0 and 1 (the cheapest two) are measured each is
+    sequences, a depth is interpolated linearly between measured ones; outside them, a depth > 0 keeps its ratio to
+    depth 0 at the nearest measured one (a line through two noisy, close batch sizes, extrapolated, can make a deep
+    depth look cheaper than none), and no depth is estimated cheaper than the one below it. Until depths 0 and 1 (the cheapest two) are measured each is
     held for a few steps; a batch that shrinks or grows later is estimated, not measured again. Then the depth
     maximising sum_r E_r(k) / cost is taken, going deeper than the current choice only for a gain of 20% or more (a
     change of depth costs a catch-up the table does not see, and the timings are noisy). A neighbouring depth is
@@ -201,19 +202,26 @@ class AdaptiveDepth:
         return table[lo] + (table[hi] - table[lo]) * (x - lo) / (hi - lo)
 
     def cost(self, depth: int, sequences: int) -> float | None:
-        """Estimated seconds of a steady step at `depth` with `sequences` sequences (None: depth never measured)."""
+        """Estimated seconds of a steady step at `depth` with `sequences` sequences (None: depth never measured).
+        Between two measured batch sizes: linear. Outside a deeper depth's measured range: its ratio to depth 0 at
+        the nearest measured size carries over (a straight line through two noisy, close points, extrapolated, can
+        make a deep depth look cheaper than no drafts at all). A step never costs less than one with fewer drafts."""
         t = self.step_time.get(depth)
         if not t:
             return None
-        if sequences in t or len(t) >= 2:
-            return self._interp(t, sequences)
-        (m, v), = t.items()                           # one measurement: its ratio to depth 0 carries over
-        base = self.step_time.get(0, {})
-        if depth and m in base and base[m] > 0:
-            ref = self.cost(0, sequences)
-            if ref is not None and ref > 0:
-                return v * ref / base[m]
-        return v * sequences / m
+        xs = sorted(t)
+        if sequences in t or xs[0] < sequences < xs[-1] or (depth == 0 and len(t) >= 2):
+            est = self._interp(t, sequences)
+        else:
+            m = xs[0] if sequences < xs[0] else xs[-1]       # the nearest measured batch size
+            base = self.step_time.get(0, {})
+            ref = self.cost(0, sequences) if depth and m in base and base[m] > 0 else None
+            est = t[m] * ref / base[m] if ref is not None and ref > 0 else t[m] * sequences / m
+        if depth:
+            shallower = self.cost(depth - 1, sequences)
+            if shallower is not None:
+                est = max(est, shallower)
+        return est
 
     def idle(self, sequences: int, margin: int) -> bool:
         """A step that is sure to draft nothing, with no trial within `margin` steps: counted and True (the caller
