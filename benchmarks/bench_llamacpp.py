@@ -1,14 +1,18 @@
-"""mimoflash vs llama.cpp on the same bf16 weights, CPU: batch-1 decode, 512-token prefill, 16-sequence decode.
+"""mimoflash vs llama.cpp on the same weights, CPU: batch-1 decode (bf16, and FP8 vs Q8_0), prefill, 16 sequences.
 
     python benchmarks/bench_llamacpp.py                    # first run builds llama.cpp (~15 min on 2 idle cores)
     python benchmarks/bench_llamacpp.py --repeats 5 --threads 1 2
     python benchmarks/bench_llamacpp.py --models shipped --repeats 1     # quick look
 
 llama.cpp: the copy vendored in llama-cpp-python 0.3.36's source distribution (it runs the `mimo2` architecture),
-fetched with `pip download --no-binary :all:` into build/llamacpp/ (git-ignored), configured with
-`-DGGML_NATIVE=ON -DLLAMA_CURL=OFF` and built (`llama-bench`, `llama-batched-bench`) under `nice -n 15`; a later
-run reuses the build, the converted GGUF files and the saved checkpoints. `--q8` adds the Q8_0 file (that llama.cpp
-crashes on it after a prompt; see benchmarks/RESULTS.md). The checkpoints are written with
+fetched with `pip download --no-binary :all:` into build/llamacpp/ (git-ignored), configured with the instruction
+sets named and AMX off (LLAMA_FLAGS["noamx"], in build/llamacpp/build-noamx; `--llama-flags native` =
+`-DGGML_NATIVE=ON` in build/llamacpp/cmake-build) and `-DLLAMA_CURL=OFF`, and built (`llama-bench`,
+`llama-batched-bench`) under `nice -n 15`; a later run reuses the build, the converted GGUF files and the saved
+checkpoints. Why not -march=native: on a Xeon that advertises AMX inside a VM that does not keep the tile state,
+llama.cpp's AMX kernels (used for Q8_0 once a prompt has been processed) die of an illegal instruction; the named
+sets keep AVX-512 (BF16, VNNI, VBMI) and drop AMX, which is llama.cpp's fastest working build there (see
+benchmarks/RESULTS.md). The checkpoints are written with
 `mimoflash.save_model` and converted by the vendored `convert_hf_to_gguf.py` to bf16 and Q8_0 GGUF files, with two
 local patches applied to the build directory's copy only (see `patch_converter`): an unknown BPE pre-tokenizer
 hash falls back to "gpt-2" (the tokenizer's identity does not matter for speed: llama-bench feeds token ids), and
@@ -22,16 +26,19 @@ borrowed tokenizer's vocabulary); the shipped model with its tokenizer, so detok
 
 What is measured, per model, per thread count, the engines alternating (their order flipping every repeat),
 `--repeats` times, medians reported:
-  * batch-1 decode tok/s: llama-bench `tg96` at depth 32 (`-p 0 -n 96 -d 32`, one repetition per call after its
+  * batch-1 decode tok/s (bf16 weights for both; with --fp8 / --q8, the defaults, also mimoflash on a block-FP8
+    copy of the checkpoint (mimoflash.save_model fp8=True, 128 x 128 blocks) beside llama.cpp's Q8_0 file, both
+    about one byte per weight): llama-bench `tg96` at depth 32 (`-p 0 -n 96 -d 32`, one repetition per call after its
     warm-up) vs mimoflash: a 32-token prompt, 96 new tokens, greedy, rate = 95 / (time of the last token - time of
     the first), through LLMEngine.step() (scheduler, runner, sampling, output objects; prefill excluded);
   * prefill tok/s of a 512-token prompt (`-p 512 -n 0` vs 512 / time to first token) at the largest thread count;
   * 16-sequence aggregate decode tok/s (`llama-batched-bench -npp 32 -ntg 96 -npl 16`, S_TG vs 16 x 95 tokens over
     the span in which all 16 decode) at the largest thread count;
   * the read-bandwidth bound: bytes one mimoflash decode step reads (touched weights + attended K/V,
-    mimoflash.bench.step_bytes) / the read bandwidth measured in the same run (a sum over as many bytes as the
-    model's weights, each thread count), as tok/s; each engine's fraction of it (llama.cpp's bf16 file holds the
-    same weights; its Q8_0 file reads about half the bytes).
+    mimoflash.bench.step_bytes) / the read bandwidth measured in the same run (kernels.read_sum: a threaded,
+    vectorised read of as many bytes as the model's weights, at each thread count, the fastest of 7), as tok/s; each
+    bf16 engine's fraction of it (llama.cpp's bf16 file holds the same weights; the FP8 and Q8_0 copies read about
+    half the bytes, so their bound is about twice this one).
 A table, then ONE JSON line. Not part of CI (it builds a C++ project and runs for many minutes).
 """
 
@@ -57,6 +64,8 @@ from bench_decode import bench_config, build_model, run_ours  # noqa: E402
 from profile_step_split import read_bandwidth, step_bytes, weight_bytes  # noqa: E402
 
 from mimoflash import kernels  # noqa: E402
+from mimoflash.checkpoint.fp8 import FP8_DTYPE  # noqa: E402
+from mimoflash.checkpoint.loader import load_model  # noqa: E402
 from mimoflash.checkpoint.saver import save_model  # noqa: E402
 from mimoflash.default import default_model  # noqa: E402
 from mimoflash.engine.llm import LLM  # noqa: E402
@@ -66,6 +75,19 @@ ROOT = Path(__file__).resolve().parent.parent
 BUILD = ROOT / "build" / "llamacpp"
 LLAMA_CPP_PYTHON = "0.3.36"
 TARGETS = ("llama-bench", "llama-batched-bench")
+# llama.cpp's build: the instruction sets named, not -DGGML_NATIVE=ON. -march=native also turns on AMX, and llama.cpp's
+# AMX kernels (the Q8_0 path once a prompt has been processed) die of an illegal instruction (tileloadd) in VMs
+# that advertise amx_tile without keeping the tile configuration; without AMX the Q8_0 file runs (via AVX512-VNNI).
+# Everything else -march=native would enable on an AVX-512 Xeon stays on. On a CPU without AVX-512, pass
+# --llama-flags native (a separate build directory per flag set).
+LLAMA_FLAGS = {
+    "noamx": ["-DGGML_NATIVE=OFF", "-DGGML_SSE42=ON", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_BMI2=ON",
+              "-DGGML_FMA=ON", "-DGGML_F16C=ON", "-DGGML_AVX_VNNI=ON", "-DGGML_AVX512=ON", "-DGGML_AVX512_VBMI=ON",
+              "-DGGML_AVX512_VNNI=ON", "-DGGML_AVX512_BF16=ON", "-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF",
+              "-DGGML_AMX_BF16=OFF"],
+    "native": ["-DGGML_NATIVE=ON"],
+}
+LLAMA_BUILD_DIRS = {"noamx": "build-noamx", "native": "cmake-build"}
 CONVERTER_MTP_LAYERS = 3                     # what the vendored converter assumes for MiMo
 
 
@@ -74,9 +96,10 @@ def source_dir(build: Path) -> Path:
     return build / f"llama_cpp_python-{LLAMA_CPP_PYTHON}" / "vendor" / "llama.cpp"
 
 
-def ensure_llamacpp(build: Path, jobs: int, nice: int) -> Path:
+def ensure_llamacpp(build: Path, jobs: int, nice: int, flags: str = "noamx") -> Path:
     """-> the directory of the built binaries; downloads, configures and builds only what is missing."""
-    bindir = build / "cmake-build" / "bin"
+    cmake_dir = build / LLAMA_BUILD_DIRS[flags]
+    bindir = cmake_dir / "bin"
     if all((bindir / t).is_file() for t in TARGETS):
         return bindir
     build.mkdir(parents=True, exist_ok=True)
@@ -89,14 +112,14 @@ def ensure_llamacpp(build: Path, jobs: int, nice: int) -> Path:
         with tarfile.open(sdist) as tf:
             tf.extractall(build, filter="data")
     niced = ["nice", "-n", str(nice)]
-    if not (build / "cmake-build" / "build.ninja").is_file() and not (build / "cmake-build" / "Makefile").is_file():
+    if not (cmake_dir / "build.ninja").is_file() and not (cmake_dir / "Makefile").is_file():
         gen = ["-G", "Ninja"] if shutil.which("ninja") else []
-        subprocess.run(niced + ["cmake", "-S", str(src), "-B", str(build / "cmake-build"), *gen,
-                                "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF",
+        subprocess.run(niced + ["cmake", "-S", str(src), "-B", str(cmake_dir), *gen,
+                                "-DCMAKE_BUILD_TYPE=Release", *LLAMA_FLAGS[flags], "-DLLAMA_CURL=OFF",
                                 "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_SERVER=OFF"], check=True)
-    print(f"building llama.cpp ({', '.join(TARGETS)}) in {build / 'cmake-build'} with -j{jobs} under nice "
+    print(f"building llama.cpp ({', '.join(TARGETS)}) in {cmake_dir} with -j{jobs} under nice "
           f"-n {nice}; this takes a while", file=sys.stderr)
-    subprocess.run(niced + ["cmake", "--build", str(build / "cmake-build"), "--target", *TARGETS, "-j", str(jobs)],
+    subprocess.run(niced + ["cmake", "--build", str(cmake_dir), "--target", *TARGETS, "-j", str(jobs)],
                    check=True)
     return bindir
 
@@ -159,14 +182,19 @@ def llama_bench(bindir: Path, gguf: Path, threads: int, prompt: int, gen: int, d
     return float(row["avg_ts"])
 
 
-def llama_batched(bindir: Path, gguf: Path, threads: int, prompt: int, gen: int, seqs: int) -> float:
+def llama_batched(bindir: Path, gguf: Path, threads: int, prompt: int, gen: int, seqs: int, tries: int = 5) -> float:
+    """S_TG of `llama-batched-bench`. Its result line goes through llama.cpp's asynchronous logger, which the tool
+    does not flush before exiting: about one run in three prints nothing on this machine. Such a run is repeated
+    (up to `tries` times); a run that prints is taken as it is."""
     ctx = seqs * (prompt + gen + 16)                # split per sequence unless the cache is unified
-    out = _run([str(bindir / "llama-batched-bench"), "-m", str(gguf), "-t", str(threads), "-c", str(ctx),
-                     "-b", "2048", "-ub", "512", "-npp", str(prompt), "-ntg", str(gen), "-npl", str(seqs),
-                     "--output-format", "jsonl"])
-    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-    (row,) = rows
-    return float(row["speed_tg"])
+    cmd = [str(bindir / "llama-batched-bench"), "-m", str(gguf), "-t", str(threads), "-c", str(ctx), "-b", "2048",
+           "-ub", "512", "-npp", str(prompt), "-ntg", str(gen), "-npl", str(seqs), "--output-format", "jsonl"]
+    for _ in range(tries):
+        out = _run(cmd)
+        rows = [json.loads(line[line.index("{"):]) for line in out.splitlines() if '"speed_tg"' in line]
+        if len(rows) == 1:
+            return float(rows[0]["speed_tg"])
+    raise RuntimeError(f"llama-batched-bench printed no result line in {tries} runs:\n{out[-3000:]}")
 
 
 # ------------------------------------------------------------------------------------------------ mimoflash runs
@@ -185,6 +213,16 @@ def ours_prefill(llm: LLM, prompt: list[int]) -> float:
 
 
 # ------------------------------------------------------------------------------------------------ models
+def fp8_copy(src: Path, name: str) -> Path:
+    """The checkpoint re-saved with block-FP8 weights (128 x 128 blocks, the release's format; mimoflash.save_model
+    fp8=True), once: what mimoflash decodes from FP8 beside llama.cpp's Q8_0 file (both ~1 byte per weight)."""
+    d = BUILD / "models" / f"{name}-fp8"
+    if not (d / "config.json").is_file():
+        tok = src if (src / "tokenizer.json").is_file() else None
+        save_model(load_model(src, dtype=torch.bfloat16), d, dtype=torch.bfloat16, fp8=True, tokenizer_dir=tok)
+    return d
+
+
 def prepare_models(names: list[str]) -> dict[str, dict]:
     """-> name -> {dir, mtp_layers, tokenizer}; the random model is saved once (seeded, so identical each run)."""
     out = {}
@@ -212,14 +250,19 @@ def main(argv=None) -> int:
     ap.add_argument("--new-tokens", type=int, default=96)
     ap.add_argument("--prefill-len", type=int, default=512)
     ap.add_argument("--concurrency", type=int, default=16)
-    ap.add_argument("--q8", dest="q8", action="store_true",
-                    help="also run llama.cpp on the Q8_0 file (off by default: the llama.cpp of llama-cpp-python "
-                         "0.3.36 crashes llama-bench on it once a prompt has been processed, -d 32)")
-    ap.add_argument("--no-q8", dest="q8", action="store_false", help="skip the Q8_0 runs (the default)")
+    ap.add_argument("--q8", dest="q8", action="store_true", default=True,
+                    help="also run llama.cpp on the Q8_0 file (the default)")
+    ap.add_argument("--no-q8", dest="q8", action="store_false", help="skip llama.cpp's Q8_0 runs")
+    ap.add_argument("--fp8", dest="fp8", action="store_true", default=True,
+                    help="also decode (batch 1) with mimoflash from a block-FP8 copy of the checkpoint (the default)")
+    ap.add_argument("--no-fp8", dest="fp8", action="store_false", help="skip mimoflash's FP8 runs")
+    ap.add_argument("--llama-flags", choices=sorted(LLAMA_FLAGS), default="noamx",
+                    help="llama.cpp's build: instruction sets named without AMX (default; see LLAMA_FLAGS), or "
+                         "-DGGML_NATIVE=ON")
     ap.add_argument("--build-jobs", type=int, default=2)
     ap.add_argument("--build-nice", type=int, default=15)
     a = ap.parse_args(argv)
-    bindir = ensure_llamacpp(BUILD, a.build_jobs, a.build_nice)
+    bindir = ensure_llamacpp(BUILD, a.build_jobs, a.build_nice, a.llama_flags)
     load_before = os.getloadavg()
     src = source_dir(BUILD)
     models = prepare_models(a.models)
@@ -236,22 +279,31 @@ def main(argv=None) -> int:
                   max_num_batched_tokens=max(a.prefill_len, a.concurrency * a.prompt_len), progress=False)
         assert llm.weight_dtype == torch.bfloat16 and llm.engine.runner.fused is not None, \
             "the CPU kernels did not build: see mimoflash/kernels"
+        llm8 = None
+        if a.fp8:
+            llm8 = LLM(str(fp8_copy(m["dir"], mname)), skip_tokenizer_init=not m["tokenizer"], max_num_seqs=1,
+                       max_model_len=a.prompt_len + a.new_tokens + 16, progress=False)
+            assert llm8.weight_dtype == FP8_DTYPE and llm8.engine.runner.fused is not None, \
+                "the FP8 copy did not load as FP8 with the fused decode step"
         V = llm.model.config.vocab_size
         g = torch.Generator().manual_seed(1)
         prompts = [torch.randint(3, V, (a.prompt_len,), generator=g).tolist() for _ in range(a.concurrency)]
         long_prompt = torch.randint(3, V, (a.prefill_len,), generator=g).tolist()
         run_ours(llm, prompts[:1], 8)                                      # warm-up
+        if llm8 is not None:
+            run_ours(llm8, prompts[:1], 8)
         wbytes = weight_bytes(llm.model)
         res: dict[str, list[float]] = {}
         bw: dict[int, list[float]] = {t: [] for t in a.threads}
 
-        def ours(kind: str, t: int) -> float:
+        def ours(kind: str, t: int, q: str) -> float:
             set_threads(t)
+            eng = llm8 if q == "fp8" else llm
             if kind == "tg":
-                return run_ours(llm, prompts[:1], a.new_tokens)[0]
+                return run_ours(eng, prompts[:1], a.new_tokens)[0]
             if kind == "pp":
-                return ours_prefill(llm, long_prompt)
-            return run_ours(llm, prompts, a.new_tokens)[0]
+                return ours_prefill(eng, long_prompt)
+            return run_ours(eng, prompts, a.new_tokens)[0]
 
         def theirs(kind: str, t: int, q: str) -> float:
             if kind == "tg":
@@ -266,9 +318,11 @@ def main(argv=None) -> int:
                 set_threads(t)
                 bw[t].append(read_bandwidth(wbytes))
             for kind, t in jobs:
-                engines = ["mimoflash"] + [f"llama.cpp {q}" for q in ggufs]
+                engines = ["mimoflash bf16"] + (["mimoflash fp8"] if llm8 is not None and kind == "tg" else []) \
+                    + [f"llama.cpp {q}" for q in ggufs]
                 for eng in (engines if rep % 2 == 0 else engines[::-1]):
-                    v = ours(kind, t) if eng == "mimoflash" else theirs(kind, t, eng.split()[1])
+                    who, q = eng.split()
+                    v = ours(kind, t, q) if who == "mimoflash" else theirs(kind, t, q)
                     res.setdefault(f"{kind}|{t}|{eng}", []).append(v)
             print(f"[{mname}] repeat {rep + 1}/{a.repeats}: "
                   + ", ".join(f"{k}={v[-1]:.0f}" for k, v in res.items()), file=sys.stderr)
@@ -277,16 +331,26 @@ def main(argv=None) -> int:
         bpt = step_bytes(llm.model, a.prompt_len + a.new_tokens // 2, torch.empty(0, dtype=lay.dtype).element_size())
         mres = {"params_M": round(sum(p.numel() for p in llm.model.parameters()) / 1e6, 1),
                 "bytes_per_token_MB": round(bpt / 1e6, 2), "threads": {}}
+
+        def paired(kind: str, t: int, a_eng: str, b_eng: str) -> float:
+            """The ratio per repeat (the two ran back to back), median: less exposed to the machine drifting."""
+            return round(statistics.median(x / y for x, y in zip(res[f"{kind}|{t}|{a_eng}"],
+                                                                  res[f"{kind}|{t}|{b_eng}"])), 3)
+
         for kind, t in jobs:
-            ours_v = med[f"{kind}|{t}|mimoflash"]
+            ours_v = med[f"{kind}|{t}|mimoflash bf16"]
             entry = {"mimoflash": round(ours_v, 1)}
             for q in ggufs:
                 v = med[f"{kind}|{t}|llama.cpp {q}"]
                 entry[f"llama_{q}"] = round(v, 1)
                 entry[f"ratio_vs_{q}"] = round(ours_v / v, 3)
-                # the same ratio per repeat (the two ran back to back), median: less exposed to the machine drifting
-                entry[f"ratio_vs_{q}_paired"] = round(statistics.median(
-                    o / w for o, w in zip(res[f"{kind}|{t}|mimoflash"], res[f"{kind}|{t}|llama.cpp {q}"])), 3)
+                entry[f"ratio_vs_{q}_paired"] = paired(kind, t, "mimoflash bf16", f"llama.cpp {q}")
+            fp8_v = med.get(f"{kind}|{t}|mimoflash fp8", float("nan"))
+            if f"{kind}|{t}|mimoflash fp8" in med:
+                entry["mimoflash_fp8"] = round(fp8_v, 1)
+                if "q8_0" in ggufs:
+                    entry["fp8_ratio_vs_q8_0"] = round(fp8_v / entry["llama_q8_0"], 3)
+                    entry["fp8_ratio_vs_q8_0_paired"] = paired(kind, t, "mimoflash fp8", "llama.cpp q8_0")
             label = {"tg": "decode b=1", "pp": f"prefill {a.prefill_len}", "b16": f"decode {a.concurrency} seqs"}[kind]
             if kind == "tg":
                 bw_t = statistics.median(bw[t])
@@ -297,22 +361,25 @@ def main(argv=None) -> int:
             else:
                 bound = float("nan")
             mres["threads"].setdefault(str(t), {})[kind] = entry
-            table.append((mname, label, t, ours_v, entry["llama_bf16"], entry.get("llama_q8_0", float("nan")),
-                          entry["ratio_vs_bf16"], bound))
+            table.append((mname, label, t, ours_v, entry["llama_bf16"], entry["ratio_vs_bf16"], fp8_v,
+                          entry.get("llama_q8_0", float("nan")), entry.get("fp8_ratio_vs_q8_0", float("nan")),
+                          bound, ours_v / bound))
         results[mname] = mres
-        del llm
+        del llm, llm8
 
-    print(f"\nmimoflash vs llama.cpp (llama-cpp-python {LLAMA_CPP_PYTHON}'s vendored copy), same bf16 weights, "
-          f"medians of {a.repeats}, prompt {a.prompt_len}, new {a.new_tokens}; tok/s")
-    print(f"{'model':<10}{'measure':<18}{'thr':>4}{'mimoflash':>11}{'llama bf16':>12}{'llama q8_0':>12}"
-          f"{'ratio':>7}{'bound':>8}")
+    print(f"\nmimoflash vs llama.cpp (llama-cpp-python {LLAMA_CPP_PYTHON}'s vendored copy, build {a.llama_flags}), "
+          f"same weights, medians of {a.repeats}, prompt {a.prompt_len}, new {a.new_tokens}; tok/s")
+    print(f"{'model':<10}{'measure':<18}{'thr':>4}{'mf bf16':>9}{'llama bf16':>11}{'ratio':>7}{'mf fp8':>9}"
+          f"{'llama q8_0':>11}{'ratio':>7}{'bound':>7}{'mf/bnd':>7}")
     for r in table:
-        print(f"{r[0]:<10}{r[1]:<18}{r[2]:>4}{r[3]:>11.1f}{r[4]:>12.1f}{r[5]:>12.1f}{r[6]:>6.2f}x{r[7]:>8.0f}")
-    print("ratio = mimoflash / llama.cpp bf16; bound = read bandwidth / bytes a mimoflash decode step reads")
+        print(f"{r[0]:<10}{r[1]:<18}{r[2]:>4}{r[3]:>9.1f}{r[4]:>11.1f}{r[5]:>6.2f}x{r[6]:>9.1f}{r[7]:>11.1f}"
+              f"{r[8]:>6.2f}x{r[9]:>7.0f}{r[10]:>7.2f}")
+    print("ratio = mimoflash / llama.cpp (bf16 / bf16, FP8 / Q8_0); bound = read bandwidth (kernels.read_sum at that "
+          "thread count) / bytes a mimoflash bf16 decode step reads; mf/bnd = mimoflash bf16's share of it")
     print(f"load average {load_before[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end")
     print(json.dumps({"machine": f"{platform.machine()}, {os.cpu_count()} cpus", "load_avg_start": load_before[0],
                       "load_avg_end": os.getloadavg()[0], "llama_cpp_python": LLAMA_CPP_PYTHON,
-                      "repeats": a.repeats, "prompt_len": a.prompt_len,
+                      "llama_flags": LLAMA_FLAGS[a.llama_flags], "repeats": a.repeats, "prompt_len": a.prompt_len,
                       "new_tokens": a.new_tokens, "prefill_len": a.prefill_len, "concurrency": a.concurrency,
                       "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "models": results}))
     return 0
