@@ -307,15 +307,22 @@ FP8_AVX512 static void rows_avx512(const float *xs, long M, long K, const uint8_
 }
 
 /* 3: AVX-512 (F, BW, VL) with F16C and FMA; 2: AVX2 + FMA + F16C; 0: the portable loop. MIMOFLASH_KERNELS_PORTABLE
- * forces 0 and MIMOFLASH_KERNELS_NO_AVX512 caps it at 2 (the tests run every path this way). */
+ * forces 0 and MIMOFLASH_KERNELS_NO_AVX512 caps it at 2 (the tests run every path this way). Tried for one row and
+ * measured slower here: 32 bytes per conversion step (no gain), and a bf16 route (the exact E4M3 -> bf16 bits by
+ * one ternary-logic instruction, vdpbf16ps against the activations split exactly into three bf16 parts): 1.3-1.6x
+ * slower than this. */
+static int env_set(const char *name) {
+    const char *v = getenv(name);
+    return v && *v && *v != '0';
+}
+
 static int fp8_simd(void) {
     static int cached = -1;
     if (cached < 0) {
         __builtin_cpu_init();
-        const char *force = getenv("MIMOFLASH_KERNELS_PORTABLE"), *no512 = getenv("MIMOFLASH_KERNELS_NO_AVX512");
-        int avx2 = (!force || !*force || *force == '0') && __builtin_cpu_supports("avx2") &&
+        int avx2 = !env_set("MIMOFLASH_KERNELS_PORTABLE") && __builtin_cpu_supports("avx2") &&
                    __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-        int avx512 = avx2 && (!no512 || !*no512 || *no512 == '0') && __builtin_cpu_supports("avx512f") &&
+        int avx512 = avx2 && !env_set("MIMOFLASH_KERNELS_NO_AVX512") && __builtin_cpu_supports("avx512f") &&
                      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
         cached = avx512 ? 3 : avx2 ? 2 : 0;
     }
@@ -370,6 +377,7 @@ static void fp8_range(void *p, long n0, long n1) {
 int mf_gemm_fp8w(const float *x, long ldx, const uint8_t *w, const float *s, long ldS, float *y, long ldy, long M,
                  long N, long K, long br, long bc) {
     fp8_lut_init();
+    fp8_simd();                         /* decided here, before any pool thread asks */
     fp8_job j = {x, w, s, y, ldx, ldy, M, N, K, br, bc, ldS, 0};
     long T = mf_num_threads();
     if (T > 1 && N * K >= (1L << 16) && N >= 8 * T)
