@@ -145,7 +145,7 @@ def test_fused_step_per_rank_equals_module_path_and_one_process(bf16_model):
 
 
 def test_mtp_speculative_decoding_under_two_ranks_equals_one_process():
-    """The shipped model (trained MTP blocks, bf16: the fused step verifies the drafts) with 2 drafts per step over
+    """The shipped model (trained MTP blocks, bf16: the fused steps verify and draft) with 2 drafts per step over
     2 ranks: the greedy tokens of plain single-process decoding, drafts accepted, and the MTP blocks sharded (each
     rank holds half of them)."""
     from mimoflash.default import default_model
@@ -159,7 +159,7 @@ def test_mtp_speculative_decoding_under_two_ranks_equals_one_process():
         outs = tp.generate(prompts, sp, use_tqdm=False)
         assert [o.outputs[0].token_ids for o in outs] == ref
         assert all(o.metrics.verify_steps > 0 and o.metrics.accepted_tokens > 0 for o in outs)
-        assert all(s["fused_steps"] > 0 for s in tp._parallel.stats(tp))
+        assert all(s["fused_steps"] > 0 and s["fused_mtp_steps"] > 0 for s in tp._parallel.stats(tp))
         mine, full = tp.model.model.mtp.layers[0], plain.model.model.mtp.layers[0]
         for w in ("self_attn.q_proj.weight", "self_attn.o_proj.weight", "mlp.gate_proj.weight", "mlp.down_proj.weight"):
             assert mine.get_parameter(w).numel() * 2 == full.get_parameter(w).numel(), w

@@ -19,9 +19,17 @@ from __future__ import annotations
 import torch
 
 from .. import kernels
-from ..engine.fused_decode import FusedDecoder
+from ..engine.fused_decode import FusedDecoder, FusedMTPLayer, _rope_rows
 from ..model.moe import MoE
 from .modules import all_reduce
+
+
+def vocab_embed(input_ids: torch.Tensor, emb: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """(B,) ids -> (B, H) fp32 rows of the vocabulary-parallel table `emb` (rows [lo, hi)): this rank's rows, zeros
+    elsewhere, summed over the ranks."""
+    mine = (input_ids >= lo) & (input_ids < hi)
+    x = kernels.embed_bf16(torch.where(mine, input_ids - lo, 0), emb)
+    return all_reduce(x.masked_fill_(~mine[:, None], 0.0))
 
 
 class ParallelFusedDecoder(FusedDecoder):
@@ -43,16 +51,10 @@ class ParallelFusedDecoder(FusedDecoder):
         """The same layers' arguments (built by FusedDecoder.build for the rank's model), run in halves."""
         return cls(fused.model, fused.layers, fused._keep, fused._panels)
 
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """(B,) ids -> (B, H) fp32 rows: this rank's vocabulary rows, zeros elsewhere, summed over the ranks."""
-        mine = (input_ids >= self.vocab_lo) & (input_ids < self.vocab_hi)
-        x = kernels.embed_bf16(torch.where(mine, input_ids - self.vocab_lo, 0), self.emb)
-        return all_reduce(x.masked_fill_(~mine[:, None], 0.0))
-
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kinds: dict) -> torch.Tensor:
         B = input_ids.shape[1]
         per_kind, chosen = self.step_args(positions, kinds, B)
-        x = self.embed(input_ids.view(-1))                                            # (B, H) fp32
+        x = vocab_embed(input_ids.view(-1), self.emb, self.vocab_lo, self.vocab_hi)  # (B, H) fp32
         y = self._y.get(B)
         if y is None:
             y = self._y[B] = torch.empty_like(x)
@@ -64,3 +66,41 @@ class ParallelFusedDecoder(FusedDecoder):
             x += all_reduce(y)
         self.steps += 1
         return x.view(1, B, -1)
+
+
+class ParallelFusedMTPLayer(FusedMTPLayer):
+    """A rank's MTP block draft rows in a few calls (FusedMTPLayer's, with the vocabulary-parallel embedding and the
+    block's two halves with an all_reduce after each). `steps` counts its calls."""
+
+    @classmethod
+    def from_fused(cls, fused: FusedMTPLayer) -> "ParallelFusedMTPLayer":
+        new = cls(fused.model, fused.layer, fused.args, fused._keep, fused._panels)
+        new.vocab_lo, new.vocab_hi = fused.model.plan.vocab
+        new.steps = 0
+        return new
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kinds: dict, hidden: torch.Tensor
+                ) -> torch.Tensor:
+        """N rows -> (N, H) after final_layernorm (FusedMTPLayer.forward without `rows`)."""
+        for p in self._panels:
+            p.get()
+        L = self.layer
+        N = input_ids.shape[1]
+        e = vocab_embed(input_ids.view(-1), self.emb, self.vocab_lo, self.vocab_hi)        # (N, H) fp32
+        h = hidden if hidden.is_contiguous() else hidden.contiguous()
+        x = L.eh_proj(torch.cat([kernels.rms_norm(e, L.enorm.weight, L.enorm.eps),
+                                 kernels.rms_norm(h, L.hnorm.weight, L.hnorm.eps)], dim=-1)).contiguous()
+        dm = kinds[True]
+        cos, sin, rope_rows = _rope_rows(self.model.model.rotary["sliding"], positions.view(-1))
+        chosen = self._chosen.get(N)
+        if chosen is None:
+            chosen = self._chosen[N] = torch.empty(N, 1, dtype=torch.int64)
+        bias = None if dm.bias is None else dm.bias.reshape(N, -1)
+        y = torch.empty_like(x)
+        kernels.decode_attn(self.args, x, cos, sin, dm.chunks.contiguous(), dm.chunk, dm.keys,
+                            dm.write_dst.contiguous(), bias, y, rope_rows=rope_rows)
+        x += all_reduce(y)
+        kernels.decode_ffn(self.args, x, y, chosen)
+        x += all_reduce(y)
+        self.steps += 1
+        return kernels.rms_norm(x, L.final_layernorm.weight, L.final_layernorm.eps)

@@ -44,7 +44,7 @@ import torch
 import torch.distributed as dist
 
 from . import mtp
-from .fused import ParallelFusedDecoder
+from .fused import ParallelFusedDecoder, ParallelFusedMTPLayer
 from .load import build_shard, resident_bytes
 from .modules import COMM
 from .shard import CheckpointReader, ShardPlan, StateDictReader
@@ -295,6 +295,10 @@ def _fused_per_rank(runner) -> None:
     dist.all_reduce(ok, op=dist.ReduceOp.MIN)
     runner.fused = ParallelFusedDecoder.from_fused(runner.fused) if int(ok) else None
     runner.parallel_fused = runner.fused                       # kept for use_fused(True)
+    # MTP blocks: their fused rows (parallel/mtp.py runs them while the fused step is on); the same collectives as
+    # their module path, so the ranks need not agree on it
+    runner.parallel_fused_mtp = ([ParallelFusedMTPLayer.from_fused(f) for f in runner.fused_mtp]
+                                 if runner.fused is not None and runner.fused_mtp else None)
     runner.fused_mtp = None
 
 
@@ -309,7 +313,8 @@ def _rank_stats(runner) -> dict:
     lay = runner.layout
     return {"weights_bytes": resident_bytes(runner.model), "kv_cache_bytes": kv, "num_blocks": lay.num_blocks,
             "num_rings": lay.num_rings, "comm_seconds": COMM.seconds, "comm_calls": COMM.calls,
-            "fused_steps": getattr(runner.parallel_fused, "steps", 0)}
+            "fused_steps": getattr(runner.parallel_fused, "steps", 0),
+            "fused_mtp_steps": sum(f.steps for f in runner.parallel_fused_mtp or ())}
 
 
 def _probe(numel: int, repeats: int) -> float:

@@ -9,8 +9,9 @@ the KV heads) and splits their weights like the rest.
 The drafter (engine/speculative.py) stays on rank 0: it decides which rows to draft and samples the drafts. Its
 calls `fill_mtp_kv` and `execute_mtp` reach the followers through rank 0's `BroadcastingRunner` (the slices as
 plain data in the step plan, the hidden-state rows by a broadcast), and every rank runs the functions below. They
-are the runner's module-path MTP calls (engine/runner.py) with the vocabulary-parallel embedding
-(`ParallelMiMoModel.embed`) and LM head (`ParallelMiMoForCausalLM.head`) in place of the full tables.
+are the runner's MTP calls (engine/runner.py) with the vocabulary-parallel embedding (`ParallelMiMoModel.embed`)
+and LM head (`ParallelMiMoForCausalLM.head`) in place of the full tables; draft rows take the block's fused rows
+(parallel/fused.ParallelFusedMTPLayer) while the rank's fused decode step is on, else the module path.
 """
 
 from __future__ import annotations
@@ -41,9 +42,13 @@ def execute_mtp(runner, layer: int, slices: list, hidden: torch.Tensor) -> torch
     """MTP block `layer` over the slices' rows -> full-vocabulary logits (R, V) of the wanted rows
     (runner.execute_mtp on a rank, without a reduced draft vocabulary)."""
     step = runner.prepare_slices(slices, kinds=(True,))
-    mm = runner.model.model
-    backend = PagedAttention(runner.cache, step.meta, runner.impl, runner._buffers, runner.use_kernels)
-    rope = mm.rotary["sliding"](step.positions, hidden.dtype)
-    out = mm.mtp.layers[layer](mm.embed(step.input_ids), hidden[None], step.positions, rope, backend)[0]
+    fused = getattr(runner, "parallel_fused_mtp", None)
+    if fused is not None and runner.fused is not None and step.meta.decode:       # the fused step is on
+        out = fused[layer].forward(step.input_ids, step.positions, step.meta.kinds, hidden)      # (N, D) normed
+    else:
+        mm = runner.model.model
+        backend = PagedAttention(runner.cache, step.meta, runner.impl, runner._buffers, runner.use_kernels)
+        rope = mm.rotary["sliding"](step.positions, hidden.dtype)
+        out = mm.mtp.layers[layer](mm.embed(step.input_ids), hidden[None], step.positions, rope, backend)[0]
     picked = out if step.all_rows else out.index_select(0, step.sample_rows)
     return runner.model.head(picked).float()
