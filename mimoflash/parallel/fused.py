@@ -10,7 +10,8 @@ step's RoPE rows, tables and masks) is FusedDecoder's; the embedding is vocabula
 (rows outside the rank's range are zeros, the all_reduce completes them exactly).
 
 The collectives are the module path's (parallel/modules.py) in the same order and shapes: 1 for the embedding,
-2 per layer, and the LM head's all_gather after the step. The module path stays the reference
+2 per layer, and the LM head's all_gather after the step. `ParallelFusedMTPLayer` does the same for an MTP block's
+draft rows (parallel/mtp.py). The module path stays the reference
 (tests/test_parallel.py compares them).
 """
 
