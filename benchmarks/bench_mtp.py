@@ -19,8 +19,9 @@ What is measured, in one process, variants interleaved prompt by prompt (their o
   * temperature 0.7 (seeded), batch 1: decode tokens/s off, k = 3 (reduced vocabulary) and adaptive, interleaved;
     their engines start cold (adaptive measures its costs in this run).
 Variants: off; k = 1, 2, 3 drafts with the full draft vocabulary; k = 1 and 3 with a reduced draft vocabulary (the
-`--draft-vocab` most frequent tokens of the Python standard library's own source, counted with the model's
-tokenizer: the training distribution); adaptive (k <= 3, reduced vocabulary). `--variants` picks some of them.
+`--draft-vocab` lowest token ids, a BPE vocabulary's first merges, or with `--draft-vocab-from stdlib` the most
+frequent tokens of the Python standard library's own source, the training distribution); adaptive (k <= 3, reduced
+vocabulary). `--variants` picks some of them.
 The last stdout line is one JSON object. OMP_WAIT_POLICY defaults to PASSIVE; `--threads` (default 1).
 """
 
@@ -179,7 +180,10 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=128)
-    ap.add_argument("--draft-vocab", type=int, default=1024)
+    ap.add_argument("--draft-vocab", type=int, default=1024, help="size of the reduced draft vocabulary")
+    ap.add_argument("--draft-vocab-from", choices=["ids", "stdlib"], default="ids",
+                    help="which tokens: the lowest ids (a BPE vocabulary's first merges; default) or the most frequent "
+                         "in the Python standard library's source")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-batch", action="store_true", help="skip the batch 8/16 and temperature runs")
     ap.add_argument("--no-batch1", action="store_true", help="skip the batch-1 greedy table")
@@ -190,8 +194,9 @@ def main(argv=None) -> int:
     warnings.simplefilter("ignore")
     path = mimoflash.default_model()
     base = LLM(path, max_num_seqs=1, progress=False)
-    counts = stdlib_counts(base.tokenizer, base.model.config.vocab_size)
-    reduced = {"draft_vocab_size": a.draft_vocab, "draft_vocab_counts": counts}
+    reduced = {"draft_vocab_size": a.draft_vocab}
+    if a.draft_vocab_from == "stdlib":
+        reduced["draft_vocab_counts"] = stdlib_counts(base.tokenizer, base.model.config.vocab_size)
     specs = {"off": None,
              "k1": {"num_speculative_tokens": 1},
              "k2": {"num_speculative_tokens": 2},
@@ -263,6 +268,7 @@ def main(argv=None) -> int:
               f"{r.get('acceptance', '')}")
 
     out = {"bench": "mtp", "threads": a.threads, "max_tokens": a.max_tokens, "prompts": len(prompts),
+           "draft_vocab": [a.draft_vocab, a.draft_vocab_from],
            "repeats": a.repeats, "batch1": summary}
     if not a.no_batch:
         bat = {}
