@@ -251,13 +251,13 @@ def _cli(*args, timeout=240):
 
 
 def test_cli_generate_with_two_ranks_matches_one():
-    """The shipped model (a bf16 checkpoint with a tokenizer) through `mimoflash generate --tensor-parallel-size 2`:
-    the same greedy tokens and text as one process."""
+    """The shipped model (a bf16 checkpoint with a tokenizer) through `mimoflash generate --tensor-parallel-size 2`,
+    with MTP drafts (`--mtp 2`): the same greedy tokens and text as one process without them."""
     import json
     from mimoflash.default import default_model
     prompt = "def fibonacci(n):"
     two = _cli("generate", prompt, "--max-tokens", "12", "--temperature", "0", "--json", "--threads", "1",
-               "--tensor-parallel-size", "2")
+               "--tensor-parallel-size", "2", "--mtp", "2")
     assert two.returncode == 0, two.stderr[-2000:]
     got = json.loads(two.stdout)["outputs"][0]
     want = LLM(default_model(), progress=False).generate(prompt, SamplingParams(temperature=0, max_tokens=12),
