@@ -381,18 +381,20 @@ def is_fp8_block(attn, mlp) -> bool:
 
 def account_fused_step(layers, chosen) -> None:
     """After a fused decode step: the expert store's statistics for it, as the per-module path keeps them (one
-    step; each MoE block's distinct experts acquired and released: counted, and made most recently used)."""
-    stores = {}
-    for (args, _, _), ch in zip(layers, chosen):
-        got = getattr(args, "expert_layer", None)
-        if got is not None:
-            stores.setdefault(id(got[0]), [got[0], []])[1].append((got[1], ch))
-    for store, rows in stores.values():
-        store.begin_step()
-        for layer, ch in rows:
-            ids = sorted(set(ch.view(-1).tolist()))
-            store.acquire(layer, ids)
-            store.release(layer, ids)
+    step; each MoE block's distinct experts acquired and released: counted, and made most recently used). The
+    expert ids of all blocks come to Python in one conversion (a step's fixed cost matters at batch 1)."""
+    moe = [(args.expert_layer, ch) for (args, _, _), ch in zip(layers, chosen) if hasattr(args, "expert_layer")]
+    if not moe:
+        return
+    ids = torch.cat([ch.view(1, -1) for _, ch in moe]).tolist()                       # (MoE blocks, B * top_k)
+    begun = set()
+    for ((store, layer), _), row in zip(moe, ids):
+        if id(store) not in begun:
+            begun.add(id(store))
+            store.begin_step()
+        picked = sorted(set(row))
+        store.acquire(layer, picked)
+        store.release(layer, picked)
 
 
 def _fill(model, store: ExpertStore, weight_map, plan, block, fp8_dense, stored, progress: bool) -> None:
