@@ -64,6 +64,33 @@ def test_shard_plan_splits_and_replicates_kv_heads():
         ShardPlan(cfg, 0, 3)
 
 
+def test_decode_ffn_expert_ranges_add_up_to_the_whole_layer():
+    """kernels.decode_ffn over a rank's expert range (the weights pointing at its first expert) routes over every
+    expert and computes only its own: the ranges' outputs add up to the whole layer's, at 1 and 3 rows."""
+    from mimoflash import kernels
+    cfg = tiny_config(n_routed_experts=9, num_nextn_predict_layers=0)
+    llm = LLM(make_model(cfg, dtype=torch.bfloat16), kv_cache_memory=KV, progress=False)
+    args, _, top_k = llm.engine.runner.fused.layers[1]                              # a MoE layer
+    F, H = cfg.moe_intermediate_size, cfg.hidden_size
+    g = torch.Generator().manual_seed(0)
+    for B in (1, 3):
+        x = torch.randn(B, H, generator=g)
+        whole, chosen = torch.empty(B, H), torch.empty(B, top_k, dtype=torch.int64)
+        kernels.decode_ffn(args, x, whole, chosen)
+        total = torch.zeros(B, H)
+        for lo, hi in ((0, 5), (5, 9)):
+            part = kernels.LayerArgs.from_buffer_copy(args)
+            part.gate_up += lo * 2 * F * H * 2                                          # bf16 bytes
+            part.down += lo * H * F * 2
+            y, ch = torch.empty(B, H), torch.empty(B, top_k, dtype=torch.int64)
+            kernels.decode_ffn(part, x, y, ch, (lo, hi))
+            assert torch.equal(ch, chosen)
+            total += y
+        torch.testing.assert_close(total, whole, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="expert range"):
+        kernels.decode_ffn(args, x, whole, chosen, (5, 10))
+
+
 def test_fp8_checkpoint_slices_equal_the_full_load(tmp_path):
     """Sliced reads of a block-FP8 checkpoint (blocks not aligned with the head ranges) equal the full load's
     slices, for every parameter of both ranks."""
