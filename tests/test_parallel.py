@@ -229,6 +229,8 @@ def test_fp8_kept_compressed_on_each_rank(tmp_path):
         for s in tp._parallel.stats(tp):
             assert 0.4 < s["weights_bytes"] / single < 0.6, (s, single)
             assert s["fused_steps"] >= 9
+        touched = tp.expert_store.touched_keys()            # rank 0 counts its own experts (local ids 0..4)
+        assert touched and all(e < 5 for _, e in touched) and len(touched) < len(ref.expert_store.touched_keys())
     finally:
         tp.close()
 

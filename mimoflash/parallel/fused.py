@@ -66,7 +66,26 @@ class ParallelFusedDecoder(FusedDecoder):
             kernels.decode_ffn(args, x, y, ch, experts)
             x += all_reduce(y)
         self.steps += 1
+        self._account(chosen)
         return x.view(1, B, -1)
+
+    def _account(self, chosen: list[torch.Tensor]) -> None:
+        """FP8 experts: the expert store's statistics for the step, as fp8_layout.account_fused_step keeps them in
+        one process, for the rank's own experts (local ids) among those routed."""
+        begun = set()
+        for (args, _, _), ch, experts in zip(self.layers, chosen, self.experts):
+            got = getattr(args, "expert_layer", None)
+            if got is None:
+                continue
+            store, layer = got
+            if id(store) not in begun:
+                begun.add(id(store))
+                store.begin_step()
+            lo, hi = experts
+            picked = sorted({e - lo for e in ch.view(-1).tolist() if lo <= e < hi})
+            if picked:
+                store.acquire(layer, picked)
+                store.release(layer, picked)
 
 
 class ParallelFusedMTPLayer(FusedMTPLayer):
