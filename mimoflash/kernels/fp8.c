@@ -243,6 +243,7 @@ FP8_AVX512 static inline __m512 fp8x16_512_tail(const uint8_t *p, __mmask16 t) {
             for (int r = 0; r < RB; r++) a[m][r] = _mm512_setzero_ps();                                            \
         long k = 0;                                                                                                \
         for (; k + 16 <= K; k += 16) {                                                                             \
+            _mm_prefetch((const char *)(w + RB * K) + RB * k, _MM_HINT_T0);  /* the next RB rows, across pages */ \
             for (int r = 0; r < RB; r++) c[r] = fp8x16_512(w + r * K + k);                                         \
             for (int m = 0; m < MB; m++) {                                                                         \
                 __m512 u = _mm512_loadu_ps(x + m * K + k);                                                         \
