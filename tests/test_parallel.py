@@ -221,6 +221,7 @@ def test_fp8_kept_compressed_on_each_rank(tmp_path):
     assert ref.weight_dtype == torch.float8_e4m3fn
     tp = LLM(path, kv_cache_memory=KV, progress=False, tensor_parallel_size=2, weight_panels=False)
     try:
+        assert tp.weight_dtype == torch.float8_e4m3fn
         layer = tp.model.model.layers[1]
         assert isinstance(layer.self_attn.k_proj, FP8Linear) and layer.self_attn.k_proj.block == (16, 32)
         assert isinstance(layer.mlp.experts, FP8Experts) and layer.mlp.experts.num_experts == 5

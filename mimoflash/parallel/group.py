@@ -249,6 +249,8 @@ class ParallelGroup:
                 raise self.fail("timed out waiting for the tensor-parallel workers to build their engines")
             time.sleep(0.01)
         self.run(lambda: _fused_per_rank(engine.runner), "start")
+        if getattr(llm.model, "expert_store", None) is not None:    # FP8 kept (parallel/fp8.py), as one process says
+            llm.weight_dtype = torch.float8_e4m3fn
         engine.runner = BroadcastingRunner(engine.runner, self)
         if engine.drafter is not None:                 # it was handed the runner before the wrapping
             engine.drafter.runner = engine.runner
