@@ -35,10 +35,11 @@ What is measured, per model, per thread count, the engines alternating (their or
   * 16-sequence aggregate decode tok/s (`llama-batched-bench -npp 32 -ntg 96 -npl 16`, S_TG vs 16 x 95 tokens over
     the span in which all 16 decode) at the largest thread count;
   * the read-bandwidth bound: bytes one mimoflash decode step reads (touched weights + attended K/V,
-    mimoflash.bench.step_bytes) / the read bandwidth measured in the same run (kernels.read_sum: a threaded,
-    vectorised read of as many bytes as the model's weights, at each thread count, the fastest of 7), as tok/s; each
-    bf16 engine's fraction of it (llama.cpp's bf16 file holds the same weights; the FP8 and Q8_0 copies read about
-    half the bytes, so their bound is about twice this one).
+    mimoflash.bench.step_bytes) / the read rate of the last-level cache measured in the same run
+    (kernels.read_sum: a threaded, vectorised re-read of min(step bytes, profile_step_split.LLC_PROBE_BYTES), at
+    each thread count, the fastest), as tok/s; each bf16 engine's fraction of it (llama.cpp's bf16 file holds the
+    same weights; the FP8 and Q8_0 copies read about half the bytes, so their bound is about twice this one). The rate over a buffer as large as all the
+    weights (memory, where the L3 cannot keep them) is printed too; see LLC_PROBE_BYTES there for why it is no bound.
 A table, then ONE JSON line. Not part of CI (it builds a C++ project and runs for many minutes).
 """
 
@@ -61,7 +62,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_decode import bench_config, build_model, run_ours  # noqa: E402
-from profile_step_split import read_bandwidth, step_bytes, weight_bytes  # noqa: E402
+from profile_step_split import LLC_PROBE_BYTES, read_bandwidth, step_bytes, weight_bytes  # noqa: E402
 
 from mimoflash import kernels  # noqa: E402
 from mimoflash.checkpoint.fp8 import FP8_DTYPE  # noqa: E402
@@ -294,7 +295,10 @@ def main(argv=None) -> int:
             run_ours(llm8, prompts[:1], 8)
         wbytes = weight_bytes(llm.model)
         res: dict[str, list[float]] = {}
-        bw: dict[int, list[float]] = {t: [] for t in a.threads}
+        bw: dict[int, list[float]] = {t: [] for t in a.threads}          # the cache's rate (the bound)
+        bw_mem: dict[int, list[float]] = {t: [] for t in a.threads}      # a buffer as large as the weights
+        step_b = step_bytes(llm.model, a.prompt_len + a.new_tokens // 2,
+                            torch.empty(0, dtype=llm.engine.layout.dtype).element_size())
 
         def ours(kind: str, t: int, q: str) -> float:
             set_threads(t)
@@ -316,7 +320,8 @@ def main(argv=None) -> int:
         for rep in range(a.repeats):
             for t in a.threads:
                 set_threads(t)
-                bw[t].append(read_bandwidth(wbytes))
+                bw[t].append(read_bandwidth(min(step_b, LLC_PROBE_BYTES)))
+                bw_mem[t].append(read_bandwidth(wbytes))
             for kind, t in jobs:
                 engines = ["mimoflash bf16"] + (["mimoflash fp8"] if llm8 is not None and kind == "tg" else []) \
                     + [f"llama.cpp {q}" for q in ggufs]
@@ -327,8 +332,7 @@ def main(argv=None) -> int:
             print(f"[{mname}] repeat {rep + 1}/{a.repeats}: "
                   + ", ".join(f"{k}={v[-1]:.0f}" for k, v in res.items()), file=sys.stderr)
         med = {k: statistics.median(v) for k, v in res.items()}
-        lay = llm.engine.layout
-        bpt = step_bytes(llm.model, a.prompt_len + a.new_tokens // 2, torch.empty(0, dtype=lay.dtype).element_size())
+        bpt = step_b
         mres = {"params_M": round(sum(p.numel() for p in llm.model.parameters()) / 1e6, 1),
                 "bytes_per_token_MB": round(bpt / 1e6, 2), "threads": {}}
 
@@ -353,9 +357,11 @@ def main(argv=None) -> int:
                     entry["fp8_ratio_vs_q8_0_paired"] = paired(kind, t, "mimoflash fp8", "llama.cpp q8_0")
             label = {"tg": "decode b=1", "pp": f"prefill {a.prefill_len}", "b16": f"decode {a.concurrency} seqs"}[kind]
             if kind == "tg":
-                bw_t = statistics.median(bw[t])
+                bw_t = max(bw[t])
                 bound = bw_t / bpt
                 entry.update(read_GBps=round(bw_t / 1e9, 2), bound_tok_s=round(bound, 1),
+                             weights_read_GBps=round(statistics.median(bw_mem[t]) / 1e9, 2),
+                             weights_rate_tok_s=round(statistics.median(bw_mem[t]) / bpt, 1),
                              fraction_of_bound=round(ours_v / bound, 3),
                              llama_bf16_fraction_of_bound=round(entry["llama_bf16"] / bound, 3))
             else:
@@ -374,8 +380,15 @@ def main(argv=None) -> int:
     for r in table:
         print(f"{r[0]:<10}{r[1]:<18}{r[2]:>4}{r[3]:>9.1f}{r[4]:>11.1f}{r[5]:>6.2f}x{r[6]:>9.1f}{r[7]:>11.1f}"
               f"{r[8]:>6.2f}x{r[9]:>7.0f}{r[10]:>7.2f}")
-    print("ratio = mimoflash / llama.cpp (bf16 / bf16, FP8 / Q8_0); bound = read bandwidth (kernels.read_sum at that "
-          "thread count) / bytes a mimoflash bf16 decode step reads; mf/bnd = mimoflash bf16's share of it")
+    print("ratio = mimoflash / llama.cpp (bf16 / bf16, FP8 / Q8_0); bound = the cache's read rate (kernels.read_sum "
+          f"over min(step bytes, {LLC_PROBE_BYTES >> 20} MiB), that thread count, fastest) / bytes a mimoflash bf16 "
+          "decode step reads; mf/bnd = mimoflash bf16's share of it")
+    for mname, mres in results.items():
+        for t, d in mres["threads"].items():
+            tg = d["tg"]
+            print(f"{mname} {t} thread(s): read {tg['read_GBps']} GB/s from cache, {tg['weights_read_GBps']} GB/s over "
+                  f"all the weights ({mres['bytes_per_token_MB']} MB a step -> {tg['bound_tok_s']:.0f} and "
+                  f"{tg['weights_rate_tok_s']:.0f} tok/s)")
     print(f"load average {load_before[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end")
     print(json.dumps({"machine": f"{platform.machine()}, {os.cpu_count()} cpus", "load_avg_start": load_before[0],
                       "load_avg_end": os.getloadavg()[0], "llama_cpp_python": LLAMA_CPP_PYTHON,
