@@ -30,7 +30,6 @@ import json
 import os
 import statistics
 import sys
-import time
 
 ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 ap.add_argument("--threads", type=int, default=1)
@@ -119,8 +118,8 @@ def main() -> int:
         per_step = {v: sec / max(1, calls / (2 * L + 2)) for v, (sec, calls) in comm.items()}
         w1, kv1 = resident_bytes(single.model), single.engine.cache.layout.total_bytes
         med = {k: statistics.median(v) for k, v in res.items()}
-        print(f"model: hidden {a.hidden}, {L} layers, {a.experts} experts, vocab {a.vocab}, bf16 weights, fp32 compute; "
-              f"threads per rank {a.threads}; repeats {a.repeats}, {a.max_tokens} new tokens")
+        print(f"model: hidden {a.hidden}, {L} layers, {a.experts} experts, vocab {a.vocab}, bf16 weights, fp32 "
+              f"compute; threads per rank {a.threads}; repeats {a.repeats}, {a.max_tokens} new tokens")
         print(f"{'variant':>14} | {'weights/rank MB':>15} | {'KV/rank MB':>10} | {'tok/s b=1':>9} | "
               f"{'tok/s b=' + str(a.batch):>10} | {'comm ms/step':>12}")
         print(f"{'1 rank, fused':>14} | {w1 / 1e6:15.1f} | {kv1 / 1e6:10.1f} | {med[('1', 1)]:9.1f} | "

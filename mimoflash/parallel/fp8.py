@@ -45,8 +45,9 @@ def _block(plan: ShardPlan, name: str, shape: tuple[int, int], block: tuple[int,
 
 
 def swap_fp8(model, plan: ShardPlan, reader) -> dict[str, tuple[int, int]]:
-    """On the rank's meta model (called outside the meta device context: the store maps the files): FP8 projections -> FP8Linear at the rank's shapes, FP8 routed experts ->
-    FP8Experts over the rank's ExpertStore (set as model.expert_store) -> {weight name: its grid}."""
+    """On the rank's meta model (called outside the meta device context: the store maps the files): FP8 projections
+    -> FP8Linear at the rank's shapes, FP8 routed experts -> FP8Experts over the rank's ExpertStore (set as
+    model.expert_store) -> {weight name: its grid}."""
     block = tuple(plan.config.fp8_block_size)
     store = ExpertStore(reader.root, reader.weight_map)
     grids, fp8_names = {}, []

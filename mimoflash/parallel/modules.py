@@ -3,8 +3,8 @@
 Where the collectives go. Every sharded block ends in a row-parallel product (o_proj over the rank's heads,
 down_proj over its intermediate slice, the experts it owns), so each rank holds a *partial sum* of the block's
 output; `ParallelDecoderLayer` (and `ParallelMTPLayer`) adds them with one all_reduce(SUM) per block before the
-residual add: two per decoder layer. Attention, the dense MLP and the experts themselves are the ordinary classes at the rank's sizes,
-so the engine's CPU layouts (engine/cpu_layout.py: fused q|k|v, bf16 panels, picked experts) apply to them
+residual add: two per decoder layer. Attention, the dense MLP and the experts themselves are the ordinary classes
+at the rank's sizes, so the engine's CPU layouts (engine/cpu_layout.py: fused q|k|v, bf16 panels, picked experts) apply to them
 unchanged. The vocabulary-parallel embedding adds one all_reduce per step (each token's row lives on one rank;
 the others contribute zeros, so the sum is exact), the LM head one all_gather of the rank's logit columns.
 
