@@ -38,8 +38,9 @@ What is measured, per model, per thread count, the engines alternating (their or
     mimoflash.bench.step_bytes) / the read rate of the last-level cache measured in the same run
     (kernels.read_sum: a threaded, vectorised re-read of min(step bytes, profile_step_split.LLC_PROBE_BYTES), at
     each thread count, the fastest), as tok/s; each bf16 engine's fraction of it (llama.cpp's bf16 file holds the
-    same weights; the FP8 and Q8_0 copies read about half the bytes, so their bound is about twice this one). The rate over a buffer as large as all the
-    weights (memory, where the L3 cannot keep them) is printed too; see LLC_PROBE_BYTES there for why it is no bound.
+    same weights; the FP8 and Q8_0 copies read about half the bytes, so their bound is about twice this one). The
+    rate over a buffer as large as all the weights (memory, where the L3 cannot keep them) is printed too; see
+    LLC_PROBE_BYTES there for why it is no bound.
 A table, then ONE JSON line. Not part of CI (it builds a C++ project and runs for many minutes).
 """
 
