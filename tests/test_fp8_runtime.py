@@ -159,6 +159,19 @@ def test_fused_fp8_step_agrees(which, request, monkeypatch):
 
 
 @needs_kernels
+def test_fused_fp8_mtp_drafts_keep_greedy(ckpt):
+    """MTP speculative decoding on the FP8 checkpoint: the MTP block's FP8 attention and MLP run in the fused step
+    too (its E4M3 bytes), and the greedy tokens equal plain decoding's."""
+    sp = SamplingParams(temperature=0, max_tokens=12)
+    plain = LLM(ckpt, progress=False)
+    spec = LLM(ckpt, progress=False, speculative_config={"method": "mtp", "num_speculative_tokens": 1})
+    mtp = spec.engine.runner.fused_mtp
+    assert mtp is not None and all(m.args.qkv_s and m.args.fp8_br for m in mtp)
+    want = [o.outputs[0].token_ids for o in plain.generate(PROMPTS, sp, use_tqdm=False)]
+    assert [o.outputs[0].token_ids for o in spec.generate(PROMPTS, sp, use_tqdm=False)] == want
+
+
+@needs_kernels
 def test_fused_fp8_step_not_used_with_bounded_cache(ckpt):
     """With a memory budget the experts' cache evicts between layers, which the one-call step cannot: the
     per-module path runs."""
