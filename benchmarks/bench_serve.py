@@ -5,6 +5,7 @@ checkpoint, prompts and clients.
 
     .venv/bin/python benchmarks/bench_serve.py                     # shipped model, 1/8/32 streams
     .venv/bin/python benchmarks/bench_serve.py --mtp 2             # also the server with MTP
+    .venv/bin/python benchmarks/bench_serve.py --stream-interval 4 # also the server sending >= 4 tokens per chunk
     .venv/bin/python benchmarks/bench_serve.py --with-transformers # also `transformers serve` where it works
 
 Seeded prompts (the shipped model's sample prompts, varied), greedy, `ignore_eos` so every request generates
@@ -163,6 +164,8 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--mtp", type=int, default=None, help="also run the server with MTP K")
+    ap.add_argument("--stream-interval", type=int, default=None, metavar="N",
+                    help="also run the server with --stream-interval N (at least N tokens per chunk)")
     ap.add_argument("--with-transformers", action="store_true",
                     help="also `transformers serve`, with and without --continuous-batching (same prompts, clients)")
     ap.add_argument("--client", choices=["aiohttp", "httpx"], default="aiohttp", help="HTTP client of the streams")
@@ -189,6 +192,12 @@ def main() -> int:
                             str(max_seqs), "--served-model-name", "m", "--mtp", str(a.mtp), "--log-level", "warning"],
                            f"http://127.0.0.1:{port}/health"))
         servers[f"server+mtp{a.mtp}"] = (f"http://127.0.0.1:{port}", "m", {"ignore_eos": True})
+    if a.stream_interval:
+        port = free_port()
+        procs.append(start([py, "-m", "mimoflash", "serve", path, "--port", str(port), "--max-num-seqs",
+                            str(max_seqs), "--served-model-name", "m", "--stream-interval", str(a.stream_interval),
+                            "--log-level", "warning"], f"http://127.0.0.1:{port}/health"))
+        servers[f"server si={a.stream_interval}"] = (f"http://127.0.0.1:{port}", "m", {"ignore_eos": True})
     if a.with_transformers:
         exe = os.path.join(os.path.dirname(py), "transformers")
         for name, flags in (("transformers serve", []), ("transformers serve --cb", ["--continuous-batching"])):

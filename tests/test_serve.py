@@ -483,5 +483,8 @@ def test_serve_help_and_bad_flags():
     assert r.returncode == 0 and "--api-key" in r.stdout and "--mtp" in r.stdout
     r = subprocess.run([sys.executable, "-m", "mimoflash", "serve", "--port", "70000"], capture_output=True, text=True)
     assert r.returncode == 2 and "--port" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "mimoflash", "serve", "--stream-interval", "0"], capture_output=True,
+                       text=True)
+    assert r.returncode == 2 and "--stream-interval" in r.stderr
     r = subprocess.run([sys.executable, "-m", "mimoflash", "serve", "/no/such/dir"], capture_output=True, text=True)
     assert r.returncode == 1 and "error" in r.stderr and "Traceback" not in r.stderr

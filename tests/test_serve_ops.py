@@ -165,6 +165,31 @@ def test_mtp_passes_through_and_reports_acceptance():
         assert code == 0, out
 
 
+def test_stream_interval_sends_fewer_larger_chunks():
+    """--stream-interval 4: after the first token, every chunk carries at least 4 tokens (the last may carry fewer);
+    the streamed text is the non-streamed text."""
+    s = ServerProcess("--stream-interval", "4")
+    try:
+        body = {"model": MODEL, "prompt": "def f(x):", "max_tokens": 14, "temperature": 0, "ignore_eos": True,
+                "logprobs": 0}
+        full = httpx.post(s.url + "/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
+        raw = httpx.post(s.url + "/v1/completions", json={**body, "stream": True}, timeout=60).text
+        chunks = [json.loads(line[6:]) for line in raw.splitlines() if line.startswith("data: {")]
+        sizes = [len(c["choices"][0]["logprobs"]["tokens"]) for c in chunks if c["choices"][0]["logprobs"]]
+        assert sum(sizes) == 14 and sizes[0] == 1 and all(k >= 4 for k in sizes[1:-1]) and len(sizes) <= 5, sizes
+        assert "".join(c["choices"][0]["text"] for c in chunks) == full
+        chat = {"model": MODEL, "messages": USER, "max_tokens": 14, "temperature": 0, "ignore_eos": True}
+        ref = httpx.post(s.url + "/v1/chat/completions", json=chat, timeout=60).json()["choices"][0]["message"]
+        raw = httpx.post(s.url + "/v1/chat/completions", json={**chat, "stream": True}, timeout=60).text
+        deltas = [json.loads(line[6:])["choices"][0]["delta"] for line in raw.splitlines()
+                  if line.startswith("data: {")]
+        assert "".join(d.get("content") or "" for d in deltas) == ref["content"]
+        assert len(deltas) <= 1 + 5                                  # the role chunk, then at most 5 with tokens
+    finally:
+        code, out = s.stop()
+        assert code == 0, out
+
+
 def test_reasoning_end_to_end_with_a_template_that_opens_think(tmp_path):
     """A checkpoint whose template opens `<think>` in the generation prompt (as Qwen3-style thinking templates do):
     everything generated before `</think>` is reasoning, streamed as reasoning_content and counted in usage."""

@@ -30,9 +30,9 @@ STATIC = Path(__file__).resolve().parent / "static"
 
 def build_app(llm, *, served_model_name: str | None = None, api_key: str | None = None, max_waiting: int = 64,
               max_n: int = 16, max_body_bytes: int = 4 << 20, price_input_per_m: float = 0.10,
-              price_output_per_m: float = 0.30, mtp: int | None = None) -> FastAPI:
+              price_output_per_m: float = 0.30, mtp: int | None = None, stream_interval: int = 1) -> FastAPI:
     cfg = ServerConfig(served_model_name or "mimoflash", api_key, max_n, max_body_bytes, price_input_per_m,
-                       price_output_per_m, mtp)
+                       price_output_per_m, mtp, stream_interval)
     st = ServerState(llm, cfg, max_waiting)
     engine_loop, metrics = st.engine_loop, st.metrics
 

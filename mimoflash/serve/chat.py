@@ -152,7 +152,7 @@ def add_routes(v1: APIRouter, st: ServerState) -> None:
         try:
             yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                           "finish_reason": None} for i in range(len(parsers))], lambda: usage(n_prompt, 0, 0))
-            async for batch in handle.batches():
+            async for batch in handle.batches(cfg.stream_interval):
                 merged: dict[int, dict] = {}                  # choice index -> its chunk entry for this batch
                 for out in batch:
                     for o in out.outputs:

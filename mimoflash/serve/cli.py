@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--price-input", type=float, default=0.10, help="USD per million prompt tokens, for usage.cost")
     ap.add_argument("--price-output", type=float, default=0.30,
                     help="USD per million completion tokens, for usage.cost")
+    ap.add_argument("--stream-interval", type=int, default=1, metavar="N",
+                    help="streaming: at least N tokens per SSE chunk after the first; fewer, larger chunks cost the "
+                         "server and its clients less CPU when many streams run")
     ap.add_argument("--max-body-bytes", type=int, default=4 << 20, help="largest request body accepted")
     ap.add_argument("--graceful-timeout", type=float, default=10.0,
                     help="seconds in-flight requests get to finish on SIGTERM before they are cancelled")
@@ -72,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     if not 0 <= a.port <= 65535:
         usage_error(ap, f"--port must be in [0, 65535], got {a.port}")
-    for name in ("max_num_seqs", "max_n", "max_body_bytes", "max_num_batched_tokens", "tensor_parallel_size"):
+    for name in ("max_num_seqs", "max_n", "max_body_bytes", "max_num_batched_tokens", "tensor_parallel_size",
+                 "stream_interval"):
         if getattr(a, name) < 1:
             usage_error(ap, f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
     if a.max_waiting < 0:
@@ -106,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
               tensor_parallel_size=a.tensor_parallel_size, **extra)
     app = build_app(llm, served_model_name=name, api_key=a.api_key, max_waiting=a.max_waiting, max_n=a.max_n,
                     max_body_bytes=a.max_body_bytes, price_input_per_m=a.price_input,
-                    price_output_per_m=a.price_output, mtp=a.mtp)
+                    price_output_per_m=a.price_output, mtp=a.mtp, stream_interval=a.stream_interval)
     print(f"mimoflash serve: model {name!r} from {path}; page at http://{a.host}:{a.port}/ , "
           f"OpenAI API at http://{a.host}:{a.port}/v1", file=sys.stderr, flush=True)
     config = uvicorn.Config(app, host=a.host, port=a.port, log_level=a.log_level,

@@ -104,7 +104,7 @@ def add_routes(v1: APIRouter, st: ServerState) -> None:
         n_gen, mxs = 0, []
         sent_echo = set()
         try:
-            async for batch in _merge_batches(handles):
+            async for batch in _merge_batches(handles, cfg.stream_interval):
                 merged: dict[int, dict] = {}
                 for k, out in batch:
                     for o in out.outputs:
@@ -170,10 +170,11 @@ async def _merge(handles) -> AsyncIterator[tuple[int, Any]]:
             t.cancel()
 
 
-async def _merge_batches(handles) -> AsyncIterator[list[tuple[int, Any]]]:
-    """Like `_merge`, in batches of everything available at once (see RequestHandle.batches)."""
+async def _merge_batches(handles, min_tokens: int = 1) -> AsyncIterator[list[tuple[int, Any]]]:
+    """Like `_merge`, in batches. One prompt: everything available at once, at least `min_tokens` tokens (see
+    RequestHandle.batches); several prompts: one delta at a time."""
     if len(handles) == 1:
-        async for batch in handles[0].batches():
+        async for batch in handles[0].batches(min_tokens):
             yield [(0, out) for out in batch]
         return
     async for item in _merge(handles):

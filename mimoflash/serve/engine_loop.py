@@ -62,22 +62,31 @@ class RequestHandle:
             for item in batch:
                 yield item
 
-    async def batches(self) -> AsyncIterator[list[RequestOutput]]:
+    async def batches(self, min_tokens: int = 1) -> AsyncIterator[list[RequestOutput]]:
         """Deltas in batches: everything queued since the last read. A client that falls behind the engine then
-        gets one SSE chunk for several steps instead of one chunk per step."""
+        gets one SSE chunk for several steps instead of one chunk per step. With `min_tokens` > 1 (the server's
+        `--stream-interval`) a batch also waits until it holds that many new tokens (all choices together), except
+        the first one with tokens (time to first token is not delayed) and the last one."""
+        first = True
         while not self.finished:
-            items = [await self.queue.get()]
-            while not self.queue.empty():
-                items.append(self.queue.get_nowait())
-            out = []
-            for item in items:
-                if isinstance(item, BaseException):
-                    self.finished = True
-                    raise item
-                out.append(item)
-                if item.finished:
-                    self.finished = True
+            out: list[RequestOutput] = []
+            tokens = 0
+            while True:
+                items = [await self.queue.get()]
+                while not self.queue.empty():
+                    items.append(self.queue.get_nowait())
+                for item in items:
+                    if isinstance(item, BaseException):
+                        self.finished = True
+                        raise item
+                    out.append(item)
+                    tokens += sum(len(o.token_ids) for o in item.outputs)
+                    if item.finished:
+                        self.finished = True
+                        break
+                if self.finished or tokens >= min_tokens or (first and tokens):
                     break
+            first = first and not tokens
             yield out
 
     def abort(self) -> None:

@@ -24,6 +24,7 @@ class ServerConfig:
     price_input_per_m: float = 0.10          # USD per million prompt tokens (MiMo-V2-Flash API price, docs/MODEL.md §6)
     price_output_per_m: float = 0.30         # USD per million completion tokens
     mtp: int | None = None
+    stream_interval: int = 1                 # at least this many tokens per SSE chunk after the first
 
 
 class ServerState:
