@@ -116,6 +116,9 @@ def test_bad_tensor_parallel_sizes_fail_before_starting_processes():
         LLM(m, tensor_parallel_size=0, progress=False)
     with pytest.raises(ValueError, match="pass weight_dtype='auto'"):
         LLM(m, tensor_parallel_size=2, progress=False, weight_dtype="fp8")
+    with pytest.raises(ValueError, match="needs a model with MTP layers"):
+        LLM(make_model(tiny_config(num_nextn_predict_layers=0)), tensor_parallel_size=2, progress=False,
+            speculative_config={"num_speculative_tokens": 1})
     with pytest.raises(ValueError, match="reduced draft vocabulary"):
         LLM(m, tensor_parallel_size=2, progress=False, speculative_config={"num_speculative_tokens": 1,
                                                                          "draft_vocab_size": 64})

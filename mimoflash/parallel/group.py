@@ -445,6 +445,9 @@ def start(model, tokenizer, world: Any, opts: dict):
                          "LLM not closed?)")
     device = torch.device(opts["device"])
     config, source, dtype = _source_of(model, opts)
+    if spec is not None and not config.num_nextn_predict_layers:
+        raise ValueError("speculative decoding with method 'mtp' needs a model with MTP layers "
+                         "(num_nextn_predict_layers >= 1); this model has none")
     plan0 = ShardPlan(config, 0, world, mtp=spec is not None)     # checks the split before any process starts
     env = _torchrun_env()
     if plan0.replicated_kv and (env is None or env[0] == 0):
