@@ -176,3 +176,33 @@ def test_engine_copy_keeps_ties_and_shares_storage():
     assert not m.lm_head._forward_hooks and c.config is m.config                       # other attributes shared
     cl.use_cpu_layout(c, torch.float32)
     assert type(m.model.layers[1].self_attn) is Attention and type(m.model.norm) is RMSNorm
+
+
+def test_long_prefill_attends_in_query_blocks_like_the_reference(monkeypatch):
+    """A prefill slice longer than runner.QUERY_BLOCK attends block by block, each block to the sink column and the key
+    span its rows may see (window or causal limit): a ragged two-sequence step (padding rows) with cached keys
+    before it gives the reference attention's logits and the full recompute's, and the blocks did leave keys out."""
+    from mimoflash.engine import runner as R
+    from tests.test_kv_cache import Driver, _req, _tokens, full_logits
+    spans = []
+    real = R._query_blocks
+
+    def spy(bias):
+        out = list(real(bias))
+        spans.append((bias.shape[3], out))
+        return iter(out)
+    monkeypatch.setattr(R, "_query_blocks", spy)
+    monkeypatch.setattr(R, "QUERY_BLOCK", 32)
+    model = make_model(tiny_config(), seed=4)
+    seqs = [_tokens(150), _tokens(90)]
+    refs = [full_logits(model, s) for s in seqs]
+    outs = {}
+    for impl in ("fast", "reference"):
+        d = Driver(model, impl, block_size=8)
+        reqs = [_req(s, f"s{i}") for i, s in enumerate(seqs)]
+        outs[impl] = torch.cat([d.step([(reqs[0], 20)]), d.step([(reqs[0], 130), (reqs[1], 90)])])
+    torch.testing.assert_close(outs["fast"], outs["reference"], atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(outs["fast"][1:], torch.stack([refs[0][-1], refs[1][-1]]), atol=2e-5, rtol=1e-4)
+    blocks = [b for K, out in spans for b in out if len(out) > 1]
+    assert blocks and any(c0 > 1 for _, _, c0, _ in blocks)                   # windows skipped old keys
+    assert any(c1 < K for K, out in spans if len(out) > 1 for _, _, _, c1 in out)   # causal: later keys skipped

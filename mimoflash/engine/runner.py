@@ -65,6 +65,7 @@ class KindMeta:
     bias: torch.Tensor                # (B, 1, Tmax, 1 + P + Tmax) additive mask, column 0 = sink (-inf here)
     k_pos: torch.Tensor               # (B, 1 + P + Tmax) key positions, -1 = not a key (reference path)
     bias_heads: torch.Tensor | None = None   # (B, nq, Tmax, K) copy for layers with sinks, made on first use
+    query_blocks: list | None = None         # _query_blocks(bias), made on first use
 
 
 @dataclass
@@ -220,11 +221,22 @@ class PagedAttention:
         zk, zv = k_past.new_zeros(B, h, 1, d), v_past.new_zeros(B, h, 1, dv)       # the sink column
         keys = torch.cat([zk, k_past, kn.transpose(1, 2).to(k_past.dtype)], dim=2)  # (B, h, 1 + P + Tmax, d)
         vals = torch.cat([zv, v_past, vn.transpose(1, 2).to(v_past.dtype)], dim=2)  # (B, h, 1 + P + Tmax, dv)
-        bias = self._bias(layer, km, nq)
+        bias = self._bias(layer, km, nq).to(q.dtype)
         if dv < d:     # V zero-padded to K's width: torch's CPU flash kernel needs equal widths (else its math path)
             vals = F.pad(vals, (0, d - dv))
-        o = F.scaled_dot_product_attention(qp.transpose(1, 2), keys.to(q.dtype), vals.to(q.dtype),
-                                           attn_mask=bias.to(q.dtype), scale=layer.scale, enable_gqa=True)
+        qh, keys, vals = qp.transpose(1, 2), keys.to(q.dtype), vals.to(q.dtype)
+        if km.query_blocks is None:
+            km.query_blocks = list(_query_blocks(km.bias))
+        outs = []
+        for lo, hi, c0, c1 in km.query_blocks:
+            kb, vb, mb = keys[:, :, :c1], vals[:, :, :c1], bias[:, :, lo:hi, :c1]
+            if c0 > 1:                                     # the sink column, then the block's span
+                kb = torch.cat([keys[:, :, :1], keys[:, :, c0:c1]], 2)
+                vb = torch.cat([vals[:, :, :1], vals[:, :, c0:c1]], 2)
+                mb = torch.cat([bias[:, :, lo:hi, :1], bias[:, :, lo:hi, c0:c1]], 3)
+            outs.append(F.scaled_dot_product_attention(qh[:, :, lo:hi], kb, vb, attn_mask=mb, scale=layer.scale,
+                                                       enable_gqa=True))
+        o = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
         o = o[..., :dv].transpose(1, 2)                                              # (B, Tmax, nq, dv)
         return o.reshape(B * Tmax, nq, dv)[m.pad_of_flat]                            # (N, nq, dv)
 
@@ -256,6 +268,26 @@ class _StoreOnly:
         k_pool.index_copy_(1, self.dst, k[0].to(k_pool.dtype).transpose(0, 1))
         v_pool.index_copy_(1, self.dst, v[0].to(v_pool.dtype).transpose(0, 1))
         return q.new_zeros(q.shape[:3] + (v.shape[-1],))
+
+
+QUERY_BLOCK = 128     # long prefill slices attend in blocks of this many query rows
+
+
+def _query_blocks(bias: torch.Tensor):
+    """bias (B, 1, T, 1 + P + T) -> (lo, hi, c0, c1) per block of QUERY_BLOCK query rows: the block attends to the
+    sink column 0 and to key columns [c0, c1), the span some row of the block may see (a causal block sees no later
+    keys, a sliding window's block no older ones). The columns left out are -inf for every row of the block, so
+    dropping them changes no softmax; it halves the work of a long causal prefill and leaves a window's block about
+    2 x window keys. T <= QUERY_BLOCK, or a block seeing nothing (padding): all columns, (lo, hi, 1, K)."""
+    T, K = bias.shape[2], bias.shape[3]
+    if T <= QUERY_BLOCK:
+        yield 0, T, 1, K
+        return
+    seen = (bias[:, 0, :, 1:] > float("-inf")).any(dim=0)                       # (T, K - 1)
+    for lo in range(0, T, QUERY_BLOCK):
+        hi = min(T, lo + QUERY_BLOCK)
+        nz = seen[lo:hi].any(dim=0).nonzero()
+        yield (lo, hi, 1, K) if nz.numel() == 0 else (lo, hi, int(nz[0]) + 1, int(nz[-1]) + 2)
 
 
 def _first_if_consecutive(chunks: torch.Tensor) -> int | None:
