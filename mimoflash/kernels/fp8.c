@@ -350,7 +350,9 @@ static void fp8_range(void *p, long n0, long n1) {
     size_t need = (size_t)j->M * (size_t)j->K;
     if (cap < need) {
         free(buf);
-        buf = malloc(need * sizeof(float));
+        /* 64-byte aligned: a 64-byte vector load that straddles two cache lines costs two (the scaled rows are
+         * read once per weight row; with malloc's 16-byte alignment a 16-row product ran 1.3x slower in some processes) */
+        buf = aligned_alloc(64, (need * sizeof(float) + 63) & ~(size_t)63);
         cap = buf ? need : 0;
         if (!buf) {
             j->failed = 1;
