@@ -65,7 +65,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_decode import bench_config, build_model, run_ours  # noqa: E402
 from profile_step_split import LLC_PROBE_BYTES, read_bandwidth, step_bytes, weight_bytes  # noqa: E402
 
-from mimoflash import kernels  # noqa: E402
+from mimoflash import bench, kernels  # noqa: E402
 from mimoflash.checkpoint.fp8 import FP8_DTYPE  # noqa: E402
 from mimoflash.checkpoint.loader import load_model  # noqa: E402
 from mimoflash.checkpoint.saver import save_model  # noqa: E402
@@ -270,6 +270,7 @@ def main(argv=None) -> int:
     models = prepare_models(a.models)
     top = max(a.threads)
     results: dict[str, dict] = {}
+    expert_mb: dict[str, float] = {}
     table = []
     for mname, m in models.items():
         ggufs = {"bf16": to_gguf(src, m["dir"], BUILD / "gguf" / f"{mname}-bf16.gguf", "bf16", m["mtp_layers"])}
@@ -298,8 +299,11 @@ def main(argv=None) -> int:
         res: dict[str, list[float]] = {}
         bw: dict[int, list[float]] = {t: [] for t in a.threads}          # the cache's rate (the bound)
         bw_mem: dict[int, list[float]] = {t: [] for t in a.threads}      # a buffer as large as the weights
-        step_b = step_bytes(llm.model, a.prompt_len + a.new_tokens // 2,
-                            torch.empty(0, dtype=llm.engine.layout.dtype).element_size())
+        kv_elt = torch.empty(0, dtype=llm.engine.layout.dtype).element_size()
+        step_b = step_bytes(llm.model, a.prompt_len + a.new_tokens // 2, kv_elt)
+        cfg = llm.model.config        # the routed experts' share of a step: other experts each step, not cached
+        expert_b = step_b - bench.step_bytes(cfg, bench.weight_bytes(llm.model), 1, a.prompt_len + a.new_tokens // 2,
+                                             kv_elt, experts_per_layer=0)
 
         def ours(kind: str, t: int, q: str) -> float:
             set_threads(t)
@@ -363,6 +367,9 @@ def main(argv=None) -> int:
                 entry.update(read_GBps=round(bw_t / 1e9, 2), bound_tok_s=round(bound, 1),
                              weights_read_GBps=round(statistics.median(bw_mem[t]) / 1e9, 2),
                              weights_rate_tok_s=round(statistics.median(bw_mem[t]) / bpt, 1),
+                             # the rest at the cache's rate, the routed experts at the memory rate: an estimate
+                             cache_and_memory_tok_s=round(1 / ((bpt - expert_b) / bw_t
+                                                               + expert_b / statistics.median(bw_mem[t])), 1),
                              fraction_of_bound=round(ours_v / bound, 3),
                              llama_bf16_fraction_of_bound=round(entry["llama_bf16"] / bound, 3))
             else:
@@ -372,6 +379,7 @@ def main(argv=None) -> int:
                           entry.get("llama_q8_0", float("nan")), entry.get("fp8_ratio_vs_q8_0", float("nan")),
                           bound, ours_v / bound))
         results[mname] = mres
+        expert_mb[mname] = expert_b / 1e6
         del llm, llm8
 
     print(f"\nmimoflash vs llama.cpp (llama-cpp-python {LLAMA_CPP_PYTHON}'s vendored copy, build {a.llama_flags}), "
@@ -389,7 +397,8 @@ def main(argv=None) -> int:
             tg = d["tg"]
             print(f"{mname} {t} thread(s): read {tg['read_GBps']} GB/s from cache, {tg['weights_read_GBps']} GB/s over "
                   f"all the weights ({mres['bytes_per_token_MB']} MB a step -> {tg['bound_tok_s']:.0f} and "
-                  f"{tg['weights_rate_tok_s']:.0f} tok/s)")
+                  f"{tg['weights_rate_tok_s']:.0f} tok/s; the routed experts' {expert_mb[mname]:.1f} MB at memory "
+                  f"speed and the rest from cache: {tg['cache_and_memory_tok_s']:.0f} tok/s)")
     print(f"load average {load_before[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end")
     print(json.dumps({"machine": f"{platform.machine()}, {os.cpu_count()} cpus", "load_avg_start": load_before[0],
                       "load_avg_end": os.getloadavg()[0], "llama_cpp_python": LLAMA_CPP_PYTHON,
