@@ -167,17 +167,28 @@ def to_gguf(src: Path, model_dir: Path, out: Path, outtype: str, mtp_layers: int
 
 
 # ------------------------------------------------------------------------------------------------ llama.cpp runs
+LLAMA_TIMEOUT_S = 300
+
+
+def _llama(cmd: list[str]) -> subprocess.CompletedProcess:
+    """One llama.cpp tool run; a hang (LLAMA_TIMEOUT_S) is a RuntimeError, as a crash is to the callers."""
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=LLAMA_TIMEOUT_S)
+    except subprocess.TimeoutExpired as e:
+        raise RuntimeError(f"{' '.join(cmd)} ran over {LLAMA_TIMEOUT_S} s") from e
+
+
 def _run(cmd: list[str]) -> str:
     """-> stdout, then stderr (llama.cpp's log writes results to one and progress to the other)."""
-    r = subprocess.run(cmd, capture_output=True, text=True)
+    r = _llama(cmd)
     if r.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{r.stderr[-3000:]}")
     return r.stdout + "\n" + r.stderr
 
 
 def llama_bench(bindir: Path, gguf: Path, threads: int, prompt: int, gen: int, depth: int) -> float:
-    r = subprocess.run([str(bindir / "llama-bench"), "-m", str(gguf), "-t", str(threads), "-p", str(prompt),
-                        "-n", str(gen), "-d", str(depth), "-r", "1", "-o", "json"], capture_output=True, text=True)
+    r = _llama([str(bindir / "llama-bench"), "-m", str(gguf), "-t", str(threads), "-p", str(prompt),
+                "-n", str(gen), "-d", str(depth), "-r", "1", "-o", "json"])
     if r.returncode != 0:
         raise RuntimeError(f"llama-bench failed on {gguf}:\n{r.stderr[-3000:]}")
     (row,) = json.loads(r.stdout)                   # -o json: the results alone on stdout
@@ -241,6 +252,12 @@ def prepare_models(names: list[str]) -> dict[str, dict]:
         else:
             raise ValueError(f"unknown model {name!r}")
     return out
+
+
+def _median(xs: list[float]) -> float:
+    """Median of the runs that produced a figure (NaN marks a failed llama.cpp run); NaN if none did."""
+    ok = [x for x in xs if x == x]
+    return statistics.median(ok) if ok else float("nan")
 
 
 def main(argv=None) -> int:
@@ -332,19 +349,24 @@ def main(argv=None) -> int:
                     + [f"llama.cpp {q}" for q in ggufs]
                 for eng in (engines if rep % 2 == 0 else engines[::-1]):
                     who, q = eng.split()
-                    v = ours(kind, t, q) if who == "mimoflash" else theirs(kind, t, q)
+                    try:
+                        v = ours(kind, t, q) if who == "mimoflash" else theirs(kind, t, q)
+                    except RuntimeError as e:        # a llama.cpp run that failed: reported, left out of the medians
+                        if who == "mimoflash":
+                            raise
+                        print(f"[{mname}] {kind} {t} {eng} failed: {str(e)[:400]}", file=sys.stderr)
+                        v = float("nan")
                     res.setdefault(f"{kind}|{t}|{eng}", []).append(v)
             print(f"[{mname}] repeat {rep + 1}/{a.repeats}: "
                   + ", ".join(f"{k}={v[-1]:.0f}" for k, v in res.items()), file=sys.stderr)
-        med = {k: statistics.median(v) for k, v in res.items()}
+        med = {k: _median(v) for k, v in res.items()}
         bpt = step_b
         mres = {"params_M": round(sum(p.numel() for p in llm.model.parameters()) / 1e6, 1),
                 "bytes_per_token_MB": round(bpt / 1e6, 2), "threads": {}}
 
         def paired(kind: str, t: int, a_eng: str, b_eng: str) -> float:
             """The ratio per repeat (the two ran back to back), median: less exposed to the machine drifting."""
-            return round(statistics.median(x / y for x, y in zip(res[f"{kind}|{t}|{a_eng}"],
-                                                                  res[f"{kind}|{t}|{b_eng}"])), 3)
+            return round(_median([x / y for x, y in zip(res[f"{kind}|{t}|{a_eng}"], res[f"{kind}|{t}|{b_eng}"])]), 3)
 
         for kind, t in jobs:
             ours_v = med[f"{kind}|{t}|mimoflash bf16"]
