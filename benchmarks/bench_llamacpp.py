@@ -309,7 +309,8 @@ def main(argv=None) -> int:
         g = torch.Generator().manual_seed(1)
         prompts = [torch.randint(3, V, (a.prompt_len,), generator=g).tolist() for _ in range(a.concurrency)]
         long_prompt = torch.randint(3, V, (a.prefill_len,), generator=g).tolist()
-        run_ours(llm, prompts[:1], 8)                                      # warm-up
+        run_ours(llm, prompts[:1], 8)              # warm-up (llama-bench warms up in each of its processes too)
+        ours_prefill(llm, long_prompt)
         if llm8 is not None:
             run_ours(llm8, prompts[:1], 8)
         wbytes = weight_bytes(llm.model)
