@@ -217,6 +217,12 @@ def test_completions(server, client):
     chunks = list(s)
     assert "".join(c.choices[0].text for c in chunks if c.choices) == r.choices[0].text[len("def f(x):"):]
     assert chunks[-1].usage.completion_tokens == 6
+    # streamed logprobs concatenate to the unstreamed ones, text offsets included (counted from the echoed prompt)
+    s = client.completions.create(model=MODEL, prompt="def f(x):", max_tokens=6, temperature=0, stream=True,
+                                  logprobs=2, echo=True, extra_body={"ignore_eos": True})
+    got = [c.choices[0].logprobs for c in s if c.choices and c.choices[0].logprobs]
+    assert [t for g in got for t in g.tokens] == lp.tokens
+    assert [o for g in got for o in g.text_offset] == lp.text_offset
 
 
 def _sse(server, path: str, body: dict) -> list[dict]:

@@ -103,6 +103,7 @@ def add_routes(v1: APIRouter, st: ServerState) -> None:
         n_prompt = sum(len(ids) for ids, _ in encoded)
         n_gen, mxs = 0, []
         sent_echo = set()
+        lp_pos: dict[int, int] = {}          # choice -> text_offset of its next token (echo included), as unstreamed
         try:
             async for batch in _merge_batches(handles, cfg.stream_interval):
                 merged: dict[int, dict] = {}
@@ -117,7 +118,9 @@ def add_routes(v1: APIRouter, st: ServerState) -> None:
                         e["text"] += text
                         e["finish_reason"] = o.finish_reason or e["finish_reason"]
                         if req.logprobs is not None and o.token_ids:
-                            lp = _completion_lp(logprob_entries(o), req.logprobs, 0)
+                            pos = lp_pos.get(j, len(echo[k]))
+                            lp = _completion_lp(logprob_entries(o), req.logprobs, pos)
+                            lp_pos[j] = pos + sum(len(t) for t in lp["tokens"])
                             if e["logprobs"] is None:
                                 e["logprobs"] = lp
                             else:
