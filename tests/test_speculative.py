@@ -109,6 +109,44 @@ def test_rows_past_the_window_before_the_ring_wraps(impl):
     assert sum(o.metrics.accepted_tokens for o in got) >= 6
 
 
+@pytest.mark.parametrize("prompt_len", [3, 40])          # rows before the rings wrap (8 slots) / after
+def test_mtp_pass_metadata_from_the_verification_equals_prepared(prompt_len):
+    """A draft pass over the rows the verification ran reuses its sliding metadata, masking the ring columns
+    before each slice's key_from on top: the same tables, slots, key counts and masks as `prepare_slices` builds
+    for the pass, for key_from off, before the window, inside it and past some rows' own positions."""
+    from mimoflash.engine.runner import Slice
+    with pytest.warns(UserWarning, match="reuse the last MTP layer"):
+        llm = LLM(make_model(_cfg(), seed=7), max_num_seqs=2, block_size=4,
+                  speculative_config={"num_speculative_tokens": 3})
+    eng, run = llm.engine, llm.engine.runner
+    sp = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    for p in _prompts([prompt_len, prompt_len + 2]):
+        eng.add_request(p["prompt_token_ids"], sp)
+    for _ in range(3):
+        eng.step()
+    reqs = list(eng.scheduler.running)
+    main = [Slice(r, r.num_computed_tokens - 3, [1, 2, 3], "all") for r in reqs]
+    top = max(s.start + 2 for s in main)
+    assert (top >= eng.layout.ring_slots) == (prompt_len > 8)
+    checked = 0
+    for kf in (0, 1, top - 5, top - 1):
+        run._main_rows = (tuple((s.request.ring_id, s.start, 3, 0) for s in main), run.prepare_slices(main))
+        run._mtp_step = None
+        mtp = [Slice(s.request, s.start, [4, 5, 6], "last", max(kf, 0)) for s in main]
+        got, want = run._mtp_rows_step(mtp), run.prepare_slices(mtp, kinds=(True,))
+        assert got.positions is run._main_rows[1].positions               # built from the verification's
+        g, w = got.meta.kinds[True], want.meta.kinds[True]
+        assert g.keys == w.keys and g.chunk == w.chunk
+        assert torch.equal(g.chunks, w.chunks) and torch.equal(g.write_dst, w.write_dst)
+        assert (g.bias is None) == (w.bias is None)
+        if w.bias is not None:
+            assert torch.equal(g.bias, w.bias)
+            checked += int(bool((w.bias == float("-inf")).any()))
+        assert torch.equal(got.positions, want.positions) and torch.equal(got.input_ids, want.input_ids)
+        assert torch.equal(got.sample_rows, want.sample_rows) and got.all_rows == want.all_rows
+    assert checked >= 2
+
+
 def test_greedy_equals_plain_with_real_mtp_layers_and_rejections():
     """The MTP layers' own drafts (random weights: nearly all rejected), k = 3 with 2 layers (the last reused),
     the reference attention path too: same tokens; caches back to their initial state after many rollbacks."""

@@ -560,31 +560,53 @@ class ModelRunner:
         rope = mm.rotary["sliding"](positions, x.dtype)
         blk.self_attn(blk.input_layernorm(x), positions, rope, _StoreOnly(self.cache, dst))
 
+    def _mtp_rows_step(self, slices: list[Slice]) -> StepInputs:
+        """The step inputs of an MTP draft pass (sliding kind only). The draft passes of one step mostly feed the
+        same rows (positions, ring, mask) to different blocks, whose metadata does not depend on the block: the last
+        pass's is reused when the rows match, only the tokens differ (the key holds everything `_prepare_rows`
+        reads for sliding kinds). The first pass after a verification whose drafts were all accepted runs the
+        verification's rows: its sliding metadata is reused, with the ring columns before a slice's `key_from`
+        masked on top of it. Otherwise `prepare_slices`."""
+        key = tuple((s.request.ring_id, s.start, len(s.tokens), s.key_from, s.rows) for s in slices)
+        memo, main = self._mtp_step, self._main_rows
+        ids = self._host(np.array([t for s in slices for t in s.tokens], dtype=np.int64)).view(1, -1)
+        if memo is not None and memo[0] == key:
+            return replace(memo[1], input_ids=ids)
+        step = None
+        if (main is not None and main[0] == tuple(k[:3] + (0,) for k in key)
+                and all(s.rows == "last" for s in slices)):
+            m = main[1].meta
+            km = m.kinds[True]
+            if any(s.key_from > 0 for s in slices):
+                km = self._mask_key_from(km, slices, main[1].positions.view(-1).numpy())
+            last = np.cumsum([len(s.tokens) for s in slices]) - 1
+            every = len(last) == m.B
+            step = StepInputs(ids, main[1].positions, replace(m, kinds={True: km}),
+                              self._aranges[m.B] if every else self._host(last), every)
+        if step is None:
+            step = self.prepare_slices(slices, kinds=(True,))
+        self._mtp_step = (key, step) if step.meta.decode else None
+        return step
+
+    def _mask_key_from(self, km: DecodeKindMeta, slices: list[Slice], pos: np.ndarray) -> DecodeKindMeta:
+        """A rows-path sliding DecodeKindMeta with, in addition, each row's ring entries at positions before its
+        slice's key_from masked (what `_prepare_rows` builds for those slices)."""
+        B, keys, R = len(pos), km.keys, self.layout.ring_slots
+        bias = (np.zeros((B, keys), dtype=np.float32) if km.bias is None
+                else km.bias.reshape(B, keys).cpu().numpy().copy())
+        kf = np.array([s.key_from for s in slices for _ in s.tokens], dtype=np.int64)[:, None]
+        j = np.arange(keys)[None, :]
+        slot_pos = j if keys < R or int(pos.max()) < R else pos[:, None] - (pos[:, None] - j) % R
+        bias[np.broadcast_to(slot_pos < kf, bias.shape)] = NEG_INF
+        return DecodeKindMeta(km.chunks, km.chunk, km.write_dst, self._host(bias).view(B, 1, 1, keys), keys)
+
     @torch.inference_mode()
     def execute_mtp(self, layer: int, slices: list[Slice], hidden: torch.Tensor,
                     head_weight: torch.Tensor | None = None) -> torch.Tensor:
         """MTP block `layer` over the slices' rows: slice tokens = the token `layer + 1` ahead of each row's
         position, hidden (N, D) = the main model's hidden state at each row, in slice order -> logits (R, V) of the
         wanted rows (R, S with `head_weight` (S, D), a reduced draft vocabulary). Its K/V go to the block's ring."""
-        # The draft passes of one step mostly feed the same rows (positions, ring, mask) to different blocks, whose
-        # metadata does not depend on the block: the last pass's is reused when the rows match, only the tokens
-        # differ. The key holds everything `_prepare_rows` reads for sliding kinds.
-        key = tuple((s.request.ring_id, s.start, len(s.tokens), s.key_from, s.rows) for s in slices)
-        memo, main = self._mtp_step, self._main_rows
-        ids = [t for s in slices for t in s.tokens]
-        if memo is not None and memo[0] == key:
-            step = replace(memo[1], input_ids=self._host(np.array(ids, dtype=np.int64)).view(1, -1))
-        elif main is not None and main[0] == tuple(k[:4] for k in key) and all(s.rows == "last" for s in slices):
-            m = main[1].meta
-            last = np.cumsum([len(s.tokens) for s in slices]) - 1
-            every = len(last) == m.B
-            step = StepInputs(self._host(np.array(ids, dtype=np.int64)).view(1, -1), main[1].positions,
-                              replace(m, kinds={True: m.kinds[True]}),
-                              self._aranges[m.B] if every else self._host(last), every)
-            self._mtp_step = (key, step)
-        else:
-            step = self.prepare_slices(slices, kinds=(True,))
-            self._mtp_step = (key, step) if step.meta.decode else None
+        step = self._mtp_rows_step(slices)
         fused = self.fused_mtp[layer] if self.fused_mtp is not None else None
         if fused is not None and step.meta.decode:                   # only the wanted rows are normed
             picked = fused.forward(step.input_ids, step.positions, step.meta.kinds, hidden,
