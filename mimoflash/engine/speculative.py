@@ -296,6 +296,7 @@ class MTPDrafter:
         self.states: dict[str, _State] = {}
         self.vocab = config.vocab(mc.vocab_size)          # (S,) or None
         self.head_weight = None
+        self.vocab_ids = None if self.vocab is None else self.vocab.tolist()     # draft column -> token id
         if self.vocab is not None:
             self.head_weight = model.lm_head.weight.detach().index_select(0, self.vocab).contiguous()
         self.hidden_pre_norm = all(getattr(l, "hidden_pre_norm", True) for l in model.mtp_layers())
@@ -315,7 +316,7 @@ class MTPDrafter:
         """spans: (request, first position, first row of `hidden`, rows); hidden (N, D): the step's final hidden
         states. Each request's newest `keep` positions are kept in one buffer of `keep` slots per ring (slot
         ring_id * keep + position % keep), written with one copy for the whole step."""
-        keep, src, dst, runs = self.keep, [], [], []
+        keep, runs = self.keep, []
         for req, start, lo, n in spans:
             st = self.state(req)
             if n > keep:
@@ -323,18 +324,17 @@ class MTPDrafter:
             if start != st.end:                                     # first rows, or recomputed after preemption
                 st.h0 = start
             st.end = start + n
-            base = req.ring_id * keep
-            src.extend(range(lo, lo + n))
-            dst.extend(base + p % keep for p in range(start, start + n))
-            runs.append((lo, base + start % keep, n) if start % keep + n <= keep else None)
-        if not dst:
+            runs.append((lo, req.ring_id * keep, start, n))
+        if not runs:
             return
         if self.hbuf is None:
             self.hbuf = hidden.new_zeros(self.runner.layout.num_rings * keep, hidden.shape[1])
-        if len(runs) <= 2 and None not in runs:       # a request or two (batch 1): slice copies, no index tensors
-            for lo, at, n in runs:
-                self.hbuf[at:at + n].copy_(hidden[lo:lo + n])
+        if len(runs) <= 2 and all(start % keep + n <= keep for _, _, start, n in runs):
+            for lo, base, start, n in runs:           # a request or two (batch 1): slice copies, no index tensors
+                self.hbuf[base + start % keep:base + start % keep + n].copy_(hidden[lo:lo + n])
             return
+        src = [i for lo, _, _, n in runs for i in range(lo, lo + n)]
+        dst = [base + p % keep for _, base, start, n in runs for p in range(start, start + n)]
         rows = hidden if len(src) == hidden.shape[0] and src[-1] == len(src) - 1 else hidden[torch.tensor(src)]
         self.hbuf.index_copy_(0, torch.tensor(dst), rows)
 
@@ -418,8 +418,8 @@ class MTPDrafter:
         """One draft per row of `logits` (R, S or V): the argmax for greedy rows, else a draw from the row's
         distribution under its own sampling settings (kept in `probs`, full vocabulary, for verification)."""
         if all(r.params.greedy and not r.params.needs_penalties for r, *_ in owners):       # plain argmax
-            best = kernels.argmax_rows(logits)
-            return (best if self.vocab is None else self.vocab[best]).tolist()
+            best = kernels.argmax_rows(logits).tolist()
+            return best if self.vocab is None else [self.vocab_ids[i] for i in best]
         V = self.model.config.vocab_size
         penalties = any(r.params.needs_penalties for r, *_ in owners)
         if self.vocab is not None and penalties:              # penalties index by token id: the full vocabulary
