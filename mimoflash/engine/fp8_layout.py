@@ -316,18 +316,22 @@ def fused_layer_args(cfg, attn, in_norm, post_norm, mlp, cache, keep: list):
     block = None
     scales = {}
 
-    def fp8_or_bf16(lin, name):
-        """lin's weight address, its scale grid's (or None: bf16) -> False when it fits neither."""
+    def fp8_or_bf16(lin, name) -> bool:
+        """Whether lin's weight is one the kernel takes: E4M3 with its scale grid (recorded in `scales` under
+        `name`; one block size per layer) or bf16. Its tensors are appended to `keep`."""
         nonlocal block
         if isinstance(lin, FP8Linear):
-            if block not in (None, lin.block) or not ok(lin.weight, FP8_DTYPE) or not ok(lin.weight_scale_inv,
-                                                                                          torch.float32):
+            if (block not in (None, lin.block) or not ok(lin.weight, FP8_DTYPE)
+                    or not ok(lin.weight_scale_inv, torch.float32)):
                 return False
             block = lin.block
             scales[name] = lin.weight_scale_inv
             keep.extend([lin.weight, lin.weight_scale_inv])
             return True
-        return type(lin).__name__ != "FP8Linear" and ok(lin.weight, torch.bfloat16) and not keep.append(lin.weight)
+        if not ok(lin.weight, torch.bfloat16):
+            return False
+        keep.append(lin.weight)
+        return True
 
     qb = fused[1].block
     if not fp8_or_bf16(attn.o_proj, "o"):
@@ -366,7 +370,7 @@ def fused_layer_args(cfg, attn, in_norm, post_norm, mlp, cache, keep: list):
     else:
         return None
     block = block or qb
-    if block[1] != qb[1] or block[0] % qb[0]:
+    if block[1] != qb[1]:               # one column block per layer (the kernel's scale grids' row length)
         return None
     a.fp8_br, a.fp8_bc = block
     for name, t in scales.items():
