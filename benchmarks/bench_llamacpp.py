@@ -31,7 +31,8 @@ What is measured, per model, per thread count, the engines alternating (their or
     about one byte per weight): llama-bench `tg96` at depth 32 (`-p 0 -n 96 -d 32`, one repetition per call after its
     warm-up) vs mimoflash: a 32-token prompt, 96 new tokens, greedy, rate = 95 / (time of the last token - time of
     the first), through LLMEngine.step() (scheduler, runner, sampling, output objects; prefill excluded);
-  * prefill tok/s of a 512-token prompt (`-p 512 -n 0` vs 512 / time to first token) at the largest thread count;
+  * prefill tok/s of a 512-token prompt (`-p 512 -n 0` vs 512 / time to first token) at the largest thread count
+    (mimoflash's warm-up includes one such prefill, as each llama-bench run warms up first);
   * 16-sequence aggregate decode tok/s (`llama-batched-bench -npp 32 -ntg 96 -npl 16`, S_TG vs 16 x 95 tokens over
     the span in which all 16 decode) at the largest thread count;
   * the read-bandwidth bound: bytes one mimoflash decode step reads (touched weights + attended K/V,
