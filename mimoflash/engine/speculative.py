@@ -133,25 +133,25 @@ class AdaptiveDepth:
     """Chooses the step's draft depth from measurements (no fixed thresholds).
 
     Expected tokens of a verify step with depth k: E(k) = 1 + sum_{j<=k} prod_{i<=j} a_i, a_i the running
-    (exponentially weighted) acceptance rate of draft i given draft i-1 was accepted. Its cost: the measured time of a
-    whole engine step (forward, verification, bookkeeping and the draft passes at its end) in process CPU time (on a
-    shared machine wall time mostly measures the other jobs), per depth and number of sequences in the step (the
+    (exponentially weighted) acceptance rate of draft i given draft i-1 was accepted. Its cost: the measured time of
+    a whole engine step (forward, verification, bookkeeping and the draft passes at its end) in process CPU time (on
+    a shared machine wall time mostly measures the other jobs), per depth and number of sequences in the step (the
     median of the last 9, so that spikes do not steer it), recorded only in a steady state (the step verified drafts
-    of the depth it drafts again: a change of depth costs the MTP rings a catch-up that a steady state does not pay).
-    Per depth, because a step's cost is not a function of its rows alone: the draft passes cost per drafting
+    of the depth it drafts again: a change of depth costs the MTP rings a catch-up that a steady state does not
+    pay). Per depth, because a step's cost is not a function of its rows alone: the draft passes cost per drafting
     sequence and per depth, and the verify rows of one sequence share its cache reads. For an unmeasured number of
     sequences, a depth is interpolated linearly between measured ones; outside them, a depth > 0 keeps its ratio to
     depth 0 at the nearest measured one (a line through two noisy, close batch sizes, extrapolated, can make a deep
-    depth look cheaper than none), and no depth is estimated cheaper than the one below it. Until depths 0 and 1 (the cheapest two) are measured each is
-    held for a few steps; a batch that shrinks or grows later is estimated, not measured again. Then the depth
-    maximising sum_r E_r(k) / cost is taken, going deeper than the current choice only for a gain of 20% or more (a
-    change of depth costs a catch-up the table does not see, and the timings are noisy). A neighbouring depth is
-    tried now and then (held for two steps) so that the table follows the machine; each trial that does not change
-    the choice doubles the wait before the next (32 steps, up to 2048), so where drafting does not pay (large
-    batches) the trials cost little."""
+    depth look cheaper than none), and no depth is estimated cheaper than the one below it. Until depths 0 and 1
+    (the cheapest two) are measured each is held for a few steps; a batch that shrinks or grows later is estimated,
+    not measured again. Then the depth maximising sum_r E_r(k) / cost is taken, going deeper than the current choice
+    only for a gain of 10% or more (a change of depth costs a catch-up the table does not see, and the timings are
+    noisy). A neighbouring depth is tried now and then (held for two steps) so that the table follows the machine;
+    each trial that does not change the choice doubles the wait before the next (32 steps, up to 2048), so where
+    drafting does not pay (large batches) the trials cost little."""
 
     HOLD = 2                                          # steps a tried depth is kept (the first is a transition)
-    GAIN = 1.2                                        # a deeper choice must promise 20% more tokens per second
+    GAIN = 1.1                                        # a deeper choice must promise 10% more tokens per second
 
     def __init__(self, max_depth: int, decay: float = 0.05, explore: int = 32, prior: float = 0.6):
         self.max_depth, self.decay, self.explore = max_depth, decay, explore
