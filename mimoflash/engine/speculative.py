@@ -145,13 +145,13 @@ class AdaptiveDepth:
     depth look cheaper than none), and no depth is estimated cheaper than the one below it. Until depths 0 and 1
     (the cheapest two) are measured each is held for a few steps; a batch that shrinks or grows later is estimated,
     not measured again. Then the depth maximising sum_r E_r(k) / cost is taken, going deeper than the current choice
-    only for a gain of 10% or more (a change of depth costs a catch-up the table does not see, and the timings are
+    only for a gain of 20% or more (a change of depth costs a catch-up the table does not see, and the timings are
     noisy). A neighbouring depth is tried now and then (held for two steps) so that the table follows the machine;
     each trial that does not change the choice doubles the wait before the next (32 steps, up to 2048), so where
     drafting does not pay (large batches) the trials cost little."""
 
     HOLD = 2                                          # steps a tried depth is kept (the first is a transition)
-    GAIN = 1.1                                        # a deeper choice must promise 10% more tokens per second
+    GAIN = 1.2                                        # a deeper choice must promise 20% more tokens per second
 
     def __init__(self, max_depth: int, decay: float = 0.05, explore: int = 32, prior: float = 0.6):
         self.max_depth, self.decay, self.explore = max_depth, decay, explore
