@@ -28,8 +28,8 @@ release: tests/fixtures/mimo_v2_flash_config.json) on a described machine:
 
 Weights are counted tensor by tensor from the checkpoint layout the saver would write (FP8 with its scales, or
 bf16). Panels are the engine's packed second copy of bf16 linears (docs/ENGINE.md): with bf16 weights every dense
-linear, with FP8 weights only the bf16 ones (o_proj, lm_head, MTP eh_proj), made when they cost at most
-engine/fp8_layout.py's `PANEL_SHARE` of the weights. KV is `summary.kv_report`. The
+linear, with FP8 weights only the bf16 ones (o_proj, lm_head, MTP eh_proj), made when engine/fp8_layout.py's
+`panels_fit` allows (at most `PANEL_SHARE` of the weights, or at most `PANEL_SMALL` bytes). KV is `summary.kv_report`. The
 decode prediction is the smaller of the bandwidth bound and the compute bound, with the formula printed:
     tokens/s = B * bandwidth / (W_dense + L_moe * U(B) * W_expert + B * KV(context)),  U(B) = E (1 - (1 - k/E)^B)
     compute  = cores * core_gflops / (2 * active params + attention FLOPs per token)
@@ -277,10 +277,10 @@ def plan(cfg, *, ram: int, bandwidth: float, cores: int, fp8: bool, context: int
     if not fp8:     # bf16 weights: every dense linear (q|k|v fused, o_proj, dense MLPs, lm_head, MTP) packed again
         panel_bytes = 2 * params["dense_linear"] if panels else 0
     else:           # FP8 weights: only the bf16 linears are packed, and only below the engine's share of the weights
-        from .engine.fp8_layout import PANEL_SHARE
+        from .engine.fp8_layout import panels_fit
         panel_bytes = sum(nbytes(dt, shape) for _, name, dt, shape in tensors
                           if dt == torch.bfloat16 and len(shape) == 2 and "embed_tokens" not in name)
-        panel_bytes = panel_bytes if panels and panel_bytes <= PANEL_SHARE * weights else 0
+        panel_bytes = panel_bytes if panels and panels_fit(panel_bytes, weights) else 0
     kv = kv_report(cfg, context, batch, kv_bytes)
     need = weights + panel_bytes + kv["kv_bytes"]
 
