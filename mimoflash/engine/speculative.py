@@ -147,8 +147,9 @@ class AdaptiveDepth:
     not measured again. Then the depth maximising sum_r E_r(k) / cost is taken, going deeper than the current choice
     only for a gain of 20% or more (a change of depth costs a catch-up the table does not see, and the timings are
     noisy). A neighbouring depth is tried now and then (held for two steps) so that the table follows the machine;
-    each trial that does not change the choice doubles the wait before the next (32 steps, up to 2048), so where
-    drafting does not pay (large batches) the trials cost little."""
+    each trial that does not change the choice doubles the wait before the next (32 steps, up to 2048; the first
+    measurement counts as a trial, so the first wait is 64), so where drafting does not pay (large batches) the
+    trials cost little."""
 
     HOLD = 2                                          # steps a tried depth is kept (the first is a transition)
     GAIN = 1.2                                        # a deeper choice must promise 20% more tokens per second
@@ -258,7 +259,10 @@ class AdaptiveDepth:
         cur = self.last_best if self.last_best in rate else 0
         if best > cur and rate[best] < self.GAIN * rate[cur]:      # deeper only for a clear gain: a change of
             best = cur                                              # depth costs a catch-up, timings are noisy
-        if best != self.last_best:                      # the choice moved: watch it closely again
+        if self.last_best is None:                      # the first choice: the measurement of depths 0 and 1
+            self.interval = 2 * self.explore            # counts as its first trial (a cold engine pays fewer)
+            self.next_trial = self.steps + self.interval
+        elif best != self.last_best:                    # the choice moved: watch it closely again
             self.interval, self.next_trial = self.explore, self.steps + self.explore
         self.last_best = best
         if self.explore and self.steps >= self.next_trial:
