@@ -201,9 +201,10 @@ def distributions(logits: torch.Tensor, rows: Sequence[SampleRow]) -> tuple[torc
         return greedy, None, rand
     sub = logits[rand] / torch.tensor([rows[i].params.temperature for i in rand], device=logits.device)[:, None]
     p = [rows[i].params for i in rand]
-    sub = filter_logits(sub, torch.tensor([q.top_k for q in p], device=logits.device),
-                        torch.tensor([q.top_p for q in p], device=logits.device, dtype=torch.float32),
-                        torch.tensor([q.min_p for q in p], device=logits.device, dtype=torch.float32))
+    if any(q.top_k > 0 or q.top_p < 1 or q.min_p > 0 for q in p):   # else filter_logits changes nothing
+        sub = filter_logits(sub, torch.tensor([q.top_k for q in p], device=logits.device),
+                            torch.tensor([q.top_p for q in p], device=logits.device, dtype=torch.float32),
+                            torch.tensor([q.min_p for q in p], device=logits.device, dtype=torch.float32))
     return greedy, sub.softmax(dim=-1), rand
 
 
