@@ -298,12 +298,14 @@ def fuse_fp8_qkv(model: nn.Module) -> int:
 
 # ---------------------------------------------------------------------------------------------- fused decode step
 
-def fused_layer_args(cfg, attn, in_norm, post_norm, mlp, cache, keep: list):
+def fused_layer_args(cfg, attn, in_norm, post_norm, mlp, cache, keep: list, panels: list | None = None):
     """A decoder block whose projections are block-FP8 as the fused decode step's `kernels.LayerArgs` (its FP8
     fields: E4M3 bytes with their scale grids, the experts' addresses from the store) -> (args, sliding, experts
     per token), or None when it does not qualify: q|k|v not fused, mixed FP8 blocks, experts behind a bounded cache
     (the per-module path then evicts between layers), or a tensor the kernel cannot take. Appends the tensors the
-    args point into to `keep`. Called by engine/fused_decode.py for blocks `is_fp8_block` accepts."""
+    args point into to `keep`, and where every bf16 linear of the block (o_proj, as released) has packed panels,
+    the kernel reads those and their `Panels` go to `panels` (refreshed each step by the caller). Called by
+    engine/fused_decode.py for blocks `is_fp8_block` accepts."""
     from .. import kernels
     from ..model.layers import MLP
     from ..model.moe import MoE
@@ -323,6 +325,7 @@ def fused_layer_args(cfg, attn, in_norm, post_norm, mlp, cache, keep: list):
         return None
     block = None
     scales = {}
+    bf16_lins = {}                      # name -> bf16 linear (panels read instead when all of them have them)
 
     def fp8_or_bf16(lin, name) -> bool:
         """Whether lin's weight is one the kernel takes: E4M3 with its scale grid (recorded in `scales` under
@@ -339,6 +342,7 @@ def fused_layer_args(cfg, attn, in_norm, post_norm, mlp, cache, keep: list):
         if not ok(lin.weight, torch.bfloat16):
             return False
         keep.append(lin.weight)
+        bf16_lins[name] = lin
         return True
 
     qb = fused[1].block
@@ -383,6 +387,12 @@ def fused_layer_args(cfg, attn, in_norm, post_norm, mlp, cache, keep: list):
     a.fp8_br, a.fp8_bc = block
     for name, t in scales.items():
         setattr(a, f"{name}_s", t.data_ptr())
+    got = {n: getattr(lin, "_panels", None) for n, lin in bf16_lins.items()}
+    if panels is not None and got and all(p is not None and p.get() is not None for p in got.values()):
+        a.panels = 1                    # decode.c: the bf16 weights (only) are read from their panels
+        for n, p in got.items():
+            setattr(a, f"{n}_w", p.wp.data_ptr())
+        panels.extend(got.values())
     return a, sliding, top_k
 
 

@@ -101,7 +101,7 @@ def _layer_args(cfg, attn, in_norm, post_norm, mlp, cache, keep: list, panels: l
     experts per token), or None when it does not qualify. Appends the tensors the args point into to `keep` and the
     Panels they read to `panels`."""
     if fp8_layout.is_fp8_block(attn, mlp):           # block-FP8 weights: the FP8 fields (engine/fp8_layout.py)
-        return fp8_layout.fused_layer_args(cfg, attn, in_norm, post_norm, mlp, cache, keep)
+        return fp8_layout.fused_layer_args(cfg, attn, in_norm, post_norm, mlp, cache, keep, panels)
     fused = attn.fused_qkv()
     sinks = attn.attention_sink_bias
     sliding, k_pool, v_pool = cache.pools(attn.layer_idx)
