@@ -367,6 +367,22 @@ def test_speculative_sampling_matches_target_distribution():
     assert _chi2_pvalue(_sample_joint(broken, prompt, sp, 2000, V)[0], target) < 1e-6
 
 
+def test_draw_follows_its_weights_and_skips_zero_weights():
+    """The drafter's inverse-CDF draw: frequencies within 5 standard deviations of the weights, never an index of
+    weight zero, the same draws for the same seed."""
+    from mimoflash.engine.speculative import draw
+    w = torch.tensor([0.0, 1.0, 0.0, 3.0, 6.0, 0.0])
+    g = torch.Generator().manual_seed(1)
+    n = 6000
+    counts = torch.bincount(torch.tensor([draw(w, g) for _ in range(n)]), minlength=6).double()
+    p = w.double() / w.sum()
+    assert counts[p == 0].sum() == 0
+    sd = (n * p * (1 - p)).sqrt()
+    assert bool(((counts - n * p).abs() <= 5 * sd + 1e-9).all()), counts.tolist()
+    g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    assert [draw(w, g1) for _ in range(20)] == [draw(w, g2) for _ in range(20)]
+
+
 def test_sampling_acceptance_stats_cover_accepts_and_rejects():
     """The verification with sampling both accepts and rejects drafts on a tiny vocabulary (so the chi-square above
     exercised the residual draw as well as acceptance)."""
