@@ -129,7 +129,8 @@ def test_llm_default_on_fp8_equals_fp32_dequantised(which, request):
 @pytest.mark.parametrize("which", ["ckpt", "ckpt_128"])
 def test_fused_fp8_step_agrees(which, request, monkeypatch):
     """Decode steps of an FP8 model run the fused one-call-per-layer step (kernels.decode_layer on E4M3 bytes and
-    their scales; experts by address from the store): every decoder layer goes through it, and its greedy tokens
+    their scales, the bf16 o_proj from its panels (a small model's panels fit fp8_layout.panels_fit); experts by
+    address from the store): every decoder layer goes through it, and its greedy tokens
     and log-probabilities equal the per-module FP8 path's and the fp32 dequantisation's (<= 1e-4) at 1, 2 and 5
     sequences (one row, two rows, the many-row kernels); the expert store's statistics are the same either way."""
     ckpt = request.getfixturevalue(which)
@@ -138,6 +139,7 @@ def test_fused_fp8_step_agrees(which, request, monkeypatch):
     fused = LLM(ckpt, progress=False)
     runner = fused.engine.runner
     assert runner.fused is not None and all(a.qkv_s and a.fp8_br for a, _, _ in runner.fused.layers)
+    assert all(a.panels and not a.o_s for a, _, _ in runner.fused.layers)       # bf16 o_proj read from its panels
     assert any(a.experts_fp8 for a, _, _ in runner.fused.layers)
     calls = []
     real = kernels.decode_layer
