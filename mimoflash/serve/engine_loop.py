@@ -260,9 +260,13 @@ class EngineLoop:
             by_loop.setdefault(handle.loop, []).append((handle, item))
 
         def put_all(pairs):
-            if met is not None:
-                for handle, out in pairs:
-                    _observe(met, handle, out, now)
+            try:
+                if met is not None:
+                    tokens = sum(_observe(met, handle, out, now) for handle, out in pairs)
+                    if tokens:
+                        met.m(met.generation_tokens).inc(tokens)
+            except Exception:                   # a metrics bug must not stall the streams
+                log.exception("recording metrics failed")
             for handle, out in pairs:
                 handle.queue.put_nowait(out)
 
@@ -287,8 +291,9 @@ class EngineLoop:
         self._handles.clear()
 
 
-def _observe(met, handle: RequestHandle, out: RequestOutput, now: float) -> None:
-    """Token and latency metrics of one delta; `now` is when the engine produced it."""
+def _observe(met, handle: RequestHandle, out: RequestOutput, now: float) -> int:
+    """Latency metrics of one delta and, when it ends its request, the request's counters (`now`: when the engine
+    produced it) -> its number of new tokens (counted once per step by the caller)."""
     n_tokens = 0
     for o in out.outputs:
         if o.token_ids:
@@ -299,8 +304,6 @@ def _observe(met, handle: RequestHandle, out: RequestOutput, now: float) -> None
             else:
                 met.m(met.itl).observe((now - last) / len(o.token_ids))
             handle.last_token[o.index] = now
-    if n_tokens:
-        met.m(met.generation_tokens).inc(n_tokens)
     if out.finished:
         met.m(met.prompt_tokens).inc(len(out.prompt_token_ids))
         met.m(met.e2e).observe(now - handle.arrival)
@@ -310,3 +313,4 @@ def _observe(met, handle: RequestHandle, out: RequestOutput, now: float) -> None
         if mx is not None and getattr(mx, "verify_steps", None):
             met.m(met.spec_verify).inc(mx.verify_steps)
             met.m(met.spec_accepted).inc(getattr(mx, "accepted_tokens", 0) or 0)
+    return n_tokens
