@@ -173,8 +173,9 @@ LLAMA_TIMEOUT_S = 300
 
 def _llama(cmd: list[str]) -> subprocess.CompletedProcess:
     """One llama.cpp tool run; a hang (LLAMA_TIMEOUT_S) is a RuntimeError, as a crash is to the callers."""
-    try:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=LLAMA_TIMEOUT_S)
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}   # mimoflash's, not llama.cpp's: its
+    try:                                    # OpenMP threads meet at a barrier per graph node; passive = sleeping there
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=LLAMA_TIMEOUT_S, env=env)
     except subprocess.TimeoutExpired as e:
         raise RuntimeError(f"{' '.join(cmd)} ran over {LLAMA_TIMEOUT_S} s") from e
 
