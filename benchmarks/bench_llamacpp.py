@@ -12,7 +12,8 @@ sets named and AMX off (LLAMA_FLAGS["noamx"], in build/llamacpp/build-noamx; `--
 checkpoints. Why not -march=native: on a Xeon that advertises AMX inside a VM that does not keep the tile state,
 llama.cpp's AMX kernels (used for Q8_0 once a prompt has been processed) die of an illegal instruction; the named
 sets keep AVX-512 (BF16, VNNI, VBMI) and drop AMX, which is llama.cpp's fastest working build there (see
-benchmarks/RESULTS.md). The checkpoints are written with
+benchmarks/RESULTS.md). The llama.cpp tools run without this process's OMP_WAIT_POLICY (PASSIVE, for mimoflash):
+with it llama.cpp's OpenMP threads sleep at every graph node's barrier. The checkpoints are written with
 `mimoflash.save_model` and converted by the vendored `convert_hf_to_gguf.py` to bf16 and Q8_0 GGUF files, with two
 local patches applied to the build directory's copy only (see `patch_converter`): an unknown BPE pre-tokenizer
 hash falls back to "gpt-2" (the tokenizer's identity does not matter for speed: llama-bench feeds token ids), and
