@@ -556,7 +556,7 @@ class ModelRunner:
         dst = torch.tensor([s.request.ring_id * R + p % R for s in slices for p in range(s.start, s.start + len(s.tokens))],
                            device=self.device)
         positions = torch.tensor([pos], device=self.device)
-        x = blk.eh_proj(torch.cat([blk.enorm(mm.embed_tokens(ids)), blk.hnorm(hidden[None])], dim=-1))
+        x = blk.eh_proj(torch.cat([blk.enorm(mm.embed(ids)), blk.hnorm(hidden[None])], dim=-1))
         rope = mm.rotary["sliding"](positions, x.dtype)
         blk.self_attn(blk.input_layernorm(x), positions, rope, _StoreOnly(self.cache, dst))
 

@@ -74,42 +74,6 @@ static int run_experts(const mf_layer *L, const float *x_PD, long P, const long 
     return mf_experts_fp8(x_PD, L->H, L->H, L->F_moe, n, rows, ptrs, L->fp8_br, L->fp8_bc, y_PD, L->H) ? -2 : 0;
 }
 
-/* B tokens (one per sequence) through the routed experts: route each row, group the B * top_k pairs by expert
- * (counting sort), run every expert once on its rows (run_experts: each expert's weights read once for the
- * batch), and add the weighted rows back. y (B, H) is overwritten. */
-static int moe_rows(const mf_layer *L, const float *xn, long B, float *y, long *chosen) {
-    long H = L->H, E = L->E, k = L->top_k, F = L->F_moe, P = B * k;
-    size_t nf = (size_t)(E + P + 2 * P * H + 3 * F * P + 1) & ~(size_t)1;    /* even: the longs stay aligned */
-    char *mem = (char *)mf_scratch(1, sizeof(float) * nf + sizeof(long) * (size_t)(2 * E + 1 + P));
-    if (!mem) return -2;
-    float *scores = (float *)mem;
-    long *counts = (long *)(mem + sizeof(float) * nf), *pos = counts + E + 1 + P;
-    memset(counts, 0, sizeof(long) * (size_t)(E + 1 + P));
-    float *w = scores + E, *x_PD = w + P, *y_PD = x_PD + P * H, *ffn = y_PD + P * H;
-    long *order = counts + E + 1;                      /* order[q] = pair index of the q-th expert-sorted row */
-    for (long b = 0; b < B; b++) {
-        mf_route_row(xn + b * H, H, L->router_w, L->router_bias, E, k, L->norm_topk, L->scaling, scores,
-                     chosen + b * k, w + b * k);
-        for (long j = 0; j < k; j++) counts[chosen[b * k + j]]++;
-    }
-    for (long e = 0, acc = 0; e < E; e++) { pos[e] = acc; acc += counts[e]; }
-    for (long p = 0; p < P; p++) {                      /* stable: pairs of one expert keep token order */
-        long e = chosen[p], dst = pos[e]++;
-        order[dst] = p;
-        memcpy(x_PD + dst * H, xn + (p / k) * H, sizeof(float) * H);
-    }
-    int rc = run_experts(L, x_PD, P, counts, E, y_PD, ffn);
-    if (rc) return rc;
-    memset(y, 0, sizeof(float) * (size_t)(B * H));
-    for (long q = 0; q < P; q++) {
-        long p = order[q];
-        float wp = w[p], *yr = y + (p / k) * H;
-        const float *src = y_PD + q * H;
-        for (long i = 0; i < H; i++) yr[i] += wp * src[i];
-    }
-    return 0;
-}
-
 /* The layer's dense products: y (M, N) = x (M, K) @ w^T, w E4M3 bytes with their scale grid s (s not NULL), else
  * bf16 row-major or in panels as the layer's weights are. -> 0, or -2 out of memory (fp8.c's scratch). */
 static int layer_gemm(const mf_layer *L, const float *x, long ldx, const void *w, const float *s, float *y,
@@ -124,11 +88,12 @@ static int layer_gemm(const mf_layer *L, const float *x, long ldx, const void *w
     return 0;
 }
 
-/* moe_rows for a rank that holds only experts [e_lo, e_hi) of the router's E (expert parallelism; L->gate_up /
- * L->down hold those experts, local id e - e_lo): every row is routed over all E (chosen gets each row's full top-k,
- * as in one process), only the pairs whose expert is local run, and y (B, H) gets their weighted sum: this rank's
- * share, completed by the caller's reduction over the ranks. */
-static int moe_rows_range(const mf_layer *L, const float *xn, long B, float *y, long *chosen, long e_lo, long e_hi) {
+/* B tokens (one per sequence) through the routed experts [e_lo, e_hi) of the router's E: route each row over all E
+ * (chosen gets each row's full top-k), group the pairs whose expert is in the range by expert (counting sort), run
+ * every expert once on its rows (run_experts: each expert's weights read once for the batch), and add the weighted
+ * rows back; y (B, H) is overwritten. One process passes [0, E); a tensor-parallel rank holds only its experts
+ * (L->gate_up / L->down, local id e - e_lo), and y is its share, completed by the caller's reduction over ranks. */
+static int moe_rows(const mf_layer *L, const float *xn, long B, float *y, long *chosen, long e_lo, long e_hi) {
     long H = L->H, E = L->E, El = e_hi - e_lo, k = L->top_k, F = L->F_moe, P = B * k;
     size_t nf = (size_t)(E + P + 2 * P * H + 3 * F * P + 1) & ~(size_t)1;    /* even: the longs stay aligned */
     char *mem = (char *)mf_scratch(1, sizeof(float) * nf + sizeof(long) * (size_t)(2 * El + 1 + P));
@@ -231,13 +196,11 @@ static int ffn_half(const mf_layer *L, const float *x, long B, float *y, long *c
     double t0 = g_timing ? now_s() : 0.0;
     mf_rms_norm(x, H, L->post_norm, xn, H, B, H, L->eps_post);
     PHASE_END(PH_O)
-    if (L->moe && (e_lo != 0 || e_hi != L->E)) {      /* a rank's share of the experts */
-        if ((rc = moe_rows_range(L, xn, B, y, chosen, e_lo, e_hi))) return rc;
-    } else if (L->moe && B == 1 && !L->experts_fp8) {
+    if (L->moe && B == 1 && !L->experts_fp8 && e_lo == 0 && e_hi == L->E) {
         if (mf_moe_token_bf16(xn, H, L->router_w, L->router_bias, L->E, L->top_k, L->norm_topk, L->scaling,
                               L->gate_up, L->down, F, y, ffn, chosen)) return -2;
     } else if (L->moe) {
-        if ((rc = moe_rows(L, xn, B, y, chosen))) return rc;
+        if ((rc = moe_rows(L, xn, B, y, chosen, e_lo, e_hi))) return rc;
     } else {
         float *gu = ffn, *act = ffn + 2 * B * F;
         if ((rc = layer_gemm(L, xn, H, L->gate_w, L->gate_s, gu, 2 * F, B, F, H)) ||

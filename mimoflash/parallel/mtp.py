@@ -18,23 +18,14 @@ from __future__ import annotations
 
 import torch
 
-from ..engine.runner import PagedAttention, _StoreOnly
+from ..engine.runner import PagedAttention
 
 
 @torch.inference_mode()
 def fill_mtp_kv(runner, layer: int, slices: list, hidden: torch.Tensor) -> None:
-    """Only the K/V of MTP block `layer` at the slices' rows (runner.fill_mtp_kv on a rank)."""
-    mm = runner.model.model
-    blk = mm.mtp.layers[layer]
-    R = runner.layout.ring_slots
-    ids = torch.tensor([[t for s in slices for t in s.tokens]], device=runner.device)
-    pos = [p for s in slices for p in range(s.start, s.start + len(s.tokens))]
-    dst = torch.tensor([s.request.ring_id * R + p % R for s in slices for p in range(s.start, s.start + len(s.tokens))],
-                       device=runner.device)
-    positions = torch.tensor([pos], device=runner.device)
-    x = blk.eh_proj(torch.cat([blk.enorm(mm.embed(ids)), blk.hnorm(hidden[None])], dim=-1))
-    rope = mm.rotary["sliding"](positions, x.dtype)
-    blk.self_attn(blk.input_layernorm(x), positions, rope, _StoreOnly(runner.cache, dst))
+    """Only the K/V of MTP block `layer` at the slices' rows: the runner's own method, whose embedding is the
+    model's `embed` (on a rank, its vocabulary slice and a sum)."""
+    runner.fill_mtp_kv(layer, slices, hidden)
 
 
 @torch.inference_mode()
