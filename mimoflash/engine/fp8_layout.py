@@ -306,9 +306,9 @@ def fused_layer_args(cfg, attn, in_norm, post_norm, mlp, cache, keep: list, pane
     args point into to `keep`, and where every bf16 linear of the block (o_proj, as released) has packed panels,
     the kernel reads those and their `Panels` go to `panels` (refreshed each step by the caller). Called by
     engine/fused_decode.py for blocks `is_fp8_block` accepts."""
-    from .. import kernels
     from ..model.layers import MLP
     from ..model.moe import MoE
+    from .fused_decode import attention_args, set_router
 
     def ok(t, dtype):
         return t is not None and t.dtype == dtype and t.is_contiguous() and t.device.type == "cpu"
@@ -348,14 +348,8 @@ def fused_layer_args(cfg, attn, in_norm, post_norm, mlp, cache, keep: list, pane
     qb = fused[1].block
     if not fp8_or_bf16(attn.o_proj, "o"):
         return None
-    a = kernels.LayerArgs(
-        H=cfg.hidden_size, nq=attn.num_heads, nkv=attn.num_kv_heads, d=attn.head_dim, dv=attn.v_head_dim,
-        rd=cfg.rotary_dim(sliding), eps_in=in_norm.eps, eps_post=post_norm.eps, scale=attn.scale,
-        v_scale=attn.value_scale, in_norm=in_norm.weight.data_ptr(), post_norm=post_norm.weight.data_ptr(),
-        sinks=None if sinks is None else sinks.data_ptr(), qkv_w=fused[0].data_ptr(),
-        o_w=attn.o_proj.weight.data_ptr(), k_pool=k_pool.data_ptr(), v_pool=v_pool.data_ptr(),
-        pool_slots=k_pool.shape[1], kv_bf16=int(k_pool.dtype == torch.bfloat16), panels=0,
-        qkv_br=qb[0], qkv_s=fused[1].scale.data_ptr())
+    a = attention_args(cfg, attn, in_norm, post_norm, fused[0], k_pool, v_pool, sliding)
+    a.panels, a.qkv_br, a.qkv_s = 0, qb[0], fused[1].scale.data_ptr()
     keep += [fused[0], fused[1].scale, k_pool, v_pool]
     top_k = 1
     if isinstance(mlp, MLP):
@@ -373,8 +367,7 @@ def fused_layer_args(cfg, attn, in_norm, post_norm, mlp, cache, keep: list, pane
         table = torch.tensor([[v.data_ptr() for v in ex.store.expert(ex.layer, e)] for e in range(ex.num_experts)],
                              dtype=torch.int64)                                          # (E, 6) addresses
         a.moe, a.F_moe, a.E, a.top_k = 1, ex.inter, ex.num_experts, r.top_k
-        a.router_w, a.router_bias = r.weight.data_ptr(), r.e_score_correction_bias.data_ptr()
-        a.norm_topk, a.scaling = int(r.norm_topk_prob), r.routed_scaling_factor
+        set_router(a, r)
         a.experts_fp8 = table.data_ptr()
         keep += [table, r.weight, r.e_score_correction_bias]
         top_k = r.top_k

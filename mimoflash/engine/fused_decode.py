@@ -96,6 +96,25 @@ class FusedDecoder:
         return per_kind, chosen
 
 
+def attention_args(cfg, attn, in_norm, post_norm, qkv_w: torch.Tensor, k_pool, v_pool, sliding: bool):
+    """The kernel's LayerArgs with a block's attention fields (dimensions, norms, sinks, the fused q|k|v and o_proj
+    weights, its KV pools) filled; bf16 and FP8 blocks (engine/fp8_layout.py) add their MLP fields to it."""
+    sinks = attn.attention_sink_bias
+    return kernels.LayerArgs(
+        H=cfg.hidden_size, nq=attn.num_heads, nkv=attn.num_kv_heads, d=attn.head_dim, dv=attn.v_head_dim,
+        rd=cfg.rotary_dim(sliding), eps_in=in_norm.eps, eps_post=post_norm.eps, scale=attn.scale,
+        v_scale=attn.value_scale, in_norm=in_norm.weight.data_ptr(), post_norm=post_norm.weight.data_ptr(),
+        sinks=None if sinks is None else sinks.data_ptr(), qkv_w=qkv_w.data_ptr(),
+        o_w=attn.o_proj.weight.data_ptr(), k_pool=k_pool.data_ptr(), v_pool=v_pool.data_ptr(),
+        pool_slots=k_pool.shape[1], kv_bf16=int(k_pool.dtype == torch.bfloat16))
+
+
+def set_router(a, router) -> None:
+    """The router's fields of LayerArgs `a` (its weight, bias correction, normalisation and scaling)."""
+    a.router_w, a.router_bias = router.weight.data_ptr(), router.e_score_correction_bias.data_ptr()
+    a.norm_topk, a.scaling = int(router.norm_topk_prob), router.routed_scaling_factor
+
+
 def _layer_args(cfg, attn, in_norm, post_norm, mlp, cache, keep: list, panels: list):
     """One pre-norm block (attention, then a dense or routed MLP) as the kernel's LayerArgs -> (args, sliding,
     experts per token), or None when it does not qualify. Appends the tensors the args point into to `keep` and the
@@ -112,13 +131,7 @@ def _layer_args(cfg, attn, in_norm, post_norm, mlp, cache, keep: list, panels: l
             or not _ok(v_pool, k_pool.dtype)):
         return None
     pq, po = getattr(attn, "_qkv_panels", None), getattr(attn.o_proj, "_panels", None)
-    a = kernels.LayerArgs(
-        H=cfg.hidden_size, nq=attn.num_heads, nkv=attn.num_kv_heads, d=attn.head_dim, dv=attn.v_head_dim,
-        rd=cfg.rotary_dim(sliding), eps_in=in_norm.eps, eps_post=post_norm.eps, scale=attn.scale,
-        v_scale=attn.value_scale, in_norm=in_norm.weight.data_ptr(), post_norm=post_norm.weight.data_ptr(),
-        sinks=None if sinks is None else sinks.data_ptr(), qkv_w=fused[0].data_ptr(),
-        o_w=attn.o_proj.weight.data_ptr(), k_pool=k_pool.data_ptr(), v_pool=v_pool.data_ptr(),
-        pool_slots=k_pool.shape[1], kv_bf16=int(k_pool.dtype == torch.bfloat16))
+    a = attention_args(cfg, attn, in_norm, post_norm, fused[0], k_pool, v_pool, sliding)
     keep += [fused[0], k_pool, v_pool]
     top_k = 1
     layer_panels = [pq, po]
@@ -139,8 +152,7 @@ def _layer_args(cfg, attn, in_norm, post_norm, mlp, cache, keep: list, panels: l
                 or not _ok(r.weight, torch.float32) or not _ok(r.e_score_correction_bias, torch.float32)):
             return None
         a.moe, a.F_moe, a.E, a.top_k = 1, ex.down_proj.shape[2], r.weight.shape[0], r.top_k
-        a.router_w, a.router_bias = r.weight.data_ptr(), r.e_score_correction_bias.data_ptr()
-        a.norm_topk, a.scaling = int(r.norm_topk_prob), r.routed_scaling_factor
+        set_router(a, r)
         a.gate_up, a.down = gu.data_ptr(), ex.down_proj.data_ptr()
         keep += [gu, ex.down_proj, r.weight, r.e_score_correction_bias]
         top_k = r.top_k
