@@ -72,15 +72,20 @@ def test_greedy_equals_plain_decoding(spec):
     llm = LLM(model, speculative_config=spec, **kw)
     _oracle_drafts(llm, reference, hit=0.7)
     got = llm.generate(ps, sp, use_tqdm=False)
-    for g, r in zip(got, ref):
-        assert g.outputs[0].token_ids == r.outputs[0].token_ids
-        for lg, lr in zip(g.outputs[0].logprobs, r.outputs[0].logprobs):
-            t = next(iter(lr))
-            assert abs(lg[t].logprob - lr[t].logprob) < 1e-4
+    _assert_same_outputs(got, ref)
     m = [o.metrics for o in got]
     assert sum(x.verify_steps for x in m) > 0 and sum(x.accepted_tokens for x in m) > 0
     assert all(len(x.acceptance_per_position) <= spec["num_speculative_tokens"] for x in m)
     _assert_pools_initial(llm)
+
+
+def _assert_same_outputs(got, ref) -> None:
+    """Same tokens as the reference run, and each chosen token's logprob within 1e-4."""
+    for g, r in zip(got, ref, strict=True):
+        assert g.outputs[0].token_ids == r.outputs[0].token_ids
+        for lg, lr in zip(g.outputs[0].logprobs, r.outputs[0].logprobs, strict=True):
+            t = next(iter(lr))
+            assert abs(lg[t].logprob - lr[t].logprob) < 1e-4
 
 
 @pytest.mark.parametrize("impl", ["fused", "torch"])
@@ -101,11 +106,7 @@ def test_rows_past_the_window_before_the_ring_wraps(impl):
     assert llm.engine.layout.ring_slots > llm.engine.layout.swa_keys
     _oracle_drafts(llm, reference, hit=0.9)
     got = llm.generate(ps, sp, use_tqdm=False)
-    for g, r in zip(got, ref):
-        assert g.outputs[0].token_ids == r.outputs[0].token_ids
-        for lg, lr in zip(g.outputs[0].logprobs, r.outputs[0].logprobs):
-            t = next(iter(lr))
-            assert abs(lg[t].logprob - lr[t].logprob) < 1e-4
+    _assert_same_outputs(got, ref)
     assert sum(o.metrics.accepted_tokens for o in got) >= 6
 
 

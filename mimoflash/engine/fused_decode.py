@@ -208,6 +208,15 @@ class FusedMTPLayer:
                 out.append(cls(model, layer, got[0], keep, panels))
         return out
 
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """(N,) ids -> (N, H) fp32 token embeddings (a tensor-parallel rank: its vocabulary slice, summed)."""
+        return kernels.embed_bf16(ids, self.emb)
+
+    def _block(self, x: torch.Tensor, attn_args: tuple, chosen: torch.Tensor, rope_rows) -> None:
+        """The MTP block's attention and MLP on x (N, H) in place: one kernel call (a tensor-parallel rank: the two
+        halves with a reduction after each)."""
+        kernels.decode_layer(self.args, x, *attn_args, chosen, rope_rows=rope_rows)
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kinds: dict, hidden: torch.Tensor,
                 rows: torch.Tensor | None = None) -> torch.Tensor:
         """N rows: input_ids / positions (1, N), kinds[True] the rows' DecodeKindMeta, hidden (N, H) -> (N, H) after
@@ -217,7 +226,7 @@ class FusedMTPLayer:
             p.get()
         L = self.layer
         N = input_ids.shape[1]
-        e = kernels.embed_bf16(input_ids.view(-1), self.emb)                          # (N, H) fp32
+        e = self._embed(input_ids.view(-1))                                          # (N, H) fp32
         h = hidden if hidden.is_contiguous() else hidden.contiguous()
         x = L.eh_proj(torch.cat([kernels.rms_norm(e, L.enorm.weight, L.enorm.eps),
                                  kernels.rms_norm(h, L.hnorm.weight, L.hnorm.eps)], dim=-1))
@@ -228,8 +237,8 @@ class FusedMTPLayer:
         if chosen is None:
             chosen = self._chosen[N] = torch.empty(N, 1, dtype=torch.int64)
         bias = None if dm.bias is None else dm.bias.reshape(N, -1)
-        kernels.decode_layer(self.args, x, cos, sin, dm.chunks.contiguous(), dm.chunk, dm.keys,
-                             dm.write_dst.contiguous(), bias, chosen, rope_rows=rope_rows)
+        self._block(x, (cos, sin, dm.chunks.contiguous(), dm.chunk, dm.keys, dm.write_dst.contiguous(), bias),
+                    chosen, rope_rows)
         if rows is not None:
             x = x[N - 1:] if rows.numel() == 1 and int(rows[0]) == N - 1 else x.index_select(0, rows)
         return kernels.rms_norm(x, L.final_layernorm.weight, L.final_layernorm.eps)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from .. import kernels
-from ..engine.fused_decode import FusedDecoder, FusedMTPLayer, _rope_rows
+from ..engine.fused_decode import FusedDecoder, FusedMTPLayer
 from ..model.moe import MoE
 from .modules import all_reduce
 
@@ -99,28 +99,13 @@ class ParallelFusedMTPLayer(FusedMTPLayer):
         new.steps = 0
         return new
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kinds: dict, hidden: torch.Tensor
-                ) -> torch.Tensor:
-        """N rows -> (N, H) after final_layernorm (FusedMTPLayer.forward without `rows`)."""
-        for p in self._panels:
-            p.get()
-        L = self.layer
-        N = input_ids.shape[1]
-        e = vocab_embed(input_ids.view(-1), self.emb, self.vocab_lo, self.vocab_hi)        # (N, H) fp32
-        h = hidden if hidden.is_contiguous() else hidden.contiguous()
-        x = L.eh_proj(torch.cat([kernels.rms_norm(e, L.enorm.weight, L.enorm.eps),
-                                 kernels.rms_norm(h, L.hnorm.weight, L.hnorm.eps)], dim=-1)).contiguous()
-        dm = kinds[True]
-        cos, sin, rope_rows = _rope_rows(self.model.model.rotary["sliding"], positions.view(-1))
-        chosen = self._chosen.get(N)
-        if chosen is None:
-            chosen = self._chosen[N] = torch.empty(N, 1, dtype=torch.int64)
-        bias = None if dm.bias is None else dm.bias.reshape(N, -1)
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return vocab_embed(ids, self.emb, self.vocab_lo, self.vocab_hi)                  # (N, H) fp32
+
+    def _block(self, x: torch.Tensor, attn_args: tuple, chosen: torch.Tensor, rope_rows) -> None:
         y = torch.empty_like(x)
-        kernels.decode_attn(self.args, x, cos, sin, dm.chunks.contiguous(), dm.chunk, dm.keys,
-                            dm.write_dst.contiguous(), bias, y, rope_rows=rope_rows)
+        kernels.decode_attn(self.args, x, *attn_args, y, rope_rows=rope_rows)
         x += all_reduce(y)
         kernels.decode_ffn(self.args, x, y, chosen)
         x += all_reduce(y)
         self.steps += 1
-        return kernels.rms_norm(x, L.final_layernorm.weight, L.final_layernorm.eps)
