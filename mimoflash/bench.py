@@ -61,8 +61,14 @@ def _median_time(fn, reps: int) -> float:
 
 
 def read_bandwidth(nbytes: int, reps: int = 5) -> float:
-    """Bytes read per second: an fp32 sum over `nbytes` (vectorised, threaded; one pass, nothing written)."""
+    """Bytes read per second over a buffer of `nbytes`, median of `reps` passes after one untimed pass: the kernels'
+    `read_sum` (the engine's own thread pool, vector loads, integer adds: limited by the loads, as a weight-streaming
+    decode kernel is), or torch's fp32 sum where the C kernels are not built."""
     import torch
+    from . import kernels
+    if kernels.available():
+        a = torch.ones(nbytes, dtype=torch.uint8)
+        return nbytes / _median_time(lambda: kernels.read_sum(a), reps)
     a = torch.ones(nbytes // 4)
     return nbytes / _median_time(lambda: a.sum(), reps)
 
