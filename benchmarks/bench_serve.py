@@ -32,7 +32,11 @@ import sys
 import tempfile
 import time
 
-import httpx
+# The same OpenMP wait policy as `mimoflash serve` (mimoflash/cli.py): the offline engine in this process and the
+# server's engine process then wait alike; with spinning waits the offline figures collapse on a busy machine.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import httpx  # noqa: E402
 
 
 def free_port() -> int:

@@ -1,10 +1,11 @@
 """The FastAPI app: OpenAI routes, errors in OpenAI's shape, the chat page, /health and /metrics.
 
-`build_app(llm, ...)` wires an `LLM` (engine + tokenizer) to the routes. Request flow for a chat completion:
+`build_app(engine_loop, tokenizer, ...)` wires a started engine process (engine_loop.py) and the model's tokenizer to
+the routes. Request flow for a chat completion:
 
     ChatCompletionRequest (pydantic)  ->  checks needing server state (model name, n, context)  ->  chat template
-    ->  token ids + SamplingParams (+ grammar matchers)  ->  EngineLoop.add  ->  deltas  ->  ChatOutputParser per
-    choice (reasoning / content / tool calls)  ->  one JSON response, or SSE chunks ending in `data: [DONE]`
+    ->  token ids + SamplingParams (+ grammars)  ->  EngineLoop.add  ->  deltas  ->  ChatOutputParser per choice
+    (reasoning / content / tool calls)  ->  one JSON response, or SSE chunks ending in `data: [DONE]`
 
 
 Every client mistake is a 4xx with OpenAI's error object (errors.py); the modules are listed in __init__.py.
@@ -21,6 +22,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import FileResponse, Response
 
 from . import chat, completions
+from .engine_loop import EngineLoop
 from .errors import APIError, BodySizeLimit, error_response, install_error_handlers
 from .metrics import CONTENT_TYPE_LATEST
 from .state import ServerConfig, ServerState
@@ -28,21 +30,23 @@ from .state import ServerConfig, ServerState
 STATIC = Path(__file__).resolve().parent / "static"
 
 
-def build_app(llm, *, served_model_name: str | None = None, api_key: str | None = None, max_waiting: int = 64,
+def build_app(engine_loop: EngineLoop, tokenizer, *, served_model_name: str | None = None, api_key: str | None = None,
               max_n: int = 16, max_body_bytes: int = 4 << 20, price_input_per_m: float = 0.10,
               price_output_per_m: float = 0.30, mtp: int | None = None, stream_interval: int = 1) -> FastAPI:
+    """`engine_loop`: started (the model is loaded in its process); the app reads its messages while it runs and
+    stops it when the app shuts down."""
     cfg = ServerConfig(served_model_name or "mimoflash", api_key, max_n, max_body_bytes, price_input_per_m,
                        price_output_per_m, mtp, stream_interval)
-    st = ServerState(llm, cfg, max_waiting)
-    engine_loop, metrics = st.engine_loop, st.metrics
+    st = ServerState(engine_loop, tokenizer, cfg)
+    metrics = st.metrics
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        engine_loop.start()
+        engine_loop.attach(asyncio.get_running_loop())
         try:
             yield
         finally:
-            await asyncio.get_running_loop().run_in_executor(None, engine_loop.shutdown)
+            await engine_loop.aclose()
 
     app = FastAPI(title="mimoflash", version=_version(), lifespan=lifespan,
                   description="OpenAI-compatible API for MiMo-V2-Flash-architecture models (docs/SERVER.md)")

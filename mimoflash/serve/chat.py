@@ -23,7 +23,7 @@ _RESERVED_TEMPLATE_KEYS = {"messages", "tools", "add_generation_prompt", "bos_to
 
 
 def add_routes(v1: APIRouter, st: ServerState) -> None:
-    cfg, llm, tok, compiler = st.cfg, st.llm, st.tok, st.compiler
+    cfg, tok, compiler = st.cfg, st.tok, st.compiler
     check_model, sampling, submit, usage, account = st.check_model, st.sampling, st.submit, st.usage, st.account
 
     @v1.post("/chat/completions")
@@ -64,8 +64,8 @@ def add_routes(v1: APIRouter, st: ServerState) -> None:
         if req.top_logprobs and not req.logprobs:
             raise APIError(400, "top_logprobs needs logprobs=true", "top_logprobs")
         params = sampling(req, max_tokens, None, len(ids), n_lp).replace(skip_special_tokens=False)
-        matchers = make_matchers(req, use_tools, named, bool(thinking), params.n)
-        handle = await submit(ids, params, text, matchers)
+        grammars = make_grammars(req, use_tools, named, bool(thinking), params.n)
+        handle = await submit(ids, params, text, grammars)
         start_reasoning = text.rstrip().endswith("<think>")
         parsers = [ChatOutputParser(start_reasoning, use_tools, parse_reasoning=True) for _ in range(params.n)]
         rid = f"chatcmpl-{uuid.uuid4().hex}"
@@ -76,7 +76,9 @@ def add_routes(v1: APIRouter, st: ServerState) -> None:
         return await until_disconnect(request, [handle], chat_full(req, handle, parsers, rid, now, len(ids),
                                                                     request))
 
-    def make_matchers(req: ChatCompletionRequest, tools, named, thinking: bool, n: int):
+    def make_grammars(req: ChatCompletionRequest, tools, named, thinking: bool, n: int) -> list[str] | None:
+        """The request's constraint as a compiled grammar per choice (the engine process builds the matchers), or
+        None when its output is free."""
         rf = req.response_format
         want_tools = tools and (req.tool_choice == "required" or named)
         if not want_tools and (rf is None or rf.type == "text"):
@@ -84,7 +86,7 @@ def add_routes(v1: APIRouter, st: ServerState) -> None:
         if compiler is None:
             raise APIError(400, "constrained decoding (response_format, tool_choice required/named) needs the "
                            "llguidance package: pip install 'mimoflash[serve]'", "response_format")
-        if getattr(llm.engine, "drafter", None) is not None:
+        if st.info.mtp:
             # MTP verify steps score several positions per request; the masks are built for one row per request.
             raise APIError(400, "constrained decoding (response_format, tool_choice required/named) is not "
                            "available while the server runs MTP speculative decoding (--mtp)",
@@ -102,7 +104,7 @@ def add_routes(v1: APIRouter, st: ServerState) -> None:
                     raise APIError(400, "response_format json_schema needs json_schema.schema",
                                    "response_format.json_schema")
                 grammar = compiler.json_schema(rf.json_schema.schema_)
-            return [compiler.matcher(grammar) for _ in range(n)]
+            return [grammar] * n
         except ValueError as e:
             raise APIError(400, str(e), "tools" if want_tools else "response_format.json_schema")
 

@@ -4,9 +4,9 @@
     mimoflash serve path/to/ckpt --port 9000 --api-key secret --served-model-name mimo
     mimoflash serve --max-num-seqs 32 --max-waiting 128 --mtp 2
 
-SIGTERM or Ctrl-C: uvicorn stops accepting connections, lets in-flight requests finish for
-`--graceful-timeout` seconds, cancels the rest (their caches are freed), then the engine thread stops and the
-process exits 0.
+The model is loaded and run by an engine process of its own (engine_core.py); this process serves HTTP. SIGTERM or
+Ctrl-C: uvicorn stops accepting connections, lets in-flight requests finish for `--graceful-timeout` seconds, cancels
+the rest (their caches are freed), then the engine process stops and this one exits 0.
 """
 
 from __future__ import annotations
@@ -92,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         from .app import build_app
     except ImportError as e:
         raise RuntimeError(f"the server needs its extra: pip install 'mimoflash[serve]' ({e})")
-    from ..engine.llm import LLM
+    from .engine_core import EngineSpec
+    from .engine_loop import EngineLoop
 
     if a.model:
         path = a.model
@@ -105,10 +106,13 @@ def main(argv: list[str] | None = None) -> int:
     kv = a.kv_cache_memory
     if kv is not None and kv > 1:
         kv = int(kv)
-    llm = LLM(path, dtype=a.dtype, device=a.device, max_num_seqs=a.max_num_seqs, max_model_len=a.max_model_len,
-              max_num_batched_tokens=a.max_num_batched_tokens, kv_cache_memory=kv, seed=a.seed, progress=False,
-              tensor_parallel_size=a.tensor_parallel_size, **extra)
-    app = build_app(llm, served_model_name=name, api_key=a.api_key, max_waiting=a.max_waiting, max_n=a.max_n,
+    spec = EngineSpec(str(path), dict(dtype=a.dtype, device=a.device, max_num_seqs=a.max_num_seqs,
+                                      max_model_len=a.max_model_len, max_num_batched_tokens=a.max_num_batched_tokens,
+                                      kv_cache_memory=kv, seed=a.seed, progress=False,
+                                      tensor_parallel_size=a.tensor_parallel_size, **extra))
+    engine_loop = EngineLoop(spec, max_waiting=a.max_waiting)
+    engine_loop.start()                       # the engine process loads the model; its errors end the command here
+    app = build_app(engine_loop, _tokenizer(path), served_model_name=name, api_key=a.api_key, max_n=a.max_n,
                     max_body_bytes=a.max_body_bytes, price_input_per_m=a.price_input,
                     price_output_per_m=a.price_output, mtp=a.mtp, stream_interval=a.stream_interval)
     print(f"mimoflash serve: model {name!r} from {path}; page at http://{a.host}:{a.port}/ , "
@@ -119,8 +123,14 @@ def main(argv: list[str] | None = None) -> int:
     # it: this one, so that a completed shutdown exits 0 instead of dying by the signal (Ctrl-C still gives 130).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     _Server = _server_class()
-    _Server(config, on_exit=lambda: app.state.engine_loop.drain(0.8 * a.graceful_timeout)).run()
+    _Server(config, on_exit=lambda: engine_loop.drain(0.8 * a.graceful_timeout)).run()
     return 0
+
+
+def _tokenizer(path: str):
+    """The checkpoint's tokenizer for the server process (chat templates, encoding), or None when it has none."""
+    from ..tokenizer import Tokenizer, has_tokenizer
+    return Tokenizer.from_dir(path) if has_tokenizer(path) else None
 
 
 def _server_class():

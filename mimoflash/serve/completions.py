@@ -20,7 +20,7 @@ from .streaming import ChunkWriter, logprob_entries, sum_metrics, until_disconne
 
 
 def add_routes(v1: APIRouter, st: ServerState) -> None:
-    cfg, llm, tok = st.cfg, st.llm, st.tok
+    cfg, tok = st.cfg, st.tok
     check_model, sampling, submit, usage, account = st.check_model, st.sampling, st.submit, st.usage, st.account
 
     @v1.post("/completions")
@@ -31,7 +31,7 @@ def add_routes(v1: APIRouter, st: ServerState) -> None:
         if req.best_of is not None and req.best_of != req.n:
             raise APIError(400, "best_of other than n is not supported", "best_of")
         prompts = _prompts(req.prompt)
-        vocab = llm.model.config.vocab_size
+        vocab = st.vocab_size
         encoded = []
         for k, p in enumerate(prompts):
             if isinstance(p, str):

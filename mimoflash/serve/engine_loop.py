@@ -1,39 +1,39 @@
-"""One thread owns the engine; request handlers talk to it through queues.
+"""The server side of the engine: request handlers talk to the engine process (engine_core.py) through this.
 
-    handler (event loop)                       engine thread
-    ---------------------                      -------------
-    await loop.add(ids, params)  --inbox-->    engine.add_request   (ack: ok, or the ValueError for a 4xx)
-    async for delta in handle    <--queue--    engine.step() -> RequestOutput deltas, one per changed group
-    handle.abort()               --inbox-->    engine.abort_request (the cache is freed at once)
+    handler (event loop)                        engine process
+    ---------------------                       --------------
+    await loop.add(ids, params)  --command-->   engine.add_request   (ack: ok, or the ValueError for a 4xx)
+    async for delta in handle    <--step-----   engine.step() -> every request's delta, one message per step
+    handle.abort()               --command-->   engine.abort_request (the cache is freed at once)
 
-The engine is not thread-safe and a step is a blocking forward pass, so it runs in a plain thread: every engine
-call happens there, and between two steps the thread drains the inbox. Deltas go back to the handlers' asyncio
-queues through one `loop.call_soon_threadsafe` per step, so one slow client never blocks the others or the engine
-(its queue just grows by the few deltas it has not read). Many handlers streaming at once simply means many groups
-in the engine's continuous batch.
-
-The engine thread is the critical path: between two steps it does only what the next step needs (commands, grammar
-matchers, bookkeeping of finished requests). Token and latency metrics are recorded by the event loop when the
-step's deltas arrive there, while the engine thread is already inside the next forward pass.
+Commands go out through a small sender thread (a large prompt must never block the event loop on a full pipe).
+The engine's messages are read by the event loop itself (`add_reader` on the pipe): per step it records the token
+and latency metrics and puts each delta in its request's asyncio queue, so one slow client never blocks the others
+or the engine (its queue just grows by the few deltas it has not read). Many handlers streaming at once simply
+means many groups in the engine's continuous batch.
 
 Admission control: at most `max_num_seqs + max_waiting` sequences (n counts) may be queued or running; `add`
 raises `QueueFull` beyond that and the HTTP layer answers 429 instead of letting the queue grow without bound.
+
+If the engine process dies, every open stream ends with an error event, /health answers 503 and new requests get
+503 (`EngineDead`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import multiprocessing
 import queue
-import sys
 import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import AsyncIterator
 
-from ..engine.request import RequestOutput
+from ..engine.request import CompletionOutput, RequestOutput
 from ..engine.sampling import SamplingParams
+from .engine_core import EngineInfo, EngineSpec, engine_main, rebuild_error
 
 log = logging.getLogger("mimoflash.serve")
 
@@ -43,14 +43,14 @@ class QueueFull(Exception):
 
 
 class EngineDead(Exception):
-    """The engine thread stopped (shutdown, or an internal error); HTTP 503."""
+    """The engine process stopped (shutdown, or it crashed or was killed); HTTP 503."""
 
 
 @dataclass
 class RequestHandle:
     request_id: str
     n: int
-    loop: asyncio.AbstractEventLoop
+    num_prompt_tokens: int
     owner: "EngineLoop"
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     arrival: float = field(default_factory=time.perf_counter)
@@ -93,207 +93,217 @@ class RequestHandle:
         """Abort unless finished; safe to call more than once."""
         if not self.finished:
             self.finished = True
-            self.owner._inbox.put(("abort", self.request_id))
+            self.owner._send(("abort", self.request_id))
 
 
 class EngineLoop:
-    def __init__(self, llm, *, max_waiting: int = 64, metrics=None):
-        self.llm, self.engine = llm, llm.engine
-        self.metrics = metrics
-        self.max_active = self.engine.config.max_num_seqs + max_waiting
-        self.masking = None
-        from .grammar import MaskingRunner, available
-        if available():
-            self.masking = MaskingRunner(self.engine.runner)
-            self.engine.runner = self.masking
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._handles: dict[str, RequestHandle] = {}
-        self._lock = threading.Lock()
-        self._active = 0                      # sequences admitted and not yet finished
-        self._thread: threading.Thread | None = None
-        self.error: BaseException | None = None
-        self._drain_deadline: float | None = None
+    """Starts the engine process, sends it commands, and hands its per-step deltas to the request handles.
 
-    # ------------------------------------------------------------------ handler side (event loop)
+    `start()` (blocking) spawns the process and waits until the model is loaded: a checkpoint that does not load is
+    an error there, before the server listens. `attach()` (in the running event loop) starts reading the engine's
+    messages; `aclose()` stops the engine (it aborts what still runs) and waits for the process to exit."""
+
+    def __init__(self, spec: EngineSpec, *, max_waiting: int = 64, metrics=None):
+        self.spec, self.max_waiting, self.metrics = spec, max_waiting, metrics
+        self.info: EngineInfo | None = None
+        self.max_active = 0
+        self.error: BaseException | None = None
+        self._proc = None
+        self._commands = self._outputs = None
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._sender: threading.Thread | None = None
+        self._handles: dict[str, RequestHandle] = {}
+        self._acks: dict[str, asyncio.Future] = {}
+        self._active = 0                       # sequences admitted and not yet finished
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopping = False
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self, timeout: float | None = None) -> EngineInfo:
+        """Spawn the engine process and wait for its model to load -> what the server needs to know. Raises the
+        engine's own error (ValueError, FileNotFoundError, ...) when the model does not load."""
+        ctx = multiprocessing.get_context("spawn")        # a fresh interpreter: no forked OpenMP or torch state
+        cmd_recv, cmd_send = ctx.Pipe(duplex=False)
+        out_recv, out_send = ctx.Pipe(duplex=False)
+        self._proc = ctx.Process(target=engine_main, args=(self.spec, cmd_recv, out_send), name="mimoflash-engine",
+                                 daemon=True)
+        self._proc.start()
+        cmd_recv.close()                                  # the child's ends: EOF on ours when the child exits
+        out_send.close()
+        self._commands, self._outputs = cmd_send, out_recv
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not out_recv.poll(0.2):
+            if not self._proc.is_alive():
+                raise RuntimeError(f"the engine process exited with status {self._proc.exitcode} while loading")
+            if deadline is not None and time.monotonic() > deadline:
+                self._proc.kill()
+                raise RuntimeError("the engine process did not load the model in time")
+        try:
+            msg = out_recv.recv()
+        except EOFError:
+            self._proc.join(5)
+            raise RuntimeError(f"the engine process exited with status {self._proc.exitcode} while loading")
+        if msg[0] == "failed":
+            self._proc.join(10)
+            raise rebuild_error(msg[1])
+        self.info = msg[1]
+        self.max_active = self.info.max_num_seqs + self.max_waiting
+        self._sender = threading.Thread(target=self._send_commands, name="mimoflash-engine-commands", daemon=True)
+        self._sender.start()
+        return self.info
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Read the engine's messages in `loop` from now on."""
+        self._loop = loop
+        loop.add_reader(self._outputs.fileno(), self._on_readable)
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
     @property
     def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and self.error is None
+        return self._proc is not None and self._proc.is_alive() and self.error is None and not self._stopping
 
-    def start(self) -> None:
-        # Two threads share the GIL: the engine thread (Python between torch calls) and the event loop (HTTP, JSON).
-        # With CPython's default 5 ms switch interval each hand-over can stall the other for up to 5 ms, which is
-        # longer than a decode step of a small model; 0.5 ms keeps both responsive.
-        sys.setswitchinterval(min(sys.getswitchinterval(), 0.0005))
-        self._thread = threading.Thread(target=self._run, name="mimoflash-engine", daemon=True)
-        self._thread.start()
+    def drain(self, seconds: float) -> None:
+        """Shutting down: requests still running after `seconds` are aborted (their streams end with
+        finish_reason "abort"), so that no connection is left for the server to cancel."""
+        self._send(("drain", seconds))
 
+    async def aclose(self, timeout: float = 30.0) -> None:
+        """Stop the engine (it aborts whatever is left and reports the last deltas) and wait for its exit."""
+        if self._proc is None:
+            return
+        self._stopping = True
+        if self._proc.is_alive():
+            self._send(("stop",))
+            await asyncio.get_running_loop().run_in_executor(None, self._proc.join, timeout)
+            if self._proc.is_alive():
+                log.warning("the engine process did not stop within %.0f s; killing it", timeout)
+                self._proc.kill()
+                self._proc.join(5)
+        self._on_readable()                                   # the last deltas, if the reader has not seen them
+        self._detach()
+        self._outbox.put(None)
+
+    # ------------------------------------------------------------------ handler side (event loop)
     async def add(self, prompt_token_ids: list[int], params: SamplingParams, *, prompt: str | None = None,
-                  matchers: list[Any] | None = None) -> RequestHandle:
-        """Queue a request; -> its handle once the engine accepted it. Raises QueueFull, EngineDead, ValueError."""
+                  grammars: list[str] | None = None) -> RequestHandle:
+        """Queue a request; -> its handle once the engine accepted it. Raises QueueFull, EngineDead, ValueError.
+        `grammars`: one compiled grammar per choice (grammar.py), for constrained decoding."""
         if not self.alive:
             raise EngineDead("the engine is not running")
-        with self._lock:
-            if self._active + params.n > self.max_active:
-                raise QueueFull(f"{self._active} sequences are queued or running (limit {self.max_active}); "
-                                "retry later")
-            self._active += params.n
-        loop = asyncio.get_running_loop()
-        handle = RequestHandle(f"req-{uuid.uuid4().hex}", params.n, loop, self)
-        ack = loop.create_future()
-        self._inbox.put(("add", handle, list(prompt_token_ids), params, prompt, matchers, ack))
+        if self._active + params.n > self.max_active:
+            raise QueueFull(f"{self._active} sequences are queued or running (limit {self.max_active}); retry later")
+        self._active += params.n
+        handle = RequestHandle(f"req-{uuid.uuid4().hex}", params.n, len(prompt_token_ids), self)
+        ack = asyncio.get_running_loop().create_future()
+        self._handles[handle.request_id] = handle
+        self._acks[handle.request_id] = ack
+        self._send(("add", handle.request_id, list(prompt_token_ids), params, prompt, grammars))
         try:
             await ack
+        except asyncio.CancelledError:            # the client went away while the request was being added
+            handle.abort()
+            raise
         except BaseException:
             handle.finished = True
             raise
         return handle
 
-    def drain(self, seconds: float) -> None:
-        """Shutting down: requests still running after `seconds` are aborted (their streams end with
-        finish_reason "abort"), so that no connection is left for the server to cancel."""
-        self._inbox.put(("drain", time.monotonic() + seconds))
+    def _send(self, cmd: tuple) -> None:
+        self._outbox.put(cmd)
 
-    def shutdown(self, timeout: float = 30.0) -> None:
-        """Abort whatever is left and stop the thread."""
-        if self._thread is not None and self._thread.is_alive():
-            self._inbox.put(("stop",))
-            self._thread.join(timeout)
-
-    # ------------------------------------------------------------------ engine thread
-    def _run(self) -> None:
-        try:
-            while True:
-                busy = self.engine.has_unfinished_requests()
-                try:
-                    cmd = self._inbox.get(block=not busy, timeout=None if busy else 0.5)
-                except queue.Empty:
-                    cmd = None
-                    self.llm.check_workers()          # tensor parallel: a dead worker stops the engine while idle
-                while cmd is not None:
-                    if cmd[0] == "stop":
-                        self._stop()
-                        return
-                    self._command(cmd)
-                    try:
-                        cmd = self._inbox.get_nowait()
-                    except queue.Empty:
-                        cmd = None
-                if self._drain_deadline is not None and time.monotonic() > self._drain_deadline:
-                    for gid in list(self._handles):
-                        self.engine.abort_request(gid)
-                if self.engine.has_unfinished_requests():
-                    outs = self.engine.step()
-                    self._dispatch(outs)
-                    if self.metrics is not None:
-                        self.metrics.on_step(self.engine)
-        except BaseException as e:                         # an engine bug: fail every stream, report unhealthy
-            log.exception("engine loop crashed")
-            self.error = e
-            for h in list(self._handles.values()):
-                self._deliver(h, EngineDead(f"the engine stopped: {type(e).__name__}: {e}"))
-            self._handles.clear()
-
-    def _command(self, cmd: tuple) -> None:
-        if cmd[0] == "add":
-            _, handle, ids, params, prompt, matchers, ack = cmd
-            try:
-                self.engine.add_request(ids, params, request_id=handle.request_id, prompt=prompt)
-            except BaseException as e:
-                with self._lock:
-                    self._active -= params.n
-                self._resolve(handle, ack, e)
+    def _send_commands(self) -> None:
+        """Sender thread: pickles and writes commands, so that a full pipe never blocks the event loop."""
+        while True:
+            cmd = self._outbox.get()
+            if cmd is None:
                 return
-            self._handles[handle.request_id] = handle
-            if matchers and self.masking is not None:
-                for i, m in enumerate(matchers):
-                    self.masking.matchers[self._child_id(handle, i)] = m
-            self._resolve(handle, ack, None)
-        elif cmd[0] == "drain":
-            self._drain_deadline = cmd[1]
-        elif cmd[0] == "abort":
-            if cmd[1] in self._handles:
-                self.engine.abort_request(cmd[1])
+            try:
+                self._commands.send(cmd)
+            except (OSError, ValueError):           # the engine process is gone; the reader reports it
+                return
 
-    @staticmethod
-    def _child_id(handle: RequestHandle, index: int) -> str:
-        return handle.request_id if handle.n == 1 else f"{handle.request_id}#{index}"
-
-    @staticmethod
-    def _resolve(handle: RequestHandle, ack: asyncio.Future, error: BaseException | None) -> None:
-        def settle():
-            if not ack.done():
-                ack.set_exception(error) if error is not None else ack.set_result(None)
+    # ------------------------------------------------------------------ the engine's messages (event loop)
+    def _on_readable(self) -> None:
         try:
-            handle.loop.call_soon_threadsafe(settle)
-        except RuntimeError:          # the event loop is gone (shutdown)
-            pass
+            while self._outputs is not None and self._outputs.poll():
+                msg = self._outputs.recv()
+                if msg[0] == "step":
+                    self._on_step(msg[1], msg[2], msg[3])
+                elif msg[0] == "dead":
+                    log.error("the engine crashed:\n%s", msg[2])
+                    self._fail(rebuild_error(msg[1]))
+        except (EOFError, OSError):
+            self._fail(None)
 
-    def _dispatch(self, outs: list[RequestOutput]) -> None:
-        """Engine thread, after a step: grammar matchers and finished requests; then hand the deltas over."""
+    def _on_step(self, acks: list, deltas: list, stats: tuple) -> None:
         now = time.perf_counter()
-        ready: list[tuple[RequestHandle, RequestOutput]] = []
-        for out in outs:
-            handle = self._handles.get(out.request_id)
+        for rid, err in acks:
+            fut = self._acks.pop(rid, None)
+            if err is not None:
+                handle = self._handles.pop(rid, None)
+                if handle is not None:
+                    self._active -= handle.n
+            if fut is not None and not fut.done():
+                fut.set_exception(rebuild_error(err)) if err is not None else fut.set_result(None)
+        met = self.metrics
+        tokens = 0
+        for rid, finished, choices, mx in deltas:
+            handle = self._handles.get(rid)
             if handle is None:
                 continue
-            if self.masking is not None:
-                for o in out.outputs:
-                    m = self.masking.matchers.get(self._child_id(handle, o.index))
-                    if m is not None and o.token_ids and not m.is_stopped():
-                        m.consume_tokens(list(o.token_ids))
-            if out.finished:
-                self._handles.pop(out.request_id, None)
-                if self.masking is not None:
-                    for i in range(handle.n):
-                        self.masking.matchers.pop(self._child_id(handle, i), None)
-                with self._lock:
-                    self._active -= handle.n
-            ready.append((handle, out))
-        self._deliver_many(ready, now, self.metrics)
-
-    @staticmethod
-    def _deliver_many(ready: list, now: float, met) -> None:
-        """One wake-up of each event loop per step (not one per request): fewer self-pipe writes and GIL trips.
-        The event loop then records the metrics and fills the handles' queues."""
-        by_loop: dict[Any, list] = {}
-        for handle, item in ready:
-            by_loop.setdefault(handle.loop, []).append((handle, item))
-
-        def put_all(pairs):
+            out = RequestOutput(rid, None, [], [CompletionOutput(*c) for c in choices], finished, mx)
+            if finished:
+                del self._handles[rid]
+                self._active -= handle.n
+            if met is not None:
+                try:
+                    tokens += _observe(met, handle, out, now)
+                except Exception:                 # a metrics bug must not stall the streams
+                    log.exception("recording metrics failed")
+            handle.queue.put_nowait(out)
+        if met is not None:
             try:
-                if met is not None:
-                    tokens = sum(_observe(met, handle, out, now) for handle, out in pairs)
-                    if tokens:
-                        met.m(met.generation_tokens).inc(tokens)
-            except Exception:                   # a metrics bug must not stall the streams
+                if tokens:
+                    met.m(met.generation_tokens).inc(tokens)
+                met.on_stats(stats)
+            except Exception:
                 log.exception("recording metrics failed")
-            for handle, out in pairs:
-                handle.queue.put_nowait(out)
 
-        for loop, pairs in by_loop.items():
-            try:
-                loop.call_soon_threadsafe(put_all, pairs)
-            except RuntimeError:
-                pass
-
-    @staticmethod
-    def _deliver(handle: RequestHandle, item) -> None:
-        try:
-            handle.loop.call_soon_threadsafe(handle.queue.put_nowait, item)
-        except RuntimeError:
-            pass
-
-    def _stop(self) -> None:
-        for gid in list(self._handles):
-            self.engine.abort_request(gid)
-        while self.engine.has_unfinished_requests():
-            self._dispatch(self.engine.step())
+    def _fail(self, error: BaseException | None) -> None:
+        """The engine process is gone: end every stream with EngineDead and refuse new requests."""
+        self._detach()
+        if self._stopping and error is None:
+            return
+        code = self._proc.exitcode if self._proc is not None else None
+        if error is None:
+            self._proc.join(1)
+            code = self._proc.exitcode
+            log.error("the engine process exited (status %s)", code)
+        self.error = EngineDead(f"the engine stopped: {error}" if error is not None else
+                                f"the engine process exited (status {code})")
+        for fut in self._acks.values():
+            if not fut.done():
+                fut.set_exception(self.error)
+        for h in self._handles.values():
+            h.queue.put_nowait(self.error)
+        self._acks.clear()
         self._handles.clear()
+        self._active = 0
+
+    def _detach(self) -> None:
+        if self._outputs is not None:
+            if self._loop is not None:
+                self._loop.remove_reader(self._outputs.fileno())
+            self._outputs.close()
+            self._outputs = None
 
 
 def _observe(met, handle: RequestHandle, out: RequestOutput, now: float) -> int:
-    """Latency metrics of one delta and, when it ends its request, the request's counters (`now`: when the engine
-    produced it) -> its number of new tokens (counted once per step by the caller)."""
+    """Latency metrics of one delta and, when it ends its request, the request's counters (`now`: when the step's
+    message arrived) -> its number of new tokens (counted once per step by the caller)."""
     n_tokens = 0
     for o in out.outputs:
         if o.token_ids:
@@ -305,7 +315,7 @@ def _observe(met, handle: RequestHandle, out: RequestOutput, now: float) -> int:
                 met.m(met.itl).observe((now - last) / len(o.token_ids))
             handle.last_token[o.index] = now
     if out.finished:
-        met.m(met.prompt_tokens).inc(len(out.prompt_token_ids))
+        met.m(met.prompt_tokens).inc(handle.num_prompt_tokens)
         met.m(met.e2e).observe(now - handle.arrival)
         for o in out.outputs:
             met.m(met.success, finished_reason=o.finish_reason or "abort").inc()

@@ -1,9 +1,9 @@
 """Prometheus metrics for /metrics, with vLLM's names under the `mimoflash:` prefix.
 
 A dashboard built for vLLM maps one to one: `vllm:num_requests_running` is `mimoflash:num_requests_running`, and so
-on. Each app has its own `CollectorRegistry` (tests build several apps in one process). The engine thread updates
-the gauges after every step and the token/latency figures as outputs arrive; the HTTP layer adds what only it
-knows (reasoning tokens, cost, rejected requests).
+on. Each app has its own `CollectorRegistry` (tests build several apps in one process). The engine process sends
+the gauges' figures with every step's message and the server records them, with the token/latency figures, as the
+message arrives; the HTTP layer adds what only it knows (reasoning tokens, cost, rejected requests).
 """
 
 from __future__ import annotations
@@ -48,26 +48,26 @@ class ServerMetrics:
         self._children: dict = {}
 
     def m(self, metric, **labels):
-        """The child of `metric` for this model (and `labels`), cached: the engine thread calls this per token."""
+        """The child of `metric` for this model (and `labels`), cached: called per token."""
         key = (id(metric), tuple(sorted(labels.items())))
         child = self._children.get(key)
         if child is None:
             child = self._children[key] = metric.labels(model_name=self.model, **labels)
         return child
 
-    def on_step(self, engine) -> None:
-        """Gauges from the engine's state; called by the engine thread after each step."""
-        sched, kv = engine.scheduler, engine.kv
-        self.m(self.running).set(len(sched.running))
-        self.m(self.waiting).set(len(sched.waiting))
-        lay = kv.layout
-        if lay.num_blocks:
-            self.m(self.kv_usage, pool="global_blocks").set(1 - kv.num_free_blocks / lay.num_blocks)
-        if lay.num_rings:
-            self.m(self.kv_usage, pool="swa_rings").set(1 - kv.num_free_rings / lay.num_rings)
-        if sched.num_preemptions > self._preempt_seen:
-            self.m(self.preemptions).inc(sched.num_preemptions - self._preempt_seen)
-            self._preempt_seen = sched.num_preemptions
+    def on_stats(self, stats: tuple) -> None:
+        """Gauges from the engine's figures after a step (engine_core.step_stats: running, waiting, KV blocks and
+        rings in use, preemptions so far)."""
+        running, waiting, blocks, rings, preemptions = stats
+        self.m(self.running).set(running)
+        self.m(self.waiting).set(waiting)
+        if blocks is not None:
+            self.m(self.kv_usage, pool="global_blocks").set(blocks)
+        if rings is not None:
+            self.m(self.kv_usage, pool="swa_rings").set(rings)
+        if preemptions > self._preempt_seen:
+            self.m(self.preemptions).inc(preemptions - self._preempt_seen)
+            self._preempt_seen = preemptions
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -8,7 +8,6 @@ import re
 import time
 from dataclasses import dataclass
 
-from ..engine.cli import context_limit
 from ..engine.sampling import SamplingParams
 from .engine_loop import EngineDead, EngineLoop, QueueFull
 from .errors import APIError
@@ -28,16 +27,17 @@ class ServerConfig:
 
 
 class ServerState:
-    def __init__(self, llm, cfg: ServerConfig, max_waiting: int):
-        self.llm, self.cfg = llm, cfg
-        self.metrics = ServerMetrics(self.cfg.served_model_name)
-        self.engine_loop = EngineLoop(llm, max_waiting=max_waiting, metrics=self.metrics)
-        self.tok = llm.tokenizer
-        self.max_model_len = context_limit(llm)        # max_model_len, or less where the KV cache holds fewer
+    def __init__(self, engine_loop: EngineLoop, tokenizer, cfg: ServerConfig):
+        """`engine_loop`: started (its `info` describes the loaded engine); `tokenizer`: the model's, or None."""
+        self.cfg, self.engine_loop, self.tok = cfg, engine_loop, tokenizer
+        self.info = info = engine_loop.info
+        self.metrics = engine_loop.metrics = ServerMetrics(self.cfg.served_model_name)
+        self.max_model_len = info.max_model_len        # max_model_len, or less where the KV cache holds fewer
+        self.vocab_size = info.vocab_size
         self.compiler = None
         from . import grammar
         if self.tok is not None and grammar.available():
-            self.compiler = grammar.GrammarCompiler(self.tok, llm.model.config.vocab_size, llm.engine.eos_token_ids)
+            self.compiler = grammar.GrammarCompiler(self.tok, info.vocab_size, info.eos_token_ids)
         self.created = int(time.time())
 
     def check_model(self, name: str) -> None:
@@ -75,9 +75,9 @@ class ServerState:
             field_ = re.match(r"SamplingParams\.(\w+)", str(e))
             raise APIError(400, str(e), field_.group(1) if field_ else None)
 
-    async def submit(self, ids: list[int], params: SamplingParams, prompt: str | None, matchers=None):
+    async def submit(self, ids: list[int], params: SamplingParams, prompt: str | None, grammars=None):
         try:
-            return await self.engine_loop.add(ids, params, prompt=prompt, matchers=matchers)
+            return await self.engine_loop.add(ids, params, prompt=prompt, grammars=grammars)
         except QueueFull as e:
             self.metrics.m(self.metrics.rejected, reason="queue_full").inc()
             raise APIError(429, str(e), None, code="queue_full")
