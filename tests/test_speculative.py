@@ -418,8 +418,85 @@ def test_config_errors_are_clear():
 
 def _steady(a: AdaptiveDepth, depth: int, sequences: int, seconds: float) -> None:
     a.depth, a.sequences = depth, sequences
-    a.prev = depth
+    a.run = AdaptiveDepth.SETTLE + 1
     a.record_step(seconds)
+
+
+def _simulate(a: AdaptiveDepth, cost: list[float], accept: list[float], sequences: int, steps: int,
+              seed: int = 0) -> list[int]:
+    """Drives `a` as the engine does, on synthetic measurements: each step chooses a depth (or is idle), its drafts
+    are judged (draft j + 1 kept with probability accept[j] after draft j was), and the step's cost is recorded:
+    cost[k] seconds at depth k, +-1% jitter, and 30% more on the first step at a new depth (the MTP rings'
+    catch-up). -> the depth of every step."""
+    rnd = random.Random(seed)
+    out = []
+    for _ in range(steps):
+        if a.idle(sequences, margin=3):
+            out.append(0)
+            continue
+        k = a.choose([3] * sequences, 0)[0]
+        for _ in range(sequences if k else 0):
+            n = 0
+            while n < k and rnd.random() < accept[n]:
+                n += 1
+            a.record_acceptance(k, n)
+        a.record_step(cost[k] * (1.3 if a.run == 1 else 1.0) * (1 + 0.02 * (rnd.random() - 0.5)))
+        out.append(k)
+    return out
+
+
+# Costs of a whole engine step (ms) and acceptance by draft position measured on the shipped model (1 thread, greedy,
+# 1024-token draft vocabulary): alone one draft gains a few percent and deeper drafting less; with 8 or 16 sequences
+# every depth > 0 loses (a step at depth 1 costs ~2.25x a plain one for 1.9x the tokens).
+_ACCEPT = [0.89, 0.80, 0.84]
+_COSTS = {1: [0.80, 1.40, 1.95, 2.55], 8: [2.73, 6.15, 8.0, 10.0], 16: [4.6, 8.8, 12.0, 15.0]}
+
+
+def test_adaptive_depth_picks_one_draft_alone():
+    """Alone, one draft pays (1.89 tokens for 1.75x the cost of a plain step: +8% tokens per second) and deeper
+    drafts pay less: adaptive settles on depth 1 and stays there between its trials of depths 0 and 2."""
+    a = AdaptiveDepth(3)
+    depths = _simulate(a, _COSTS[1], _ACCEPT, 1, 1200)
+    assert a.last_best == 1
+    settled = depths[100:]
+    assert settled.count(1) >= 0.95 * len(settled), {k: settled.count(k) for k in range(4)}
+    assert {0, 2} <= set(settled)                           # it keeps checking its neighbours
+    assert a.accept[0] == pytest.approx(0.89, abs=0.08)
+
+
+@pytest.mark.parametrize("sequences, backoff", [(8, 4), (16, 2)])
+def test_adaptive_depth_stops_drafting_where_it_loses(sequences, backoff):
+    """With 8 or 16 sequences drafting loses (by ~15% / ~3%): adaptive settles on depth 0 after measuring depths 0
+    and 1, and its trials back off, 4x per trial where the loss is large (8), else 2x: over 4000 steps at most 16
+    steps (8) / 20 steps (16) after the first measurement run drafts."""
+    a = AdaptiveDepth(3)
+    depths = _simulate(a, _COSTS[sequences], _ACCEPT, sequences, 4000)
+    assert a.last_best == 0
+    drafting = sum(1 for k in depths[20:] if k)
+    assert drafting <= (12 if backoff == 4 else 20), drafting
+    assert a.interval == 2 * a.explore * backoff ** (5 if backoff == 2 else 3)     # 3 or 5 trials after the first
+
+
+def test_adaptive_depth_hysteresis_and_settled_costs():
+    """The choice moves only for a predicted gain of MARGIN, in both directions (two near-equal depths do not
+    alternate), and the first SETTLE steps at a depth (catch-up) are not recorded."""
+    a = AdaptiveDepth(1, explore=0)
+    for _ in range(20):
+        a.record_acceptance(1, 1)                           # a_1 close to 1: depth 1 yields ~2 tokens
+    a.choose([1], 0)
+    a.record_step(5.0)                                      # the first step at a depth: not recorded
+    assert a.step_time == {}
+    _steady(a, 0, 1, 1.0)
+    e1 = a.expected_tokens(1)
+    _steady(a, 1, 1, 2.0)
+    assert a.step_time == {0: {1: 1.0}, 1: {1: 2.0}}
+    a.hold, a.last_best = 0, 0
+    for gain, depth in [(1 + AdaptiveDepth.MARGIN / 2, 0),  # depth 1 predicted 1% faster: stays at 0
+                        (1 + 2 * AdaptiveDepth.MARGIN, 1),  # 4% faster: moves
+                        (1 - AdaptiveDepth.MARGIN / 2, 1),  # 1% slower: stays at 1
+                        (1 - 2 * AdaptiveDepth.MARGIN, 0)]:
+        a.step_time[1][1] = e1 / gain
+        assert a.choose([1], 0) == [depth], gain
 
 
 def test_adaptive_depth_follows_cost_and_acceptance():

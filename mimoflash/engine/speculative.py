@@ -142,47 +142,63 @@ class _State:
 
 
 class AdaptiveDepth:
-    """Chooses the step's draft depth from measurements (no fixed thresholds).
+    """Chooses the step's draft depth from measurements (no fixed thresholds on batch size or acceptance).
 
-    Expected tokens of a verify step with depth k: E(k) = 1 + sum_{j<=k} prod_{i<=j} a_i, a_i the running
-    (exponentially weighted) acceptance rate of draft i given draft i-1 was accepted. Its cost: the measured time of
-    a whole engine step (forward, verification, bookkeeping and the draft passes at its end) in process CPU time (on
-    a shared machine wall time mostly measures the other jobs), per depth and number of sequences in the step (the
-    median of the last 9, so that spikes do not steer it), recorded only in a steady state (the step verified drafts
-    of the depth it drafts again: a change of depth costs the MTP rings a catch-up that a steady state does not
-    pay). Per depth, because a step's cost is not a function of its rows alone: the draft passes cost per drafting
-    sequence and per depth, and the verify rows of one sequence share its cache reads. For an unmeasured number of
-    sequences, a depth is interpolated linearly between measured ones; outside them, a depth > 0 keeps its ratio to
+    Expected tokens of a verify step with depth k: E(k) = 1 + sum_{j<=k} prod_{i<=j} a_i, a_i the acceptance rate
+    of draft i given draft i-1 was accepted, counted (with exponential forgetting, so it follows the text) from a
+    prior of one half-accepted draft: a few verified drafts already outweigh the prior. Its cost: the measured time
+    of a whole engine step (forward, verification, bookkeeping and the draft passes at its end) in process CPU time
+    (on a shared machine wall time mostly measures the other jobs), per depth and number of sequences in the step,
+    the median of the last 9. Only settled steps are recorded: the first SETTLE steps at a depth are not (the MTP
+    rings' catch-up after a change of depth, and on this machine caches still holding the other depth's working set,
+    made a trial's steps cost ~15% more than the same depth's steady steps). Per depth, because a step's cost is not
+    a function of its rows alone: the draft passes cost per drafting sequence and per depth. For an unmeasured number
+    of sequences a depth is interpolated linearly between measured ones; outside them a depth > 0 keeps its ratio to
     depth 0 at the nearest measured one (a line through two noisy, close batch sizes, extrapolated, can make a deep
-    depth look cheaper than none), and no depth is estimated cheaper than the one below it. Until depths 0 and 1
-    (the cheapest two) are measured each is held for a few steps; a batch that shrinks or grows later is estimated,
-    not measured again. Then the depth maximising sum_r E_r(k) / cost is taken, going deeper than the current choice
-    only for a gain of 20% or more (a change of depth costs a catch-up the table does not see, and the timings are
-    noisy). A neighbouring depth is tried now and then (held for two steps) so that the table follows the machine;
-    each trial that does not change the choice doubles the wait before the next (32 steps, up to 2048; the first
-    measurement counts as a trial, so the first wait is 64), so where drafting does not pay (large batches) the
-    trials cost little."""
+    depth look cheaper than none), and no depth is estimated cheaper than the one below it.
 
-    HOLD = 2                                          # steps a tried depth is kept (the first is a transition)
-    GAIN = 1.2                                        # a deeper choice must promise 20% more tokens per second
+    The decision: until depths 0 and 1 (the cheapest two) are measured, each is held for HOLD steps; then the depth
+    maximising sum_r E_r(k) / cost(k) is taken, but the current choice is left only for a predicted gain of MARGIN
+    (a change of depth costs a catch-up the table does not see; both directions, so two near-equal depths do not
+    alternate). A neighbouring depth is tried now and then (held for HOLD steps) so that the table follows the
+    machine; a trial that does not change the choice multiplies the wait before the next (from 2 * explore steps)
+    by 2, or by 4 when the tried depth was predicted FAR below the choice (large batches, where every trial also
+    puts the sequences out of step with each other), up to 256 * explore steps."""
 
-    def __init__(self, max_depth: int, decay: float = 0.05, explore: int = 32, prior: float = 0.6):
+    HOLD = 4                                          # steps a measured or tried depth is kept, at least ...
+    JUDGED = 16                                       # ... until this many verifications judged its drafts
+    SETTLE = 2                                        # the first steps at a depth are not recorded
+    MARGIN = 0.02                                     # predicted gain needed to change the choice
+    FAR = 0.85                                        # a trial predicted below this share of the best backs off 4x
+    PRIOR = 1.0                                       # pseudo-count of the acceptance prior (one draft, a = 0.5)
+
+    def __init__(self, max_depth: int, decay: float = 0.02, explore: int = 32):
         self.max_depth, self.decay, self.explore = max_depth, decay, explore
-        self.accept = [prior] * max_depth             # a_i, conditional acceptance of draft i + 1
+        self.hits = [0.0] * max_depth                 # forgotten exponentially: a_i follows the recent text
+        self.judged = [0.0] * max_depth
         self.step_time: dict[int, dict[int, float]] = {}   # depth -> sequences -> seconds (median of recent ones)
         self._recent: dict[tuple[int, int], list[float]] = {}
         self.steps = 0
-        self.interval = explore
-        self.next_trial = explore
+        self.interval = 2 * explore
+        self.next_trial = 2 * explore
         self.last_best: int | None = None
         self.depth: int | None = None                 # chosen this step
-        self.prev: int | None = None                  # chosen the step before (its drafts were verified now)
+        self.run = 0                                  # consecutive steps at this depth, this one included
         self.sequences = 0                            # sequences in this step (drafting or not)
         self.hold = 0
+        self.need = 0                                 # verifications still wanted before a held depth is judged
+        self.up = False                               # the direction of the last trial
+        self.cap = 0                                  # steps a held depth may still wait for its verifications
+        self.trial: tuple[int, float] | None = None   # the depth tried and its predicted share of the best rate
+
+    @property
+    def accept(self) -> list[float]:
+        """a_i, the conditional acceptance rate of draft i + 1."""
+        return [(h + 0.5 * self.PRIOR) / (n + self.PRIOR) for h, n in zip(self.hits, self.judged)]
 
     def record_step(self, seconds: float) -> None:
-        """The cost of the step whose depth `choose` just picked (counted only in a steady state)."""
-        if self.depth is None or self.depth != self.prev:
+        """The cost of the step whose depth `choose` just picked (counted only once the depth has settled)."""
+        if self.depth is None or self.run <= self.SETTLE:
             return
         recent = self._recent.setdefault((self.depth, self.sequences), [])
         recent.append(seconds)
@@ -190,14 +206,16 @@ class AdaptiveDepth:
         self.step_time.setdefault(self.depth, {})[self.sequences] = sorted(recent)[len(recent) // 2]
 
     def record_acceptance(self, proposed: int, accepted: int) -> None:
+        keep = 1.0 - self.decay
+        self.need -= 1
         for j in range(min(proposed, accepted + 1)):        # draft j+1 was judged only if drafts 1..j were accepted
-            hit = 1.0 if j < accepted else 0.0
-            self.accept[j] += self.decay * (hit - self.accept[j])
+            self.hits[j] = keep * self.hits[j] + (1.0 if j < accepted else 0.0)
+            self.judged[j] = keep * self.judged[j] + 1.0
 
     def expected_tokens(self, k: int) -> float:
         e, run = 1.0, 1.0
-        for j in range(k):
-            run *= self.accept[j]
+        for a in self.accept[:k]:
+            run *= a
             e += run
         return e
 
@@ -215,7 +233,7 @@ class AdaptiveDepth:
         return table[lo] + (table[hi] - table[lo]) * (x - lo) / (hi - lo)
 
     def cost(self, depth: int, sequences: int) -> float | None:
-        """Estimated seconds of a steady step at `depth` with `sequences` sequences (None: depth never measured).
+        """Estimated seconds of a settled step at `depth` with `sequences` sequences (None: depth never measured).
         Between two measured batch sizes: linear. Outside a deeper depth's measured range: its ratio to depth 0 at
         the nearest measured size carries over (a straight line through two noisy, close points, extrapolated, can
         make a deep depth look cheaper than no drafts at all). A step never costs less than one with fewer drafts."""
@@ -236,6 +254,16 @@ class AdaptiveDepth:
                 est = max(est, shallower)
         return est
 
+    def rates(self, caps: list[int], sequences: int) -> dict[int, float]:
+        """Predicted tokens per second of each measured depth up to max(caps), for drafting requests with these
+        caps in a step of `sequences` sequences."""
+        out = {}
+        for k in range(max(caps, default=0) + 1):
+            cost = self.cost(k, sequences)
+            if cost is not None and cost > 0:
+                out[k] = sum(self.expected_tokens(min(k, c)) for c in caps) / cost
+        return out
+
     def idle(self, sequences: int, margin: int) -> bool:
         """A step that is sure to draft nothing, with no trial within `margin` steps: counted and True (the caller
         then does nothing on the MTP side). Only once depth 0 is the settled choice for this many sequences."""
@@ -243,46 +271,57 @@ class AdaptiveDepth:
                 or (self.explore and self.next_trial - self.steps <= margin)):
             return False
         self.steps += 1
-        self.prev = 0
+        self.run += 1
         return True
 
     def choose(self, caps: list[int], other_rows: int) -> list[int]:
         """caps: each drafting request's own limit; other_rows: rows of the step that are not theirs -> depths."""
         self.steps += 1
-        self.prev = self.depth
+        prev = self.depth
         self.sequences = other_rows + len(caps)
         top = max(caps, default=0)
         self.depth = self._pick(caps, top) if top else 0
+        self.run = self.run + 1 if self.depth == prev else 1
         return [min(self.depth, c) for c in caps]
 
     def _pick(self, caps: list[int], top: int) -> int:
-        if self.hold > 0 and self.depth is not None and self.depth <= top:
-            self.hold -= 1
+        if (self.hold > 0 or (self.need > 0 and self.depth and self.cap > 0)) and self.depth is not None \
+                and self.depth <= top:
+            self.hold, self.cap = max(0, self.hold - 1), self.cap - 1
             return self.depth
-        if 0 not in self.step_time or 1 not in self.step_time:   # measure depths 0 and 1 first (the cheapest two)
-            self.hold = self.HOLD - 1
-            return 0 if 0 not in self.step_time else 1
-        rate = {}
-        for k in range(top + 1):
-            cost = self.cost(k, self.sequences)
-            if cost is not None and cost > 0:
-                rate[k] = sum(self.expected_tokens(min(k, c)) for c in caps) / cost
+        for k in (0, 1):                              # measure depths 0 and 1 first (the cheapest two)
+            if k not in self.step_time:
+                if self.depth != k:
+                    self._hold(k)
+                return k
+        rate = self.rates(caps, self.sequences)
         best = max(rate, key=rate.__getitem__)
         cur = self.last_best if self.last_best in rate else 0
-        if best > cur and rate[best] < self.GAIN * rate[cur]:      # deeper only for a clear gain: a change of
-            best = cur                                              # depth costs a catch-up, timings are noisy
-        if self.last_best is None:                      # the first choice: the measurement of depths 0 and 1
-            self.interval = 2 * self.explore            # counts as its first trial (a cold engine pays fewer)
-            self.next_trial = self.steps + self.interval
-        elif best != self.last_best:                    # the choice moved: watch it closely again
-            self.interval, self.next_trial = self.explore, self.steps + self.explore
+        if best != cur and rate[best] < (1 + self.MARGIN) * rate[cur]:
+            best = cur                                # a change of depth costs a catch-up; timings are noisy
+        if self.trial is not None:                    # a trial just ended
+            tried, share = self.trial
+            self.trial = None
+            if best == self.last_best:               # it did not change the choice: wait longer
+                self.interval = min(self.interval * (4 if share < self.FAR else 2), 256 * self.explore)
+                self.next_trial = self.steps + self.interval
+        if self.last_best is not None and best != self.last_best:     # the choice moved: watch it closely again
+            self.interval, self.next_trial = 2 * self.explore, self.steps + 2 * self.explore
         self.last_best = best
         if self.explore and self.steps >= self.next_trial:
-            self.next_trial = self.steps + self.interval
-            self.interval = min(2 * self.interval, 64 * self.explore)
-            self.hold = self.HOLD - 1
-            return best + 1 if best < top and (best == 0 or (self.steps // self.explore) % 2) else best - 1
+            self.up = not self.up                     # deeper and shallower in turn
+            t = best + 1 if best < top and (best == 0 or self.up) else best - 1
+            if t >= 0:
+                self.trial = (t, rate[t] / rate[best] if t in rate else 1.0)    # unmeasured: not known far
+                self.next_trial = self.steps + self.interval     # until the trial's verdict moves it
+                self._hold(t)
+                return t
         return best
+
+    def _hold(self, depth: int) -> None:
+        """Keep `depth` for HOLD steps and, with drafts, until JUDGED verifications judged them (acceptance is
+        measured only while drafting: alone, 4 steps would judge 4 first drafts), at most JUDGED steps."""
+        self.hold, self.need, self.cap = self.HOLD - 1, self.JUDGED if depth else 0, self.JUDGED - 1
 
 
 class MTPDrafter:
