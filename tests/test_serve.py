@@ -83,6 +83,27 @@ class ServerProcess:
         return self.proc.returncode, out
 
 
+def engine_pid(server_pid: int) -> int:
+    """The pid of a server's engine process: its child started by multiprocessing's spawn."""
+    for child in open(f"/proc/{server_pid}/task/{server_pid}/children").read().split():
+        if b"spawn_main" in open(f"/proc/{child}/cmdline", "rb").read():
+            return int(child)
+    raise AssertionError(f"server {server_pid} has no engine process")
+
+
+def wait_gone(pid: int, seconds: float) -> bool:
+    """True once process `pid` has exited (or is a zombie) within `seconds`."""
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        try:
+            if open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z":
+                return True
+        except FileNotFoundError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
 @pytest.fixture(scope="module")
 def server():
     s = ServerProcess("--max-num-seqs", "8", "--max-waiting", "64")

@@ -1,10 +1,13 @@
-"""Server operations: API key, 429 on a full queue, SIGTERM with requests in flight, and a bounded loopback load test
-(32 concurrent streaming clients): every request completes or gets 429, caches back to empty, memory stable."""
+"""Server operations: API key, 429 on a full queue, SIGTERM with requests in flight, the engine process (its loop
+in-process, its death under a live server), and a bounded loopback load test (32 concurrent streaming clients):
+every request completes or gets 429, caches back to empty, memory stable."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import multiprocessing
+import os
 import signal
 import threading
 import time
@@ -15,7 +18,7 @@ import pytest
 openai = pytest.importorskip("openai", reason="the serve tests need the dev extra (pip install -e '.[dev]')")
 httpx = pytest.importorskip("httpx")
 
-from test_serve import MODEL, USER, ServerProcess  # noqa: E402
+from test_serve import MODEL, USER, ServerProcess, engine_pid, wait_gone  # noqa: E402
 
 
 def _rss_kb(pid: int) -> int:
@@ -28,6 +31,7 @@ def _rss_kb(pid: int) -> int:
 def test_api_key_queue_full_and_sigterm():
     s = ServerProcess("--api-key", "s3cret", "--max-num-seqs", "1", "--max-waiting", "1", "--graceful-timeout", "2")
     try:
+        engine = engine_pid(s.proc.pid)
         assert httpx.get(s.url + "/health").status_code == 200              # health needs no key
         r = httpx.get(s.url + "/v1/models")
         assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
@@ -69,12 +73,100 @@ def test_api_key_queue_full_and_sigterm():
             t.join(10)
         assert code == 0, out
         assert time.time() - t0 < 20
+        assert wait_gone(engine, 5)                                 # the engine process stopped with it
         assert "Application shutdown complete" in out and "Traceback" not in out
         for i in range(2):                  # the running one ended with finish_reason "abort"; both end in [DONE]
             assert got[i] and got[i][-2:] == ["data: [DONE]", ""] or got[i][-1] == "data: [DONE]", got[i][-3:]
         reasons = [c["finish_reason"] for ln in got[0] + got[1] if ln.startswith("data: {")
                    for c in json.loads(ln[6:])["choices"]]
         assert "abort" in reasons
+    finally:
+        s.stop(signal.SIGKILL)
+
+
+def _messages(conn, want, timeout: float = 60.0):
+    """Read the engine's messages until `want(msg)` is true -> that message."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if conn.poll(0.5):
+            msg = conn.recv()
+            if want(msg):
+                return msg
+    raise AssertionError("the engine did not send the expected message")
+
+
+def test_engine_core_acks_streams_aborts_and_stops_when_the_server_goes():
+    """The engine process's loop (run here in a thread, on real pipes): an add the engine refuses is acknowledged
+    with its ValueError; a greedy request's deltas, per step, give the tokens LLM.generate gives; an abort frees its
+    KV blocks and ring at once and ends it with finish_reason "abort"; EOF on the command pipe (the server process
+    is gone) ends the loop."""
+    from mimoflash import LLM, SamplingParams, default_model
+    from mimoflash.serve.engine_core import EngineCore, rebuild_error
+
+    llm = LLM(default_model(), max_num_seqs=2, progress=False)
+    ids = llm.tokenizer.encode("def fibonacci(n):")
+    ref = llm.generate({"prompt_token_ids": ids}, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True),
+                       use_tqdm=False)[0].outputs[0].token_ids
+    cmd_recv, cmd_send = multiprocessing.Pipe(duplex=False)
+    out_recv, out_send = multiprocessing.Pipe(duplex=False)
+    core = EngineCore(llm, out_send)
+    loop = threading.Thread(target=core.run, args=(cmd_recv,), daemon=True)
+    loop.start()
+    try:
+        cmd_send.send(("add", "bad", [], SamplingParams(max_tokens=2), None, None))
+        msg = _messages(out_recv, lambda m: m[0] == "step" and m[1])
+        (rid, err), = msg[1]
+        assert rid == "bad" and isinstance(rebuild_error(err), ValueError) and "empty prompt" in err[1]
+
+        cmd_send.send(("add", "a", ids, SamplingParams(temperature=0, max_tokens=3000, ignore_eos=True), None, None))
+        msg = _messages(out_recv, lambda m: m[0] == "step" and m[1])
+        assert msg[1] == [("a", None)]                         # acknowledged in the message of its first step
+        tokens, deltas, stats = [], msg[2], msg[3]
+        while len(tokens) < 8:
+            if not deltas:
+                _, _, deltas, stats = _messages(out_recv, lambda m: m[0] == "step" and m[2])
+            (rid, finished, choices, _), = deltas
+            deltas = None
+            assert rid == "a" and not finished and len(choices) == 1
+            tokens += choices[0][2]                  # (index, text, token ids, ...): one or more tokens a step
+        assert tokens[:8] == list(ref)
+        running, waiting, blocks, rings, _ = stats
+        assert running == 1 and waiting == 0 and blocks > 0 and rings > 0
+
+        cmd_send.send(("abort", "a"))
+        msg = _messages(out_recv, lambda m: m[0] == "step" and any(d[1] for d in m[2]))
+        (rid, finished, choices, _), = [d for d in msg[2] if d[1]]
+        assert rid == "a" and choices[0][3] == "abort"
+        assert msg[3][:4] == (0, 0, 0.0, 0.0)                 # nothing running, every block and ring free
+        assert llm.engine.kv.num_free_blocks == llm.engine.kv.layout.num_blocks
+    finally:
+        cmd_send.close()                                       # as when the server process dies
+        loop.join(30)
+    assert not loop.is_alive()
+
+
+def test_engine_process_death_ends_streams_and_answers_503():
+    """The engine process killed under a live server: the open stream ends with an error event, /health and new
+    requests answer 503 with OpenAI's error object, and the server still shuts down cleanly on SIGTERM."""
+    s = ServerProcess("--graceful-timeout", "2")
+    try:
+        engine = engine_pid(s.proc.pid)
+        body = {"model": MODEL, "messages": USER, "max_tokens": 3000, "stream": True, "ignore_eos": True}
+        with httpx.stream("POST", s.url + "/v1/chat/completions", json=body, timeout=60) as r:
+            lines = r.iter_lines()
+            got = [next(lines) for _ in range(6)]
+            os.kill(engine, signal.SIGKILL)
+            got += list(lines)
+        events = [json.loads(ln[6:]) for ln in got if ln.startswith("data: {")]
+        assert events[-1]["error"]["type"] == "service_unavailable" and "engine" in events[-1]["error"]["message"]
+        assert any(e.get("choices") for e in events[:-1])
+        h = httpx.get(s.url + "/health")
+        assert h.status_code == 503 and "engine" in h.json()["error"]["message"]
+        r = httpx.post(s.url + "/v1/chat/completions", json={"model": MODEL, "messages": USER, "max_tokens": 2})
+        assert r.status_code == 503 and "engine" in r.json()["error"]["message"]
+        code, out = s.stop(signal.SIGTERM)
+        assert code == 0, out
+        assert "Traceback" not in out and "the engine process exited" in out
     finally:
         s.stop(signal.SIGKILL)
 
