@@ -252,6 +252,8 @@ def main(argv=None) -> int:
             mean_k = statistics.mean(r - 1 for r, _ in steps) if steps else k
             drafts = mean_k * by.draft_pass(layers[0], head)
             bound = tps * one / (verify + drafts)
+            if drafter.adaptive is not None:                 # its choice alone (depth 0: it stopped drafting)
+                row["settled_depth"] = drafter.adaptive.best.get(1)
             row.update(tokens_per_verify=round(tps, 3), acceptance=acc, bound=round(bound, 3),
                        of_bound=round(rate / off_rate / bound, 3),
                        experts_per_verify=round(statistics.mean(statistics.mean(ex) for _, ex in steps), 2)
@@ -265,7 +267,8 @@ def main(argv=None) -> int:
     for r in table:
         print(f"{r['variant']:10} {r['decode_tok_s']:8.1f} {r['speedup']:8.3f} {r.get('tokens_per_verify', '-'):>10} "
               f"{r.get('bound', '-'):>6} {r.get('of_bound', '-'):>8} {str(r.get('experts_per_verify', '-')):>13}  "
-              f"{r.get('acceptance', '')}")
+              f"{r.get('acceptance', '')}"
+              + (f" (settled on depth {r['settled_depth']})" if "settled_depth" in r else ""))
 
     out = {"bench": "mtp", "threads": a.threads, "max_tokens": a.max_tokens, "prompts": len(prompts),
            "draft_vocab": [a.draft_vocab, a.draft_vocab_from],
@@ -290,7 +293,7 @@ def main(argv=None) -> int:
                        "ratio": round(statistics.median(y / x for x, y in zip(r_off, r_on)), 3),
                        "cpu_ratio": round(statistics.median(y / x for x, y in zip(c_off, c_on)), 3),
                        "cold_ratio": round(cold[1][0] / cold[0][0], 3), "cold_cpu_ratio": round(cold[1][1] / cold[0][1], 3),
-                       "settled_depth": on.engine.drafter.adaptive.last_best}
+                       "settled_depth": on.engine.drafter.adaptive.best.get(bs)}
             print(f"batch {bs:2d}: off {bat[bs]['off_tok_s']} tok/s, adaptive {bat[bs]['adaptive_tok_s']} tok/s, "
                   f"median paired ratio {bat[bs]['ratio']} (per CPU second: {bat[bs]['cpu_ratio']}); adaptive settled "
                   f"on depth {bat[bs]['settled_depth']}; first (cold) run {bat[bs]['cold_ratio']} (per CPU second: "
@@ -317,7 +320,7 @@ def main(argv=None) -> int:
         for n in tvar:
             if n != "off":
                 temp[n]["tokens_per_verify"] = round(statistics.median(t_tps[n]), 3)
-        temp["adaptive"]["settled_depth"] = tvar["adaptive"].engine.drafter.adaptive.last_best
+        temp["adaptive"]["settled_depth"] = tvar["adaptive"].engine.drafter.adaptive.best.get(1)
         print("temperature 0.7 (seeded), batch 1: " + ", ".join(
             f"{n} {v['decode_tok_s']} tok/s ({v['speedup']}x" + (f", {v['tokens_per_verify']} tokens per verify step)"
                                                                  if "tokens_per_verify" in v else ")")

@@ -146,24 +146,26 @@ class AdaptiveDepth:
 
     Expected tokens of a verify step with depth k: E(k) = 1 + sum_{j<=k} prod_{i<=j} a_i, a_i the acceptance rate
     of draft i given draft i-1 was accepted, counted (with exponential forgetting, so it follows the text) from a
-    prior of one half-accepted draft: a few verified drafts already outweigh the prior. Its cost: the measured time
-    of a whole engine step (forward, verification, bookkeeping and the draft passes at its end) in process CPU time
-    (on a shared machine wall time mostly measures the other jobs), per depth and number of sequences in the step,
-    the median of the last 9. Only settled steps are recorded: the first SETTLE steps at a depth are not (the MTP
-    rings' catch-up after a change of depth, and on this machine caches still holding the other depth's working set,
-    made a trial's steps cost ~15% more than the same depth's steady steps). Per depth, because a step's cost is not
-    a function of its rows alone: the draft passes cost per drafting sequence and per depth. For an unmeasured number
-    of sequences a depth is interpolated linearly between measured ones; outside them a depth > 0 keeps its ratio to
-    depth 0 at the nearest measured one (a line through two noisy, close batch sizes, extrapolated, can make a deep
-    depth look cheaper than none), and no depth is estimated cheaper than the one below it.
+    prior of one half-accepted draft: a few verified drafts outweigh it. Its cost: the measured time of a whole
+    engine step (forward, verification, bookkeeping and the draft passes at its end) in process CPU time (on a
+    shared machine wall time mostly measures the other jobs), per depth and number of sequences, the lower median
+    of the last 9. Only settled steps are recorded: not the first SETTLE steps at a depth and number of sequences
+    (the MTP rings' catch-up after a change of depth, caches still holding the other depth's working set: on the
+    shipped model a trial's steps cost ~15% more than the same depth's steady steps). Per depth, because a step's
+    cost is not a function of its rows alone: the draft passes cost per drafting sequence and per depth. For an
+    unmeasured number of sequences a depth is interpolated linearly between measured ones; outside them a depth > 0
+    keeps its ratio to depth 0 at the nearest measured one (a line through two noisy, close batch sizes,
+    extrapolated, can make a deep depth look cheaper than none), and no depth is estimated cheaper than the one
+    below it.
 
-    The decision: until depths 0 and 1 (the cheapest two) are measured, each is held for HOLD steps; then the depth
-    maximising sum_r E_r(k) / cost(k) is taken, but the current choice is left only for a predicted gain of MARGIN
-    (a change of depth costs a catch-up the table does not see; both directions, so two near-equal depths do not
-    alternate). A neighbouring depth is tried now and then (held for HOLD steps) so that the table follows the
-    machine; a trial that does not change the choice multiplies the wait before the next (from 2 * explore steps)
-    by 2, or by 4 when the tried depth was predicted FAR below the choice (large batches, where every trial also
-    puts the sequences out of step with each other), up to 256 * explore steps."""
+    The decision, per number of sequences: until depths 0 and 1 (the cheapest two) are measured, each is held (HOLD
+    steps, and with drafts until JUDGED verifications judged them); then the depth maximising sum_r E_r(k) / cost(k)
+    is taken, but the current choice is left only for a predicted gain of MARGIN (a change of depth costs a catch-up
+    the table does not see; in both directions, so two near-equal depths do not alternate). A neighbouring depth,
+    deeper and shallower in turn, is tried now and then (held as above) so that the table follows the machine; a
+    trial that does not change the choice multiplies the wait before the next (from 2 * explore steps) by 2, or by
+    4 when the tried depth was predicted more than 1 - FAR slower (large batches, where each trial also puts the
+    sequences out of step with each other), up to 256 * explore steps."""
 
     HOLD = 4                                          # steps a measured or tried depth is kept, at least ...
     JUDGED = 16                                       # ... until this many verifications judged its drafts
@@ -181,9 +183,10 @@ class AdaptiveDepth:
         self.steps = 0
         self.interval = 2 * explore
         self.next_trial = 2 * explore
-        self.last_best: int | None = None
+        self.best: dict[int, int] = {}                # sequences -> the depth chosen (apart from trials)
+        self.last_best: int | None = None             # the choice for this step's number of sequences
         self.depth: int | None = None                 # chosen this step
-        self.run = 0                                  # consecutive steps at this depth, this one included
+        self.run = 0                                  # consecutive steps at this depth and number of sequences
         self.sequences = 0                            # sequences in this step (drafting or not)
         self.hold = 0
         self.need = 0                                 # verifications still wanted before a held depth is judged
@@ -203,7 +206,8 @@ class AdaptiveDepth:
         recent = self._recent.setdefault((self.depth, self.sequences), [])
         recent.append(seconds)
         del recent[:-9]
-        self.step_time.setdefault(self.depth, {})[self.sequences] = sorted(recent)[len(recent) // 2]
+        # the lower median: of two samples the smaller (an engine's first steps at a batch size pay first touches)
+        self.step_time.setdefault(self.depth, {})[self.sequences] = sorted(recent)[(len(recent) - 1) // 2]
 
     def record_acceptance(self, proposed: int, accepted: int) -> None:
         keep = 1.0 - self.decay
@@ -277,11 +281,11 @@ class AdaptiveDepth:
     def choose(self, caps: list[int], other_rows: int) -> list[int]:
         """caps: each drafting request's own limit; other_rows: rows of the step that are not theirs -> depths."""
         self.steps += 1
-        prev = self.depth
+        prev, seqs = self.depth, self.sequences
         self.sequences = other_rows + len(caps)
         top = max(caps, default=0)
         self.depth = self._pick(caps, top) if top else 0
-        self.run = self.run + 1 if self.depth == prev else 1
+        self.run = self.run + 1 if self.depth == prev and self.sequences == seqs else 1
         return [min(self.depth, c) for c in caps]
 
     def _pick(self, caps: list[int], top: int) -> int:
@@ -296,18 +300,19 @@ class AdaptiveDepth:
                 return k
         rate = self.rates(caps, self.sequences)
         best = max(rate, key=rate.__getitem__)
-        cur = self.last_best if self.last_best in rate else 0
+        chosen = self.best.get(self.sequences)
+        cur = chosen if chosen in rate else 0
         if best != cur and rate[best] < (1 + self.MARGIN) * rate[cur]:
             best = cur                                # a change of depth costs a catch-up; timings are noisy
         if self.trial is not None:                    # a trial just ended
             tried, share = self.trial
             self.trial = None
-            if best == self.last_best:               # it did not change the choice: wait longer
+            if best == chosen:                        # it did not change the choice: wait longer
                 self.interval = min(self.interval * (4 if share < self.FAR else 2), 256 * self.explore)
                 self.next_trial = self.steps + self.interval
-        if self.last_best is not None and best != self.last_best:     # the choice moved: watch it closely again
+        if chosen is not None and best != chosen:     # the choice moved: watch it closely again
             self.interval, self.next_trial = 2 * self.explore, self.steps + 2 * self.explore
-        self.last_best = best
+        self.best[self.sequences] = self.last_best = best
         if self.explore and self.steps >= self.next_trial:
             self.up = not self.up                     # deeper and shallower in turn
             t = best + 1 if best < top and (best == 0 or self.up) else best - 1
