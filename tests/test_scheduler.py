@@ -6,7 +6,7 @@ import pytest
 from mimoflash.engine.kv_cache import CacheLayout, KVCacheManager
 from mimoflash.engine.request import Request, RequestStatus
 from mimoflash.engine.sampling import SamplingParams
-from mimoflash.engine.scheduler import Scheduler, SchedulerConfig
+from mimoflash.engine.scheduler import Batch, ScheduledRequest, Scheduler, SchedulerConfig
 
 
 def make(num_blocks=64, num_rings=4, block_size=4, **cfg):
@@ -134,3 +134,40 @@ def test_max_model_len_stops_generation():
     while s.has_unfinished():
         step(s)
     assert r.finish_reason == "length" and r.num_tokens == 10
+
+
+def test_reserve_steps_for_a_multi_step_run():
+    """Only a batch of one-token decodes with nobody waiting gets several steps; their number is cut by max_tokens,
+    max_model_len and the free blocks; `finish_steps` gives back what the steps not run reserved."""
+    s = make(num_blocks=6, max_num_batched_tokens=64, max_model_len=40)   # block_size 4: 24 tokens of cache
+    a, b = req("a", 3, max_tokens=30), req("b", 5, max_tokens=6)
+    s.add(a)
+    assert s.schedule(num_steps=8).num_steps == 1                    # a prefill
+    s.add(b)
+    s.postprocess(Batch([ScheduledRequest(a, 0, 3, True)]), [7])
+    batch = s.schedule(num_steps=8)                                   # b's prefill joins: one step
+    assert batch.num_steps == 1
+    s.postprocess(batch, [7, 7])
+    batch = s.schedule(num_steps=8)                                   # b may take 5 more tokens (max_tokens 6)
+    assert batch.num_steps == 5 and shape(batch) == [("a", 4, 1, True), ("b", 5, 1, True)]
+    assert len(a.block_ids) == 3 and len(b.block_ids) == 3            # a: 4 + 5 = 9 tokens, b: 5 + 5 = 10 tokens
+    got = s.finish_steps(batch, [[7, 7], [0, 7]])                     # step 2: a meets eos; the run ends there
+    assert got == [a, b] and a.finish_reason == "stop" and not a.block_ids
+    assert b.num_computed_tokens == 7 and len(b.block_ids) == 2 and s.kv.num_free_blocks == 4
+    batch = s.schedule(num_steps=8)                                   # b: 3 more tokens to max_tokens
+    assert batch.num_steps == 3
+    s.finish_steps(batch, [[7], [7], [7]])
+    assert b.finish_reason == "length" and len(b.output_token_ids) == 6 and s.kv.num_free_blocks == 6
+
+
+def test_reserve_steps_limited_by_free_blocks_and_waiting():
+    s = make(num_blocks=3, max_num_batched_tokens=64)                  # 12 tokens of cache
+    a = req("a", 5)
+    s.add(a)
+    step(s)
+    batch = s.schedule(num_steps=16)                                  # 5 cached; 12 fit: 7 steps
+    assert batch.num_steps == 7 and s.kv.num_free_blocks == 0
+    s.finish_steps(batch, [[7]])                                      # one step run: blocks back to 2
+    assert len(a.block_ids) == 2 and s.kv.num_free_blocks == 1
+    s.add(req("b", 2))                                                # admitted: its prefill runs, one step
+    assert s.schedule(num_steps=16).num_steps == 1

@@ -66,6 +66,9 @@ def _add_common(ap: argparse.ArgumentParser, max_tokens: int) -> None:
                          "max_position_embeddings in its config.json)")
     ap.add_argument("--threads", type=int, default=None,
                     help="CPU threads for torch and the kernels' pool, >= 1 (default: torch's, usually the core count)")
+    ap.add_argument("--num-scheduler-steps", type=int, default=8, metavar="N",
+                    help="decode up to N tokens per engine step when nothing needs the scheduler in between: the same "
+                         "output, less per-token Python (docs/ENGINE.md); 1 = one token per step")
     ap.add_argument("--mtp", type=int, default=0, metavar="K",
                     help="MTP speculative decoding: the model's MTP layers draft up to K tokens per step that the main "
                          "model verifies (same greedy output, same sampling distribution; docs/MTP.md); 0 = off")
@@ -95,6 +98,8 @@ def _check_common(ap: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     """Flag values argparse cannot check by type alone; refused before the model is loaded."""
     if a.threads is not None and a.threads < 1:
         usage_error(ap, f"--threads must be >= 1, got {a.threads}")
+    if a.num_scheduler_steps < 1:
+        usage_error(ap, f"--num-scheduler-steps must be >= 1, got {a.num_scheduler_steps}")
     if a.max_model_len is not None and a.max_model_len < 2:
         usage_error(ap, f"--max-model-len must be >= 2 (a prompt token and a generated one), got {a.max_model_len}")
     if a.kv_cache_memory is not None and a.kv_cache_memory <= 0:
@@ -134,7 +139,7 @@ def _load(a: argparse.Namespace, max_num_seqs: int = 4, seed: int = 0):
               kv_cache_memory=int(a.kv_cache_memory) if a.kv_cache_memory and a.kv_cache_memory > 1
               else a.kv_cache_memory, max_model_len=a.max_model_len, weight_panels=a.weight_panels,
               huge_pages=a.huge_pages, memory_budget=a.memory_budget, seed=seed, progress=True,
-              tensor_parallel_size=a.tensor_parallel_size,
+              tensor_parallel_size=a.tensor_parallel_size, num_scheduler_steps=a.num_scheduler_steps,
               speculative_config={"method": "mtp", "num_speculative_tokens": a.mtp, "adaptive": a.mtp_adaptive}
               if a.mtp else None)
     print(f"loaded {path} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)

@@ -49,6 +49,12 @@ class EngineConfig:
     huge_pages: bool = False                 # CPU: weights and KV pools on 2 MB pages where the OS allows (hugepages)
     seed: int = 0                            # the shared generator of unseeded requests
     speculative: SpeculativeConfig | dict | None = None   # MTP speculative decoding (engine/speculative.py)
+    num_scheduler_steps: int = 1             # most decode steps per step() call (multi-step decoding, see step())
+
+    def __post_init__(self) -> None:
+        n = self.num_scheduler_steps
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"num_scheduler_steps must be an integer >= 1, got {n!r}")
 
 
 @dataclass
@@ -173,9 +179,11 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """One scheduling step; -> delta outputs of every group that produced text/tokens or finished."""
         t0 = time.process_time()                # CPU time: adaptive depth's step costs (wall time on a busy machine
-        batch = self.scheduler.schedule()       # mostly measures the other jobs)
+        batch = self.scheduler.schedule(self._steps_wanted())   # mostly measures the other jobs)
         changed: set[str] = set()
-        if batch.items:
+        if batch.num_steps > 1:
+            changed.update(req.group_id for req in self._run_steps(batch))
+        elif batch.items:
             logits = self.runner.execute(batch)
             sampled, lps = self._choose_tokens(batch, logits)
 
@@ -194,6 +202,56 @@ class LLMEngine:
         self.scheduler.newly_finished.clear()
         order = {gid: i for i, gid in enumerate(self._groups)}
         return [self._group_output(gid, delta=True) for gid in sorted(changed, key=order.__getitem__)]
+
+    # ------------------------------------------------------------------ multi-step decoding
+    def _steps_wanted(self) -> int:
+        """How many decode steps the next step() may run (the scheduler grants fewer, or one, when the batch or the
+        cache asks for it: Scheduler.reserve_steps). One unless every running request can take several steps without
+        a result that differs from one-step decoding: no MTP (its drafts need the scheduler every step), no
+        tensor-parallel ranks to keep in step (their runner is not a ModelRunner), nobody waiting (it would be
+        admitted next step), no penalties (they read the output tokens, which a run appends only at its end), and no
+        stop strings on a request that samples from the shared generator (a stop string is found after the run, and
+        the draws of that request's later steps would shift every other unseeded request's noise)."""
+        n = self.config.num_scheduler_steps
+        if (n == 1 or self.drafter is not None or not isinstance(self.runner, ModelRunner)
+                or self.scheduler.waiting or not self.scheduler.running):
+            return 1
+        for req in self.scheduler.running:
+            p = req.params
+            if p.needs_penalties or (p.stop and not p.greedy and p.seed is None):
+                return 1
+        return n
+
+    def _run_steps(self, batch) -> list[Request]:
+        """Up to batch.num_steps decode steps in one runner call: each step's tokens sampled exactly as a one-step
+        batch samples them (`sample`, the same rows and generators), fed to the next step, the run ended after the
+        first step in which a request meets eos or a stop token (later steps would compute tokens to throw away);
+        then every step's tokens postprocessed in order (token stops, text, stop strings, logprobs), as one-step
+        decoding would have, and the cache reserved for steps not run given back (Scheduler.finish_steps).
+        -> the requests that received a token."""
+        reqs = [it.request for it in batch.items]
+        rows = [SampleRow(r.params, self._generators[r.request_id], r.prompt_token_ids, r.output_token_ids)
+                for r in reqs]
+        stops = [frozenset(r.params.stop_token_ids).union(() if r.params.ignore_eos else r.eos_token_ids)
+                 for r in reqs]
+        steps: list[list[int]] = []
+        lps: dict[str, list] = {r.request_id: [] for r in reqs if r.params.logprobs is not None}
+
+        def choose(logits: torch.Tensor) -> tuple[list[int], bool]:
+            result = sample(logits, rows, self.generator)
+            toks = result.token_ids
+            steps.append(toks)
+            for r, lp in zip(reqs, result.logprobs):
+                if r.request_id in lps:
+                    lps[r.request_id].append(lp)
+            return toks, any(t in s for t, s in zip(toks, stops))
+
+        self.runner.execute_steps(batch, choose)
+
+        def on_token(req: Request) -> None:
+            self._process_token(req, lps[req.request_id].pop(0) if req.request_id in lps else None)
+
+        return self.scheduler.finish_steps(batch, steps, on_token)
 
     def _choose_tokens(self, batch, logits: torch.Tensor) -> tuple[list, dict]:
         """Tokens of every scheduled item from its logits rows (one row, or k + 1 for a verification) -> (per item:

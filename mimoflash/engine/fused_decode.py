@@ -61,8 +61,11 @@ class FusedDecoder:
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kinds: dict) -> torch.Tensor:
         """B sequences, one token each: input_ids / positions (1, B), kinds = AttnMeta.kinds (DecodeKindMeta per
         kind) -> residual stream (1, B, H) before the final norm, as `MiMoModel.forward` returns it."""
+        return self.layers_forward(input_ids, *self.step_args(positions, kinds, input_ids.shape[1]))
+
+    def layers_forward(self, input_ids: torch.Tensor, per_kind: dict, chosen: list[torch.Tensor]) -> torch.Tensor:
+        """`forward` on arguments `step_args` made (a multi-step run makes every step's before the first)."""
         B = input_ids.shape[1]
-        per_kind, chosen = self.step_args(positions, kinds, B)
         x = kernels.embed_bf16(input_ids.view(-1), self.emb)                         # (B, H) fp32, a fresh tensor
         for (args, sliding, _), ch in zip(self.layers, chosen):
             cos, sin, rows, table, chunk, K, slots, bias = per_kind[sliding]
@@ -70,11 +73,13 @@ class FusedDecoder:
         fp8_layout.account_fused_step(self.layers, chosen)        # FP8 experts: the expert store's statistics
         return x.view(1, B, -1)
 
-    def step_args(self, positions: torch.Tensor, kinds: dict, B: int) -> tuple[dict, list[torch.Tensor]]:
+    def step_args(self, positions: torch.Tensor, kinds: dict, B: int, refresh: bool = True
+                  ) -> tuple[dict, list[torch.Tensor]]:
         """What every layer's call takes besides x, for B rows -> ({sliding: (cos, sin, rope rows, table, chunk, K,
-        slots, bias)}, per-layer (B, top_k) expert-id buffers). Refreshes the panels first. Also used by the
-        tensor-parallel rank's decoder (parallel/fused.py), which calls the layer's two halves instead."""
-        for p in self._panels:          # a weight edited in place since the last step is repacked into its buffer
+        slots, bias)}, per-layer (B, top_k) expert-id buffers). Refreshes the panels first (`refresh`; a multi-step
+        run does it once: nothing edits the weights between its steps). Also used by the tensor-parallel rank's
+        decoder (parallel/fused.py), which calls the layer's two halves instead."""
+        for p in self._panels if refresh else ():    # a weight edited in place is repacked into its buffer
             p.get()
         pos = positions.view(-1)
         top = int(pos.max())

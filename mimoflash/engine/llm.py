@@ -94,7 +94,8 @@ class LLM:
                  seed: int = 0, attention_impl: str = "fast", skip_tokenizer_init: bool = False,
                  kv_cache_dtype: str | torch.dtype = "auto", weight_panels: bool = True, huge_pages: bool = False,
                  progress: bool = True, memory_budget: int | str | None = None,
-                 speculative_config: dict | SpeculativeConfig | None = None, tensor_parallel_size: int = 1):
+                 speculative_config: dict | SpeculativeConfig | None = None, tensor_parallel_size: int = 1,
+                 num_scheduler_steps: int = 8):
         self._parallel = None
         if tensor_parallel_size != 1:           # this rank's shard; workers started or joined (parallel/group.py)
             from ..parallel.group import start
@@ -144,7 +145,7 @@ class LLM:
             enable_chunked_prefill=enable_chunked_prefill, max_model_len=max_model_len,
             kv_cache_memory=kv_cache_memory, block_size=block_size, attention_impl=attention_impl, seed=seed,
             dtype=compute, kv_cache_dtype=kv_dtype, weight_panels=weight_panels,
-            huge_pages=huge_pages, speculative=spec))
+            huge_pages=huge_pages, speculative=spec, num_scheduler_steps=num_scheduler_steps))
         if self._parallel is not None:
             self._parallel.attach(self)
 

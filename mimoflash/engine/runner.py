@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from ..model.attention import attend_reference
 from ..model.mimo import MiMoForCausalLM
 from .. import kernels
+from ..kernels import prefill as prefill_kernels
 from .cpu_layout import matmul_weight_dtype, use_cpu_layout, use_huge_pages
 from .fused_decode import FusedDecoder, FusedMTPLayer
 from .kv_cache import KVCache
@@ -210,6 +211,9 @@ class PagedAttention:
 
     def _fast(self, layer, km: KindMeta, k_pool, v_pool, q, k, v) -> torch.Tensor:
         m = self.meta
+        if (self.use_kernels and q.dtype == k_pool.dtype == v_pool.dtype == torch.float32
+                and m.Tmax > QUERY_BLOCK and prefill_kernels.fast()):
+            return self._prefill_kernel(layer, km, k_pool, v_pool, q, k, v)
         B, Tmax = m.B, m.Tmax
         N, nq, d = q.shape
         h, dv = k.shape[1], v.shape[2]
@@ -239,6 +243,22 @@ class PagedAttention:
         o = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
         o = o[..., :dv].transpose(1, 2)                                              # (B, Tmax, nq, dv)
         return o.reshape(B * Tmax, nq, dv)[m.pad_of_flat]                            # (N, nq, dv)
+
+    def _prefill_kernel(self, layer, km: KindMeta, k_pool, v_pool, q, k, v) -> torch.Tensor:
+        """Long slices with fp32 activations and cache: kernels.prefill.attention, one call for all sequences and
+        heads (the keys each block of query rows may see, read in place from the pool and the new rows; the mask
+        from positions, as km.bias has it). Its per-step integers are made once, by the first layer of each kind."""
+        m = self.meta
+        key = ("prefill", layer.window_keys is not None)     # one entry per kind, replaced by the next step's
+        args = self.buffers.get(key)
+        if args is None or args[0] is not km:
+            P = km.read_slots.shape[1]
+            args = self.buffers[key] = (km, m.q_pos.reshape(-1)[m.pad_of_flat],
+                                        torch.tensor([0] + [hi for _, hi in m.seq_ranges]),
+                                        km.read_slots.contiguous(), km.k_pos[:, 1:1 + P].contiguous())
+        _, pos, seq_lo, read, past = args
+        return prefill_kernels.attention(q, k, v, pos, seq_lo, k_pool, v_pool, read, past, layer.window_keys,
+                                         layer.attention_sink_bias, layer.scale)
 
     def _reference(self, layer, km: KindMeta, k_pool, v_pool, q, k, v) -> torch.Tensor:
         m = self.meta
@@ -531,8 +551,14 @@ class ModelRunner:
         # mask): execute_mtp reuses this step's sliding metadata for them (the MTP blocks' rings share the layout).
         self._main_rows = ((tuple((it.request.ring_id, it.start, it.num_tokens, 0) for it in batch.items), step)
                            if step.meta.decode and True in step.meta.kinds else None)
+        return self._forward(step)
+
+    def _forward(self, step: StepInputs, fused_args=None) -> torch.Tensor:
+        """One step's forward -> logits (R, V) fp32 of its sampled rows; `fused_args`: the step's
+        `FusedDecoder.step_args`, when a multi-step run made them beforehand."""
         if self.fused is not None and step.meta.decode:
-            hidden = self.fused.forward(step.input_ids, step.positions, step.meta.kinds)   # (1, B, D)
+            hidden = (self.fused.forward(step.input_ids, step.positions, step.meta.kinds) if fused_args is None
+                      else self.fused.layers_forward(step.input_ids, *fused_args))              # (1, B, D)
         else:
             backend = PagedAttention(self.cache, step.meta, self.impl, self._buffers, self.use_kernels)
             hidden = self.model.model(step.input_ids, step.positions, backend)           # (1, N, D)
@@ -543,6 +569,34 @@ class ModelRunner:
         # an OpenMP region from ~8k elements on, ~0.3 ms a step at 16 rows here with OMP_WAIT_POLICY=PASSIVE.
         picked = hidden[0] if step.all_rows else hidden[0].index_select(0, step.sample_rows)
         return self.model.logits(picked).float()                                       # (R, V)
+
+    @torch.inference_mode()
+    def execute_steps(self, batch: Batch, choose) -> int:
+        """A multi-step run (Scheduler.reserve_steps): up to `batch.num_steps` decode steps of the batch's one-token
+        items, each step's sampled tokens fed to the next without leaving this loop. `choose(logits (B, V))` ->
+        (the B tokens, whether the run ends after this step). -> the number of steps run.
+
+        Every step's metadata is made before the first forward, by the same `prepare_slices` a one-step batch gets
+        (so each step computes exactly what that step alone would: the fed token ids are its only unknowns, put in
+        per step). Made back to back, that Python runs with warm caches; interleaved with the steps, each of which
+        streams all the weights through the caches first, the same work costs several times more (docs/ENGINE.md,
+        "Where a batch-1 step's time goes")."""
+        items = batch.items
+        B = len(items)
+        ids = [it.request.token_slice(it.start, it.start + 1)[0] for it in items]
+        steps = [self.prepare_slices([Slice(it.request, it.start + i, [0]) for it in items])
+                 for i in range(batch.num_steps)]
+        fused = [self.fused.step_args(st.positions, st.meta.kinds, B, refresh=i == 0) for i, st in enumerate(steps)
+                 ] if self.fused is not None and steps[0].meta.decode else [None] * len(steps)
+        self._main_rows = None                                   # no MTP pass follows a run (the engine's rule)
+        done = 0
+        for st, args in zip(steps, fused):
+            st.input_ids = self._host(np.array(ids, dtype=np.int64)).view(1, B)
+            ids, stop = choose(self._forward(st, args))
+            done += 1
+            if stop:
+                break
+        return done
 
     @torch.inference_mode()
     def fill_mtp_kv(self, layer: int, slices: list[Slice], hidden: torch.Tensor) -> None:

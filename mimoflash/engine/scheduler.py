@@ -52,6 +52,7 @@ class ScheduledRequest:
 class Batch:
     items: list[ScheduledRequest] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
+    num_steps: int = 1  # decode steps to run before the next schedule (multi-step; the cache holds them all)
 
     @property
     def num_tokens(self) -> int:
@@ -90,7 +91,9 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     # ------------------------------------------------------------------ scheduling
-    def schedule(self) -> Batch:
+    def schedule(self, num_steps: int = 1) -> Batch:
+        """The next step's batch. num_steps > 1 asks for a multi-step run (`reserve_steps`); the batch says how many
+        steps it got."""
         batch = Batch()
         budget = self.config.max_num_batched_tokens
         chunked = self.config.enable_chunked_prefill
@@ -141,7 +144,33 @@ class Scheduler:
             budget -= n
         if not batch.items and self.waiting and not self.running:
             self._no_progress(batch)
+        if num_steps > 1:
+            batch.num_steps = self.reserve_steps(batch, num_steps)
         return batch
+
+    def reserve_steps(self, batch: Batch, want: int) -> int:
+        """Multi-step decoding: when every running request decodes one token this step (no prefill chunk, no drafts
+        to verify), nobody waits for admission and the cache holds n more tokens of each without preempting anyone,
+        reserve those n tokens and return n (at most `want`); else 1. Between the steps of such a run nothing could
+        change the schedule but a request finishing, and the run stops at that step (the engine ends it at the first
+        eos / stop token, and `want` is cut here so that max_tokens and max_model_len end it on its last step at the
+        latest); `finish_steps` then gives back what the steps not run reserved."""
+        if batch.preempted or self.waiting or len(batch.items) != len(self.running):
+            return 1
+        n = want
+        for it in batch.items:
+            r = it.request
+            if it.num_tokens != 1 or not it.sample or it.num_draft:
+                return 1
+            n = min(n, r.params.max_tokens - len(r.output_token_ids), self.config.max_model_len - r.num_tokens)
+        reqs = [it.request for it in batch.items]
+        while n > 1 and sum(self.kv.blocks_needed(r, n) for r in reqs) > self.kv.num_free_blocks:
+            n -= 1                               # counted from num_computed_tokens: this step's token included
+        if n <= 1:
+            return 1
+        for r in reqs:
+            self.kv.allocate(r, n)
+        return n
 
     def _no_progress(self, batch: Batch) -> None:
         """Nothing runs and the head of the queue does not fit an empty cache: it never will. Finish it with
@@ -195,6 +224,20 @@ class Scheduler:
                 if req.is_finished:
                     break
         return got
+
+    def finish_steps(self, batch: Batch, steps: list[list[int]], on_token=None) -> list[Request]:
+        """A multi-step run's results: `steps[i][j]` is the token step i sampled for `batch.items[j]`; the steps run
+        may be fewer than reserved. Each step is postprocessed as a one-step batch would be (a request that finishes
+        drops its later tokens: its cache is freed), then the cache reserved for the steps not run is given back,
+        so the accounting is what one-step decoding leaves. -> the requests that received a token."""
+        got: dict[int, Request] = {}
+        for toks in steps:
+            for req in self.postprocess(batch, toks, on_token):
+                got[id(req)] = req
+        for it in batch.items:
+            if not it.request.is_finished:
+                self.kv.rollback(it.request, it.request.num_computed_tokens)
+        return list(got.values())
 
     def _check_token_stop(self, req: Request, tok: int) -> None:
         p = req.params

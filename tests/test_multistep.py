@@ -1,0 +1,199 @@
+"""Multi-step decoding (`num_scheduler_steps`): several decode steps per `LLMEngine.step()` must give exactly what
+one step per call gives: the same tokens, text, finish reasons, logprobs and seeded samples, the run cut at a stop
+in its middle, and the KV cache's accounting where one-step decoding leaves it."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from mimoflash.engine.llm import LLM
+from mimoflash.engine.sampling import SamplingParams
+from tests.conftest import make_model, tiny_config
+from tests.test_engine import ByteTokenizer
+
+
+@pytest.fixture(scope="module")
+def models():
+    """fp32 (the module path) and bf16 weights (the fused C decode step on CPU); window 4: rings wrap after 4."""
+    return {"fp32": make_model(tiny_config(), seed=11), "bf16": make_model(tiny_config(), seed=11, dtype=torch.bfloat16)}
+
+
+def prompts(lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [{"prompt_token_ids": torch.randint(0, 512, (n,), generator=g).tolist()} for n in lengths]
+
+
+def outputs(outs):
+    return [[(c.token_ids, c.text, c.finish_reason, c.stop_reason, c.logprobs) for c in o.outputs] for o in outs]
+
+
+def run(model, steps, ps, params, **kw):
+    llm = LLM(model, num_scheduler_steps=steps, block_size=4, max_num_seqs=4, **kw)
+    return llm, llm.generate(ps, params, use_tqdm=False)
+
+
+@pytest.mark.parametrize("kind", ["fp32", "bf16"])
+@pytest.mark.parametrize("lengths", [[5], [3, 17, 9, 26]])
+def test_greedy_same_tokens_as_one_step(models, kind, lengths):
+    """Batch 1 and a mixed batch, 40 tokens: rings wrap many times, blocks fill and new ones are reserved mid-run;
+    different max_tokens end requests in the middle of runs."""
+    ps = prompts(lengths)
+    params = [SamplingParams(temperature=0, max_tokens=m) for m in (40, 7, 23, 12)[:len(ps)]]
+    _, ref = run(models[kind], 1, ps, params)
+    for n in (2, 8):
+        llm, got = run(models[kind], n, ps, params)
+        assert outputs(got) == outputs(ref)
+        kv = llm.engine.kv
+        assert kv.num_free_blocks == kv.layout.num_blocks and kv.num_free_rings == kv.layout.num_rings
+    assert [len(o.outputs[0].token_ids) for o in ref] == [p.max_tokens for p in params]
+
+
+def test_runs_really_take_several_steps(models):
+    llm = LLM(models["bf16"], num_scheduler_steps=8, block_size=4)
+    eng = llm.engine
+    eng.add_request(prompts([5])[0]["prompt_token_ids"], SamplingParams(temperature=0, max_tokens=20))
+    counts = []
+    while eng.has_unfinished_requests():
+        before = sum(len(r.output_token_ids) for r in eng.scheduler.running)
+        eng.step()
+        counts.append(sum(len(r.output_token_ids) for r in eng.scheduler.running) - before)
+    assert counts[1:3] == [8, 8]                  # prefill's token, then two full runs; the last run is cut (19 = 16 + 3)
+
+
+def test_reference_attention_same_tokens(models):
+    ps = prompts([6, 11])
+    sp = SamplingParams(temperature=0, max_tokens=15)
+    assert outputs(run(models["fp32"], 8, ps, sp, attention_impl="reference")[1]) == outputs(
+        run(models["fp32"], 1, ps, sp, attention_impl="reference")[1])
+
+
+def test_stop_tokens_and_eos_in_the_middle_of_a_run(models):
+    """The stop token is the 6th greedy token of request 0 (a run of 8 ends there) and a later one of request 1."""
+    ps = prompts([4, 9], seed=3)
+    free = run(models["bf16"], 1, ps, SamplingParams(temperature=0, max_tokens=30))[1]
+    toks = [o.outputs[0].token_ids for o in free]
+    params = [SamplingParams(temperature=0, max_tokens=30, stop_token_ids=[toks[0][5]]),
+              SamplingParams(temperature=0, max_tokens=30, stop_token_ids=[toks[1][13]])]
+    ref = run(models["bf16"], 1, ps, params)[1]
+    assert [o.outputs[0].finish_reason for o in ref] == ["stop", "stop"]
+    for n in (3, 8):
+        assert outputs(run(models["bf16"], n, ps, params)[1]) == outputs(ref)
+
+
+@pytest.mark.parametrize("include", [False, True])
+def test_stop_strings_found_after_the_run(models, include):
+    """Stop strings on text (a byte tokenizer): the run goes on past the token that completes one; those later
+    tokens are dropped, the text cut as one-step decoding cuts it."""
+    tok = ByteTokenizer()
+    ps = prompts([4, 7], seed=7)
+    free = run(models["bf16"], 1, ps, SamplingParams(temperature=0, max_tokens=30), tokenizer=tok)[1]
+    texts = [o.outputs[0].text for o in free]
+    assert all(len(t) > 12 for t in texts)
+    stops = [t[len(t) // 2:len(t) // 2 + 2] for t in texts]
+    params = [SamplingParams(temperature=0, max_tokens=30, stop=[s], include_stop_str_in_output=include)
+              for s in stops]
+    ref = run(models["bf16"], 1, ps, params, tokenizer=tok)[1]
+    assert all(o.outputs[0].finish_reason == "stop" for o in ref)
+    llm, got = run(models["bf16"], 8, ps, params, tokenizer=tok)
+    assert outputs(got) == outputs(ref)
+    kv = llm.engine.kv
+    assert kv.num_free_blocks == kv.layout.num_blocks
+
+
+@pytest.mark.parametrize("kind", ["fp32", "bf16"])
+def test_seeded_and_shared_generator_sampling_same_as_one_step(models, kind):
+    """Seeded requests (own generators, with stop strings and logprobs) and unseeded ones (the engine's shared
+    generator, whose draws a run makes in the same order) sample the same tokens."""
+    tok = ByteTokenizer()
+    ps = prompts([4, 9, 6], seed=7)
+    params = [SamplingParams(temperature=0.9, seed=3, max_tokens=25, logprobs=2, stop=["zz"]),
+              SamplingParams(temperature=1.2, top_k=50, max_tokens=19),
+              SamplingParams(temperature=0.7, top_p=0.9, max_tokens=25, n=2)]
+    ref = run(models[kind], 1, ps, params, tokenizer=tok, seed=4)[1]
+    assert outputs(run(models[kind], 8, ps, params, tokenizer=tok, seed=4)[1]) == outputs(ref)
+
+
+def test_a_request_arriving_mid_generation(models):
+    """A request added while another decodes (runs of 8 around it): the same tokens for both as with one step per
+    call; while it waits the running request takes single steps, so it is admitted at once."""
+    ps = prompts([5, 8], seed=9)
+    sp = SamplingParams(temperature=0, max_tokens=30)
+    got = {}
+    for n in (1, 8):
+        eng = LLM(models["bf16"], num_scheduler_steps=n, block_size=4).engine
+        eng.add_request(ps[0]["prompt_token_ids"], sp, request_id="a")
+        out, calls = {}, 0
+        while eng.has_unfinished_requests():
+            for d in eng.step():
+                out.setdefault(d.request_id, []).extend(d.outputs[0].token_ids)
+            calls += 1
+            if calls == 3:
+                eng.add_request(ps[1]["prompt_token_ids"], sp, request_id="b")
+        got[n] = out
+        kv = eng.kv
+        assert kv.num_free_blocks == kv.layout.num_blocks and kv.num_free_rings == kv.layout.num_rings
+    assert got[8] == got[1] and all(len(v) == 30 for v in got[1].values())
+
+
+def test_cache_accounting_after_every_run(models):
+    """After each step() the cache holds what one-step decoding holds: the blocks of the cached tokens and no more
+    (a run cut short by a stop token gives back the rest of its reservation)."""
+    ps = prompts([3, 10, 6], seed=2)
+    toks = [o.outputs[0].token_ids for o in run(models["bf16"], 1, ps, SamplingParams(temperature=0, max_tokens=40))[1]]
+    eng = LLM(models["bf16"], num_scheduler_steps=8, block_size=4, max_num_seqs=4).engine
+    for p, t in zip(ps, toks):
+        eng.add_request(p["prompt_token_ids"], SamplingParams(temperature=0, max_tokens=40, stop_token_ids=[t[9]]))
+    kv, total = eng.kv, eng.kv.layout.num_blocks
+    while eng.has_unfinished_requests():
+        eng.step()
+        running = eng.scheduler.running
+        for r in running:
+            assert r.num_computed_tokens == r.num_tokens - 1
+            assert len(r.block_ids) == math.ceil(r.num_computed_tokens / 4)
+        assert kv.num_free_blocks == total - sum(len(r.block_ids) for r in running)
+    assert kv.num_free_blocks == total and kv.num_free_rings == kv.layout.num_rings
+
+
+def test_one_step_when_a_request_needs_the_scheduler(models):
+    """Penalties (they read the output tokens), stop strings on unseeded sampling, MTP: one step per call, same
+    output as N = 1."""
+    llm = LLM(models["fp32"], num_scheduler_steps=8, block_size=4)
+    eng = llm.engine
+    for sp in (SamplingParams(temperature=0, repetition_penalty=1.3), SamplingParams(temperature=0.8, stop=["a"]),
+               SamplingParams(temperature=0, presence_penalty=0.5)):
+        eng.add_request([1, 2, 3], sp)
+        eng.step()
+        assert eng._steps_wanted() == 1
+        while eng.has_unfinished_requests():
+            eng.step()
+    eng.add_request([1, 2, 3], SamplingParams(temperature=0.8, seed=1, stop=["a"]))
+    eng.step()
+    assert eng._steps_wanted() == 8
+    spec = {"method": "mtp", "num_speculative_tokens": 1}
+    mtp = LLM(models["fp32"], num_scheduler_steps=8, block_size=4, speculative_config=spec)
+    assert mtp.engine._steps_wanted() == 1
+    ps = prompts([5, 9])
+    sp = SamplingParams(temperature=0, max_tokens=12, repetition_penalty=1.2)
+    assert outputs(run(models["fp32"], 8, ps, sp)[1]) == outputs(run(models["fp32"], 1, ps, sp)[1])
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "8"])
+def test_num_scheduler_steps_checked(models, bad):
+    with pytest.raises(ValueError, match="num_scheduler_steps"):
+        LLM(models["fp32"], num_scheduler_steps=bad)
+
+
+def test_cli_num_scheduler_steps(models, tmp_path):
+    """`mimoflash generate --num-scheduler-steps N` as a user runs it: the same tokens for 1 and 5, a clear refusal
+    of 0."""
+    from mimoflash.checkpoint.saver import save_model
+    from tests.test_cli import mimoflash, ok, refused
+    ckpt = save_model(models["bf16"], tmp_path / "ckpt")
+    common = ["generate", "--model", str(ckpt), "--token-ids", "5,17,300,2", "--max-tokens", "20", "--json",
+              "--temperature", "0", "--ignore-eos"]
+    got = [json.loads(ok(mimoflash(*common, "--num-scheduler-steps", n)).stdout)["outputs"][0]["token_ids"]
+           for n in ("1", "5")]
+    assert got[0] == got[1] and len(got[0]) == 20
+    refused(mimoflash(*common, "--num-scheduler-steps", "0"), 2, "--num-scheduler-steps must be >= 1")
