@@ -419,6 +419,7 @@ def test_config_errors_are_clear():
 def _steady(a: AdaptiveDepth, depth: int, sequences: int, seconds: float) -> None:
     a.depth, a.sequences = depth, sequences
     a.run = AdaptiveDepth.SETTLE + 1
+    a.checked = True                                        # no initial measurement phase
     a.record_step(seconds)
 
 
@@ -426,11 +427,11 @@ def _simulate(a: AdaptiveDepth, cost: list[float], accept: list[float], sequence
               seed: int = 0) -> list[int]:
     """Drives `a` as the engine does, on synthetic measurements: each step chooses a depth (or is idle), its drafts
     are judged (draft j + 1 kept with probability accept[j] after draft j was), and the step's cost is recorded:
-    cost[k] seconds at depth k, +-1% jitter, and 30% more on the first step at a new depth (the MTP rings'
-    catch-up). -> the depth of every step."""
+    cost[k] seconds at depth k, +-1% jitter, 30% more on the first step at a new depth (the MTP rings' catch-up)
+    and 60% more over the engine's first 4 steps (first touches). -> the depth of every step."""
     rnd = random.Random(seed)
     out = []
-    for _ in range(steps):
+    for step in range(steps):
         if a.idle(sequences, margin=3):
             out.append(0)
             continue
@@ -440,7 +441,8 @@ def _simulate(a: AdaptiveDepth, cost: list[float], accept: list[float], sequence
             while n < k and rnd.random() < accept[n]:
                 n += 1
             a.record_acceptance(k, n)
-        a.record_step(cost[k] * (1.3 if a.run == 1 else 1.0) * (1 + 0.02 * (rnd.random() - 0.5)))
+        a.record_step(cost[k] * (1.3 if a.run == 1 else 1.0) * (1.6 if step < 4 else 1.0)
+                      * (1 + 0.02 * (rnd.random() - 0.5)))
         out.append(k)
     return out
 
@@ -466,8 +468,9 @@ def test_adaptive_depth_picks_one_draft_alone():
 
 @pytest.mark.parametrize("sequences, backoff", [(8, 4), (16, 2)])
 def test_adaptive_depth_stops_drafting_where_it_loses(sequences, backoff):
-    """With 8 or 16 sequences drafting loses (by ~15% / ~3%): adaptive settles on depth 0 after measuring depths 0
-    and 1, and its trials back off, 4x per trial where the loss is large (8), else 2x: over 4000 steps at most 16
+    """With 8 or 16 sequences drafting loses (by ~15% / ~3%): adaptive settles on depth 0 after measuring depths 0,
+    1 and 0 again (the first samples of depth 0 are inflated: taken alone they make depth 1 look cheaper at 8
+    sequences), and its trials back off, 4x per trial where the loss is large (8), else 2x: over 4000 steps at most 16
     steps (8) / 20 steps (16) after the first measurement run drafts."""
     a = AdaptiveDepth(3)
     depths = _simulate(a, _COSTS[sequences], _ACCEPT, sequences, 4000)

@@ -158,8 +158,9 @@ class AdaptiveDepth:
     extrapolated, can make a deep depth look cheaper than none), and no depth is estimated cheaper than the one
     below it.
 
-    The decision, per number of sequences: until depths 0 and 1 (the cheapest two) are measured, each is held (HOLD
-    steps, and with drafts until JUDGED verifications judged them); then the depth maximising sum_r E_r(k) / cost(k)
+    The decision, per number of sequences: depths 0, 1 and 0 again (the cheapest two; the first samples of depth 0
+    come from an engine's first steps) are held in turn (HOLD steps, and with drafts until JUDGED verifications
+    judged them); then the depth maximising sum_r E_r(k) / cost(k)
     is taken, but the current choice is left only for a predicted gain of MARGIN (a change of depth costs a catch-up
     the table does not see; in both directions, so two near-equal depths do not alternate). A neighbouring depth,
     deeper and shallower in turn, is tried now and then (held as above) so that the table follows the machine; a
@@ -192,6 +193,7 @@ class AdaptiveDepth:
         self.need = 0                                 # verifications still wanted before a held depth is judged
         self.up = False                               # the direction of the last trial
         self.cap = 0                                  # steps a held depth may still wait for its verifications
+        self.checked = False                          # depth 0 measured again after depth 1
         self.trial: tuple[int, float] | None = None   # the depth tried and its predicted share of the best rate
 
     @property
@@ -293,11 +295,15 @@ class AdaptiveDepth:
                 and self.depth <= top:
             self.hold, self.cap = max(0, self.hold - 1), self.cap - 1
             return self.depth
-        for k in (0, 1):                              # measure depths 0 and 1 first (the cheapest two)
+        for k in (0, 1):                              # measure depths 0 and 1 first (the cheapest two) ...
             if k not in self.step_time:
                 if self.depth != k:
                     self._hold(k)
                 return k
+        if not self.checked:                          # ... then depth 0 again: its first samples came from the
+            self.checked = True                       # engine's first steps (first touches), or a busy moment, and
+            self._hold(0)                             # once made depth 1 look cheaper at 8 sequences
+            return 0
         rate = self.rates(caps, self.sequences)
         best = max(rate, key=rate.__getitem__)
         chosen = self.best.get(self.sequences)
