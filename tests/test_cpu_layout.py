@@ -78,6 +78,27 @@ def test_every_moe_path_matches_the_dense_reference(mode, T):
     torch.testing.assert_close(got, want, **tol)
 
 
+@pytest.mark.parametrize("prefill_kernel", [False, True])
+def test_bf16_experts_many_rows_match_the_dense_reference(monkeypatch, prefill_kernel):
+    """Many rows with bf16 experts: kernels.prefill.experts (one call for the layer; forced on, so machines without
+    AVX-512 run its portable loops) and the torch path (MKL expert by expert) both equal the dense reference."""
+    calls = []
+    real = cl.prefill_kernels.experts
+    monkeypatch.setattr(cl.prefill_kernels, "fast", lambda: prefill_kernel)
+    monkeypatch.setattr(cl.prefill_kernels, "experts", lambda *a: calls.append(a[0].shape) or real(*a))
+    m = make_model(tiny_config(), seed=2, dtype=torch.bfloat16)
+    ref = make_model(tiny_config(), seed=2, dtype=torch.bfloat16).cast(torch.float32)
+    cl.use_cpu_layout(m, torch.float32)
+    moe = next(x for x in m.modules() if isinstance(x, MoE))
+    moe_ref = next(x for x in ref.modules() if isinstance(x, MoE))
+    T = 3 * cl.KERNEL_MAX_ROWS + 5
+    x = torch.randn(1, T, m.config.hidden_size, generator=G)
+    with torch.no_grad():
+        got, want = moe(x), moe_ref.forward_dense_reference(x)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    assert calls == ([(T, m.config.hidden_size)] if prefill_kernel else [])
+
+
 class _CacheFree:
     """A backend over the step's own tokens (no cache): attend_reference with causal positions."""
 
@@ -178,12 +199,25 @@ def test_engine_copy_keeps_ties_and_shares_storage():
     assert type(m.model.layers[1].self_attn) is Attention and type(m.model.norm) is RMSNorm
 
 
-def test_long_prefill_attends_in_query_blocks_like_the_reference(monkeypatch):
-    """A prefill slice longer than runner.QUERY_BLOCK attends block by block, each block to the sink column and the key
-    span its rows may see (window or causal limit): a ragged two-sequence step (padding rows) with cached keys
-    before it gives the reference attention's logits and the full recompute's, and the blocks did leave keys out."""
-    from mimoflash.engine import runner as R
+def _long_prefill_steps(model) -> tuple[dict, list]:
+    """A ragged two-sequence step with long slices (padding rows) after a first chunk of one of them (cached keys):
+    -> ({impl: logits}, the full recompute's last logits of both sequences)."""
     from tests.test_kv_cache import Driver, _req, _tokens, full_logits
+    seqs = [_tokens(150), _tokens(90)]
+    outs = {}
+    for impl in ("fast", "reference"):
+        d = Driver(model, impl, block_size=8)
+        reqs = [_req(s, f"s{i}") for i, s in enumerate(seqs)]
+        outs[impl] = torch.cat([d.step([(reqs[0], 20)]), d.step([(reqs[0], 130), (reqs[1], 90)])])
+    return outs, [full_logits(model, s)[-1] for s in seqs]
+
+
+def test_long_prefill_attends_in_query_blocks_like_the_reference(monkeypatch):
+    """Without the prefill attention kernel (no AVX-512: kernels.prefill.fast() False), a prefill slice longer than
+    runner.QUERY_BLOCK attends through SDPA block by block, each block to the sink column and the key span its rows
+    may see (window or causal limit): the same logits as the reference attention and the full recompute, and the
+    blocks did leave keys out."""
+    from mimoflash.engine import runner as R
     spans = []
     real = R._query_blocks
 
@@ -193,16 +227,30 @@ def test_long_prefill_attends_in_query_blocks_like_the_reference(monkeypatch):
         return iter(out)
     monkeypatch.setattr(R, "_query_blocks", spy)
     monkeypatch.setattr(R, "QUERY_BLOCK", 32)
-    model = make_model(tiny_config(), seed=4)
-    seqs = [_tokens(150), _tokens(90)]
-    refs = [full_logits(model, s) for s in seqs]
-    outs = {}
-    for impl in ("fast", "reference"):
-        d = Driver(model, impl, block_size=8)
-        reqs = [_req(s, f"s{i}") for i, s in enumerate(seqs)]
-        outs[impl] = torch.cat([d.step([(reqs[0], 20)]), d.step([(reqs[0], 130), (reqs[1], 90)])])
+    monkeypatch.setattr(R.prefill_kernels, "fast", lambda: False)
+    outs, refs = _long_prefill_steps(make_model(tiny_config(), seed=4))
     torch.testing.assert_close(outs["fast"], outs["reference"], atol=2e-5, rtol=1e-4)
-    torch.testing.assert_close(outs["fast"][1:], torch.stack([refs[0][-1], refs[1][-1]]), atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(outs["fast"][1:], torch.stack(refs), atol=2e-5, rtol=1e-4)
     blocks = [b for K, out in spans for b in out if len(out) > 1]
     assert blocks and any(c0 > 1 for _, _, c0, _ in blocks)                   # windows skipped old keys
     assert any(c1 < K for K, out in spans if len(out) > 1 for _, _, _, c1 in out)   # causal: later keys skipped
+
+
+@pytest.mark.skipif(not kernels.available(), reason="the CPU kernels did not build (no C compiler)")
+def test_long_prefill_attention_kernel_like_the_reference(monkeypatch):
+    """With the prefill attention kernel (kernels.prefill.attention; forced on, so machines without AVX-512 run its
+    portable loops): the same ragged step with cached keys gives the reference attention's logits and the full
+    recompute's, and every layer of the long step went through the kernel, none through SDPA."""
+    from mimoflash.engine import runner as R
+    from mimoflash.kernels import prefill as PK
+    calls, sdpa = [], []
+    real, real_blocks = PK.attention, R._query_blocks
+    monkeypatch.setattr(R.prefill_kernels, "fast", lambda: True)
+    monkeypatch.setattr(R.prefill_kernels, "attention", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    monkeypatch.setattr(R, "_query_blocks", lambda bias: sdpa.append(bias.shape[2]) or real_blocks(bias))
+    model = make_model(tiny_config(), seed=4)
+    outs, refs = _long_prefill_steps(model)
+    torch.testing.assert_close(outs["fast"], outs["reference"], atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(outs["fast"][1:], torch.stack(refs), atol=2e-5, rtol=1e-4)
+    assert calls == [220] * model.config.num_hidden_layers                  # the long step, every layer
+    assert sdpa and max(sdpa) == 20                                         # SDPA: the short first chunk only

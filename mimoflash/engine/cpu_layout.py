@@ -65,6 +65,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import kernels
+from ..kernels import prefill as prefill_kernels
 from . import hugepages
 from ..model.attention import Attention
 from ..model.layers import RMSNorm, apply_partial_rope
@@ -318,6 +319,9 @@ class Bf16Experts(Experts):
 
         def swiglu(x_nD, e):                                  # (n, D) -> (n, D), unweighted
             return _w16_matmul(kernels.silu_mul(_w16_matmul(x_nD, gu_list[e])), dn_list[e])
+
+        if x_TD.shape[0] > KERNEL_MAX_ROWS and prefill_kernels.fast() and self.down_proj.is_contiguous():
+            return prefill_kernels.experts(x_TD.contiguous(), topk_idx_TK, weight_TK, gu, self.down_proj)
 
         def grouped(x_PD, counts_E):
             if int(counts_E.max()) > KERNEL_MAX_ROWS:        # prefill: expert by expert, MKL on upcast weights

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 log = logging.getLogger(__name__)
 
 _SOURCES = [Path(__file__).with_name(n) for n in ("wgemm.c", "panels.c", "ops.c", "decode.c", "pool.c", "fp8.c",
-                                                  "abi.c")]
+                                                  "prefill.c", "abi.c")]
 _HEADER = Path(__file__).with_name("mimoflash_kernels.h")
 _FLAGS = ["-O3", "-fPIC", "-shared", "-std=gnu11", "-fopenmp-simd", "-pthread"]
 _lib: ctypes.CDLL | None = None
@@ -135,6 +135,10 @@ _SIGNATURES: dict[str, tuple] = {
     "mf_decode_ffn": (_I, [_P, _P, _L, _P, _P, _L, _L]),
     "mf_gemm_fp8w": (_I, [_P, _L, _P, _P, _L, _P, _L, _L, _L, _L, _L, _L]),
     "mf_experts_fp8": (_I, [_P, _L, _L, _L, _L, _P, _P, _L, _L, _P, _L]),
+    "mf_prefill_experts": (_I, [_P, _L, _L, _P, _P, _L, _L, _L, _P, _P, _P, _P]),
+    "mf_prefill_attn": (_I, [_P, _L, _P, _L, _P, _L, _P, _P, _L, _P, _P, _L, _P, _P, _L, _L, _L, _L, _L, _L, _P, _F,
+                             _P]),
+    "mf_prefill_simd": (_I, []),
     "mf_set_num_threads": (None, [_I]),
     "mf_pool_probe": (_L, [_L, _L]),
     "mf_layer_abi": (_L, [_P, _L]),

@@ -82,6 +82,15 @@ int mf_gemm_fp8w(const float *x, long ldx, const uint8_t *w, const float *s, lon
 int mf_experts_fp8(const float *x, long ldx, long D, long Fd, long n, const long *rows, const int64_t *ptrs, long br,
                    long bc, float *y, long ldy);
 
+/* prefill.c: a layer's routed experts over many tokens; sink attention over long slices; 512 if AVX-512F runs */
+int mf_prefill_experts(const float *x, long T, long D, const long *topk_idx, const float *topk_w, long K, long E,
+                       long F, const unsigned short *gate_up, const unsigned short *down, float *y_PD, float *out);
+int mf_prefill_attn(const float *q, long q_sr, const float *k, long k_sr, const float *v, long v_sr, const long *pos,
+                    const long *seq_lo, long B, const float *k_pool, const float *v_pool, long S,
+                    const long *read_slots, const long *past_pos, long P, long nq, long h, long d, long dv,
+                    long window, const float *sinks, float scale, float *out);
+int mf_prefill_simd(void);
+
 /* pool.c: the thread pool */
 void mf_set_num_threads(int n);
 long mf_pool_probe(long n, long spin_us);

@@ -1,0 +1,422 @@
+/* Prefill kernels: a layer's routed experts over many tokens, and sink attention for long slices, each as one call
+ * whose work the pool (pool.c) splits into coarse tasks.
+ *
+ * Why: at prefill sizes (hundreds of rows) the products are compute-bound, and on a small model each one is small.
+ * torch splits every op over the threads through OpenMP; with OMP_WAIT_POLICY=PASSIVE (what mimoflash runs with,
+ * cli.py) its threads sleep between ops and every op pays their wake-up, so a second thread gained nothing. Here a
+ * task is a whole (expert, block of tokens) SwiGLU chain or a whole (sequence, kv head, block of queries)
+ * attention, claimed dynamically by the pool's threads, which spin between the tasks of one call.
+ *
+ * One product shape serves both: C (rows x cols) = A (rows x K, row-major) . B (K x cols, k-major), in tiles of
+ * 6 rows x 32 columns: per k, two 16-float vectors of B and one broadcast of A per row, 12 FMAs into 12 AVX-512
+ * accumulators. Each output sums k in order in one FMA chain, so a token's result does not depend on which other
+ * tokens share its block. The experts run transposed, so their bf16 weights are the A side (rows converted to
+ * fp32 once per task, exactly) and the tokens the B side: h^T = [gate; up] . x^T, a^T = silu(g^T) * u^T,
+ * y^T = down . a^T; no weight is repacked. Attention: S = Q . K^T (B = the gathered keys, transposed), then
+ * O = P . V (B = the gathered values as they are).
+ *
+ * AVX-512F is chosen at run time; elsewhere the same loops run in portable C (correct, slow: the Python side then
+ * keeps torch's path, kernels/prefill.py). Tested against the torch references in tests/test_prefill_kernels.py.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "mimoflash_kernels.h"
+
+#define MR 6                 /* rows of a tile */
+#define NR 32                /* columns of a tile */
+#define EXPERT_TOKENS 64     /* tokens per expert task: the weight rows' conversion is paid once per 64 tokens */
+#define QUERY_ROWS 32        /* query rows per attention task */
+
+static inline float bf16f(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+/* ------------------------------------------------------------------------------------------------ the tile */
+
+static void tile_portable(const float *A, long lda, int mr, const float *B, long ldb, long K, float *C, long ldc,
+                          int nc) {
+    float acc[MR][NR];
+    memset(acc, 0, sizeof acc);
+    for (long k = 0; k < K; k++)
+        for (int r = 0; r < mr; r++) {
+            float a = A[r * lda + k];
+            for (int j = 0; j < nc; j++) acc[r][j] += a * B[k * ldb + j];
+        }
+    for (int r = 0; r < mr; r++) memcpy(C + r * ldc, acc[r], sizeof(float) * (size_t)nc);
+}
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define AVX512 __attribute__((target("avx512f")))
+
+static int have_avx512(void) {
+    static int v = -1;
+    if (v < 0) {
+        const char *o = getenv("MIMOFLASH_PREFILL_PORTABLE");   /* tests: run the portable loops on any machine */
+        v = (o && *o && *o != '0') ? 0 : __builtin_cpu_supports("avx512f") ? 1 : 0;
+    }
+    return v;
+}
+
+/* C[r][0..nc) = sum_k A[r][k] B[k][0..nc), r < mr <= 6, nc <= 32. Rows past mr repeat row 0 (their sums are
+ * dropped), columns past nc are masked off, so every tile shape is the same loop. */
+AVX512 static void tile_avx512(const float *A, long lda, int mr, const float *B, long ldb, long K, float *C,
+                               long ldc, int nc) {
+    __mmask16 m0 = nc >= 16 ? 0xFFFF : (__mmask16)((1u << nc) - 1);
+    __mmask16 m1 = nc >= 32 ? 0xFFFF : nc <= 16 ? 0 : (__mmask16)((1u << (nc - 16)) - 1);
+    const float *a0 = A, *a1 = mr > 1 ? A + lda : A, *a2 = mr > 2 ? A + 2 * lda : A;
+    const float *a3 = mr > 3 ? A + 3 * lda : A, *a4 = mr > 4 ? A + 4 * lda : A, *a5 = mr > 5 ? A + 5 * lda : A;
+    __m512 c00 = _mm512_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
+    __m512 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+    for (long k = 0; k < K; k++) {
+        const float *b = B + k * ldb;
+        __m512 b0 = _mm512_maskz_loadu_ps(m0, b), b1 = _mm512_maskz_loadu_ps(m1, b + 16);
+        __m512 a = _mm512_set1_ps(a0[k]);
+        c00 = _mm512_fmadd_ps(a, b0, c00), c01 = _mm512_fmadd_ps(a, b1, c01);
+        a = _mm512_set1_ps(a1[k]);
+        c10 = _mm512_fmadd_ps(a, b0, c10), c11 = _mm512_fmadd_ps(a, b1, c11);
+        a = _mm512_set1_ps(a2[k]);
+        c20 = _mm512_fmadd_ps(a, b0, c20), c21 = _mm512_fmadd_ps(a, b1, c21);
+        a = _mm512_set1_ps(a3[k]);
+        c30 = _mm512_fmadd_ps(a, b0, c30), c31 = _mm512_fmadd_ps(a, b1, c31);
+        a = _mm512_set1_ps(a4[k]);
+        c40 = _mm512_fmadd_ps(a, b0, c40), c41 = _mm512_fmadd_ps(a, b1, c41);
+        a = _mm512_set1_ps(a5[k]);
+        c50 = _mm512_fmadd_ps(a, b0, c50), c51 = _mm512_fmadd_ps(a, b1, c51);
+    }
+    __m512 cs[MR][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
+    for (int r = 0; r < mr; r++) {
+        _mm512_mask_storeu_ps(C + r * ldc, m0, cs[r][0]);
+        _mm512_mask_storeu_ps(C + r * ldc + 16, m1, cs[r][1]);
+    }
+}
+
+/* exp(x) for 16 floats: 2^n * p(r), x = n ln2 + r, |r| <= ln2 / 2, p of degree 6 (relative error ~2e-7); x below
+ * -87.3 gives 0, as expf does for the softmax's masked scores. */
+AVX512 static __m512 exp16(__m512 x) {
+    const __m512 lo = _mm512_set1_ps(-87.33654f);
+    __mmask16 zero = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
+    x = _mm512_min_ps(_mm512_max_ps(x, lo), _mm512_set1_ps(88.72283f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-06f), r);
+    __m512 p = _mm512_set1_ps(1.0f / 720);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_maskz_mov_ps(~zero, _mm512_scalef_ps(p, n));
+}
+
+/* y[i] = exp(x[i] - m), returns the sum (n floats). */
+AVX512 static float exp_sub_sum_avx512(float *x, long n, float m) {
+    __m512 s = _mm512_setzero_ps(), mv = _mm512_set1_ps(m);
+    long i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(x + i), mv));
+        _mm512_storeu_ps(x + i, e);
+        s = _mm512_add_ps(s, e);
+    }
+    if (i < n) {
+        __mmask16 t = (__mmask16)((1u << (n - i)) - 1);
+        __m512 e = _mm512_maskz_mov_ps(t, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(t, x + i), mv)));
+        _mm512_mask_storeu_ps(x + i, t, e);
+        s = _mm512_add_ps(s, e);
+    }
+    return _mm512_reduce_add_ps(s);
+}
+
+/* g[i] = silu(g[i]) * u[i] over n floats: g / (1 + exp(-g)) * u, the tail masked (the same arithmetic for every
+ * token, wherever it sits in its block). */
+AVX512 static void silu_mul_avx512(float *g, const float *u, long n) {
+    const __m512 one = _mm512_set1_ps(1.0f);
+    for (long i = 0; i < n; i += 16) {
+        __mmask16 t = n - i >= 16 ? 0xFFFF : (__mmask16)((1u << (n - i)) - 1);
+        __m512 x = _mm512_maskz_loadu_ps(t, g + i);
+        __m512 s = _mm512_div_ps(x, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), x))));
+        _mm512_mask_storeu_ps(g + i, t, _mm512_mul_ps(s, _mm512_maskz_loadu_ps(t, u + i)));
+    }
+}
+#else
+static int have_avx512(void) { return 0; }
+#endif
+
+static void tile(const float *A, long lda, int mr, const float *B, long ldb, long K, float *C, long ldc, int nc) {
+#ifdef AVX512
+    if (have_avx512()) {
+        tile_avx512(A, lda, mr, B, ldb, K, C, ldc, nc);
+        return;
+    }
+#endif
+    tile_portable(A, lda, mr, B, ldb, K, C, ldc, nc);
+}
+
+/* C (M x N) = A (M x K) . B (K x N), all fp32, in 6 x 32 tiles. */
+static void product(const float *A, long lda, long M, const float *B, long ldb, long K, float *C, long ldc, long N) {
+    for (long i = 0; i < M; i += MR)
+        for (long j = 0; j < N; j += NR)
+            tile(A + i * lda, lda, M - i < MR ? (int)(M - i) : MR, B + j, ldb, K, C + i * ldc + j, ldc,
+                 N - j < NR ? (int)(N - j) : NR);
+}
+
+/* C (N x cols) = W (N x K, bf16 row-major) . B (K x cols): 6 weight rows converted to fp32 at a time (buf). */
+static void weight_product(const uint16_t *W, long N, long K, const float *B, long ldb, float *C, long ldc,
+                           long cols, float *buf) {
+    for (long i = 0; i < N; i += MR) {
+        long mr = N - i < MR ? N - i : MR;
+        for (long r = 0; r < mr; r++)
+            for (long k = 0; k < K; k++) buf[r * K + k] = bf16f(W[(i + r) * K + k]);
+        for (long j = 0; j < cols; j += NR)
+            tile(buf, K, (int)mr, B + j, ldb, K, C + i * ldc + j, ldc, cols - j < NR ? (int)(cols - j) : NR);
+    }
+}
+
+static float exp_sub_sum(float *x, long n, float m) {
+#ifdef AVX512
+    if (have_avx512()) return exp_sub_sum_avx512(x, n, m);
+#endif
+    float s = 0.f;
+    for (long i = 0; i < n; i++) s += x[i] = expf(x[i] - m);
+    return s;
+}
+
+static void silu_mul(float *g, const float *u, long n) {
+#ifdef AVX512
+    if (have_avx512()) {
+        silu_mul_avx512(g, u, n);
+        return;
+    }
+#endif
+    for (long i = 0; i < n; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+}
+
+int mf_prefill_simd(void) { return have_avx512() ? 512 : 0; }
+
+/* ------------------------------------------------------------------------------------------------ experts */
+
+typedef struct {
+    const float *x;              /* (T, D) */
+    const long *pair_tok;        /* (P,) token of each pair, pairs grouped by expert, tokens ascending */
+    const long *first, *count;   /* (E,) */
+    const long *task_e, *task_lo;
+    long D, F;
+    const uint16_t *gate_up, *down;
+    float *y;                    /* (P, D): pair p's expert output, unweighted */
+    _Atomic int failed;          /* a task found no scratch */
+} experts_job;
+
+static size_t expert_scratch(long D, long F) {
+    return sizeof(float) * (size_t)(2 * D * EXPERT_TOKENS + 2 * F * EXPERT_TOKENS + MR * (D > F ? D : F));
+}
+
+/* Task: expert e on its pairs [lo, lo + n), n <= EXPERT_TOKENS, through the whole SwiGLU, transposed. */
+static void expert_task(void *p, long t) {
+    experts_job *j = (experts_job *)p;
+    long e = j->task_e[t], lo = j->task_lo[t], D = j->D, F = j->F;
+    long n = j->first[e] + j->count[e] - lo;
+    if (n > EXPERT_TOKENS) n = EXPERT_TOKENS;
+    const long L = EXPERT_TOKENS;
+    float *xT = (float *)mf_scratch(0, expert_scratch(D, F));
+    if (!xT) {
+        j->failed = 1;
+        return;
+    }
+    float *hT = xT + D * L, *yT = hT + 2 * F * L, *buf = yT + D * L;
+    for (long c = 0; c < n; c++) {
+        const float *xr = j->x + j->pair_tok[lo + c] * D;
+        for (long d = 0; d < D; d++) xT[d * L + c] = xr[d];
+    }
+    weight_product(j->gate_up + e * 2 * F * D, 2 * F, D, xT, L, hT, L, n, buf);         /* (2F, n) */
+    for (long i = 0; i < F; i++) silu_mul(hT + i * L, hT + (F + i) * L, n);            /* a^T in hT[0:F] */
+    weight_product(j->down + e * D * F, D, F, hT, L, yT, L, n, buf);                    /* (D, n) */
+    for (long c = 0; c < n; c++) {
+        float *yr = j->y + (lo + c) * D;
+        for (long d = 0; d < D; d++) yr[d] = yT[d * L + c];
+    }
+}
+
+typedef struct {
+    const float *y, *w;          /* (P, D), (T, K) */
+    const long *pos;             /* (T, K): the pair index of (t, k) */
+    const long *idx;             /* (T, K) expert ids */
+    long K, D;
+    float *out;
+} mix_job;
+
+/* out[t] = sum over t's experts in increasing id of w * y (the order in which Experts.forward's index_add_ adds
+ * them: pairs sorted by expert, stably). */
+static void mix_range(void *p, long t0, long t1) {
+    const mix_job *j = (const mix_job *)p;
+    long K = j->K, D = j->D;
+    for (long t = t0; t < t1; t++) {
+        float *o = j->out + t * D;
+        for (long d = 0; d < D; d++) o[d] = 0.f;
+        long done = 0;                                   /* bit k set: pair k added */
+        for (long s = 0; s < K; s++) {
+            long best = -1;
+            for (long k = 0; k < K; k++)
+                if (!(done >> k & 1) && (best < 0 || j->idx[t * K + k] < j->idx[t * K + best])) best = k;
+            done |= 1L << best;
+            const float *y = j->y + j->pos[t * K + best] * D;
+            float w = j->w[t * K + best];
+            for (long d = 0; d < D; d++) o[d] += w * y[d];
+        }
+    }
+}
+
+int mf_prefill_experts(const float *x, long T, long D, const long *topk_idx, const float *topk_w, long K, long E,
+                       long F, const unsigned short *gate_up, const unsigned short *down, float *y_PD, float *out) {
+    if (K < 1 || K > 63) return -2;
+    long P = T * K, ntask = 0;
+    long *mem = (long *)mf_scratch(1, sizeof(long) * (size_t)(3 * E + 2 * P + 2 * (P / EXPERT_TOKENS + E + 1)));
+    if (!mem) return -1;
+    long *count = mem, *first = count + E, *fill = first + E, *pair_tok = fill + E, *pos = pair_tok + P;
+    long *task_e = pos + P, *task_lo = task_e + P / EXPERT_TOKENS + E + 1;
+    for (long e = 0; e < E; e++) count[e] = 0;
+    for (long i = 0; i < P; i++) {
+        if (topk_idx[i] < 0 || topk_idx[i] >= E) return -2;
+        count[topk_idx[i]]++;
+    }
+    for (long e = 0, acc = 0; e < E; e++) {
+        first[e] = fill[e] = acc;
+        acc += count[e];
+        for (long lo = first[e]; lo < acc; lo += EXPERT_TOKENS) task_e[ntask] = e, task_lo[ntask++] = lo;
+    }
+    for (long i = 0; i < P; i++) {                       /* tokens ascending within each expert */
+        long s = fill[topk_idx[i]]++;
+        pair_tok[s] = i / K;
+        pos[i] = s;
+    }
+    experts_job j = {x, pair_tok, first, count, task_e, task_lo, D, F, (const uint16_t *)gate_up,
+                     (const uint16_t *)down, y_PD, 0};
+    mf_parallel(ntask, expert_task, &j);
+    if (j.failed) return -1;
+    mix_job m = {y_PD, topk_w, pos, topk_idx, K, D, out};
+    mf_parallel_ranges(T, 1, mix_range, &m);
+    return 0;
+}
+
+/* ------------------------------------------------------------------------------------------------ attention */
+
+typedef struct {
+    const float *q, *k, *v;      /* new rows: q (N, nq, d), k (N, h, d), v (N, h, dv) with row strides */
+    long q_sr, k_sr, v_sr;
+    const long *pos;             /* (N,) positions of the new rows */
+    const long *seq_lo;          /* (B + 1,) flat row ranges of the sequences */
+    const float *k_pool, *v_pool;   /* (h, S, d), (h, S, dv) */
+    long S;
+    const long *read_slots, *past_pos;   /* (B, P): cached keys' slots and positions (-1: not a key) */
+    long P, nq, h, d, dv, window;
+    const float *sinks;          /* (nq,) or NULL */
+    float scale;
+    float *out;                  /* (N, nq, dv) */
+    const long *task_b, *task_lo;
+    _Atomic int failed;          /* a task found no scratch */
+} attn_job;
+
+/* A task's scratch for up to maxk keys: K^T (d, maxk), V (maxk, dv), scores (QUERY_ROWS, maxk), then 2 * maxk
+ * longs (each key's source and position). */
+static size_t attn_scratch(long maxk, long d, long dv) {
+    return sizeof(float) * (size_t)(maxk * (d + dv + QUERY_ROWS)) + sizeof(long) * (size_t)(2 * maxk);
+}
+
+static inline int key_ok(long kp, long qp, long window) {
+    return kp >= 0 && kp <= qp && (window <= 0 || qp - kp < window);
+}
+
+/* Task: rows [lo, lo + QUERY_ROWS) of sequence b, every head: the keys some row may see are gathered once per kv
+ * head (K transposed, V as is), then per query head S = Q . K^T, masked softmax with the sink, O = P . V. */
+static void attn_task(void *p, long t) {
+    attn_job *j = (attn_job *)p;
+    long b = j->task_b[t], lo = j->task_lo[t], hi = j->seq_lo[b + 1];
+    if (hi > lo + QUERY_ROWS) hi = lo + QUERY_ROWS;
+    long R = hi - lo, d = j->d, dv = j->dv, h = j->h, G = j->nq / h, P = j->P;
+    long qmin = j->pos[lo], qmax = j->pos[lo];
+    for (long r = lo; r < hi; r++) {
+        qmin = j->pos[r] < qmin ? j->pos[r] : qmin;
+        qmax = j->pos[r] > qmax ? j->pos[r] : qmax;
+    }
+    long maxk = P + j->seq_lo[b + 1] - j->seq_lo[b];   /* this sequence's keys, at most */
+    float *mem = (float *)mf_scratch(0, attn_scratch(maxk, d, dv));
+    if (!mem) {
+        j->failed = 1;
+        return;
+    }
+    float *kT = mem, *vv = kT + maxk * d, *s = vv + maxk * dv;
+    long *src = (long *)(s + maxk * QUERY_ROWS);      /* key c: >= 0 the past key src[c], < 0 the new row -1 - src */
+    long nk = 0;
+    for (long i = 0; i < P; i++) {
+        long kp = j->past_pos[b * P + i];
+        if (key_ok(kp, qmax, 0) && (j->window <= 0 || qmin - kp < j->window)) src[nk++] = i;
+    }
+    for (long r = j->seq_lo[b]; r < j->seq_lo[b + 1]; r++) {
+        long kp = j->pos[r];
+        if (kp <= qmax && (j->window <= 0 || qmin - kp < j->window)) src[nk++] = -1 - r;
+    }
+    long *kp_of = src + maxk;
+    for (long c = 0; c < nk; c++)
+        kp_of[c] = src[c] >= 0 ? j->past_pos[b * P + src[c]] : j->pos[-1 - src[c]];
+    for (long g = 0; g < h; g++) {
+        for (long c = 0; c < nk; c++) {
+            const float *kr, *vr;
+            if (src[c] >= 0) {
+                long slot = j->read_slots[b * P + src[c]];
+                kr = j->k_pool + (g * j->S + slot) * d;
+                vr = j->v_pool + (g * j->S + slot) * dv;
+            } else {
+                kr = j->k + (-1 - src[c]) * j->k_sr + g * d;
+                vr = j->v + (-1 - src[c]) * j->v_sr + g * dv;
+            }
+            for (long i = 0; i < d; i++) kT[i * nk + c] = kr[i];
+            memcpy(vv + c * dv, vr, sizeof(float) * (size_t)dv);
+        }
+        for (long hq = g * G; hq < (g + 1) * G; hq++) {
+            product(j->q + lo * j->q_sr + hq * d, j->q_sr, R, kT, nk, d, s, nk, nk);       /* (R, nk) */
+            for (long r = 0; r < R; r++) {
+                float *sr = s + r * nk;
+                long qp = j->pos[lo + r];
+                float m = j->sinks ? j->sinks[hq] : -INFINITY;
+                for (long c = 0; c < nk; c++) {
+                    sr[c] = key_ok(kp_of[c], qp, j->window) ? sr[c] * j->scale : -INFINITY;
+                    m = sr[c] > m ? sr[c] : m;
+                }
+                float sum = exp_sub_sum(sr, nk, m);
+                if (j->sinks) sum += expf(j->sinks[hq] - m);
+                float inv = 1.0f / sum;
+                for (long c = 0; c < nk; c++) sr[c] *= inv;
+            }
+            product(s, nk, R, vv, dv, nk, j->out + (lo * j->nq + hq) * dv, j->nq * dv, dv);   /* (R, dv) */
+        }
+    }
+}
+
+int mf_prefill_attn(const float *q, long q_sr, const float *k, long k_sr, const float *v, long v_sr, const long *pos,
+                    const long *seq_lo, long B, const float *k_pool, const float *v_pool, long S,
+                    const long *read_slots, const long *past_pos, long P, long nq, long h, long d, long dv,
+                    long window, const float *sinks, float scale, float *out) {
+    if (h < 1 || nq % h) return -2;
+    long n = 0;
+    for (long b = 0; b < B; b++) {
+        long len = seq_lo[b + 1] - seq_lo[b];
+        if (len < 0) return -2;
+        n += (len + QUERY_ROWS - 1) / QUERY_ROWS;
+    }
+    long *tasks = (long *)mf_scratch(1, sizeof(long) * (size_t)(2 * n + 1));
+    if (!tasks) return -1;
+    long *task_b = tasks, *task_lo = tasks + n, t = 0;
+    for (long b = 0; b < B; b++)
+        for (long lo = seq_lo[b]; lo < seq_lo[b + 1]; lo += QUERY_ROWS) task_b[t] = b, task_lo[t++] = lo;
+    attn_job j = {q, k, v, q_sr, k_sr, v_sr, pos, seq_lo, k_pool, v_pool, S, read_slots, past_pos, P, nq, h, d, dv,
+                  window, sinks, scale, out, task_b, task_lo, 0};
+    mf_parallel(n, attn_task, &j);
+    return j.failed ? -1 : 0;
+}
