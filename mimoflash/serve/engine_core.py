@@ -15,7 +15,9 @@ and waiting requests, KV use per pool, preemptions). MTP acceptance arrives with
 
 Grammar matchers (llguidance) live here, next to the sampler: the server sends the compiled grammar (a string) with
 the request, this process builds one matcher per choice, masks the logits of those rows (grammar.MaskingRunner)
-and advances each matcher with the sampled tokens.
+and advances each matcher with the sampled tokens. The masking wrapper is the engine's runner only while a
+constrained request runs: with the plain runner the engine may decode several steps per call (multi-step
+decoding), which a mask computed once per call could not follow.
 
 The loop: while requests run, drain the commands that arrived (`poll` is one system call), step, send. While idle,
 wait for a command (checking tensor-parallel workers every half second). When the server process goes away (its
@@ -113,8 +115,7 @@ class EngineCore:
         self._compiler = None
         from . import grammar
         if grammar.available():
-            self.masking = grammar.MaskingRunner(self.engine.runner)
-            self.engine.runner = self.masking
+            self.masking = grammar.MaskingRunner(self.engine.runner)     # in the engine only while it has matchers
         self._n: dict[str, int] = {}                 # request id -> its number of choices, while it runs
         self._drain_deadline: float | None = None
 
@@ -157,6 +158,7 @@ class EngineCore:
             if matchers:
                 for i, m in enumerate(matchers):
                     self.masking.matchers[_child_id(rid, params.n, i)] = m
+                self.engine.runner = self.masking
             return rid, None
         if cmd[0] == "abort":
             if cmd[1] in self._n:
@@ -194,6 +196,8 @@ class EngineCore:
                 if matchers:
                     for i in range(n):
                         matchers.pop(_child_id(rid, n, i), None)
+                    if not matchers:
+                        self.engine.runner = self.masking.inner        # no constrained request left
             deltas.append((rid, out.finished, [(o.index, o.text, o.token_ids, o.finish_reason, o.stop_reason,
                                                 o.logprobs) for o in out.outputs], out.metrics))
         return deltas

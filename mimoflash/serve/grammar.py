@@ -6,10 +6,11 @@ the engine samples, and feed each sampled token back to the request's matcher. O
 the end-of-turn token is allowed, so the request stops with a complete document.
 
 Where the mask goes in. The engine has no per-request logits-processor hook, and the server does not own the
-sampler, so `MaskingRunner` wraps the engine's `ModelRunner` (an explicit wrapper class, swapped in once by the
-engine loop): its `execute(batch)` returns the runner's logits, one row per sampled item in batch order
-(engine/runner.py), with the rows of constrained requests masked. The sampler then sees -inf outside the grammar,
-for greedy and random sampling alike. Logprobs are those of the masked distribution for these requests.
+sampler, so `MaskingRunner` wraps the engine's `ModelRunner` (an explicit wrapper class, swapped in by the engine
+process while constrained requests run, engine_core.py): its `execute(batch)` returns the runner's logits, one row
+per sampled item in batch order (engine/runner.py), with the rows of constrained requests masked. The sampler then
+sees -inf outside the grammar, for greedy and random sampling alike. Logprobs are those of the masked distribution
+for these requests.
 
 What is constrained: the whole completion. `json_object` = any JSON object; `json_schema` = that schema;
 `tool_choice` "required" / named = one (or, for "required", one or more) `<tool_call>` blocks in the model's XML
@@ -114,7 +115,7 @@ class GrammarCompiler:
 class MaskingRunner:
     """Wraps a ModelRunner: `execute` masks the logits rows of requests that carry a grammar matcher.
 
-    Everything else (attributes, other methods) is the wrapped runner's. The engine loop owns `matchers`
+    Everything else (attributes, other methods) is the wrapped runner's. The engine process owns `matchers`
     (request id -> LLMatcher) and advances them with each sampled token."""
 
     def __init__(self, runner):
