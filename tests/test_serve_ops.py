@@ -102,6 +102,7 @@ def test_engine_core_acks_streams_aborts_and_stops_when_the_server_goes():
     is gone) ends the loop."""
     from mimoflash import LLM, SamplingParams, default_model
     from mimoflash.serve.engine_core import EngineCore, rebuild_error
+    from mimoflash.serve.grammar import GrammarCompiler
 
     llm = LLM(default_model(), max_num_seqs=2, progress=False)
     ids = llm.tokenizer.encode("def fibonacci(n):")
@@ -139,6 +140,21 @@ def test_engine_core_acks_streams_aborts_and_stops_when_the_server_goes():
         assert rid == "a" and choices[0][3] == "abort"
         assert msg[3][:4] == (0, 0, 0.0, 0.0)                 # nothing running, every block and ring free
         assert llm.engine.kv.num_free_blocks == llm.engine.kv.layout.num_blocks
+
+        # A constrained request: its grammar is built into a matcher here, the masking runner is the engine's runner
+        # while it runs (the output starts as the grammar wants) and the plain runner is back once it ends.
+        plain = llm.engine.runner
+        grammar = GrammarCompiler(llm.tokenizer, llm.model.config.vocab_size, llm.engine.eos_token_ids)
+        cmd_send.send(("add", "g", ids, SamplingParams(temperature=0, max_tokens=6), None,
+                       [grammar.json_schema(None)]))
+        text = ""
+        while True:
+            msg = _messages(out_recv, lambda m: m[0] == "step" and m[2])
+            (rid, finished, choices, _), = msg[2]
+            text += choices[0][1]
+            if finished:
+                break
+        assert text.startswith("{") and llm.engine.runner is plain and not core.masking.matchers
     finally:
         cmd_send.close()                                       # as when the server process dies
         loop.join(30)
