@@ -197,3 +197,29 @@ def test_cli_num_scheduler_steps(models, tmp_path):
            for n in ("1", "5")]
     assert got[0] == got[1] and len(got[0]) == 20
     refused(mimoflash(*common, "--num-scheduler-steps", "0"), 2, "--num-scheduler-steps must be >= 1")
+
+
+@pytest.mark.parametrize("panels", [True, False])
+def test_greedy_runs_go_through_the_c_loop(models, panels, monkeypatch):
+    """Greedy runs on the fused path are one kernels.decode_steps call each (the lm_head on its panels or
+    row-major), with the tokens of one-step decoding, stop tokens included; logprobs keep the Python loop."""
+    from mimoflash import kernels
+    runs = []
+    real = kernels.decode_steps
+
+    def spy(n, *args):
+        runs.append(real(n, *args))
+        return runs[-1]
+
+    monkeypatch.setattr(kernels, "decode_steps", spy)
+    ps = prompts([4, 9, 2], seed=4)
+    free = run(models["bf16"], 1, ps, SamplingParams(temperature=0, max_tokens=30), weight_panels=panels)[1]
+    params = [SamplingParams(temperature=0, max_tokens=30, stop_token_ids=[o.outputs[0].token_ids[11]]) for o in free]
+    ref = run(models["bf16"], 1, ps, params, weight_panels=panels)[1]
+    assert not runs
+    assert outputs(run(models["bf16"], 8, ps, params, weight_panels=panels)[1]) == outputs(ref)
+    assert len(runs) >= 2 and max(runs) > 1
+    runs.clear()
+    lp = SamplingParams(temperature=0, max_tokens=20, logprobs=1)
+    assert outputs(run(models["bf16"], 8, ps, lp)[1]) == outputs(run(models["bf16"], 1, ps, lp)[1])
+    assert not runs

@@ -246,7 +246,12 @@ class LLMEngine:
                     lps[r.request_id].append(lp)
             return toks, any(t in s for t, s in zip(toks, stops))
 
-        self.runner.execute_steps(batch, choose)
+        greedy = all(r.params.greedy and r.params.logprobs is None for r in reqs)
+        run = self.runner.execute_greedy_steps(batch, stops) if greedy else None
+        if run is not None:                     # the whole run in one C call (the same tokens: see the runner)
+            steps = run
+        else:
+            self.runner.execute_steps(batch, choose)
 
         def on_token(req: Request) -> None:
             self._process_token(req, lps[req.request_id].pop(0) if req.request_id in lps else None)

@@ -37,6 +37,7 @@ column, the spec transcription); `tests/test_kv_cache.py` checks that all paths 
 
 from __future__ import annotations
 
+import ctypes
 import functools
 from dataclasses import dataclass, replace
 
@@ -581,22 +582,77 @@ class ModelRunner:
         per step). Made back to back, that Python runs with warm caches; interleaved with the steps, each of which
         streams all the weights through the caches first, the same work costs several times more (docs/ENGINE.md,
         "Where a batch-1 step's time goes")."""
-        items = batch.items
-        B = len(items)
-        ids = [it.request.token_slice(it.start, it.start + 1)[0] for it in items]
-        steps = [self.prepare_slices([Slice(it.request, it.start + i, [0]) for it in items])
-                 for i in range(batch.num_steps)]
-        fused = [self.fused.step_args(st.positions, st.meta.kinds, B, refresh=i == 0) for i, st in enumerate(steps)
-                 ] if self.fused is not None and steps[0].meta.decode else [None] * len(steps)
-        self._main_rows = None                                   # no MTP pass follows a run (the engine's rule)
+        B = len(batch.items)
+        ids = self._fed_ids(batch)
+        steps, fused = self._plan_steps(batch)
         done = 0
-        for st, args in zip(steps, fused):
+        for st, args in zip(steps, fused or [None] * len(steps)):
             st.input_ids = self._host(np.array(ids, dtype=np.int64)).view(1, B)
             ids, stop = choose(self._forward(st, args))
             done += 1
             if stop:
                 break
         return done
+
+    @staticmethod
+    def _fed_ids(batch: Batch) -> list[int]:
+        return [it.request.token_slice(it.start, it.start + 1)[0] for it in batch.items]
+
+    def _plan_steps(self, batch: Batch) -> tuple[list[StepInputs], list | None]:
+        """A run's steps: each step's StepInputs (token ids left to fill) and, on the fused path, its
+        `FusedDecoder.step_args` (the panels refreshed once, for the first)."""
+        items = batch.items
+        steps = [self.prepare_slices([Slice(it.request, it.start + i, [0]) for it in items])
+                 for i in range(batch.num_steps)]
+        self._main_rows = None                                   # no MTP pass follows a run (the engine's rule)
+        if self.fused is None or not steps[0].meta.decode:
+            return steps, None
+        return steps, [self.fused.step_args(st.positions, st.meta.kinds, len(items), refresh=i == 0)
+                       for i, st in enumerate(steps)]
+
+    @torch.inference_mode()
+    def execute_greedy_steps(self, batch: Batch, stops: list[frozenset]) -> list[list[int]] | None:
+        """A multi-step run of greedy rows in one C call (kernels.decode_steps, kernels/steps.c): per step the
+        fused layers, the final norm, the lm_head and the argmax that `execute_steps` + `sample` run from Python,
+        the same calls on the same arguments, so the same tokens; the run ends after the first step in which row b
+        yields one of `stops[b]`. -> the tokens of each step run, or None (nothing run) when a part of the step is
+        not one the C loop makes: no fused decoder, an lm_head or final norm other than the bf16 kernels' ones, a
+        position past the RoPE tables, FP8 experts whose store counts each step."""
+        from .cpu_layout import KERNEL_MAX_ROWS, Bf16Linear, FastRMSNorm
+        fused, head, norm = self.fused, self.model.lm_head, self.model.model.norm
+        B = len(batch.items)
+        if (fused is None or type(head) is not Bf16Linear or type(norm) is not FastRMSNorm
+                or head.weight.dtype != torch.bfloat16 or head.weight.shape != fused.emb.shape
+                or norm.weight.dtype != torch.float32 or not norm.weight.is_contiguous()
+                or any(hasattr(args, "expert_layer") for args, _, _ in fused.layers)):
+            return None
+        wp = head._panels.get() if head._panels is not None else None
+        if wp is None and not (head.weight.is_contiguous() and B <= KERNEL_MAX_ROWS):
+            return None
+        steps, per_step = self._plan_steps(batch)
+        if per_step is None:
+            return None
+        rows = np.zeros((len(steps), 2, 9), dtype=np.int64)
+        for i, (per_kind, _) in enumerate(per_step):
+            for sliding, (cos, sin, rope_rows, table, chunk, K, slots, bias) in per_kind.items():
+                if rope_rows is None:
+                    return None
+                rows[i, int(sliding)] = (cos.data_ptr(), sin.data_ptr(), rope_rows.data_ptr(), table.data_ptr(),
+                                         table.shape[-1], chunk, K, slots.data_ptr(),
+                                         0 if bias is None else bias.data_ptr())
+        chosen = per_step[0][1]
+        layers = torch.tensor([ctypes.addressof(args) for args, _, _ in fused.layers], dtype=torch.int64)
+        sliding = torch.tensor([int(s) for _, s, _ in fused.layers], dtype=torch.int64)
+        tokens = torch.zeros(len(steps) + 1, B, dtype=torch.int64)
+        tokens[0] = torch.tensor(self._fed_ids(batch))
+        stop_ids = torch.tensor([t for s in stops for t in sorted(s)] or [0], dtype=torch.int64)
+        stop_off = torch.tensor(np.cumsum([0] + [len(s) for s in stops]), dtype=torch.int64)
+        done = kernels.decode_steps(len(steps), layers, sliding,
+                                    torch.tensor([c.data_ptr() for c in chosen], dtype=torch.int64),
+                                    torch.from_numpy(rows), fused.emb, norm.weight, norm.eps,
+                                    wp if wp is not None else head.weight, wp is not None, tokens, stop_ids, stop_off)
+        self.last_hidden = None
+        return tokens[1:done + 1].tolist()
 
     @torch.inference_mode()
     def fill_mtp_kv(self, layer: int, slices: list[Slice], hidden: torch.Tensor) -> None:

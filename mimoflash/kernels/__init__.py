@@ -48,7 +48,7 @@ import torch.nn.functional as F
 log = logging.getLogger(__name__)
 
 _SOURCES = [Path(__file__).with_name(n) for n in ("wgemm.c", "panels.c", "ops.c", "decode.c", "pool.c", "fp8.c",
-                                                  "prefill.c", "abi.c")]
+                                                  "prefill.c", "steps.c", "abi.c")]
 _HEADER = Path(__file__).with_name("mimoflash_kernels.h")
 _FLAGS = ["-O3", "-fPIC", "-shared", "-std=gnu11", "-fopenmp-simd", "-pthread"]
 _lib: ctypes.CDLL | None = None
@@ -139,6 +139,7 @@ _SIGNATURES: dict[str, tuple] = {
     "mf_prefill_attn": (_I, [_P, _L, _P, _L, _P, _L, _P, _P, _L, _P, _P, _L, _P, _P, _L, _L, _L, _L, _L, _L, _P, _F,
                              _P]),
     "mf_prefill_simd": (_I, []),
+    "mf_decode_steps": (_L, [_L, _L, _L, _P, _P, _P, _P, _P, _L, _L, _P, _F, _P, _I, _P, _P, _P, _P, _P, _P]),
     "mf_set_num_threads": (None, [_I]),
     "mf_pool_probe": (_L, [_L, _L]),
     "mf_layer_abi": (_L, [_P, _L]),
@@ -574,6 +575,31 @@ def embed_bf16(ids: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
     if lib.mf_embed_bf16(ids.data_ptr(), ids.shape[0], emb.data_ptr(), V, H, x.data_ptr()):
         raise ValueError(f"embed_bf16: a token id is outside [0, {V})")
     return x
+
+
+def decode_steps(n: int, layers: torch.Tensor, sliding: torch.Tensor, chosen: torch.Tensor, step_args: torch.Tensor,
+                 emb: torch.Tensor, norm_w: torch.Tensor, eps: float, head_w: torch.Tensor, head_panels: bool,
+                 tokens: torch.Tensor, stop_ids: torch.Tensor, stop_off: torch.Tensor) -> int:
+    """Up to n greedy decode steps of B sequences in one call (steps.c; engine/runner.py builds the arguments):
+    layers / chosen (L,) int64 addresses of each layer's LayerArgs and (B, top_k) expert-id buffer, sliding (L,) int64,
+    step_args (n, 2, 9) int64 per step and attention kind, emb (V, H) bf16, head_w the lm_head's (V, H) bf16 weight
+    or its panels, tokens (n + 1, B) int64 (row 0 = the fed ids; row i + 1 receives step i's argmax), stop_ids /
+    stop_off: row b's stop ids are stop_ids[stop_off[b]:stop_off[b + 1]].
+    -> the steps run (the first step that yields a stop id is the last)."""
+    lib = _lib if _lib is not None else _lib_or_raise()
+    (V, H), B = emb.shape, tokens.shape[1]               # the lm_head's outputs: V (the caller checks)
+    x, xn, logits = torch.empty(B, H), torch.empty(B, H), torch.empty(B, V)
+    rc = lib.mf_decode_steps(n, B, layers.shape[0], layers.data_ptr(), sliding.data_ptr(), chosen.data_ptr(),
+                             step_args.data_ptr(), emb.data_ptr(), V, H, norm_w.data_ptr(), eps,
+                             head_w.data_ptr(), int(head_panels), x.data_ptr(), xn.data_ptr(), logits.data_ptr(),
+                             tokens.data_ptr(), stop_ids.data_ptr(), stop_off.data_ptr())
+    if rc == -1:
+        raise ValueError("decode_steps: a token id is outside the vocabulary")
+    if rc == -2:
+        raise ValueError("decode_steps: a cache slot or a chunk id of a table is out of range")
+    if rc < 0:
+        raise MemoryError("decode_steps: out of memory")
+    return rc
 
 
 DECODE_PHASES = ("q|k|v product", "RoPE + K/V store", "attention", "o product + norm", "routed experts", "dense MLP")

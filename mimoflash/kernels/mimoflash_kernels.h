@@ -91,6 +91,12 @@ int mf_prefill_attn(const float *q, long q_sr, const float *k, long k_sr, const 
                     long window, const float *sinks, float scale, float *out);
 int mf_prefill_simd(void);
 
+/* steps.c: n greedy decode steps of B sequences in one call (engine/runner.py's multi-step run) -> steps run */
+long mf_decode_steps(long n, long B, long L, const int64_t *layers, const long *sliding, const int64_t *chosen,
+                     const int64_t *step_args, const unsigned short *emb, long V, long H, const float *norm_w,
+                     float eps, const uint16_t *head_w, int head_panels, float *x, float *xn, float *logits,
+                     long *tokens, const long *stop_ids, const long *stop_off);
+
 /* pool.c: the thread pool */
 void mf_set_num_threads(int n);
 long mf_pool_probe(long n, long spin_us);

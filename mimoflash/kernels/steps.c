@@ -1,0 +1,47 @@
+/* Several greedy decode steps in one call: the loop that engine/runner.py's multi-step run (docs/ENGINE.md,
+ * "Multi-step decoding") would otherwise drive from Python, where each step's ~100 small Python operations run
+ * right after the step has streamed every weight through the caches and cost 10-30x their warm time.
+ *
+ * Step i, for B sequences: embed tokens[i] (mf_embed_bf16), each decoder layer (mf_decode_layer, with the step's
+ * metadata for the layer's attention kind), the final RMSNorm (mf_rms_norm), the lm_head product on its panels
+ * (mf_gemm_bf16p) or row-major weight (mf_gemm_bf16w), then tokens[i + 1] = the greedy argmax (mf_argmax_rows):
+ * the same calls, in the same order, on the same arguments as one Python step (engine/fused_decode.py, the model's
+ * final norm and lm_head, sampling.sample for greedy rows), so the tokens are the same bit for bit. The run stops
+ * after the first step in which a row's token is one of its stop ids (eos, stop_token_ids).
+ *
+ * The per-step metadata is made by the runner beforehand, one row of 2 x MF_STEP_FIELDS int64 values per step
+ * (kind 0 = global attention, 1 = sliding window): cos table, sin table, rope rows (B,), chunk table (B, n_chunks),
+ * n_chunks, chunk, K, write slots (B,), bias (B, K) or 0, all as mf_decode_layer takes them.
+ */
+#include "mimoflash_kernels.h"
+
+enum { MF_STEP_FIELDS = 9 };
+
+long mf_decode_steps(long n, long B, long L, const int64_t *layers, const long *sliding, const int64_t *chosen,
+                     const int64_t *step_args, const unsigned short *emb, long V, long H, const float *norm_w,
+                     float eps, const uint16_t *head_w, int head_panels, float *x, float *xn, float *logits,
+                     long *tokens, const long *stop_ids, const long *stop_off) {
+    for (long i = 0; i < n; i++) {
+        const long *ids = tokens + i * B;
+        long *next = tokens + (i + 1) * B;
+        if (mf_embed_bf16(ids, B, emb, V, H, x)) return -1;
+        for (long l = 0; l < L; l++) {
+            const int64_t *a = step_args + (i * 2 + (sliding[l] ? 1 : 0)) * MF_STEP_FIELDS;
+            int rc = mf_decode_layer((const mf_layer *)(intptr_t)layers[l], x, B, (const float *)(intptr_t)a[0],
+                                     (const float *)(intptr_t)a[1], (const long *)(intptr_t)a[2],
+                                     (const long *)(intptr_t)a[3], a[4], a[5], a[6], (const long *)(intptr_t)a[7],
+                                     (const float *)(intptr_t)a[8], (long *)(intptr_t)chosen[l]);
+            if (rc) return rc == -1 ? -2 : -3;
+        }
+        mf_rms_norm(x, H, norm_w, xn, H, B, H, eps);
+        if (head_panels)
+            mf_gemm_bf16p(xn, H, head_w, logits, V, B, V, H);
+        else
+            mf_gemm_bf16w(xn, H, head_w, logits, V, B, V, H);
+        mf_argmax_rows(logits, V, B, V, next);
+        for (long b = 0; b < B; b++)
+            for (long s = stop_off[b]; s < stop_off[b + 1]; s++)
+                if (next[b] == stop_ids[s]) return i + 1;
+    }
+    return n;
+}
