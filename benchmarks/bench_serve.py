@@ -16,6 +16,10 @@ The clients: all streams of a round are coroutines in this one process (one asyn
 `POST /v1/completions` that reads the SSE lines and parses every `data:` chunk as JSON (`--client aiohttp`, the
 default, parses HTTP in C; `--client httpx` is pure Python and costs about three times the CPU per chunk). They run
 on the same machine as the server, so their CPU time is taken from it; `LLM.generate` has no client at all.
+
+Per round the table also gives the CPU seconds used by each process: the engine (the server's engine process, or
+`LLM.generate` in this process), the server process (HTTP, JSON, SSE; a server without an engine process counts
+everything here) and the clients (this process while the streams run).
 """
 
 from __future__ import annotations
@@ -144,6 +148,45 @@ async def http_round(url: str, model: str, ps: list[str], max_tokens: int, extra
     return {"tok_s": sum(r["tokens"] for r in res) / wall, "ttft": ttft, "itl": itl}
 
 
+def process_cpu(pid: int) -> float:
+    """CPU seconds process `pid` has run so far, all its threads (the scheduler's nanosecond counts: /proc/PID/stat
+    counts in 10 ms ticks, too coarse for a round). Threads that ended are not counted."""
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            total += int(open(f"/proc/{pid}/task/{tid}/schedstat").read().split()[0])
+        except (OSError, ValueError, IndexError):
+            pass
+    return total / 1e9
+
+
+def own_cpu() -> float:
+    return process_cpu(os.getpid())
+
+
+def engine_child(pid: int) -> int | None:
+    """The engine process `mimoflash serve` started (multiprocessing's spawn child), or None."""
+    try:
+        children = open(f"/proc/{pid}/task/{pid}/children").read().split()
+    except OSError:
+        return None
+    for child in children:
+        if b"spawn_main" in open(f"/proc/{child}/cmdline", "rb").read():
+            return int(child)
+    return None
+
+
+def measured(fn, pids: dict[str, int]) -> dict:
+    """Run one round -> its result with `cpu`: CPU seconds of each process in `pids` and of this one ("client":
+    the HTTP clients, or the offline engine itself) over the round."""
+    before = {k: process_cpu(p) for k, p in pids.items()}
+    c0 = own_cpu()
+    r = fn()
+    r["cpu"] = {k: process_cpu(p) - before[k] for k, p in pids.items()}
+    r["cpu"]["client"] = own_cpu() - c0
+    return r
+
+
 def offline_round(llm, ps: list[str], max_tokens: int) -> dict:
     from mimoflash import SamplingParams
     sp = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
@@ -190,18 +233,21 @@ def main() -> int:
     procs.append(start([py, "-m", "mimoflash", "serve", path, "--port", str(port), "--max-num-seqs", str(max_seqs),
                         "--served-model-name", "m", "--log-level", "warning"], f"http://127.0.0.1:{port}/health"))
     servers["server"] = (f"http://127.0.0.1:{port}", "m", {"ignore_eos": True})
+    owner = {"server": procs[-1]}                    # system -> its server process
     if a.mtp:
         port = free_port()
         procs.append(start([py, "-m", "mimoflash", "serve", path, "--port", str(port), "--max-num-seqs",
                             str(max_seqs), "--served-model-name", "m", "--mtp", str(a.mtp), "--log-level", "warning"],
                            f"http://127.0.0.1:{port}/health"))
         servers[f"server+mtp{a.mtp}"] = (f"http://127.0.0.1:{port}", "m", {"ignore_eos": True})
+        owner[f"server+mtp{a.mtp}"] = procs[-1]
     if a.stream_interval:
         port = free_port()
         procs.append(start([py, "-m", "mimoflash", "serve", path, "--port", str(port), "--max-num-seqs",
                             str(max_seqs), "--served-model-name", "m", "--stream-interval", str(a.stream_interval),
                             "--log-level", "warning"], f"http://127.0.0.1:{port}/health"))
         servers[f"server si={a.stream_interval}"] = (f"http://127.0.0.1:{port}", "m", {"ignore_eos": True})
+        owner[f"server si={a.stream_interval}"] = procs[-1]
     if a.with_transformers:
         exe = os.path.join(os.path.dirname(py), "transformers")
         for name, flags in (("transformers serve", []), ("transformers serve --cb", ["--continuous-batching"])):
@@ -219,6 +265,7 @@ def main() -> int:
                 if r["tok_s"] <= 0:
                     raise RuntimeError("no tokens streamed")
                 servers[name] = (url, path, {})
+                owner[name] = proc
             except Exception as e:                   # noqa: BLE001
                 failed[name] = _last_error_line(proc) or str(e)
                 procs.remove(proc)                   # stopped now: it may hold a large cache
@@ -229,6 +276,12 @@ def main() -> int:
                     proc.kill()
     for name, why in failed.items():
         print(f"{name}: failed: {why}", file=sys.stderr)
+    pids = {}                                        # system -> {"server": pid, "engine": pid of its engine process}
+    for name, proc in owner.items():
+        pids[name] = {"server": proc.pid}
+        child = engine_child(proc.pid)
+        if child is not None:
+            pids[name]["engine"] = child
     rows = []
     try:
         for c in conc:
@@ -237,16 +290,20 @@ def main() -> int:
             offline_round(llm, ps[:1], 4)
             runs: dict[str, list[dict]] = {}
             for _ in range(a.repeats):                                   # interleaved
-                runs.setdefault("offline LLM.generate", []).append(offline_round(llm, ps, a.max_tokens))
+                runs.setdefault("offline LLM.generate", []).append(
+                    measured(lambda: offline_round(llm, ps, a.max_tokens), {}))
                 for name, (url, model, extra) in servers.items():
-                    runs.setdefault(name, []).append(
-                        asyncio.run(http_round(url, model, ps, a.max_tokens, extra, a.client)))
+                    runs.setdefault(name, []).append(measured(
+                        lambda: asyncio.run(http_round(url, model, ps, a.max_tokens, extra, a.client)), pids[name]))
             base = statistics.median(r["tok_s"] for r in runs["offline LLM.generate"])
             for name, rs in runs.items():
                 tok_s = statistics.median(r["tok_s"] for r in rs)
                 ttft = [x for r in rs for x in r["ttft"] if x is not None]
                 itl = [x for r in rs for x in r["itl"]]
-                rows.append({"concurrency": c, "system": name, "tok_s": round(tok_s, 1),
+                cpu = {k: round(statistics.median(r["cpu"][k] for r in rs), 3) for k in rs[0]["cpu"]}
+                if name == "offline LLM.generate":
+                    cpu = {"engine": cpu["client"]}
+                rows.append({"concurrency": c, "system": name, "tok_s": round(tok_s, 1), "cpu_s": cpu,
                              "vs_offline": round(tok_s / base, 3),
                              "ttft_p50_ms": _ms(pct(ttft, 50)), "ttft_p99_ms": _ms(pct(ttft, 99)),
                              "itl_p50_ms": _ms(pct(itl, 50)), "itl_p99_ms": _ms(pct(itl, 99))})
@@ -259,11 +316,13 @@ def main() -> int:
             except subprocess.TimeoutExpired:
                 p.kill()
     print(f"\n{'streams':>7} {'system':<22} {'tok/s':>8} {'vs offline':>10} {'TTFT p50':>9} {'p99':>8} "
-          f"{'ITL p50':>8} {'p99':>8}   (ms; greedy, {a.max_tokens} tokens/request, medians of {a.repeats}, "
-          f"{a.client} clients)")
+          f"{'ITL p50':>8} {'p99':>8}  {'CPU s/round: engine / server / clients':<40}"
+          f"(ms; greedy, {a.max_tokens} tokens/request, medians of {a.repeats}, {a.client} clients)")
     for r in rows:
+        cpu = " / ".join(f"{r['cpu_s'][k]:.3f}" for k in ("engine", "server", "client") if k in r["cpu_s"])
         print(f"{r['concurrency']:>7} {r['system']:<22} {r['tok_s']:>8} {r['vs_offline']:>10} "
-              f"{_s(r['ttft_p50_ms']):>9} {_s(r['ttft_p99_ms']):>8} {_s(r['itl_p50_ms']):>8} {_s(r['itl_p99_ms']):>8}")
+              f"{_s(r['ttft_p50_ms']):>9} {_s(r['ttft_p99_ms']):>8} {_s(r['itl_p50_ms']):>8} {_s(r['itl_p99_ms']):>8}"
+              f"  {cpu}")
     for name, why in failed.items():
         print(f"{name}: failed: {why}")
     print(json.dumps({"bench": "serve", "model": path, "max_tokens": a.max_tokens, "repeats": a.repeats,
