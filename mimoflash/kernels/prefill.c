@@ -28,7 +28,7 @@
 #define MR 6                 /* rows of a tile */
 #define NR 32                /* columns of a tile */
 #define EXPERT_TOKENS 64     /* tokens per expert task: the weight rows' conversion is paid once per 64 tokens */
-#define QUERY_ROWS 32        /* query rows per attention task */
+#define QUERY_ROWS 30        /* query rows per attention task (5 tiles of 6) */
 
 static inline float bf16f(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
@@ -307,6 +307,61 @@ int mf_prefill_experts(const float *x, long T, long D, const long *topk_idx, con
 
 /* ------------------------------------------------------------------------------------------------ attention */
 
+/* One query row's scores s (n) against keys at positions kp (floats, exact below 2^24; < 0: not a key) -> its
+ * softmax with the sink logit in the denominator, in place: keys the row may not see (later, or window or more
+ * positions back) get 0. */
+#ifdef AVX512
+AVX512 static float mask_scale_max_avx512(float *s, const float *kp, long n, float qp, float lo, float scale) {
+    __m512 m = _mm512_set1_ps(-INFINITY), q = _mm512_set1_ps(qp), l = _mm512_set1_ps(lo);
+    __m512 sc = _mm512_set1_ps(scale), ninf = _mm512_set1_ps(-INFINITY), zero = _mm512_setzero_ps();
+    for (long i = 0; i < n; i += 16) {
+        __mmask16 t = n - i >= 16 ? 0xFFFF : (__mmask16)((1u << (n - i)) - 1);
+        __m512 k = _mm512_maskz_loadu_ps(t, kp + i);
+        __mmask16 ok = _mm512_cmp_ps_mask(k, zero, _CMP_GE_OQ) & _mm512_cmp_ps_mask(k, q, _CMP_LE_OQ)
+                       & _mm512_cmp_ps_mask(k, l, _CMP_GT_OQ) & t;
+        __m512 v = _mm512_mask_mul_ps(ninf, ok, _mm512_maskz_loadu_ps(t, s + i), sc);
+        _mm512_mask_storeu_ps(s + i, t, v);
+        m = _mm512_max_ps(m, v);
+    }
+    return _mm512_reduce_max_ps(m);
+}
+
+AVX512 static void scale_avx512(float *s, long n, float f) {
+    __m512 fv = _mm512_set1_ps(f);
+    for (long i = 0; i < n; i += 16) {
+        __mmask16 t = n - i >= 16 ? 0xFFFF : (__mmask16)((1u << (n - i)) - 1);
+        _mm512_mask_storeu_ps(s + i, t, _mm512_mul_ps(_mm512_maskz_loadu_ps(t, s + i), fv));
+    }
+}
+#endif
+
+static void row_softmax(float *s, const float *kp, long n, float qp, float window, float scale, const float *sink) {
+    float lo = qp - window, m;                               /* key p visible iff 0 <= p <= qp and p > qp - window */
+#ifdef AVX512
+    if (have_avx512()) {
+        m = mask_scale_max_avx512(s, kp, n, qp, lo, scale);
+    } else
+#endif
+    {
+        m = -INFINITY;
+        for (long i = 0; i < n; i++) {
+            s[i] = kp[i] >= 0 && kp[i] <= qp && kp[i] > lo ? s[i] * scale : -INFINITY;
+            m = s[i] > m ? s[i] : m;
+        }
+    }
+    if (sink && *sink > m) m = *sink;
+    float sum = exp_sub_sum(s, n, m);
+    if (sink) sum += expf(*sink - m);
+    float inv = 1.0f / sum;
+#ifdef AVX512
+    if (have_avx512()) {
+        scale_avx512(s, n, inv);
+        return;
+    }
+#endif
+    for (long i = 0; i < n; i++) s[i] *= inv;
+}
+
 typedef struct {
     const float *q, *k, *v;      /* new rows: q (N, nq, d), k (N, h, d), v (N, h, dv) with row strides */
     long q_sr, k_sr, v_sr;
@@ -315,86 +370,84 @@ typedef struct {
     const float *k_pool, *v_pool;   /* (h, S, d), (h, S, dv) */
     long S;
     const long *read_slots, *past_pos;   /* (B, P): cached keys' slots and positions (-1: not a key) */
-    long P, nq, h, d, dv, window;
+    long P, nq, h, d, dv;
+    float window;                /* INFINITY: no window */
     const float *sinks;          /* (nq,) or NULL */
     float scale;
     float *out;                  /* (N, nq, dv) */
-    const long *task_b, *task_lo;
+    const long *task_b, *task_lo, *key_off;   /* key_off (B + 1,): sequence b's keys start at key_off[b] */
+    float *keys, *kpos;          /* per (b, g): K^T (d, Kb) then V (Kb, dv), Kb = P + rows of b; key positions */
+    long maxk;
     _Atomic int failed;          /* a task found no scratch */
 } attn_job;
 
-/* A task's scratch for up to maxk keys: K^T (d, maxk), V (maxk, dv), scores (QUERY_ROWS, maxk), then 2 * maxk
- * longs (each key's source and position). */
-static size_t attn_scratch(long maxk, long d, long dv) {
-    return sizeof(float) * (size_t)(maxk * (d + dv + QUERY_ROWS)) + sizeof(long) * (size_t)(2 * maxk);
+/* Sequence b's keys (its P cached slots, then its new rows) for kv head g, gathered once for all its query
+ * blocks: K transposed (the B side of S = Q . K^T), V as is. */
+static float *keys_of(const attn_job *j, long b, long g) {
+    long Kb = j->key_off[b + 1] - j->key_off[b];
+    return j->keys + (j->key_off[b] * j->h + g * Kb) * (j->d + j->dv);
 }
 
-static inline int key_ok(long kp, long qp, long window) {
-    return kp >= 0 && kp <= qp && (window <= 0 || qp - kp < window);
+static void gather_task(void *p, long t) {
+    const attn_job *j = (const attn_job *)p;
+    long b = t / j->h, g = t % j->h, d = j->d, dv = j->dv, P = j->P;
+    long Kb = j->key_off[b + 1] - j->key_off[b];
+    float *kT = keys_of(j, b, g), *vv = kT + Kb * d;
+    for (long c = 0; c < Kb; c++) {
+        const float *kr, *vr;
+        if (c < P) {
+            long slot = j->read_slots[b * P + c];
+            kr = j->k_pool + (g * j->S + slot) * d;
+            vr = j->v_pool + (g * j->S + slot) * dv;
+        } else {
+            long r = j->seq_lo[b] + c - P;
+            kr = j->k + r * j->k_sr + g * d;
+            vr = j->v + r * j->v_sr + g * dv;
+        }
+        for (long i = 0; i < d; i++) kT[i * Kb + c] = kr[i];
+        memcpy(vv + c * dv, vr, sizeof(float) * (size_t)dv);
+    }
 }
 
-/* Task: rows [lo, lo + QUERY_ROWS) of sequence b, every head: the keys some row may see are gathered once per kv
- * head (K transposed, V as is), then per query head S = Q . K^T, masked softmax with the sink, O = P . V. */
+/* Task: query rows [lo, lo + QUERY_ROWS) of sequence b, every head, over the key columns [c0, c1) that some row
+ * of the block may see: per query head S = Q . K^T, masked softmax with the sink, O = P . V. */
 static void attn_task(void *p, long t) {
     attn_job *j = (attn_job *)p;
     long b = j->task_b[t], lo = j->task_lo[t], hi = j->seq_lo[b + 1];
     if (hi > lo + QUERY_ROWS) hi = lo + QUERY_ROWS;
-    long R = hi - lo, d = j->d, dv = j->dv, h = j->h, G = j->nq / h, P = j->P;
-    long qmin = j->pos[lo], qmax = j->pos[lo];
+    long R = hi - lo, d = j->d, dv = j->dv, h = j->h, G = j->nq / h;
+    long Kb = j->key_off[b + 1] - j->key_off[b];
+    const float *kp = j->kpos + j->key_off[b];
+    float qmin = (float)j->pos[lo], qmax = qmin;
     for (long r = lo; r < hi; r++) {
-        qmin = j->pos[r] < qmin ? j->pos[r] : qmin;
-        qmax = j->pos[r] > qmax ? j->pos[r] : qmax;
+        qmin = j->pos[r] < qmin ? (float)j->pos[r] : qmin;
+        qmax = j->pos[r] > qmax ? (float)j->pos[r] : qmax;
     }
-    long maxk = P + j->seq_lo[b + 1] - j->seq_lo[b];   /* this sequence's keys, at most */
-    float *mem = (float *)mf_scratch(0, attn_scratch(maxk, d, dv));
-    if (!mem) {
+    long c0 = Kb, c1 = 0;
+    for (long c = 0; c < Kb; c++)
+        if (kp[c] >= 0 && kp[c] <= qmax && kp[c] > qmin - j->window) {
+            c0 = c < c0 ? c : c0;
+            c1 = c + 1;
+        }
+    float *s = (float *)mf_scratch(0, sizeof(float) * (size_t)(QUERY_ROWS * j->maxk));
+    if (!s) {
         j->failed = 1;
         return;
     }
-    float *kT = mem, *vv = kT + maxk * d, *s = vv + maxk * dv;
-    long *src = (long *)(s + maxk * QUERY_ROWS);      /* key c: >= 0 the past key src[c], < 0 the new row -1 - src */
-    long nk = 0;
-    for (long i = 0; i < P; i++) {
-        long kp = j->past_pos[b * P + i];
-        if (key_ok(kp, qmax, 0) && (j->window <= 0 || qmin - kp < j->window)) src[nk++] = i;
-    }
-    for (long r = j->seq_lo[b]; r < j->seq_lo[b + 1]; r++) {
-        long kp = j->pos[r];
-        if (kp <= qmax && (j->window <= 0 || qmin - kp < j->window)) src[nk++] = -1 - r;
-    }
-    long *kp_of = src + maxk;
-    for (long c = 0; c < nk; c++)
-        kp_of[c] = src[c] >= 0 ? j->past_pos[b * P + src[c]] : j->pos[-1 - src[c]];
+    long n = c1 > c0 ? c1 - c0 : 0;
     for (long g = 0; g < h; g++) {
-        for (long c = 0; c < nk; c++) {
-            const float *kr, *vr;
-            if (src[c] >= 0) {
-                long slot = j->read_slots[b * P + src[c]];
-                kr = j->k_pool + (g * j->S + slot) * d;
-                vr = j->v_pool + (g * j->S + slot) * dv;
-            } else {
-                kr = j->k + (-1 - src[c]) * j->k_sr + g * d;
-                vr = j->v + (-1 - src[c]) * j->v_sr + g * dv;
-            }
-            for (long i = 0; i < d; i++) kT[i * nk + c] = kr[i];
-            memcpy(vv + c * dv, vr, sizeof(float) * (size_t)dv);
-        }
+        const float *kT = keys_of(j, b, g), *vv = kT + Kb * d;
         for (long hq = g * G; hq < (g + 1) * G; hq++) {
-            product(j->q + lo * j->q_sr + hq * d, j->q_sr, R, kT, nk, d, s, nk, nk);       /* (R, nk) */
-            for (long r = 0; r < R; r++) {
-                float *sr = s + r * nk;
-                long qp = j->pos[lo + r];
-                float m = j->sinks ? j->sinks[hq] : -INFINITY;
-                for (long c = 0; c < nk; c++) {
-                    sr[c] = key_ok(kp_of[c], qp, j->window) ? sr[c] * j->scale : -INFINITY;
-                    m = sr[c] > m ? sr[c] : m;
-                }
-                float sum = exp_sub_sum(sr, nk, m);
-                if (j->sinks) sum += expf(j->sinks[hq] - m);
-                float inv = 1.0f / sum;
-                for (long c = 0; c < nk; c++) sr[c] *= inv;
+            float *o = j->out + (lo * j->nq + hq) * dv;
+            if (n == 0) {                                    /* no key (cannot happen for a real row): zeros */
+                for (long r = 0; r < R; r++) memset(o + r * j->nq * dv, 0, sizeof(float) * (size_t)dv);
+                continue;
             }
-            product(s, nk, R, vv, dv, nk, j->out + (lo * j->nq + hq) * dv, j->nq * dv, dv);   /* (R, dv) */
+            product(j->q + lo * j->q_sr + hq * d, j->q_sr, R, kT + c0, Kb, d, s, n, n);       /* (R, n) */
+            for (long r = 0; r < R; r++)
+                row_softmax(s + r * n, kp + c0, n, (float)j->pos[lo + r], j->window, j->scale,
+                            j->sinks ? j->sinks + hq : NULL);
+            product(s, n, R, vv + c0 * dv, dv, n, o, j->nq * dv, dv);                           /* (R, dv) */
         }
     }
 }
@@ -403,20 +456,31 @@ int mf_prefill_attn(const float *q, long q_sr, const float *k, long k_sr, const 
                     const long *seq_lo, long B, const float *k_pool, const float *v_pool, long S,
                     const long *read_slots, const long *past_pos, long P, long nq, long h, long d, long dv,
                     long window, const float *sinks, float scale, float *out) {
-    if (h < 1 || nq % h) return -2;
-    long n = 0;
+    if (h < 1 || nq % h || B < 0 || P < 0) return -2;
+    long n = 0, maxk = 1;
     for (long b = 0; b < B; b++) {
         long len = seq_lo[b + 1] - seq_lo[b];
         if (len < 0) return -2;
         n += (len + QUERY_ROWS - 1) / QUERY_ROWS;
+        maxk = P + len > maxk ? P + len : maxk;
     }
-    long *tasks = (long *)mf_scratch(1, sizeof(long) * (size_t)(2 * n + 1));
-    if (!tasks) return -1;
-    long *task_b = tasks, *task_lo = tasks + n, t = 0;
-    for (long b = 0; b < B; b++)
+    long nkeys = B * P + (seq_lo[B] - seq_lo[0]);
+    char *mem = (char *)mf_scratch(1, sizeof(long) * (size_t)(2 * n + B + 1) +
+                                          sizeof(float) * (size_t)(nkeys * (1 + h * (d + dv))));
+    if (!mem) return -1;
+    long *task_b = (long *)mem, *task_lo = task_b + n, *key_off = task_lo + n, t = 0;
+    float *kpos = (float *)(key_off + B + 1), *keys = kpos + nkeys;
+    key_off[0] = 0;
+    for (long b = 0; b < B; b++) {
+        key_off[b + 1] = key_off[b] + P + seq_lo[b + 1] - seq_lo[b];
+        for (long c = 0; c < P; c++) kpos[key_off[b] + c] = (float)past_pos[b * P + c];
+        for (long r = seq_lo[b]; r < seq_lo[b + 1]; r++) kpos[key_off[b] + P + r - seq_lo[b]] = (float)pos[r];
         for (long lo = seq_lo[b]; lo < seq_lo[b + 1]; lo += QUERY_ROWS) task_b[t] = b, task_lo[t++] = lo;
+    }
     attn_job j = {q, k, v, q_sr, k_sr, v_sr, pos, seq_lo, k_pool, v_pool, S, read_slots, past_pos, P, nq, h, d, dv,
-                  window, sinks, scale, out, task_b, task_lo, 0};
+                  window > 0 ? (float)window : INFINITY, sinks, scale, out, task_b, task_lo, key_off, keys, kpos,
+                  maxk, 0};
+    mf_parallel(B * h, gather_task, &j);
     mf_parallel(n, attn_task, &j);
     return j.failed ? -1 : 0;
 }
