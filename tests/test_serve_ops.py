@@ -101,7 +101,7 @@ def test_engine_core_acks_streams_aborts_and_stops_when_the_server_goes():
     KV blocks and ring at once and ends it with finish_reason "abort"; EOF on the command pipe (the server process
     is gone) ends the loop."""
     from mimoflash import LLM, SamplingParams, default_model
-    from mimoflash.serve.engine_core import EngineCore, rebuild_error
+    from mimoflash.serve.engine_core import EngineCore, frame, rebuild_error
     from mimoflash.serve.grammar import GrammarCompiler
 
     llm = LLM(default_model(), max_num_seqs=2, progress=False)
@@ -113,13 +113,20 @@ def test_engine_core_acks_streams_aborts_and_stops_when_the_server_goes():
     core = EngineCore(llm, out_send)
     loop = threading.Thread(target=core.run, args=(cmd_recv,), daemon=True)
     loop.start()
+
+    def send(cmd: tuple) -> None:                          # as the server's event loop writes commands
+        data = frame(cmd)
+        os.write(cmd_send.fileno(), data[:5])                  # in two pieces: the reader must wait for the rest
+        time.sleep(0.01)
+        os.write(cmd_send.fileno(), data[5:])
+
     try:
-        cmd_send.send(("add", "bad", [], SamplingParams(max_tokens=2), None, None))
+        send(("add", "bad", [], SamplingParams(max_tokens=2), None, None))
         msg = _messages(out_recv, lambda m: m[0] == "step" and m[1])
         (rid, err), = msg[1]
         assert rid == "bad" and isinstance(rebuild_error(err), ValueError) and "empty prompt" in err[1]
 
-        cmd_send.send(("add", "a", ids, SamplingParams(temperature=0, max_tokens=3000, ignore_eos=True), None, None))
+        send(("add", "a", ids, SamplingParams(temperature=0, max_tokens=3000, ignore_eos=True), None, None))
         msg = _messages(out_recv, lambda m: m[0] == "step" and m[1])
         assert msg[1] == [("a", None)]                         # acknowledged in the message of its first step
         tokens, deltas, stats = [], msg[2], msg[3]
@@ -134,7 +141,7 @@ def test_engine_core_acks_streams_aborts_and_stops_when_the_server_goes():
         running, waiting, blocks, rings, _ = stats
         assert running == 1 and waiting == 0 and blocks > 0 and rings > 0
 
-        cmd_send.send(("abort", "a"))
+        send(("abort", "a"))
         msg = _messages(out_recv, lambda m: m[0] == "step" and any(d[1] for d in m[2]))
         (rid, finished, choices, _), = [d for d in msg[2] if d[1]]
         assert rid == "a" and choices[0][3] == "abort"
@@ -145,7 +152,7 @@ def test_engine_core_acks_streams_aborts_and_stops_when_the_server_goes():
         # while it runs (the output starts as the grammar wants) and the plain runner is back once it ends.
         plain = llm.engine.runner
         grammar = GrammarCompiler(llm.tokenizer, llm.model.config.vocab_size, llm.engine.eos_token_ids)
-        cmd_send.send(("add", "g", ids, SamplingParams(temperature=0, max_tokens=6), None,
+        send(("add", "g", ids, SamplingParams(temperature=0, max_tokens=6), None,
                        [grammar.json_schema(None)]))
         text = ""
         while True:

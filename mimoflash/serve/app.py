@@ -13,7 +13,6 @@ Every client mistake is a 4xx with OpenAI's error object (errors.py); the module
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -42,7 +41,7 @@ def build_app(engine_loop: EngineLoop, tokenizer, *, served_model_name: str | No
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        engine_loop.attach(asyncio.get_running_loop())
+        await engine_loop.attach()
         try:
             yield
         finally:

@@ -19,16 +19,18 @@ and advances each matcher with the sampled tokens. The masking wrapper is the en
 constrained request runs: with the plain runner the engine may decode several steps per call (multi-step
 decoding), which a mask computed once per call could not follow.
 
-The loop: while requests run, drain the commands that arrived (`poll` is one system call), step, send. While idle,
-wait for a command (checking tensor-parallel workers every half second). When the server process goes away (its
-end of the command pipe closes), abort everything and exit; SIGINT is ignored (Ctrl-C reaches the whole process
-group, and the server decides when to stop, after its graceful period).
+The loop: while requests run, read the commands that arrived (one `select`, a read when there are bytes), step,
+send. While idle, wait for a command (checking tensor-parallel workers every half second). When the server process
+goes away (its end of the command pipe closes), abort everything and exit; SIGINT is ignored (Ctrl-C reaches the
+whole process group, and the server decides when to stop, after its graceful period).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import pickle
+import select
 import signal
 import time
 import traceback
@@ -120,18 +122,16 @@ class EngineCore:
         self._drain_deadline: float | None = None
 
     def run(self, commands) -> None:
+        """`commands`: the read end of the command pipe (a multiprocessing Connection; read as CommandReader)."""
+        reader = CommandReader(commands.fileno())
         while True:
             busy = self.engine.has_unfinished_requests()
-            if not busy and not commands.poll(0.5):
+            if not busy and not reader.wait(0.5):
                 self.llm.check_workers()             # tensor parallel: a dead worker stops the engine while idle
                 continue
             acks = []
-            while commands.poll():
-                try:
-                    cmd = commands.recv()
-                except EOFError:                     # the server process is gone
-                    cmd = ("stop",)
-                if cmd[0] == "stop":
+            for cmd in reader.read():
+                if cmd[0] == "stop":                 # also what EOF (the server process is gone) reads as
                     self._stop(acks)
                     return
                 ack = self._command(cmd)
@@ -210,6 +210,45 @@ class EngineCore:
         while self.engine.has_unfinished_requests():
             deltas += self._pack(self.engine.step())
         self.outputs.send(("step", acks, deltas, step_stats(self.engine)))
+
+
+def frame(cmd: tuple) -> bytes:
+    """A command as written to the command pipe: its pickle's length (4 bytes, big-endian), then the pickle."""
+    data = pickle.dumps(cmd, protocol=pickle.HIGHEST_PROTOCOL)
+    return len(data).to_bytes(4, "big") + data
+
+
+class CommandReader:
+    """The engine's end of the command pipe: length-prefixed pickles (`frame`). The server writes them from its event
+    loop through a non-blocking transport, so a command may arrive in pieces; `read` returns the complete ones."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self.buf = bytearray()
+        self.eof = False
+
+    def wait(self, timeout: float) -> bool:
+        """True when bytes (or EOF) are there to read within `timeout` seconds."""
+        return self.eof or bool(select.select([self.fd], [], [], timeout)[0])
+
+    def read(self) -> list[tuple]:
+        """The commands complete now (none if nothing arrived); ("stop",) once the server process is gone."""
+        if not self.eof and select.select([self.fd], [], [], 0)[0]:
+            data = os.read(self.fd, 1 << 20)
+            if data:
+                self.buf += data
+            else:
+                self.eof = True
+        cmds = []
+        while len(self.buf) >= 4:
+            n = int.from_bytes(self.buf[:4], "big")
+            if len(self.buf) < 4 + n:
+                break
+            cmds.append(pickle.loads(self.buf[4:4 + n]))
+            del self.buf[:4 + n]
+        if self.eof:
+            cmds.append(("stop",))
+        return cmds
 
 
 def _child_id(rid: str, n: int, index: int) -> str:

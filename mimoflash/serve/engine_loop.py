@@ -6,8 +6,9 @@
     async for delta in handle    <--step-----   engine.step() -> every request's delta, one message per step
     handle.abort()               --command-->   engine.abort_request (the cache is freed at once)
 
-Commands go out through a small sender thread (a large prompt must never block the event loop on a full pipe).
-The engine's messages are read by the event loop itself (`add_reader` on the pipe): per step it records the token
+Commands are written by the event loop through asyncio's non-blocking pipe transport (a large prompt never blocks
+the loop on a full pipe; the transport keeps the rest and writes it when the pipe has room). The engine's messages
+are read by the event loop itself (`add_reader` on the pipe): per step it records the token
 and latency metrics and puts each delta in its request's asyncio queue, so one slow client never blocks the others
 or the engine (its queue just grows by the few deltas it has not read). Many handlers streaming at once simply
 means many groups in the engine's continuous batch.
@@ -24,8 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
-import queue
-import threading
+import os
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -33,7 +33,7 @@ from typing import AsyncIterator
 
 from ..engine.request import CompletionOutput, RequestOutput
 from ..engine.sampling import SamplingParams
-from .engine_core import EngineInfo, EngineSpec, engine_main, rebuild_error
+from .engine_core import EngineInfo, EngineSpec, engine_main, frame, rebuild_error
 
 log = logging.getLogger("mimoflash.serve")
 
@@ -110,8 +110,7 @@ class EngineLoop:
         self.error: BaseException | None = None
         self._proc = None
         self._commands = self._outputs = None
-        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._sender: threading.Thread | None = None
+        self._transport: asyncio.WriteTransport | None = None       # the command pipe, once attached
         self._handles: dict[str, RequestHandle] = {}
         self._acks: dict[str, asyncio.Future] = {}
         self._active = 0                       # sequences admitted and not yet finished
@@ -148,13 +147,14 @@ class EngineLoop:
             raise rebuild_error(msg[1])
         self.info = msg[1]
         self.max_active = self.info.max_num_seqs + self.max_waiting
-        self._sender = threading.Thread(target=self._send_commands, name="mimoflash-engine-commands", daemon=True)
-        self._sender.start()
         return self.info
 
-    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Read the engine's messages in `loop` from now on."""
-        self._loop = loop
+    async def attach(self) -> None:
+        """From now on, the running event loop writes the commands and reads the engine's messages."""
+        self._loop = loop = asyncio.get_running_loop()
+        pipe = os.fdopen(os.dup(self._commands.fileno()), "wb", buffering=0)
+        self._commands.close()
+        self._transport, _ = await loop.connect_write_pipe(asyncio.BaseProtocol, pipe)
         loop.add_reader(self._outputs.fileno(), self._on_readable)
 
     @property
@@ -167,8 +167,10 @@ class EngineLoop:
 
     def drain(self, seconds: float) -> None:
         """Shutting down: requests still running after `seconds` are aborted (their streams end with
-        finish_reason "abort"), so that no connection is left for the server to cancel."""
-        self._send(("drain", seconds))
+        finish_reason "abort"), so that no connection is left for the server to cancel. Called from the signal
+        handler, so the command is handed to the event loop rather than written here."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._send, ("drain", seconds))
 
     async def aclose(self, timeout: float = 30.0) -> None:
         """Stop the engine (it aborts whatever is left and reports the last deltas) and wait for its exit."""
@@ -184,7 +186,6 @@ class EngineLoop:
                 self._proc.join(5)
         self._on_readable()                                   # the last deltas, if the reader has not seen them
         self._detach()
-        self._outbox.put(None)
 
     # ------------------------------------------------------------------ handler side (event loop)
     async def add(self, prompt_token_ids: list[int], params: SamplingParams, *, prompt: str | None = None,
@@ -212,18 +213,9 @@ class EngineLoop:
         return handle
 
     def _send(self, cmd: tuple) -> None:
-        self._outbox.put(cmd)
-
-    def _send_commands(self) -> None:
-        """Sender thread: pickles and writes commands, so that a full pipe never blocks the event loop."""
-        while True:
-            cmd = self._outbox.get()
-            if cmd is None:
-                return
-            try:
-                self._commands.send(cmd)
-            except (OSError, ValueError):           # the engine process is gone; the reader reports it
-                return
+        """Write a command (event loop only). Nothing is written once the engine is gone (the reader reports it)."""
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.write(frame(cmd))
 
     # ------------------------------------------------------------------ the engine's messages (event loop)
     def _on_readable(self) -> None:
@@ -294,6 +286,8 @@ class EngineLoop:
         self._active = 0
 
     def _detach(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
         if self._outputs is not None:
             if self._loop is not None:
                 self._loop.remove_reader(self._outputs.fileno())
