@@ -1,14 +1,16 @@
 """Where a batch-1 decode step's time goes: bytes read at the memory bandwidth vs everything else.
 
     python benchmarks/profile_step_split.py                          # both models, 1 thread (about a minute)
-    python benchmarks/profile_step_split.py --threads 2 --repeats 5
+    python benchmarks/profile_step_split.py --threads 2 --repeats 5 --steps 1 8
 
-One request, a 32-token prompt, 96 new tokens, greedy, through `LLMEngine.step()` as `LLM.generate` drives it.
-Each stage of a decode step is wrapped with a wall-clock timer (the wrappers are attributes set on this run's
-objects and removed afterwards; none of the engine's code changes), prefill's step is dropped, and the per-step
-medians over the 95 decode steps of each run, then the median over `--repeats` runs, are reported. A clock read
-costs microseconds in a VM: the cost of a timed call is measured at the start and taken out of the part that made
-it and the part that encloses it (and reported apart):
+One request, a 32-token prompt, 96 new tokens, greedy, through `LLMEngine.step()` as `LLM.generate` drives it, with
+one decode step per call (`--steps 1`) and with multi-step runs of up to N steps per call (`--steps N`, the engine's
+num_scheduler_steps; the settings alternate, run by run). Each stage is wrapped with a timer (the wrappers are
+attributes set on this run's objects and removed afterwards; none of the engine's code changes), prefill's step is
+dropped, and the medians per decoded token (a call's parts divided by the tokens it produced) over the calls of each
+run, then the median over `--repeats` runs, are reported. A clock read costs microseconds in a VM: the cost of a
+timed call is measured at the start and taken out of the part that made it and the part that encloses it (and
+reported apart). One step per call:
 
   schedule          Scheduler.schedule()                  who runs, how many tokens
   prepare           ModelRunner.prepare()                 slices -> positions, block tables, ring slots (metadata)
@@ -22,6 +24,13 @@ it and the part that encloses it (and reported apart):
   postprocess       Scheduler.postprocess() - detokenize   append the token, token-level stops
   outputs           LLMEngine._group_output()              RequestOutput / CompletionOutput objects per step
   step other        step() - everything above
+
+A greedy multi-step run (docs/ENGINE.md, "Multi-step decoding") replaces prepare ... sampling by:
+  plan              ModelRunner._decode_run_args()        every step's metadata and kernel arguments, made up front
+  C loop            kernels.decode_steps()                 the steps' layers, lm_head and argmax in one call
+  run other         execute_greedy_steps() - the above    the run's argument arrays
+and postprocess / detokenize cover the run's tokens (Scheduler.finish_steps); the layer and lm_head kernels run
+inside the C loop, untimed apart, so the loop is what is set against the bytes at the bandwidth.
 
 The bandwidth time is what the step's bytes cost at the read bandwidth measured in the same run (kernels.read_sum,
 a threaded vector re-read of min(step bytes, 16 MiB): the last-level cache's rate, see LLC_PROBE_BYTES; the same
@@ -59,7 +68,7 @@ from mimoflash.engine.llm import LLM  # noqa: E402
 from mimoflash.engine.sampling import SamplingParams  # noqa: E402
 
 PARTS = ["schedule", "prepare", "layer kernels", "forward glue", "lm_head kernel", "logits glue", "execute other",
-         "sampling", "detokenize", "postprocess", "outputs", "step other"]
+         "sampling", "plan", "C loop", "run other", "detokenize", "postprocess", "outputs", "step other"]
 
 
 CLOCK = time.perf_counter          # main() switches to time.thread_time for --clock cpu
@@ -109,7 +118,8 @@ class StepTimer:
         lm_ptrs = {lm.weight.data_ptr()}
         if getattr(lm, "_panels", None) is not None:
             lm_ptrs.add(lm._panels.wp.data_ptr())
-        self._saved_kernels = {k: getattr(kernels, k) for k in ("decode_layer", "linear_panels", "linear_bf16w")}
+        self._saved_kernels = {k: getattr(kernels, k) for k in ("decode_layer", "linear_panels", "linear_bf16w",
+                                                                 "decode_steps")}
         self._objs = []                       # (object, attribute) pairs set on instances, deleted in close()
 
         def timed(key, fn):
@@ -140,9 +150,12 @@ class StepTimer:
 
         kernels.linear_panels = lm_timed(self._saved_kernels["linear_panels"], lambda a: a[1].data_ptr())
         kernels.linear_bf16w = lm_timed(self._saved_kernels["linear_bf16w"], lambda a: a[1].data_ptr())
+        kernels.decode_steps = timed("C loop", self._saved_kernels["decode_steps"])
         on(eng.scheduler, "schedule", "schedule")
         on(runner, "prepare", "prepare")
         on(runner, "execute", "execute")
+        on(runner, "execute_greedy_steps", "greedy run")
+        on(runner, "_decode_run_args", "plan")
         if runner.fused is not None:
             on(runner.fused, "forward", "fused forward")
         on(llm.model, "logits", "logits")
@@ -154,9 +167,12 @@ class StepTimer:
 
         def timed_step():
             self.cur = {}
+            before = sum(len(r.output_token_ids) for r in eng.scheduler.running)
             t = CLOCK()
             out = step()
             self.cur["step"] = CLOCK() - t
+            self.cur["n tokens"] = sum(len(o.token_ids) for d in out for o in d.outputs) or (
+                sum(len(r.output_token_ids) for r in eng.scheduler.running) - before)
             self.steps.append(self.cur)
             return out
 
@@ -185,10 +201,12 @@ class StepTimer:
     # Which timed part encloses which (for the timer overhead each call leaves in its enclosing part).
     PARENT = {"layer kernels": "fused forward", "lm_head kernel": "logits", "prepare": "execute",
               "fused forward": "execute", "logits": "execute", "detokenize": "postprocess+", "schedule": "step",
-              "execute": "step", "sampling": "step", "postprocess+": "step", "outputs": "step"}
+              "execute": "step", "sampling": "step", "postprocess+": "step", "outputs": "step",
+              "plan": "greedy run", "C loop": "greedy run", "greedy run": "step"}
 
     def split(self, raw: dict[str, float]) -> dict[str, float]:
-        """Raw inclusive seconds of one step -> the parts (exclusive), the timers' own cost removed."""
+        """Raw inclusive seconds of one step() call -> the parts (exclusive) per token it produced, the timers' own
+        cost removed."""
         g = {k: v for k, v in raw.items() if not k.startswith("n ")}
         calls = {k: raw.get("n " + k, 1 if k == "step" else 0) for k in g}
         for k in g:
@@ -203,29 +221,42 @@ class StepTimer:
                "sampling": get("sampling", 0), "detokenize": get("detokenize", 0),
                "postprocess": get("postprocess+", 0) - get("detokenize", 0), "outputs": get("outputs", 0)}
         out["execute other"] = get("execute", 0) - get("prepare", 0) - get("fused forward", 0) - get("logits", 0)
+        out.update({"plan": get("plan", 0), "C loop": get("C loop", 0),
+                    "run other": get("greedy run", 0) - get("plan", 0) - get("C loop", 0)})
         out["step other"] = get("step", 0) - sum(out[k] for k in ("schedule", "sampling", "postprocess", "detokenize",
-                                                                   "outputs")) - get("execute", 0)
+                                                                   "outputs")) - get("execute", 0) - get("greedy run", 0)
         out["step"] = get("step", 0)
         out["timer overhead"] = sum(calls[k] for k in g) * (self.inside + self.outside)
-        return out
+        n = max(1, raw.get("n tokens", 1))
+        return {k: v / n for k, v in out.items()}
 
 
-def profile(llm: LLM, prompt: list[int], new: int, repeats: int) -> dict[str, float]:
-    """-> median ms per decode step of every part (and 'step')."""
+def profile(llm: LLM, prompt: list[int], new: int, repeats: int, steps: list[int]) -> dict[int, dict[str, float]]:
+    """-> {num_scheduler_steps: median ms per decoded token of every part (and 'step')}; the settings alternate
+    run by run, their order flipping every repeat."""
     sp = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True)
     timer = StepTimer(llm)
-    per_run = []
+    per_run: dict[int, list] = {n: [] for n in steps}
     try:
-        for _ in range(repeats):
-            timer.steps.clear()
-            llm.engine.add_request(prompt, sp)
-            while llm.engine.has_unfinished_requests():
-                llm.engine.step()
-            decode = [timer.split(s) for s in timer.steps[1:]]     # the first step is the prompt's prefill
-            per_run.append({k: statistics.median(d[k] for d in decode) for k in decode[0]})
+        for r in range(repeats):
+            for n in (steps if r % 2 == 0 else steps[::-1]):
+                llm.engine.config.num_scheduler_steps = n
+                timer.steps.clear()
+                llm.engine.add_request(prompt, sp)
+                while llm.engine.has_unfinished_requests():
+                    llm.engine.step()
+                decode = [timer.split(s) for s in timer.steps[1:]]     # the first step is the prompt's prefill
+                # each call weighs by its tokens: the median token's call (a run cut short counts for less)
+                weights = [max(1, s.get("n tokens", 1)) for s in timer.steps[1:]]
+                per_run[n].append({k: _weighted_median([d[k] for d in decode], weights) for k in decode[0]})
     finally:
         timer.close()
-    return {k: 1e3 * statistics.median(r[k] for r in per_run) for k in per_run[0]}
+    return {n: {k: 1e3 * statistics.median(r[k] for r in runs) for k in runs[0]} for n, runs in per_run.items()}
+
+
+def _weighted_median(xs: list[float], ws: list[int]) -> float:
+    """The median of xs with x_i counted w_i times."""
+    return statistics.median([x for x, w in zip(xs, ws) for _ in range(w)])
 
 
 def main(argv=None) -> int:
@@ -235,18 +266,22 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=96)
+    ap.add_argument("--steps", type=int, nargs="+", default=[1, 8],
+                    help="num_scheduler_steps settings to profile side by side (1 = one decode step per call)")
     ap.add_argument("--clock", choices=["cpu", "wall"], default=None,
                     help="cpu = the calling thread's CPU time (time.thread_time: time the OS gave to other processes "
                          "is not counted; only meaningful with --threads 1), wall = time.perf_counter; default: cpu "
                          "with one thread, wall otherwise")
     a = ap.parse_args(argv)
+    if min(a.steps) < 1:
+        ap.error("--steps: each setting must be >= 1")
     a.clock = a.clock or ("cpu" if a.threads == 1 else "wall")
     if a.clock == "cpu" and a.threads != 1:
         ap.error("--clock cpu counts the calling thread only: use it with --threads 1")
     global CLOCK
     CLOCK = time.thread_time if a.clock == "cpu" else time.perf_counter
     torch.set_num_threads(a.threads)
-    out = {"threads": a.threads, "repeats": a.repeats, "clock": a.clock, "models": {}}
+    out = {"threads": a.threads, "repeats": a.repeats, "clock": a.clock, "steps": a.steps, "models": {}}
     for name in a.models:
         if name == "mimo128m":
             llm = LLM(build_model(bench_config()).cast(torch.bfloat16), max_num_seqs=1, max_model_len=512)
@@ -256,48 +291,57 @@ def main(argv=None) -> int:
         kernels.set_num_threads(a.threads)
         V = llm.model.config.vocab_size
         prompt = torch.randint(3, V, (a.prompt_len,), generator=torch.Generator().manual_seed(1)).tolist()
-        profile(llm, prompt, 8, 1)                                          # warm-up
+        profile(llm, prompt, 8, 1, a.steps)                                 # warm-up
         lay = llm.engine.layout
         ctx = a.prompt_len + a.new_tokens // 2
         kv_elt = torch.empty(0, dtype=lay.dtype).element_size()
         total_b = step_bytes(llm.model, ctx, kv_elt)
         probe = min(total_b, LLC_PROBE_BYTES)
         bw = read_bandwidth(probe)
-        ms = profile(llm, prompt, a.new_tokens, a.repeats)
+        per_steps = profile(llm, prompt, a.new_tokens, a.repeats, a.steps)
         bw = max([bw, read_bandwidth(probe), read_bandwidth(probe)])
         weight_b = total_b - bench.kv_bytes_per_sequence(llm.model.config, ctx, kv_elt)
         bw_ms = {"weights at bandwidth": weight_b / bw * 1e3, "K/V at bandwidth": (total_b - weight_b) / bw * 1e3}
         lm_b = llm.model.lm_head.weight.numel() * llm.model.lm_head.weight.element_size()
-        rates = {"lm_head kernel": lm_b / ms["lm_head kernel"] / 1e6,          # GB/s each kernel reads at
-                 "layer kernels": (total_b - lm_b) / ms["layer kernels"] / 1e6}
-        kern = ms["layer kernels"] + ms["lm_head kernel"]
-        outside = ms["step"] - kern
-        out["models"][name] = {"ms_per_step": {k: round(v, 4) for k, v in ms.items()},
-                               "tok_s": round(1e3 / ms["step"], 1), "read_GBps": round(bw / 1e9, 2),
-                               "read_probe_MB": round(probe / 1e6, 1),
-                               "bytes_per_token_MB": round(total_b / 1e6, 3),
-                               "bandwidth_ms": {k: round(v, 4) for k, v in bw_ms.items()},
-                               "kernels_ms": round(kern, 4),
-                               "kernel_read_GBps": {k: round(v, 2) for k, v in rates.items()},
-                               "kernels_over_bandwidth_ms": round(kern - sum(bw_ms.values()), 4),
-                               "outside_kernels_ms": round(outside, 4),
-                               "outside_kernels_fraction": round(outside / ms["step"], 3)}
-        step = ms["step"]
-        print(f"\n{name}: {1e3 / step:.1f} tok/s, {step:.3f} ms per decode step ({a.threads} thread(s), medians of "
-              f"{a.repeats} runs x {a.new_tokens - 1} steps, {a.clock} clock); read bandwidth {bw / 1e9:.1f} GB/s over "
-              f"{probe / 1e6:.0f} MB re-read, "
-              f"{total_b / 1e6:.2f} MB per step")
-        print(f"  {'part':<28}{'ms':>8}{'of step':>9}")
+        res = out["models"][name] = {"read_GBps": round(bw / 1e9, 2), "read_probe_MB": round(probe / 1e6, 1),
+                                     "bytes_per_token_MB": round(total_b / 1e6, 3),
+                                     "bandwidth_ms": {k: round(v, 4) for k, v in bw_ms.items()}, "steps": {}}
+        kern, rates = {}, {}
+        for n, ms in per_steps.items():
+            # the weight-reading kernels: timed apart with one step per call, inside the C loop of a greedy run
+            kern[n] = ms["layer kernels"] + ms["lm_head kernel"] + ms["C loop"]
+            rates[n] = ({"lm_head kernel": lm_b / ms["lm_head kernel"] / 1e6,           # GB/s each kernel reads at
+                         "layer kernels": (total_b - lm_b) / ms["layer kernels"] / 1e6} if ms["layer kernels"] else
+                        {"C loop": total_b / ms["C loop"] / 1e6} if ms["C loop"] else {})
+            res["steps"][n] = {"ms_per_token": {k: round(v, 4) for k, v in ms.items()},
+                               "tok_s": round(1e3 / ms["step"], 1), "kernels_ms": round(kern[n], 4),
+                               "kernel_read_GBps": {k: round(v, 2) for k, v in rates[n].items()},
+                               "kernels_over_bandwidth_ms": round(kern[n] - sum(bw_ms.values()), 4),
+                               "outside_kernels_ms": round(ms["step"] - kern[n], 4),
+                               "outside_kernels_fraction": round((ms["step"] - kern[n]) / ms["step"], 3)}
+        cols = list(per_steps)
+        print(f"\n{name}: ms per decoded token ({a.threads} thread(s), medians of {a.repeats} runs x "
+              f"{a.new_tokens - 1} tokens, {a.clock} clock); read bandwidth {bw / 1e9:.1f} GB/s over "
+              f"{probe / 1e6:.0f} MB re-read, {total_b / 1e6:.2f} MB per token")
+        print(f"  {'part':<28}" + "".join(f"{f'N={n} ms':>12}{'of step':>9}" for n in cols))
         for k in PARTS:
-            extra = f"  (reads at {rates[k]:.1f} GB/s)" if k in rates else ""
-            print(f"  {k:<28}{ms[k]:>8.3f}{ms[k] / step:>9.1%}{extra}")
-        print(f"  {'= step':<28}{step:>8.3f}")
-        print(f"  {'(timers, removed above)':<28}{ms['timer overhead']:>8.3f}")
+            if not any(per_steps[n][k] for n in cols) and k not in ("C loop", "layer kernels"):
+                continue
+            cells = "".join(f"{per_steps[n][k]:>12.3f}{per_steps[n][k] / per_steps[n]['step']:>9.1%}" for n in cols)
+            extra = "".join(f"  (N={n} reads at {rates[n][k]:.1f} GB/s)" for n in cols if k in rates[n])
+            print(f"  {k:<28}{cells}{extra}")
+        print(f"  {'= step (per token)':<28}" + "".join(f"{per_steps[n]['step']:>12.3f}{'':>9}" for n in cols))
+        print(f"  {'= tok/s':<28}" + "".join(f"{1e3 / per_steps[n]['step']:>12.1f}{'':>9}" for n in cols))
+        print(f"  {'(timers, removed above)':<28}" + "".join(f"{per_steps[n]['timer overhead']:>12.3f}{'':>9}"
+                                                            for n in cols))
         for k, v in bw_ms.items():
-            print(f"  {k:<28}{v:>8.3f}{v / step:>9.1%}")
-        print(f"  {'kernels over bandwidth':<28}{kern - sum(bw_ms.values()):>8.3f}"
-              f"{(kern - sum(bw_ms.values())) / step:>9.1%}")
-        print(f"  {'outside the kernels':<28}{outside:>8.3f}{outside / step:>9.1%}")
+            print(f"  {k:<28}" + "".join(f"{v:>12.3f}{v / per_steps[n]['step']:>9.1%}" for n in cols))
+        over = {n: kern[n] - sum(bw_ms.values()) for n in cols}
+        print(f"  {'kernels over bandwidth':<28}" + "".join(f"{over[n]:>12.3f}{over[n] / per_steps[n]['step']:>9.1%}"
+                                                           for n in cols))
+        print(f"  {'outside the kernels':<28}" + "".join(
+            f"{per_steps[n]['step'] - kern[n]:>12.3f}{(per_steps[n]['step'] - kern[n]) / per_steps[n]['step']:>9.1%}"
+            for n in cols))
         del llm
     print(json.dumps(out))
     return 0

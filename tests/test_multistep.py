@@ -223,3 +223,56 @@ def test_greedy_runs_go_through_the_c_loop(models, panels, monkeypatch):
     lp = SamplingParams(temperature=0, max_tokens=20, logprobs=1)
     assert outputs(run(models["bf16"], 8, ps, lp)[1]) == outputs(run(models["bf16"], 1, ps, lp)[1])
     assert not runs
+
+
+def _read(ptr: int, shape, dtype):
+    """The array at address ptr (a test reads what the C loop's argument rows point to)."""
+    import ctypes
+    import numpy as np
+    n = int(np.prod(shape))
+    if not n:
+        return np.zeros(shape, dtype)
+    buf = (ctypes.c_char * (n * np.dtype(dtype).itemsize)).from_address(int(ptr))
+    return np.frombuffer(buf, dtype=dtype).reshape(shape).copy()
+
+
+@pytest.mark.parametrize("max_draft", [0, 2])
+@pytest.mark.parametrize("lengths", [[3], [2, 9, 5]])
+def test_c_loop_arguments_equal_each_steps_own_metadata(models, max_draft, lengths):
+    """The run's arguments made for all steps at once (`_decode_run_args`) hold, step by step, what
+    `prepare_slices` + `FusedDecoder.step_args` make for that step alone (the reference): positions, chunk tables,
+    write slots, key counts, masks and RoPE rows; across block boundaries and ring wraps (window 4, 20 steps), with and
+    without ring slack (max_draft)."""
+    import numpy as np
+    from mimoflash.engine.engine import EngineConfig, LLMEngine
+    model = LLM(models["bf16"], block_size=4).model                   # the engine's copy, in its CPU layout
+    eng = LLMEngine(model, None, EngineConfig(block_size=4, max_num_seqs=4, max_draft=max_draft))
+    runner = eng.runner
+    assert runner.fused is not None
+    for p in prompts(lengths, seed=1):
+        eng.add_request(p["prompt_token_ids"], SamplingParams(temperature=0, max_tokens=60))
+    checked = 0
+    for _ in range(24):
+        eng.step()                                                     # one step: every start position in turn
+        batch = eng.scheduler.schedule(num_steps=6)
+        assert batch.num_steps == 6
+        rows, _keep = runner._decode_run_args(batch)
+        steps, per_step = runner._plan_steps(batch)
+        B = len(batch.items)
+        for i, (per_kind, _) in enumerate(per_step):
+            for sliding, (cos, sin, rope_rows, table, chunk, K, slots, bias) in per_kind.items():
+                r = rows[i, int(sliding)]
+                assert (r[4], r[5], r[6]) == (table.shape[-1], chunk, K)
+                assert np.array_equal(_read(r[3], table.shape, np.int64), table.numpy())
+                assert np.array_equal(_read(r[7], (B,), np.int64), slots.numpy())
+                pos = _read(r[2], (B,), np.int64)
+                assert np.array_equal(pos, rope_rows.numpy())
+                assert (r[8] == 0) == (bias is None)
+                if bias is not None:
+                    assert np.array_equal(_read(r[8], (B, K), np.float32), bias.numpy())
+                width = cos.shape[1]
+                assert np.array_equal(_read(r[0], (int(pos.max()) + 1, width), np.float32)[pos], cos[pos].numpy())
+                assert np.array_equal(_read(r[1], (int(pos.max()) + 1, width), np.float32)[pos], sin[pos].numpy())
+                checked += 1
+        eng.scheduler.finish_steps(batch, [])                          # no step run: the reservation given back
+    assert checked > 100

@@ -20,6 +20,8 @@ does the same for an MTP block's draft rows (docs/MTP.md).
 
 from __future__ import annotations
 
+import ctypes
+
 import torch
 
 from .. import kernels
@@ -41,6 +43,7 @@ class FusedDecoder:
         self.layers = layers            # [(LayerArgs, sliding, experts per token)]
         self._keep = keep               # tensors the LayerArgs point into
         self._chosen: dict[int, list[torch.Tensor]] = {}   # batch size -> per-layer (B, top_k) expert-id buffers
+        self._loop: dict[int, tuple] = {}                  # batch size -> loop_args
 
     @classmethod
     def build(cls, model, cache) -> "FusedDecoder | None":
@@ -95,10 +98,25 @@ class FusedDecoder:
                 tabs, rows = (cos.contiguous(), sin.contiguous()), None
             per_kind[sliding] = (tabs[0], tabs[1], rows, dm.chunks.contiguous(), dm.chunk, dm.keys,
                                  dm.write_dst.contiguous(), bias)
+        return per_kind, self._chosen_for(B)
+
+    def _chosen_for(self, B: int) -> list[torch.Tensor]:
+        """The per-layer (B, top_k) expert-id buffers the kernels write (made once per batch size)."""
         chosen = self._chosen.get(B)
         if chosen is None:
             chosen = self._chosen[B] = [torch.empty(B, k, dtype=torch.int64) for _, _, k in self.layers]
-        return per_kind, chosen
+        return chosen
+
+
+    def loop_args(self, B: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For kernels.decode_steps over B rows: (L,) int64 addresses of the layers' LayerArgs, whether each layer is
+        sliding, the addresses of its (B, top_k) expert-id buffers (made once per batch size)."""
+        got = self._loop.get(B)
+        if got is None:
+            got = self._loop[B] = (torch.tensor([ctypes.addressof(a) for a, _, _ in self.layers]),
+                                   torch.tensor([int(s) for _, s, _ in self.layers]),
+                                   torch.tensor([c.data_ptr() for c in self._chosen_for(B)]))
+        return got
 
 
 def attention_args(cfg, attn, in_norm, post_norm, qkv_w: torch.Tensor, k_pool, v_pool, sliding: bool):

@@ -37,7 +37,6 @@ column, the spec transcription); `tests/test_kv_cache.py` checks that all paths 
 
 from __future__ import annotations
 
-import ctypes
 import functools
 from dataclasses import dataclass, replace
 
@@ -610,6 +609,66 @@ class ModelRunner:
         return steps, [self.fused.step_args(st.positions, st.meta.kinds, len(items), refresh=i == 0)
                        for i, st in enumerate(steps)]
 
+    def _decode_run_args(self, batch: Batch) -> tuple[np.ndarray, list] | None:
+        """The C loop's per-step arguments for a run of `batch.num_steps` one-token decode steps -> ((n, 2, 9) int64
+        rows as kernels.decode_steps takes them, the arrays they point into), or None past the RoPE tables.
+
+        The values are those `prepare_slices` + `FusedDecoder.step_args` give each step (the reference: a test
+        compares them, step by step, across block boundaries, ring wraps and batch sizes), made for all the steps
+        at once: per step the write slots, the key count and, where `_prepare_rows` has one, the mask. Made one step
+        at a time from Python objects, the same arguments cost ~40 us a step; here a few numpy operations a run."""
+        items, lay = batch.items, self.layout
+        n, B = batch.num_steps, len(items)
+        P = np.array([it.start for it in items], dtype=np.int64)[None, :] + np.arange(n, dtype=np.int64)[:, None]
+        top = P.max(axis=1)                                                         # (n,)
+        rotary = self.model.model.rotary
+        rows = np.zeros((n, 2, 9), dtype=np.int64)
+        keep: list = [P]
+        rows[:, :, 2] = P.ctypes.data + 8 * B * np.arange(n)[:, None]             # each step's positions
+        causal = np.arange(int(top[-1]) + 1)[None, None, :] > P[:, :, None]        # (n, B, keys): j > p
+        for sliding in (False, True):
+            if not (lay.sliding_layers if sliding else lay.global_layers):
+                continue
+            tabs = rotary["sliding" if sliding else "full"].tables(int(top[-1]))
+            if tabs is None:
+                return None
+            if sliding:
+                R, w = lay.ring_slots, lay.swa_keys
+                table = np.array([[it.request.ring_id] for it in items], dtype=np.int64)
+                dst = table[:, 0][None, :] * R + P % R
+                keys = np.minimum(top + 1, R)
+            else:
+                bs = lay.block_size
+                table = np.zeros((B, max(1, max(len(it.request.block_ids) for it in items))), dtype=np.int64)
+                for b, it in enumerate(items):
+                    table[b, :len(it.request.block_ids)] = it.request.block_ids
+                dst = table[np.arange(B)[None, :], P // bs] * bs + P % bs
+                keys = top + 1
+            bias_ptr = np.zeros(n, dtype=np.int64)
+            for i in range(n):
+                K, p = int(keys[i]), P[i]
+                if not sliding:
+                    masked = causal[i, :, :K] if B > 1 else None
+                elif top[i] < R:                                    # the ring has not wrapped: slot j = position j
+                    j = np.arange(K)[None, :]
+                    masked = (~((j <= p[:, None]) & (j >= p[:, None] - (w - 1))) if top[i] >= w
+                              else causal[i, :, :K] if B > 1 else None)
+                elif R != w or int(p.min()) < R - 1:                # slot j holds the newest position <= p there
+                    slot_pos = p[:, None] - (p[:, None] - np.arange(R)[None, :]) % R
+                    masked = ~((slot_pos >= 0) & (p[:, None] - slot_pos < w))
+                else:
+                    masked = None
+                if masked is not None:
+                    bias = np.where(masked, NEG_INF, 0.0).astype(np.float32)
+                    keep.append(bias)
+                    bias_ptr[i] = bias.ctypes.data
+            keep += [tabs, table, dst]
+            r = rows[:, int(sliding)]
+            r[:, 0], r[:, 1], r[:, 3] = tabs[0].data_ptr(), tabs[1].data_ptr(), table.ctypes.data
+            r[:, 4], r[:, 5], r[:, 6] = table.shape[1], (R if sliding else bs), keys
+            r[:, 7], r[:, 8] = dst.ctypes.data + 8 * B * np.arange(n), bias_ptr
+        return rows, keep
+
     @torch.inference_mode()
     def execute_greedy_steps(self, batch: Batch, stops: list[frozenset]) -> list[list[int]] | None:
         """A multi-step run of greedy rows in one C call (kernels.decode_steps, kernels/steps.c): per step the
@@ -619,9 +678,11 @@ class ModelRunner:
         not one the C loop makes: no fused decoder, an lm_head or final norm other than the bf16 kernels' ones, a
         position past the RoPE tables, FP8 experts whose store counts each step."""
         from .cpu_layout import KERNEL_MAX_ROWS, Bf16Linear, FastRMSNorm
-        fused, head, norm = self.fused, self.model.lm_head, self.model.model.norm
-        B = len(batch.items)
-        if (fused is None or type(head) is not Bf16Linear or type(norm) is not FastRMSNorm
+        fused = self.fused
+        if fused is None:
+            return None
+        head, norm, B = self.model.lm_head, self.model.model.norm, len(batch.items)
+        if (type(head) is not Bf16Linear or type(norm) is not FastRMSNorm
                 or head.weight.dtype != torch.bfloat16 or head.weight.shape != fused.emb.shape
                 or norm.weight.dtype != torch.float32 or not norm.weight.is_contiguous()
                 or any(hasattr(args, "expert_layer") for args, _, _ in fused.layers)):
@@ -629,28 +690,19 @@ class ModelRunner:
         wp = head._panels.get() if head._panels is not None else None
         if wp is None and not (head.weight.is_contiguous() and B <= KERNEL_MAX_ROWS):
             return None
-        steps, per_step = self._plan_steps(batch)
-        if per_step is None:
+        plan = self._decode_run_args(batch)
+        if plan is None:
             return None
-        rows = np.zeros((len(steps), 2, 9), dtype=np.int64)
-        for i, (per_kind, _) in enumerate(per_step):
-            for sliding, (cos, sin, rope_rows, table, chunk, K, slots, bias) in per_kind.items():
-                if rope_rows is None:
-                    return None
-                rows[i, int(sliding)] = (cos.data_ptr(), sin.data_ptr(), rope_rows.data_ptr(), table.data_ptr(),
-                                         table.shape[-1], chunk, K, slots.data_ptr(),
-                                         0 if bias is None else bias.data_ptr())
-        chosen = per_step[0][1]
-        layers = torch.tensor([ctypes.addressof(args) for args, _, _ in fused.layers], dtype=torch.int64)
-        sliding = torch.tensor([int(s) for _, s, _ in fused.layers], dtype=torch.int64)
-        tokens = torch.zeros(len(steps) + 1, B, dtype=torch.int64)
-        tokens[0] = torch.tensor(self._fed_ids(batch))
-        stop_ids = torch.tensor([t for s in stops for t in sorted(s)] or [0], dtype=torch.int64)
-        stop_off = torch.tensor(np.cumsum([0] + [len(s) for s in stops]), dtype=torch.int64)
-        done = kernels.decode_steps(len(steps), layers, sliding,
-                                    torch.tensor([c.data_ptr() for c in chosen], dtype=torch.int64),
-                                    torch.from_numpy(rows), fused.emb, norm.weight, norm.eps,
-                                    wp if wp is not None else head.weight, wp is not None, tokens, stop_ids, stop_off)
+        rows, _keep = plan                                       # _keep: the arrays rows points into
+        n = rows.shape[0]
+        layers, sliding, chosen = fused.loop_args(B)
+        tokens = np.zeros((n + 1, B), dtype=np.int64)
+        tokens[0] = self._fed_ids(batch)
+        stop_ids = np.array([t for s in stops for t in sorted(s)] or [0], dtype=np.int64)
+        stop_off = np.cumsum([0] + [len(s) for s in stops], dtype=np.int64)
+        done = kernels.decode_steps(n, layers, sliding, chosen, torch.from_numpy(rows), fused.emb,
+                                    norm.weight, norm.eps, wp if wp is not None else head.weight, wp is not None,
+                                    torch.from_numpy(tokens), torch.from_numpy(stop_ids), torch.from_numpy(stop_off))
         self.last_hidden = None
         return tokens[1:done + 1].tolist()
 
