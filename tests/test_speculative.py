@@ -424,14 +424,22 @@ def _steady(a: AdaptiveDepth, depth: int, sequences: int, seconds: float) -> Non
 
 
 def _simulate(a: AdaptiveDepth, cost: list[float], accept: list[float], sequences: int, steps: int,
-              seed: int = 0) -> list[int]:
+              seed: int = 0, run_cost: float | None = None) -> list[int]:
     """Drives `a` as the engine does, on synthetic measurements: each step chooses a depth (or is idle), its drafts
     are judged (draft j + 1 kept with probability accept[j] after draft j was), and the step's cost is recorded:
     cost[k] seconds at depth k, +-1% jitter, 30% more on the first step at a new depth (the MTP rings' catch-up)
-    and 60% more over the engine's first 4 steps (first touches). -> the depth of every step."""
+    and 60% more over the engine's first 4 steps (first touches). With `run_cost`, steps that `plain_steps` allows
+    run as multi-step decoding, up to 8 per call at run_cost seconds each (reported with `skipped`).
+    -> the depth of every step."""
     rnd = random.Random(seed)
     out = []
-    for step in range(steps):
+    while len(out) < steps:
+        step = len(out)
+        n = min(8, a.plain_steps(sequences, margin=3), steps - step) if run_cost is not None else 0
+        if n > 1:
+            a.skipped(n, n * run_cost)
+            out += [0] * n
+            continue
         if a.idle(sequences, margin=3):
             out.append(0)
             continue
@@ -452,6 +460,21 @@ def _simulate(a: AdaptiveDepth, cost: list[float], accept: list[float], sequence
 # every depth > 0 loses (a step at depth 1 costs ~2.25x a plain one for 1.9x the tokens).
 _ACCEPT = [0.89, 0.80, 0.84]
 _COSTS = {1: [0.80, 1.40, 1.95, 2.55], 8: [2.73, 6.15, 8.0, 10.0], 16: [4.6, 8.8, 12.0, 15.0]}
+
+
+def test_adaptive_depth_compares_drafting_with_multi_step_decoding():
+    """Where the engine runs the steps that draft nothing several per call (multi-step decoding: alone ~0.6 ms a
+    step on the shipped model instead of 0.8), adaptive depth learns that cost from the runs `skipped` reports and
+    settles on depth 0 alone too; `plain_steps` is 0 while it drafts, and counts the steps left before a trial."""
+    a = AdaptiveDepth(3)
+    depths = _simulate(a, _COSTS[1], _ACCEPT, 1, 1200, run_cost=0.6)
+    assert a.best == {1: 0} and a.step_time[0][1] == pytest.approx(0.6)
+    assert sum(1 for k in depths[100:] if k) < 0.02 * len(depths)
+    assert a.plain_steps(1, margin=3) == a.next_trial - a.steps - 3
+    assert a.plain_steps(2, margin=3) == 0                  # another batch size: choose first
+    b = AdaptiveDepth(3)
+    _simulate(b, _COSTS[1], _ACCEPT, 1, 300)                # no multi-step runs: drafting at depth 1
+    assert b.depth == 1 and b.plain_steps(1, margin=3) == 0
 
 
 def test_adaptive_depth_picks_one_draft_alone():

@@ -203,13 +203,15 @@ class AdaptiveDepth:
 
     def record_step(self, seconds: float) -> None:
         """The cost of the step whose depth `choose` just picked (counted only once the depth has settled)."""
-        if self.depth is None or self.run <= self.SETTLE:
-            return
-        recent = self._recent.setdefault((self.depth, self.sequences), [])
+        if self.depth is not None and self.run > self.SETTLE:
+            self._record(self.depth, seconds)
+
+    def _record(self, depth: int, seconds: float) -> None:
+        recent = self._recent.setdefault((depth, self.sequences), [])
         recent.append(seconds)
         del recent[:-9]
         # the lower median: of two samples the smaller (an engine's first steps at a batch size pay first touches)
-        self.step_time.setdefault(self.depth, {})[self.sequences] = sorted(recent)[(len(recent) - 1) // 2]
+        self.step_time.setdefault(depth, {})[self.sequences] = sorted(recent)[(len(recent) - 1) // 2]
 
     def record_acceptance(self, proposed: int, accepted: int) -> None:
         keep = 1.0 - self.decay
@@ -270,14 +272,36 @@ class AdaptiveDepth:
                 out[k] = sum(self.expected_tokens(min(k, c)) for c in caps) / cost
         return out
 
+    def plain_steps(self, sequences: int, margin: int) -> int:
+        """How many of the next steps are sure to draft nothing with this many sequences: where depth 0 is the
+        settled choice, those before the next trial less `margin` (the steps that keep the hidden states its
+        catch-up reads); while depth 0 is held for a measurement or a trial, the held steps. 0 otherwise. The engine
+        runs such steps without the MTP side, several per call where it can (multi-step decoding: depth 0 then
+        costs what plain decoding costs), and reports them with `skipped`."""
+        if self.depth != 0 or sequences != self.sequences:
+            return 0
+        if self.hold:
+            return self.hold
+        if self.last_best != 0:
+            return 0
+        return max(0, self.next_trial - self.steps - margin) if self.explore else 1 << 30
+
+    def skipped(self, steps: int, seconds: float | None = None) -> None:
+        """`steps` steps run at depth 0 without the MTP side; with `seconds`, the CPU time of a run of several steps
+        in one call, whose cost per step is depth 0's cost at this many sequences (steady: recorded without SETTLE;
+        the lower median then prefers it to one-step costs, and a step of depth 0 is what it says)."""
+        self.steps += steps
+        self.run += steps
+        self.hold = max(0, self.hold - steps)
+        if seconds is not None and steps > 1:
+            self._record(0, seconds / steps)
+
     def idle(self, sequences: int, margin: int) -> bool:
         """A step that is sure to draft nothing, with no trial within `margin` steps: counted and True (the caller
         then does nothing on the MTP side). Only once depth 0 is the settled choice for this many sequences."""
-        if (self.last_best != 0 or self.depth != 0 or self.hold or sequences != self.sequences
-                or (self.explore and self.next_trial - self.steps <= margin)):
+        if self.hold or self.plain_steps(sequences, margin) <= 0:
             return False
-        self.steps += 1
-        self.run += 1
+        self.skipped(1)
         return True
 
     def choose(self, caps: list[int], other_rows: int) -> list[int]:
@@ -377,6 +401,18 @@ class MTPDrafter:
 
     def forget(self, request_id: str) -> None:
         self.states.pop(request_id, None)
+
+    def plain_steps(self, sequences: int) -> int:
+        """How many of the next steps of `sequences` sequences are sure to draft nothing (adaptive depth settled on
+        or measuring depth 0; `AdaptiveDepth.plain_steps`): the engine may run them as plain decoding, several per
+        call, and then reports them with `skipped`. 0 without adaptive depth (every step drafts)."""
+        return 0 if self.adaptive is None else self.adaptive.plain_steps(sequences, self.catch_up + 2)
+
+    def skipped(self, steps: int, seconds: float) -> None:
+        """`steps` steps run as plain decoding in one call, in `seconds` of CPU time. The MTP side needs nothing
+        else: the requests' rings are brought up to date, bounded, when they draft again (`propose`)."""
+        if self.adaptive is not None:
+            self.adaptive.skipped(steps, seconds)
 
     def observe(self, spans: list[tuple[Request, int, int, int]], hidden: torch.Tensor) -> None:
         """spans: (request, first position, first row of `hidden`, rows); hidden (N, D): the step's final hidden
