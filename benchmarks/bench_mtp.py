@@ -18,10 +18,11 @@ What is measured, in one process, variants interleaved prompt by prompt (their o
     reported as the cold ratio (adaptive's first measurements fall in it);
   * temperature 0.7 (seeded), batch 1: decode tokens/s off, k = 3 (reduced vocabulary) and adaptive, interleaved;
     their engines start cold (adaptive measures its costs in this run).
-Variants: off; k = 1, 2, 3 drafts with the full draft vocabulary; k = 1 and 3 with a reduced draft vocabulary (the
-`--draft-vocab` lowest token ids, a BPE vocabulary's first merges, or with `--draft-vocab-from stdlib` the most
-frequent tokens of the Python standard library's own source, the training distribution); adaptive (k <= 3, reduced
-vocabulary). `--variants` picks some of them.
+Variants: off (the engine's default, up to 8 decode steps per call: multi-step decoding); off1 (one step per call,
+as an MTP engine runs while it drafts; "vs off1" compares with it); k = 1, 2, 3 drafts with the full draft
+vocabulary; k = 1 and 3 with a reduced draft vocabulary (the `--draft-vocab` lowest token ids, a BPE vocabulary's
+first merges, or with `--draft-vocab-from stdlib` the most frequent tokens of the Python standard library's own
+source, the training distribution); adaptive (k <= 3, reduced vocabulary). `--variants` picks some of them.
 The last stdout line is one JSON object. OMP_WAIT_POLICY defaults to PASSIVE; `--threads` (default 1).
 """
 
@@ -188,7 +189,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-batch", action="store_true", help="skip the batch 8/16 and temperature runs")
     ap.add_argument("--no-batch1", action="store_true", help="skip the batch-1 greedy table")
     ap.add_argument("--variants", nargs="+", metavar="NAME",
-                    help="batch-1 variants besides off (default: all of k1 k2 k3 k1+vocab k3+vocab adaptive)")
+                    help="batch-1 variants besides off (default: all of off1 k1 k2 k3 k1+vocab k3+vocab adaptive)")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     warnings.simplefilter("ignore")
@@ -198,6 +199,7 @@ def main(argv=None) -> int:
     if a.draft_vocab_from == "stdlib":
         reduced["draft_vocab_counts"] = stdlib_counts(base.tokenizer, base.model.config.vocab_size)
     specs = {"off": None,
+             "off1": None,
              "k1": {"num_speculative_tokens": 1},
              "k2": {"num_speculative_tokens": 2},
              "k3": {"num_speculative_tokens": 3},
@@ -209,7 +211,10 @@ def main(argv=None) -> int:
         if unknown:
             ap.error(f"--variants: unknown {unknown}; known: {sorted(specs)}")
         specs = {n: s for n, s in specs.items() if n == "off" or n in a.variants}
-    llms = {n: (base if s is None else LLM(path, max_num_seqs=1, progress=False, speculative_config=s))
+    # off1: plain decoding one step per engine call, as an MTP engine steps while it drafts (the default engine,
+    # "off", runs up to 8 decode steps per call: multi-step decoding)
+    llms = {n: (base if n == "off" else LLM(path, max_num_seqs=1, progress=False, speculative_config=s,
+                                            num_scheduler_steps=1 if n == "off1" else 8))
             for n, s in specs.items()}
     logs = {n: record_experts(llm) for n, llm in llms.items()}
     prompts = PROMPTS[:a.prompts]
@@ -239,7 +244,9 @@ def main(argv=None) -> int:
     for n in (names if off_rate else []):
         rate = statistics.median(res[n]["rate"])
         row = {"variant": n, "decode_tok_s": round(rate, 1), "speedup": round(rate / off_rate, 3)}
-        if n != "off":
+        if res.get("off1", {}).get("rate"):
+            row["vs_one_step"] = round(rate / statistics.median(res["off1"]["rate"]), 3)
+        if specs[n] is not None and res[n]["tps"]:
             tps = statistics.median(res[n]["tps"])
             depth = max(len(x) for x in res[n]["acc"])
             acc = [round(statistics.median(x[j] for x in res[n]["acc"] if len(x) > j), 3) for j in range(depth)]
@@ -262,10 +269,11 @@ def main(argv=None) -> int:
         summary[n] = row
     print(f"\nbatch 1, greedy, {a.max_tokens} tokens, {len(prompts)} prompts x {a.repeats} repeats, {a.threads} "
           f"thread(s); medians; one-token step reads {one / 1e6:.2f} MB")
-    print(f"{'variant':10} {'tok/s':>8} {'speedup':>8} {'tok/verify':>10} {'bound':>6} {'of bound':>8} "
+    print(f"{'variant':10} {'tok/s':>8} {'speedup':>8} {'vs off1':>8} {'tok/verify':>10} {'bound':>6} {'of bound':>8} "
           f"{'experts/layer':>13}  acceptance by position")
     for r in table:
-        print(f"{r['variant']:10} {r['decode_tok_s']:8.1f} {r['speedup']:8.3f} {r.get('tokens_per_verify', '-'):>10} "
+        print(f"{r['variant']:10} {r['decode_tok_s']:8.1f} {r['speedup']:8.3f} {r.get('vs_one_step', '-'):>8} "
+              f"{r.get('tokens_per_verify', '-'):>10} "
               f"{r.get('bound', '-'):>6} {r.get('of_bound', '-'):>8} {str(r.get('experts_per_verify', '-')):>13}  "
               f"{r.get('acceptance', '')}"
               + (f" (settled on depth {r['settled_depth']})" if "settled_depth" in r else ""))
