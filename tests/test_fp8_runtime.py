@@ -65,6 +65,36 @@ def test_linear_fp8_matches_reference(N, K, block, M):
 
 
 @needs_kernels
+def test_fp8_experts_share_one_pass_and_split_over_threads():
+    """kfp8.experts_fp8 (the fused step's expert code, mf_experts_rows): rows of one expert go through it together
+    (each weight converted once for all of them) and give the rows' SwiGLU on the dequantised weights (fp32
+    rounding), equal to each row alone; experts wide enough to be split in block-row chunks over 2 threads give the
+    same bits as one."""
+    g = torch.Generator().manual_seed(7)
+    D, Fd, block, counts = 256, 384, (128, 128), [3, 1, 4]
+    ws, ptrs = [], []
+    for _ in counts:
+        qs = [quantize_fp8_block(torch.randn(n, k, generator=g) * 0.1, block) for n, k in ((Fd, D), (Fd, D), (D, Fd))]
+        ws.append(qs)
+        ptrs.append([t.data_ptr() for q, sc in qs for t in (q, sc)])
+    ptrs = torch.tensor(ptrs, dtype=torch.int64)
+    x = torch.randn(sum(counts), D, generator=g)
+    y = kfp8.experts_fp8(x, counts, ptrs, D, Fd, block)
+    row = 0
+    for i, c in enumerate(counts):
+        (gq, gs), (uq, us), (dq, ds) = ws[i]
+        for r in range(row, row + c):
+            h = torch.nn.functional.silu(kfp8.linear_fp8_reference(x[r:r + 1], gq, gs, block)) \
+                * kfp8.linear_fp8_reference(x[r:r + 1], uq, us, block)
+            torch.testing.assert_close(y[r:r + 1], kfp8.linear_fp8_reference(h, dq, ds, block), rtol=1e-5, atol=1e-5)
+            alone = kfp8.experts_fp8(x[r:r + 1], [1], ptrs[i:i + 1].contiguous(), D, Fd, block)
+            torch.testing.assert_close(y[r:r + 1], alone, rtol=1e-6, atol=1e-7)   # other kernels for 1 row
+        row += c
+    with kernel_threads(2):
+        assert torch.equal(kfp8.experts_fp8(x, counts, ptrs, D, Fd, block), y)
+
+
+@needs_kernels
 def test_fp8_kernel_decodes_every_byte_exactly():
     """Row b of the weight holds byte b once: the product with a one-hot x is that byte's E4M3 value times the
     tile scale, with no rounding anywhere (subnormals, both signs, the largest values)."""

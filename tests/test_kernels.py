@@ -336,20 +336,24 @@ def _assert_same_greedy(got, ref, tol):
 
 
 def test_fused_decode_same_withkernel_threads():
-    """A ragged batch through runner.fused with the kernel pool at 1 and at 2 threads (attention split by
-    sequence and kv head, experts by expert): the same tokens and the same logprobs, bit for bit."""
-    m16, _ = _pair(seed=5)
-    ps = [{"prompt_token_ids": torch.randint(0, 512, (n,), generator=G).tolist()} for n in (7, 12, 3)]
+    """A ragged batch and a single sequence through runner.fused with the kernel pool at 1 and at 2 threads
+    (attention split by sequence and kv head; products in row chunks over the pool: wide enough MLPs that the dense
+    gate|up, the routed experts' gate|up and downs and the lm_head pass the size under which a group runs on one
+    thread): the same tokens and the same logprobs, bit for bit."""
+    m16, _ = _pair(seed=5, num_hidden_layers=3, intermediate_size=512, moe_intermediate_size=256)
     sp = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=2)
     llm = LLM(m16, max_num_seqs=4, block_size=4)
     assert llm.engine.runner.fused is not None
-    one = [o.outputs[0] for o in llm.generate(ps, sp)]
-    with kernel_threads(2):
-        two = [o.outputs[0] for o in llm.generate(ps, sp)]
-    for a, b in zip(one, two):
-        assert a.token_ids == b.token_ids
-        assert [{t: p.logprob for t, p in d.items()} for d in a.logprobs] == \
-            [{t: p.logprob for t, p in d.items()} for d in b.logprobs]
+    assert 2 * 256 * 128 * 2 >= 1 << 16                  # two experts' gate|up: one group split over the threads
+    for n in ((7, 12, 3), (9,)):
+        ps = [{"prompt_token_ids": torch.randint(0, 512, (k,), generator=G).tolist()} for k in n]
+        one = [o.outputs[0] for o in llm.generate(ps, sp)]
+        with kernel_threads(2):
+            two = [o.outputs[0] for o in llm.generate(ps, sp)]
+        for a, b in zip(one, two):
+            assert a.token_ids == b.token_ids
+            assert [{t: p.logprob for t, p in d.items()} for d in a.logprobs] == \
+                [{t: p.logprob for t, p in d.items()} for d in b.logprobs]
 
 
 def test_embed_bf16_equals_torch_embedding_and_checks_ids():
@@ -485,6 +489,28 @@ def test_threaded_attention_and_experts_match_single_thread():
             two_e = kernels.experts_bf16(x_PD, counts, gate_up, down)
         torch.testing.assert_close(two_a, one_a, atol=0, rtol=0)
         torch.testing.assert_close(two_e, one_e, atol=0, rtol=0)
+
+
+def test_experts_share_one_pass_and_split_over_threads():
+    """Rows routed to the same expert go through it together (one product of several rows, its weights read once):
+    the same bits as each row through its expert alone, and as the SwiGLU in torch (within fp32 rounding). The
+    experts are wide enough (2^16 gate|up weights each) that their products form a group split in row chunks over 2
+    and 3 threads: the same bits again."""
+    E, D, F_ = 5, 128, 256
+    gate_up, down = (_randn(E, 2 * F_, D) * 0.1).bfloat16(), (_randn(E, D, F_) * 0.1).bfloat16()
+    counts = torch.tensor([2, 0, 3, 1, 4])
+    x_PD = _randn(int(counts.sum()), D)
+    shared = kernels.experts_bf16(x_PD, counts, gate_up, down)
+    experts = torch.repeat_interleave(torch.arange(E), counts)
+    for r, e in enumerate(experts.tolist()):
+        alone = kernels.experts_bf16(x_PD[r:r + 1], F.one_hot(torch.tensor(e), E), gate_up, down)
+        torch.testing.assert_close(shared[r:r + 1], alone, atol=0, rtol=0)
+        h = x_PD[r] @ gate_up[e].float().T
+        ref = (F.silu(h[:F_]) * h[F_:]) @ down[e].float().T
+        torch.testing.assert_close(shared[r], ref, atol=1e-5, rtol=1e-5)
+    for t in (2, 3):
+        with kernel_threads(t):
+            torch.testing.assert_close(kernels.experts_bf16(x_PD, counts, gate_up, down), shared, atol=0, rtol=0)
 
 
 def test_pool_workers_join_the_first_job_after_starting():

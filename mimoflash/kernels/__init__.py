@@ -125,7 +125,7 @@ _SIGNATURES: dict[str, tuple] = {
     "mf_embed_bf16": (_I, [_P, _L, _P, _L, _L, _P]),
     "mf_silu_mul": (None, [_P, _L, _P, _L, _L, _L]),
     "mf_attn_decode": (_I, [_P, _L, _P, _L, _P, _L, _P, _P, _P, _L, _L, _L, _L, _L, _L, _F, _P, _P, _L, _L, _L, _I]),
-    "mf_moe_token_bf16": (_I, [_P, _L, _P, _P, _L, _L, _I, _F, _P, _P, _L, _P, _P, _P]),
+    "mf_moe_token_bf16": (_I, [_P, _L, _P, _P, _L, _L, _I, _F, _P, _P, _L, _P, _P]),
     "mf_experts_bf16": (_I, [_P, _L, _P, _L, _L, _L, _P, _P, _P, _P]),
     "mf_argmax_rows": (None, [_P, _L, _L, _L, _P]),
     "mf_read_sum": (ctypes.c_int64, [_P, _L]),
@@ -465,10 +465,9 @@ def moe_token_bf16(x: torch.Tensor, router_w: torch.Tensor, bias: torch.Tensor, 
         raise ValueError("moe_token_bf16: unexpected shapes, dtypes or layouts")
     y = torch.empty(1, D, dtype=torch.float32)
     chosen = torch.empty(1, top_k, dtype=torch.int64)
-    scratch = torch.empty(E + 3 * (F2 // 2) + D, dtype=torch.float32)
-    lib.mf_moe_token_bf16(x.data_ptr(), D, router_w.data_ptr(), bias.data_ptr(), E, top_k, int(norm_topk), scaling,
-                          gate_up.data_ptr(), down.data_ptr(), F2 // 2, y.data_ptr(), scratch.data_ptr(),
-                          chosen.data_ptr())
+    if lib.mf_moe_token_bf16(x.data_ptr(), D, router_w.data_ptr(), bias.data_ptr(), E, top_k, int(norm_topk),
+                             scaling, gate_up.data_ptr(), down.data_ptr(), F2 // 2, y.data_ptr(), chosen.data_ptr()):
+        raise MemoryError("moe_token_bf16: out of memory")
     return y, chosen
 
 

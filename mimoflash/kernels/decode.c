@@ -52,40 +52,74 @@ static void store_bf16(unsigned short *dst, const float *src, long n) {
     }
 }
 
-/* Experts 0..El-1 of the layer's weights on their expert-sorted rows x_PD (P, H), counts[e] rows for expert e, into
- * y_PD (P, H), unweighted: mf_experts_bf16 over gate_up / down, or for FP8 experts (L->experts_fp8, El rows of six
- * addresses) the picked experts' addresses gathered for one mf_experts_fp8 call. Each expert's weights are read
- * once for all its rows. -> 0; -2 out of memory; -1 bad arguments. */
-static int run_experts(const mf_layer *L, const float *x_PD, long P, const long *counts, long El, float *y_PD,
-                       float *ffn) {
-    if (!L->experts_fp8) {
-        int rc = mf_experts_bf16(x_PD, P, counts, El, L->H, L->F_moe, L->gate_up, L->down, y_PD, ffn);
-        return rc == -1 ? -2 : rc ? -1 : 0;
+/* The routed experts of n listed experts over their rows: rows[i] rows of x (P, D), sorted by expert, go through
+ * expert ex[i] into y (P, D), unweighted: down(silu(gate x) * up x) per row. Two parallel regions for all of them
+ * (mf_gemm_group): every expert's gate|up product (its weights read once for all its rows), then, after the SiLU,
+ * every expert's down product; one region per product (as before) cost a thread hand-off per expert and product.
+ * h: 2 F P floats of scratch (a row's gate | up, then its activation in place). -> 0, or -1 out of memory (FP8). */
+int mf_experts_rows(const mf_expert *ex, long n, const long *rows, const float *x, long ldx, long D, long F,
+                    long br, long bc, float *h, float *y, long ldy) {
+    mf_product p[2 * (n > 0 ? n : 1)];
+    long np = 0, P = 0, Dc = bc > 0 ? (D + bc - 1) / bc : 0, Fc = bc > 0 ? (F + bc - 1) / bc : 0;
+    for (long i = 0; i < n; P += rows[i], i++) {
+        if (!rows[i]) continue;
+        const float *xi = x + P * ldx;
+        float *hi = h + P * 2 * F;
+        if (ex[i].gate_s) {
+            p[np++] = (mf_product){MF_FP8, xi, ldx, ex[i].gate, ex[i].gate_s, Dc, br, bc, hi, 2 * F, rows[i], F, D};
+            p[np++] = (mf_product){MF_FP8, xi, ldx, ex[i].up, ex[i].up_s, Dc, br, bc, hi + F, 2 * F, rows[i], F, D};
+        } else {
+            p[np++] = (mf_product){MF_BF16, xi, ldx, ex[i].gate, NULL, 0, 0, 0, hi, 2 * F, rows[i], 2 * F, D};
+        }
     }
-    long n = 0;
+    if (mf_gemm_group(p, np)) return -1;
+    mf_silu_mul(h, 2 * F, h, 2 * F, P, F);                 /* in place: each element reads only its own inputs */
+    np = 0;
+    for (long i = 0, lo = 0; i < n; lo += rows[i], i++)
+        if (rows[i])
+            p[np++] = (mf_product){ex[i].gate_s ? MF_FP8 : MF_BF16, h + lo * 2 * F, 2 * F, ex[i].down, ex[i].down_s,
+                                   Fc, br, bc, y + lo * ldy, ldy, rows[i], D, F};
+    return mf_gemm_group(p, np) ? -1 : 0;
+}
+
+/* Experts 0..El-1 of the layer's weights on their expert-sorted rows x_PD (P, H), counts[e] rows for expert e, into
+ * y_PD (P, H), unweighted: the experts with rows, bf16 (gate_up / down) or FP8 (L->experts_fp8, six addresses per
+ * expert), through mf_experts_rows. ffn: 2 F P floats. -> 0; -2 out of memory. */
+static int run_experts(const mf_layer *L, const float *x_PD, const long *counts, long El, float *y_PD, float *ffn) {
+    long n = 0, H = L->H, F = L->F_moe;
     long rows[El];
-    int64_t ptrs[6 * El];
+    mf_expert ex[El];
     for (long e = 0; e < El; e++)
         if (counts[e]) {
             rows[n] = counts[e];
-            memcpy(ptrs + 6 * n, L->experts_fp8 + 6 * e, sizeof(int64_t) * 6);
+            if (L->experts_fp8) {
+                const int64_t *q = L->experts_fp8 + 6 * e;
+                ex[n] = (mf_expert){(const void *)(intptr_t)q[0], (const void *)(intptr_t)q[2],
+                                    (const void *)(intptr_t)q[4], (const float *)(intptr_t)q[1],
+                                    (const float *)(intptr_t)q[3], (const float *)(intptr_t)q[5]};
+            } else {
+                ex[n] = (mf_expert){L->gate_up + e * 2 * F * H, NULL, L->down + e * H * F, NULL, NULL, NULL};
+            }
             n++;
         }
-    return mf_experts_fp8(x_PD, L->H, L->H, L->F_moe, n, rows, ptrs, L->fp8_br, L->fp8_bc, y_PD, L->H) ? -2 : 0;
+    return mf_experts_rows(ex, n, rows, x_PD, H, H, F, L->fp8_br, L->fp8_bc, ffn, y_PD, H) ? -2 : 0;
 }
 
-/* The layer's dense products: y (M, N) = x (M, K) @ w^T, w E4M3 bytes with their scale grid s (s not NULL), else
- * bf16 row-major or in panels as the layer's weights are. -> 0, or -2 out of memory (fp8.c's scratch). */
+/* The layer's product y (M, N) = x (M, K) @ w^T as mf_gemm_group takes it: w E4M3 bytes with their scale grid s (s
+ * not NULL), else bf16 row-major or in panels as the layer's weights are. */
+static mf_product layer_product(const mf_layer *L, const float *x, long ldx, const void *w, const float *s, float *y,
+                                long ldy, long M, long N, long K) {
+    if (s)
+        return (mf_product){MF_FP8, x, ldx, w, s, (K + L->fp8_bc - 1) / L->fp8_bc,
+                            s == L->qkv_s ? L->qkv_br : L->fp8_br, L->fp8_bc, y, ldy, M, N, K};
+    return (mf_product){L->panels ? MF_PANELS : MF_BF16, x, ldx, w, NULL, 0, 0, 0, y, ldy, M, N, K};
+}
+
+/* One product of the layer. -> 0, or -2 out of memory (fp8.c's scratch). */
 static int layer_gemm(const mf_layer *L, const float *x, long ldx, const void *w, const float *s, float *y,
                       long ldy, long M, long N, long K) {
-    if (s)
-        return mf_gemm_fp8w(x, ldx, (const uint8_t *)w, s, (K + L->fp8_bc - 1) / L->fp8_bc, y, ldy, M, N, K,
-                            s == L->qkv_s ? L->qkv_br : L->fp8_br, L->fp8_bc) ? -2 : 0;
-    if (L->panels)
-        mf_gemm_bf16p(x, ldx, (const uint16_t *)w, y, ldy, M, N, K);
-    else
-        mf_gemm_bf16w(x, ldx, (const uint16_t *)w, y, ldy, M, N, K);
-    return 0;
+    mf_product p = layer_product(L, x, ldx, w, s, y, ldy, M, N, K);
+    return mf_gemm_group(&p, 1) ? -2 : 0;
 }
 
 /* B tokens (one per sequence) through the routed experts [e_lo, e_hi) of the router's E: route each row over all E
@@ -117,7 +151,7 @@ static int moe_rows(const mf_layer *L, const float *xn, long B, float *y, long *
         order[dst] = p;
         memcpy(x_PD + dst * H, xn + (p / k) * H, sizeof(float) * H);
     }
-    int rc = run_experts(L, x_PD, n, counts, El, y_PD, ffn);
+    int rc = run_experts(L, x_PD, counts, El, y_PD, ffn);
     if (rc) return rc;
     memset(y, 0, sizeof(float) * (size_t)(B * H));
     for (long q = 0; q < n; q++) {
@@ -127,6 +161,29 @@ static int moe_rows(const mf_layer *L, const float *xn, long B, float *y, long *
         for (long i = 0; i < H; i++) yr[i] += wp * src[i];
     }
     return 0;
+}
+
+/* Exported: one token x (1, D) through a routed MoE with bf16 experts gate_up (E, 2F, D), down (E, D, F): routing
+ * (mf_route_row) and the experts exactly as the fused decode step's MoE layers run them (moe_rows), so the module
+ * path that calls this (engine/cpu_layout.py) and the fused step agree bit for bit. y (1, D); chosen: top_k ids
+ * out. -> 0, or -2 out of memory. */
+int mf_moe_token_bf16(const float *x, long D, const float *router_w, const float *bias, long E, long top_k,
+                      int norm_topk, float scaling, const unsigned short *gate_up, const unsigned short *down, long F,
+                      float *y, long *chosen) {
+    mf_layer L;
+    memset(&L, 0, sizeof L);
+    L.H = D;
+    L.moe = 1;
+    L.router_w = router_w;
+    L.router_bias = bias;
+    L.E = E;
+    L.top_k = top_k;
+    L.norm_topk = norm_topk;
+    L.scaling = scaling;
+    L.gate_up = gate_up;
+    L.down = down;
+    L.F_moe = F;
+    return moe_rows(&L, x, 1, y, chosen, 0, E);
 }
 
 /* Scratch floats of each half (below), for B rows and K keys. */
@@ -196,16 +253,13 @@ static int ffn_half(const mf_layer *L, const float *x, long B, float *y, long *c
     double t0 = g_timing ? now_s() : 0.0;
     mf_rms_norm(x, H, L->post_norm, xn, H, B, H, L->eps_post);
     PHASE_END(PH_O)
-    if (L->moe && B == 1 && !L->experts_fp8 && e_lo == 0 && e_hi == L->E) {
-        if (mf_moe_token_bf16(xn, H, L->router_w, L->router_bias, L->E, L->top_k, L->norm_topk, L->scaling,
-                              L->gate_up, L->down, F, y, ffn, chosen)) return -2;
-    } else if (L->moe) {
+    if (L->moe) {
         if ((rc = moe_rows(L, xn, B, y, chosen, e_lo, e_hi))) return rc;
-    } else {
+    } else {                        /* gate and up in one parallel region, then the down product */
         float *gu = ffn, *act = ffn + 2 * B * F;
-        if ((rc = layer_gemm(L, xn, H, L->gate_w, L->gate_s, gu, 2 * F, B, F, H)) ||
-            (rc = layer_gemm(L, xn, H, L->up_w, L->up_s, gu + F, 2 * F, B, F, H)))
-            return rc;
+        mf_product p[2] = {layer_product(L, xn, H, L->gate_w, L->gate_s, gu, 2 * F, B, F, H),
+                           layer_product(L, xn, H, L->up_w, L->up_s, gu + F, 2 * F, B, F, H)};
+        if (mf_gemm_group(p, 2)) return -2;
         mf_silu_mul(gu, 2 * F, act, F, B, F);
         if ((rc = layer_gemm(L, act, F, L->down_w, L->down_s, y, H, B, H, F))) return rc;
     }

@@ -335,21 +335,17 @@ static int fp8_simd(void) {
 static int fp8_simd(void) { return 0; }
 #endif
 
-typedef struct {
-    const float *x;
-    const uint8_t *w;
-    const float *s;
-    float *y;
-    long ldx, ldy, M, N, K, br, bc, ldS;
-    int failed;
-} fp8_job;
+void mf_fp8_init(void) {
+    fp8_lut_init();
+    fp8_simd();
+}
 
-/* Output rows [n0, n1): block row by block row, the scaled activations in a per-thread buffer. */
-static void fp8_range(void *p, long n0, long n1) {
-    fp8_job *j = (fp8_job *)p;
+/* Output rows [n0, n1) of an FP8 product (mf_gemm_group's chunks: whole block rows, or the end): block row by block
+ * row, the scaled activations in a per-thread buffer. -> 0, or -1 when that buffer could not be allocated. */
+int mf_fp8w_range(const mf_product *p, long n0, long n1) {
     static _Thread_local float *buf = NULL;
     static _Thread_local size_t cap = 0;
-    size_t need = (size_t)j->M * (size_t)j->K;
+    size_t need = (size_t)p->M * (size_t)p->K;
     if (cap < need) {
         free(buf);
         /* 64-byte aligned: a 64-byte vector load that straddles two cache lines costs two (the scaled rows are
@@ -357,66 +353,57 @@ static void fp8_range(void *p, long n0, long n1) {
          * processes) */
         buf = aligned_alloc(64, (need * sizeof(float) + 63) & ~(size_t)63);
         cap = buf ? need : 0;
-        if (!buf) {
-            j->failed = 1;
-            return;
-        }
+        if (!buf) return -1;
     }
+    const uint8_t *w = (const uint8_t *)p->w;
     for (long n = n0; n < n1;) {
-        long nb = n / j->br, hi = (nb + 1) * j->br < n1 ? (nb + 1) * j->br : n1;
-        scale_rows(j->x, j->ldx, j->M, j->K, j->s + nb * j->ldS, j->bc, buf);
+        long nb = n / p->br, hi = (nb + 1) * p->br < n1 ? (nb + 1) * p->br : n1;
+        scale_rows(p->x, p->ldx, p->M, p->K, p->s + nb * p->ldS, p->bc, buf);
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
         int level = fp8_simd();
         if (level == 3)
-            rows_avx512(buf, j->M, j->K, j->w + n * j->K, hi - n, j->y + n, j->ldy);
+            rows_avx512(buf, p->M, p->K, w + n * p->K, hi - n, p->y + n, p->ldy);
         else if (level == 2)
-            rows_avx2(buf, j->M, j->K, j->w + n * j->K, hi - n, j->y + n, j->ldy);
+            rows_avx2(buf, p->M, p->K, w + n * p->K, hi - n, p->y + n, p->ldy);
         else
 #endif
-            rows_portable(buf, j->M, j->K, j->w + n * j->K, hi - n, j->y + n, j->ldy);
+            rows_portable(buf, p->M, p->K, w + n * p->K, hi - n, p->y + n, p->ldy);
         n = hi;
     }
+    return 0;
 }
 
 /* Exported: y (M, N) = x (M, K) @ dequant(w, s)^T; w (N, K) E4M3 bytes row-major, s (ceil(N/br), ldS) fp32 with
- * ldS >= ceil(K/bc). -> 0, or -1 when a scratch buffer could not be allocated. */
+ * ldS >= ceil(K/bc) (a group of one: threads as mf_gemm_group says). -> 0, or -1 when a scratch buffer could not
+ * be allocated. */
 int mf_gemm_fp8w(const float *x, long ldx, const uint8_t *w, const float *s, long ldS, float *y, long ldy, long M,
                  long N, long K, long br, long bc) {
-    fp8_lut_init();
-    fp8_simd();                         /* decided here, before any pool thread asks */
-    fp8_job j = {x, w, s, y, ldx, ldy, M, N, K, br, bc, ldS, 0};
-    long T = mf_num_threads();
-    if (T > 1 && N * K >= (1L << 16) && N >= 8 * T)
-        mf_parallel_ranges(N, br % 4 == 0 ? br : 4 * br, fp8_range, &j);
-    else
-        fp8_range(&j, 0, N);
-    return j.failed ? -1 : 0;
+    mf_product p = {MF_FP8, x, ldx, w, s, ldS, br, bc, y, ldy, M, N, K};
+    return mf_gemm_group(&p, 1);
 }
 
 /* Exported: routed experts over tokens grouped by expert. x (P, D) rows sorted by expert, rows[i] of them for the
  * i-th listed expert, whose six pointers ptrs[6 i ..] are gate (F, D) bytes, gate scales, up (F, D), up scales,
  * down (D, F), down scales (scale grids row-major, ceil-div shapes). y (P, D) = down(silu(gate x) * up x) per row,
- * unweighted. -> 0, or -1 when memory ran out. */
+ * unweighted: mf_experts_rows, the fused decode step's expert code. -> 0, or -1 when memory ran out. */
 int mf_experts_fp8(const float *x, long ldx, long D, long Fd, long n, const long *rows, const int64_t *ptrs, long br,
                    long bc, float *y, long ldy) {
-    long maxr = 0;
-    for (long i = 0; i < n; i++) maxr = rows[i] > maxr ? rows[i] : maxr;
-    float *g = malloc(sizeof(float) * (size_t)(2 * maxr * Fd + 1));
-    if (!g) return -1;
-    float *u = g + maxr * Fd;
-    long Dc = (D + bc - 1) / bc, Fc = (Fd + bc - 1) / bc;
-    int rc = 0;
-    for (long i = 0, lo = 0; i < n && rc == 0; lo += rows[i], i++) {
-        long M = rows[i];
-        if (!M) continue;
-        const int64_t *p = ptrs + 6 * i;
-        const float *xi = x + lo * ldx;
-        rc |= mf_gemm_fp8w(xi, ldx, (const uint8_t *)p[0], (const float *)p[1], Dc, g, Fd, M, Fd, D, br, bc);
-        rc |= mf_gemm_fp8w(xi, ldx, (const uint8_t *)p[2], (const float *)p[3], Dc, u, Fd, M, Fd, D, br, bc);
-        for (long k = 0; k < M * Fd; k++) g[k] = g[k] / (1.f + expf(-g[k])) * u[k];
-        rc |= mf_gemm_fp8w(g, Fd, (const uint8_t *)p[4], (const float *)p[5], Fc, y + lo * ldy, ldy, M, D, Fd, br,
-                           bc);
+    long P = 0;
+    for (long i = 0; i < n; i++) P += rows[i];
+    mf_expert *ex = malloc(sizeof(mf_expert) * (size_t)(n > 0 ? n : 1));
+    float *h = malloc(sizeof(float) * (size_t)(2 * P * Fd + 1));
+    int rc = -1;
+    if (ex && h) {
+        for (long i = 0; i < n; i++) {
+            const int64_t *q = ptrs + 6 * i;
+            mf_expert e = {(const void *)(intptr_t)q[0], (const void *)(intptr_t)q[2], (const void *)(intptr_t)q[4],
+                           (const float *)(intptr_t)q[1], (const float *)(intptr_t)q[3],
+                           (const float *)(intptr_t)q[5]};
+            ex[i] = e;
+        }
+        rc = mf_experts_rows(ex, n, rows, x, ldx, D, Fd, br, bc, h, y, ldy) ? -1 : 0;
     }
-    free(g);
+    free(ex);
+    free(h);
     return rc;
 }

@@ -57,9 +57,6 @@ int mf_attn_decode(const float *q, long q_sb, const void *k_base, long k_sh, con
                    const float *bias, const float *sinks, float *out, long B, long nq, long h, long K, long d,
                    long dv, float scale, float *scratch, const long *table, long n_chunks, long chunk,
                    long pool_chunks, int kv_bf16);
-int mf_moe_token_bf16(const float *x, long D, const float *router_w, const float *bias, long E, long top_k,
-                      int norm_topk, float scaling, const unsigned short *gate_up, const unsigned short *down, long F,
-                      float *y, float *scratch, long *chosen);
 int mf_experts_bf16(const float *x_PD, long P, const long *counts, long E, long D, long F,
                     const unsigned short *gate_up, const unsigned short *down, float *y_PD, float *scratch);
 void mf_argmax_rows(const float *x, long ld, long R, long V, long *out);
@@ -70,6 +67,10 @@ int mf_decode_layer(const mf_layer *L, float *x, long B, const float *cos_, cons
                     const long *table, long n_chunks, long chunk, long K, const long *slots, const float *bias,
                     long *chosen);
 void mf_decode_timing(int on, double *out);
+/* decode.c: one token's routed MoE with bf16 experts (the fused step's MoE code for one row) */
+int mf_moe_token_bf16(const float *x, long D, const float *router_w, const float *bias, long E, long top_k,
+                      int norm_topk, float scaling, const unsigned short *gate_up, const unsigned short *down, long F,
+                      float *y, long *chosen);
 /* decode.c: the layer's two halves, for a caller that adds partial sums between them (tensor parallelism) */
 int mf_decode_attn(const mf_layer *L, const float *x, long B, const float *cos_, const float *sin_,
                    const long *rope_rows, const long *table, long n_chunks, long chunk, long K, const long *slots,
@@ -112,6 +113,37 @@ void mf_parallel(long n, mf_task fn, void *ctx);                                
 void mf_parallel_ranges(long n, long align, void (*range)(void *, long, long), void *ctx);
 int mf_num_threads(void);
 void *mf_scratch(int slot, size_t bytes);              /* pool.c: per-thread buffers kept between calls */
+
+/* One product y (M, N) = x (M, K) @ w^T of a group that mf_gemm_group (wgemm.c) runs in one parallel region.
+ * kind: MF_BF16 w (N, K) bf16 row-major; MF_PANELS w bf16 in panels (panels.c); MF_FP8 w (N, K) E4M3 bytes with
+ * scale grid s (ceil(N / br), ldS) (fp8.c). */
+enum { MF_BF16, MF_PANELS, MF_FP8 };
+typedef struct {
+    int kind;
+    const float *x;
+    long ldx;
+    const void *w;
+    const float *s;
+    long ldS, br, bc;
+    float *y;
+    long ldy, M, N, K;
+} mf_product;
+int mf_gemm_group(const mf_product *p, long n);                                      /* wgemm.c */
+void mf_bf16w_range(const float *x, long ldx, const uint16_t *w, float *y, long ldy, long M, long K, long n0,
+                    long n1);                                                        /* wgemm.c */
+void mf_bf16p_range(const float *x, long ldx, const uint16_t *wp, float *y, long ldy, long M, long N, long K,
+                    long n0, long n1);                                               /* panels.c */
+void mf_fp8_init(void);                                                              /* fp8.c */
+int mf_fp8w_range(const mf_product *p, long n0, long n1);                            /* fp8.c */
+
+/* One routed expert's weights: bf16 gate_up (2F, D) in `gate` (up NULL) and down (D, F), scales NULL; or FP8 gate,
+ * up (F, D) and down (D, F) E4M3 bytes with their scale grids (br x bc blocks). */
+typedef struct {
+    const void *gate, *up, *down;
+    const float *gate_s, *up_s, *down_s;
+} mf_expert;
+int mf_experts_rows(const mf_expert *ex, long n, const long *rows, const float *x, long ldx, long D, long F,
+                    long br, long bc, float *h, float *y, long ldy);                 /* decode.c */
 void mf_route_row(const float *x, long D, const float *router_w, const float *bias, long E, long top_k,
                   int norm_topk, float scaling, float *scores, long *chosen, float *weights);      /* ops.c */
 

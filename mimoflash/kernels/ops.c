@@ -343,13 +343,6 @@ VEC int mf_attn_decode(const float *q, long q_sb, const void *k_base, long k_sh,
     return 0;
 }
 
-/* One token through a routed-MoE layer with bf16 experts (docs/MODEL.md §2.5), replacing ~20 torch calls:
- *   scores = sigmoid(router_w @ x) (fp32), choice = scores + bias, top-k of choice (first index wins a tie),
- *   weights = scores[top] (optionally / their sum), * scaling;
- *   y = sum_k weights_k * down[e_k] @ (silu(gate[e_k] @ x) * up[e_k] @ x).
- * gate_up: (E, 2F, D) bf16 (gate rows then up rows), down: (E, D, F) bf16. Group-limited routing is not handled
- * here (the caller falls back to torch). scratch: E + 3F + D floats; chosen: top_k (<= 64) expert ids out.
- * Returns 0, or -1 for top_k > 64. */
 /* Routing of one row (docs/MODEL.md §2.5): scores = sigmoid(router_w @ x) in fp32, top-k of scores + bias (first index
  * wins a tie), weights = scores of the chosen (optionally / their sum) * scaling. scores: E floats of scratch. */
 VEC void mf_route_row(const float *x, long D, const float *router_w, const float *bias, long E, long top_k,
@@ -378,68 +371,23 @@ VEC void mf_route_row(const float *x, long D, const float *router_w, const float
     for (long k = 0; k < top_k; k++) weights[k] = (norm_topk ? weights[k] / (wsum + 1e-20f) : weights[k]) * scaling;
 }
 
-VEC int mf_moe_token_bf16(const float *x, long D, const float *router_w, const float *bias, long E, long top_k,
-                          int norm_topk, float scaling, const unsigned short *gate_up, const unsigned short *down,
-                          long F, float *y, float *scratch, long *chosen) {
-    float *scores = scratch, *h = scratch + E, *act = h + 2 * F, *out = act + F;
-    float wk[64];
-    if (top_k > 64) return -1;
-    mf_route_row(x, D, router_w, bias, E, top_k, norm_topk, scaling, scores, chosen, wk);
-    for (long i = 0; i < D; i++) y[i] = 0.f;
-    for (long k = 0; k < top_k; k++) {
-        long e = chosen[k];
-        mf_gemm_bf16w(x, D, gate_up + e * 2 * F * D, h, 2 * F, 1, 2 * F, D);
-#pragma omp simd
-        for (long i = 0; i < F; i++) act[i] = h[i] / (1.0f + exp_approx(-h[i])) * h[F + i];
-        mf_gemm_bf16w(act, F, down + e * D * F, out, D, 1, D, F);
-        for (long i = 0; i < D; i++) y[i] += wk[k] * out[i];
-    }
-    return 0;
-}
-
-typedef struct {
-    const float *x_PD;
-    float *y_PD, *scratch;
-    const long *counts, *first;
-    long D, F;
-    const unsigned short *gate_up, *down;
-} experts_job;
-
-/* Task e: expert e's rows [first[e], first[e] + counts[e]) through its SwiGLU, scratch rows of its own. */
-static void expert_task(void *p, long e) {
-    const experts_job *j = (const experts_job *)p;
-    long n = j->counts[e], lo = j->first[e], D = j->D, F = j->F;
-    if (n <= 0) return;
-    float *h = j->scratch + 3 * F * lo, *act = h + 2 * F * n;
-    mf_gemm_bf16w(j->x_PD + lo * D, D, j->gate_up + e * 2 * F * D, h, 2 * F, n, 2 * F, D);
-    for (long r = 0; r < n; r++)
-#pragma omp simd
-        for (long i = 0; i < F; i++) {
-            float g = h[r * 2 * F + i];
-            act[r * F + i] = g / (1.0f + exp_approx(-g)) * h[r * 2 * F + F + i];
-        }
-    mf_gemm_bf16w(act, F, j->down + e * D * F, j->y_PD + lo * D, D, n, D, F);
-}
-
 /* The routed experts of one layer for P (token, expert) pairs already sorted by expert: rows
  * [off_e, off_e + counts[e]) of x_PD (P, D) go through expert e; y_PD (P, D) gets down[e] @ (silu(gate[e] @ x) *
- * (up[e] @ x)) per row, unweighted. One call instead of a Python loop of ~6 torch calls per expert; one pool task
- * per expert (each reads its weights once for its rows; tasks are claimed dynamically, so uneven counts balance).
+ * (up[e] @ x)) per row, unweighted. One call instead of a Python loop of ~6 torch calls per expert: mf_experts_rows
+ * (decode.c), the fused decode step's code, each expert's weights read once for its rows.
  * scratch: 3 * F * P floats. Returns 0; -1 out of memory; -2 if the counts are negative or do not sum to P. */
-VEC int mf_experts_bf16(const float *x_PD, long P, const long *counts, long E, long D, long F,
-                        const unsigned short *gate_up, const unsigned short *down, float *y_PD, float *scratch) {
+int mf_experts_bf16(const float *x_PD, long P, const long *counts, long E, long D, long F,
+                    const unsigned short *gate_up, const unsigned short *down, float *y_PD, float *scratch) {
     long total = 0;
     for (long e = 0; e < E; e++) {
         if (counts[e] < 0) return -2;
         total += counts[e];
     }
     if (total != P) return -2;                         /* the rows would not match x_PD / y_PD */
-    long *first = (long *)mf_scratch(3, sizeof(long) * (size_t)(E > 0 ? E : 1));
-    if (!first) return -1;
-    for (long e = 0, acc = 0; e < E; e++) { first[e] = acc; acc += counts[e]; }
-    experts_job j = {x_PD, y_PD, scratch, counts, first, D, F, gate_up, down};
-    mf_parallel(E, expert_task, &j);
-    return 0;
+    mf_expert *ex = (mf_expert *)mf_scratch(3, sizeof(mf_expert) * (size_t)(E > 0 ? E : 1));
+    if (!ex) return -1;
+    for (long e = 0; e < E; e++) ex[e] = (mf_expert){gate_up + e * 2 * F * D, NULL, down + e * D * F, NULL, NULL, NULL};
+    return mf_experts_rows(ex, E, counts, x_PD, D, D, F, 0, 0, scratch, y_PD, D) ? -1 : 0;
 }
 
 /* out[r] = torch.argmax(x[r, :V]) for R rows of stride ld: the first index of the maximum, or of the first NaN if

@@ -210,28 +210,16 @@ static void panels_range(const float *x, long ldx, const uint16_t *wp, float *y,
     panels_portable(x, ldx, wp, y, ldy, M, N, K, p0, p1);
 }
 
-typedef struct {
-    const float *x;
-    const uint16_t *wp;
-    float *y;
-    long ldx, ldy, M, N, K;
-} panels_job;
-
-static void panels_chunk(void *p, long p0, long p1) {
-    const panels_job *j = (const panels_job *)p;
-    panels_range(j->x, j->ldx, j->wp, j->y, j->ldy, j->M, j->N, j->K, p0, p1);
+/* Output rows [n0, n1) of the product, n0 a multiple of 64 (mf_gemm_group's chunks): its panels. */
+void mf_bf16p_range(const float *x, long ldx, const uint16_t *wp, float *y, long ldy, long M, long N, long K,
+                    long n0, long n1) {
+    panels_range(x, ldx, wp, y, ldy, M, N, K, n0 / PW, (n1 + PW - 1) / PW);
 }
 
-/* Exported: y (M, N) = x (M, K) @ w^T for w packed by kernels.pack_panels. Products of >= 2^16 weights are split
- * by panels over the pool (mf_parallel_ranges: ~4 chunks per thread, each a multiple of 4 panels, the one-row
- * kernel's group); each output is computed by one task in a fixed order, so the result does not depend on the
- * thread count. Allocates nothing, cannot fail. */
+/* Exported: y (M, N) = x (M, K) @ w^T for w packed by kernels.pack_panels (a group of one, threads as mf_gemm_group
+ * says: chunks of a multiple of 4 panels, the one-row kernel's group). Each output is computed by one task in a
+ * fixed order, so the result does not depend on the thread count. Allocates nothing, cannot fail. */
 void mf_gemm_bf16p(const float *x, long ldx, const uint16_t *wp, float *y, long ldy, long M, long N, long K) {
-    long P = (N + PW - 1) / PW;
-    if (mf_num_threads() > 1 && N * K >= (1L << 16) && P >= 2 * mf_num_threads()) {
-        panels_job j = {x, wp, y, ldx, ldy, M, N, K};
-        mf_parallel_ranges(P, 4, panels_chunk, &j);
-        return;
-    }
-    panels_range(x, ldx, wp, y, ldy, M, N, K, 0, P);
+    mf_product p = {MF_PANELS, x, ldx, wp, NULL, 0, 0, 0, y, ldy, M, N, K};
+    mf_gemm_group(&p, 1);
 }

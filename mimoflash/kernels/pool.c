@@ -5,8 +5,12 @@
  * would keep a second set of threads spinning against torch's. Why not a thread per call (what wgemm.c did before):
  * pthread_create + join costs 20-50 us, as much as a decode step's small products (30-100 us), so only the lm_head
  * could be split. Here a dispatch costs ~1 us while the workers are awake: they spin for ~50 us after their last
- * task (a decode layer issues its parallel regions microseconds apart), then sleep on a condition variable so an
- * idle engine, or torch's own threads between steps, get the cores back.
+ * task (a decode layer issues its parallel regions microseconds apart), then keep polling for HOLD_US more with a
+ * sched_yield() between looks (any other runnable thread on that core goes first), then sleep on a condition
+ * variable so an idle engine gets the cores back. Why the hold: between two decode steps the engine's Python
+ * (scheduler, sampling, output objects) runs for 300-500 us; a worker asleep by then took longer to wake (a futex
+ * wake-up of an idle vCPU: 20-60 us measured here) than the small products it was woken for, so at 2 threads the
+ * shipped model's step was no faster than at 1 (the lm_head's 3 MB product ran at the one-thread time).
  *
  * Tasks are claimed one at a time with a compare-and-swap on one 64-bit ticket holding (job generation, task
  * count, next task): a worker decides from that single word whether a task is left, so one that wakes late (still
@@ -19,6 +23,7 @@
  * After fork() the child has no workers: an atfork handler resets the pool so it starts afresh on first use.
  */
 #include <pthread.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -34,7 +39,8 @@
 #endif
 
 #define MAX_THREADS 64
-#define SPIN_ROUNDS 4000      /* ~50 us of pause instructions before a worker sleeps */
+#define SPIN_ROUNDS 4000      /* ~50 us of pause instructions, then the hold */
+#define HOLD_US 2000          /* polling with sched_yield() before a worker sleeps: longer than a step's Python */
 #define TASK_BITS 20          /* ticket = generation (24 bits) | task count (20) | next task (20) */
 #define TASK_MASK ((1ULL << TASK_BITS) - 1)
 #define GEN_OF(t) ((t) >> (2 * TASK_BITS))
@@ -53,6 +59,34 @@ static struct {
 static pthread_mutex_t dispatch_mu = PTHREAD_MUTEX_INITIALIZER;   /* one job at a time */
 
 static int g_threads = 1;
+
+static double now_us(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return 1e6 * (double)t.tv_sec + 1e-3 * (double)t.tv_nsec;
+}
+
+/* Waits for a job newer than generation `seen` -> its generation; stop set -> `seen` (the worker exits). */
+static uint64_t wait_job(uint64_t seen) {
+    uint64_t gen = seen;
+    for (int s = 0; s < SPIN_ROUNDS && gen == seen; s++) {
+        CPU_RELAX();
+        gen = GEN_OF(atomic_load_explicit(&P.ticket, memory_order_acquire));
+    }
+    double until = now_us() + HOLD_US;
+    for (int s = 0; gen == seen && ((s & 15) != 15 || now_us() < until); s++) {
+        sched_yield();
+        gen = GEN_OF(atomic_load_explicit(&P.ticket, memory_order_acquire));
+    }
+    if (gen != seen) return gen;
+    pthread_mutex_lock(&P.mu);
+    while (!P.stop && (gen = GEN_OF(atomic_load_explicit(&P.ticket, memory_order_acquire))) == seen)
+        pthread_cond_wait(&P.cv, &P.mu);
+    if (P.stop) gen = seen;
+    pthread_mutex_unlock(&P.mu);
+    return gen;
+}
+
 static _Thread_local int in_task;
 static int atfork_set;
 
@@ -83,19 +117,8 @@ static void run_tasks(uint64_t gen) {
 static void *worker(void *arg) {
     uint64_t seen = (uint64_t)(uintptr_t)arg;
     for (;;) {
-        uint64_t gen = seen;
-        for (int s = 0; s < SPIN_ROUNDS && gen == seen; s++) {
-            CPU_RELAX();
-            gen = GEN_OF(atomic_load_explicit(&P.ticket, memory_order_acquire));
-        }
-        if (gen == seen) {
-            pthread_mutex_lock(&P.mu);
-            while (!P.stop && (gen = GEN_OF(atomic_load_explicit(&P.ticket, memory_order_acquire))) == seen)
-                pthread_cond_wait(&P.cv, &P.mu);
-            int stop = P.stop;
-            pthread_mutex_unlock(&P.mu);
-            if (stop) return NULL;
-        }
+        uint64_t gen = wait_job(seen);
+        if (gen == seen) return NULL;
         seen = gen;
         run_tasks(gen);
     }
@@ -196,7 +219,7 @@ void mf_parallel_ranges(long n, long align, void (*range)(void *, long, long), v
  * buffers over glibc's mmap threshold (128 KB; a 16-sequence MoE layer of the benchmark model needs ~0.9 MB) were
  * mapped, page-faulted and unmapped on every call; small ones were a malloc/free per attention task. One growing
  * buffer per slot and thread (0, 1: decode.c's layer and MoE rows; 2: an attention task's row pointers and scores;
- * 3: the experts' row offsets), kept for the thread's life; NULL when it cannot grow. */
+ * 3: mf_experts_bf16's list of experts), kept for the thread's life; NULL when it cannot grow. */
 #define SCRATCH_SLOTS 4
 static _Thread_local void *arena[SCRATCH_SLOTS];
 static _Thread_local size_t arena_bytes[SCRATCH_SLOTS];

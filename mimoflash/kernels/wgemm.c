@@ -17,6 +17,7 @@
  * machines get the portable loop. Built and loaded by mimoflash/kernels/__init__.py; tested against
  * F.linear(x, w.float()) in tests/test_kernels.py.
  */
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -226,32 +227,94 @@ static void gemm_range(const float *x, long ldx, const uint16_t *w, float *y, lo
     gemm_portable(x, ldx, w, y, ldy, M, N, K);
 }
 
-/* Threads: a product with at least 2^16 weights (128 KB of bf16, ~5 us of streaming) is split by weight rows into
- * chunks of a multiple of 4 rows (the 2- and 4-row blocks) over the pool (pool.c, mf_parallel_ranges;
- * mf_set_num_threads, which Python sets from torch.get_num_threads()); smaller ones, and products inside a pool
- * task, run on the calling thread. Each output element is computed by one thread in the same order, so the result
- * does not depend on the thread count. */
-typedef struct {
-    const float *x;
-    const uint16_t *w;
-    float *y;
-    long ldx, ldy, M, K;
-} gemm_job;
-
-static void gemm_rows(void *p, long n0, long n1) {
-    const gemm_job *j = (const gemm_job *)p;
-    gemm_range(j->x, j->ldx, j->w + n0 * j->K, j->y + n0, j->ldy, j->M, n1 - n0, j->K);
+void mf_bf16w_range(const float *x, long ldx, const uint16_t *w, float *y, long ldy, long M, long K, long n0,
+                    long n1) {
+    gemm_range(x, ldx, w + n0 * K, y + n0, ldy, M, n1 - n0, K);
 }
 
-/* Exported: y (M, N) = x (M, K) @ w (N, K)^T with w bf16. Allocates nothing, cannot fail. */
+/* Exported: y (M, N) = x (M, K) @ w (N, K)^T with w bf16 (a group of one, threads as mf_gemm_group says).
+ * Allocates nothing, cannot fail. */
 void mf_gemm_bf16w(const float *x, long ldx, const uint16_t *w, float *y, long ldy, long M, long N, long K) {
-    long T = mf_num_threads();
-    if (T > 1 && N * K >= (1L << 16) && N >= 8 * T) {
-        gemm_job j = {x, w, y, ldx, ldy, M, K};
-        mf_parallel_ranges(N, 4, gemm_rows, &j);
-        return;
+    mf_product p = {MF_BF16, x, ldx, w, NULL, 0, 0, 0, y, ldy, M, N, K};
+    mf_gemm_group(&p, 1);
+}
+
+/* ---- a group of products in one parallel region ----
+ * A decode layer's products are small (the shipped model's are 50-300 KB of weights, 2-12 us on one core), so what
+ * a parallel region costs (publishing the job, the other thread noticing it, the caller waiting for its last chunk:
+ * about 1-2 us here) is a large share of each. Products that do not depend on each other (q|k|v; gate and up; all
+ * routed experts' gate|up, then all their downs) therefore go into one region: their output rows are cut into
+ * chunks, about 4 per thread (on this shared 2-vCPU machine one core often runs ~1.4x slower than the other, and
+ * with one chunk per thread the fast one waited), of at least GROUP_MIN_CHUNK weights, and the threads claim chunks
+ * of any product as they free up. A group under GROUP_MIN_WEIGHTS in all runs on the calling thread: split, such
+ * products took longer at 2 threads than at 1 (benchmarks/bench_kernels.py's small shapes).
+ * Chunk boundaries are multiples of each kernel's row group (4 rows; 4 panels; FP8 block rows), so every output is
+ * computed by the same code in the same summation order whatever the thread count and chunking: results are
+ * bit-identical for any thread count (tests/test_kernels.py). -> 0, or -1 when an FP8 chunk's scratch could not
+ * be allocated. */
+#ifndef GROUP_MIN_WEIGHTS
+#define GROUP_MIN_WEIGHTS (1L << 16)
+#endif
+#ifndef GROUP_MIN_CHUNK
+#define GROUP_MIN_CHUNK (1L << 13)
+#endif
+
+static int product_rows(const mf_product *p, long n0, long n1) {
+    switch (p->kind) {
+    case MF_FP8: return mf_fp8w_range(p, n0, n1);
+    case MF_PANELS: mf_bf16p_range(p->x, p->ldx, (const uint16_t *)p->w, p->y, p->ldy, p->M, p->N, p->K, n0, n1);
+        return 0;
+    default: mf_bf16w_range(p->x, p->ldx, (const uint16_t *)p->w, p->y, p->ldy, p->M, p->K, n0, n1);
+        return 0;
     }
-    gemm_range(x, ldx, w, y, ldy, M, N, K);
+}
+
+static long product_align(const mf_product *p) {         /* rows: the kernel's row group */
+    if (p->kind == MF_PANELS) return 64;                   /* 4 panels of 16 (panels.c's one-row group) */
+    if (p->kind == MF_FP8) return p->br % 4 == 0 ? p->br : 4 * p->br;
+    return 4;
+}
+
+typedef struct {
+    const mf_product *p;
+    const long *per, *first;        /* rows per chunk of product i; its first task (first[n] = all tasks) */
+    atomic_int failed;
+} group_job;
+
+static void group_task(void *ctx, long t) {
+    group_job *j = (group_job *)ctx;
+    long i = 0;
+    while (t >= j->first[i + 1]) i++;
+    const mf_product *p = j->p + i;
+    long n0 = (t - j->first[i]) * j->per[i], n1 = n0 + j->per[i] < p->N ? n0 + j->per[i] : p->N;
+    if (product_rows(p, n0, n1)) atomic_store(&j->failed, 1);
+}
+
+int mf_gemm_group(const mf_product *p, long n) {
+    long T = mf_num_threads(), total = 0;
+    int fp8 = 0;
+    for (long i = 0; i < n; i++) {
+        total += p[i].M > 0 ? p[i].N * p[i].K : 0;
+        fp8 |= p[i].kind == MF_FP8;
+    }
+    if (fp8) mf_fp8_init();                              /* before any pool thread reads its tables */
+    if (T == 1 || total < GROUP_MIN_WEIGHTS) {
+        int rc = 0;
+        for (long i = 0; i < n; i++)
+            if (p[i].M > 0 && p[i].N > 0) rc |= product_rows(p + i, 0, p[i].N);
+        return rc;
+    }
+    long budget = total / (4 * T) > GROUP_MIN_CHUNK ? total / (4 * T) : GROUP_MIN_CHUNK;
+    long per[n > 0 ? n : 1], first[n + 1];
+    first[0] = 0;
+    for (long i = 0; i < n; i++) {
+        long a = product_align(p + i), K = p[i].K > 0 ? p[i].K : 1;
+        per[i] = ((budget + K - 1) / K + a - 1) / a * a;
+        first[i + 1] = first[i] + (p[i].M > 0 && p[i].N > 0 ? (p[i].N + per[i] - 1) / per[i] : 0);
+    }
+    group_job j = {p, per, first, 0};
+    mf_parallel(first[n], group_task, &j);
+    return j.failed ? -1 : 0;
 }
 
 int mf_simd_level(void) { return have_avx2() ? 2 : 0; }
