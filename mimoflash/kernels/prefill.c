@@ -146,6 +146,14 @@ AVX512 static void silu_mul_avx512(float *g, const float *u, long n) {
         _mm512_mask_storeu_ps(g + i, t, _mm512_mul_ps(s, _mm512_maskz_loadu_ps(t, u + i)));
     }
 }
+AVX512 static void to_f32_avx512(const uint16_t *w, long n, float *out) {
+    long i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m512i u = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(w + i)));
+        _mm512_storeu_ps(out + i, _mm512_castsi512_ps(_mm512_slli_epi32(u, 16)));
+    }
+    for (; i < n; i++) out[i] = bf16f(w[i]);
+}
 #else
 static int have_avx512(void) { return 0; }
 #endif
@@ -168,13 +176,23 @@ static void product(const float *A, long lda, long M, const float *B, long ldb, 
                  N - j < NR ? (int)(N - j) : NR);
 }
 
+/* out[i] = w[i] as fp32 (exact), n values */
+static void to_f32(const uint16_t *w, long n, float *out) {
+#ifdef AVX512
+    if (have_avx512()) {
+        to_f32_avx512(w, n, out);
+        return;
+    }
+#endif
+    for (long i = 0; i < n; i++) out[i] = bf16f(w[i]);
+}
+
 /* C (N x cols) = W (N x K, bf16 row-major) . B (K x cols): 6 weight rows converted to fp32 at a time (buf). */
 static void weight_product(const uint16_t *W, long N, long K, const float *B, long ldb, float *C, long ldc,
                            long cols, float *buf) {
     for (long i = 0; i < N; i += MR) {
         long mr = N - i < MR ? N - i : MR;
-        for (long r = 0; r < mr; r++)
-            for (long k = 0; k < K; k++) buf[r * K + k] = bf16f(W[(i + r) * K + k]);
+        to_f32(W + i * K, mr * K, buf);
         for (long j = 0; j < cols; j += NR)
             tile(buf, K, (int)mr, B + j, ldb, K, C + i * ldc + j, ldc, cols - j < NR ? (int)(cols - j) : NR);
     }
