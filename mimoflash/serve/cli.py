@@ -112,18 +112,21 @@ def main(argv: list[str] | None = None) -> int:
                                       tensor_parallel_size=a.tensor_parallel_size, **extra))
     engine_loop = EngineLoop(spec, max_waiting=a.max_waiting)
     engine_loop.start()                       # the engine process loads the model; its errors end the command here
-    app = build_app(engine_loop, _tokenizer(path), served_model_name=name, api_key=a.api_key, max_n=a.max_n,
-                    max_body_bytes=a.max_body_bytes, price_input_per_m=a.price_input,
-                    price_output_per_m=a.price_output, mtp=a.mtp, stream_interval=a.stream_interval)
-    print(f"mimoflash serve: model {name!r} from {path}; page at http://{a.host}:{a.port}/ , "
-          f"OpenAI API at http://{a.host}:{a.port}/v1", file=sys.stderr, flush=True)
-    config = uvicorn.Config(app, host=a.host, port=a.port, log_level=a.log_level,
-                            timeout_graceful_shutdown=a.graceful_timeout, access_log=a.log_level == "debug")
-    # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal to the handler that was installed before
-    # it: this one, so that a completed shutdown exits 0 instead of dying by the signal (Ctrl-C still gives 130).
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    _Server = _server_class()
-    _Server(config, on_exit=lambda: engine_loop.drain(0.8 * a.graceful_timeout)).run()
+    try:
+        app = build_app(engine_loop, _tokenizer(path), served_model_name=name, api_key=a.api_key, max_n=a.max_n,
+                        max_body_bytes=a.max_body_bytes, price_input_per_m=a.price_input,
+                        price_output_per_m=a.price_output, mtp=a.mtp, stream_interval=a.stream_interval)
+        print(f"mimoflash serve: model {name!r} from {path}; page at http://{a.host}:{a.port}/ , "
+              f"OpenAI API at http://{a.host}:{a.port}/v1", file=sys.stderr, flush=True)
+        config = uvicorn.Config(app, host=a.host, port=a.port, log_level=a.log_level,
+                                timeout_graceful_shutdown=a.graceful_timeout, access_log=a.log_level == "debug")
+        # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal to the handler that was installed
+        # before it: this one, so that a completed shutdown exits 0 instead of dying by the signal.
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        _Server = _server_class()
+        _Server(config, on_exit=lambda: engine_loop.drain(0.8 * a.graceful_timeout)).run()
+    finally:
+        engine_loop.close()                   # a no-op after a normal shutdown; else the engine must not outlive us
     return 0
 
 

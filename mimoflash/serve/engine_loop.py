@@ -124,8 +124,9 @@ class EngineLoop:
         ctx = multiprocessing.get_context("spawn")        # a fresh interpreter: no forked OpenMP or torch state
         cmd_recv, cmd_send = ctx.Pipe(duplex=False)
         out_recv, out_send = ctx.Pipe(duplex=False)
-        self._proc = ctx.Process(target=engine_main, args=(self.spec, cmd_recv, out_send), name="mimoflash-engine",
-                                 daemon=True)
+        # Not a daemon: the engine may start processes of its own (tensor-parallel ranks). It exits by itself when
+        # this process goes away (its command pipe closes); `close()` makes sure of it on every way out.
+        self._proc = ctx.Process(target=engine_main, args=(self.spec, cmd_recv, out_send), name="mimoflash-engine")
         self._proc.start()
         cmd_recv.close()                                  # the child's ends: EOF on ours when the child exits
         out_send.close()
@@ -186,6 +187,19 @@ class EngineLoop:
                 self._proc.join(5)
         self._on_readable()                                   # the last deltas, if the reader has not seen them
         self._detach()
+
+    def close(self, timeout: float = 30.0) -> None:
+        """After the event loop has gone (or never ran): close the command pipe, which stops an engine still running
+        (it aborts what is left), and wait for it to exit; kill it if it does not."""
+        for end in (self._commands, self._outputs):
+            if end is not None:
+                end.close()
+        self._commands = self._outputs = None
+        if self._proc is not None and self._proc.is_alive():
+            self._proc.join(timeout)
+            if self._proc.is_alive():
+                self._proc.kill()
+                self._proc.join(5)
 
     # ------------------------------------------------------------------ handler side (event loop)
     async def add(self, prompt_token_ids: list[int], params: SamplingParams, *, prompt: str | None = None,
