@@ -31,7 +31,8 @@ What is measured, per model, per thread count, the engines alternating (their or
     copy of the checkpoint (mimoflash.save_model fp8=True, 128 x 128 blocks) beside llama.cpp's Q8_0 file, both
     about one byte per weight): llama-bench `tg96` at depth 32 (`-p 0 -n 96 -d 32`, one repetition per call after its
     warm-up) vs mimoflash: a 32-token prompt, 96 new tokens, greedy, rate = 95 / (time of the last token - time of
-    the first), through LLMEngine.step() (scheduler, runner, sampling, output objects; prefill excluded);
+    the first), through LLMEngine.step() (scheduler, runner, sampling, output objects; prefill excluded), with
+    LLM's multi-step decoding (up to 8 decode steps per engine step; `--num-scheduler-steps`);
   * prefill tok/s of a 512-token prompt (`-p 512 -n 0` vs 512 / time to first token) at the largest thread count
     (mimoflash's warm-up includes one such prefill, as each llama-bench run warms up first);
   * 16-sequence aggregate decode tok/s (`llama-batched-bench -npp 32 -ntg 96 -npl 16`, S_TG vs 16 x 95 tokens over
@@ -281,9 +282,15 @@ def main(argv=None) -> int:
     ap.add_argument("--llama-flags", choices=sorted(LLAMA_FLAGS), default="noamx",
                     help="llama.cpp's build: instruction sets named without AMX (default; see LLAMA_FLAGS), or "
                          "-DGGML_NATIVE=ON")
+    ap.add_argument("--num-scheduler-steps", type=int, default=None, metavar="N",
+                    help="mimoflash's decode steps per engine step (default: LLM's, multi-step runs of up to 8; 1 = "
+                         "one step per call, the engine's behaviour before multi-step decoding)")
     ap.add_argument("--build-jobs", type=int, default=2)
     ap.add_argument("--build-nice", type=int, default=15)
     a = ap.parse_args(argv)
+    if a.num_scheduler_steps is not None and a.num_scheduler_steps < 1:
+        ap.error("--num-scheduler-steps must be >= 1")
+    steps = {} if a.num_scheduler_steps is None else {"num_scheduler_steps": a.num_scheduler_steps}
     bindir = ensure_llamacpp(BUILD, a.build_jobs, a.build_nice, a.llama_flags)
     load_before = os.getloadavg()
     src = source_dir(BUILD)
@@ -299,13 +306,14 @@ def main(argv=None) -> int:
         set_threads(top)
         llm = LLM(str(m["dir"]), skip_tokenizer_init=not m["tokenizer"], max_num_seqs=a.concurrency,
                   max_model_len=max(a.prefill_len, a.prompt_len + a.new_tokens) + 16,
-                  max_num_batched_tokens=max(a.prefill_len, a.concurrency * a.prompt_len), progress=False)
+                  max_num_batched_tokens=max(a.prefill_len, a.concurrency * a.prompt_len), progress=False, **steps)
+        num_steps = llm.engine.config.num_scheduler_steps
         assert llm.weight_dtype == torch.bfloat16 and llm.engine.runner.fused is not None, \
             "the CPU kernels did not build: see mimoflash/kernels"
         llm8 = None
         if a.fp8:
             llm8 = LLM(str(fp8_copy(m["dir"], mname)), skip_tokenizer_init=not m["tokenizer"], max_num_seqs=1,
-                       max_model_len=a.prompt_len + a.new_tokens + 16, progress=False)
+                       max_model_len=a.prompt_len + a.new_tokens + 16, progress=False, **steps)
             assert llm8.weight_dtype == FP8_DTYPE and llm8.engine.runner.fused is not None, \
                 "the FP8 copy did not load as FP8 with the fused decode step"
         V = llm.model.config.vocab_size
@@ -409,7 +417,8 @@ def main(argv=None) -> int:
         del llm, llm8
 
     print(f"\nmimoflash vs llama.cpp (llama-cpp-python {LLAMA_CPP_PYTHON}'s vendored copy, build {a.llama_flags}), "
-          f"same weights, medians of {a.repeats}, prompt {a.prompt_len}, new {a.new_tokens}; tok/s")
+          f"same weights, medians of {a.repeats}, prompt {a.prompt_len}, new {a.new_tokens}, mimoflash "
+          f"num_scheduler_steps {num_steps}; tok/s")
     print(f"{'model':<10}{'measure':<18}{'thr':>4}{'mf bf16':>9}{'llama bf16':>11}{'ratio':>7}{'mf fp8':>9}"
           f"{'llama q8_0':>11}{'ratio':>7}{'bound':>7}{'mf/bnd':>7}")
     for r in table:
@@ -430,6 +439,7 @@ def main(argv=None) -> int:
                       "load_avg_end": os.getloadavg()[0], "llama_cpp_python": LLAMA_CPP_PYTHON,
                       "llama_flags": LLAMA_FLAGS[a.llama_flags], "repeats": a.repeats, "prompt_len": a.prompt_len,
                       "new_tokens": a.new_tokens, "prefill_len": a.prefill_len, "concurrency": a.concurrency,
+                      "num_scheduler_steps": num_steps,
                       "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "models": results}))
     return 0
 
