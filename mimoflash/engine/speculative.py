@@ -165,14 +165,15 @@ class AdaptiveDepth:
     the table does not see; in both directions, so two near-equal depths do not alternate). A neighbouring depth,
     deeper and shallower in turn, is tried now and then (held as above) so that the table follows the machine; a
     trial that does not change the choice multiplies the wait before the next (from 2 * explore steps) by 2, or by
-    4 when the tried depth was predicted more than 1 - FAR slower (large batches, where each trial also puts the
-    sequences out of step with each other), up to 256 * explore steps."""
+    8 when the tried depth was predicted more than 1 - FAR slower (large batches, where each trial, its catch-up and
+    the one-at-a-time steps before it cost ~5% of a 128-step run at 16 sequences and put the sequences out of step
+    with each other), up to 256 * explore steps."""
 
     HOLD = 4                                          # steps a measured or tried depth is kept, at least ...
     JUDGED = 16                                       # ... until this many verifications judged its drafts
     SETTLE = 2                                        # the first steps at a depth are not recorded
     MARGIN = 0.02                                     # predicted gain needed to change the choice
-    FAR = 0.85                                        # a trial predicted below this share of the best backs off 4x
+    FAR = 0.85                                        # a trial predicted below this share of the best backs off 8x
     PRIOR = 1.0                                       # pseudo-count of the acceptance prior (one draft, a = 0.5)
 
     def __init__(self, max_depth: int, decay: float = 0.02, explore: int = 32):
@@ -338,7 +339,7 @@ class AdaptiveDepth:
             tried, share = self.trial
             self.trial = None
             if best == chosen:                        # it did not change the choice: wait longer
-                self.interval = min(self.interval * (4 if share < self.FAR else 2), 256 * self.explore)
+                self.interval = min(self.interval * (8 if share < self.FAR else 2), 256 * self.explore)
                 self.next_trial = self.steps + self.interval
         if chosen is not None and best != chosen:     # the choice moved: watch it closely again
             self.interval, self.next_trial = 2 * self.explore, self.steps + 2 * self.explore
