@@ -212,7 +212,7 @@ class PagedAttention:
     def _fast(self, layer, km: KindMeta, k_pool, v_pool, q, k, v) -> torch.Tensor:
         m = self.meta
         if (self.use_kernels and q.dtype == k_pool.dtype == v_pool.dtype == torch.float32
-                and m.Tmax > QUERY_BLOCK and prefill_kernels.fast()):
+                and prefill_kernels.fast()):
             return self._prefill_kernel(layer, km, k_pool, v_pool, q, k, v)
         B, Tmax = m.B, m.Tmax
         N, nq, d = q.shape
@@ -245,19 +245,19 @@ class PagedAttention:
         return o.reshape(B * Tmax, nq, dv)[m.pad_of_flat]                            # (N, nq, dv)
 
     def _prefill_kernel(self, layer, km: KindMeta, k_pool, v_pool, q, k, v) -> torch.Tensor:
-        """Long slices with fp32 activations and cache: kernels.prefill.attention, one call for all sequences and
-        heads (the keys each block of query rows may see, read in place from the pool and the new rows; the mask
-        from positions, as km.bias has it). Its per-step integers are made once, by the first layer of each kind."""
+        """fp32 activations and cache: kernels.prefill.attention, one call for all sequences and heads (the keys each
+        block of query rows may see, read in place from the pool and the new rows; the mask from positions, as
+        km.bias has it). Its integers are made once per step and kind, by the kind's first layer (this backend
+        lives for one step)."""
         m = self.meta
-        key = ("prefill", layer.window_keys is not None)     # one entry per kind, replaced by the next step's
-        args = self.buffers.get(key)
-        if args is None or args[0] is not km:
+        made = self.__dict__.setdefault("_prefill_args", {})
+        args = made.get(id(km))
+        if args is None:
             P = km.read_slots.shape[1]
-            args = self.buffers[key] = (km, m.q_pos.reshape(-1)[m.pad_of_flat],
-                                        torch.tensor([0] + [hi for _, hi in m.seq_ranges]),
-                                        km.read_slots.contiguous(), km.k_pos[:, 1:1 + P].contiguous())
-        _, pos, seq_lo, read, past = args
-        return prefill_kernels.attention(q, k, v, pos, seq_lo, k_pool, v_pool, read, past, layer.window_keys,
+            seq_lo = torch.tensor([0] + [hi for _, hi in m.seq_ranges])
+            args = made[id(km)] = (m.q_pos.reshape(-1)[m.pad_of_flat], seq_lo, km.read_slots.contiguous(),
+                                   km.k_pos[:, 1:1 + P].contiguous())
+        return prefill_kernels.attention(q, k, v, *args[:2], k_pool, v_pool, *args[2:], layer.window_keys,
                                          layer.attention_sink_bias, layer.scale)
 
     def _reference(self, layer, km: KindMeta, k_pool, v_pool, q, k, v) -> torch.Tensor:
