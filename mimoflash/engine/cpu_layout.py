@@ -37,7 +37,10 @@ What runs when (reference = the model's own class, which the fast class falls ba
 |                               |                       | RoPE + value scale in one in-place kernel, else torch RoPE       |
 | `Bf16Experts` (Experts)       | bf16 weights          | picked experts only: 1 token: expert by expert (row-major       |
 |                               |                       | kernel); <= KERNEL_MAX_ROWS rows per expert: all experts in one  |
-|                               |                       | kernels.experts_bf16 call; more: expert by expert, MKL on upcast |
+|                               |                       | kernels.experts_bf16 call; more than KERNEL_MAX_ROWS tokens on   |
+|                               |                       | AVX-512F: kernels.prefill.experts, the layer in one call (pool   |
+|                               |                       | tasks of expert x 64 tokens); else expert by expert, MKL on      |
+|                               |                       | the upcast weights                                               |
 | `KernelMoE` (MoE)             | bf16 weights          | one token, plain top-k routing: router + experts in one call     |
 |                               |                       | (kernels.moe_token_bf16, the same C the fused decode step runs   |
 |                               |                       | for one sequence); else MoE.forward -> Bf16Experts               |
@@ -293,7 +296,10 @@ class Bf16Experts(Experts):
     """bf16 experts with fp32 activations, running only the picked experts: gate_proj/up_proj are the two halves of
     one (E, 2F, D) tensor `_gate_up`, so each expert is one fused gate|up product against `_gate_up[e]` and one
     against `down_proj[e]` (D, F), mixed by `_mix_picked`; rows grouped by expert go to kernels.experts_bf16 in one
-    call while no expert has more than KERNEL_MAX_ROWS of them."""
+    call while no expert has more than KERNEL_MAX_ROWS of them. More than KERNEL_MAX_ROWS tokens (prefill) on an
+    AVX-512F machine: kernels.prefill.experts, routing groups, products and mixing in one C call whose tasks (one
+    expert x 64 tokens each) the pool's threads share, where torch's MKL products split each small product over
+    the threads and pay their wake-up per op (kernels/prefill.c)."""
 
     @classmethod
     def adopt(cls, ex: Experts) -> "Bf16Experts":
