@@ -15,15 +15,18 @@ backend owns the KV-cache layout; the model never learns about requests or block
 On CPU the engine swaps in `engine.cpu_layout.FastAttention` (one fused q|k|v product, RoPE and the value scale in
 one kernel); its backend (engine/runner.py) picks the cached-attention path.
 
-Sink attention, the five implementations and when each runs (all tested against `attend_reference`):
+Sink attention, the six implementations and when each runs (all tested against `attend_reference`):
 
 | implementation                               | runs                                                   | test                 |
 |----------------------------------------------|--------------------------------------------------------|----------------------|
 | `attend_reference` (here)                    | the reference; `impl="reference"` (cache-free) and the | -                    |
 |                                              | engine's `attention_impl="reference"`, per sequence    |                      |
 | `attend_sdpa` (here)                         | cache-free forward: training, parity with transformers | test_attention.py    |
-| `runner.PagedAttention`, general path        | engine steps with long slices (prefill chunks): one    | test_kv_cache.py     |
-|                                              | SDPA call, the sink as a zero key in column 0          |                      |
+| `runner.PagedAttention`, general path        | engine steps with long slices (prefill chunks): SDPA   | test_kv_cache.py,    |
+|                                              | in blocks of query rows, the sink as a zero key in     | test_cpu_layout.py   |
+|                                              | column 0                                               |                      |
+| `kernels.prefill.attention` (prefill.c)      | the general path with fp32 activations and cache on    | test_prefill_kernels |
+|                                              | AVX-512F machines: one call, masks from positions      | .py, test_cpu_layout |
 | `runner.PagedAttention`, rows path in torch  | rows path (every slice a few tokens: decode, draft     | test_kv_cache.py     |
 |                                              | verification; each row one query with its own keys)    |                      |
 |                                              | without the kernels (bf16 compute, no compiler)        |                      |
