@@ -477,6 +477,23 @@ def test_adaptive_depth_compares_drafting_with_multi_step_decoding():
     assert b.depth == 1 and b.plain_steps(1, margin=3) == 0
 
 
+def test_adaptive_depth_times_steps_end_to_end():
+    """With a clock, a step's cost runs from the end of the step before it when that one was seen (what the engine
+    does between steps counts), a run of n steps from the end of the step before the run; after a gap (a step not
+    reported, e.g. a prefill) the caller's own figure is used."""
+    now = [1.0]
+    a = AdaptiveDepth(1, clock=lambda: now[0])
+    a.steps = 1
+    assert a._elapsed(0.1, 1) == 0.1                        # nothing seen before
+    a.steps, now[0] = 2, 1.5
+    assert a._elapsed(0.1, 1) == pytest.approx(0.5)
+    a.steps, now[0] = 4, 3.0                                # step 3 was not reported
+    assert a._elapsed(0.1, 1) == 0.1
+    a.steps, now[0] = 12, 4.0                               # a run of 8 steps
+    assert a._elapsed(0.8, 8) == pytest.approx(1.0)
+    assert AdaptiveDepth(1)._elapsed(0.3, 1) == 0.3         # no clock: the caller's figure
+
+
 def test_adaptive_depth_picks_one_draft_alone():
     """Alone, one draft pays (1.89 tokens for 1.75x the cost of a plain step: +8% tokens per second) and deeper
     drafts pay less: adaptive settles on depth 1 and stays there between its trials of depths 0 and 2."""
