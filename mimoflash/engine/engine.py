@@ -7,6 +7,11 @@
              detokenize, stop strings, logprobs      # here: they need the tokenizer
              -> RequestOutput deltas for the groups that changed
 
+Multi-step decoding (`num_scheduler_steps` > 1): where every running request decodes and none needs Python between
+its steps, the scheduler reserves up to N steps and the runner runs them in one call (greedy rows: one C call), the
+sampled tokens fed back inside it; the steps' tokens are then postprocessed in order as single steps would be, so
+the outputs are the same (docs/ENGINE.md, "Multi-step decoding").
+
 Text is produced incrementally (`IncrementalDetokenizer`), so a stop string is found as soon as its last character
 is complete, never in the middle of a multibyte character. For streaming, the last `len(longest stop) - 1`
 characters are held back until we know they do not start a stop string (vLLM does the same).

@@ -28,6 +28,10 @@ docs/PARALLEL.md): N-1 workers started on this host, or the ranks of a `torchrun
 "adaptive": True} lets the model's MTP layers draft up to k tokens per step that the main model verifies in the next
 step; greedy output is the same token for token, sampled output has the same distribution (docs/MTP.md). Each output's
 `.metrics` then reports verify_steps, accepted_tokens and acceptance_per_position.
+`num_scheduler_steps` (8 by default): where every running request decodes and nothing needs the scheduler in
+between (no MTP, penalties, waiting requests, ...), one engine step decodes up to that many tokens per request
+(greedy ones in a single C call), with the same outputs as one token per step; a streamed delta then carries up to
+that many tokens. 1 = one token per step (docs/ENGINE.md, "Multi-step decoding").
 `weight_dtype` is how the matmul weights are stored: "auto" keeps a bf16 checkpoint's weights in bf16 on CPU when
 computing in fp32 (engine/cpu_layout.py: half the bytes per decoded token, same result as the fp32 model up to
 summation order), keeps a block-FP8 checkpoint's FP8 weights in FP8 with their scales there (engine/fp8_layout.py:
