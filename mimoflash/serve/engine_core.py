@@ -58,7 +58,6 @@ class EngineInfo:
     eos_token_ids: list[int]
     max_num_seqs: int
     mtp: bool                       # speculative decoding on (grammar masks are built for one row per request)
-    pid: int
 
 
 def error_tuple(e: BaseException) -> tuple[str, str]:
@@ -93,14 +92,15 @@ def engine_main(spec: EngineSpec, commands, outputs) -> None:
         llm = LLM(spec.model, **spec.llm_kwargs)
         core = EngineCore(llm, outputs)
         info = EngineInfo(context_limit(llm), llm.model.config.vocab_size, sorted(llm.engine.eos_token_ids),
-                          llm.engine.config.max_num_seqs, getattr(llm.engine, "drafter", None) is not None,
-                          os.getpid())
+                          llm.engine.config.max_num_seqs, getattr(llm.engine, "drafter", None) is not None)
     except Exception as e:                                   # a bad checkpoint or option: the server reports it
         outputs.send(("failed", error_tuple(e)))
         return
     outputs.send(("ready", info))
     try:
         core.run(commands)
+    except BrokenPipeError:                                  # the server process is gone: nobody to report to
+        return
     except Exception as e:                                   # an engine bug: the server fails the streams, 503
         outputs.send(("dead", error_tuple(e), traceback.format_exc()))
         raise SystemExit(1)
