@@ -16,6 +16,10 @@ Then the pieces of a 16-request decode step that are not one product:
     (seeded), with the bytes of the experts it touches and that time's GB/s;
   * argmax: greedy sampling over (16, 32000) logits, `kernels.argmax_rows` vs torch's argmax;
   * reference: a large fp32 matmul in torch (MKL, 1024^3), the GFLOP/s this machine reaches at all.
+With --pool, instead: the thread pool on a single sequence's small products (the shipped model's shapes, one row),
+at 1 and 2 threads interleaved, each call back to back ("warm") and after an idle gap of --gap-us (the engine's
+Python between two decode steps, when the workers may have gone to sleep), and one layer's routed experts (two
+experts' gate|up then down, `kernels.experts_bf16`: two parallel regions for both experts).
 Seeded; the last stdout line is one JSON object.
 """
 
@@ -78,10 +82,53 @@ def step_pieces(g: torch.Generator, repeats: int) -> dict:
             "reference_fp32_GFLOPs": round(2 * 1024 ** 3 / med["matmul"] / 1e9, 1)}
 
 
+POOL_SHAPES = {"lm_head": (8192, 192), "qkv (SWA)": (704, 192), "o_proj": (192, 256), "expert gate|up": (768, 192),
+               "expert down": (192, 384)}
+
+
+def pool_bench(g: torch.Generator, repeats: int, gap_us: float) -> dict:
+    """Single-row products and one layer's two routed experts at 1 and 2 threads, warm and after an idle gap."""
+    def gapped(f):                                  # one call after gap_us of spinning in Python (pool idle)
+        def run():
+            end = time.perf_counter() + gap_us * 1e-6
+            while time.perf_counter() < end:
+                pass
+            t = time.perf_counter()
+            f()
+            return time.perf_counter() - t
+        return run
+
+    cands = {}
+    for name, (N, K) in POOL_SHAPES.items():
+        w, x = (torch.randn(N, K, generator=g) * 0.02).bfloat16(), torch.randn(1, K, generator=g)
+        wp = kernels.pack_panels(w)
+        cands[name] = lambda x=x, wp=wp, N=N: kernels.linear_panels(x, wp, N)
+    E, Fd, D = 8, 384, 192
+    gate_up = (torch.randn(E, 2 * Fd, D, generator=g) * 0.02).bfloat16()
+    down = (torch.randn(E, D, Fd, generator=g) * 0.02).bfloat16()
+    counts, x_PD = torch.tensor([1, 0, 0, 1, 0, 0, 0, 0]), torch.randn(2, D, generator=g)
+    cands["2 experts"] = lambda: kernels.experts_bf16(x_PD, counts, gate_up, down)
+    ts: dict = {}
+    for rep in range(repeats):
+        for t in ((1, 2) if rep % 2 == 0 else (2, 1)):
+            kernels.set_num_threads(t)
+            for k, f in cands.items():
+                ts.setdefault((k, t, "warm"), []).append(timeit(f, repeats))
+                run = gapped(f)
+                ts.setdefault((k, t, "gap"), []).append(statistics.median(run() for _ in range(50)))
+    out = {}
+    for k in cands:
+        out[k] = {f"{mode}_{t}T_us": round(statistics.median(ts[(k, t, mode)]) * 1e6, 2)
+                  for t in (1, 2) for mode in ("warm", "gap")}
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--pool", action="store_true", help="the thread pool on one row's small products (see above)")
+    ap.add_argument("--gap-us", type=float, default=400.0, help="--pool: idle time before each 'gap' call")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     if not kernels.available():
@@ -89,6 +136,15 @@ def main(argv=None) -> int:
         return 1
     kernels.set_num_threads(a.threads)
     g = torch.Generator().manual_seed(0)
+    if a.pool:
+        res = pool_bench(g, a.repeats, a.gap_us)
+        print(f"one row, panels (experts: row-major), us per call; 'gap': after {a.gap_us:.0f} us idle")
+        print(f"{'product':<16}{'1T warm':>9}{'2T warm':>9}{'1T gap':>9}{'2T gap':>9}{'2T/1T warm':>12}")
+        for k, r in res.items():
+            print(f"{k:<16}{r['warm_1T_us']:>9.1f}{r['warm_2T_us']:>9.1f}{r['gap_1T_us']:>9.1f}{r['gap_2T_us']:>9.1f}"
+                  f"{r['warm_1T_us'] / r['warm_2T_us']:>11.2f}x")
+        print(json.dumps({"pool": res, "gap_us": a.gap_us}))
+        return 0
     rows, out = [], {"threads": a.threads, "simd_level": kernels.simd_level(), "results": []}
     for name, (N, K) in SHAPES.items():
         w16 = (torch.randn(N, K, generator=g) * 0.02).bfloat16()
