@@ -319,7 +319,7 @@ def main() -> int:
           f"{'ITL p50':>8} {'p99':>8}  {'CPU s/round: engine / server / clients':<40}"
           f"(ms; greedy, {a.max_tokens} tokens/request, medians of {a.repeats}, {a.client} clients)")
     for r in rows:
-        cpu = " / ".join(f"{r['cpu_s'][k]:.3f}" for k in ("engine", "server", "client") if k in r["cpu_s"])
+        cpu = " / ".join(f"{r['cpu_s'][k]:.3f}" if k in r["cpu_s"] else "-" for k in ("engine", "server", "client"))
         print(f"{r['concurrency']:>7} {r['system']:<22} {r['tok_s']:>8} {r['vs_offline']:>10} "
               f"{_s(r['ttft_p50_ms']):>9} {_s(r['ttft_p99_ms']):>8} {_s(r['itl_p50_ms']):>8} {_s(r['itl_p99_ms']):>8}"
               f"  {cpu}")
