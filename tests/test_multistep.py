@@ -276,3 +276,15 @@ def test_c_loop_arguments_equal_each_steps_own_metadata(models, max_draft, lengt
                 checked += 1
         eng.scheduler.finish_steps(batch, [])                          # no step run: the reservation given back
     assert checked > 100
+
+
+def test_fp8_checkpoint_same_tokens(tmp_path):
+    """A block-FP8 checkpoint (weights kept FP8, experts read through the expert store, whose per-step statistics
+    keep it in the Python loop): runs of 8 give the tokens of one step per call."""
+    from mimoflash.checkpoint.saver import save_model
+    ckpt = save_model(make_model(tiny_config(hidden_size=256, moe_intermediate_size=128), seed=3), tmp_path / "fp8",
+                      fp8=True, fp8_block_size=(16, 128))
+    ps = prompts([4, 7], seed=6)
+    sp = SamplingParams(temperature=0, max_tokens=24)
+    got = {n: outputs(LLM(ckpt, progress=False, num_scheduler_steps=n).generate(ps, sp, use_tqdm=False)) for n in (1, 8)}
+    assert got[8] == got[1]
