@@ -501,7 +501,7 @@ def test_adaptive_depth_picks_one_draft_alone():
     depths = _simulate(a, _COSTS[1], _ACCEPT, 1, 1200)
     assert a.last_best == 1
     settled = depths[100:]
-    assert settled.count(1) >= 0.95 * len(settled), {k: settled.count(k) for k in range(4)}
+    assert settled.count(1) >= 0.85 * len(settled), {k: settled.count(k) for k in range(4)}   # trials: 16 steps
     assert {0, 2} <= set(settled)                           # it keeps checking its neighbours
     assert a.accept[0] == pytest.approx(0.89, abs=0.08)
 
@@ -548,7 +548,7 @@ def test_adaptive_depth_follows_cost_and_acceptance():
     steady-state steps count); a depth measured at one batch size keeps its ratio to depth 0 at another; trials of
     a neighbouring depth back off while they do not change the choice."""
     a = AdaptiveDepth(3, explore=0)
-    assert [a.choose([3], 0) for _ in range(AdaptiveDepth.HOLD)] == [[0]] * AdaptiveDepth.HOLD
+    assert [a.choose([3], 0) for _ in range(AdaptiveDepth.JUDGED)] == [[0]] * AdaptiveDepth.JUDGED   # depth 0 held
     a.record_step(1.0)                                      # steady at depth 0: recorded
     assert a.choose([3], 0) == [1]
     a.record_step(9.9)                                      # a transition (0 -> 1): not recorded

@@ -372,8 +372,11 @@ class AdaptiveDepth:
 
     def _hold(self, depth: int) -> None:
         """Keep `depth` for HOLD steps and, with drafts, until JUDGED verifications judged them (acceptance is
-        measured only while drafting: alone, 4 steps would judge 4 first drafts), at most JUDGED steps."""
-        self.hold, self.need, self.cap = self.HOLD - 1, self.JUDGED if depth else 0, self.JUDGED - 1
+        measured only while drafting: alone, 4 steps would judge 4 first drafts), at most JUDGED steps. Depth 0 is
+        held JUDGED steps: an engine may run them as plain decoding, several per call (`plain_steps`), and the
+        cost per step of a short run is not that of the runs of up to 8 steps that plain decoding makes."""
+        self.hold = (self.HOLD if depth else self.JUDGED) - 1
+        self.need, self.cap = self.JUDGED if depth else 0, self.JUDGED - 1
 
 
 class MTPDrafter:
