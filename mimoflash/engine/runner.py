@@ -645,7 +645,8 @@ class ModelRunner:
                 dst = table[np.arange(B)[None, :], P // bs] * bs + P % bs
                 keys = top + 1
             bias_ptr = np.zeros(n, dtype=np.int64)
-            for i in range(n):
+            # one sequence and a ring of the window's size: every key a step gathers is valid, no step has a mask
+            for i in range(n if B > 1 or (sliding and R != w) else 0):
                 K, p = int(keys[i]), P[i]
                 if not sliding:
                     masked = causal[i, :, :K] if B > 1 else None
