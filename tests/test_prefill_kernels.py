@@ -74,6 +74,18 @@ def test_experts_reject_bad_input():
         PK.experts(x[:, :-1], idx, w, gu, dn)
 
 
+@pytest.mark.parametrize("M,K,N", [(33, 40, 50), (100, 24, 16), (512, 64, 200)])
+def test_panels_split_by_rows_give_the_panel_kernels_values(M, K, N):
+    """kernels.prefill.panels splits linear_panels' product by rows and panels: bit for bit its values."""
+    g = torch.Generator().manual_seed(M)
+    x, w = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g).bfloat16()
+    wp = kernels.pack_panels(w)
+    assert torch.equal(PK.panels(x, wp, N), kernels.linear_panels(x, wp, N))
+    torch.testing.assert_close(PK.panels(x, wp, N), x @ w.float().T, atol=1e-4, rtol=1e-5)
+    with pytest.raises(ValueError, match="panels"):
+        PK.panels(x, wp, N + 16)
+
+
 def _attention_case(nq, h, window, sinks, seed=0):
     """Two sequences with cached keys (one with empty slots and a masked older key, as a ring's stale slot has),
     new rows as strided views of one fused product, as the engine hands them over."""

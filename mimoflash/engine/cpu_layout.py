@@ -28,8 +28,9 @@ What runs when (reference = the model's own class, which the fast class falls ba
 
 | class (replaces)              | mode                  | runs                                                             |
 |-------------------------------|-----------------------|------------------------------------------------------------------|
-| `Bf16Linear` (nn.Linear)      | bf16 weights          | panels kernel (any rows); without panels the row-major kernel up |
-|                               |                       | to KERNEL_MAX_ROWS rows, MKL on the weight upcast per call above |
+| `Bf16Linear` (nn.Linear)      | bf16 weights          | panels kernel (any rows; above KERNEL_MAX_ROWS split by rows and |
+|                               |                       | panels, kernels.prefill.panels); without panels the row-major    |
+|                               |                       | kernel up to KERNEL_MAX_ROWS rows, MKL on the upcast weight above|
 | `Bf16Embedding` (nn.Embedding)| bf16 weights          | bf16 table, fp32 rows out                                        |
 | `FastRMSNorm` (RMSNorm)       | fp32 compute+kernels  | kernels.rms_norm                                                 |
 | `FastAttention` (Attention)   | fp32 compute          | one q|k|v product (bf16: panels / row-major kernel; fp32: MKL on  |
@@ -117,12 +118,19 @@ class Panels:
         return self.wp
 
 
+def _on_panels(x: torch.Tensor, wp: torch.Tensor, N: int) -> torch.Tensor:
+    """x @ w.T on w's panels: the panel kernel split by rows too for many rows (prefill; the same values)."""
+    if x.numel() > KERNEL_MAX_ROWS * x.shape[-1]:
+        return prefill_kernels.panels(x, wp, N)
+    return kernels.linear_panels(x, wp, N)
+
+
 def _panels_matmul(panels: Panels, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x @ w.T for the fused q|k|v tensor w (contiguous: it is ours) on its panels, or row-major if w changed shape."""
     wp = panels.get()
     if wp is None:
         return _w16_matmul(x, w)
-    return kernels.linear_panels(x, wp, panels.N)
+    return _on_panels(x, wp, panels.N)
 
 
 # ---------------------------------------------------------------------------------------------- the classes
@@ -159,7 +167,7 @@ class Bf16Linear(nn.Linear):
         if x.dtype == torch.float32 and w.dtype == torch.bfloat16 and not torch.is_grad_enabled():
             wp = self._panels.get() if self._panels is not None else None
             if wp is not None:
-                return kernels.linear_panels(x, wp, self._panels.N)
+                return _on_panels(x, wp, self._panels.N)
             if w.is_contiguous():               # no panels, or the weight stopped being what was packed
                 return _w16_matmul(x, w)
         return F.linear(x, w if w.dtype == x.dtype else w.to(x.dtype))

@@ -138,6 +138,7 @@ _SIGNATURES: dict[str, tuple] = {
     "mf_prefill_experts": (_I, [_P, _L, _L, _P, _P, _L, _L, _L, _P, _P, _P, _P]),
     "mf_prefill_attn": (_I, [_P, _L, _P, _L, _P, _L, _P, _P, _L, _P, _P, _L, _P, _P, _L, _L, _L, _L, _L, _L, _P, _F,
                              _P]),
+    "mf_prefill_panels": (None, [_P, _L, _P, _P, _L, _L, _L, _L]),
     "mf_prefill_simd": (_I, []),
     "mf_decode_steps": (_L, [_L, _L, _L, _P, _P, _P, _P, _P, _L, _L, _P, _F, _P, _I, _P, _P, _P, _P, _P, _P]),
     "mf_set_num_threads": (None, [_I]),

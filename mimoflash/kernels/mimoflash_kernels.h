@@ -90,6 +90,8 @@ int mf_prefill_attn(const float *q, long q_sr, const float *k, long k_sr, const 
                     const long *seq_lo, long B, const float *k_pool, const float *v_pool, long S,
                     const long *read_slots, const long *past_pos, long P, long nq, long h, long d, long dv,
                     long window, const float *sinks, float scale, float *out);
+void mf_prefill_panels(const float *x, long ldx, const unsigned short *wp, float *y, long ldy, long M, long N,
+                       long K);
 int mf_prefill_simd(void);
 
 /* steps.c: n greedy decode steps of B sequences in one call (engine/runner.py's multi-step run) -> steps run */

@@ -323,6 +323,37 @@ int mf_prefill_experts(const float *x, long T, long D, const long *topk_idx, con
     return 0;
 }
 
+/* ------------------------------------------------------------------------------------------------ panels */
+
+#define PANEL_ROWS 32        /* rows of x per task of mf_prefill_panels */
+#define PANEL_GROUP 8        /* panels (of 16 outputs) per task */
+
+typedef struct {
+    const float *x;
+    const uint16_t *wp;
+    float *y;
+    long ldx, ldy, M, N, K, nb;
+} panels_job;
+
+static void panels_task(void *p, long t) {
+    const panels_job *j = (const panels_job *)p;
+    long m0 = (t % j->nb) * PANEL_ROWS, p0 = (t / j->nb) * PANEL_GROUP;
+    long m = j->M - m0 < PANEL_ROWS ? j->M - m0 : PANEL_ROWS;
+    long n = j->N - p0 * 16 < PANEL_GROUP * 16 ? j->N - p0 * 16 : PANEL_GROUP * 16;
+    mf_gemm_bf16p(j->x + m0 * j->ldx, j->ldx, j->wp + p0 * j->K * 16, j->y + m0 * j->ldy + p0 * 16, j->ldy, m, n,
+                  j->K);                                            /* nested in a pool task: runs on this thread */
+}
+
+/* mf_gemm_bf16p for many rows: tasks of 32 rows x 8 panels. mf_gemm_bf16p splits by panels only, and not a
+ * product of fewer than 2^16 weights (o_proj of a small model), which prefill then ran on one thread. Each
+ * output is the panel kernel's, computed the same way whatever the split (rows are independent). */
+void mf_prefill_panels(const float *x, long ldx, const unsigned short *wp, float *y, long ldy, long M, long N,
+                       long K) {
+    long nb = (M + PANEL_ROWS - 1) / PANEL_ROWS, np = (N + 15) / 16;
+    panels_job j = {x, (const uint16_t *)wp, y, ldx, ldy, M, N, K, nb};
+    mf_parallel(nb * ((np + PANEL_GROUP - 1) / PANEL_GROUP), panels_task, &j);
+}
+
 /* ------------------------------------------------------------------------------------------------ attention */
 
 /* One query row's scores s (n) against keys at positions kp (floats, exact below 2^24; < 0: not a key) -> its

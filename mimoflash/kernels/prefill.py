@@ -3,6 +3,7 @@ each one C call split into coarse tasks over the kernels' thread pool (prefill.c
 
 * `experts(x_TD, topk_idx_TK, weight_TK, gate_up, down)`: the routed experts of `Experts.forward` (bf16 weights,
   fp32 activations), mixing included;
+* `panels(x, wp, N)`: a dense product on packed panels for many rows, split by rows and panels over the pool;
 * `attention(...)`: sink attention of a step's new rows against their cached keys and each other (the general
   path of `engine.runner.PagedAttention`), from positions alone;
 * `fast()`: True where the kernels run vectorized (AVX-512F); elsewhere they run portable C, correct but slower
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _load
+from . import _gemm, _load
 
 
 def _lib():
@@ -61,6 +62,16 @@ def experts(x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, weight_TK: torch.Tens
     if rc:
         raise ValueError("prefill kernels: expert ids out of range or too many experts per token")
     return out
+
+
+def panels(x: torch.Tensor, wp: torch.Tensor, N: int) -> torch.Tensor:
+    """kernels.linear_panels(x, wp, N) for many rows, the same values: its kernel on tasks of 32 rows x 8 panels
+    (it splits a product by panels only, and not one of fewer than 2^16 weights)."""
+    K = x.shape[-1]
+    if (x.dtype != torch.float32 or wp.dtype != torch.bfloat16 or wp.dim() != 3 or wp.shape[1] != K
+            or not wp.is_contiguous() or not (wp.shape[0] - 1) * 16 < N <= wp.shape[0] * 16):
+        raise ValueError("prefill kernels: panels got unexpected shapes, dtypes or layouts")
+    return _gemm(_lib().mf_prefill_panels, x, wp, N)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, seq_lo: torch.Tensor,
