@@ -181,6 +181,7 @@ class AdaptiveDepth:
         self.max_depth, self.decay, self.explore = max_depth, decay, explore
         self.clock = clock                            # e.g. time.process_time: steps timed end to end (_elapsed)
         self._mark: tuple[float, int] | None = None   # (clock, steps) at the end of the last step seen
+        self._runs: set[int] = set()                  # numbers of sequences whose depth 0 ran several steps per call
         self.hits = [0.0] * max_depth                 # forgotten exponentially: a_i follows the recent text
         self.judged = [0.0] * max_depth
         self.step_time: dict[int, dict[int, float]] = {}   # depth -> sequences -> seconds (median of recent ones)
@@ -208,7 +209,7 @@ class AdaptiveDepth:
     def record_step(self, seconds: float) -> None:
         """The cost of the step whose depth `choose` just picked (counted only once the depth has settled)."""
         seconds = self._elapsed(seconds, 1)
-        if self.depth is not None and self.run > self.SETTLE:
+        if self.depth is not None and self.run > self.SETTLE and not (self.depth == 0 and self.sequences in self._runs):
             self._record(self.depth, seconds)
 
     def _elapsed(self, seconds: float | None, steps: int) -> float | None:
@@ -304,13 +305,16 @@ class AdaptiveDepth:
 
     def skipped(self, steps: int, seconds: float | None = None) -> None:
         """`steps` steps run at depth 0 without the MTP side; with `seconds`, the CPU time of a run of several steps
-        in one call, whose cost per step is depth 0's cost at this many sequences (steady: recorded without SETTLE;
-        the lower median then prefers it to one-step costs, and a step of depth 0 is what it says)."""
+        in one call, whose cost per step is from then on depth 0's cost at this many sequences (steady: recorded
+        without SETTLE; single steps at depth 0 are no longer recorded there: plain decoding runs several per call)."""
         self.steps += steps
         self.run += steps
         self.hold = max(0, self.hold - steps)
         seconds = self._elapsed(seconds, steps)
         if seconds is not None and steps > 1:
+            if self.sequences not in self._runs:      # from now on depth 0 costs what its runs cost
+                self._runs.add(self.sequences)
+                self._recent.pop((0, self.sequences), None)
             self._record(0, seconds / steps)
 
     def idle(self, sequences: int, margin: int) -> bool:
