@@ -202,14 +202,16 @@ def test_cli_num_scheduler_steps(models, tmp_path):
 @pytest.mark.parametrize("panels", [True, False])
 def test_greedy_runs_go_through_the_c_loop(models, panels, monkeypatch):
     """Greedy runs on the fused path are one kernels.decode_steps call each (the lm_head on its panels or
-    row-major), with the tokens of one-step decoding, stop tokens included; logprobs keep the Python loop."""
+    row-major), with the tokens of one-step decoding, stop tokens included; with logprobs (sampled in Python) the
+    run calls it once per step and samples its logits."""
     from mimoflash import kernels
-    runs = []
+    runs, single = [], []
     real = kernels.decode_steps
 
-    def spy(n, *args):
-        runs.append(real(n, *args))
-        return runs[-1]
+    def spy(n, *args, logits=None):
+        done = real(n, *args, logits=logits)
+        (runs if logits is None else single).append(done)
+        return done
 
     monkeypatch.setattr(kernels, "decode_steps", spy)
     ps = prompts([4, 9, 2], seed=4)
@@ -222,7 +224,7 @@ def test_greedy_runs_go_through_the_c_loop(models, panels, monkeypatch):
     runs.clear()
     lp = SamplingParams(temperature=0, max_tokens=20, logprobs=1)
     assert outputs(run(models["bf16"], 8, ps, lp)[1]) == outputs(run(models["bf16"], 1, ps, lp)[1])
-    assert not runs
+    assert not runs and len(single) >= 8 and set(single) == {1}
 
 
 def _read(ptr: int, shape, dtype):

@@ -580,7 +580,11 @@ class ModelRunner:
         (so each step computes exactly what that step alone would: the fed token ids are its only unknowns, put in
         per step). Made back to back, that Python runs with warm caches; interleaved with the steps, each of which
         streams all the weights through the caches first, the same work costs several times more (docs/ENGINE.md,
-        "Where a batch-1 step's time goes")."""
+        "Where a batch-1 step's time goes"). Where the C loop can make the steps (`_c_loop_args`), each step's
+        forward is one kernels.decode_steps call instead."""
+        args = self._c_loop_args(batch)
+        if args is not None:
+            return self._c_steps(batch, args, choose)
         B = len(batch.items)
         ids = self._fed_ids(batch)
         steps, fused = self._plan_steps(batch)
@@ -670,14 +674,12 @@ class ModelRunner:
             r[:, 7], r[:, 8] = dst.ctypes.data + 8 * B * np.arange(n), bias_ptr
         return rows, keep
 
-    @torch.inference_mode()
-    def execute_greedy_steps(self, batch: Batch, stops: list[frozenset]) -> list[list[int]] | None:
-        """A multi-step run of greedy rows in one C call (kernels.decode_steps, kernels/steps.c): per step the
-        fused layers, the final norm, the lm_head and the argmax that `execute_steps` + `sample` run from Python,
-        the same calls on the same arguments, so the same tokens; the run ends after the first step in which row b
-        yields one of `stops[b]`. -> the tokens of each step run, or None (nothing run) when a part of the step is
-        not one the C loop makes: no fused decoder, an lm_head or final norm other than the bf16 kernels' ones, a
-        position past the RoPE tables, FP8 experts whose store counts each step."""
+    def _c_loop_args(self, batch: Batch) -> tuple | None:
+        """What kernels.decode_steps takes for this run besides the tokens: (per-step rows, the arrays they point
+        into, layers, sliding, chosen, final norm, lm_head weight or panels, whether panels), or None when a part of
+        the step is not one the C loop makes (the module path's Python then runs): no fused decoder, an lm_head or
+        final norm other than the bf16 kernels' ones, a position past the RoPE tables, FP8 experts whose store counts
+        each step."""
         from .cpu_layout import KERNEL_MAX_ROWS, Bf16Linear, FastRMSNorm
         fused = self.fused
         if fused is None:
@@ -694,18 +696,51 @@ class ModelRunner:
         plan = self._decode_run_args(batch)
         if plan is None:
             return None
-        rows, _keep = plan                                       # _keep: the arrays rows points into
-        n = rows.shape[0]
-        layers, sliding, chosen = fused.loop_args(B)
+        return (*plan, *fused.loop_args(B), norm, wp if wp is not None else head.weight, wp is not None)
+
+    @torch.inference_mode()
+    def execute_greedy_steps(self, batch: Batch, stops: list[frozenset]) -> list[list[int]] | None:
+        """A multi-step run of greedy rows in one C call (kernels.decode_steps, kernels/steps.c): per step the
+        fused layers, the final norm, the lm_head and the argmax that the module path + `sample` run from Python,
+        the same calls on the same arguments, so the same tokens; the run ends after the first step in which row b
+        yields one of `stops[b]`. -> the tokens of each step run, or None (nothing run) where `_c_loop_args` says
+        the C loop cannot make the step."""
+        args = self._c_loop_args(batch)
+        if args is None:
+            return None
+        rows, _keep, layers, sliding, chosen, norm, head_w, panels = args        # _keep: what rows points into
+        n, B = rows.shape[0], len(batch.items)
         tokens = np.zeros((n + 1, B), dtype=np.int64)
         tokens[0] = self._fed_ids(batch)
         stop_ids = np.array([t for s in stops for t in sorted(s)] or [0], dtype=np.int64)
         stop_off = np.cumsum([0] + [len(s) for s in stops], dtype=np.int64)
-        done = kernels.decode_steps(n, layers, sliding, chosen, torch.from_numpy(rows), fused.emb,
-                                    norm.weight, norm.eps, wp if wp is not None else head.weight, wp is not None,
-                                    torch.from_numpy(tokens), torch.from_numpy(stop_ids), torch.from_numpy(stop_off))
+        done = kernels.decode_steps(n, layers, sliding, chosen, torch.from_numpy(rows), self.fused.emb, norm.weight,
+                                    norm.eps, head_w, panels, torch.from_numpy(tokens), torch.from_numpy(stop_ids),
+                                    torch.from_numpy(stop_off))
         self.last_hidden = None
         return tokens[1:done + 1].tolist()
+
+    def _c_steps(self, batch: Batch, args: tuple, choose) -> int:
+        """execute_steps through the C loop one step per call: its logits handed to `choose` (the sampler) between
+        steps, instead of the fused layers and the lm_head called from Python."""
+        rows, _keep, layers, sliding, chosen, norm, head_w, panels = args
+        B = len(batch.items)
+        tokens = np.zeros((2, B), dtype=np.int64)
+        tokens[0] = self._fed_ids(batch)
+        no_stop, zeros = torch.zeros(1, dtype=torch.int64), torch.zeros(B + 1, dtype=torch.int64)
+        logits = torch.empty(B, self.fused.emb.shape[0])
+        done = 0
+        for i in range(rows.shape[0]):
+            kernels.decode_steps(1, layers, sliding, chosen, torch.from_numpy(rows[i:i + 1]), self.fused.emb,
+                                 norm.weight, norm.eps, head_w, panels, torch.from_numpy(tokens), no_stop, zeros,
+                                 logits=logits)
+            ids, stop = choose(logits)
+            done += 1
+            if stop:
+                break
+            tokens[0] = ids
+        self.last_hidden = None
+        return done
 
     @torch.inference_mode()
     def fill_mtp_kv(self, layer: int, slices: list[Slice], hidden: torch.Tensor) -> None:

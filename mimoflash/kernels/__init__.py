@@ -579,16 +579,22 @@ def embed_bf16(ids: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
 
 def decode_steps(n: int, layers: torch.Tensor, sliding: torch.Tensor, chosen: torch.Tensor, step_args: torch.Tensor,
                  emb: torch.Tensor, norm_w: torch.Tensor, eps: float, head_w: torch.Tensor, head_panels: bool,
-                 tokens: torch.Tensor, stop_ids: torch.Tensor, stop_off: torch.Tensor) -> int:
+                 tokens: torch.Tensor, stop_ids: torch.Tensor, stop_off: torch.Tensor,
+                 logits: torch.Tensor | None = None) -> int:
     """Up to n greedy decode steps of B sequences in one call (steps.c; engine/runner.py builds the arguments):
     layers / chosen (L,) int64 addresses of each layer's LayerArgs and (B, top_k) expert-id buffer, sliding (L,) int64,
     step_args (n, 2, 9) int64 per step and attention kind, emb (V, H) bf16, head_w the lm_head's (V, H) bf16 weight
     or its panels, tokens (n + 1, B) int64 (row 0 = the fed ids; row i + 1 receives step i's argmax), stop_ids /
-    stop_off: row b's stop ids are stop_ids[stop_off[b]:stop_off[b + 1]].
+    stop_off: row b's stop ids are stop_ids[stop_off[b]:stop_off[b + 1]]; logits: a (B, V) float32 buffer that
+    keeps the last step's logits (a sampler reads them), or None.
     -> the steps run (the first step that yields a stop id is the last)."""
     lib = _lib if _lib is not None else _lib_or_raise()
     (V, H), B = emb.shape, tokens.shape[1]               # the lm_head's outputs: V (the caller checks)
-    x, xn, logits = torch.empty(B, H), torch.empty(B, H), torch.empty(B, V)
+    x, xn = torch.empty(B, H), torch.empty(B, H)
+    if logits is None:
+        logits = torch.empty(B, V)
+    elif logits.shape != (B, V) or logits.dtype != torch.float32 or not logits.is_contiguous():
+        raise ValueError(f"decode_steps: logits must be a contiguous ({B}, {V}) float32 buffer")
     rc = lib.mf_decode_steps(n, B, layers.shape[0], layers.data_ptr(), sliding.data_ptr(), chosen.data_ptr(),
                              step_args.data_ptr(), emb.data_ptr(), V, H, norm_w.data_ptr(), eps,
                              head_w.data_ptr(), int(head_panels), x.data_ptr(), xn.data_ptr(), logits.data_ptr(),
