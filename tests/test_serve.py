@@ -505,6 +505,28 @@ def test_non_streaming_client_that_gives_up_frees_the_cache(server):
     assert server.metric("mimoflash:kv_cache_usage_perc", pool="global_blocks") == 0
 
 
+def test_num_scheduler_steps_same_text_chunks_per_call(server):
+    """The engine decodes up to 8 tokens per step by default and a streamed chunk carries all of them;
+    `--num-scheduler-steps 1` gives one token per step and the same greedy text."""
+    body = {"model": MODEL, "prompt": "def f(x):", "max_tokens": 24, "temperature": 0, "ignore_eos": True,
+            "logprobs": 0, "stream": True}
+
+    def chunks(url: str) -> list[dict]:
+        raw = httpx.post(url + "/v1/completions", json=body, timeout=60).text
+        return [json.loads(ln[6:])["choices"][0] for ln in raw.splitlines() if ln.startswith("data: {")]
+
+    default = chunks(server.url)
+    one = ServerProcess("--num-scheduler-steps", "1")
+    try:
+        single = chunks(one.url)
+    finally:
+        code, out = one.stop()
+        assert code == 0, out
+    assert "".join(c["text"] for c in single) == "".join(c["text"] for c in default)
+    sizes = [len(c["logprobs"]["tokens"]) for c in default if c["logprobs"]]
+    assert sum(sizes) == 24 and max(sizes) > 1, sizes
+
+
 # ------------------------------------------------------------------ CLI
 def test_serve_help_and_bad_flags():
     r = subprocess.run([sys.executable, "-m", "mimoflash", "serve", "--help"], capture_output=True, text=True)
@@ -514,5 +536,8 @@ def test_serve_help_and_bad_flags():
     r = subprocess.run([sys.executable, "-m", "mimoflash", "serve", "--stream-interval", "0"], capture_output=True,
                        text=True)
     assert r.returncode == 2 and "--stream-interval" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "mimoflash", "serve", "--num-scheduler-steps", "0"], capture_output=True,
+                       text=True)
+    assert r.returncode == 2 and "--num-scheduler-steps" in r.stderr
     r = subprocess.run([sys.executable, "-m", "mimoflash", "serve", "/no/such/dir"], capture_output=True, text=True)
     assert r.returncode == 1 and "error" in r.stderr and "Traceback" not in r.stderr

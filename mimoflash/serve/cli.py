@@ -37,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-model-len", type=int, default=None, help="longest sequence in tokens (default: the "
                                                                      "model's context)")
     ap.add_argument("--max-num-batched-tokens", type=int, default=512, help="tokens per engine step (prefill chunk)")
+    ap.add_argument("--num-scheduler-steps", type=int, default=8, metavar="N",
+                    help="decode up to N tokens per engine step when nothing needs the scheduler in between (the same "
+                         "output; a streamed chunk then carries up to N tokens); 1 = one token per step and chunk")
     ap.add_argument("--kv-cache-memory", type=float, default=None,
                     help="KV cache budget: bytes, or a fraction of RAM when <= 1")
     ap.add_argument("--dtype", default="auto", help="compute dtype: auto | float32 | bfloat16")
@@ -76,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 <= a.port <= 65535:
         usage_error(ap, f"--port must be in [0, 65535], got {a.port}")
     for name in ("max_num_seqs", "max_n", "max_body_bytes", "max_num_batched_tokens", "tensor_parallel_size",
-                 "stream_interval"):
+                 "stream_interval", "num_scheduler_steps"):
         if getattr(a, name) < 1:
             usage_error(ap, f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
     if a.max_waiting < 0:
@@ -109,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     spec = EngineSpec(str(path), dict(dtype=a.dtype, device=a.device, max_num_seqs=a.max_num_seqs,
                                       max_model_len=a.max_model_len, max_num_batched_tokens=a.max_num_batched_tokens,
                                       kv_cache_memory=kv, seed=a.seed, progress=False,
-                                      tensor_parallel_size=a.tensor_parallel_size, **extra))
+                                      tensor_parallel_size=a.tensor_parallel_size,
+                                      num_scheduler_steps=a.num_scheduler_steps, **extra))
     engine_loop = EngineLoop(spec, max_waiting=a.max_waiting)
     engine_loop.start()                       # the engine process loads the model; its errors end the command here
     try:
