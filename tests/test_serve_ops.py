@@ -234,10 +234,11 @@ def test_load_32_streaming_clients():
         await asyncio.gather(*(client(i, until) for i in range(32)))
 
     try:
+        engine = engine_pid(s.proc.pid)
         asyncio.run(run(duration / 2))
-        rss_half = _rss_kb(s.proc.pid)
+        rss_half, engine_half = _rss_kb(s.proc.pid), _rss_kb(engine)
         asyncio.run(run(duration / 2))
-        rss_end = _rss_kb(s.proc.pid)
+        rss_end, engine_end = _rss_kb(s.proc.pid), _rss_kb(engine)
         assert results["errors"] == []
         assert results["done"] >= 32 and results["429"] >= 1, results          # saturated, refused, not errored
         time.sleep(0.5)
@@ -247,8 +248,10 @@ def test_load_32_streaming_clients():
         assert s.metric("mimoflash:kv_cache_usage_perc", pool="swa_rings") == 0
         assert s.metric("mimoflash:request_success_total") == results["done"]
         assert rss_end - rss_half < 64 * 1024, (rss_half, rss_end)                 # kB: no growth per request
+        assert engine_end - engine_half < 64 * 1024, (engine_half, engine_end)     # in either process
         print(f"\nload: {results['done']} streams completed, {results['429']} refused with 429, "
-              f"{results['tokens']} tokens in {duration:.0f} s; RSS {rss_half // 1024} -> {rss_end // 1024} MB")
+              f"{results['tokens']} tokens in {duration:.0f} s; RSS {rss_half // 1024} -> {rss_end // 1024} MB, "
+              f"engine process {engine_half // 1024} -> {engine_end // 1024} MB")
     finally:
         code, out = s.stop()
         assert code == 0, out
