@@ -159,10 +159,6 @@ class EngineLoop:
         loop.add_reader(self._outputs.fileno(), self._on_readable)
 
     @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
-
-    @property
     def alive(self) -> bool:
         return self._proc is not None and self._proc.is_alive() and self.error is None and not self._stopping
 
