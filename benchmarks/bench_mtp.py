@@ -321,12 +321,13 @@ def main(argv=None) -> int:
                 for n in tn[shift:] + tn[:shift]:
                     rate, tps, _, _ = run_one(tvar[n], p, spt)
                     t_rate[n].append(rate)
-                    t_tps[n].append(tps or 0.0)
+                    if tps:                            # requests that verified drafts
+                        t_tps[n].append(tps)
         temp = {n: {"decode_tok_s": round(statistics.median(t_rate[n]), 1),
                     "speedup": round(statistics.median(y / x for x, y in zip(t_rate["off"], t_rate[n])), 3)}
                 for n in tvar}
         for n in tvar:
-            if n != "off":
+            if n != "off" and t_tps[n]:
                 temp[n]["tokens_per_verify"] = round(statistics.median(t_tps[n]), 3)
         temp["adaptive"]["settled_depth"] = tvar["adaptive"].engine.drafter.adaptive.best.get(1)
         print("temperature 0.7 (seeded), batch 1: " + ", ".join(
