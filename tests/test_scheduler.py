@@ -162,6 +162,7 @@ def test_reserve_steps_for_a_multi_step_run():
 
 def test_reserve_steps_limited_by_free_blocks_and_waiting():
     s = make(num_blocks=3, max_num_batched_tokens=64)                  # 12 tokens of cache
+    assert s.schedule(num_steps=16).num_steps == 1                    # nothing to run
     a = req("a", 5)
     s.add(a)
     step(s)

@@ -155,7 +155,7 @@ class Scheduler:
         change the schedule but a request finishing, and the run stops at that step (the engine ends it at the first
         eos / stop token, and `want` is cut here so that max_tokens and max_model_len end it on its last step at the
         latest); `finish_steps` then gives back what the steps not run reserved."""
-        if batch.preempted or self.waiting or len(batch.items) != len(self.running):
+        if batch.preempted or self.waiting or not batch.items or len(batch.items) != len(self.running):
             return 1
         n = want
         for it in batch.items:
