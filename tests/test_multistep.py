@@ -157,26 +157,35 @@ def test_cache_accounting_after_every_run(models):
 
 
 def test_one_step_when_a_request_needs_the_scheduler(models):
-    """Penalties (they read the output tokens), stop strings on unseeded sampling, MTP: one step per call, same
-    output as N = 1."""
+    """Stop strings on unseeded sampling, MTP: one step per call."""
     llm = LLM(models["fp32"], num_scheduler_steps=8, block_size=4)
     eng = llm.engine
-    for sp in (SamplingParams(temperature=0, repetition_penalty=1.3), SamplingParams(temperature=0.8, stop=["a"]),
-               SamplingParams(temperature=0, presence_penalty=0.5)):
-        eng.add_request([1, 2, 3], sp)
+    eng.add_request([1, 2, 3], SamplingParams(temperature=0.8, stop=["a"]))
+    eng.step()
+    assert eng._steps_wanted() == 1
+    while eng.has_unfinished_requests():
         eng.step()
-        assert eng._steps_wanted() == 1
-        while eng.has_unfinished_requests():
-            eng.step()
     eng.add_request([1, 2, 3], SamplingParams(temperature=0.8, seed=1, stop=["a"]))
     eng.step()
     assert eng._steps_wanted() == 8
     spec = {"method": "mtp", "num_speculative_tokens": 1}
     mtp = LLM(models["fp32"], num_scheduler_steps=8, block_size=4, speculative_config=spec)
     assert mtp.engine._steps_wanted() == 1
-    ps = prompts([5, 9])
-    sp = SamplingParams(temperature=0, max_tokens=12, repetition_penalty=1.2)
-    assert outputs(run(models["fp32"], 8, ps, sp)[1]) == outputs(run(models["fp32"], 1, ps, sp)[1])
+
+
+@pytest.mark.parametrize("kind", ["fp32", "bf16"])
+def test_penalties_see_the_runs_tokens(models, kind):
+    """Repetition, frequency and presence penalties read the output tokens, those of the run so far included: the
+    same tokens as one step per call, greedy and sampled, next to a request without penalties."""
+    ps = prompts([5, 9, 3], seed=8)
+    params = [SamplingParams(temperature=0, max_tokens=30, repetition_penalty=1.3),
+              SamplingParams(temperature=0.9, seed=2, max_tokens=30, frequency_penalty=0.8, presence_penalty=0.5),
+              SamplingParams(temperature=0, max_tokens=30)]
+    ref = run(models[kind], 1, ps, params)[1]
+    assert outputs(run(models[kind], 8, ps, params)[1]) == outputs(ref)
+    free = run(models[kind], 1, ps, [p.replace(repetition_penalty=1.0, frequency_penalty=0.0, presence_penalty=0.0)
+                                     for p in params])[1]
+    assert outputs(free)[:2] != outputs(ref)[:2]                   # the penalties change the tokens
 
 
 @pytest.mark.parametrize("bad", [0, -1, 1.5, True, "8"])

@@ -214,16 +214,16 @@ class LLMEngine:
         cache asks for it: Scheduler.reserve_steps). One unless every running request can take several steps without
         a result that differs from one-step decoding: no MTP (its drafts need the scheduler every step), no
         tensor-parallel ranks to keep in step (their runner is not a ModelRunner), nobody waiting (it would be
-        admitted next step), no penalties (they read the output tokens, which a run appends only at its end), and no
-        stop strings on a request that samples from the shared generator (a stop string is found after the run, and
-        the draws of that request's later steps would shift every other unseeded request's noise)."""
+        admitted next step), and no stop strings on a request that samples from the shared generator (a stop string
+        is found after the run, and the draws of that request's later steps would shift every other unseeded
+        request's noise)."""
         n = self.config.num_scheduler_steps
         if (n == 1 or self.drafter is not None or not isinstance(self.runner, ModelRunner)
                 or self.scheduler.waiting or not self.scheduler.running):
             return 1
         for req in self.scheduler.running:
             p = req.params
-            if p.needs_penalties or (p.stop and not p.greedy and p.seed is None):
+            if p.stop and not p.greedy and p.seed is None:
                 return 1
         return n
 
@@ -235,8 +235,10 @@ class LLMEngine:
         decoding would have, and the cache reserved for steps not run given back (Scheduler.finish_steps).
         -> the requests that received a token."""
         reqs = [it.request for it in batch.items]
-        rows = [SampleRow(r.params, self._generators[r.request_id], r.prompt_token_ids, r.output_token_ids)
-                for r in reqs]
+        # penalties read a row's output tokens: its own list, which the run's tokens join step by step
+        outs = [list(r.output_token_ids) if r.params.needs_penalties else r.output_token_ids for r in reqs]
+        rows = [SampleRow(r.params, self._generators[r.request_id], r.prompt_token_ids, out)
+                for r, out in zip(reqs, outs)]
         stops = [frozenset(r.params.stop_token_ids).union(() if r.params.ignore_eos else r.eos_token_ids)
                  for r in reqs]
         steps: list[list[int]] = []
@@ -246,12 +248,15 @@ class LLMEngine:
             result = sample(logits, rows, self.generator)
             toks = result.token_ids
             steps.append(toks)
+            for r, out, t in zip(reqs, outs, toks):
+                if r.params.needs_penalties:
+                    out.append(t)
             for r, lp in zip(reqs, result.logprobs):
                 if r.request_id in lps:
                     lps[r.request_id].append(lp)
             return toks, any(t in s for t, s in zip(toks, stops))
 
-        greedy = all(r.params.greedy and r.params.logprobs is None for r in reqs)
+        greedy = all(r.params.greedy and r.params.logprobs is None and not r.params.needs_penalties for r in reqs)
         run = self.runner.execute_greedy_steps(batch, stops) if greedy else None
         if run is not None:                     # the whole run in one C call (the same tokens: see the runner)
             steps = run
