@@ -223,8 +223,9 @@ class StepTimer:
         out["execute other"] = get("execute", 0) - get("prepare", 0) - get("fused forward", 0) - get("logits", 0)
         out.update({"plan": get("plan", 0), "C loop": get("C loop", 0),
                     "run other": get("greedy run", 0) - get("plan", 0) - get("C loop", 0)})
-        out["step other"] = get("step", 0) - sum(out[k] for k in ("schedule", "sampling", "postprocess", "detokenize",
-                                                                   "outputs")) - get("execute", 0) - get("greedy run", 0)
+        out["step other"] = (get("step", 0) - sum(out[k] for k in ("schedule", "sampling", "postprocess", "detokenize",
+                                                                    "outputs"))
+                             - get("execute", 0) - get("greedy run", 0))
         out["step"] = get("step", 0)
         out["timer overhead"] = sum(calls[k] for k in g) * (self.inside + self.outside)
         n = max(1, raw.get("n tokens", 1))

@@ -17,7 +17,8 @@ from tests.test_engine import ByteTokenizer
 @pytest.fixture(scope="module")
 def models():
     """fp32 (the module path) and bf16 weights (the fused C decode step on CPU); window 4: rings wrap after 4."""
-    return {"fp32": make_model(tiny_config(), seed=11), "bf16": make_model(tiny_config(), seed=11, dtype=torch.bfloat16)}
+    return {"fp32": make_model(tiny_config(), seed=11),
+            "bf16": make_model(tiny_config(), seed=11, dtype=torch.bfloat16)}
 
 
 def prompts(lengths, seed=0):
@@ -59,7 +60,7 @@ def test_runs_really_take_several_steps(models):
         before = sum(len(r.output_token_ids) for r in eng.scheduler.running)
         eng.step()
         counts.append(sum(len(r.output_token_ids) for r in eng.scheduler.running) - before)
-    assert counts[1:3] == [8, 8]                  # prefill's token, then two full runs; the last run is cut (19 = 16 + 3)
+    assert counts[1:3] == [8, 8]        # prefill's token, then two full runs; the last run is cut (19 = 16 + 3)
 
 
 def test_reference_attention_same_tokens(models):
@@ -297,5 +298,6 @@ def test_fp8_checkpoint_same_tokens(tmp_path):
                       fp8=True, fp8_block_size=(16, 128))
     ps = prompts([4, 7], seed=6)
     sp = SamplingParams(temperature=0, max_tokens=24)
-    got = {n: outputs(LLM(ckpt, progress=False, num_scheduler_steps=n).generate(ps, sp, use_tqdm=False)) for n in (1, 8)}
+    got = {n: outputs(LLM(ckpt, progress=False, num_scheduler_steps=n).generate(ps, sp, use_tqdm=False))
+           for n in (1, 8)}
     assert got[8] == got[1]
