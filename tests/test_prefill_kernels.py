@@ -128,10 +128,20 @@ def test_attention_matches_the_reference(nq, h, window, sinks):
     torch.testing.assert_close(PK.attention(*args), _attention_reference(*args), atol=2e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("window", [None, 9])
+def test_attention_reads_a_bf16_cache_exactly(window):
+    """A bf16 cache (kv_cache_dtype="bfloat16") is read as its exact fp32 values."""
+    args, _ = _attention_case(4, 2, window, True, seed=1)
+    kp, vp = args[5].bfloat16(), args[6].bfloat16()
+    ref_args = args[:5] + (kp.float(), vp.float()) + args[7:]
+    torch.testing.assert_close(PK.attention(*args[:5], kp, vp, *args[7:]), _attention_reference(*ref_args),
+                               atol=2e-6, rtol=1e-5)
+
+
 def test_attention_rejects_bad_input():
     args, _ = _attention_case(4, 2, None, True)
     with pytest.raises(ValueError, match="shapes"):
-        PK.attention(*args[:5], args[5].bfloat16(), *args[6:])         # a bf16 cache
+        PK.attention(*args[:5], args[5].bfloat16(), *args[6:])         # k and v caches of different dtypes
     with pytest.raises(ValueError, match="rows"):
         PK.attention(args[0].transpose(1, 2), *args[1:])                 # heads not contiguous
     with pytest.raises(ValueError, match="ranges"):
@@ -144,7 +154,7 @@ def test_the_portable_loops_pass_the_same_tests():
     env = dict(os.environ, MIMOFLASH_PREFILL_PORTABLE="1", OMP_WAIT_POLICY="PASSIVE")
     code = ("import sys, pytest; from mimoflash.kernels import prefill as PK; assert not PK.fast(); "
             "sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', __import__('sys').argv[1], '-k', "
-            "'match_the_reference or do_not_depend']))")
+            "'match_the_reference or do_not_depend or bf16_cache']))")
     r = subprocess.run([sys.executable, "-c", code, __file__], cwd=REPO, env=env, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

@@ -211,7 +211,7 @@ class PagedAttention:
 
     def _fast(self, layer, km: KindMeta, k_pool, v_pool, q, k, v) -> torch.Tensor:
         m = self.meta
-        if (self.use_kernels and q.dtype == k_pool.dtype == v_pool.dtype == torch.float32
+        if (self.use_kernels and q.dtype == torch.float32 and k_pool.dtype in (torch.float32, torch.bfloat16)
                 and prefill_kernels.fast()):
             return self._prefill_kernel(layer, km, k_pool, v_pool, q, k, v)
         B, Tmax = m.B, m.Tmax
@@ -245,10 +245,10 @@ class PagedAttention:
         return o.reshape(B * Tmax, nq, dv)[m.pad_of_flat]                            # (N, nq, dv)
 
     def _prefill_kernel(self, layer, km: KindMeta, k_pool, v_pool, q, k, v) -> torch.Tensor:
-        """fp32 activations and cache: kernels.prefill.attention, one call for all sequences and heads (the keys each
-        block of query rows may see, read in place from the pool and the new rows; the mask from positions, as
-        km.bias has it). Its integers are made once per step and kind, by the kind's first layer (this backend
-        lives for one step)."""
+        """fp32 activations, fp32 or bf16 cache: kernels.prefill.attention, one call for all sequences and heads (the
+        keys each block of query rows may see, read in place from the pool and the new rows, which a bf16 cache sees
+        rounded, as the other paths do; the mask from positions, as km.bias has it). Its integers are made once per
+        step and kind, by the kind's first layer (this backend lives for one step)."""
         m = self.meta
         made = self.__dict__.setdefault("_prefill_args", {})
         args = made.get(id(km))
@@ -257,6 +257,8 @@ class PagedAttention:
             seq_lo = torch.tensor([0] + [hi for _, hi in m.seq_ranges])
             args = made[id(km)] = (m.q_pos.reshape(-1)[m.pad_of_flat], seq_lo, km.read_slots.contiguous(),
                                    km.k_pos[:, 1:1 + P].contiguous())
+        if k.dtype != q.dtype:                              # rounded to the bf16 cache's values by attend()
+            k, v = k.to(q.dtype), v.to(q.dtype)
         return prefill_kernels.attention(q, k, v, *args[:2], k_pool, v_pool, *args[2:], layer.window_keys,
                                          layer.attention_sink_bias, layer.scale)
 

@@ -87,7 +87,7 @@ int mf_experts_fp8(const float *x, long ldx, long D, long Fd, long n, const long
 int mf_prefill_experts(const float *x, long T, long D, const long *topk_idx, const float *topk_w, long K, long E,
                        long F, const unsigned short *gate_up, const unsigned short *down, float *y_PD, float *out);
 int mf_prefill_attn(const float *q, long q_sr, const float *k, long k_sr, const float *v, long v_sr, const long *pos,
-                    const long *seq_lo, long B, const float *k_pool, const float *v_pool, long S,
+                    const long *seq_lo, long B, const void *k_pool, const void *v_pool, long S, int kv_bf16,
                     const long *read_slots, const long *past_pos, long P, long nq, long h, long d, long dv,
                     long window, const float *sinks, float scale, float *out);
 void mf_prefill_panels(const float *x, long ldx, const unsigned short *wp, float *y, long ldy, long M, long N,

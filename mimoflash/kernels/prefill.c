@@ -416,8 +416,9 @@ typedef struct {
     long q_sr, k_sr, v_sr;
     const long *pos;             /* (N,) positions of the new rows */
     const long *seq_lo;          /* (B + 1,) flat row ranges of the sequences */
-    const float *k_pool, *v_pool;   /* (h, S, d), (h, S, dv) */
+    const void *k_pool, *v_pool;    /* (h, S, d), (h, S, dv), fp32 or (kv_bf16) bf16 */
     long S;
+    int kv_bf16;
     const long *read_slots, *past_pos;   /* (B, P): cached keys' slots and positions (-1: not a key) */
     long P, nq, h, d, dv;
     float window;                /* INFINITY: no window */
@@ -444,10 +445,17 @@ static void gather_task(void *p, long t) {
     float *kT = keys_of(j, b, g), *vv = kT + Kb * d;
     for (long c = 0; c < Kb; c++) {
         const float *kr, *vr;
+        if (c < P && j->kv_bf16) {                       /* bf16 cache: exact fp32 values, straight into place */
+            long slot = j->read_slots[b * P + c];
+            const uint16_t *k16 = (const uint16_t *)j->k_pool + (g * j->S + slot) * d;
+            for (long i = 0; i < d; i++) kT[i * Kb + c] = bf16f(k16[i]);
+            to_f32((const uint16_t *)j->v_pool + (g * j->S + slot) * dv, dv, vv + c * dv);
+            continue;
+        }
         if (c < P) {
             long slot = j->read_slots[b * P + c];
-            kr = j->k_pool + (g * j->S + slot) * d;
-            vr = j->v_pool + (g * j->S + slot) * dv;
+            kr = (const float *)j->k_pool + (g * j->S + slot) * d;
+            vr = (const float *)j->v_pool + (g * j->S + slot) * dv;
         } else {
             long r = j->seq_lo[b] + c - P;
             kr = j->k + r * j->k_sr + g * d;
@@ -502,7 +510,7 @@ static void attn_task(void *p, long t) {
 }
 
 int mf_prefill_attn(const float *q, long q_sr, const float *k, long k_sr, const float *v, long v_sr, const long *pos,
-                    const long *seq_lo, long B, const float *k_pool, const float *v_pool, long S,
+                    const long *seq_lo, long B, const void *k_pool, const void *v_pool, long S, int kv_bf16,
                     const long *read_slots, const long *past_pos, long P, long nq, long h, long d, long dv,
                     long window, const float *sinks, float scale, float *out) {
     if (h < 1 || nq % h || B < 0 || P < 0) return -2;
@@ -526,7 +534,7 @@ int mf_prefill_attn(const float *q, long q_sr, const float *k, long k_sr, const 
         for (long r = seq_lo[b]; r < seq_lo[b + 1]; r++) kpos[key_off[b] + P + r - seq_lo[b]] = (float)pos[r];
         for (long lo = seq_lo[b]; lo < seq_lo[b + 1]; lo += QUERY_ROWS) task_b[t] = b, task_lo[t++] = lo;
     }
-    attn_job j = {q, k, v, q_sr, k_sr, v_sr, pos, seq_lo, k_pool, v_pool, S, read_slots, past_pos, P, nq, h, d, dv,
+    attn_job j = {q, k, v, q_sr, k_sr, v_sr, pos, seq_lo, k_pool, v_pool, S, kv_bf16, read_slots, past_pos, P, nq, h, d, dv,
                   window > 0 ? (float)window : INFINITY, sinks, scale, out, task_b, task_lo, key_off, keys, kpos,
                   maxk, 0};
     mf_parallel(B * h, gather_task, &j);

@@ -80,16 +80,17 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tens
     """Sink attention of N new rows in B sequences -> (N, nq, dv).
 
     q (N, nq, d), k (N, h, d), v (N, h, dv): fp32, heads contiguous, any row stride; pos (N,) their positions;
-    seq_lo (B + 1,) the flat row range of each sequence. Cached keys: k_pool (h, S, d), v_pool (h, S, dv) fp32
-    contiguous, read at read_slots (B, P) whose positions are past_pos (B, P) (-1: not a key). Row i of sequence b
+    seq_lo (B + 1,) the flat row range of each sequence. Cached keys: k_pool (h, S, d), v_pool (h, S, dv), both fp32
+    or both bf16 (read exactly as fp32), contiguous, read at read_slots (B, P) whose positions are past_pos (B, P)
+    (-1: not a key). Row i of sequence b
     sees b's keys at positions p <= pos[i] (and pos[i] - p < window), its own new rows included, plus the sink
     logit sinks[head] in the softmax's denominator."""
     N, nq, d = q.shape
     h, dv = k.shape[1], v.shape[2]
     _rows(q, "q", nq * d), _rows(k, "k", h * d), _rows(v, "v", h * dv)
     B, P = read_slots.shape
-    if (k_pool.dtype != torch.float32 or v_pool.dtype != torch.float32 or not k_pool.is_contiguous()
-            or not v_pool.is_contiguous() or k_pool.shape[0] != h or k_pool.shape[2] != d
+    if (k_pool.dtype not in (torch.float32, torch.bfloat16) or v_pool.dtype != k_pool.dtype
+            or not k_pool.is_contiguous() or not v_pool.is_contiguous() or k_pool.shape[0] != h or k_pool.shape[2] != d
             or v_pool.shape != (h, k_pool.shape[1], dv) or past_pos.shape != (B, P) or seq_lo.shape != (B + 1,)
             or pos.shape != (N,) or (sinks is not None and sinks.shape != (nq,))):
         raise ValueError("prefill kernels: attention got unexpected shapes, dtypes or layouts")
@@ -98,7 +99,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tens
     out = torch.empty(N, nq, dv, dtype=torch.float32)
     rc = _lib().mf_prefill_attn(q.data_ptr(), q.stride(0), k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0),
                                 longs[0].data_ptr(), longs[1].data_ptr(), B, k_pool.data_ptr(), v_pool.data_ptr(),
-                                k_pool.shape[1], longs[2].data_ptr(), longs[3].data_ptr(), P, nq, h, d, dv,
+                                k_pool.shape[1], int(k_pool.dtype == torch.bfloat16), longs[2].data_ptr(), longs[3].data_ptr(), P, nq, h, d, dv,
                                 window or 0, snk.data_ptr() if snk is not None else None, scale, out.data_ptr())
     if rc == -1:
         raise MemoryError("prefill kernels: attention out of memory")
