@@ -25,8 +25,9 @@ Sink attention, the six implementations and when each runs (all tested against `
 | `runner.PagedAttention`, general path        | engine steps with long slices (prefill chunks): SDPA   | test_kv_cache.py,    |
 |                                              | in blocks of query rows, the sink as a zero key in     | test_cpu_layout.py   |
 |                                              | column 0                                               |                      |
-| `kernels.prefill.attention` (prefill.c)      | the general path with fp32 activations and cache on    | test_prefill_kernels |
-|                                              | AVX-512F machines: one call, masks from positions      | .py, test_cpu_layout |
+| `kernels.prefill.attention` (prefill.c)      | the general path with fp32 activations (fp32 or bf16   | test_prefill_kernels |
+|                                              | cache) on AVX-512F machines: one call, masks from      | .py, test_cpu_layout |
+|                                              | positions                                              |                      |
 | `runner.PagedAttention`, rows path in torch  | rows path (every slice a few tokens: decode, draft     | test_kv_cache.py     |
 |                                              | verification; each row one query with its own keys)    |                      |
 |                                              | without the kernels (bf16 compute, no compiler)        |                      |
