@@ -290,14 +290,25 @@ def test_c_loop_arguments_equal_each_steps_own_metadata(models, max_draft, lengt
     assert checked > 100
 
 
-def test_fp8_checkpoint_same_tokens(tmp_path):
-    """A block-FP8 checkpoint (weights kept FP8, experts read through the expert store, whose per-step statistics
-    keep it in the Python loop): runs of 8 give the tokens of one step per call."""
+def test_fp8_checkpoint_same_tokens_and_expert_statistics(tmp_path, monkeypatch):
+    """A block-FP8 checkpoint (weights kept FP8, experts counted by the expert store every step, which keeps its
+    runs on the module path's loop, not the C loop): runs of 8 give the tokens of one step per call, and the store's
+    counters end where one step per call leaves them."""
+    from mimoflash import kernels
     from mimoflash.checkpoint.saver import save_model
+    calls = []
+    real = kernels.decode_steps
+    monkeypatch.setattr(kernels, "decode_steps", lambda n, *a, **k: calls.append(n) or real(n, *a, **k))
     ckpt = save_model(make_model(tiny_config(hidden_size=256, moe_intermediate_size=128), seed=3), tmp_path / "fp8",
                       fp8=True, fp8_block_size=(16, 128))
     ps = prompts([4, 7], seed=6)
-    sp = SamplingParams(temperature=0, max_tokens=24)
-    got = {n: outputs(LLM(ckpt, progress=False, num_scheduler_steps=n).generate(ps, sp, use_tqdm=False))
-           for n in (1, 8)}
-    assert got[8] == got[1]
+    params = [SamplingParams(temperature=0, max_tokens=24), SamplingParams(temperature=0.8, seed=5, max_tokens=20)]
+    got, stats = {}, {}
+    for n in (1, 8):
+        llm = LLM(ckpt, progress=False, num_scheduler_steps=n)
+        assert llm.expert_stats() is not None
+        got[n] = [outputs(llm.generate(ps, sp, use_tqdm=False)) for sp in params]
+        st = llm.expert_stats()
+        stats[n] = (st.steps, st.touched, st.hits, st.misses, st.bytes_read, st.resident_bytes)
+    assert got[8] == got[1] and stats[8] == stats[1]
+    assert not calls

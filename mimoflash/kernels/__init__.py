@@ -590,6 +590,11 @@ def decode_steps(n: int, layers: torch.Tensor, sliding: torch.Tensor, chosen: to
     -> the steps run (the first step that yields a stop id is the last)."""
     lib = _lib if _lib is not None else _lib_or_raise()
     (V, H), B = emb.shape, tokens.shape[1]               # the lm_head's outputs: V (the caller checks)
+    if (chosen.shape != layers.shape or step_args.shape != (n, 2, 9) or tokens.shape[0] < n + 1
+            or not all(t.dtype == torch.int64 and t.is_contiguous() for t in (layers, sliding, chosen, step_args,
+                                                                               tokens, stop_ids, stop_off))):
+        raise ValueError("decode_steps: layers / sliding / chosen (L,), step_args (n, 2, 9), tokens (n + 1, B), "
+                         "stop_ids and stop_off must be contiguous int64 tensors")
     x, xn = torch.empty(B, H), torch.empty(B, H)
     if logits is None:
         logits = torch.empty(B, V)
