@@ -18,8 +18,8 @@
  * With AVX-512 (rows_avx512) the conversion takes one instruction fewer and widens 16 at a time, ragged K tails are
  * masked loads, and the 32 registers hold wider blocks: each converted vector feeds up to 8 x rows' FMAs.
  * The widest path the CPU has (AVX-512, else AVX2+FMA+F16C) is picked at run time; elsewhere a portable loop reads a
- * 256-entry table of the same values. Products with >= 2^16 weights are split by block rows over the pool's threads
- * (pool.c); each output is computed by one thread in the same order whatever the thread count. The AVX-512 loops
+ * 256-entry table of the same values. Products are split by block rows over the pool's threads with the other
+ * products of their group (wgemm.c's mf_gemm_group); each output is computed by one thread in the same order whatever the thread count. The AVX-512 loops
  * prefetch the next weight rows (the hardware prefetcher stops at 4 KB pages, and routed experts are pages of the
  * mapped files). Python wrappers: kernels/fp8.py, tested against F.linear(x, dequantize_fp8_block(w, s)) in
  * tests/test_fp8_runtime.py; the fused decode step (decode.c) calls these kernels for FP8 layers.

@@ -192,9 +192,9 @@ void mf_parallel(long n, mf_task fn, void *ctx) {
 
 /* Runs range(ctx, lo, hi) over [0, n) in chunks of a multiple of `align` units, about 4 chunks per thread, claimed
  * as threads free up: on this shared 2-vCPU machine one core often runs a product ~1.4x slower than the other
- * (measured: halves of a 16-row lm_head in 3.1 vs 4.4 ms), and with one chunk per thread the fast one waited. The
- * GEMMs split their output rows (wgemm.c) or panels (panels.c) this way; chunk boundaries do not change any
- * output's summation order. */
+ * (measured: halves of a 16-row lm_head in 3.1 vs 4.4 ms), and with one chunk per thread the fast one waited.
+ * mf_read_sum splits its buffer this way (the products chunk the same way, over a group: wgemm.c's
+ * mf_gemm_group); chunk boundaries do not change any output's summation order. */
 typedef struct {
     void (*range)(void *, long, long);
     void *ctx;

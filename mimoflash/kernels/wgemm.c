@@ -11,8 +11,8 @@
  * and used at once, with a software prefetch of the rows ahead. M > 2: pairs of weight rows converted in
  * registers against blocks of up to 6 x rows (gemm_big_m); an earlier form converted 3 rows into an fp32 buffer
  * for 4 x 3 blocks and fell to one-row dot products for M % 4 rows (M = 3 took 8x the time of M = 4; an expert
- * with 3 tokens is common in a batch). Products with >= 2^16 weights are split by rows over the pool's threads
- * (see mf_gemm_bf16w).
+ * with 3 tokens is common in a batch). Products are split by rows over the pool's threads with the other products
+ * of their group (mf_gemm_group, below).
  * The AVX2+FMA path is chosen at run time (__builtin_cpu_supports), so one binary is safe on any x86-64; other
  * machines get the portable loop. Built and loaded by mimoflash/kernels/__init__.py; tested against
  * F.linear(x, w.float()) in tests/test_kernels.py.
