@@ -312,3 +312,28 @@ def test_fp8_checkpoint_same_tokens_and_expert_statistics(tmp_path, monkeypatch)
         stats[n] = (st.steps, st.touched, st.hits, st.misses, st.bytes_read, st.resident_bytes)
     assert got[8] == got[1] and stats[8] == stats[1]
     assert not calls
+
+
+def test_mtp_steps_without_drafts_run_as_multi_step(models, monkeypatch):
+    """With MTP on, the steps adaptive depth is sure not to draft in (`MTPDrafter.plain_steps`) run several per call
+    and are reported to it (`skipped`, with their number and CPU time); greedy tokens stay those of plain decoding,
+    one step per call, before, during and after such runs."""
+    from mimoflash.engine.speculative import MTPDrafter
+    ps = prompts([5, 9], seed=12)
+    sp = SamplingParams(temperature=0, max_tokens=40)
+    ref = outputs(run(models["bf16"], 1, ps, sp)[1])
+    spec = {"method": "mtp", "num_speculative_tokens": 2, "adaptive": True}
+    llm = LLM(models["bf16"], num_scheduler_steps=8, block_size=4, max_num_seqs=4, speculative_config=spec)
+    reported = []
+    calls = {"n": 0}
+
+    def plain_steps(self, sequences):                  # drafting steps and runs of plain steps, alternately
+        calls["n"] += 1
+        return 0 if calls["n"] % 3 else 6
+
+    monkeypatch.setattr(MTPDrafter, "plain_steps", plain_steps)
+    monkeypatch.setattr(MTPDrafter, "skipped", lambda self, steps, seconds: reported.append((steps, seconds)))
+    assert outputs(llm.generate(ps, sp, use_tqdm=False)) == ref
+    assert reported and max(n for n, _ in reported) == 6 and all(t >= 0 for _, t in reported)
+    kv = llm.engine.kv
+    assert kv.num_free_blocks == kv.layout.num_blocks and kv.num_free_rings == kv.layout.num_rings

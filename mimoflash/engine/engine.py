@@ -187,7 +187,10 @@ class LLMEngine:
         batch = self.scheduler.schedule(self._steps_wanted())   # mostly measures the other jobs)
         changed: set[str] = set()
         if batch.num_steps > 1:
-            changed.update(req.group_id for req in self._run_steps(batch))
+            got, ran = self._run_steps(batch)
+            changed.update(req.group_id for req in got)
+            if self.drafter is not None:                  # steps adaptive depth was sure not to draft in
+                self.drafter.skipped(ran, time.process_time() - t0)
         elif batch.items:
             logits = self.runner.execute(batch)
             sampled, lps = self._choose_tokens(batch, logits)
@@ -212,15 +215,19 @@ class LLMEngine:
     def _steps_wanted(self) -> int:
         """How many decode steps the next step() may run (the scheduler grants fewer, or one, when the batch or the
         cache asks for it: Scheduler.reserve_steps). One unless every running request can take several steps without
-        a result that differs from one-step decoding: no MTP (its drafts need the scheduler every step), no
-        tensor-parallel ranks to keep in step (their runner is not a ModelRunner), nobody waiting (it would be
-        admitted next step), and no stop strings on a request that samples from the shared generator (a stop string
-        is found after the run, and the draws of that request's later steps would shift every other unseeded
-        request's noise)."""
+        a result that differs from one-step decoding: no MTP drafting (its drafts need the scheduler every step: with
+        MTP on, only the steps adaptive depth is sure not to draft in, `MTPDrafter.plain_steps`), no tensor-parallel
+        ranks to keep in step (their runner is not a ModelRunner), nobody waiting (it would be admitted next step),
+        and no stop strings on a request that samples from the shared generator (a stop string is found after the
+        run, and the draws of that request's later steps would shift every other unseeded request's noise)."""
         n = self.config.num_scheduler_steps
-        if (n == 1 or self.drafter is not None or not isinstance(self.runner, ModelRunner)
-                or self.scheduler.waiting or not self.scheduler.running):
+        if (n == 1 or not isinstance(self.runner, ModelRunner) or self.scheduler.waiting
+                or not self.scheduler.running):
             return 1
+        if self.drafter is not None:
+            n = min(n, self.drafter.plain_steps(len(self.scheduler.running)))
+            if n <= 1:
+                return 1
         for req in self.scheduler.running:
             p = req.params
             if p.stop and not p.greedy and p.seed is None:
@@ -233,7 +240,7 @@ class LLMEngine:
         first step in which a request meets eos or a stop token (later steps would compute tokens to throw away);
         then every step's tokens postprocessed in order (token stops, text, stop strings, logprobs), as one-step
         decoding would have, and the cache reserved for steps not run given back (Scheduler.finish_steps).
-        -> the requests that received a token."""
+        -> (the requests that received a token, the steps run)."""
         reqs = [it.request for it in batch.items]
         # penalties read a row's output tokens: its own list, which the run's tokens join step by step
         outs = [list(r.output_token_ids) if r.params.needs_penalties else r.output_token_ids for r in reqs]
@@ -266,7 +273,7 @@ class LLMEngine:
         def on_token(req: Request) -> None:
             self._process_token(req, lps[req.request_id].pop(0) if req.request_id in lps else None)
 
-        return self.scheduler.finish_steps(batch, steps, on_token)
+        return self.scheduler.finish_steps(batch, steps, on_token), len(steps)
 
     def _choose_tokens(self, batch, logits: torch.Tensor) -> tuple[list, dict]:
         """Tokens of every scheduled item from its logits rows (one row, or k + 1 for a verification) -> (per item:
