@@ -29,7 +29,7 @@ docs/PARALLEL.md): N-1 workers started on this host, or the ranks of a `torchrun
 step; greedy output is the same token for token, sampled output has the same distribution (docs/MTP.md). Each output's
 `.metrics` then reports verify_steps, accepted_tokens and acceptance_per_position.
 `num_scheduler_steps` (8 by default): where every running request decodes and nothing needs the scheduler in
-between (no MTP, no waiting requests, ...), one engine step decodes up to that many tokens per request
+between (no MTP drafting, no waiting requests, ...), one engine step decodes up to that many tokens per request
 (greedy ones in a single C call), with the same outputs as one token per step; a streamed delta then carries up to
 that many tokens. 1 = one token per step (docs/ENGINE.md, "Multi-step decoding").
 `weight_dtype` is how the matmul weights are stored: "auto" keeps a bf16 checkpoint's weights in bf16 on CPU when
