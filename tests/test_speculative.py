@@ -731,3 +731,24 @@ def test_cli_mtp_flags_as_a_user_runs_them():
     bad = subprocess.run([sys.executable, "-m", "mimoflash", "generate", "x", "--mtp-adaptive"], capture_output=True,
                          text=True, timeout=300)
     assert bad.returncode == 2 and "--mtp-adaptive needs --mtp" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_adaptive_engine_decodes_several_steps_per_call_once_it_stops_drafting():
+    """Random MTP layers (drafts almost never accepted): adaptive depth settles on depth 0, and from then on the
+    engine decodes those steps several per call (multi-step runs, reported back to adaptive depth) with the tokens
+    of plain decoding."""
+    model = make_model(_cfg(), seed=4)
+    ps = _prompts([5, 9])
+    sp = SamplingParams(temperature=0, max_tokens=160, ignore_eos=True)
+    ref = [o.outputs[0].token_ids for o in LLM(model, max_num_seqs=2, block_size=4).generate(ps, sp, use_tqdm=False)]
+    llm = LLM(model, max_num_seqs=2, block_size=4, speculative_config={"num_speculative_tokens": 1, "adaptive": True})
+    eng, runs = llm.engine, []
+    inner = eng._run_steps
+
+    def run_steps(batch):
+        runs.append(batch.num_steps)
+        return inner(batch)
+    eng._run_steps = run_steps
+    assert [o.outputs[0].token_ids for o in llm.generate(ps, sp, use_tqdm=False)] == ref
+    assert eng.drafter.adaptive.best.get(2) == 0
+    assert len(runs) >= 5 and sum(runs) >= 80, runs
