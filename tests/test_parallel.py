@@ -352,7 +352,8 @@ def test_serve_with_two_ranks_answers_then_reports_a_dead_worker_unhealthy():
         r = httpx.post(s.url + "/v1/completions", json={"model": "mimoflash-default", "prompt": "def f(",
                                                         "max_tokens": 5, "temperature": 0}, timeout=120)
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 5
-        (worker,) = _spawned_children(s.proc.pid)
+        (engine,) = _spawned_children(s.proc.pid)           # the server's engine process
+        (worker,) = _spawned_children(engine)               # its rank-1 worker
         os.kill(worker, signal.SIGKILL)
         deadline = time.monotonic() + 20
         while httpx.get(s.url + "/health", timeout=5).status_code == 200:       # noticed while idle
