@@ -698,6 +698,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if world_info()[0] == 0:
         print(json.dumps(summary))
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()              # no rank tears gloo down while another still talks to it (it can abort at exit)
         dist.destroy_process_group()
     return summary
 
