@@ -92,18 +92,11 @@ def step_bytes(model, context: int, kv_elt: int) -> int:
 
 
 def read_bandwidth(nbytes: int, reps: int = 7) -> float:
-    """Bytes per second that kernels.read_sum reads over a buffer of `nbytes` (threaded over the kernels' pool at its
-    current thread count, vector loads, integer adds: limited by the loads, as a weight-streaming kernel is), re-read
-    `reps` times after one untimed pass that faults the pages in; the fastest read: what the level of the memory
-    hierarchy that holds `nbytes` can give, not what it gave on average."""
-    a = torch.ones(max(nbytes, 1 << 20), dtype=torch.uint8)
-    kernels.read_sum(a)
-    ts = []
-    for _ in range(reps):
-        t = CLOCK()
-        kernels.read_sum(a)
-        ts.append(CLOCK() - t)
-    return a.numel() / min(ts)
+    """Bytes per second that kernels.read_sum reads over a buffer of `nbytes` (at least 1 MiB; threaded over the
+    kernels' pool at its current thread count), the fastest of `reps` re-reads after one that faults the pages in,
+    on this run's clock: what the level of the memory hierarchy that holds `nbytes` can give, not what it gave on
+    average."""
+    return bench.read_bandwidth(max(nbytes, 1 << 20), reps, fastest=True, clock=CLOCK)
 
 
 class StepTimer:
