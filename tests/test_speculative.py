@@ -54,6 +54,7 @@ def _oracle_drafts(llm, reference: dict[tuple, list[int]], hit: float, seed: int
                 logits[row, full[want]] += 1e4
         return logits
     runner.execute_mtp = execute_mtp
+    runner.draft_greedy = lambda *a: execute_mtp(*a).argmax(-1).tolist()    # greedy drafts: the biased logits
 
 
 @pytest.mark.parametrize("spec", [{"num_speculative_tokens": 1}, {"num_speculative_tokens": 2},
@@ -658,6 +659,7 @@ def test_fused_verify_and_draft_steps_equal_module_path():
                 calls["mtp"] += 1
                 return inner_mtp(*a)
             runner.fused.forward, runner.fused_mtp[0].forward = fwd, fwd_mtp
+            runner.mtp_pass = False               # the oracle's logits: FusedMTPLayer.forward (draft.c: below)
         else:
             runner.fused, runner.fused_mtp = None, None
         reference = {tuple(p["prompt_token_ids"]): p["prompt_token_ids"] + o.outputs[0].token_ids
@@ -705,6 +707,46 @@ def test_mtp_ring_entries_before_key_from_are_masked(dtype):
         v_pool[:, slots] = torch.randn(v_pool[:, slots].shape, generator=g).to(v_pool.dtype)
         assert torch.equal(run(kf), base)
         assert not torch.allclose(run(0), unmasked)
+
+
+@pytest.mark.parametrize("reduced", [False, True])
+def test_draft_pass_in_one_call_equals_fused_layer_and_head(reduced):
+    """kernels.mtp_pass (kernels/draft.c, FusedMTPLayer.draft) against FusedMTPLayer.forward + the head + argmax
+    (runner.mtp_pass off): the same logits bit for bit and the same argmax, for one row and several (the last
+    wanted, or every one), unwrapped and wrapped rings, a masked key_from, the full and a reduced head; the K/V it
+    stores are the same too (the reference reads them after it)."""
+    from mimoflash.engine.request import Request
+    from mimoflash.engine.runner import Slice
+    model = make_model(_cfg(), seed=5, dtype=torch.bfloat16)
+    llm = LLM(model, max_num_seqs=2, block_size=4, speculative_config={"num_speculative_tokens": 2})
+    runner, cache = llm.engine.runner, llm.engine.cache
+    assert runner.fused_mtp is not None
+    R, H = llm.engine.layout.ring_slots, model.config.hidden_size
+    head = model.lm_head.weight[:300].contiguous() if reduced else None
+    req = Request("x", [1], SamplingParams())
+    req.ring_id = 1
+    g = torch.Generator().manual_seed(1)
+    calls = []
+    inner = runner.fused_mtp[1].draft
+    runner.fused_mtp[1].draft = lambda *a: calls.append(inner(*a)) or calls[-1]
+    for q, n, rows, kf in [(2, 1, "last", 0), (R - 2, 3, "last", 0), (2 * R + 1, 2, "last", 2 * R - 1),
+                           (3 * R + 2, 3, "all", 0)]:
+        _, k_pool, v_pool = cache.pools(model.config.num_hidden_layers + 1)     # MTP block 1's ring
+        k_pool.copy_(torch.randn(k_pool.shape, generator=g))
+        v_pool.copy_(torch.randn(v_pool.shape, generator=g))
+        hidden = torch.randn(n, H, generator=g)
+        sl = [Slice(req, q - n + 1, torch.randint(0, 512, (n,), generator=g).tolist(), rows, kf)]
+        out = {}
+        for fast in (False, True):
+            runner.mtp_pass = fast
+            k0 = k_pool.clone()
+            out[fast] = (runner.execute_mtp(1, sl, hidden, head), runner.draft_greedy(1, sl, hidden, head),
+                         k_pool.clone())
+            k_pool.copy_(k0)
+        assert torch.equal(out[True][0], out[False][0]) and out[True][0].shape[0] == (n if rows == "all" else 1)
+        assert out[True][1] == out[False][1] == out[False][0].argmax(-1).tolist()
+        assert torch.equal(out[True][2], out[False][2]) and not torch.equal(out[True][2], k0)
+    assert len(calls) == 8 and all(c is not None for c in calls)          # every fast pass was one C call
 
 
 # ------------------------------------------------------------------------------------------------ CLI

@@ -211,6 +211,7 @@ class FusedMTPLayer:
         self._keep, self._panels = keep, panels
         self.emb = model.model.embed_tokens.weight
         self._chosen: dict[int, torch.Tensor] = {}
+        self._work: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}     # row count -> draft's buffers
 
     @classmethod
     def build(cls, model, cache) -> "list[FusedMTPLayer] | None":
@@ -265,3 +266,43 @@ class FusedMTPLayer:
         if rows is not None:
             x = x[N - 1:] if rows.numel() == 1 and int(rows[0]) == N - 1 else x.index_select(0, rows)
         return kernels.rms_norm(x, L.final_layernorm.weight, L.final_layernorm.eps)
+
+    def draft(self, input_ids: torch.Tensor, positions: torch.Tensor, kinds: dict, hidden: torch.Tensor,
+              rows: torch.Tensor | None, head: tuple[torch.Tensor, bool, int], argmax: bool
+              ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """`forward`, then the head product and (`argmax`) each wanted row's argmax, in one C call
+        (kernels.mtp_pass, kernels/draft.c: the same calls on the same arguments, so the same logits bit for bit;
+        a pass of a dozen calls with torch between them cost as much again as its arithmetic). head = (the (S, H)
+        bf16 weight or its panels, whether panels, S). -> (logits (R, S), argmax (R,) or None), or None where the
+        pass is not one draft.c makes (eh_proj not a bf16 Bf16Linear, more rows than its kernel takes, a subclass
+        with its own embedding or block): the caller then runs `forward` and the head."""
+        from .cpu_layout import KERNEL_MAX_ROWS, Bf16Linear
+        L, N = self.layer, input_ids.shape[1]
+        eh = L.eh_proj
+        if (type(eh) is not Bf16Linear or eh.weight.dtype != torch.bfloat16 or N > KERNEL_MAX_ROWS
+                or type(self)._embed is not FusedMTPLayer._embed or type(self)._block is not FusedMTPLayer._block
+                or hidden.dtype != torch.float32 or hidden.stride(-1) != 1):
+            return None
+        for p in self._panels:
+            p.get()
+        eh_w = eh._panels.get() if eh._panels is not None else None
+        if eh_w is None and not eh.weight.is_contiguous():
+            return None
+        dm = kinds[True]
+        cos, sin, rope_rows = _rope_rows(self.model.model.rotary["sliding"], positions.view(-1))
+        chunks, dst = dm.chunks.contiguous(), dm.write_dst.contiguous()
+        bias = None if dm.bias is None else dm.bias.reshape(N, -1)
+        attn = torch.tensor([cos.data_ptr(), sin.data_ptr(), 0 if rope_rows is None else rope_rows.data_ptr(),
+                             chunks.data_ptr(), chunks.shape[-1], dm.chunk, dm.keys, dst.data_ptr(),
+                             0 if bias is None else bias.data_ptr()], dtype=torch.int64)
+        got = self._work.get(N)
+        if got is None:                                  # made once per row count: (N, 1) expert ids, floats
+            got = self._work[N] = (torch.empty(N, 1, dtype=torch.int64), torch.empty(4 * N * L.enorm.weight.numel()))
+        block = (self.emb, L.enorm.weight, L.enorm.eps, L.hnorm.weight, L.hnorm.eps,
+                 eh.weight if eh_w is None else eh_w, eh_w is not None, L.final_layernorm.weight,
+                 L.final_layernorm.eps)
+        R = N if rows is None else rows.shape[0]
+        tokens = torch.empty(R, dtype=torch.int64) if argmax else None
+        logits = kernels.mtp_pass(self.args, block, input_ids.view(-1), hidden, attn, got[0], rows, *head, got[1],
+                                  tokens)
+        return logits, tokens

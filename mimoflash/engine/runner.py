@@ -336,6 +336,7 @@ class ModelRunner:
         self.use_kernels = False
         self.fused: FusedDecoder | None = None       # one kernel call per layer for decode steps
         self.fused_mtp: list | None = None           # the same for each MTP block (build_mtp)
+        self.mtp_pass = True                         # a fused draft pass in one C call (FusedMTPLayer.draft)
         self.last_hidden: torch.Tensor | None = None
         # Most tokens one sequence may feed in a rows-path step: 1 + the rings' slack (kv_cache.py, "Ring size")
         self.max_rows = 1 + self.layout.ring_slots - self.layout.swa_keys
@@ -800,14 +801,48 @@ class ModelRunner:
         bias[np.broadcast_to(slot_pos < kf, bias.shape)] = NEG_INF
         return DecodeKindMeta(km.chunks, km.chunk, km.write_dst, self._host(bias).view(B, 1, 1, keys), keys)
 
-    @torch.inference_mode()
     def execute_mtp(self, layer: int, slices: list[Slice], hidden: torch.Tensor,
                     head_weight: torch.Tensor | None = None) -> torch.Tensor:
         """MTP block `layer` over the slices' rows: slice tokens = the token `layer + 1` ahead of each row's
         position, hidden (N, D) = the main model's hidden state at each row, in slice order -> logits (R, V) of the
         wanted rows (R, S with `head_weight` (S, D), a reduced draft vocabulary). Its K/V go to the block's ring."""
+        return self._mtp(layer, slices, hidden, head_weight, False)[0]
+
+    def draft_greedy(self, layer: int, slices: list[Slice], hidden: torch.Tensor,
+                     head_weight: torch.Tensor | None = None) -> list[int]:
+        """`execute_mtp`'s pass -> each wanted row's argmax (a column of `head_weight` when given), computed in the
+        same C call as the pass where `FusedMTPLayer.draft` runs it."""
+        logits, best = self._mtp(layer, slices, hidden, head_weight, True)
+        return (best if best is not None else kernels.argmax_rows(logits)).tolist()
+
+    def _mtp_head(self, head_weight: torch.Tensor | None) -> tuple[torch.Tensor, bool, int] | None:
+        """The draft head as kernels.mtp_pass takes it ((S, D) bf16 weight or panels, whether panels, S), where its
+        product is the C kernel the module path calls too (Bf16Linear's panels or row-major kernel), else None."""
+        from .cpu_layout import Bf16Linear
+        if head_weight is not None:
+            ok = head_weight.dtype == torch.bfloat16 and head_weight.is_contiguous() and self.use_kernels
+            return (head_weight, False, head_weight.shape[0]) if ok else None
+        head = self.model.lm_head
+        if type(head) is not Bf16Linear or head.weight.dtype != torch.bfloat16:
+            return None
+        wp = head._panels.get() if head._panels is not None else None
+        if wp is not None:
+            return wp, True, head._panels.N
+        return (head.weight, False, head.weight.shape[0]) if head.weight.is_contiguous() else None
+
+    @torch.inference_mode()
+    def _mtp(self, layer: int, slices: list[Slice], hidden: torch.Tensor, head_weight: torch.Tensor | None,
+             argmax: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """execute_mtp -> (logits, the rows' argmax when `argmax` and the pass was one C call (FusedMTPLayer.draft,
+        unless `mtp_pass` is off: the tests' reference), else None)."""
         step = self._mtp_rows_step(slices)
         fused = self.fused_mtp[layer] if self.fused_mtp is not None else None
+        if fused is not None and step.meta.decode and self.mtp_pass:
+            head = self._mtp_head(head_weight)
+            got = None if head is None else fused.draft(step.input_ids, step.positions, step.meta.kinds, hidden,
+                                                        None if step.all_rows else step.sample_rows, head, argmax)
+            if got is not None:
+                return got
         if fused is not None and step.meta.decode:                   # only the wanted rows are normed
             picked = fused.forward(step.input_ids, step.positions, step.meta.kinds, hidden,
                                    None if step.all_rows else step.sample_rows)          # (R, D)
@@ -819,7 +854,7 @@ class ModelRunner:
                                        backend)[0]
             picked = out if step.all_rows else out.index_select(0, step.sample_rows)
         if head_weight is None:
-            return self.model.lm_head(picked).float()
+            return self.model.lm_head(picked).float(), None
         if head_weight.dtype == torch.bfloat16 and picked.dtype == torch.float32 and self.use_kernels:
-            return kernels.linear_bf16w(picked.contiguous(), head_weight)
-        return F.linear(picked, head_weight.to(picked.dtype)).float()
+            return kernels.linear_bf16w(picked.contiguous(), head_weight), None
+        return F.linear(picked, head_weight.to(picked.dtype)).float(), None

@@ -495,6 +495,8 @@ class MTPDrafter:
         if not work:
             return
         probs: dict[str, list[torch.Tensor]] = {}
+        greedy = (isinstance(self.runner, ModelRunner)          # (a tensor-parallel group's runner: execute_mtp)
+                  and all(r.params.greedy and not r.params.needs_penalties for r, *_ in work))
         for n in range(max(w[1] for w in work)):
             li = min(n, self.num_layers - 1)
             slices, hid, owners, fill, fill_hid = [], [], [], [], []
@@ -525,8 +527,13 @@ class MTPDrafter:
             hidden = hid[0] if len(hid) == 1 else torch.cat(hid)
             if not self.hidden_pre_norm:
                 hidden = self.model.model.norm(hidden)
-            logits = self.runner.execute_mtp(li, slices, hidden, self.head_weight)     # (R, S or V)
-            tok = self._draft_tokens(logits, owners, shared_generator, generators, probs)
+            if greedy:                                   # the argmax in the pass's own C call
+                tok = self.runner.draft_greedy(li, slices, hidden, self.head_weight)
+                if self.vocab is not None:
+                    tok = [self.vocab_ids[i] for i in tok]
+            else:
+                logits = self.runner.execute_mtp(li, slices, hidden, self.head_weight)     # (R, S or V)
+                tok = self._draft_tokens(logits, owners, shared_generator, generators, probs)
             for (r, st, s, q, n), t in zip(owners, tok):
                 if n < self.num_layers and n:
                     tent = st.tentative[n]

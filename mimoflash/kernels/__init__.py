@@ -48,7 +48,7 @@ import torch.nn.functional as F
 log = logging.getLogger(__name__)
 
 _SOURCES = [Path(__file__).with_name(n) for n in ("wgemm.c", "panels.c", "ops.c", "decode.c", "pool.c", "fp8.c",
-                                                  "prefill.c", "steps.c", "abi.c")]
+                                                  "prefill.c", "steps.c", "draft.c", "abi.c")]
 _HEADER = Path(__file__).with_name("mimoflash_kernels.h")
 _FLAGS = ["-O3", "-fPIC", "-shared", "-std=gnu11", "-fopenmp-simd", "-pthread"]
 _lib: ctypes.CDLL | None = None
@@ -141,6 +141,8 @@ _SIGNATURES: dict[str, tuple] = {
     "mf_prefill_panels": (None, [_P, _L, _P, _P, _L, _L, _L, _L]),
     "mf_prefill_simd": (_I, []),
     "mf_decode_steps": (_L, [_L, _L, _L, _P, _P, _P, _P, _P, _L, _L, _P, _F, _P, _I, _P, _P, _P, _P, _P, _P]),
+    "mf_mtp_pass": (_L, [_P, _L, _P, _P, _L, _P, _L, _P, _F, _P, _F, _P, _I, _P, _P, _L, _P, _P, _F, _P, _I, _L, _P, _P,
+                         _P]),
     "mf_set_num_threads": (None, [_I]),
     "mf_pool_probe": (_L, [_L, _L]),
     "mf_layer_abi": (_L, [_P, _L]),
@@ -611,6 +613,44 @@ def decode_steps(n: int, layers: torch.Tensor, sliding: torch.Tensor, chosen: to
     if rc < 0:
         raise MemoryError("decode_steps: out of memory")
     return rc
+
+
+def mtp_pass(args: LayerArgs, block: tuple, ids: torch.Tensor, hidden: torch.Tensor, attn: torch.Tensor,
+             chosen: torch.Tensor, rows: torch.Tensor | None, head_w: torch.Tensor, head_panels: bool, S: int,
+             work: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
+    """An MTP block's draft pass for N rows in one call (draft.c; engine/fused_decode.py's FusedMTPLayer.draft
+    builds the arguments): block = (emb (V, H) bf16, enorm weight, its eps, hnorm weight, its eps, eh_proj's (H, 2H)
+    bf16 weight or its panels, whether panels, final_layernorm weight, its eps); ids (N,) int64; hidden (N, H) fp32
+    rows of unit stride; attn (9,) int64 the block's attention metadata (as steps.c's per-kind fields); chosen (N, 1)
+    int64; rows (R,) int64 the wanted rows or None for all; head_w the head's (S, H) bf16 weight or its panels; work
+    >= N * 3H + R * H float32; tokens (R,) int64 receives each row's argmax, or None.
+    -> logits (R, S) float32 of the wanted rows after final_layernorm."""
+    lib = _lib if _lib is not None else _lib_or_raise()
+    emb, enorm_w, enorm_eps, hnorm_w, hnorm_eps, eh_w, eh_panels, final_w, final_eps = block
+    (V, H), N = emb.shape, ids.shape[0]
+    R = N if rows is None else rows.shape[0]
+    if (ids.dtype != torch.int64 or not ids.is_contiguous() or hidden.shape != (N, H) or hidden.stride(1) != 1
+            or hidden.dtype != torch.float32 or attn.shape != (9,) or attn.dtype != torch.int64
+            or chosen.shape != (N, 1) or chosen.dtype != torch.int64 or not chosen.is_contiguous()
+            or (rows is not None and (rows.dtype != torch.int64 or not rows.is_contiguous()))
+            or work.dtype != torch.float32 or work.numel() < N * 3 * H + R * H or not work.is_contiguous()
+            or (tokens is not None and (tokens.shape != (R,) or tokens.dtype != torch.int64))):
+        raise ValueError("mtp_pass: ids (N,) int64, hidden (N, H) float32, attn (9,) int64, chosen (N, 1) int64, "
+                         "rows (R,) int64 or None, work float32 of N * 3H + R * H, tokens (R,) int64 or None")
+    logits = torch.empty(R, S, dtype=torch.float32)
+    rc = lib.mf_mtp_pass(ctypes.addressof(args), N, ids.data_ptr(), hidden.data_ptr(), hidden.stride(0),
+                         emb.data_ptr(), V, enorm_w.data_ptr(), enorm_eps, hnorm_w.data_ptr(), hnorm_eps,
+                         eh_w.data_ptr(), int(eh_panels), attn.data_ptr(), chosen.data_ptr(), R,
+                         None if rows is None else rows.data_ptr(), final_w.data_ptr(), final_eps, head_w.data_ptr(),
+                         int(head_panels), S, work.data_ptr(), logits.data_ptr(),
+                         None if tokens is None else tokens.data_ptr())
+    if rc == -1:
+        raise ValueError(f"mtp_pass: a token id is outside [0, {V})")
+    if rc == -2:
+        raise ValueError("mtp_pass: a cache slot, a chunk id of the table or a wanted row is out of range")
+    if rc:
+        raise MemoryError("mtp_pass: out of memory")
+    return logits
 
 
 DECODE_PHASES = ("q|k|v product", "RoPE + K/V store", "attention", "o product + norm", "routed experts", "dense MLP")

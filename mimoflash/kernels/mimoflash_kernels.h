@@ -100,6 +100,14 @@ long mf_decode_steps(long n, long B, long L, const int64_t *layers, const long *
                      float eps, const uint16_t *head_w, int head_panels, float *x, float *xn, float *logits,
                      long *tokens, const long *stop_ids, const long *stop_off);
 
+/* draft.c: an MTP block's draft pass for N rows in one call (engine/fused_decode.py's FusedMTPLayer.draft):
+ * embedding, enorm/hnorm, eh_proj, the block's layer, final_layernorm of the R wanted rows, the head, the argmax */
+long mf_mtp_pass(const mf_layer *L, long N, const long *ids, const float *hidden, long ldh, const unsigned short *emb,
+                 long V, const float *enorm_w, float enorm_eps, const float *hnorm_w, float hnorm_eps,
+                 const uint16_t *eh_w, int eh_panels, const int64_t *attn, long *chosen, long R, const long *rows,
+                 const float *final_w, float final_eps, const uint16_t *head_w, int head_panels, long S,
+                 float *work, float *logits, long *tokens);
+
 /* pool.c: the thread pool */
 void mf_set_num_threads(int n);
 long mf_pool_probe(long n, long spin_us);
