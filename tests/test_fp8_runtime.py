@@ -162,11 +162,12 @@ def test_fused_fp8_step_agrees(which, request, monkeypatch):
     their scales, the bf16 o_proj from its panels (a small model's panels fit fp8_layout.panels_fit); experts by
     address from the store): every decoder layer goes through it, and its greedy tokens
     and log-probabilities equal the per-module FP8 path's and the fp32 dequantisation's (<= 1e-4) at 1, 2 and 5
-    sequences (one row, two rows, the many-row kernels); the expert store's statistics are the same either way."""
+    sequences (one row, two rows, the many-row kernels); the expert store's statistics are the same either way.
+    (Multi-step runs make the same calls from C, kernels/steps.c: tests/test_multistep.py compares them with this.)"""
     ckpt = request.getfixturevalue(which)
     sp = SamplingParams(temperature=0, max_tokens=6, logprobs=0)
     batches = [PROMPTS[:1], PROMPTS, PROMPTS + [{"prompt_token_ids": [7 * i + 1, i + 2]} for i in range(3)]]
-    fused = LLM(ckpt, progress=False)
+    fused = LLM(ckpt, progress=False, num_scheduler_steps=1)    # one step per call: the fused step from Python
     runner = fused.engine.runner
     assert runner.fused is not None and all(a.qkv_s and a.fp8_br for a, _, _ in runner.fused.layers)
     assert all(a.panels and not a.o_s for a, _, _ in runner.fused.layers)       # bf16 o_proj read from its panels
@@ -337,6 +338,43 @@ def test_expert_store_lru_order(ckpt):
     assert store.resident_keys() == []
     ptrs = store.acquire(layer, [5])
     assert ptrs.shape == (1, 6) and store.resident_keys() == []
+
+
+def _store_state(store):
+    return (store.stats().as_dict(), store.resident_keys(), store.touched_keys(), set(store._step_seen))
+
+
+@pytest.mark.parametrize("bounded", [False, True])
+def test_record_steps_equals_acquire_and_release(ckpt, bounded):
+    """`ExpertStore.record_steps` (how the fused steps of an FP8 model are counted, a C run's after the run) leaves
+    the store as per-step `begin_step` + `acquire` + `release` of each layer's distinct ids leave it (the per-module
+    path's calls): counters per step and in total, the LRU order, the keys ever read, the last step's keys. Repeated
+    ids (several rows routed to one expert), a store with experts resident from before, unbounded (the batched count)
+    and bounded (evictions)."""
+    from mimoflash.checkpoint.loader import _weight_map
+    wm = _weight_map(ckpt)
+    g = torch.Generator().manual_seed(5)
+    steps = torch.randint(0, 8, (11, 2, 6), generator=g).tolist()        # 11 steps, 2 layers, 3 rows x top-2
+    stores = []
+    for _ in range(2):
+        store = ExpertStore(ckpt, wm, capacity=None)
+        layers = [store.add_layer(f"model.layers.{i}.mlp.experts", 8) for i in (1, 2)]
+        if bounded:
+            store.set_capacity(5 * store.expert_bytes(layers[0], 0))
+        stores.append(store)
+    ref, fast = stores
+    for chunk in (steps[:4], steps[4:5], steps[5:]):
+        for step in chunk:
+            ref.begin_step()
+            for layer, row in zip(layers, step):
+                picked = sorted(set(row))
+                ref.acquire(layer, picked)
+                ref.release(layer, picked)
+        fast.record_steps(layers, chunk)
+        assert _store_state(fast) == _store_state(ref)
+    st = fast.stats()
+    assert st.steps == 11 and st.hits > 0 and st.misses > 0 and st.step_touched > 0
+    assert (st.resident_bytes < st.bytes_read) == bounded
 
 
 # ---------------------------------------------------------------------------------------------- budget and errors

@@ -290,28 +290,67 @@ def test_c_loop_arguments_equal_each_steps_own_metadata(models, max_draft, lengt
     assert checked > 100
 
 
-def test_fp8_checkpoint_same_tokens_and_expert_statistics(tmp_path, monkeypatch):
-    """A block-FP8 checkpoint (weights kept FP8, experts counted by the expert store every step, which keeps its
-    runs on the module path's loop, not the C loop): runs of 8 give the tokens of one step per call, and the store's
-    counters end where one step per call leaves them."""
-    from mimoflash import kernels
+@pytest.fixture(scope="module")
+def fp8_ckpt(tmp_path_factory):
+    """A block-FP8 checkpoint (weights kept FP8 in memory, experts read through the expert store); window 4."""
     from mimoflash.checkpoint.saver import save_model
+    return save_model(make_model(tiny_config(hidden_size=256, moe_intermediate_size=128), seed=3),
+                      tmp_path_factory.mktemp("fp8") / "ckpt", fp8=True, fp8_block_size=(16, 128))
+
+
+@pytest.mark.parametrize("lengths", [[5], [3, 17, 9]])
+def test_fp8_runs_in_the_c_loop_same_tokens_and_expert_statistics(fp8_ckpt, lengths, monkeypatch):
+    """FP8 runs of 8 go through the C loop too (greedy: one kernels.decode_steps call a run; sampled: one a step),
+    each step's routed experts counted after the run: the tokens of one step per call (which runs the fused step
+    from Python), batch 1 and a mixed batch, 40 tokens (rings of window 4 wrap, blocks of 4 fill mid-run), and the
+    expert store's counters, cache order and keys read end where one step per call leaves them."""
+    from mimoflash import kernels
+    calls = []
+    real = kernels.decode_steps
+
+    def spy(n, *args, logits=None):
+        done = real(n, *args, logits=logits)
+        calls.append((done, logits is None))
+        return done
+
+    monkeypatch.setattr(kernels, "decode_steps", spy)
+    ps = prompts(lengths, seed=6)
+    greedy = [SamplingParams(temperature=0, max_tokens=m) for m in (40, 7, 23)[:len(ps)]]
+    sampled = [SamplingParams(temperature=0.8, seed=5 + i, max_tokens=20) for i in range(len(ps))]
+    got, state = {}, {}
+    for n in (1, 8):
+        llm = LLM(fp8_ckpt, progress=False, num_scheduler_steps=n, block_size=4, max_num_seqs=4)
+        store = llm.expert_store
+        assert store is not None and llm.engine.runner.fused is not None
+        got[n] = [outputs(llm.generate(ps, sp, use_tqdm=False)) for sp in (greedy, sampled)]
+        state[n] = (store.stats().as_dict(), store.resident_keys(), store.touched_keys())
+        kv = llm.engine.kv
+        assert kv.num_free_blocks == kv.layout.num_blocks and kv.num_free_rings == kv.layout.num_rings
+        if n == 1:
+            assert not calls
+    assert got[8] == got[1] and state[8] == state[1]
+    assert state[1][0]["steps"] > 40 and state[1][0]["hits"] > 0
+    runs = [done for done, whole in calls if whole]
+    assert runs and max(runs) == 8                                         # greedy: whole runs in one call
+    assert {done for done, whole in calls if not whole} == {1} and len(calls) - len(runs) >= 19   # sampled
+
+
+def test_fp8_bounded_expert_cache_keeps_the_python_loop(fp8_ckpt, monkeypatch):
+    """An expert store with a bounded cache (it evicts between layers) keeps runs off the C loop: same tokens."""
+    from mimoflash import kernels
     calls = []
     real = kernels.decode_steps
     monkeypatch.setattr(kernels, "decode_steps", lambda n, *a, **k: calls.append(n) or real(n, *a, **k))
-    ckpt = save_model(make_model(tiny_config(hidden_size=256, moe_intermediate_size=128), seed=3), tmp_path / "fp8",
-                      fp8=True, fp8_block_size=(16, 128))
     ps = prompts([4, 7], seed=6)
-    params = [SamplingParams(temperature=0, max_tokens=24), SamplingParams(temperature=0.8, seed=5, max_tokens=20)]
-    got, stats = {}, {}
-    for n in (1, 8):
-        llm = LLM(ckpt, progress=False, num_scheduler_steps=n)
-        assert llm.expert_stats() is not None
-        got[n] = [outputs(llm.generate(ps, sp, use_tqdm=False)) for sp in params]
-        st = llm.expert_stats()
-        stats[n] = (st.steps, st.touched, st.hits, st.misses, st.bytes_read, st.resident_bytes)
-    assert got[8] == got[1] and stats[8] == stats[1]
-    assert not calls
+    sp = SamplingParams(temperature=0, max_tokens=16)
+    llm = LLM(fp8_ckpt, progress=False, num_scheduler_steps=8)
+    want = outputs(llm.generate(ps, sp, use_tqdm=False))
+    assert calls
+    calls.clear()
+    store = llm.expert_store
+    store.set_capacity(3 * store.expert_bytes(*next(iter(store.touched_keys()))))
+    assert outputs(llm.generate(ps, sp, use_tqdm=False)) == want
+    assert not calls and store.stats().resident_bytes <= store.capacity
 
 
 def test_mtp_steps_without_drafts_run_as_multi_step(models, monkeypatch):

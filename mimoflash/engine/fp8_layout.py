@@ -395,21 +395,27 @@ def is_fp8_block(attn, mlp) -> bool:
 
 
 def account_fused_step(layers, chosen) -> None:
-    """After a fused decode step: the expert store's statistics for it, as the per-module path keeps them (one
-    step; each MoE block's distinct experts acquired and released: counted, and made most recently used). The
-    expert ids of all blocks come to Python in one conversion (a step's fixed cost matters at batch 1)."""
+    """After a fused decode step: the expert store's statistics for it (`account_fused_steps` of one step)."""
+    account_fused_steps(layers, [ch.unsqueeze(0) for ch in chosen], 1)
+
+
+def account_fused_steps(layers, chosen, n: int) -> None:
+    """After n fused decode steps (one Python step, or a run of the C loop, kernels/steps.c): the expert store's
+    statistics for them, as the per-module path keeps them (per step, each MoE block's distinct experts acquired
+    and released: counted, and made most recently used; `ExpertStore.record_steps`). chosen: per layer, the
+    (>= n, B, top_k) expert ids its steps wrote. The ids of all steps and blocks come to Python in one conversion
+    (a step's fixed cost matters at batch 1)."""
     moe = [(args.expert_layer, ch) for (args, _, _), ch in zip(layers, chosen) if hasattr(args, "expert_layer")]
-    if not moe:
+    if not moe or n <= 0:
         return
-    ids = torch.cat([ch.view(1, -1) for _, ch in moe]).tolist()                       # (MoE blocks, B * top_k)
-    begun = set()
-    for ((store, layer), _), row in zip(moe, ids):
-        if id(store) not in begun:
-            begun.add(id(store))
-            store.begin_step()
-        picked = sorted(set(row))
-        store.acquire(layer, picked)
-        store.release(layer, picked)
+    ids = torch.stack([ch[:n].reshape(n, -1) for _, ch in moe], 1).tolist()        # (n, MoE blocks, B * top_k)
+    stores: dict[int, tuple] = {}                       # a store's blocks: (store, their layer keys, their columns)
+    for j, ((store, layer), _) in enumerate(moe):
+        got = stores.setdefault(id(store), (store, [], []))
+        got[1].append(layer)
+        got[2].append(j)
+    for store, keys, cols in stores.values():
+        store.record_steps(keys, ids if len(cols) == len(moe) else [[step[j] for j in cols] for step in ids])
 
 
 def _fill(model, store: ExpertStore, weight_map, plan, block, fp8_dense, stored, progress: bool) -> None:

@@ -107,16 +107,19 @@ class FusedDecoder:
             chosen = self._chosen[B] = [torch.empty(B, k, dtype=torch.int64) for _, _, k in self.layers]
         return chosen
 
-
-    def loop_args(self, B: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """For kernels.decode_steps over B rows: (L,) int64 addresses of the layers' LayerArgs, whether each layer is
-        sliding, the addresses of its (B, top_k) expert-id buffers (made once per batch size)."""
+    def loop_args(self, B: int, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """For kernels.decode_steps over n steps of B rows: (L,) int64 addresses of the layers' LayerArgs, whether
+        each layer is sliding, the (n, L) addresses of step i's layer l's (B, top_k) expert-id buffer, and those
+        buffers per layer, (>= n, B, top_k) (each step writes its own: an FP8 model's expert store counts them after
+        the run, fp8_layout.account_fused_steps). Made once per batch size, grown when a run is longer."""
         got = self._loop.get(B)
-        if got is None:
+        if got is None or got[2].shape[0] < n:
+            cap = max(n, 8)
+            bufs = [torch.empty(cap, B, k, dtype=torch.int64) for _, _, k in self.layers]
+            table = torch.tensor([[b[i].data_ptr() for b in bufs] for i in range(cap)], dtype=torch.int64)
             got = self._loop[B] = (torch.tensor([ctypes.addressof(a) for a, _, _ in self.layers]),
-                                   torch.tensor([int(s) for _, s, _ in self.layers]),
-                                   torch.tensor([c.data_ptr() for c in self._chosen_for(B)]))
-        return got
+                                   torch.tensor([int(s) for _, s, _ in self.layers]), table, bufs)
+        return got[0], got[1], got[2][:n], got[3]
 
 
 def attention_args(cfg, attn, in_norm, post_norm, qkv_w: torch.Tensor, k_pool, v_pool, sliding: bool):

@@ -48,6 +48,7 @@ from ..model.attention import attend_reference
 from ..model.mimo import MiMoForCausalLM
 from .. import kernels
 from ..kernels import prefill as prefill_kernels
+from . import fp8_layout
 from .cpu_layout import matmul_weight_dtype, use_cpu_layout, use_huge_pages
 from .fused_decode import FusedDecoder, FusedMTPLayer
 from .kv_cache import KVCache
@@ -679,10 +680,12 @@ class ModelRunner:
 
     def _c_loop_args(self, batch: Batch) -> tuple | None:
         """What kernels.decode_steps takes for this run besides the tokens: (per-step rows, the arrays they point
-        into, layers, sliding, chosen, final norm, lm_head weight or panels, whether panels), or None when a part of
-        the step is not one the C loop makes (the module path's Python then runs): no fused decoder, an lm_head or
-        final norm other than the bf16 kernels' ones, a position past the RoPE tables, FP8 experts whose store counts
-        each step."""
+        into, layers, sliding, chosen (n, L), the expert-id buffers chosen points into, final norm, lm_head weight or
+        panels, whether panels), or None when a part of the step is not one the C loop makes (the module path's
+        Python then runs): no fused decoder, an lm_head or final norm other than the bf16 kernels' ones, a position
+        past the RoPE tables, FP8 experts whose store has a bounded cache (it evicts between layers; the fused path
+        never gets those: fp8_layout.fused_layer_args). FP8 experts of an unbounded store run here: their steps'
+        statistics are counted after the run from the ids each step wrote (fp8_layout.account_fused_steps)."""
         from .cpu_layout import KERNEL_MAX_ROWS, Bf16Linear, FastRMSNorm
         fused = self.fused
         if fused is None:
@@ -691,7 +694,8 @@ class ModelRunner:
         if (type(head) is not Bf16Linear or type(norm) is not FastRMSNorm
                 or head.weight.dtype != torch.bfloat16 or head.weight.shape != fused.emb.shape
                 or norm.weight.dtype != torch.float32 or not norm.weight.is_contiguous()
-                or any(hasattr(args, "expert_layer") for args, _, _ in fused.layers)):
+                or any(args.expert_layer[0].capacity is not None
+                       for args, _, _ in fused.layers if hasattr(args, "expert_layer"))):
             return None
         wp = head._panels.get() if head._panels is not None else None
         if wp is None and not (head.weight.is_contiguous() and B <= KERNEL_MAX_ROWS):
@@ -699,7 +703,8 @@ class ModelRunner:
         plan = self._decode_run_args(batch)
         if plan is None:
             return None
-        return (*plan, *fused.loop_args(B), norm, wp if wp is not None else head.weight, wp is not None)
+        return (*plan, *fused.loop_args(B, plan[0].shape[0]), norm, wp if wp is not None else head.weight,
+                wp is not None)
 
     @torch.inference_mode()
     def execute_greedy_steps(self, batch: Batch, stops: list[frozenset]) -> list[list[int]] | None:
@@ -711,7 +716,7 @@ class ModelRunner:
         args = self._c_loop_args(batch)
         if args is None:
             return None
-        rows, _keep, layers, sliding, chosen, norm, head_w, panels = args        # _keep: what rows points into
+        rows, _keep, layers, sliding, chosen, ids, norm, head_w, panels = args   # _keep: what rows points into
         n, B = rows.shape[0], len(batch.items)
         tokens = np.zeros((n + 1, B), dtype=np.int64)
         tokens[0] = self._fed_ids(batch)
@@ -721,12 +726,13 @@ class ModelRunner:
                                     norm.eps, head_w, panels, torch.from_numpy(tokens), torch.from_numpy(stop_ids),
                                     torch.from_numpy(stop_off))
         self.last_hidden = None
+        fp8_layout.account_fused_steps(self.fused.layers, ids, done)
         return tokens[1:done + 1].tolist()
 
     def _c_steps(self, batch: Batch, args: tuple, choose) -> int:
         """execute_steps through the C loop one step per call: its logits handed to `choose` (the sampler) between
         steps, instead of the fused layers and the lm_head called from Python."""
-        rows, _keep, layers, sliding, chosen, norm, head_w, panels = args
+        rows, _keep, layers, sliding, chosen, ids, norm, head_w, panels = args
         B = len(batch.items)
         tokens = np.zeros((2, B), dtype=np.int64)
         tokens[0] = self._fed_ids(batch)
@@ -734,15 +740,16 @@ class ModelRunner:
         logits = torch.empty(B, self.fused.emb.shape[0])
         done = 0
         for i in range(rows.shape[0]):
-            kernels.decode_steps(1, layers, sliding, chosen, torch.from_numpy(rows[i:i + 1]), self.fused.emb,
+            kernels.decode_steps(1, layers, sliding, chosen[i:i + 1], torch.from_numpy(rows[i:i + 1]), self.fused.emb,
                                  norm.weight, norm.eps, head_w, panels, torch.from_numpy(tokens), no_stop, zeros,
                                  logits=logits)
-            ids, stop = choose(logits)
+            fed, stop = choose(logits)
             done += 1
             if stop:
                 break
-            tokens[0] = ids
+            tokens[0] = fed
         self.last_hidden = None
+        fp8_layout.account_fused_steps(self.fused.layers, ids, done)
         return done
 
     @torch.inference_mode()

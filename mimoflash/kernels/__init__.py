@@ -584,7 +584,8 @@ def decode_steps(n: int, layers: torch.Tensor, sliding: torch.Tensor, chosen: to
                  tokens: torch.Tensor, stop_ids: torch.Tensor, stop_off: torch.Tensor,
                  logits: torch.Tensor | None = None) -> int:
     """Up to n greedy decode steps of B sequences in one call (steps.c; engine/runner.py builds the arguments):
-    layers / chosen (L,) int64 addresses of each layer's LayerArgs and (B, top_k) expert-id buffer, sliding (L,) int64,
+    layers (L,) int64 addresses of each layer's LayerArgs, chosen (n, L) int64 addresses of step i's layer l's
+    (B, top_k) expert-id buffer (each step its own: an expert store counts them after the run), sliding (L,) int64,
     step_args (n, 2, 9) int64 per step and attention kind, emb (V, H) bf16, head_w the lm_head's (V, H) bf16 weight
     or its panels, tokens (n + 1, B) int64 (row 0 = the fed ids; row i + 1 receives step i's argmax), stop_ids /
     stop_off: row b's stop ids are stop_ids[stop_off[b]:stop_off[b + 1]]; logits: a (B, V) float32 buffer that
@@ -592,10 +593,11 @@ def decode_steps(n: int, layers: torch.Tensor, sliding: torch.Tensor, chosen: to
     -> the steps run (the first step that yields a stop id is the last)."""
     lib = _lib if _lib is not None else _lib_or_raise()
     (V, H), B = emb.shape, tokens.shape[1]               # the lm_head's outputs: V (the caller checks)
-    if (chosen.shape != layers.shape or step_args.shape != (n, 2, 9) or tokens.shape[0] < n + 1
+    if (layers.dim() != 1 or chosen.shape != (n, layers.shape[0]) or step_args.shape != (n, 2, 9)
+            or tokens.shape[0] < n + 1
             or not all(t.dtype == torch.int64 and t.is_contiguous() for t in (layers, sliding, chosen, step_args,
                                                                                tokens, stop_ids, stop_off))):
-        raise ValueError("decode_steps: layers / sliding / chosen (L,), step_args (n, 2, 9), tokens (n + 1, B), "
+        raise ValueError("decode_steps: layers / sliding (L,), chosen (n, L), step_args (n, 2, 9), tokens (n + 1, B), "
                          "stop_ids and stop_off must be contiguous int64 tensors")
     x, xn = torch.empty(B, H), torch.empty(B, H)
     if logits is None:

@@ -94,7 +94,8 @@ void mf_prefill_panels(const float *x, long ldx, const unsigned short *wp, float
                        long K);
 int mf_prefill_simd(void);
 
-/* steps.c: n greedy decode steps of B sequences in one call (engine/runner.py's multi-step run) -> steps run */
+/* steps.c: n greedy decode steps of B sequences in one call (engine/runner.py's multi-step run) -> steps run;
+ * chosen: (n, L) addresses, step i's layer l's expert-id buffer at chosen[i * L + l] */
 long mf_decode_steps(long n, long B, long L, const int64_t *layers, const long *sliding, const int64_t *chosen,
                      const int64_t *step_args, const unsigned short *emb, long V, long H, const float *norm_w,
                      float eps, const uint16_t *head_w, int head_panels, float *x, float *xn, float *logits,

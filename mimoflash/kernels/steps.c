@@ -12,6 +12,10 @@
  * The per-step metadata is made by the runner beforehand, one row of 2 x MF_STEP_FIELDS int64 values per step
  * (kind 0 = global attention, 1 = sliding window): cos table, sin table, rope rows (B,), chunk table (B, n_chunks),
  * n_chunks, chunk, K, write slots (B,), bias (B, K) or 0, all as mf_decode_layer takes them.
+ *
+ * chosen is an (n, L) table of addresses: step i's layer l writes its (B, top_k) routed expert ids at chosen[i * L + l]
+ * (unused for dense layers). Each step keeps its own, so that an FP8 model's expert store can count every step's
+ * experts after the run (engine/fp8_layout.py, account_fused_steps) as the per-step path counts them.
  */
 #include "mimoflash_kernels.h"
 
@@ -30,7 +34,7 @@ long mf_decode_steps(long n, long B, long L, const int64_t *layers, const long *
             int rc = mf_decode_layer((const mf_layer *)(intptr_t)layers[l], x, B, (const float *)(intptr_t)a[0],
                                      (const float *)(intptr_t)a[1], (const long *)(intptr_t)a[2],
                                      (const long *)(intptr_t)a[3], a[4], a[5], a[6], (const long *)(intptr_t)a[7],
-                                     (const float *)(intptr_t)a[8], (long *)(intptr_t)chosen[l]);
+                                     (const float *)(intptr_t)a[8], (long *)(intptr_t)chosen[i * L + l]);
             if (rc) return rc == -1 ? -2 : -3;
         }
         mf_rms_norm(x, H, norm_w, xn, H, B, H, eps);
