@@ -171,6 +171,7 @@ class ExpertStore:
         self.root, self.weight_map, self.capacity = Path(root), weight_map, capacity
         self._maps: dict[str, SafetensorsMap] = {}
         self._experts: dict[tuple[str, int], _Expert] = {}
+        self._keys: dict[str, list[tuple[str, int]]] = {}    # layer key -> its experts' keys (record_steps)
         self._lru: OrderedDict[tuple[str, int], None] = OrderedDict()
         self._stats = ExpertStats(capacity=capacity)
         self._step_seen: set = set()
@@ -201,6 +202,7 @@ class ExpertStore:
             ex.ptrs = [v.data_ptr() for v in views]
             self._experts[(prefix, e)] = ex
             self.total_bytes += ex.nbytes
+        self._keys[prefix] = [(prefix, e) for e in range(num_experts)]
         return prefix
 
     def expert(self, layer: str, e: int) -> list[torch.Tensor]:
@@ -299,12 +301,18 @@ class ExpertStore:
         if not steps:
             return
         s, lru, experts = self._stats, self._lru, self._experts
+        keys = [self._keys[layer] for layer in layers]          # the (layer, e) tuples, made once per layer
         hits = misses = read = 0
         for step in steps:
             seen, step_hits, step_misses, step_read = set(), 0, 0, 0
-            for layer, row in zip(layers, step):
-                for e in sorted(set(row)):
-                    key = (layer, e)
+            for layer_keys, row in zip(keys, step):
+                if len(row) == 2:                                # one row, top-2: the common case, without a set
+                    a, b = row
+                    row = (a, b) if a < b else (b, a) if a > b else (a,)
+                else:
+                    row = sorted(set(row))
+                for e in row:
+                    key = layer_keys[e]
                     seen.add(key)
                     if key in lru:
                         lru.move_to_end(key)

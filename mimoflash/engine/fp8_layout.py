@@ -395,27 +395,39 @@ def is_fp8_block(attn, mlp) -> bool:
 
 
 def account_fused_step(layers, chosen) -> None:
-    """After a fused decode step: the expert store's statistics for it (`account_fused_steps` of one step)."""
-    account_fused_steps(layers, [ch.unsqueeze(0) for ch in chosen], 1)
-
-
-def account_fused_steps(layers, chosen, n: int) -> None:
-    """After n fused decode steps (one Python step, or a run of the C loop, kernels/steps.c): the expert store's
-    statistics for them, as the per-module path keeps them (per step, each MoE block's distinct experts acquired
-    and released: counted, and made most recently used; `ExpertStore.record_steps`). chosen: per layer, the
-    (>= n, B, top_k) expert ids its steps wrote. The ids of all steps and blocks come to Python in one conversion
-    (a step's fixed cost matters at batch 1)."""
+    """After a fused decode step: the expert store's statistics for it, as the per-module path keeps them (each MoE
+    block's distinct experts acquired and released: counted, and made most recently used; `ExpertStore.record_steps`).
+    chosen: per layer, the (B, top_k) ids it wrote. The ids of all blocks come to Python in one conversion (a step's
+    fixed cost matters at batch 1)."""
     moe = [(args.expert_layer, ch) for (args, _, _), ch in zip(layers, chosen) if hasattr(args, "expert_layer")]
-    if not moe or n <= 0:
+    if moe:
+        _record([m for m, _ in moe], [torch.cat([ch.view(1, -1) for _, ch in moe]).tolist()])
+
+
+def account_fused_steps(layers, ids: torch.Tensor, n: int, B: int) -> None:
+    """`account_fused_step` for the first n steps of a C run (kernels/steps.c) of B rows: ids (>= n, L, W) holds step
+    i's layer l's (B, top_k) ids in ids[i, l, :B * top_k] (FusedDecoder.loop_args); all steps' in one conversion."""
+    cols = [j for j, (args, _, _) in enumerate(layers) if hasattr(args, "expert_layer")]
+    if not cols or n <= 0:
         return
-    ids = torch.stack([ch[:n].reshape(n, -1) for _, ch in moe], 1).tolist()        # (n, MoE blocks, B * top_k)
+    sel = slice(cols[0], cols[-1] + 1) if cols == list(range(cols[0], cols[-1] + 1)) else cols     # a view if it can
+    widths = {B * layers[j][2] for j in cols}
+    if len(widths) == 1:                             # every MoE block routes top_k experts: one slice, one conversion
+        steps = ids[:n, sel, :widths.pop()].tolist()
+    else:
+        steps = [[row[:B * layers[j][2]] for j, row in zip(cols, step)] for step in ids[:n, sel].tolist()]
+    _record([layers[j][0].expert_layer for j in cols], steps)
+
+
+def _record(blocks: list[tuple], steps: list) -> None:
+    """blocks[j] = (store, layer key) of MoE block j; steps[i][j] = the ids block j routed to in step i."""
     stores: dict[int, tuple] = {}                       # a store's blocks: (store, their layer keys, their columns)
-    for j, ((store, layer), _) in enumerate(moe):
+    for j, (store, layer) in enumerate(blocks):
         got = stores.setdefault(id(store), (store, [], []))
         got[1].append(layer)
         got[2].append(j)
     for store, keys, cols in stores.values():
-        store.record_steps(keys, ids if len(cols) == len(moe) else [[step[j] for j in cols] for step in ids])
+        store.record_steps(keys, steps if len(cols) == len(blocks) else [[step[j] for j in cols] for step in steps])
 
 
 def _fill(model, store: ExpertStore, weight_map, plan, block, fp8_dense, stored, progress: bool) -> None:

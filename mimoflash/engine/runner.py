@@ -680,7 +680,7 @@ class ModelRunner:
 
     def _c_loop_args(self, batch: Batch) -> tuple | None:
         """What kernels.decode_steps takes for this run besides the tokens: (per-step rows, the arrays they point
-        into, layers, sliding, chosen (n, L), the expert-id buffers chosen points into, final norm, lm_head weight or
+        into, layers, sliding, chosen (n, L), the expert-id tensor chosen points into, final norm, lm_head weight or
         panels, whether panels), or None when a part of the step is not one the C loop makes (the module path's
         Python then runs): no fused decoder, an lm_head or final norm other than the bf16 kernels' ones, a position
         past the RoPE tables, FP8 experts whose store has a bounded cache (it evicts between layers; the fused path
@@ -726,7 +726,7 @@ class ModelRunner:
                                     norm.eps, head_w, panels, torch.from_numpy(tokens), torch.from_numpy(stop_ids),
                                     torch.from_numpy(stop_off))
         self.last_hidden = None
-        fp8_layout.account_fused_steps(self.fused.layers, ids, done)
+        fp8_layout.account_fused_steps(self.fused.layers, ids, done, B)
         return tokens[1:done + 1].tolist()
 
     def _c_steps(self, batch: Batch, args: tuple, choose) -> int:
@@ -749,7 +749,7 @@ class ModelRunner:
                 break
             tokens[0] = fed
         self.last_hidden = None
-        fp8_layout.account_fused_steps(self.fused.layers, ids, done)
+        fp8_layout.account_fused_steps(self.fused.layers, ids, done, B)
         return done
 
     @torch.inference_mode()
