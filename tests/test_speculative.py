@@ -54,7 +54,8 @@ def _oracle_drafts(llm, reference: dict[tuple, list[int]], hit: float, seed: int
                 logits[row, full[want]] += 1e4
         return logits
     runner.execute_mtp = execute_mtp
-    runner.draft_greedy = lambda *a: execute_mtp(*a).argmax(-1).tolist()    # greedy drafts: the biased logits
+    runner.draft_greedy = lambda *a: execute_mtp(*a).argmax(-1).tolist()    # greedy drafts: the biased logits,
+    llm.engine.drafter.chain = False                                          # pass by pass
 
 
 @pytest.mark.parametrize("spec", [{"num_speculative_tokens": 1}, {"num_speculative_tokens": 2},
@@ -747,6 +748,69 @@ def test_draft_pass_in_one_call_equals_fused_layer_and_head(reduced):
         assert out[True][1] == out[False][1] == out[False][0].argmax(-1).tolist()
         assert torch.equal(out[True][2], out[False][2]) and not torch.equal(out[True][2], k0)
     assert len(calls) == 8 and all(c is not None for c in calls)          # every fast pass was one C call
+
+
+def test_greedy_draft_passes_in_one_call_equal_pass_by_pass():
+    """MTPDrafter._propose_chain (every greedy pass of a step in one ModelRunner.draft_chain call, kernels/draft.c
+    making each pass's ring metadata) against the passes run one by one (drafter.chain off): the same drafts at every
+    step, the same MTP rings' K/V, the same tokens, with ragged prompts, a reused last block (3 drafts, 2 blocks),
+    catch-ups that mask older ring entries (key_from) and rings that wrap; the chain is what ran."""
+    model = make_model(_cfg(), seed=6, dtype=torch.bfloat16)
+    ps = _prompts([3, 9, 5])
+    sp = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+
+    def run(chain: bool):
+        with pytest.warns(UserWarning, match="reuse the last MTP layer"):
+            llm = LLM(model, max_num_seqs=3, block_size=4, speculative_config={"num_speculative_tokens": 3})
+        d, runner = llm.engine.drafter, llm.engine.runner
+        d.chain = chain
+        drafts, chained = [], []
+        inner_propose, inner_chain = d.propose, runner.draft_chain
+
+        def propose(reqs, depths, *a):
+            inner_propose(reqs, depths, *a)
+            drafts.append([list(r.draft_token_ids) for r in reqs])
+        d.propose = propose
+        runner.draft_chain = lambda *a: chained.append(inner_chain(*a)) or chained[-1]
+        outs = [o.outputs[0].token_ids for o in llm.generate(ps, sp, use_tqdm=False)]
+        rings = [llm.engine.cache.pools(i)[1].clone() for i in range(model.config.num_hidden_layers,
+                                                                      model.config.num_hidden_layers + 2)]
+        return outs, drafts, rings, chained
+
+    (o1, d1, k1, c1), (o0, d0, k0, c0) = run(True), run(False)
+    assert o1 == o0 and d1 == d0 and len(d1) > 10
+    assert all(torch.equal(a, b) for a, b in zip(k1, k0))
+    assert not c0 and len(c1) > 10 and all(c is not None for c in c1)
+
+
+def test_draft_chain_masks_like_the_rows_path():
+    """ModelRunner.draft_chain's masks, made in C (kernels/draft.c), against the rows path's (`_ring_rows`) on
+    rings full of large random keys: a pass's draft feeding the next pass's rows, key_from masking older entries,
+    unwrapped and wrapped rings, one and three rows; the same drafts as the passes run one by one (draft_greedy)."""
+    from mimoflash.engine.request import Request
+    from mimoflash.engine.runner import Slice
+    model = make_model(_cfg(), seed=8, dtype=torch.bfloat16)
+    llm = LLM(model, max_num_seqs=2, block_size=4, speculative_config={"num_speculative_tokens": 2})
+    runner, cache = llm.engine.runner, llm.engine.cache
+    R, H, L = llm.engine.layout.ring_slots, model.config.hidden_size, model.config.num_hidden_layers
+    req = Request("x", [1], SamplingParams())
+    req.ring_id = 1
+    g = torch.Generator().manual_seed(2)
+    for q, n, kf in [(R - 2, 3, R - 3), (2 * R + 1, 1, 0), (2 * R + 1, 3, 2 * R), (3 * R, 2, 0)]:
+        pools = [p for i in (L, L + 1) for p in cache.pools(i)[1:]]
+        for p in pools:
+            p.copy_(10 * torch.randn(p.shape, generator=g))
+        saved = [p.clone() for p in pools]
+        hidden = [torch.randn(n, H, generator=g), torch.randn(n, H, generator=g)]
+        known = torch.randint(0, 512, (n,), generator=g).tolist()
+        d1 = runner.draft_greedy(0, [Slice(req, q - n + 1, known, "last", kf)], hidden[0])[0]
+        d2 = runner.draft_greedy(1, [Slice(req, q - n + 1, known[1:] + [d1], "last", kf)], hidden[1])[0]
+        for p, v in zip(pools, saved):
+            p.copy_(v)
+        got = runner.draft_chain([(0, [Slice(req, q - n + 1, known, "last", kf)], hidden[0], [0]),
+                                  (1, [Slice(req, q - n + 1, known[1:] + [-1], "last", kf)], hidden[1], [1])],
+                                 None, None, 2)
+        assert got == [d1, d2]
 
 
 # ------------------------------------------------------------------------------------------------ CLI

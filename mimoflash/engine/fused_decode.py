@@ -271,6 +271,33 @@ class FusedMTPLayer:
             x = x[N - 1:] if rows.numel() == 1 and int(rows[0]) == N - 1 else x.index_select(0, rows)
         return kernels.rms_norm(x, L.final_layernorm.weight, L.final_layernorm.eps)
 
+    def chain_block(self) -> tuple[list[int], list[float]] | None:
+        """This block as a pass of kernels.mtp_chain takes it: the addresses of (its LayerArgs, enorm's weight,
+        hnorm's, eh_proj's weight or panels, whether panels, final_layernorm's weight) and the three norms' eps, the
+        panels refreshed first; None where `draft` would not run (the caller then runs the passes one by one)."""
+        from .cpu_layout import Bf16Linear
+        L = self.layer
+        eh = L.eh_proj
+        if (type(eh) is not Bf16Linear or eh.weight.dtype != torch.bfloat16
+                or type(self)._embed is not FusedMTPLayer._embed or type(self)._block is not FusedMTPLayer._block):
+            return None
+        for p in self._panels:
+            p.get()
+        eh_w = eh._panels.get() if eh._panels is not None else None
+        if eh_w is None and not eh.weight.is_contiguous():
+            return None
+        w = eh.weight if eh_w is None else eh_w
+        return ([ctypes.addressof(self.args), L.enorm.weight.data_ptr(), L.hnorm.weight.data_ptr(), w.data_ptr(),
+                 int(eh_w is not None), L.final_layernorm.weight.data_ptr()],
+                [L.enorm.eps, L.hnorm.eps, L.final_layernorm.eps])
+
+    def chosen_for(self, N: int) -> torch.Tensor:
+        """The (N, 1) expert-id buffer the block's layer call writes (no routed experts: untouched), one per N."""
+        chosen = self._chosen.get(N)
+        if chosen is None:
+            chosen = self._chosen[N] = torch.empty(N, 1, dtype=torch.int64)
+        return chosen
+
     def draft(self, input_ids: torch.Tensor, positions: torch.Tensor, kinds: dict, hidden: torch.Tensor,
               rows: torch.Tensor | None, head: tuple[torch.Tensor, bool, int], argmax: bool
               ) -> tuple[torch.Tensor, torch.Tensor | None] | None:

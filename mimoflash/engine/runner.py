@@ -478,38 +478,11 @@ class ModelRunner:
             kinds_meta[False] = DecodeKindMeta(host(table), bs, host(np.array(dst, dtype=np.int64)),
                                                host(causal_bias(keys)).view(B, 1, 1, keys) if B > 1 else None, keys)
         if lay.sliding_layers and True in kinds:
-            R = lay.ring_slots
             rings = np.array([s.request.ring_id for s in owner], dtype=np.int64)
-            dst = rings * R + pos % R
-            bias = None
             key_from = (np.array([s.key_from for s in owner], dtype=np.int64)
                         if any(s.key_from > 0 for s in slices) else None)
-            if top < R:                                                                 # no ring has wrapped
-                keys = top + 1
-                if key_from is not None or top >= lay.swa_keys:
-                    # slot j holds position j: valid iff j <= p, within p's window (a ring with draft slack is
-                    # longer than the window: a row at p >= swa_keys must not see position p - swa_keys) and not
-                    # before key_from
-                    j = np.arange(keys)[None, :]
-                    lo = pos[:, None] - (lay.swa_keys - 1)
-                    if key_from is not None:
-                        lo = np.maximum(lo, key_from[:, None])
-                    ok = (j <= pos[:, None]) & (j >= lo)
-                    bias = np.where(ok, 0.0, NEG_INF).astype(np.float32)
-                elif B > 1:
-                    bias = causal_bias(keys)
-            else:
-                keys = R
-                if R != lay.swa_keys or min(pos_l) < R - 1 or key_from is not None:
-                    # slot j holds, for a row at position p, the newest position <= p that maps to it; slots that
-                    # hold a later one (this step's later rows, rolled-back drafts) are outside p's window
-                    j = np.arange(R)[None, :]
-                    slot_pos = pos[:, None] - (pos[:, None] - j) % R
-                    ok = (slot_pos >= 0) & (pos[:, None] - slot_pos < lay.swa_keys)
-                    if key_from is not None:
-                        ok &= slot_pos >= key_from[:, None]
-                    bias = np.where(ok, 0.0, NEG_INF).astype(np.float32)
-            kinds_meta[True] = DecodeKindMeta(host(rings).view(B, 1), R, host(dst),
+            dst, bias, keys = self._ring_rows(pos, top, rings, key_from, causal_bias)
+            kinds_meta[True] = DecodeKindMeta(host(rings).view(B, 1), lay.ring_slots, host(dst),
                                               None if bias is None else host(bias).view(B, 1, 1, keys), keys)
         ar = self._aranges.get(B)
         if ar is None:                                  # read-only, so kept per batch size
@@ -530,6 +503,42 @@ class ModelRunner:
             every = len(rows) == B
             rows_t = ar if every else host(np.array(rows, dtype=np.int64))
         return StepInputs(host(np.array(ids_l, dtype=np.int64)).view(1, B), pos_t[None], meta, rows_t, every)
+
+    def _ring_rows(self, pos: np.ndarray, top: int, rings: np.ndarray, key_from: np.ndarray | None, causal_bias
+                   ) -> tuple[np.ndarray, np.ndarray | None, int]:
+        """The sliding kind's rows-path metadata for rows at positions pos (B,) (top = their max) in rings (B,),
+        key_from (B,) or None -> (write slots (B,), mask (B, keys) or None, keys). causal_bias(keys) -> the (B, keys)
+        causal mask (shared with the global kind when its keys agree)."""
+        lay = self.layout
+        R, B = lay.ring_slots, len(pos)
+        dst = rings * R + pos % R
+        bias = None
+        if top < R:                                                                 # no ring has wrapped
+            keys = top + 1
+            if key_from is not None or top >= lay.swa_keys:
+                # slot j holds position j: valid iff j <= p, within p's window (a ring with draft slack is
+                # longer than the window: a row at p >= swa_keys must not see position p - swa_keys) and not
+                # before key_from
+                j = np.arange(keys)[None, :]
+                lo = pos[:, None] - (lay.swa_keys - 1)
+                if key_from is not None:
+                    lo = np.maximum(lo, key_from[:, None])
+                ok = (j <= pos[:, None]) & (j >= lo)
+                bias = np.where(ok, 0.0, NEG_INF).astype(np.float32)
+            elif B > 1:
+                bias = causal_bias(keys)
+        else:
+            keys = R
+            if R != lay.swa_keys or int(pos.min()) < R - 1 or key_from is not None:
+                # slot j holds, for a row at position p, the newest position <= p that maps to it; slots that
+                # hold a later one (this step's later rows, rolled-back drafts) are outside p's window
+                j = np.arange(R)[None, :]
+                slot_pos = pos[:, None] - (pos[:, None] - j) % R
+                ok = (slot_pos >= 0) & (pos[:, None] - slot_pos < lay.swa_keys)
+                if key_from is not None:
+                    ok &= slot_pos >= key_from[:, None]
+                bias = np.where(ok, 0.0, NEG_INF).astype(np.float32)
+        return dst, bias, keys
 
     def _host(self, a: np.ndarray) -> torch.Tensor:
         """A numpy array as a tensor on the runner's device (on CPU the same memory, no copy)."""
@@ -836,6 +845,52 @@ class ModelRunner:
         if wp is not None:
             return wp, True, head._panels.N
         return (head.weight, False, head.weight.shape[0]) if head.weight.is_contiguous() else None
+
+    @torch.inference_mode()
+    def draft_chain(self, passes: list[tuple[int, list[Slice], torch.Tensor, list[int]]],
+                    head_weight: torch.Tensor | None, vocab: torch.Tensor | None, size: int) -> list[int] | None:
+        """Greedy draft passes in one C call (kernels.mtp_chain, kernels/draft.c). passes: (MTP block, slices (rows
+        "last"), hidden (N, D) in slice order, each slice's output index); a slice token -(1 + i) stands for output
+        i, an earlier pass's draft. Each pass computes what `draft_greedy` computes on the same slices with those
+        drafts in place; its metadata is made in C from the slices, as `_ring_rows` makes it (tests/test_speculative.py
+        compares the drafts and the rings). vocab: the head's rows' token ids (a reduced draft vocabulary) or None.
+        -> the `size` outputs (token ids), or None (nothing run) where a pass is not one the chain makes (no fused MTP
+        block or C pass, a head or eh_proj other than the kernels', more rows than the rows path takes, positions past
+        the RoPE tables)."""
+        from .cpu_layout import KERNEL_MAX_ROWS
+        fused = self.fused_mtp
+        head = self._mtp_head(head_weight) if fused is not None and self.mtp_pass and self.impl == "fast" else None
+        if head is None:
+            return None
+        H, n = fused[0].emb.shape[1], len(passes)
+        top = max(s.start + len(s.tokens) - 1 for _, slices, _, _ in passes for s in slices)
+        tabs = self.model.model.rotary["sliding"].tables(top)
+        if tabs is None:
+            return None
+        fields, eps = np.zeros((n, kernels.MTP_PASS_FIELDS), dtype=np.int64), np.zeros((n, 3), dtype=np.float32)
+        rows, ids, most = [], [], 1
+        for p, (layer, slices, hidden, at) in enumerate(passes):
+            block = fused[layer].chain_block()
+            N = sum(len(s.tokens) for s in slices)
+            if (block is None or N > KERNEL_MAX_ROWS or max(len(s.tokens) for s in slices) > self.max_rows
+                    or hidden.dtype != torch.float32 or hidden.shape != (N, H) or hidden.stride(1) != 1):
+                return None
+            (la, en, hn, eh, ehp, fn), e = block
+            tok = np.array([t for s in slices for t in s.tokens], dtype=np.int64)
+            ids.append(tok)
+            fields[p] = (la, N, tok.ctypes.data, hidden.data_ptr(), hidden.stride(0), en, hn, eh, ehp,
+                         fused[layer].chosen_for(N).data_ptr(), len(slices), len(rows), fn)
+            eps[p] = e
+            rows += [(s.request.ring_id, s.start, len(s.tokens), s.key_from, i) for s, i in zip(slices, at)]
+            most = max(most, len(slices))
+        work = self._buffers.get("mtp_chain")
+        if work is None:
+            work = self._buffers["mtp_chain"] = torch.empty(kernels.MTP_CHAIN_ROWS * (4 * H + self.layout.ring_slots))
+        out = torch.zeros(size, dtype=torch.int64)
+        kernels.mtp_chain(torch.from_numpy(fields), torch.from_numpy(eps), torch.tensor(rows, dtype=torch.int64),
+                          fused[0].emb, tabs[0], tabs[1], self.layout.ring_slots, self.layout.swa_keys, head[0],
+                          head[1], head[2], vocab, work, torch.empty(most, head[2]), out)
+        return out.tolist()
 
     @torch.inference_mode()
     def _mtp(self, layer: int, slices: list[Slice], hidden: torch.Tensor, head_weight: torch.Tensor | None,

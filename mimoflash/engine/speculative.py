@@ -416,6 +416,7 @@ class MTPDrafter:
         self.hidden_pre_norm = all(getattr(l, "hidden_pre_norm", True) for l in model.mtp_layers())
         self.adaptive = (AdaptiveDepth(config.num_speculative_tokens, clock=time.process_time) if config.adaptive
                          else None)
+        self.chain = True           # greedy passes in one runner call where it can (`_propose_chain`); tests: off
 
     # ------------------------------------------------------------------ state
     def state(self, req: Request) -> _State:
@@ -497,36 +498,15 @@ class MTPDrafter:
         probs: dict[str, list[torch.Tensor]] = {}
         greedy = (isinstance(self.runner, ModelRunner)          # (a tensor-parallel group's runner: execute_mtp)
                   and all(r.params.greedy and not r.params.needs_penalties for r, *_ in work))
-        for n in range(max(w[1] for w in work)):
-            li = min(n, self.num_layers - 1)
-            slices, hid, owners, fill, fill_hid = [], [], [], [], []
-            for r, k, st, toks in work:
-                if k <= n:
-                    continue
-                q = r.num_computed_tokens - 1
-                if n < self.num_layers:
-                    s = max(st.done[li], q - self.catch_up + 1, st.h0, 0)
-                    if s > st.done[li]:           # a catch-up bounded to `catch_up` positions: the stale ring
-                        st.key_from[li] = s       # entries before s are masked rather than recomputed
-                    # row i (s <= i <= q) reads t_{i+n+1}: a known token for i <= q - n, else draft d_{i+n-q}
-                    ids = toks[s + n + 1:q + 2] + r.draft_token_ids[max(0, s + n - q - 1):n]
-                else:                                    # the last block reused: one row, h_q and the newest draft,
-                    s, ids = q + n - li, [r.draft_token_ids[n - 1]]   # one position further per reuse (below)
-                if len(ids) > self.runner.max_rows:        # a catch-up: the older rows only need their K/V
-                    cut = len(ids) - self.runner.max_rows
-                    fill.append(Slice(r, s, ids[:cut], "none"))
-                    fill_hid.append(self.hidden(r, s, s + cut))
-                    s, ids = s + cut, ids[cut:]
-                kf = st.key_from[li]                     # once the window has moved past it, no mask is needed
-                slices.append(Slice(r, s, ids, "last", kf if kf > s - self.window + 1 else 0))
-                hid.append(self.hidden(r, min(s, q), q + 1))
-                owners.append((r, st, s, q, n))
+        depth = max(w[1] for w in work)
+        if greedy and self.chain and self._propose_chain(work, depth):
+            return
+        for n in range(depth):
+            li, slices, hid, owners, fill, fill_hid = self._pass_rows(n, work, [w[0].draft_token_ids for w in work])
             if fill:
                 self.runner.fill_mtp_kv(li, fill, torch.cat(fill_hid) if self.hidden_pre_norm
                                         else self.model.model.norm(torch.cat(fill_hid)))
-            hidden = hid[0] if len(hid) == 1 else torch.cat(hid)
-            if not self.hidden_pre_norm:
-                hidden = self.model.model.norm(hidden)
+            hidden = self._pass_hidden(hid)
             if greedy:                                   # the argmax in the pass's own C call
                 tok = self.runner.draft_greedy(li, slices, hidden, self.head_weight)
                 if self.vocab is not None:
@@ -534,18 +514,80 @@ class MTPDrafter:
             else:
                 logits = self.runner.execute_mtp(li, slices, hidden, self.head_weight)     # (R, S or V)
                 tok = self._draft_tokens(logits, owners, shared_generator, generators, probs)
-            for (r, st, s, q, n), t in zip(owners, tok):
-                if n < self.num_layers and n:
-                    tent = st.tentative[n]
-                    for i in range(max(s, q - n + 1), q + 1):     # rows fed a draft token: tentative
-                        tent[i] = r.draft_token_ids[i + n - q - 1]
-                    st.done[n] = min([i for i in tent if i >= s] + [q + 1])
-                elif n == 0:                                       # block 0 reads known tokens only
-                    st.done[0] = q + 1
+            self._passed(owners)
+            for (r, *_), t in zip(owners, tok):
                 r.draft_token_ids.append(t)
         for r, k, st, _ in work:
             if r.request_id in probs:
                 st.draft_probs = torch.stack(probs[r.request_id])
+
+    def _pass_rows(self, n: int, work: list, drafts: list[list[int]]) -> tuple:
+        """Draft pass n's rows: (MTP block, slices, per slice the hidden states it reads, owners (request, state, first
+        row's position, q, n), catch-up slices that only store K/V, their hidden states). drafts[i]: work item i's
+        drafts d_1 .. d_n so far, or what stands for them (`_propose_chain`)."""
+        li = min(n, self.num_layers - 1)
+        slices, hid, owners, fill, fill_hid = [], [], [], [], []
+        for (r, k, st, toks), dl in zip(work, drafts):
+            if k <= n:
+                continue
+            q = r.num_computed_tokens - 1
+            if n < self.num_layers:
+                s = max(st.done[li], q - self.catch_up + 1, st.h0, 0)
+                if s > st.done[li]:           # a catch-up bounded to `catch_up` positions: the stale ring
+                    st.key_from[li] = s       # entries before s are masked rather than recomputed
+                # row i (s <= i <= q) reads t_{i+n+1}: a known token for i <= q - n, else draft d_{i+n-q}
+                ids = toks[s + n + 1:q + 2] + dl[max(0, s + n - q - 1):n]
+            else:                                    # the last block reused: one row, h_q and the newest draft,
+                s, ids = q + n - li, [dl[n - 1]]     # one position further per reuse (below)
+            if len(ids) > self.runner.max_rows:        # a catch-up: the older rows only need their K/V
+                cut = len(ids) - self.runner.max_rows
+                fill.append(Slice(r, s, ids[:cut], "none"))
+                fill_hid.append(self.hidden(r, s, s + cut))
+                s, ids = s + cut, ids[cut:]
+            kf = st.key_from[li]                     # once the window has moved past it, no mask is needed
+            slices.append(Slice(r, s, ids, "last", kf if kf > s - self.window + 1 else 0))
+            hid.append(self.hidden(r, min(s, q), q + 1))
+            owners.append((r, st, s, q, n))
+        return li, slices, hid, owners, fill, fill_hid
+
+    def _pass_hidden(self, hid: list[torch.Tensor]) -> torch.Tensor:
+        hidden = hid[0] if len(hid) == 1 else torch.cat(hid)
+        return hidden if self.hidden_pre_norm else self.model.model.norm(hidden)
+
+    def _passed(self, owners: list) -> None:
+        """After a draft pass: which of its block's ring entries are right, which tentative (rows fed a draft)."""
+        for r, st, s, q, n in owners:
+            if n < self.num_layers and n:
+                tent = st.tentative[n]
+                for i in range(max(s, q - n + 1), q + 1):     # rows fed a draft token: tentative
+                    tent[i] = r.draft_token_ids[i + n - q - 1]
+                st.done[n] = min([i for i in tent if i >= s] + [q + 1])
+            elif n == 0:                                       # block 0 reads known tokens only
+                st.done[0] = q + 1
+
+    def _propose_chain(self, work: list, depth: int) -> bool:
+        """Every greedy draft pass of the step in one runner call (`ModelRunner.draft_chain`, kernels/draft.c): the
+        passes' rows are known before any runs (a pass's rows depend on its block's state alone), the drafts they
+        read are not, so work item i's draft d_{j+1} stands in them as -(1 + j * W + i), its place in the output.
+        -> False (nothing drafted) where some pass has a catch-up to store or the runner cannot chain the passes."""
+        W = len(work)
+        stand_in = [[-(1 + j * W + i) for j in range(k)] for i, (_, k, _, _) in enumerate(work)]
+        passes, owned = [], []
+        for n in range(depth):
+            li, slices, hid, owners, fill, _ = self._pass_rows(n, work, stand_in)
+            if fill:
+                return False
+            at = [n * W + i for i, w in enumerate(work) if w[1] > n]
+            passes.append((li, slices, self._pass_hidden(hid), at))
+            owned.append(owners)
+        out = self.runner.draft_chain(passes, self.head_weight, self.vocab, depth * W)
+        if out is None:
+            return False
+        for i, (r, k, _, _) in enumerate(work):
+            r.draft_token_ids = [out[j * W + i] for j in range(k)]
+        for owners in owned:
+            self._passed(owners)
+        return True
 
     def _draft_tokens(self, logits: torch.Tensor, owners: list, shared_generator, generators: dict,
                       probs: dict) -> list[int]:

@@ -143,6 +143,7 @@ _SIGNATURES: dict[str, tuple] = {
     "mf_decode_steps": (_L, [_L, _L, _L, _P, _P, _P, _P, _P, _L, _L, _P, _F, _P, _I, _P, _P, _P, _P, _P, _P]),
     "mf_mtp_pass": (_L, [_P, _L, _P, _P, _L, _P, _L, _P, _F, _P, _F, _P, _I, _P, _P, _L, _P, _P, _F, _P, _I, _L, _P, _P,
                          _P]),
+    "mf_mtp_chain": (_L, [_L, _P, _P, _P, _P, _L, _L, _P, _P, _L, _L, _P, _I, _L, _P, _P, _P, _P]),
     "mf_set_num_threads": (None, [_I]),
     "mf_pool_probe": (_L, [_L, _L]),
     "mf_layer_abi": (_L, [_P, _L]),
@@ -653,6 +654,40 @@ def mtp_pass(args: LayerArgs, block: tuple, ids: torch.Tensor, hidden: torch.Ten
     if rc:
         raise MemoryError("mtp_pass: out of memory")
     return logits
+
+
+MTP_PASS_FIELDS, MTP_SLICE_FIELDS, MTP_CHAIN_ROWS = 13, 5, 64      # mf_mtp_chain's layout (draft.c)
+
+
+def mtp_chain(passes: torch.Tensor, eps: torch.Tensor, slices: torch.Tensor, emb: torch.Tensor, cos: torch.Tensor,
+              sin: torch.Tensor, ring_slots: int, window: int, head_w: torch.Tensor, head_panels: bool, S: int,
+              vocab: torch.Tensor | None, work: torch.Tensor, logits: torch.Tensor, out: torch.Tensor) -> None:
+    """A greedy cycle's draft passes in one call (draft.c; engine/runner.py's draft_chain builds the arguments):
+    passes (n, MTP_PASS_FIELDS) int64 (each pass's pointers and sizes, as mf_mtp_chain lists them), eps (n, 3)
+    float32, slices (m, MTP_SLICE_FIELDS) int64 (ring id, first position, rows, key_from, output index), emb (V, H)
+    bf16, cos / sin the sliding RoPE tables (covering every position), head_w the head's (S, H) bf16 weight or its
+    panels, vocab (S,) int64 token ids of the head's rows or None, work >= MTP_CHAIN_ROWS * (4H + ring_slots) and
+    logits >= (most slices of a pass) * S float32, out int64: the drafts, written at each slice's output index and
+    read back by later passes' ids of -(1 + index)."""
+    lib = _lib if _lib is not None else _lib_or_raise()
+    n, (V, H) = passes.shape[0], emb.shape
+    if (passes.shape != (n, MTP_PASS_FIELDS) or eps.shape != (n, 3) or slices.shape[1:] != (MTP_SLICE_FIELDS,)
+            or not all(t.dtype == torch.int64 and t.is_contiguous() for t in (passes, slices, out))
+            or eps.dtype != torch.float32 or work.dtype != torch.float32 or logits.dtype != torch.float32
+            or work.numel() < MTP_CHAIN_ROWS * (4 * H + ring_slots)
+            or (vocab is not None and (vocab.shape != (S,) or vocab.dtype != torch.int64))):
+        raise ValueError("mtp_chain: passes (n, MTP_PASS_FIELDS) / slices (m, MTP_SLICE_FIELDS) / out int64, eps "
+                         "(n, 3) float32, vocab (S,) int64 or None, float32 buffers")
+    rc = lib.mf_mtp_chain(n, passes.data_ptr(), eps.data_ptr(), slices.data_ptr(), emb.data_ptr(), V, H,
+                          cos.data_ptr(), sin.data_ptr(), ring_slots, window, head_w.data_ptr(), int(head_panels), S,
+                          None if vocab is None else vocab.data_ptr(), work.data_ptr(), logits.data_ptr(),
+                          out.data_ptr())
+    if rc == -1:
+        raise ValueError(f"mtp_chain: a token id is outside [0, {V})")
+    if rc == -2:
+        raise ValueError("mtp_chain: a cache slot, a chunk id or a pass's rows out of range")
+    if rc:
+        raise MemoryError("mtp_chain: out of memory")
 
 
 DECODE_PHASES = ("q|k|v product", "RoPE + K/V store", "attention", "o product + norm", "routed experts", "dense MLP")

@@ -108,6 +108,10 @@ long mf_mtp_pass(const mf_layer *L, long N, const long *ids, const float *hidden
                  const uint16_t *eh_w, int eh_panels, const int64_t *attn, long *chosen, long R, const long *rows,
                  const float *final_w, float final_eps, const uint16_t *head_w, int head_panels, long S,
                  float *work, float *logits, long *tokens);
+/* draft.c: a greedy cycle's draft passes in one call, each pass's drafts feeding the next ones' rows */
+long mf_mtp_chain(long n, const int64_t *passes, const float *eps, const int64_t *slices, const unsigned short *emb,
+                  long V, long emb_h, const float *cos_, const float *sin_, long R, long w, const uint16_t *head_w,
+                  int head_panels, long S, const long *vocab, float *work, float *logits, long *out);
 
 /* pool.c: the thread pool */
 void mf_set_num_threads(int n);
