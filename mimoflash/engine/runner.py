@@ -867,9 +867,8 @@ class ModelRunner:
         tabs = self.model.model.rotary["sliding"].tables(top)
         if tabs is None:
             return None
-        fields, eps = np.zeros((n, kernels.MTP_PASS_FIELDS), dtype=np.int64), np.zeros((n, 3), dtype=np.float32)
-        rows, ids, most = [], [], 1
-        for p, (layer, slices, hidden, at) in enumerate(passes):
+        fields, eps, rows, ids, most = [], [], [], [], 1         # (made as lists: one conversion each below)
+        for layer, slices, hidden, at in passes:
             block = fused[layer].chain_block()
             N = sum(len(s.tokens) for s in slices)
             if (block is None or N > KERNEL_MAX_ROWS or max(len(s.tokens) for s in slices) > self.max_rows
@@ -878,16 +877,19 @@ class ModelRunner:
             (la, en, hn, eh, ehp, fn), e = block
             tok = np.array([t for s in slices for t in s.tokens], dtype=np.int64)
             ids.append(tok)
-            fields[p] = (la, N, tok.ctypes.data, hidden.data_ptr(), hidden.stride(0), en, hn, eh, ehp,
-                         fused[layer].chosen_for(N).data_ptr(), len(slices), len(rows), fn)
-            eps[p] = e
-            rows += [(s.request.ring_id, s.start, len(s.tokens), s.key_from, i) for s, i in zip(slices, at)]
+            fields += (la, N, tok.ctypes.data, hidden.data_ptr(), hidden.stride(0), en, hn, eh, ehp,
+                       fused[layer].chosen_for(N).data_ptr(), len(slices), len(rows) // 5, fn)
+            eps += e
+            for s, i in zip(slices, at):
+                rows += (s.request.ring_id, s.start, len(s.tokens), s.key_from, i)
             most = max(most, len(slices))
         work = self._buffers.get("mtp_chain")
         if work is None:
             work = self._buffers["mtp_chain"] = torch.empty(kernels.MTP_CHAIN_ROWS * (4 * H + self.layout.ring_slots))
         out = torch.zeros(size, dtype=torch.int64)
-        kernels.mtp_chain(torch.from_numpy(fields), torch.from_numpy(eps), torch.tensor(rows, dtype=torch.int64),
+        kernels.mtp_chain(torch.from_numpy(np.array(fields, dtype=np.int64).reshape(n, -1)),
+                          torch.from_numpy(np.array(eps, dtype=np.float32).reshape(n, 3)),
+                          torch.from_numpy(np.array(rows, dtype=np.int64).reshape(-1, 5)),
                           fused[0].emb, tabs[0], tabs[1], self.layout.ring_slots, self.layout.swa_keys, head[0],
                           head[1], head[2], vocab, work, torch.empty(most, head[2]), out)
         return out.tolist()
