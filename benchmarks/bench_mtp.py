@@ -150,6 +150,60 @@ def record_experts(llm) -> list:
     return log
 
 
+def cycle_split(llm, prompts, sp) -> dict:
+    """Where a speculative engine's steps spend their time: a timing wrapper around the C calls (the main model's
+    fused layers and embedding, its LM head, the draft passes, the argmax) in real runs of `prompts`; the rest of each
+    engine step is Python (scheduling, metadata, verification, bookkeeping, the calls' wrappers). -> microseconds per
+    decode step of each part (prefill steps left out), and tokens per step. The wrappers add ~1 us a call."""
+    from mimoflash import kernels
+    from mimoflash.engine import cpu_layout
+    parts = {"main layers (C)": ["decode_layer", "embed_bf16"], "LM heads (C)": ["linear_panels", "linear_bf16w"],
+             "draft passes (C)": ["mtp_chain", "mtp_pass"], "argmax (C)": ["argmax_rows"]}
+    spent = {k: 0.0 for k in parts}
+    saved = []
+    for part, names in parts.items():
+        for name in names:
+            inner = getattr(kernels, name)
+
+            def timed(*args, _inner=inner, _part=part, **kw):
+                t = time.perf_counter()
+                try:
+                    return _inner(*args, **kw)
+                finally:
+                    spent[_part] += time.perf_counter() - t
+            saved.append((name, inner))
+            setattr(kernels, name, timed)
+    engine, steps, total = llm.engine, [0], [0.0]
+    step = engine.step
+
+    def timed_step():                                   # decode steps only: a prompt's prefill is left out
+        prefill, before = bool(engine.scheduler.waiting), dict(spent)
+        t = time.perf_counter()
+        try:
+            return step()
+        finally:
+            if prefill:
+                spent.update(before)
+            else:
+                total[0] += time.perf_counter() - t
+                steps[0] += 1
+    engine.step = timed_step
+    tokens = 0
+    try:
+        for p in prompts:
+            tokens += len(llm.generate([p], sp, use_tqdm=False)[0].outputs[0].token_ids) - 1   # after prefill
+    finally:
+        for name, inner in saved:
+            setattr(kernels, name, inner)
+        del engine.step
+    assert cpu_layout.kernels is kernels                 # the layout's products went through the wrappers above
+    out = {k: round(v / steps[0] * 1e6, 1) for k, v in spent.items()}
+    out["Python"] = round((total[0] - sum(spent.values())) / steps[0] * 1e6, 1)
+    out["step"] = round(total[0] / steps[0] * 1e6, 1)
+    out["tokens_per_step"] = round(tokens / steps[0], 3)
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ runs
 
 
@@ -188,6 +242,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-batch", action="store_true", help="skip the batch 8/16 and temperature runs")
     ap.add_argument("--no-batch1", action="store_true", help="skip the batch-1 greedy table")
+    ap.add_argument("--split", action="store_true",
+                    help="after the table, where the MTP variants' steps spend their time (C calls vs Python) and "
+                         "what they would reach with no Python at all")
     ap.add_argument("--variants", nargs="+", metavar="NAME",
                     help="batch-1 variants besides off (default: all of off1 k1 k2 k3 k1+vocab k3+vocab adaptive)")
     a = ap.parse_args(argv)
@@ -281,6 +338,21 @@ def main(argv=None) -> int:
     out = {"bench": "mtp", "threads": a.threads, "max_tokens": a.max_tokens, "prompts": len(prompts),
            "draft_vocab": [a.draft_vocab, a.draft_vocab_from],
            "repeats": a.repeats, "batch1": summary}
+    if a.split and off_rate:
+        # "no Python": the C calls' time per token alone, against off's measured rate (its runs are one C call);
+        # of that variant's bytes bound: how far the kernels themselves get
+        split = {}
+        for n in [n for n in names if specs[n] is not None and not (specs[n].get("adaptive"))]:
+            sp_n = cycle_split(llms[n], prompts, sp)
+            c = sum(v for k, v in sp_n.items() if k.endswith("(C)"))
+            sp_n["no_python_speedup"] = round(sp_n["tokens_per_step"] / c * 1e6 / off_rate, 3)
+            if "bound" in summary[n]:
+                sp_n["no_python_of_bound"] = round(sp_n["no_python_speedup"] / summary[n]["bound"], 3)
+            split[n] = sp_n
+        print("\nwhere a step's time goes (us per engine step; C = the kernels' calls, Python = the rest of the step):")
+        for n, v in split.items():
+            print(f"{n:10} " + ", ".join(f"{k} {x}" for k, x in v.items()))
+        out["split"] = split
     if not a.no_batch:
         bat = {}
         for bs in (8, 16):
