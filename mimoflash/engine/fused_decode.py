@@ -208,7 +208,9 @@ class FusedMTPLayer:
     """An MTP block's rows in a few calls: the embedding and hidden-state norms and eh_proj in torch (three small
     products), then its attention + dense MLP block as one `kernels.decode_layer` call (the same C as a main
     decoder layer, reading the block's own ring), then final_layernorm. Same math as `MTPLayer.forward` on the
-    module path, which stays the reference (tests/test_speculative.py compares them)."""
+    module path, which stays the reference (tests/test_speculative.py compares them). `draft` runs the same calls,
+    the head and the argmax as one C call (kernels/draft.c), and `chain_block` gives the block to the C loop that runs
+    a step's greedy passes together (ModelRunner.draft_chain)."""
 
     def __init__(self, model, layer, args, keep: list, panels: list):
         self.model, self.layer, self.args = model, layer, args

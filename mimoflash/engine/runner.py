@@ -7,7 +7,8 @@ No policy lives here (who runs, how many tokens: the scheduler decided). The run
   3. runs `model.model(input_ids, positions, backend)`; each attention layer calls `PagedAttention.attend`,
   4. applies norm + lm_head only to the rows that are sampled (the last token of each finished slice; every token of
      a slice that verifies speculative drafts), and keeps the step's final hidden states (`last_hidden`) for the MTP
-     drafter; `execute_mtp` runs one MTP block over rows the same way (engine/speculative.py, docs/MTP.md).
+     drafter; `execute_mtp` runs one MTP block over rows the same way, `draft_chain` a step's greedy draft passes
+     in one C call (engine/speculative.py, kernels/draft.c, docs/MTP.md).
 
 General path (prefill chunks, mixed batches), per layer and for both kinds alike:
     keys(b) = [sink] + cached keys of sequence b + the step's new keys of sequence b

@@ -26,6 +26,12 @@ prefill or a stretch without drafts) are masked (`_State.key_from`), so resuming
 Where adaptive depth has settled on depth 0 the engine step does nothing on the MTP side (`AdaptiveDepth.idle`),
 except over the few steps before a trial, which keep the hidden states the trial's catch-up reads.
 
+Greedy drafting runs every pass of a step in one runner call (`_propose_chain` -> `ModelRunner.draft_chain`,
+kernels/draft.c): a pass's rows depend only on its block's state, so all of them are known before any runs, and the
+drafts they read are filled in by the C loop as the passes produce them. Sampled drafts (each one drawn in Python),
+catch-ups too long for the rows path and runners without the fused blocks run pass by pass, one C call a pass where
+`FusedMTPLayer.draft` can make it.
+
 Adaptive depth picks, per step, one depth for all drafting requests (each capped by its own `num_speculative_tokens`)
 that maximises expected tokens per second: the running acceptance rate of each draft position against the measured
 CPU time of whole steps at each depth, draft passes included (see `AdaptiveDepth`).
