@@ -288,9 +288,11 @@ class ExpertStore:
         """The statistics and cache order of decode steps that already ran (the fused step reads experts by address,
         engine/fp8_layout.py): steps[i][j] = the expert ids layer layers[j] routed to in step i (repeats allowed).
         The same result as, per step, `begin_step` then `acquire` + `release` of each layer's distinct ids in
-        ascending order (the reference, which a bounded cache runs: it evicts and drops pages). Unbounded, nothing is
-        evicted or dropped and no pointers are wanted: only the counters and the LRU order, ~20x cheaper a step."""
-        if self.capacity is not None:
+        ascending order (the reference, which a bounded cache or a repeated layer runs: it evicts and drops pages).
+        Unbounded, nothing is evicted or dropped and no pointers are wanted: only the counters and the LRU order.
+        A step's experts are then distinct keys (distinct layers, distinct ids), so it touched hits + misses of
+        them; the keys read before are those resident (`_ever` only gains the misses)."""
+        if self.capacity is not None or len(set(layers)) != len(layers):
             for step in steps:
                 self.begin_step()
                 for layer, row in zip(layers, step):
@@ -300,11 +302,11 @@ class ExpertStore:
             return
         if not steps:
             return
-        s, lru, experts = self._stats, self._lru, self._experts
+        lru = self._lru
         keys = [self._keys[layer] for layer in layers]          # the (layer, e) tuples, made once per layer
-        hits = misses = read = 0
+        hits, missed = 0, []
         for step in steps:
-            seen, step_hits, step_misses, step_read = set(), 0, 0, 0
+            hits0, missed0 = hits, len(missed)                  # where the last step's counts begin
             for layer_keys, row in zip(keys, step):
                 if len(row) == 2:                                # one row, top-2: the common case, without a set
                     a, b = row
@@ -313,24 +315,24 @@ class ExpertStore:
                     row = sorted(set(row))
                 for e in row:
                     key = layer_keys[e]
-                    seen.add(key)
                     if key in lru:
                         lru.move_to_end(key)
-                        step_hits += 1
+                        hits += 1
                     else:
-                        nbytes = experts[key].nbytes
                         lru[key] = None
-                        step_misses += 1
-                        step_read += nbytes
-            hits, misses, read = hits + step_hits, misses + step_misses, read + step_read
-            s.touched += len(seen)
-            self._ever.update(seen)
+                        missed.append(key)
+        nbytes = [self._experts[k].nbytes for k in missed]
+        read, last_read = sum(nbytes), sum(nbytes[missed0:])
+        s = self._stats
         s.steps += len(steps)
-        s.hits, s.misses, s.bytes_read, s.resident_bytes = (s.hits + hits, s.misses + misses, s.bytes_read + read,
+        s.touched += hits + len(missed)
+        s.hits, s.misses, s.bytes_read, s.resident_bytes = (s.hits + hits, s.misses + len(missed), s.bytes_read + read,
                                                             s.resident_bytes + read)
-        s.step_touched, s.step_hits, s.step_misses, s.step_bytes_read = len(seen), step_hits, step_misses, step_read
-        self._step_seen = seen
-        self._dirty = self._dirty or misses > 0
+        s.step_hits, s.step_misses, s.step_bytes_read = hits - hits0, len(missed) - missed0, last_read
+        s.step_touched = s.step_hits + s.step_misses
+        self._ever.update(missed)
+        self._step_seen = {k[e] for k, row in zip(keys, steps[-1]) for e in row}
+        self._dirty = self._dirty or bool(missed)
 
     def release(self, layer: str, ids: list[int]) -> None:
         """After the product: experts that the cache did not admit leave memory now."""

@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -404,19 +405,35 @@ def account_fused_step(layers, chosen) -> None:
         _record([m for m, _ in moe], [torch.cat([ch.view(1, -1) for _, ch in moe]).tolist()])
 
 
-def account_fused_steps(layers, ids: torch.Tensor, n: int, B: int) -> None:
-    """`account_fused_step` for the first n steps of a C run (kernels/steps.c) of B rows: ids (>= n, L, W) holds step
-    i's layer l's (B, top_k) ids in ids[i, l, :B * top_k] (FusedDecoder.loop_args); all steps' in one conversion."""
-    cols = [j for j, (args, _, _) in enumerate(layers) if hasattr(args, "expert_layer")]
-    if not cols or n <= 0:
-        return
-    sel = slice(cols[0], cols[-1] + 1) if cols == list(range(cols[0], cols[-1] + 1)) else cols     # a view if it can
-    widths = {B * layers[j][2] for j in cols}
-    if len(widths) == 1:                             # every MoE block routes top_k experts: one slice, one conversion
-        steps = ids[:n, sel, :widths.pop()].tolist()
-    else:
-        steps = [[row[:B * layers[j][2]] for j, row in zip(cols, step)] for step in ids[:n, sel].tolist()]
-    _record([layers[j][0].expert_layer for j in cols], steps)
+class RunExperts:
+    """The routed expert ids of a C run's steps (kernels/steps.c) and their count in the expert store after the run:
+    ids[i, l, :B * top_k] = step i's layer l's (B, top_k) ids (`table` holds those rows' addresses, the (n, L) table
+    kernels.decode_steps takes), so every step keeps its own. Made once per batch size (FusedDecoder.loop_args),
+    with what `account` needs worked out beforehand: it runs right after the run has streamed the weights through the
+    caches, where each Python or torch operation costs several times its warm time."""
+
+    def __init__(self, layers, B: int, cap: int):
+        L, W = len(layers), B * max(k for _, _, k in layers)
+        self.ids = np.zeros((cap, L, W), dtype=np.int64)                                # (cap, L, B * max top_k)
+        self.table = torch.from_numpy(self.ids.ctypes.data + 8 * W * np.arange(cap * L, dtype=np.int64).reshape(cap, L))
+        cols = [j for j, (args, _, _) in enumerate(layers) if hasattr(args, "expert_layer")]
+        self.blocks = [layers[j][0].expert_layer for j in cols]                         # (store, layer key) each
+        widths = {B * layers[j][2] for j in cols}
+        # the MoE blocks' rows as one numpy view where they are adjacent layers of one width (MiMo's), else per block
+        self._view = (slice(cols[0], cols[-1] + 1), widths.pop()) if (
+            cols and cols == list(range(cols[0], cols[-1] + 1)) and len(widths) == 1) else None
+        self._cols = [(j, B * layers[j][2]) for j in cols]
+
+    def account(self, n: int) -> None:
+        """After a run of n steps: the statistics each step's `account_fused_step` would have kept."""
+        if not self.blocks or n <= 0:
+            return
+        if self._view is not None:
+            sel, w = self._view
+            steps = self.ids[:n, sel, :w].tolist()                                      # (n, MoE blocks, B * top_k)
+        else:
+            steps = [[step[j][:w] for j, w in self._cols] for step in self.ids[:n].tolist()]
+        _record(self.blocks, steps)
 
 
 def _record(blocks: list[tuple], steps: list) -> None:

@@ -107,19 +107,16 @@ class FusedDecoder:
             chosen = self._chosen[B] = [torch.empty(B, k, dtype=torch.int64) for _, _, k in self.layers]
         return chosen
 
-    def loop_args(self, B: int, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def loop_args(self, B: int, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, "fp8_layout.RunExperts"]:
         """For kernels.decode_steps over n steps of B rows: (L,) int64 addresses of the layers' LayerArgs, whether
         each layer is sliding, the (n, L) addresses of step i's layer l's (B, top_k) expert-id buffer, and the
-        (>= n, L, B * max top_k) int64 tensor those buffers are the rows of (ids[i, l, :B * top_k]). Each step writes
-        its own: an FP8 model's expert store counts them after the run, all steps' ids read in one conversion
-        (fp8_layout.account_fused_steps). Made once per batch size, grown when a run is longer."""
+        fp8_layout.RunExperts those buffers belong to (each step writes its own: an FP8 model's expert store counts
+        them after the run). Made once per batch size, grown when a run is longer."""
         got = self._loop.get(B)
-        if got is None or got[2].shape[0] < n:
-            cap, L, W = max(n, 8), len(self.layers), B * max(k for _, _, k in self.layers)
-            ids = torch.zeros(cap, L, W, dtype=torch.int64)
-            table = ids.data_ptr() + 8 * W * torch.arange(cap * L, dtype=torch.int64).view(cap, L)
+        if got is None or got[3].table.shape[0] < n:
+            run = fp8_layout.RunExperts(self.layers, B, max(n, 8))
             got = self._loop[B] = (torch.tensor([ctypes.addressof(a) for a, _, _ in self.layers]),
-                                   torch.tensor([int(s) for _, s, _ in self.layers]), table, ids)
+                                   torch.tensor([int(s) for _, s, _ in self.layers]), run.table, run)
         return got[0], got[1], got[2][:n], got[3]
 
 

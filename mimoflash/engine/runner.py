@@ -49,7 +49,6 @@ from ..model.attention import attend_reference
 from ..model.mimo import MiMoForCausalLM
 from .. import kernels
 from ..kernels import prefill as prefill_kernels
-from . import fp8_layout
 from .cpu_layout import matmul_weight_dtype, use_cpu_layout, use_huge_pages
 from .fused_decode import FusedDecoder, FusedMTPLayer
 from .kv_cache import KVCache
@@ -690,12 +689,12 @@ class ModelRunner:
 
     def _c_loop_args(self, batch: Batch) -> tuple | None:
         """What kernels.decode_steps takes for this run besides the tokens: (per-step rows, the arrays they point
-        into, layers, sliding, chosen (n, L), the expert-id tensor chosen points into, final norm, lm_head weight or
-        panels, whether panels), or None when a part of the step is not one the C loop makes (the module path's
-        Python then runs): no fused decoder, an lm_head or final norm other than the bf16 kernels' ones, a position
-        past the RoPE tables, FP8 experts whose store has a bounded cache (it evicts between layers; the fused path
-        never gets those: fp8_layout.fused_layer_args). FP8 experts of an unbounded store run here: their steps'
-        statistics are counted after the run from the ids each step wrote (fp8_layout.account_fused_steps)."""
+        into, layers, sliding, chosen (n, L), the fp8_layout.RunExperts chosen points into, final norm, lm_head
+        weight or panels, whether panels), or None when a part of the step is not one the C loop makes (the module
+        path's Python then runs): no fused decoder, an lm_head or final norm other than the bf16 kernels' ones, a
+        position past the RoPE tables, FP8 experts whose store has a bounded cache (it evicts between layers; the
+        fused path never gets those: fp8_layout.fused_layer_args). FP8 experts of an unbounded store run here: their
+        steps' statistics are counted after the run from the ids each step wrote (fp8_layout.RunExperts.account)."""
         from .cpu_layout import KERNEL_MAX_ROWS, Bf16Linear, FastRMSNorm
         fused = self.fused
         if fused is None:
@@ -726,7 +725,7 @@ class ModelRunner:
         args = self._c_loop_args(batch)
         if args is None:
             return None
-        rows, _keep, layers, sliding, chosen, ids, norm, head_w, panels = args   # _keep: what rows points into
+        rows, _keep, layers, sliding, chosen, experts, norm, head_w, panels = args   # _keep: what rows points into
         n, B = rows.shape[0], len(batch.items)
         tokens = np.zeros((n + 1, B), dtype=np.int64)
         tokens[0] = self._fed_ids(batch)
@@ -736,13 +735,13 @@ class ModelRunner:
                                     norm.eps, head_w, panels, torch.from_numpy(tokens), torch.from_numpy(stop_ids),
                                     torch.from_numpy(stop_off))
         self.last_hidden = None
-        fp8_layout.account_fused_steps(self.fused.layers, ids, done, B)
+        experts.account(done)                    # FP8: the expert store's statistics of the steps run
         return tokens[1:done + 1].tolist()
 
     def _c_steps(self, batch: Batch, args: tuple, choose) -> int:
         """execute_steps through the C loop one step per call: its logits handed to `choose` (the sampler) between
         steps, instead of the fused layers and the lm_head called from Python."""
-        rows, _keep, layers, sliding, chosen, ids, norm, head_w, panels = args
+        rows, _keep, layers, sliding, chosen, experts, norm, head_w, panels = args
         B = len(batch.items)
         tokens = np.zeros((2, B), dtype=np.int64)
         tokens[0] = self._fed_ids(batch)
@@ -759,7 +758,7 @@ class ModelRunner:
                 break
             tokens[0] = fed
         self.last_hidden = None
-        fp8_layout.account_fused_steps(self.fused.layers, ids, done, B)
+        experts.account(done)                    # FP8: the expert store's statistics of the steps run
         return done
 
     @torch.inference_mode()
