@@ -303,7 +303,8 @@ def test_fp8_runs_in_the_c_loop_same_tokens_and_expert_statistics(fp8_ckpt, leng
     """FP8 runs of 8 go through the C loop too (greedy: one kernels.decode_steps call a run; sampled: one a step),
     each step's routed experts counted after the run: the tokens of one step per call (which runs the fused step
     from Python), batch 1 and a mixed batch, 40 tokens (rings of window 4 wrap, blocks of 4 fill mid-run), and the
-    expert store's counters, cache order and keys read end where one step per call leaves them."""
+    expert store's counters, cache order and keys read end where one step per call leaves them; the sampled rows'
+    log-probabilities are equal too (the logits bit for bit)."""
     from mimoflash import kernels
     calls = []
     real = kernels.decode_steps
@@ -316,7 +317,7 @@ def test_fp8_runs_in_the_c_loop_same_tokens_and_expert_statistics(fp8_ckpt, leng
     monkeypatch.setattr(kernels, "decode_steps", spy)
     ps = prompts(lengths, seed=6)
     greedy = [SamplingParams(temperature=0, max_tokens=m) for m in (40, 7, 23)[:len(ps)]]
-    sampled = [SamplingParams(temperature=0.8, seed=5 + i, max_tokens=20) for i in range(len(ps))]
+    sampled = [SamplingParams(temperature=0.8, seed=5 + i, max_tokens=20, logprobs=2) for i in range(len(ps))]
     got, state = {}, {}
     for n in (1, 8):
         llm = LLM(fp8_ckpt, progress=False, num_scheduler_steps=n, block_size=4, max_num_seqs=4)
