@@ -62,13 +62,13 @@ long mf_mtp_pass(const mf_layer *L, long N, const long *ids, const float *hidden
  * any ring wraps, else R) and the mask: slot j holds, for a row at position p, position j (unwrapped) or the newest
  * position <= p that maps to it; it is a key iff that position is >= 0, <= p, within p's window (p - w < it) and not
  * before key_from. A mask with no -inf entry is dropped (NULL): adding 0 changes no score. -> the rows, or -2. */
-enum { MF_SLICE_FIELDS = 5 };
+enum { MF_SLICE_FIELDS = 5, MF_CHAIN_ROWS = 64 };
 
 static long ring_rows(const int64_t *sl, long n_slices, long R, long w, long *pos, long *rings, long *slots,
                       long *rows, float *bias, long *K, int *masked) {
     long N = 0, top = 0;
     for (long s = 0; s < n_slices; s++, sl += MF_SLICE_FIELDS) {
-        if (sl[2] < 1 || sl[1] < 0) return -2;
+        if (sl[2] < 1 || sl[1] < 0 || N + sl[2] > MF_CHAIN_ROWS) return -2;
         for (long i = 0; i < sl[2]; i++, N++) {
             pos[N] = sl[1] + i;
             rings[N] = sl[0];
@@ -104,7 +104,7 @@ static long ring_rows(const int64_t *sl, long n_slices, long R, long w, long *po
  * the first one's index in `slices`, final_layernorm weight. emb (V, H). work: MF_CHAIN_ROWS * (4H + R) floats (the
  * passes' mf_mtp_pass work, then the mask); logits (R, S) for the most slices a pass has. R = ring slots, w = the
  * window (swa_keys). -> 0 or mf_mtp_pass's error. */
-enum { MF_PASS_FIELDS = 13, MF_CHAIN_ROWS = 64 };
+enum { MF_PASS_FIELDS = 13 };
 
 long mf_mtp_chain(long n, const int64_t *passes, const float *eps, const int64_t *slices, const unsigned short *emb,
                   long V, long emb_h, const float *cos_, const float *sin_, long R, long w, const uint16_t *head_w,
