@@ -3,6 +3,7 @@ MTP, and the speedup this machine allows from bytes read (docs/MTP.md).
 
     python benchmarks/bench_mtp.py                   # full run (~5-10 minutes on 2 busy cores)
     python benchmarks/bench_mtp.py --repeats 1 --prompts 4 --no-batch     # quick look
+    python benchmarks/bench_mtp.py --repeats 5 --split                    # the documented figures (~2-3 minutes)
 
 What is measured, in one process, variants interleaved prompt by prompt (their order rotating every repeat), medians:
   * batch 1, greedy, `--max-tokens` (128) new tokens for each of 16 Python prompts written for this benchmark (the
@@ -17,7 +18,10 @@ What is measured, in one process, variants interleaved prompt by prompt (their o
     and their ratio per process CPU second (steadier on a shared machine), after one run per engine that is
     reported as the cold ratio (adaptive's first measurements fall in it);
   * temperature 0.7 (seeded), batch 1: decode tokens/s off, k = 3 (reduced vocabulary) and adaptive, interleaved;
-    their engines start cold (adaptive measures its costs in this run).
+    their engines start cold (adaptive measures its costs in this run);
+  * with `--split`, after the table: each fixed-depth variant's decode steps timed again with a wrapper around the
+    kernels' calls (main layers, LM head, draft passes, argmax; the rest of the step is Python), and the speedup over
+    off (and share of the bytes bound) that the C calls' time per token alone would give.
 Variants: off (the engine's default, up to 8 decode steps per call: multi-step decoding); off1 (one step per call,
 as an MTP engine runs while it drafts; "vs off1" compares with it); k = 1, 2, 3 drafts with the full draft
 vocabulary; k = 1 and 3 with a reduced draft vocabulary (the `--draft-vocab` lowest token ids, a BPE vocabulary's
