@@ -56,6 +56,10 @@ def _add_common(ap: argparse.ArgumentParser, max_tokens: int) -> None:
                     help="FP8 checkpoints: bound the process's resident memory (e.g. 24G); routed experts beyond it "
                          "are read from the checkpoint files when needed (slower). Default: no bound, or what is "
                          "free when the files exceed the available RAM")
+    ap.add_argument("--lm-head-fp8", action="store_true",
+                    help="CPU, float32 compute: quantise the LM head to block-FP8 at load (E4M3, 128x128 tile scales, "
+                         "as llama.cpp's Q8_0 quantises its output tensor): half the head's bytes per token, but the "
+                         "logits become the quantised head's, so output can differ (docs/BIG_MODEL.md)")
     ap.add_argument("--device", default="cpu", help="torch device to run on: cpu, cuda, cuda:1, ...")
     ap.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
                     help="split the model over N processes on this host, or join a torchrun launch (docs/PARALLEL.md)")
@@ -140,7 +144,7 @@ def _load(a: argparse.Namespace, max_num_seqs: int = 4, seed: int = 0):
               else a.kv_cache_memory, max_model_len=a.max_model_len, weight_panels=a.weight_panels,
               huge_pages=a.huge_pages, memory_budget=a.memory_budget, seed=seed, progress=True,
               tensor_parallel_size=a.tensor_parallel_size, num_scheduler_steps=a.num_scheduler_steps,
-              speculative_config={"method": "mtp", "num_speculative_tokens": a.mtp, "adaptive": a.mtp_adaptive}
+              lm_head_fp8=a.lm_head_fp8, speculative_config={"method": "mtp", "num_speculative_tokens": a.mtp, "adaptive": a.mtp_adaptive}
               if a.mtp else None)
     print(f"loaded {path} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     return llm

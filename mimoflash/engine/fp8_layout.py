@@ -23,6 +23,12 @@ The optional packed copy of the bf16 linears (`weight_panels`) is counted: it is
 only if it costs at most `PANEL_SHARE` of the weights' bytes or at most `PANEL_SMALL` bytes (`panels_fit`), and fits
 the memory budget (the 152k-row LM head alone is 1.25 GB of panels, 30% of a 2-layer real-shape checkpoint but 0.4%
 of the release; a 128M-parameter model's 33 MB LM head reads 1.6x faster at one row from its panels).
+
+The LM head in FP8 (opt-in: `LLM(..., lm_head_fp8=True)`, `quantize_lm_head`). The release keeps its lm_head in
+bf16; llama.cpp's Q8_0 files quantise their output tensor too. With the option the bf16 (or fp32) head is quantised
+at load time to E4M3 with 128 x 128 block scales, the release's format, and runs as an `FP8Linear`: half the bytes a
+decode step reads for it (152k x 4096: 1.25 GB -> 0.63 GB). The logits become those of the dequantised head (each
+weight rounded to E4M3 in its tile's scale), so results differ from the bf16 head's by that error: off by default.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checkpoint import loader as L
-from ..checkpoint.fp8 import FP8_DTYPE, dequantize_fp8_block, scale_shape
+from ..checkpoint.fp8 import FP8_DTYPE, dequantize_fp8_block, quantize_fp8_block, scale_shape
 from ..kernels import fp8 as kfp8
 from ..model.attention import Attention
 from ..model.mimo import MiMoForCausalLM
@@ -74,6 +80,41 @@ class FP8Linear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, fp8_e4m3 "
                 f"block={self.block[0]}x{self.block[1]}")
+
+
+LM_HEAD_BLOCK = (128, 128)      # the release's tile
+_QUANT_ROWS = 8192              # rows of the head quantised at a time (a whole number of tiles): bounded scratch
+
+
+def check_lm_head_fp8(device: torch.device, compute: torch.dtype) -> None:
+    """ValueError unless the FP8 head can run: on CPU, float32 compute, the CPU kernels built (FP8Linear's product
+    and the C decode loop's head are fp8.c's; without them every product would dequantise the head again)."""
+    if device.type != "cpu" or compute != torch.float32 or not kfp8.available():
+        raise ValueError("lm_head_fp8=True runs the LM head through the CPU FP8 kernels: it needs device 'cpu', "
+                         f"float32 compute and the kernels built (got device {device.type!r}, compute {compute}, "
+                         f"kernels {'built' if kfp8.available() else 'unavailable'})")
+
+
+def quantize_lm_head(model: nn.Module, block: tuple[int, int] = LM_HEAD_BLOCK) -> FP8Linear:
+    """model.lm_head (an nn.Linear without bias, any float weight) -> an FP8Linear holding its weight quantised to
+    E4M3 with one fp32 scale per `block` tile (checkpoint/fp8.quantize_fp8_block), swapped in as model.lm_head
+    (module docstring: the bytes saved, the numerics). A head tied to the embedding is untied: the embedding keeps
+    its weight. Quantised `_QUANT_ROWS` rows at a time (tiles never straddle chunks), so the fp32 scratch stays
+    small next to a 152k-row head. -> the new module."""
+    head = model.lm_head
+    if type(head) is not nn.Linear or head.bias is not None:
+        raise ValueError(f"lm_head_fp8=True quantises a bf16/fp32 nn.Linear LM head without bias; this model's is "
+                         f"{type(head).__name__}")
+    w = head.weight.detach()
+    fp8 = FP8Linear(head.in_features, head.out_features, block)
+    step = max(block[0], _QUANT_ROWS // block[0] * block[0])
+    with torch.no_grad():
+        for lo in range(0, w.shape[0], step):
+            q, sc = quantize_fp8_block(w[lo:lo + step], block)
+            fp8.weight[lo:lo + step].copy_(q)
+            fp8.weight_scale_inv[lo // block[0]:lo // block[0] + sc.shape[0]].copy_(sc)
+    model.lm_head = fp8
+    return fp8
 
 
 class FP8Experts(nn.Module):

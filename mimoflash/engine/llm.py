@@ -39,6 +39,11 @@ the fp32 dequantisation's result up to rounding order, experts read from the fil
 for it, "bfloat16" dequantises to bf16 at load instead), and equals `dtype` otherwise (fp32 checkpoints, CUDA, or
 without the CPU kernels). `memory_budget` (FP8 checkpoints; bytes or "24G") bounds the process's resident memory:
 experts beyond it are re-read from the files when routed (docs/BIG_MODEL.md).
+`lm_head_fp8` (CPU, float32 compute; off by default): quantise the LM head at load time to block-FP8 (E4M3, one
+scale per 128 x 128 tile, the release's format; engine/fp8_layout.py `quantize_lm_head`), as llama.cpp's Q8_0
+files quantise their output tensor: half the head's bytes per decoded token (the natural pairing with an FP8
+checkpoint, whose head is bf16), but the logits become the dequantised head's, so outputs can differ from the bf16
+head's. Not with tensor parallelism or a reduced MTP draft vocabulary (docs/BIG_MODEL.md).
 Measured with benchmarks/bench_decode.py on an AVX2 CPU without native bf16 (docs/ENGINE.md, README): bf16 weights
 with fp32 compute are the fastest for one and for many requests; all-bf16 compute (`dtype="bfloat16"`) is
 compute-bound here (torch converts on the fly) and slower.
@@ -99,7 +104,12 @@ class LLM:
                  kv_cache_dtype: str | torch.dtype = "auto", weight_panels: bool = True, huge_pages: bool = False,
                  progress: bool = True, memory_budget: int | str | None = None,
                  speculative_config: dict | SpeculativeConfig | None = None, tensor_parallel_size: int = 1,
-                 num_scheduler_steps: int = 8):
+                 num_scheduler_steps: int = 8, lm_head_fp8: bool = False):
+        if not isinstance(lm_head_fp8, bool):
+            raise ValueError(f"lm_head_fp8 must be True or False, got {lm_head_fp8!r}")
+        if lm_head_fp8 and tensor_parallel_size != 1:
+            raise ValueError("lm_head_fp8=True is not supported with tensor_parallel_size > 1 (each rank holds a bf16 "
+                             "slice of the vocabulary)")
         self._parallel = None
         if tensor_parallel_size != 1:           # this rank's shard; workers started or joined (parallel/group.py)
             from ..parallel.group import start
@@ -107,6 +117,12 @@ class LLM:
                                                                       dict(locals()))
         device = torch.device(device)
         spec = SpeculativeConfig.from_value(speculative_config)        # checked before any loading
+        if lm_head_fp8:
+            from .fp8_layout import check_lm_head_fp8
+            check_lm_head_fp8(device, _resolve_dtype(dtype, device))
+            if spec is not None and (spec.draft_vocab is not None or spec.draft_vocab_size is not None):
+                raise ValueError("lm_head_fp8=True with a reduced MTP draft vocabulary is not supported (the draft "
+                                 "head is a bf16 slice of the LM head's rows)")
         kv_dtype = None if kv_cache_dtype in (None, "auto") else _resolve_dtype(kv_cache_dtype, device,
                                                                                  "kv_cache_dtype")
         if isinstance(model, torch.nn.Module) and memory_budget is not None:
@@ -141,6 +157,9 @@ class LLM:
                     tokenizer = Tokenizer.from_dir(path)
         else:
             raise ValueError(f"model must be a checkpoint path or a MiMoForCausalLM, got {type(model).__name__}")
+        if lm_head_fp8:                                 # explicit module swap (fp8_layout.quantize_lm_head)
+            from .fp8_layout import quantize_lm_head
+            quantize_lm_head(model)
         self.model, self.tokenizer = model, (None if skip_tokenizer_init else tokenizer)
         self.dtype, self.weight_dtype = compute, weights
         self.expert_store = getattr(model, "expert_store", None)     # FP8 checkpoints: experts read when routed

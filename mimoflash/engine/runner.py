@@ -690,30 +690,43 @@ class ModelRunner:
     def _c_loop_args(self, batch: Batch) -> tuple | None:
         """What kernels.decode_steps takes for this run besides the tokens: (per-step rows, the arrays they point
         into, layers, sliding, chosen (n, L), the fp8_layout.RunExperts chosen points into, final norm, lm_head
-        weight or panels, whether panels), or None when a part of the step is not one the C loop makes (the module
-        path's Python then runs): no fused decoder, an lm_head or final norm other than the bf16 kernels' ones, a
-        position past the RoPE tables, FP8 experts whose store has a bounded cache (it evicts between layers; the
-        fused path never gets those: fp8_layout.fused_layer_args). FP8 experts of an unbounded store run here: their
-        steps' statistics are counted after the run from the ids each step wrote (fp8_layout.RunExperts.account)."""
+        weight or panels or E4M3 bytes, its layout as kernels.decode_steps takes it), or None when a
+        part of the step is not one the C loop makes (the module path's Python then runs): no fused decoder, an
+        lm_head or final norm other than the kernels' ones (a bf16 head's, or an FP8Linear head whose product is
+        fp8.c's for these rows: fp8_layout.quantize_lm_head), a position past the RoPE tables, FP8 experts whose
+        store has a bounded cache (it evicts between layers; the fused path never gets those:
+        fp8_layout.fused_layer_args). FP8 experts of an unbounded store run here: their steps' statistics are
+        counted after the run from the ids each step wrote (fp8_layout.RunExperts.account)."""
+        from ..kernels import fp8 as kfp8
         from .cpu_layout import KERNEL_MAX_ROWS, Bf16Linear, FastRMSNorm
+        from .fp8_layout import FP8Linear
         fused = self.fused
         if fused is None:
             return None
         head, norm, B = self.model.lm_head, self.model.model.norm, len(batch.items)
-        if (type(head) is not Bf16Linear or type(norm) is not FastRMSNorm
-                or head.weight.dtype != torch.bfloat16 or head.weight.shape != fused.emb.shape
+        if (type(head) not in (Bf16Linear, FP8Linear) or type(norm) is not FastRMSNorm
+                or head.weight.shape != fused.emb.shape
                 or norm.weight.dtype != torch.float32 or not norm.weight.is_contiguous()
                 or any(args.expert_layer[0].capacity is not None
                        for args, _, _ in fused.layers if hasattr(args, "expert_layer"))):
             return None
-        wp = head._panels.get() if head._panels is not None else None
-        if wp is None and not (head.weight.is_contiguous() and B <= KERNEL_MAX_ROWS):
-            return None
+        if type(head) is FP8Linear:         # FP8Linear.forward's kernel product (linear_fp8) for up to its row bound
+            s = head.weight_scale_inv
+            if (B > kfp8.KERNEL_MAX_ROWS or not head.weight.is_contiguous() or s.dtype != torch.float32
+                    or not s.is_contiguous()):
+                return None
+            wp, layout = None, (s, head.block)
+        else:
+            if head.weight.dtype != torch.bfloat16:
+                return None
+            wp = head._panels.get() if head._panels is not None else None
+            layout = wp is not None
+            if wp is None and not (head.weight.is_contiguous() and B <= KERNEL_MAX_ROWS):
+                return None
         plan = self._decode_run_args(batch)
         if plan is None:
             return None
-        return (*plan, *fused.loop_args(B, plan[0].shape[0]), norm, wp if wp is not None else head.weight,
-                wp is not None)
+        return (*plan, *fused.loop_args(B, plan[0].shape[0]), norm, wp if wp is not None else head.weight, layout)
 
     @torch.inference_mode()
     def execute_greedy_steps(self, batch: Batch, stops: list[frozenset]) -> list[list[int]] | None:
@@ -725,14 +738,14 @@ class ModelRunner:
         args = self._c_loop_args(batch)
         if args is None:
             return None
-        rows, _keep, layers, sliding, chosen, experts, norm, head_w, panels = args   # _keep: what rows points into
+        rows, _keep, layers, sliding, chosen, experts, norm, head_w, layout = args   # _keep: what rows points into
         n, B = rows.shape[0], len(batch.items)
         tokens = np.zeros((n + 1, B), dtype=np.int64)
         tokens[0] = self._fed_ids(batch)
         stop_ids = np.array([t for s in stops for t in sorted(s)] or [0], dtype=np.int64)
         stop_off = np.cumsum([0] + [len(s) for s in stops], dtype=np.int64)
         done = kernels.decode_steps(n, layers, sliding, chosen, torch.from_numpy(rows), self.fused.emb, norm.weight,
-                                    norm.eps, head_w, panels, torch.from_numpy(tokens), torch.from_numpy(stop_ids),
+                                    norm.eps, head_w, layout, torch.from_numpy(tokens), torch.from_numpy(stop_ids),
                                     torch.from_numpy(stop_off))
         self.last_hidden = None
         experts.account(done)                    # FP8: the expert store's statistics of the steps run
@@ -741,7 +754,7 @@ class ModelRunner:
     def _c_steps(self, batch: Batch, args: tuple, choose) -> int:
         """execute_steps through the C loop one step per call: its logits handed to `choose` (the sampler) between
         steps, instead of the fused layers and the lm_head called from Python."""
-        rows, _keep, layers, sliding, chosen, experts, norm, head_w, panels = args
+        rows, _keep, layers, sliding, chosen, experts, norm, head_w, layout = args
         B = len(batch.items)
         tokens = np.zeros((2, B), dtype=np.int64)
         tokens[0] = self._fed_ids(batch)
@@ -750,7 +763,7 @@ class ModelRunner:
         done = 0
         for i in range(rows.shape[0]):
             kernels.decode_steps(1, layers, sliding, chosen[i:i + 1], torch.from_numpy(rows[i:i + 1]), self.fused.emb,
-                                 norm.weight, norm.eps, head_w, panels, torch.from_numpy(tokens), no_stop, zeros,
+                                 norm.weight, norm.eps, head_w, layout, torch.from_numpy(tokens), no_stop, zeros,
                                  logits=logits)
             fed, stop = choose(logits)
             done += 1

@@ -140,7 +140,8 @@ _SIGNATURES: dict[str, tuple] = {
                              _F, _P]),
     "mf_prefill_panels": (None, [_P, _L, _P, _P, _L, _L, _L, _L]),
     "mf_prefill_simd": (_I, []),
-    "mf_decode_steps": (_L, [_L, _L, _L, _P, _P, _P, _P, _P, _L, _L, _P, _F, _P, _I, _P, _P, _P, _P, _P, _P]),
+    "mf_decode_steps": (_L, [_L, _L, _L, _P, _P, _P, _P, _P, _L, _L, _P, _F, _P, _I, _P, _L, _L, _P, _P, _P, _P, _P,
+                             _P]),
     "mf_mtp_pass": (_L, [_P, _L, _P, _P, _L, _P, _L, _P, _F, _P, _F, _P, _I, _P, _P, _L, _P, _P, _F, _P, _I, _L, _P, _P,
                          _P]),
     "mf_mtp_chain": (_L, [_L, _P, _P, _P, _P, _L, _L, _P, _P, _L, _L, _P, _I, _L, _P, _P, _P, _P]),
@@ -581,16 +582,17 @@ def embed_bf16(ids: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
 
 
 def decode_steps(n: int, layers: torch.Tensor, sliding: torch.Tensor, chosen: torch.Tensor, step_args: torch.Tensor,
-                 emb: torch.Tensor, norm_w: torch.Tensor, eps: float, head_w: torch.Tensor, head_panels: bool,
+                 emb: torch.Tensor, norm_w: torch.Tensor, eps: float, head_w: torch.Tensor, head_layout: bool | tuple,
                  tokens: torch.Tensor, stop_ids: torch.Tensor, stop_off: torch.Tensor,
                  logits: torch.Tensor | None = None) -> int:
     """Up to n greedy decode steps of B sequences in one call (steps.c; engine/runner.py builds the arguments):
     layers (L,) int64 addresses of each layer's LayerArgs, chosen (n, L) int64 addresses of step i's layer l's
     (B, top_k) expert-id buffer (each step its own: an expert store counts them after the run), sliding (L,) int64,
     step_args (n, 2, 9) int64 per step and attention kind, emb (V, H) bf16, head_w the lm_head's (V, H) bf16 weight
-    or its panels, tokens (n + 1, B) int64 (row 0 = the fed ids; row i + 1 receives step i's argmax), stop_ids /
-    stop_off: row b's stop ids are stop_ids[stop_off[b]:stop_off[b + 1]]; logits: a (B, V) float32 buffer that
-    keeps the last step's logits (a sampler reads them), or None.
+    (head_layout False) or its panels (True), or a block-FP8 head's (V, H) E4M3 bytes (head_layout = (its fp32 scale
+    grid, (br, bc)): fp8.c's product, as its FP8Linear runs it), tokens (n + 1, B) int64 (row 0 = the fed ids; row
+    i + 1 receives step i's argmax), stop_ids / stop_off: row b's stop ids are stop_ids[stop_off[b]:stop_off[b + 1]];
+    logits: a (B, V) float32 buffer that keeps the last step's logits (a sampler reads them), or None.
     -> the steps run (the first step that yields a stop id is the last)."""
     lib = _lib if _lib is not None else _lib_or_raise()
     (V, H), B = emb.shape, tokens.shape[1]               # the lm_head's outputs: V (the caller checks)
@@ -605,14 +607,26 @@ def decode_steps(n: int, layers: torch.Tensor, sliding: torch.Tensor, chosen: to
         logits = torch.empty(B, V)
     elif logits.shape != (B, V) or logits.dtype != torch.float32 or not logits.is_contiguous():
         raise ValueError(f"decode_steps: logits must be a contiguous ({B}, {V}) float32 buffer")
+    kind, scale, (br, bc) = (1 if head_layout else 0), None, (0, 0)            # mf_product's MF_PANELS, MF_BF16
+    if isinstance(head_layout, tuple):
+        scale, (br, bc) = head_layout
+        if (head_w.dtype != torch.float8_e4m3fn or head_w.shape != (V, H)
+                or not head_w.is_contiguous() or scale.dtype != torch.float32 or not scale.is_contiguous()
+                or scale.shape != (-(-V // br), -(-H // bc))):
+            raise ValueError(f"decode_steps: an FP8 head is a contiguous ({V}, {H}) float8_e4m3fn weight with its "
+                             f"contiguous float32 ({br} x {bc})-block scale grid")
+        kind = 2                                                                # MF_FP8
     rc = lib.mf_decode_steps(n, B, layers.shape[0], layers.data_ptr(), sliding.data_ptr(), chosen.data_ptr(),
                              step_args.data_ptr(), emb.data_ptr(), V, H, norm_w.data_ptr(), eps,
-                             head_w.data_ptr(), int(head_panels), x.data_ptr(), xn.data_ptr(), logits.data_ptr(),
-                             tokens.data_ptr(), stop_ids.data_ptr(), stop_off.data_ptr())
+                             head_w.data_ptr(), kind, None if scale is None else scale.data_ptr(), br, bc,
+                             x.data_ptr(), xn.data_ptr(), logits.data_ptr(), tokens.data_ptr(), stop_ids.data_ptr(),
+                             stop_off.data_ptr())
     if rc == -1:
         raise ValueError("decode_steps: a token id is outside the vocabulary")
     if rc == -2:
         raise ValueError("decode_steps: a cache slot or a chunk id of a table is out of range")
+    if rc == -4:
+        raise ValueError("decode_steps: the lm_head's kind or its FP8 block is not one steps.c reads")
     if rc < 0:
         raise MemoryError("decode_steps: out of memory")
     return rc

@@ -3,11 +3,16 @@
  * right after the step has streamed every weight through the caches and cost 10-30x their warm time.
  *
  * Step i, for B sequences: embed tokens[i] (mf_embed_bf16), each decoder layer (mf_decode_layer, with the step's
- * metadata for the layer's attention kind), the final RMSNorm (mf_rms_norm), the lm_head product on its panels
- * (mf_gemm_bf16p) or row-major weight (mf_gemm_bf16w), then tokens[i + 1] = the greedy argmax (mf_argmax_rows):
+ * metadata for the layer's attention kind), the final RMSNorm (mf_rms_norm), the lm_head product, then
+ * tokens[i + 1] = the greedy argmax (mf_argmax_rows):
  * the same calls, in the same order, on the same arguments as one Python step (engine/fused_decode.py, the model's
  * final norm and lm_head, sampling.sample for greedy rows), so the tokens are the same bit for bit. The run stops
  * after the first step in which a row's token is one of its stop ids (eos, stop_token_ids).
+ *
+ * The lm_head is read as head_kind says (mf_product's kinds): MF_BF16, its (V, H) bf16 weight row-major
+ * (mf_gemm_bf16w); MF_PANELS, its panels (mf_gemm_bf16p); MF_FP8, (V, H) E4M3 bytes with the fp32 scale grid head_s
+ * (ceil(V / head_br), ceil(H / head_bc)) row-major (mf_gemm_fp8w: the opt-in block-FP8 head, engine/fp8_layout.py
+ * `quantize_lm_head`, whose module calls the same kernel on the same arguments).
  *
  * The per-step metadata is made by the runner beforehand, one row of 2 x MF_STEP_FIELDS int64 values per step
  * (kind 0 = global attention, 1 = sliding window): cos table, sin table, rope rows (B,), chunk table (B, n_chunks),
@@ -23,8 +28,10 @@ enum { MF_STEP_FIELDS = 9 };
 
 long mf_decode_steps(long n, long B, long L, const int64_t *layers, const long *sliding, const int64_t *chosen,
                      const int64_t *step_args, const unsigned short *emb, long V, long H, const float *norm_w,
-                     float eps, const uint16_t *head_w, int head_panels, float *x, float *xn, float *logits,
-                     long *tokens, const long *stop_ids, const long *stop_off) {
+                     float eps, const void *head_w, int head_kind, const float *head_s, long head_br, long head_bc,
+                     float *x, float *xn, float *logits, long *tokens, const long *stop_ids, const long *stop_off) {
+    if (head_kind == MF_FP8 && (!head_s || head_br <= 0 || head_bc <= 0)) return -4;
+    if (head_kind != MF_BF16 && head_kind != MF_PANELS && head_kind != MF_FP8) return -4;
     for (long i = 0; i < n; i++) {
         const long *ids = tokens + i * B;
         long *next = tokens + (i + 1) * B;
@@ -38,7 +45,11 @@ long mf_decode_steps(long n, long B, long L, const int64_t *layers, const long *
             if (rc) return rc == -1 ? -2 : -3;
         }
         mf_rms_norm(x, H, norm_w, xn, H, B, H, eps);
-        if (head_panels)
+        if (head_kind == MF_FP8) {
+            if (mf_gemm_fp8w(xn, H, head_w, head_s, (H + head_bc - 1) / head_bc, logits, V, B, V, H, head_br,
+                             head_bc))
+                return -3;
+        } else if (head_kind == MF_PANELS)
             mf_gemm_bf16p(xn, H, head_w, logits, V, B, V, H);
         else
             mf_gemm_bf16w(xn, H, head_w, logits, V, B, V, H);

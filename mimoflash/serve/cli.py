@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="KV cache budget: bytes, or a fraction of RAM when <= 1")
     ap.add_argument("--dtype", default="auto", help="compute dtype: auto | float32 | bfloat16")
     ap.add_argument("--device", default="cpu", help="torch device: cpu, cuda, ...")
+    ap.add_argument("--lm-head-fp8", action="store_true",
+                    help="CPU, float32 compute: quantise the LM head to block-FP8 at load (half its bytes per token; "
+                         "the logits become the quantised head's, so output can differ; docs/BIG_MODEL.md)")
     ap.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
                     help="split the model over N processes on this host, or join a torchrun launch (docs/PARALLEL.md)")
     ap.add_argument("--mtp", type=int, default=None, metavar="K",
@@ -113,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
                                       max_model_len=a.max_model_len, max_num_batched_tokens=a.max_num_batched_tokens,
                                       kv_cache_memory=kv, seed=a.seed, progress=False,
                                       tensor_parallel_size=a.tensor_parallel_size,
-                                      num_scheduler_steps=a.num_scheduler_steps, **extra))
+                                      num_scheduler_steps=a.num_scheduler_steps, lm_head_fp8=a.lm_head_fp8,
+                                      **extra))
     engine_loop = EngineLoop(spec, max_waiting=a.max_waiting)
     engine_loop.start()                       # the engine process loads the model; its errors end the command here
     try:
