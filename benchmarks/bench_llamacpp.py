@@ -29,9 +29,11 @@ What is measured, per model, per thread count, the engines alternating (their or
 `--repeats` times, medians reported:
   * batch-1 decode tok/s (bf16 weights for both; with --fp8 / --q8, the defaults, also mimoflash on a block-FP8
     copy of the checkpoint (mimoflash.save_model fp8=True, 128 x 128 blocks) beside llama.cpp's Q8_0 file, both
-    about one byte per weight): llama-bench `tg96` at depth 32 (`-p 0 -n 96 -d 32`, one repetition per call after its
-    warm-up) vs mimoflash: a 32-token prompt, 96 new tokens, greedy, rate = 95 / (time of the last token - time of
-    the first), through LLMEngine.step() (scheduler, runner, sampling, output objects; prefill excluded), with
+    about one byte per weight; Q8_0 quantises its output tensor too, so by default (`--fp8-head`) the FP8 engine's
+    LM head is block-FP8 as well, LLM(lm_head_fp8=True), and `--no-fp8-head` keeps the release format's bf16
+    head; the table and the JSON line say which): llama-bench `tg96` at depth 32 (`-p 0 -n 96 -d 32`, one
+    repetition per call after its warm-up) vs mimoflash: a 32-token prompt, 96 new tokens, greedy, rate = 95 /
+    (time of the last token - time of the first), through LLMEngine.step() (scheduler, runner, sampling, output objects; prefill excluded), with
     LLM's multi-step decoding (up to 8 decode steps per engine step; `--num-scheduler-steps`);
   * prefill tok/s of a 512-token prompt (`-p 512 -n 0` vs 512 / time to first token) at the largest thread count
     (mimoflash's warm-up includes one such prefill, as each llama-bench run warms up first);
@@ -279,6 +281,9 @@ def main(argv=None) -> int:
     ap.add_argument("--fp8", dest="fp8", action="store_true", default=True,
                     help="also decode (batch 1) with mimoflash from a block-FP8 copy of the checkpoint (the default)")
     ap.add_argument("--no-fp8", dest="fp8", action="store_false", help="skip mimoflash's FP8 runs")
+    ap.add_argument("--fp8-head", action=argparse.BooleanOptionalAction, default=True,
+                    help="the FP8 engine's LM head in block-FP8 too (LLM(lm_head_fp8=True)), like Q8_0's output "
+                         "tensor (the default); --no-fp8-head keeps it bf16, as the FP8 checkpoint stores it")
     ap.add_argument("--llama-flags", choices=sorted(LLAMA_FLAGS), default="noamx",
                     help="llama.cpp's build: instruction sets named without AMX (default; see LLAMA_FLAGS), or "
                          "-DGGML_NATIVE=ON")
@@ -313,7 +318,8 @@ def main(argv=None) -> int:
         llm8 = None
         if a.fp8:
             llm8 = LLM(str(fp8_copy(m["dir"], mname)), skip_tokenizer_init=not m["tokenizer"], max_num_seqs=1,
-                       max_model_len=a.prompt_len + a.new_tokens + 16, progress=False, **steps)
+                       max_model_len=a.prompt_len + a.new_tokens + 16, progress=False, lm_head_fp8=a.fp8_head,
+                       **steps)
             assert llm8.weight_dtype == FP8_DTYPE and llm8.engine.runner.fused is not None, \
                 "the FP8 copy did not load as FP8 with the fused decode step"
         V = llm.model.config.vocab_size
@@ -418,7 +424,7 @@ def main(argv=None) -> int:
 
     print(f"\nmimoflash vs llama.cpp (llama-cpp-python {LLAMA_CPP_PYTHON}'s vendored copy, build {a.llama_flags}), "
           f"same weights, medians of {a.repeats}, prompt {a.prompt_len}, new {a.new_tokens}, mimoflash "
-          f"num_scheduler_steps {num_steps}; tok/s")
+          f"num_scheduler_steps {num_steps}, mf fp8 with a {'block-FP8' if a.fp8_head else 'bf16'} LM head; tok/s")
     print(f"{'model':<10}{'measure':<18}{'thr':>4}{'mf bf16':>9}{'llama bf16':>11}{'ratio':>7}{'mf fp8':>9}"
           f"{'llama q8_0':>11}{'ratio':>7}{'bound':>7}{'mf/bnd':>7}")
     for r in table:
@@ -439,7 +445,7 @@ def main(argv=None) -> int:
                       "load_avg_end": os.getloadavg()[0], "llama_cpp_python": LLAMA_CPP_PYTHON,
                       "llama_flags": LLAMA_FLAGS[a.llama_flags], "repeats": a.repeats, "prompt_len": a.prompt_len,
                       "new_tokens": a.new_tokens, "prefill_len": a.prefill_len, "concurrency": a.concurrency,
-                      "num_scheduler_steps": num_steps,
+                      "num_scheduler_steps": num_steps, "fp8_lm_head": "fp8" if a.fp8_head else "bf16",
                       "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "models": results}))
     return 0
 
