@@ -33,8 +33,9 @@ What is measured, per model, per thread count, the engines alternating (their or
     LM head is block-FP8 as well, LLM(lm_head_fp8=True), and `--no-fp8-head` keeps the release format's bf16
     head; the table and the JSON line say which): llama-bench `tg96` at depth 32 (`-p 0 -n 96 -d 32`, one
     repetition per call after its warm-up) vs mimoflash: a 32-token prompt, 96 new tokens, greedy, rate = 95 /
-    (time of the last token - time of the first), through LLMEngine.step() (scheduler, runner, sampling, output objects; prefill excluded), with
-    LLM's multi-step decoding (up to 8 decode steps per engine step; `--num-scheduler-steps`);
+    (time of the last token - time of the first), through LLMEngine.step() (scheduler, runner, sampling, output
+    objects; prefill excluded), with LLM's multi-step decoding (up to 8 decode steps per engine step;
+    `--num-scheduler-steps`);
   * prefill tok/s of a 512-token prompt (`-p 512 -n 0` vs 512 / time to first token) at the largest thread count
     (mimoflash's warm-up includes one such prefill, as each llama-bench run warms up first);
   * 16-sequence aggregate decode tok/s (`llama-batched-bench -npp 32 -ntg 96 -npl 16`, S_TG vs 16 x 95 tokens over
