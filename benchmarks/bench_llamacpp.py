@@ -329,8 +329,8 @@ def main(argv=None) -> int:
         long_prompt = torch.randint(3, V, (a.prefill_len,), generator=g).tolist()
         run_ours(llm, prompts[:1], 8)              # warm-up (llama-bench warms up in each of its processes too)
         ours_prefill(llm, long_prompt)
-        if llm8 is not None:
-            run_ours(llm8, prompts[:1], 8)
+        if llm8 is not None:        # a whole run: its first one ran ~40% slower after 8 tokens only (the bf16
+            run_ours(llm8, prompts[:1], a.new_tokens)       # engine's warm-up has its 512-token prefill)
         wbytes = weight_bytes(llm.model)
         res: dict[str, list[float]] = {}
         bw: dict[int, list[float]] = {t: [] for t in a.threads}          # the cache's rate (the bound)
