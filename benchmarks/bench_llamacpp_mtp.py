@@ -77,26 +77,37 @@ def fused_qkv_copy(src: Path, out: Path) -> Path:
 
 
 def _num(pattern: str, text: str, what: str) -> list[str]:
-    m = re.search(pattern, text)
+    m = re.search(pattern, text, re.S)
     if m is None:
         raise RuntimeError(f"no {what} line in llama.cpp's output:\n{text[-2000:]}")
     return m.groups()
 
 
+def _logged(cmd: list[str], pattern: str, what: str, tries: int = 3) -> tuple[list[str], str]:
+    """-> (the groups of `pattern` in the run's output, the output). llama.cpp's log is written by a thread of its own
+    and a run occasionally exits before its last lines are out; such a run is repeated (up to `tries` times)."""
+    for _ in range(tries - 1):
+        out = _run(cmd)
+        m = re.search(pattern, out, re.S)
+        if m is not None:
+            return list(m.groups()), out
+    out = _run(cmd)
+    return _num(pattern, out, what), out
+
+
 def llama_off(bindir: Path, gguf: Path, prompt: str, n: int) -> tuple[float, str]:
-    out = _run([str(bindir / "llama-completion"), "-m", str(gguf), "-p", prompt, "-n", str(n), "-t", "1", "-tb", "1",
-                "--temp", "0", "--ignore-eos", "-no-cnv"])
-    ms, runs = _num(r"eval time =\s+([\d.]+) ms /\s+(\d+) runs", out, "eval time")
+    cmd = [str(bindir / "llama-completion"), "-m", str(gguf), "-p", prompt, "-n", str(n), "-t", "1", "-tb", "1",
+           "--temp", "0", "--ignore-eos", "-no-cnv"]
+    (ms, runs), out = _logged(cmd, r"eval time =\s+([\d.]+) ms /\s+(\d+) runs", "eval time")
     return int(runs) / (float(ms) / 1e3), out
 
 
 def llama_mtp(bindir: Path, gguf: Path, prompt: str, n: int, k: int) -> tuple[float, float, str]:
-    out = _run([str(bindir / "llama-speculative-simple"), "-m", str(gguf), "-p", prompt, "-n", str(n), "-t", "1",
-                "-tb", "1", "--temp", "0", "--ignore-eos", "--spec-type", "draft-mtp", "--spec-draft-n-max", str(k)])
-    (rate,) = _num(r"decoded\s+\d+ tokens in\s+[\d.]+ seconds, speed:\s+([\d.]+) t/s", out, "decoded")
-    drafted, accepted = (int(x) for x in _num(r"n_drafted = (\d+)\s.*n_accept\s+= (\d+)", out.replace("\n", " "),
-                                              "n_drafted"))
-    return float(rate), accepted / max(drafted, 1), out
+    cmd = [str(bindir / "llama-speculative-simple"), "-m", str(gguf), "-p", prompt, "-n", str(n), "-t", "1",
+           "-tb", "1", "--temp", "0", "--ignore-eos", "--spec-type", "draft-mtp", "--spec-draft-n-max", str(k)]
+    pattern = r"decoded\s+\d+ tokens in\s+[\d.]+ seconds, speed:\s+([\d.]+) t/s.*n_drafted = (\d+).*n_accept\s+= (\d+)"
+    (rate, drafted, accepted), out = _logged(cmd, pattern, "decoded / n_drafted / n_accept")
+    return float(rate), int(accepted) / max(int(drafted), 1), out
 
 
 def main(argv=None) -> int:
