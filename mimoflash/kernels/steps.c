@@ -20,7 +20,7 @@
  *
  * chosen is an (n, L) table of addresses: step i's layer l writes its (B, top_k) routed expert ids at chosen[i * L + l]
  * (unused for dense layers). Each step keeps its own, so that an FP8 model's expert store can count every step's
- * experts after the run (engine/fp8_layout.py, account_fused_steps) as the per-step path counts them.
+ * experts after the run (engine/fp8_layout.py, RunExperts.account) as the per-step path counts them.
  */
 #include "mimoflash_kernels.h"
 
