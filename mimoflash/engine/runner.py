@@ -865,8 +865,8 @@ class ModelRunner:
         """Greedy draft passes in one C call (kernels.mtp_chain, kernels/draft.c). passes: (MTP block, slices (rows
         "last"), hidden (N, D) in slice order, each slice's output index); a slice token -(1 + i) stands for output
         i, an earlier pass's draft. Each pass computes what `draft_greedy` computes on the same slices with those
-        drafts in place; its metadata is made in C from the slices, as `_ring_rows` makes it (tests/test_speculative.py
-        compares the drafts and the rings). vocab: the head's rows' token ids (a reduced draft vocabulary) or None.
+        drafts in place; its metadata is made in C from the slices, as `_ring_rows` makes it
+        (tests/test_speculative.py compares the drafts and the rings). vocab: the head's rows' token ids (a reduced draft vocabulary) or None.
         -> the `size` outputs (token ids), or None (nothing run) where a pass is not one the chain makes (no fused MTP
         block or C pass, a head or eh_proj other than the kernels', more rows than the rows path takes, positions past
         the RoPE tables)."""
@@ -891,7 +891,7 @@ class ModelRunner:
             tok = np.array([t for s in slices for t in s.tokens], dtype=np.int64)
             ids.append(tok)
             fields += (la, N, tok.ctypes.data, hidden.data_ptr(), hidden.stride(0), en, hn, eh, ehp,
-                       fused[layer].chosen_for(N).data_ptr(), len(slices), len(rows) // 5, fn)
+                       fused[layer].chosen_for(N).data_ptr(), len(slices), len(rows) // kernels.MTP_SLICE_FIELDS, fn)
             eps += e
             for s, i in zip(slices, at):
                 rows += (s.request.ring_id, s.start, len(s.tokens), s.key_from, i)
@@ -902,7 +902,7 @@ class ModelRunner:
         out = torch.zeros(size, dtype=torch.int64)
         kernels.mtp_chain(torch.from_numpy(np.array(fields, dtype=np.int64).reshape(n, -1)),
                           torch.from_numpy(np.array(eps, dtype=np.float32).reshape(n, 3)),
-                          torch.from_numpy(np.array(rows, dtype=np.int64).reshape(-1, 5)),
+                          torch.from_numpy(np.array(rows, dtype=np.int64).reshape(-1, kernels.MTP_SLICE_FIELDS)),
                           fused[0].emb, tabs[0], tabs[1], self.layout.ring_slots, self.layout.swa_keys, head[0],
                           head[1], head[2], vocab, work, torch.empty(most, head[2]), out)
         return out.tolist()
