@@ -19,11 +19,12 @@ What is measured, in one process, variants interleaved prompt by prompt (their o
     reported as the cold ratio (adaptive's first measurements fall in it);
   * temperature 0.7 (seeded), batch 1: decode tokens/s off, k = 3 (reduced vocabulary) and adaptive, interleaved;
     their engines start cold (adaptive measures its costs in this run);
-  * with `--split`, after the table: each fixed-depth variant's decode steps timed again with a wrapper around the
-    kernels' calls (main layers, LM head, draft passes, argmax; the rest of the step is Python), and the speedup over
-    off (and share of the bytes bound) that the C calls' time per token alone would give.
+  * with `--split`, after the table: each fixed-depth variant's decoding timed again with a wrapper around the
+    kernels' calls (whole cycles in one call; otherwise main layers, LM head, draft passes, argmax; the rest is
+    Python), per verification cycle, and the speedup over off (and share of the bytes bound) that the C calls' time
+    per token alone would give.
 Variants: off (the engine's default, up to 8 decode steps per call: multi-step decoding); off1 (one step per call,
-as an MTP engine runs while it drafts; "vs off1" compares with it); k = 1, 2, 3 drafts with the full draft
+as the engine's own speculative steps run; "vs off1" compares with it); k = 1, 2, 3 drafts with the full draft
 vocabulary; k = 1 and 3 with a reduced draft vocabulary (the `--draft-vocab` lowest token ids, a BPE vocabulary's
 first merges, or with `--draft-vocab-from stdlib` the most frequent tokens of the Python standard library's own
 source, the training distribution); adaptive (k <= 3, reduced vocabulary). `--variants` picks some of them.
@@ -137,11 +138,23 @@ class Bytes:
 
 
 def record_experts(llm) -> list:
-    """Wrap the runner so that every main step appends (rows, [distinct experts per MoE layer])."""
+    """Wrap the runner so that every main step appends (rows, [distinct experts per MoE layer]); a run of speculative
+    cycles in one C call (ModelRunner.spec_cycles) appends one entry per cycle's verification, read from the expert
+    ids each cycle wrote (the run's fp8_layout.RunExperts)."""
+    from mimoflash import kernels
     runner, log = llm.engine.runner, []
-    inner = runner.execute
+    inner, inner_cycles = runner.execute, runner.spec_cycles
     fused = runner.fused
     moe_layers = [i for i, layer in enumerate(llm.model.model.layers) if isinstance(layer.mlp, MoE)]
+    top_k = llm.model.config.num_experts_per_tok
+
+    def spec_cycles(req, n, state, *args, **kw):
+        rows = int(state[kernels.SPEC_DEPTH]) + 1                  # (the call writes the next depth there)
+        got = inner_cycles(req, n, state, *args, **kw)
+        if got is not None:
+            ids = fused.loop_args(rows, n)[3].ids                  # cycle c's layer l's (rows, top_k) ids
+            log.extend((rows, [len(set(ids[c, i, :rows * top_k].tolist())) for i in moe_layers]) for c in range(got[0]))
+        return got
 
     def execute(batch):
         out = inner(batch)
@@ -151,17 +164,20 @@ def record_experts(llm) -> list:
             log.append((rows, [int(ch[i].unique().numel()) for i in moe_layers]))
         return out
     runner.execute = execute
+    runner.spec_cycles = spec_cycles
     return log
 
 
 def cycle_split(llm, prompts, sp) -> dict:
-    """Where a speculative engine's steps spend their time: a timing wrapper around the C calls (the main model's
-    fused layers and embedding, its LM head, the draft passes, the argmax) in real runs of `prompts`; the rest of each
-    engine step is Python (scheduling, metadata, verification, bookkeeping, the calls' wrappers). -> microseconds per
-    decode step of each part (prefill steps left out), and tokens per step. The wrappers add ~1 us a call."""
+    """Where a speculative engine's decoding spends its time: a timing wrapper around the C calls (runs of whole
+    cycles in one call; otherwise the main model's fused layers and embedding, its LM head, the draft passes, the
+    argmax) in real runs of `prompts`; the rest of the engine's decode steps is Python (scheduling, metadata,
+    verification, bookkeeping, the calls' wrappers). -> microseconds per verification (a cycle: verify, accept,
+    draft) of each part (prefill steps left out), and tokens per cycle. The wrappers add ~1 us a call."""
     from mimoflash import kernels
     from mimoflash.engine import cpu_layout
-    parts = {"main layers (C)": ["decode_layer", "embed_bf16"], "LM heads (C)": ["linear_panels", "linear_bf16w"],
+    parts = {"whole cycles (C)": ["spec_cycles"], "main layers (C)": ["decode_layer", "embed_bf16"],
+             "LM heads (C)": ["linear_panels", "linear_bf16w"],
              "draft passes (C)": ["mtp_chain", "mtp_pass"], "argmax (C)": ["argmax_rows"]}
     spent = {k: 0.0 for k in parts}
     saved = []
@@ -177,7 +193,7 @@ def cycle_split(llm, prompts, sp) -> dict:
                     spent[_part] += time.perf_counter() - t
             saved.append((name, inner))
             setattr(kernels, name, timed)
-    engine, steps, total = llm.engine, [0], [0.0]
+    engine, total = llm.engine, [0.0]
     step = engine.step
 
     def timed_step():                                   # decode steps only: a prompt's prefill is left out
@@ -190,21 +206,22 @@ def cycle_split(llm, prompts, sp) -> dict:
                 spent.update(before)
             else:
                 total[0] += time.perf_counter() - t
-                steps[0] += 1
     engine.step = timed_step
-    tokens = 0
+    tokens = cycles = 0
     try:
         for p in prompts:
-            tokens += len(llm.generate([p], sp, use_tqdm=False)[0].outputs[0].token_ids) - 1   # after prefill
+            got = llm.generate([p], sp, use_tqdm=False)[0]
+            tokens += len(got.outputs[0].token_ids) - 1                                   # after prefill
+            cycles += got.metrics.verify_steps
     finally:
         for name, inner in saved:
             setattr(kernels, name, inner)
         del engine.step
     assert cpu_layout.kernels is kernels                 # the layout's products went through the wrappers above
-    out = {k: round(v / steps[0] * 1e6, 1) for k, v in spent.items()}
-    out["Python"] = round((total[0] - sum(spent.values())) / steps[0] * 1e6, 1)
-    out["step"] = round(total[0] / steps[0] * 1e6, 1)
-    out["tokens_per_step"] = round(tokens / steps[0], 3)
+    out = {k: round(v / cycles * 1e6, 1) for k, v in spent.items()}
+    out["Python"] = round((total[0] - sum(spent.values())) / cycles * 1e6, 1)
+    out["cycle"] = round(total[0] / cycles * 1e6, 1)
+    out["tokens_per_cycle"] = round(tokens / cycles, 3)
     return out
 
 
@@ -349,11 +366,11 @@ def main(argv=None) -> int:
         for n in [n for n in names if specs[n] is not None and not (specs[n].get("adaptive"))]:
             sp_n = cycle_split(llms[n], prompts, sp)
             c = sum(v for k, v in sp_n.items() if k.endswith("(C)"))
-            sp_n["no_python_speedup"] = round(sp_n["tokens_per_step"] / c * 1e6 / off_rate, 3)
+            sp_n["no_python_speedup"] = round(sp_n["tokens_per_cycle"] / c * 1e6 / off_rate, 3)
             if "bound" in summary[n]:
                 sp_n["no_python_of_bound"] = round(sp_n["no_python_speedup"] / summary[n]["bound"], 3)
             split[n] = sp_n
-        print("\nwhere a step's time goes (us per engine step; C = the kernels' calls, Python = the rest of the step):")
+        print("\nwhere decoding's time goes (us per verification cycle; C = the kernels' calls, Python = the rest):")
         for n, v in split.items():
             print(f"{n:10} " + ", ".join(f"{k} {x}" for k, x in v.items()))
         out["split"] = split

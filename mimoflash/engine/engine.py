@@ -191,6 +191,8 @@ class LLMEngine:
             changed.update(req.group_id for req in got)
             if self.drafter is not None:                  # steps adaptive depth was sure not to draft in
                 self.drafter.skipped(ran, time.process_time() - t0)
+        elif batch.items and self.drafter is not None and self._spec_run(batch):
+            changed.add(batch.items[0].request.group_id)
         elif batch.items:
             logits = self.runner.execute(batch)
             sampled, lps = self._choose_tokens(batch, logits)
@@ -302,20 +304,58 @@ class LLMEngine:
             drafts = req.draft_token_ids[:k]                      # a copy (slicing)
             toks, a = self.drafter.verify(req, rows, drafts, self._generators[req.request_id], self.generator)
             out[id(it)] = toks
-            req.num_verify_steps += 1
-            req.num_accepted_tokens += a
-            while len(req.drafted_per_position) < k:
-                req.drafted_per_position.append(0)
-                req.accepted_per_position.append(0)
-            for i in range(min(k, a + 1)):
-                req.drafted_per_position[i] += 1
-                req.accepted_per_position[i] += int(i < a)
-            if self.drafter.adaptive is not None:
-                self.drafter.adaptive.record_acceptance(k, a)
+            self._count_verification(req, k, a)
             if req.params.logprobs is not None:
                 raw = torch.log_softmax(rows[:len(toks)].float(), dim=-1)   # the rows that gave a token
                 lps[req.request_id] = [logprob_entry(raw[i], t, req.params.logprobs) for i, t in enumerate(toks)]
         return [out.get(id(it)) for it in batch.items], lps
+
+    def _count_verification(self, req: Request, k: int, a: int) -> None:
+        """A verification of k drafts that accepted a: the request's metrics and adaptive depth's acceptance."""
+        req.num_verify_steps += 1
+        req.num_accepted_tokens += a
+        while len(req.drafted_per_position) < k:
+            req.drafted_per_position.append(0)
+            req.accepted_per_position.append(0)
+        for i in range(min(k, a + 1)):
+            req.drafted_per_position[i] += 1
+            req.accepted_per_position[i] += int(i < a)
+        if self.drafter.adaptive is not None:
+            self.drafter.adaptive.record_acceptance(k, a)
+
+    def _spec_run(self, batch) -> bool:
+        """Speculative decoding's multi-step run: where one greedy request runs alone, verifies its full depth of
+        drafts and nothing needs Python between its cycles, up to `num_scheduler_steps` cycles (verify, accept,
+        draft) in one C call (MTPDrafter.cycles, kernels/speculate.c), the cache reserved for all of them; each
+        cycle's tokens are then postprocessed in order as the engine's own verification steps would be, so the
+        outputs are the same (docs/MTP.md, "Cycles in one call"). Not with adaptive depth, which chooses the depth
+        and times every step. -> False (nothing run: the ordinary step runs)."""
+        d, n = self.drafter, self.config.num_scheduler_steps
+        it = batch.items[0]
+        req, k = it.request, it.num_draft
+        p = req.params
+        if (n == 1 or d.adaptive is not None or len(batch.items) != 1 or batch.preempted or self.scheduler.waiting
+                or len(self.scheduler.running) != 1 or not k or not it.sample or k != req.num_speculative_tokens
+                or not p.greedy or p.logprobs is not None or p.needs_penalties
+                or not isinstance(self.runner, ModelRunner) or not self.runner.spec_ready(d.head_weight)):
+            return False
+        while n > 1 and not self.kv.can_allocate(req, n * (k + 1)):
+            n -= 1                                  # counted from num_computed_tokens: this cycle's rows included
+        self.kv.allocate(req, n * (k + 1))
+        stops = frozenset(p.stop_token_ids).union(() if p.ignore_eos else req.eos_token_ids)
+        cap = self.scheduler.config.max_model_len
+        got = d.cycles(req, n, stops, p.max_tokens - len(req.output_token_ids), cap - req.num_tokens)
+        if got is None:                             # (the blocks reserved past this step's rows are kept till then)
+            return False
+        cycles, drafted = got
+        for toks in cycles:
+            self._count_verification(req, k, len(toks) - 1)
+        self.scheduler.finish_cycles(it, cycles, lambda r: self._process_token(r, None))
+        if not req.is_finished and not drafted:      # the drafts the run did not make: the drafter's own passes
+            left = min(req.num_speculative_tokens, p.max_tokens - len(req.output_token_ids) - 1,
+                       cap - req.num_tokens - 1)
+            d.propose([req], [max(0, left)], self.generator, self._generators)
+        return True
 
     def _speculate(self, batch, sampled: list, t0: float) -> None:
         """After a step: keep the main model's final hidden states of the speculating requests, then draft for

@@ -76,6 +76,11 @@ class FusedDecoder:
         fp8_layout.account_fused_step(self.layers, chosen)        # FP8 experts: the expert store's statistics
         return x.view(1, B, -1)
 
+    def refresh(self) -> None:
+        """Repack the panels of weights edited in place since the last step (cpu_layout.Panels.get)."""
+        for p in self._panels:
+            p.get()
+
     def step_args(self, positions: torch.Tensor, kinds: dict, B: int, refresh: bool = True
                   ) -> tuple[dict, list[torch.Tensor]]:
         """What every layer's call takes besides x, for B rows -> ({sliding: (cos, sin, rope rows, table, chunk, K,

@@ -697,36 +697,42 @@ class ModelRunner:
         store has a bounded cache (it evicts between layers; the fused path never gets those:
         fp8_layout.fused_layer_args). FP8 experts of an unbounded store run here: their steps' statistics are
         counted after the run from the ids each step wrote (fp8_layout.RunExperts.account)."""
+        fused = self.fused
+        if fused is None or any(args.expert_layer[0].capacity is not None
+                                for args, _, _ in fused.layers if hasattr(args, "expert_layer")):
+            return None
+        head = self._loop_head(len(batch.items))
+        if head is None:
+            return None
+        plan = self._decode_run_args(batch)
+        if plan is None:
+            return None
+        return (*plan, *fused.loop_args(len(batch.items), plan[0].shape[0]), *head)
+
+    def _loop_head(self, B: int) -> tuple | None:
+        """The final norm and lm_head as the C loops take them for B rows: (norm, the head's bf16 weight, its panels or
+        its E4M3 bytes, its layout as kernels.decode_steps takes it), or None where the head's product for B rows is
+        not one of the kernels' (a head other than Bf16Linear / FP8Linear, a norm other than FastRMSNorm)."""
         from ..kernels import fp8 as kfp8
         from .cpu_layout import KERNEL_MAX_ROWS, Bf16Linear, FastRMSNorm
         from .fp8_layout import FP8Linear
-        fused = self.fused
-        if fused is None:
-            return None
-        head, norm, B = self.model.lm_head, self.model.model.norm, len(batch.items)
+        head, norm = self.model.lm_head, self.model.model.norm
         if (type(head) not in (Bf16Linear, FP8Linear) or type(norm) is not FastRMSNorm
-                or head.weight.shape != fused.emb.shape
-                or norm.weight.dtype != torch.float32 or not norm.weight.is_contiguous()
-                or any(args.expert_layer[0].capacity is not None
-                       for args, _, _ in fused.layers if hasattr(args, "expert_layer"))):
+                or head.weight.shape != self.fused.emb.shape
+                or norm.weight.dtype != torch.float32 or not norm.weight.is_contiguous()):
             return None
         if type(head) is FP8Linear:         # FP8Linear.forward's kernel product (linear_fp8) for up to its row bound
             s = head.weight_scale_inv
             if (B > kfp8.KERNEL_MAX_ROWS or not head.weight.is_contiguous() or s.dtype != torch.float32
                     or not s.is_contiguous()):
                 return None
-            wp, layout = None, (s, head.block)
-        else:
-            if head.weight.dtype != torch.bfloat16:
-                return None
-            wp = head._panels.get() if head._panels is not None else None
-            layout = wp is not None
-            if wp is None and not (head.weight.is_contiguous() and B <= KERNEL_MAX_ROWS):
-                return None
-        plan = self._decode_run_args(batch)
-        if plan is None:
+            return norm, head.weight, (s, head.block)
+        if head.weight.dtype != torch.bfloat16:
             return None
-        return (*plan, *fused.loop_args(B, plan[0].shape[0]), norm, wp if wp is not None else head.weight, layout)
+        wp = head._panels.get() if head._panels is not None else None
+        if wp is None and not (head.weight.is_contiguous() and B <= KERNEL_MAX_ROWS):
+            return None
+        return norm, wp if wp is not None else head.weight, wp is not None
 
     @torch.inference_mode()
     def execute_greedy_steps(self, batch: Batch, stops: list[frozenset]) -> list[list[int]] | None:
@@ -906,6 +912,65 @@ class ModelRunner:
                           fused[0].emb, tabs[0], tabs[1], self.layout.ring_slots, self.layout.swa_keys, head[0],
                           head[1], head[2], vocab, work, torch.empty(most, head[2]), out)
         return out.tolist()
+
+    def spec_ready(self, head_weight: torch.Tensor | None) -> bool:
+        """Whether `spec_cycles` can run greedy speculative cycles here: the fused decoder (FP8 experts only from an
+        unbounded store, as for `execute_greedy_steps`), a bf16 lm_head and fused MTP blocks that chain
+        (kernels/speculate.c)."""
+        from .fp8_layout import FP8Linear
+        fused, blocks = self.fused, self.fused_mtp
+        return (fused is not None and blocks is not None and self.mtp_pass and self.impl == "fast"
+                and len(blocks) <= kernels.SPEC_BLOCKS and type(self.model.lm_head) is not FP8Linear
+                and not any(args.expert_layer[0].capacity is not None
+                            for args, _, _ in fused.layers if hasattr(args, "expert_layer"))
+                and self._mtp_head(head_weight) is not None)
+
+    @torch.inference_mode()
+    def spec_cycles(self, req: Request, n: int, state: np.ndarray, seq: np.ndarray, seq_base: int,
+                    stops: frozenset, head_weight: torch.Tensor | None, vocab: torch.Tensor | None,
+                    hidden: torch.Tensor, keep: int, catch_up: int) -> tuple[int, list[int], list[int]] | None:
+        """Up to n greedy speculative cycles of `req` in one C call (kernels.spec_cycles, kernels/speculate.c): each
+        verifies the request's drafts as `execute` does, accepts as MTPDrafter.verify does and drafts the next
+        cycle's as MTPDrafter.propose does (its passes as `draft_chain` runs them), with the cache reserved for every
+        cycle beforehand (its block table read once). state: kernels.SPEC_STATE int64 values (position, drafts,
+        tokens left, the drafter's state), written back; seq: the tokens from position seq_base on, room for the
+        run's; hidden / keep / catch_up: the drafter's buffer of final hidden states, its rows per ring, its
+        catch-up bound. -> (cycles run, their tokens, tokens per cycle), or None (nothing run) where the run is not
+        one the C loop makes (`spec_ready`, positions past the RoPE tables)."""
+        if not self.spec_ready(head_weight):
+            return None
+        fused, blocks, lay = self.fused, self.fused_mtp, self.layout
+        k = int(state[kernels.SPEC_DEPTH])
+        top = int(state[kernels.SPEC_POS]) + n * (k + 1) + k + len(blocks)        # the furthest row a pass can reach
+        rot = self.model.model.rotary
+        tabs_g, tabs_s = rot["full"].tables(top), rot["sliding"].tables(top)
+        chain = [b.chain_block() for b in blocks]
+        norm, head_w, panels = self._loop_head(k + 1)
+        if tabs_g is None or tabs_s is None or any(c is None for c in chain):
+            return None
+        fused.refresh()
+        layers, sliding, chosen, experts = fused.loop_args(k + 1, n)
+        table = np.array(req.block_ids, dtype=np.int64)
+        stop = np.array(sorted(stops) or [0], dtype=np.int64)
+        main = np.array([len(fused.layers), layers.data_ptr(), sliding.data_ptr(), chosen.data_ptr(), fused.emb.data_ptr(),
+                         fused.emb.shape[0], fused.emb.shape[1], norm.weight.data_ptr(), head_w.data_ptr(),
+                         int(panels), tabs_g[0].data_ptr(), tabs_g[1].data_ptr(), tabs_s[0].data_ptr(),
+                         tabs_s[1].data_ptr(), table.ctypes.data, len(table), lay.block_size, req.ring_id,
+                         lay.ring_slots, lay.swa_keys, stop.ctypes.data, len(stops)], dtype=np.int64)
+        fields = np.array([c[0] for c in chain], dtype=np.int64)                    # (blocks, SPEC_BLOCK)
+        mw, mpanels, S = self._mtp_head(head_weight)
+        mtp = np.array([len(blocks), fields.ctypes.data, mw.data_ptr(), int(mpanels), S,
+                        0 if vocab is None else vocab.data_ptr(), hidden.data_ptr(), keep, req.ring_id * keep,
+                        catch_up, self.max_rows], dtype=np.int64)
+        eps = np.array([norm.eps] + [e for c in chain for e in c[1]], dtype=np.float32)
+        out, counts = torch.zeros(n * (k + 1), dtype=torch.int64), torch.zeros(n, dtype=torch.int64)
+        ran = kernels.spec_cycles(n, torch.from_numpy(main), torch.from_numpy(mtp), torch.from_numpy(eps),
+                                  torch.from_numpy(state), torch.from_numpy(seq), seq_base, out, counts)
+        self.last_hidden = None
+        self._main_rows = self._mtp_step = None
+        experts.account(ran)                     # FP8: the expert store's statistics of the cycles' verifications
+        c = counts[:ran].tolist()
+        return ran, out[:sum(c)].tolist(), c
 
     @torch.inference_mode()
     def _mtp(self, layer: int, slices: list[Slice], hidden: torch.Tensor, head_weight: torch.Tensor | None,

@@ -239,6 +239,27 @@ class Scheduler:
                 self.kv.rollback(it.request, it.request.num_computed_tokens)
         return list(got.values())
 
+    def finish_cycles(self, item: ScheduledRequest, cycles: list[list[int]], on_token=None) -> list[Request]:
+        """A speculative run's results (the engine's cycles in one call): `cycles[c]` = the tokens cycle c kept, its
+        accepted drafts and the main model's token, for the verification `item` scheduled and the cycles after it,
+        whose rows the cache held beforehand. Each token is appended and checked as `postprocess` does it for a
+        verification (a request that finishes drops the rest); then the cache past the kept tokens is given back.
+        -> the request, if it received a token."""
+        req = item.request
+        if req.is_finished or not cycles:
+            return []
+        for toks in cycles:
+            req.num_computed_tokens += len(toks)           # the fed token and the accepted drafts stay cached
+            for t in toks:
+                req.output_token_ids.append(t)
+                self._check_token_stop(req, t)
+                if on_token is not None:
+                    on_token(req)
+                if req.is_finished:
+                    return [req]
+        self.kv.rollback(req, req.num_computed_tokens)
+        return [req]
+
     def _check_token_stop(self, req: Request, tok: int) -> None:
         p = req.params
         if not p.ignore_eos and tok in req.eos_token_ids:

@@ -44,6 +44,7 @@ import warnings
 from dataclasses import dataclass, field, fields
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 
 from .. import kernels
@@ -594,6 +595,58 @@ class MTPDrafter:
         for owners in owned:
             self._passed(owners)
         return True
+
+    def cycles(self, req: Request, n: int, stops: frozenset, out_left: int, len_left: int
+               ) -> tuple[list[list[int]], bool] | None:
+        """Up to n greedy speculative cycles of `req` (verify its drafts, accept, draft again) in one runner call
+        (`ModelRunner.spec_cycles`, kernels/speculate.c), the cache reserved for all of them by the caller: the
+        same verification, acceptance and drafting as the engine's steps with `verify` and `propose`, this drafter's
+        state (kept hidden states, the rings' done / key_from / tentative entries) handed over and taken back.
+        out_left / len_left: tokens the request may still emit / still hold (max_tokens, max_model_len): the run
+        ends before a cycle that could not verify the full depth. -> (each cycle's kept tokens, whether the drafts
+        for the next step are made: if not, `propose` has to run), or None (nothing run: see spec_cycles)."""
+        st, k = self.state(req), len(req.draft_token_ids)
+        if (self.hbuf is None or not self.chain or not self.hidden_pre_norm or not 1 <= k < kernels.SPEC_DRAFTS
+                or st.end != req.num_computed_tokens or st.draft_probs is not None):
+            return None
+        S = kernels
+        state = np.zeros(S.SPEC_STATE, dtype=np.int64)
+        pos = req.num_computed_tokens
+        state[[S.SPEC_POS, S.SPEC_DEPTH, S.SPEC_OUT_LEFT, S.SPEC_LEN_LEFT, S.SPEC_H0, S.SPEC_END]] = (
+            pos, k, out_left, len_left, st.h0, st.end)
+        state[S.SPEC_DRAFTS_AT:S.SPEC_DRAFTS_AT + k] = req.draft_token_ids
+        for b in range(self.num_layers):
+            state[S.SPEC_DONE + b], state[S.SPEC_KEY_FROM + b] = st.done[b], st.key_from[b]
+            tent = st.tentative[b]
+            if tent:
+                lo = min(tent)
+                if sorted(tent) != list(range(lo, lo + len(tent))):
+                    return None
+                state[S.SPEC_TENT_LO + b], state[S.SPEC_TENT_N + b] = lo, len(tent)
+                at = S.SPEC_TENT + b * S.SPEC_DRAFTS
+                state[at:at + len(tent)] = [tent[i] for i in range(lo, lo + len(tent))]
+        base = max(0, pos - 4 * self.keep)            # rows and confirmations read a few dozen positions back
+        seq = np.zeros(pos - base + 2 + n * (k + 1), dtype=np.int64)
+        seq[:pos + 1 - base] = req.token_slice(base, pos + 1)
+        got = self.runner.spec_cycles(req, n, state, seq, base, stops, self.head_weight, self.vocab, self.hbuf,
+                                      self.keep, self.catch_up)
+        if got is None:
+            return None
+        ran, toks, counts = got
+        st.h0, st.end = int(state[S.SPEC_H0]), int(state[S.SPEC_END])
+        depth = int(state[S.SPEC_DEPTH])
+        if depth >= 0:                                 # (-1: the last cycle's drafting state untouched)
+            for b in range(self.num_layers):
+                st.done[b], st.key_from[b] = int(state[S.SPEC_DONE + b]), int(state[S.SPEC_KEY_FROM + b])
+                lo, m = int(state[S.SPEC_TENT_LO + b]), int(state[S.SPEC_TENT_N + b])
+                at = S.SPEC_TENT + b * S.SPEC_DRAFTS
+                st.tentative[b] = dict(zip(range(lo, lo + m), state[at:at + m].tolist()))
+        req.draft_token_ids = state[S.SPEC_DRAFTS_AT:S.SPEC_DRAFTS_AT + max(depth, 0)].tolist()
+        out, i = [], 0
+        for c in counts:
+            out.append(toks[i:i + c])
+            i += c
+        return out, depth > 0
 
     def _draft_tokens(self, logits: torch.Tensor, owners: list, shared_generator, generators: dict,
                       probs: dict) -> list[int]:

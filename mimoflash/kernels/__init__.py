@@ -48,7 +48,8 @@ import torch.nn.functional as F
 log = logging.getLogger(__name__)
 
 _SOURCES = [Path(__file__).with_name(n) for n in ("wgemm.c", "panels.c", "ops.c", "decode.c", "pool.c", "fp8.c",
-                                                  "prefill.c", "steps.c", "draft.c", "abi.c")]
+                                                  "prefill.c", "steps.c", "draft.c", "speculate.c",
+                                                  "abi.c")]
 _HEADER = Path(__file__).with_name("mimoflash_kernels.h")
 _FLAGS = ["-O3", "-fPIC", "-shared", "-std=gnu11", "-fopenmp-simd", "-pthread"]
 _lib: ctypes.CDLL | None = None
@@ -145,6 +146,7 @@ _SIGNATURES: dict[str, tuple] = {
     "mf_mtp_pass": (_L, [_P, _L, _P, _P, _L, _P, _L, _P, _F, _P, _F, _P, _I, _P, _P, _L, _P, _P, _F, _P, _I, _L, _P, _P,
                          _P]),
     "mf_mtp_chain": (_L, [_L, _P, _P, _P, _P, _L, _L, _P, _P, _L, _L, _P, _I, _L, _P, _P, _P, _P]),
+    "mf_spec_cycles": (_L, [_L, _P, _P, _P, _P, _P, _L, _L, _P, _P]),
     "mf_set_num_threads": (None, [_I]),
     "mf_pool_probe": (_L, [_L, _L]),
     "mf_layer_abi": (_L, [_P, _L]),
@@ -702,6 +704,42 @@ def mtp_chain(passes: torch.Tensor, eps: torch.Tensor, slices: torch.Tensor, emb
         raise ValueError("mtp_chain: a cache slot, a chunk id or a pass's rows out of range")
     if rc:
         raise MemoryError("mtp_chain: out of memory")
+
+
+# mf_spec_cycles's layout (speculate.c): its main / mtp / block field counts, most MTP blocks, most drafts + 1, and
+# the state's fields (tests/test_spec_cycles.py reads speculate.c's enums and compares)
+SPEC_MAIN, SPEC_MTP, SPEC_BLOCK, SPEC_BLOCKS, SPEC_DRAFTS = 22, 11, 6, 4, 16
+(SPEC_POS, SPEC_DEPTH, SPEC_OUT_LEFT, SPEC_LEN_LEFT, SPEC_H0, SPEC_END, SPEC_DRAFTS_AT) = range(7)
+SPEC_DONE = SPEC_DRAFTS_AT + SPEC_DRAFTS
+SPEC_KEY_FROM, SPEC_TENT_LO, SPEC_TENT_N, SPEC_TENT = (SPEC_DONE + i * SPEC_BLOCKS for i in range(1, 5))
+SPEC_STATE = SPEC_TENT + SPEC_BLOCKS * SPEC_DRAFTS
+
+
+def spec_cycles(n: int, main: torch.Tensor, mtp: torch.Tensor, eps: torch.Tensor, state: torch.Tensor,
+                seq: torch.Tensor, seq_base: int, out: torch.Tensor, counts: torch.Tensor) -> int:
+    """Up to n greedy MTP speculative cycles of one sequence in one call (speculate.c; engine/runner.py's
+    spec_cycles builds the arguments): main (SPEC_MAIN,) / mtp (SPEC_MTP,) int64 fields as speculate.c lists them,
+    eps float32 (the final norm's, then three per MTP block), state (SPEC_STATE,) int64 read and written back, seq
+    int64 the tokens from position seq_base on (the run appends its own), out >= n * (k + 1) and counts >= n int64:
+    the cycles' tokens in order and how many each kept. -> the cycles run."""
+    lib = _lib if _lib is not None else _lib_or_raise()
+    if (main.shape != (SPEC_MAIN,) or mtp.shape != (SPEC_MTP,) or state.shape != (SPEC_STATE,)
+            or not all(t.dtype == torch.int64 and t.is_contiguous() for t in (main, mtp, state, seq, out, counts))
+            or eps.dtype != torch.float32 or not eps.is_contiguous() or counts.numel() < n
+            or out.numel() < n * (int(state[SPEC_DEPTH]) + 1)):
+        raise ValueError("spec_cycles: main (SPEC_MAIN,), mtp (SPEC_MTP,), state (SPEC_STATE,), seq, out and counts "
+                         "contiguous int64 (out n * (k + 1), counts n), eps float32")
+    rc = lib.mf_spec_cycles(n, main.data_ptr(), mtp.data_ptr(), eps.data_ptr(), state.data_ptr(), seq.data_ptr(),
+                            seq_base, seq.numel(), out.data_ptr(), counts.data_ptr())
+    if rc == -1:
+        raise ValueError("spec_cycles: a token id is outside the vocabulary")
+    if rc == -2:
+        raise ValueError("spec_cycles: a cache slot, a block, a position or a token index is out of range")
+    if rc == -4:
+        raise ValueError("spec_cycles: a head kind, depth or number of MTP blocks speculate.c does not take")
+    if rc < 0:
+        raise MemoryError("spec_cycles: out of memory")
+    return rc
 
 
 DECODE_PHASES = ("q|k|v product", "RoPE + K/V store", "attention", "o product + norm", "routed experts", "dense MLP")

@@ -61,10 +61,9 @@ long mf_mtp_pass(const mf_layer *L, long N, const long *ids, const float *hidden
  * its position (the RoPE row) and ring (a one-chunk table), the write slot ring * R + p % R, the keys K (top + 1 before
  * any ring wraps, else R) and the mask: slot j holds, for a row at position p, position j (unwrapped) or the newest
  * position <= p that maps to it; it is a key iff that position is >= 0, <= p, within p's window (p - w < it) and not
- * before key_from. A mask with no -inf entry is dropped (NULL): adding 0 changes no score. -> the rows, or -2. */
-enum { MF_SLICE_FIELDS = 5, MF_CHAIN_ROWS = 64 };
-
-static long ring_rows(const int64_t *sl, long n_slices, long R, long w, long *pos, long *rings, long *slots,
+ * before key_from. A mask with no -inf entry is dropped (NULL): adding 0 changes no score. -> the rows, or -2.
+ * (speculate.c makes the verification's and the draft passes' sliding metadata with it too.) */
+long mf_ring_rows(const int64_t *sl, long n_slices, long R, long w, long *pos, long *rings, long *slots,
                       long *rows, float *bias, long *K, int *masked) {
     long N = 0, top = 0;
     for (long s = 0; s < n_slices; s++, sl += MF_SLICE_FIELDS) {
@@ -118,7 +117,7 @@ long mf_mtp_chain(long n, const int64_t *passes, const float *eps, const int64_t
         int masked;
         long *ids = (long *)(intptr_t)f[2];
         if (N > MF_CHAIN_ROWS || ns > N || ns < 1) return -2;
-        long got = ring_rows(sl, ns, R, w, pos, rings, slots, rows, bias, &K, &masked);
+        long got = mf_ring_rows(sl, ns, R, w, pos, rings, slots, rows, bias, &K, &masked);
         if (got != N) return -2;
         for (long i = 0; i < N; i++)
             if (ids[i] < 0) ids[i] = out[-ids[i] - 1];

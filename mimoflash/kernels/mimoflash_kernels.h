@@ -114,6 +114,11 @@ long mf_mtp_chain(long n, const int64_t *passes, const float *eps, const int64_t
                   long V, long emb_h, const float *cos_, const float *sin_, long R, long w, const uint16_t *head_w,
                   int head_panels, long S, const long *vocab, float *work, float *logits, long *out);
 
+/* speculate.c: up to n greedy MTP speculative cycles of one sequence (verify, accept, draft) in one call
+ * (engine/runner.py's spec_cycles builds the fields) -> cycles run */
+long mf_spec_cycles(long n, const int64_t *m, const int64_t *mtp, const float *eps, int64_t *st, long *seq,
+                    long seq_base, long seq_cap, long *out, long *counts);
+
 /* pool.c: the thread pool */
 void mf_set_num_threads(int n);
 long mf_pool_probe(long n, long spin_us);
@@ -129,6 +134,12 @@ void mf_parallel(long n, mf_task fn, void *ctx);                                
 void mf_parallel_ranges(long n, long align, void (*range)(void *, long, long), void *ctx);
 int mf_num_threads(void);
 void *mf_scratch(int slot, size_t bytes);              /* pool.c: per-thread buffers kept between calls */
+
+/* draft.c: the sliding kind's rows-path metadata of slices (ring id, first position, rows, key_from, output index) */
+enum { MF_SLICE_FIELDS = 5, MF_CHAIN_ROWS = 64 };
+long mf_ring_rows(const int64_t *sl, long n_slices, long R, long w, long *pos, long *rings, long *slots, long *rows,
+                  float *bias, long *K, int *masked);
+enum { MF_SPEC_BLOCKS = 4, MF_SPEC_DRAFTS = 16 };       /* speculate.c: most MTP blocks, most drafts + 1 */
 
 /* One product y (M, N) = x (M, K) @ w^T of a group that mf_gemm_group (wgemm.c) runs in one parallel region.
  * kind: MF_BF16 w (N, K) bf16 row-major; MF_PANELS w bf16 in panels (panels.c); MF_FP8 w (N, K) E4M3 bytes with

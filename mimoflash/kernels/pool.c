@@ -219,8 +219,9 @@ void mf_parallel_ranges(long n, long align, void (*range)(void *, long, long), v
  * buffers over glibc's mmap threshold (128 KB; a 16-sequence MoE layer of the benchmark model needs ~0.9 MB) were
  * mapped, page-faulted and unmapped on every call; small ones were a malloc/free per attention task. One growing
  * buffer per slot and thread (0, 1: decode.c's layer and MoE rows; 2: an attention task's row pointers and scores;
- * 3: mf_experts_bf16's list of experts), kept for the thread's life; NULL when it cannot grow. */
-#define SCRATCH_SLOTS 4
+ * 3: mf_experts_bf16's list of experts; 4: speculate.c's buffers), kept for the thread's life; NULL when it cannot
+ * grow. */
+#define SCRATCH_SLOTS 5
 static _Thread_local void *arena[SCRATCH_SLOTS];
 static _Thread_local size_t arena_bytes[SCRATCH_SLOTS];
 
