@@ -202,6 +202,62 @@ def test_shipped_model_cycles_equal_plain_decoding_with_stop_strings():
     assert texts[0].finish_reason == texts[1].finish_reason == "stop"
 
 
+def test_adaptive_depth_runs_its_held_and_chosen_depth_in_c():
+    """With adaptive depth, a lone greedy request's cycles at the depth it chose run in C too (while that depth is
+    held, and then while it stays the best rate), reported with `AdaptiveDepth.ran`: the same tokens as MTP off,
+    runs at depth > 0 made, and every step counted."""
+    model = _agreeing_model(3, seed=6, mix=0.05)
+    prompt = torch.randint(0, 64, (7,), generator=torch.Generator().manual_seed(5)).tolist()
+    sp = SamplingParams(temperature=0, max_tokens=150, ignore_eos=True)
+    off = LLM(model, max_num_seqs=1, block_size=4, progress=False).generate([{"prompt_token_ids": prompt}], sp,
+                                                                             use_tqdm=False)[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        llm = LLM(model, max_num_seqs=1, block_size=4, progress=False,
+                  speculative_config={"num_speculative_tokens": 3, "adaptive": True})
+    a = llm.engine.drafter.adaptive
+    runs, depths = [], []
+    inner = llm.engine.runner.spec_cycles
+    llm.engine.runner.spec_cycles = lambda req, n, state, *r, **kw: (
+        depths.append(int(state[kernels.SPEC_DEPTH])) or runs.append(inner(req, n, state, *r, **kw)) or runs[-1])
+    got = llm.generate([{"prompt_token_ids": prompt}], sp, use_tqdm=False)[0]
+    assert got.outputs[0].token_ids == off.outputs[0].token_ids
+    assert runs and min(depths) >= 1 and sum(r[0] for r in runs) >= 10
+    assert a.steps >= got.metrics.verify_steps                    # each cycle counted as a step
+
+
+def test_adaptive_run_length_and_ran():
+    """`run_length`: 0 at depth 0, up to the hold (or the verifications a held depth waits for), 0 when a trial
+    is due or another depth's predicted rate is better by the margin, else up to the next trial. `ran`: steps,
+    hold and wait advance by the cycles; after the depth settled, its cost per step is the run's and single steps
+    at that depth are no longer recorded."""
+    from mimoflash.engine.speculative import AdaptiveDepth
+    a = AdaptiveDepth(3, explore=32)
+    a.sequences, a.depth = 1, 0
+    assert a.run_length(8, [3]) == 0
+    a.depth, a.hold, a.need, a.cap = 2, 3, 16, 15
+    assert a.run_length(8, [3]) == 8 and a.run_length(2, [3]) == 2
+    a.run = 1
+    a.ran(8, 0.008)                                # the first run at a depth is not recorded (catch-up)
+    assert (a.steps, a.hold, a.cap) == (8, 0, 7) and 2 not in a.step_time
+    a.need = 0
+    a.step_time = {0: {1: 1.0e-3}, 1: {1: 1.2e-3}, 2: {1: 1.3e-3}}
+    a.hits, a.judged = [90.0, 80.0, 0.0], [100.0, 90.0, 0.0]
+    a.next_trial = 100
+    assert a.run_length(8, [3]) == 8
+    a.ran(8, 0.008)
+    assert a.step_time[2][1] == pytest.approx(1.0e-3) and (2, 1) in a._runs
+    a.record_step(5.0)                              # a single step at a depth its runs measure: not recorded
+    assert a.step_time[2][1] == pytest.approx(1.0e-3)
+    a.next_trial = a.steps + 3
+    assert a.run_length(8, [3]) == 3
+    a.next_trial = a.steps
+    assert a.run_length(8, [3]) == 0
+    a.next_trial = 1000
+    a.step_time[2][1] = 5e-3                       # depth 2 now much slower: depth 1's rate is better
+    assert a.run_length(8, [3]) == 0
+
+
 def test_layout_constants_match_speculate_c():
     """kernels.SPEC_* (the Python side of mf_spec_cycles's int64 field tables) against speculate.c's enums."""
     src = (Path(kernels.__file__).with_name("speculate.c")).read_text()

@@ -191,7 +191,7 @@ class LLMEngine:
             changed.update(req.group_id for req in got)
             if self.drafter is not None:                  # steps adaptive depth was sure not to draft in
                 self.drafter.skipped(ran, time.process_time() - t0)
-        elif batch.items and self.drafter is not None and self._spec_run(batch):
+        elif batch.items and self.drafter is not None and self._spec_run(batch, t0):
             changed.add(batch.items[0].request.group_id)
         elif batch.items:
             logits = self.runner.execute(batch)
@@ -323,39 +323,54 @@ class LLMEngine:
         if self.drafter.adaptive is not None:
             self.drafter.adaptive.record_acceptance(k, a)
 
-    def _spec_run(self, batch) -> bool:
+    def _spec_run(self, batch, t0: float) -> bool:
         """Speculative decoding's multi-step run: where one greedy request runs alone, verifies its full depth of
         drafts and nothing needs Python between its cycles, up to `num_scheduler_steps` cycles (verify, accept,
         draft) in one C call (MTPDrafter.cycles, kernels/speculate.c), the cache reserved for all of them; each
         cycle's tokens are then postprocessed in order as the engine's own verification steps would be, so the
-        outputs are the same (docs/MTP.md, "Cycles in one call"). Not with adaptive depth, which chooses the depth
-        and times every step. -> False (nothing run: the ordinary step runs)."""
+        outputs are the same (docs/MTP.md, "Cycles in one call"). With adaptive depth, as many cycles as the depth
+        it chose is sure to stay (`AdaptiveDepth.run_length`), reported with their cost (`AdaptiveDepth.ran`).
+        -> False (nothing run: the ordinary step runs). t0: the step's start (process time)."""
         d, n = self.drafter, self.config.num_scheduler_steps
         it = batch.items[0]
         req, k = it.request, it.num_draft
         p = req.params
-        if (n == 1 or d.adaptive is not None or len(batch.items) != 1 or batch.preempted or self.scheduler.waiting
-                or len(self.scheduler.running) != 1 or not k or not it.sample or k != req.num_speculative_tokens
-                or not p.greedy or p.logprobs is not None or p.needs_penalties
+        if (n == 1 or len(batch.items) != 1 or batch.preempted or self.scheduler.waiting
+                or len(self.scheduler.running) != 1 or not k or not it.sample or not p.greedy
+                or p.logprobs is not None or p.needs_penalties
                 or not isinstance(self.runner, ModelRunner) or not self.runner.spec_ready(d.head_weight)):
             return False
+        cap = self._depth_cap(req)                 # the full depth: the run verifies it every cycle
+        if k != (cap if d.adaptive is None else min(d.adaptive.depth or 0, cap)):
+            return False
+        if d.adaptive is not None:
+            n = d.adaptive.run_length(n, [cap])
+            if n < 1:
+                return False
         while n > 1 and not self.kv.can_allocate(req, n * (k + 1)):
             n -= 1                                  # counted from num_computed_tokens: this cycle's rows included
         self.kv.allocate(req, n * (k + 1))
         stops = frozenset(p.stop_token_ids).union(() if p.ignore_eos else req.eos_token_ids)
-        cap = self.scheduler.config.max_model_len
-        got = d.cycles(req, n, stops, p.max_tokens - len(req.output_token_ids), cap - req.num_tokens)
+        got = d.cycles(req, n, stops, p.max_tokens - len(req.output_token_ids),
+                       self.scheduler.config.max_model_len - req.num_tokens)
         if got is None:                             # (the blocks reserved past this step's rows are kept till then)
             return False
         cycles, drafted = got
         for toks in cycles:
             self._count_verification(req, k, len(toks) - 1)
         self.scheduler.finish_cycles(it, cycles, lambda r: self._process_token(r, None))
-        if not req.is_finished and not drafted:      # the drafts the run did not make: the drafter's own passes
-            left = min(req.num_speculative_tokens, p.max_tokens - len(req.output_token_ids) - 1,
-                       cap - req.num_tokens - 1)
-            d.propose([req], [max(0, left)], self.generator, self._generators)
+        if d.adaptive is not None:                 # (a last cycle without drafts: its step is the choice below)
+            d.adaptive.ran(len(cycles) - (not drafted and not req.is_finished), time.process_time() - t0)
+        if not req.is_finished and not drafted:    # the drafts the run did not make: the drafter's own passes
+            self._draft([req], t0, record=False)
         return True
+
+    def _depth_cap(self, req: Request) -> int:
+        """The most drafts `req` may have now: its num_speculative_tokens, less than the tokens it may still emit
+        and the context length it may still take (a verification's last row is one more token)."""
+        cap = self.scheduler.config.max_model_len
+        return max(0, min(req.num_speculative_tokens, req.params.max_tokens - len(req.output_token_ids) - 1,
+                          cap - req.num_tokens - 1))
 
     def _speculate(self, batch, sampled: list, t0: float) -> None:
         """After a step: keep the main model's final hidden states of the speculating requests, then draft for
@@ -376,15 +391,18 @@ class LLMEngine:
                     ready.append(req)
             lo += n
         d.observe(spans, hidden)
-        if not ready:
-            return
-        cap = self.scheduler.config.max_model_len
-        caps = [max(0, min(r.num_speculative_tokens, r.params.max_tokens - len(r.output_token_ids) - 1,
-                           cap - r.num_tokens - 1)) for r in ready]
+        if ready:
+            self._draft(ready, t0, record=not prefill)
+
+    def _draft(self, ready: list[Request], t0: float, record: bool) -> None:
+        """Drafts for the requests now decoding: each one's cap, adaptive depth's choice, the drafter's passes;
+        with `record`, the whole step's cost (its draft passes included) to adaptive depth."""
+        d = self.drafter
+        caps = [self._depth_cap(r) for r in ready]
         if d.adaptive is not None:
             caps = d.adaptive.choose(caps, len(self.scheduler.running) - len(ready))
         d.propose(ready, caps, self.generator, self._generators)
-        if d.adaptive is not None and not prefill:          # the whole step, its draft passes included
+        if d.adaptive is not None and record:
             d.adaptive.record_step(time.process_time() - t0)
 
     def _process_token(self, req: Request, lp) -> None:

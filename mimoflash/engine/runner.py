@@ -338,6 +338,7 @@ class ModelRunner:
         self.fused: FusedDecoder | None = None       # one kernel call per layer for decode steps
         self.fused_mtp: list | None = None           # the same for each MTP block (build_mtp)
         self.mtp_pass = True                         # a fused draft pass in one C call (FusedMTPLayer.draft)
+        self._spec_static: bool | None = None        # spec_ready's checks of what does not change
         self.last_hidden: torch.Tensor | None = None
         # Most tokens one sequence may feed in a rows-path step: 1 + the rings' slack (kv_cache.py, "Ring size")
         self.max_rows = 1 + self.layout.ring_slots - self.layout.swa_keys
@@ -916,14 +917,15 @@ class ModelRunner:
     def spec_ready(self, head_weight: torch.Tensor | None) -> bool:
         """Whether `spec_cycles` can run greedy speculative cycles here: the fused decoder (FP8 experts only from an
         unbounded store, as for `execute_greedy_steps`), a bf16 lm_head and fused MTP blocks that chain
-        (kernels/speculate.c)."""
-        from .fp8_layout import FP8Linear
-        fused, blocks = self.fused, self.fused_mtp
-        return (fused is not None and blocks is not None and self.mtp_pass and self.impl == "fast"
-                and len(blocks) <= kernels.SPEC_BLOCKS and type(self.model.lm_head) is not FP8Linear
-                and not any(args.expert_layer[0].capacity is not None
-                            for args, _, _ in fused.layers if hasattr(args, "expert_layer"))
-                and self._mtp_head(head_weight) is not None)
+        (kernels/speculate.c). What cannot change while the engine holds the model is checked once."""
+        if self._spec_static is None:
+            from .fp8_layout import FP8Linear
+            fused, blocks = self.fused, self.fused_mtp
+            self._spec_static = (fused is not None and blocks is not None and self.mtp_pass and self.impl == "fast"
+                                 and len(blocks) <= kernels.SPEC_BLOCKS and type(self.model.lm_head) is not FP8Linear
+                                 and not any(args.expert_layer[0].capacity is not None
+                                             for args, _, _ in fused.layers if hasattr(args, "expert_layer")))
+        return self._spec_static and self.mtp_pass and self._mtp_head(head_weight) is not None
 
     @torch.inference_mode()
     def spec_cycles(self, req: Request, n: int, state: np.ndarray, seq: np.ndarray, seq_base: int,
@@ -936,8 +938,10 @@ class ModelRunner:
         tokens left, the drafter's state), written back; seq: the tokens from position seq_base on, room for the
         run's; hidden / keep / catch_up: the drafter's buffer of final hidden states, its rows per ring, its
         catch-up bound. -> (cycles run, their tokens, tokens per cycle), or None (nothing run) where the run is not
-        one the C loop makes (`spec_ready`, positions past the RoPE tables)."""
-        if not self.spec_ready(head_weight):
+        one the C loop makes (`spec_ready`, positions past the RoPE tables). The panels of weights edited in place
+        are repacked first, as before a multi-step run."""
+        mhead = self._mtp_head(head_weight) if self.spec_ready(head_weight) else None
+        if mhead is None:
             return None
         fused, blocks, lay = self.fused, self.fused_mtp, self.layout
         k = int(state[kernels.SPEC_DEPTH])
@@ -946,26 +950,24 @@ class ModelRunner:
         tabs_g, tabs_s = rot["full"].tables(top), rot["sliding"].tables(top)
         chain = [b.chain_block() for b in blocks]
         norm, head_w, panels = self._loop_head(k + 1)
-        if tabs_g is None or tabs_s is None or any(c is None for c in chain):
+        if tabs_g is None or tabs_s is None or None in chain:
             return None
         fused.refresh()
         layers, sliding, chosen, experts = fused.loop_args(k + 1, n)
         table = np.array(req.block_ids, dtype=np.int64)
         stop = np.array(sorted(stops) or [0], dtype=np.int64)
-        main = np.array([len(fused.layers), layers.data_ptr(), sliding.data_ptr(), chosen.data_ptr(), fused.emb.data_ptr(),
-                         fused.emb.shape[0], fused.emb.shape[1], norm.weight.data_ptr(), head_w.data_ptr(),
-                         int(panels), tabs_g[0].data_ptr(), tabs_g[1].data_ptr(), tabs_s[0].data_ptr(),
-                         tabs_s[1].data_ptr(), table.ctypes.data, len(table), lay.block_size, req.ring_id,
-                         lay.ring_slots, lay.swa_keys, stop.ctypes.data, len(stops)], dtype=np.int64)
+        main = np.array([len(fused.layers), layers.data_ptr(), sliding.data_ptr(), chosen.data_ptr(),
+                         fused.emb.data_ptr(), fused.emb.shape[0], fused.emb.shape[1], norm.weight.data_ptr(),
+                         head_w.data_ptr(), int(panels), tabs_g[0].data_ptr(), tabs_g[1].data_ptr(),
+                         tabs_s[0].data_ptr(), tabs_s[1].data_ptr(), table.ctypes.data, len(table), lay.block_size,
+                         req.ring_id, lay.ring_slots, lay.swa_keys, stop.ctypes.data, len(stops)], dtype=np.int64)
         fields = np.array([c[0] for c in chain], dtype=np.int64)                    # (blocks, SPEC_BLOCK)
-        mw, mpanels, S = self._mtp_head(head_weight)
-        mtp = np.array([len(blocks), fields.ctypes.data, mw.data_ptr(), int(mpanels), S,
+        mtp = np.array([len(blocks), fields.ctypes.data, mhead[0].data_ptr(), int(mhead[1]), mhead[2],
                         0 if vocab is None else vocab.data_ptr(), hidden.data_ptr(), keep, req.ring_id * keep,
                         catch_up, self.max_rows], dtype=np.int64)
         eps = np.array([norm.eps] + [e for c in chain for e in c[1]], dtype=np.float32)
-        out, counts = torch.zeros(n * (k + 1), dtype=torch.int64), torch.zeros(n, dtype=torch.int64)
-        ran = kernels.spec_cycles(n, torch.from_numpy(main), torch.from_numpy(mtp), torch.from_numpy(eps),
-                                  torch.from_numpy(state), torch.from_numpy(seq), seq_base, out, counts)
+        out, counts = np.zeros(n * (k + 1), dtype=np.int64), np.zeros(n, dtype=np.int64)
+        ran = kernels.spec_cycles(n, main, mtp, eps, state, seq, seq_base, out, counts)
         self.last_hidden = None
         self._main_rows = self._mtp_step = None
         experts.account(ran)                     # FP8: the expert store's statistics of the cycles' verifications

@@ -188,7 +188,7 @@ class AdaptiveDepth:
         self.max_depth, self.decay, self.explore = max_depth, decay, explore
         self.clock = clock                            # e.g. time.process_time: steps timed end to end (_elapsed)
         self._mark: tuple[float, int] | None = None   # (clock, steps) at the end of the last step seen
-        self._runs: set[int] = set()                  # numbers of sequences whose depth 0 ran several steps per call
+        self._runs: set[tuple[int, int]] = set()      # (depth, sequences) that ran several steps per call
         self.hits = [0.0] * max_depth                 # forgotten exponentially: a_i follows the recent text
         self.judged = [0.0] * max_depth
         self.step_time: dict[int, dict[int, float]] = {}   # depth -> sequences -> seconds (median of recent ones)
@@ -216,7 +216,7 @@ class AdaptiveDepth:
     def record_step(self, seconds: float) -> None:
         """The cost of the step whose depth `choose` just picked (counted only once the depth has settled)."""
         seconds = self._elapsed(seconds, 1)
-        if self.depth is not None and self.run > self.SETTLE and not (self.depth == 0 and self.sequences in self._runs):
+        if self.depth is not None and self.run > self.SETTLE and (self.depth, self.sequences) not in self._runs:
             self._record(self.depth, seconds)
 
     def _elapsed(self, seconds: float | None, steps: int) -> float | None:
@@ -319,10 +319,45 @@ class AdaptiveDepth:
         self.hold = max(0, self.hold - steps)
         seconds = self._elapsed(seconds, steps)
         if seconds is not None and steps > 1:
-            if self.sequences not in self._runs:      # from now on depth 0 costs what its runs cost
-                self._runs.add(self.sequences)
-                self._recent.pop((0, self.sequences), None)
+            self._from_runs(0)
             self._record(0, seconds / steps)
+
+    def _from_runs(self, depth: int) -> None:
+        """From now on `depth` at this many sequences costs what its runs of several steps per call cost (its
+        single steps' samples dropped, and no longer recorded)."""
+        if (depth, self.sequences) not in self._runs:
+            self._runs.add((depth, self.sequences))
+            self._recent.pop((depth, self.sequences), None)
+
+    def run_length(self, want: int, caps: list[int]) -> int:
+        """How many of the next steps may run as speculative cycles in one call at the depth just chosen, each a
+        step whose choice is sure to be that depth again, at most `want`: while the depth is held, until its hold
+        and the verifications it waits for are done; otherwise while it stays the best rate for requests with
+        these caps and no trial is due. 0 where a choice is due now (the engine's own step then makes it)."""
+        if not self.depth:
+            return 0
+        if self.hold > 0 or (self.need > 0 and self.cap > 0):
+            return max(1, min(want, max(self.hold, min(self.need, self.cap))))
+        if self.trial is not None or (self.explore and self.steps >= self.next_trial):
+            return 0
+        rate = self.rates(caps, self.sequences)
+        best = max(rate, key=rate.__getitem__) if rate else self.depth
+        if self.depth not in rate or (best != self.depth and rate[best] >= (1 + self.MARGIN) * rate[self.depth]):
+            return 0
+        return min(want, self.next_trial - self.steps) if self.explore else want
+
+    def ran(self, steps: int, seconds: float) -> None:
+        """`steps` speculative cycles run in one call at the chosen depth, in `seconds` of CPU time (the whole engine
+        step): counted as that many steps that chose the depth, and, after the depth settled, the cost per step of
+        this depth from now on (its runs', as for depth 0's: `skipped`). Their verifications were recorded by
+        `record_acceptance`."""
+        self.steps += steps
+        self.run += steps
+        self.hold, self.cap = max(0, self.hold - steps), self.cap - steps
+        seconds = self._elapsed(seconds, steps)
+        if steps > 0 and self.run > self.SETTLE + steps and seconds is not None:
+            self._from_runs(self.depth)
+            self._record(self.depth, seconds / steps)
 
     def idle(self, sequences: int, margin: int) -> bool:
         """A step that is sure to draft nothing, with no trial within `margin` steps: counted and True (the caller

@@ -42,6 +42,7 @@ import tempfile
 import threading
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -715,22 +716,24 @@ SPEC_KEY_FROM, SPEC_TENT_LO, SPEC_TENT_N, SPEC_TENT = (SPEC_DONE + i * SPEC_BLOC
 SPEC_STATE = SPEC_TENT + SPEC_BLOCKS * SPEC_DRAFTS
 
 
-def spec_cycles(n: int, main: torch.Tensor, mtp: torch.Tensor, eps: torch.Tensor, state: torch.Tensor,
-                seq: torch.Tensor, seq_base: int, out: torch.Tensor, counts: torch.Tensor) -> int:
+def spec_cycles(n: int, main: np.ndarray, mtp: np.ndarray, eps: np.ndarray, state: np.ndarray, seq: np.ndarray,
+                seq_base: int, out: np.ndarray, counts: np.ndarray) -> int:
     """Up to n greedy MTP speculative cycles of one sequence in one call (speculate.c; engine/runner.py's
-    spec_cycles builds the arguments): main (SPEC_MAIN,) / mtp (SPEC_MTP,) int64 fields as speculate.c lists them,
-    eps float32 (the final norm's, then three per MTP block), state (SPEC_STATE,) int64 read and written back, seq
-    int64 the tokens from position seq_base on (the run appends its own), out >= n * (k + 1) and counts >= n int64:
-    the cycles' tokens in order and how many each kept. -> the cycles run."""
+    spec_cycles builds the arguments, numpy arrays like the rows path's metadata): main (SPEC_MAIN,) / mtp
+    (SPEC_MTP,) int64 fields as speculate.c lists them, eps float32 (the final norm's, then three per MTP block),
+    state (SPEC_STATE,) int64 read and written back, seq int64 the tokens from position seq_base on (the run appends
+    its own), out >= n * (k + 1) and counts >= n int64: the cycles' tokens in order and how many each kept.
+    -> the cycles run."""
     lib = _lib if _lib is not None else _lib_or_raise()
+    i64 = np.dtype(np.int64)
     if (main.shape != (SPEC_MAIN,) or mtp.shape != (SPEC_MTP,) or state.shape != (SPEC_STATE,)
-            or not all(t.dtype == torch.int64 and t.is_contiguous() for t in (main, mtp, state, seq, out, counts))
-            or eps.dtype != torch.float32 or not eps.is_contiguous() or counts.numel() < n
-            or out.numel() < n * (int(state[SPEC_DEPTH]) + 1)):
+            or not all(a.dtype == i64 and a.flags.c_contiguous for a in (main, mtp, state, seq, out, counts))
+            or eps.dtype != np.float32 or not eps.flags.c_contiguous or counts.size < n
+            or out.size < n * (int(state[SPEC_DEPTH]) + 1)):
         raise ValueError("spec_cycles: main (SPEC_MAIN,), mtp (SPEC_MTP,), state (SPEC_STATE,), seq, out and counts "
-                         "contiguous int64 (out n * (k + 1), counts n), eps float32")
-    rc = lib.mf_spec_cycles(n, main.data_ptr(), mtp.data_ptr(), eps.data_ptr(), state.data_ptr(), seq.data_ptr(),
-                            seq_base, seq.numel(), out.data_ptr(), counts.data_ptr())
+                         "contiguous int64 numpy arrays (out n * (k + 1), counts n), eps float32")
+    rc = lib.mf_spec_cycles(n, main.ctypes.data, mtp.ctypes.data, eps.ctypes.data, state.ctypes.data,
+                            seq.ctypes.data, seq_base, seq.size, out.ctypes.data, counts.ctypes.data)
     if rc == -1:
         raise ValueError("spec_cycles: a token id is outside the vocabulary")
     if rc == -2:
