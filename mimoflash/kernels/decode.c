@@ -197,8 +197,9 @@ static size_t ffn_floats(const mf_layer *L, long B) {
     return (size_t)(B * L->H + B * 3 * F + (L->moe ? L->E + L->H : 0));
 }
 
-/* The attention half; buf: attn_floats of scratch. */
-static int attn_half(const mf_layer *L, const float *x, long B, const float *cos_, const float *sin_,
+/* The attention half; buf: attn_floats of scratch. Every row's K/V is stored; rows from `from` on attend and get
+ * their y rows (y holds B - from rows): the others only store their K/V (an MTP draft pass's earlier rows). */
+static int attn_half(const mf_layer *L, const float *x, long B, long from, const float *cos_, const float *sin_,
                      const long *rope_rows, const long *table, long n_chunks, long chunk, long K, const long *slots,
                      const float *bias, float *y, float *buf) {
     long H = L->H, nq = L->nq, nkv = L->nkv, d = L->d, dv = L->dv, S = L->pool_slots;
@@ -235,11 +236,13 @@ static int attn_half(const mf_layer *L, const float *x, long B, const float *cos
             }
         }
     PHASE_END(PH_ROPE_STORE)
-    rc = mf_attn_decode(qkv, W, L->k_pool, S * d, L->v_pool, S * dv, bias, L->sinks, o, B, nq, nkv, K, d, dv,
-                            L->scale, scores, table, n_chunks, chunk, S / chunk, L->kv_bf16);
+    long R = B - from;
+    rc = mf_attn_decode(qkv + from * W, W, L->k_pool, S * d, L->v_pool, S * dv, bias ? bias + from * K : NULL,
+                        L->sinks, o, R, nq, nkv, K, d, dv, L->scale, scores, table + from * n_chunks, n_chunks,
+                        chunk, S / chunk, L->kv_bf16);
     if (rc) return rc;
     PHASE_END(PH_ATTN)
-    if ((rc = layer_gemm(L, o, nq * dv, L->o_w, L->o_s, y, H, B, H, nq * dv))) return rc;
+    if ((rc = layer_gemm(L, o, nq * dv, L->o_w, L->o_s, y, H, R, H, nq * dv))) return rc;
     PHASE_END(PH_O)
     return 0;
 }
@@ -275,7 +278,7 @@ int mf_decode_attn(const mf_layer *L, const float *x, long B, const float *cos_,
                    const float *bias, float *y) {
     float *buf = (float *)mf_scratch(0, sizeof(float) * attn_floats(L, B, K));
     if (!buf) return -2;
-    return attn_half(L, x, B, cos_, sin_, rope_rows, table, n_chunks, chunk, K, slots, bias, y, buf);
+    return attn_half(L, x, B, 0, cos_, sin_, rope_rows, table, n_chunks, chunk, K, slots, bias, y, buf);
 }
 
 /* The FFN half of a layer: x (B, H) fp32 (not modified) -> y (B, H) = the dense SwiGLU or routed experts of
@@ -296,14 +299,26 @@ int mf_decode_ffn(const mf_layer *L, const float *x, long B, float *y, long *cho
 int mf_decode_layer(const mf_layer *L, float *x, long B, const float *cos_, const float *sin_, const long *rope_rows,
                     const long *table, long n_chunks, long chunk, long K, const long *slots, const float *bias,
                     long *chosen) {
+    return mf_decode_layer_from(L, x, B, 0, cos_, sin_, rope_rows, table, n_chunks, chunk, K, slots, bias, chosen);
+}
+
+/* mf_decode_layer where only rows from `from` on want their output: every row's K/V is stored, the attention, o
+ * product and FFN run for rows from .. B - 1 only (x's earlier rows are left as they were; chosen's rows from `from`
+ * on are written). A row's output does not depend on which other rows a product runs with (the kernels compute each
+ * row alone), so those rows come out as mf_decode_layer gives them. */
+int mf_decode_layer_from(const mf_layer *L, float *x, long B, long from, const float *cos_, const float *sin_,
+                         const long *rope_rows, const long *table, long n_chunks, long chunk, long K,
+                         const long *slots, const float *bias, long *chosen) {
+    if (from < 0 || (from >= B && B > 0)) return -1;
     size_t a = attn_floats(L, B, K), f = ffn_floats(L, B);
     float *y = (float *)mf_scratch(0, sizeof(float) * ((size_t)(B * L->H) + (a > f ? a : f)));
     if (!y) return -2;
-    float *buf = y + B * L->H;
-    int rc = attn_half(L, x, B, cos_, sin_, rope_rows, table, n_chunks, chunk, K, slots, bias, y, buf);
+    float *buf = y + B * L->H, *xr = x + from * L->H;
+    long R = B - from;
+    int rc = attn_half(L, x, B, from, cos_, sin_, rope_rows, table, n_chunks, chunk, K, slots, bias, y, buf);
     if (rc) return rc;
-    for (long i = 0; i < B * L->H; i++) x[i] += y[i];
-    if ((rc = ffn_half(L, x, B, y, chosen, 0, L->E, buf))) return rc;
-    for (long i = 0; i < B * L->H; i++) x[i] += y[i];
+    for (long i = 0; i < R * L->H; i++) xr[i] += y[i];
+    if ((rc = ffn_half(L, xr, R, y, chosen + from * (L->moe ? L->top_k : 0), 0, L->E, buf))) return rc;
+    for (long i = 0; i < R * L->H; i++) xr[i] += y[i];
     return 0;
 }

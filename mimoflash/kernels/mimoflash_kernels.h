@@ -135,6 +135,11 @@ void mf_parallel_ranges(long n, long align, void (*range)(void *, long, long), v
 int mf_num_threads(void);
 void *mf_scratch(int slot, size_t bytes);              /* pool.c: per-thread buffers kept between calls */
 
+/* decode.c: mf_decode_layer with outputs for rows from .. B - 1 only (every row's K/V stored) */
+int mf_decode_layer_from(const mf_layer *L, float *x, long B, long from, const float *cos_, const float *sin_,
+                         const long *rope_rows, const long *table, long n_chunks, long chunk, long K,
+                         const long *slots, const float *bias, long *chosen);
+
 /* draft.c: the sliding kind's rows-path metadata of slices (ring id, first position, rows, key_from, output index) */
 enum { MF_SLICE_FIELDS = 5, MF_CHAIN_ROWS = 64 };
 long mf_ring_rows(const int64_t *sl, long n_slices, long R, long w, long *pos, long *rings, long *slots, long *rows,
