@@ -258,6 +258,34 @@ def test_adaptive_run_length_and_ran():
     assert a.run_length(8, [3]) == 0
 
 
+def test_fp8_checkpoint_cycles_equal_steps_and_expert_statistics(tmp_path):
+    """A block-FP8 checkpoint (FP8 projections and experts, the experts read through an unbounded expert store, MTP
+    blocks included): runs of cycles in C give the tokens and pools of the engine's steps, and the expert store's
+    counters, cache order and keys read end where the steps leave them (each cycle's verification counted after the
+    run, as a step of k + 1 rows)."""
+    from mimoflash.checkpoint.saver import save_model
+    model = _agreeing_model(2, seed=8, mix=0.05)
+    ckpt = save_model(model, tmp_path / "ckpt", dtype=torch.bfloat16, fp8=True, fp8_block_size=(16, 128))
+    prompt = torch.randint(0, 64, (6,), generator=torch.Generator().manual_seed(4)).tolist()
+    sp = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    got = {}
+    for steps in (8, 1):
+        llm = LLM(ckpt, max_num_seqs=1, block_size=4, num_scheduler_steps=steps, progress=False,
+                  speculative_config={"num_speculative_tokens": 2})
+        store, runs = llm.expert_store, []
+        assert store is not None and llm.engine.runner.fused is not None
+        inner = llm.engine.runner.spec_cycles
+        llm.engine.runner.spec_cycles = lambda *a, **kw: runs.append(inner(*a, **kw)) or runs[-1]
+        out = llm.generate([{"prompt_token_ids": prompt}], sp, use_tqdm=False)[0]
+        got[steps] = (out.outputs[0].token_ids, out.metrics.accepted_tokens, _pools(llm.engine),
+                      store.stats().as_dict(), store.resident_keys(), store.touched_keys())
+        assert bool(runs) == (steps > 1) and all(r is not None for r in runs)
+    (t8, a8, p8, *s8), (t1, a1, p1, *s1) = got[8], got[1]
+    assert t8 == t1 and a8 == a1 > 5
+    assert all(torch.equal(x, y) for x, y in zip(p8, p1, strict=True))
+    assert s8 == s1 and s1[0]["steps"] > 10
+
+
 def test_layout_constants_match_speculate_c():
     """kernels.SPEC_* (the Python side of mf_spec_cycles's int64 field tables) against speculate.c's enums."""
     src = (Path(kernels.__file__).with_name("speculate.c")).read_text()

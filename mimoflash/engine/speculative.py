@@ -32,6 +32,11 @@ drafts they read are filled in by the C loop as the passes produce them. Sampled
 catch-ups too long for the rows path and runners without the fused blocks run pass by pass, one C call a pass where
 `FusedMTPLayer.draft` can make it.
 
+Where one greedy request runs alone, a whole run of cycles (verify, accept, draft) is one C call instead
+(`cycles` -> `ModelRunner.spec_cycles`, kernels/speculate.c, started by `LLMEngine._spec_run`): this drafter's state
+goes to C and comes back after, the same verification, acceptance and passes as above, so the same tokens, drafts
+and caches bit for bit (docs/MTP.md, "Cycles in one call").
+
 Adaptive depth picks, per step, one depth for all drafting requests (each capped by its own `num_speculative_tokens`)
 that maximises expected tokens per second: the running acceptance rate of each draft position against the measured
 CPU time of whole steps at each depth, draft passes included (see `AdaptiveDepth`).
