@@ -20,9 +20,8 @@ What is measured, in one process, variants interleaved prompt by prompt (their o
   * temperature 0.7 (seeded), batch 1: decode tokens/s off, k = 3 (reduced vocabulary) and adaptive, interleaved;
     their engines start cold (adaptive measures its costs in this run);
   * with `--split`, after the table: each fixed-depth variant's decoding timed again with a wrapper around the
-    kernels' calls (whole cycles in one call; otherwise main layers, LM head, draft passes, argmax; the rest is
-    Python), per verification cycle, and the speedup over off (and share of the bytes bound) that the C calls' time
-    per token alone would give.
+    kernels' calls (whole cycles in one call; otherwise main layers, LM head, draft passes, argmax; the rest of the
+    engine's decode steps is Python), in microseconds per verification cycle, and Python's share of a cycle.
 Variants: off (the engine's default, up to 8 decode steps per call: multi-step decoding); off1 (one step per call,
 as the engine's own speculative steps run; "vs off1" compares with it); k = 1, 2, 3 drafts with the full draft
 vocabulary; k = 1 and 3 with a reduced draft vocabulary (the `--draft-vocab` lowest token ids, a BPE vocabulary's
@@ -360,15 +359,11 @@ def main(argv=None) -> int:
            "draft_vocab": [a.draft_vocab, a.draft_vocab_from],
            "repeats": a.repeats, "batch1": summary}
     if a.split and off_rate:
-        # "no Python": the C calls' time per token alone, against off's measured rate (its runs are one C call);
-        # of that variant's bytes bound: how far the kernels themselves get
+        # the share of a cycle's engine steps spent outside the kernels' calls
         split = {}
         for n in [n for n in names if specs[n] is not None and not (specs[n].get("adaptive"))]:
             sp_n = cycle_split(llms[n], prompts, sp)
-            c = sum(v for k, v in sp_n.items() if k.endswith("(C)"))
-            sp_n["no_python_speedup"] = round(sp_n["tokens_per_cycle"] / c * 1e6 / off_rate, 3)
-            if "bound" in summary[n]:
-                sp_n["no_python_of_bound"] = round(sp_n["no_python_speedup"] / summary[n]["bound"], 3)
+            sp_n["python_share"] = round(sp_n["Python"] / sp_n["cycle"], 3)
             split[n] = sp_n
         print("\nwhere decoding's time goes (us per verification cycle; C = the kernels' calls, Python = the rest):")
         for n, v in split.items():
