@@ -37,16 +37,19 @@ def _agreeing_model(nl: int, seed: int, mix: float):
     return model.cast(torch.bfloat16).eval()
 
 
-def _run(model, prompts, sp, steps: int, k: int, vocab: int | None = None):
-    """Each prompt alone (a C run needs its sequence alone) -> (outputs, every pool, the C runs made, the llm)."""
-    spec = {"num_speculative_tokens": k}
-    if vocab:
-        spec["draft_vocab_size"] = vocab
+def _spec_llm(model, steps: int, k: int, vocab: int | None = None, **kw) -> LLM:
+    """An engine drafting k tokens, blocks of 4, `steps` cycles per call at most (1: the engine's own steps)."""
+    spec = {"num_speculative_tokens": k, **({"draft_vocab_size": vocab} if vocab else {}), **kw.pop("spec", {})}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")                       # (more drafts than MTP blocks: the last reused)
-        llm = LLM(model, max_num_seqs=2, block_size=4, num_scheduler_steps=steps, speculative_config=spec,
-                  progress=False)
-    runner, d = llm.engine.runner, llm.engine.drafter
+        return LLM(model, **{"max_num_seqs": 1, "block_size": 4, **kw}, num_scheduler_steps=steps,
+                   speculative_config=spec, progress=False)
+
+
+def _run(model, prompts, sp, steps: int, k: int, vocab: int | None = None):
+    """Each prompt alone (a C run needs its sequence alone) -> (outputs, every pool, the C runs made, the llm)."""
+    llm = _spec_llm(model, steps, k, vocab, max_num_seqs=2)
+    runner = llm.engine.runner
     runs = []
     inner = runner.spec_cycles
     runner.spec_cycles = lambda *a, **kw: runs.append(inner(*a, **kw)) or runs[-1]
@@ -97,11 +100,7 @@ def test_cycles_hand_back_drafter_state_and_drafts():
     prompt = torch.randint(0, 64, (9,), generator=torch.Generator().manual_seed(1)).tolist()
 
     def states(steps: int):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            llm = LLM(model, max_num_seqs=1, block_size=4, num_scheduler_steps=steps, progress=False,
-                      speculative_config={"num_speculative_tokens": 3})
-        e = llm.engine
+        e = _spec_llm(model, steps, 3).engine
         rid = e.add_request(prompt, SamplingParams(temperature=0, max_tokens=50, ignore_eos=True))
         at = {}
         while e.has_unfinished_requests():
@@ -152,11 +151,7 @@ def test_a_catch_up_the_c_loop_does_not_take_goes_to_the_drafter():
     sp = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
 
     def run(steps: int):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            llm = LLM(model, max_num_seqs=1, block_size=4, num_scheduler_steps=steps, progress=False,
-                      speculative_config={"num_speculative_tokens": 2})
-        e = llm.engine
+        e = _spec_llm(model, steps, 2).engine
         drafted = []                                              # per C run: whether it made the next drafts
         inner = e.drafter.cycles
         e.drafter.cycles = lambda *a: (lambda got: drafted.append(got and got[1]) or got)(inner(*a))
@@ -211,10 +206,7 @@ def test_adaptive_depth_runs_its_held_and_chosen_depth_in_c():
     sp = SamplingParams(temperature=0, max_tokens=150, ignore_eos=True)
     off = LLM(model, max_num_seqs=1, block_size=4, progress=False).generate([{"prompt_token_ids": prompt}], sp,
                                                                              use_tqdm=False)[0]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        llm = LLM(model, max_num_seqs=1, block_size=4, progress=False,
-                  speculative_config={"num_speculative_tokens": 3, "adaptive": True})
+    llm = _spec_llm(model, 8, 3, spec={"adaptive": True})
     a = llm.engine.drafter.adaptive
     runs, depths = [], []
     inner = llm.engine.runner.spec_cycles

@@ -216,14 +216,19 @@ class Scheduler:
             if req.first_token_time is None:
                 req.first_token_time = now
             got.append(req)
-            for t in toks:
-                req.output_token_ids.append(t)
-                self._check_token_stop(req, t)
-                if on_token is not None:
-                    on_token(req)
-                if req.is_finished:
-                    break
+            self._append(req, toks, on_token)
         return got
+
+    def _append(self, req: Request, toks: list[int], on_token) -> None:
+        """Append tokens one at a time, each checked against the stop rules, `on_token(req)` after each; the rest
+        is dropped once the request finishes."""
+        for t in toks:
+            req.output_token_ids.append(t)
+            self._check_token_stop(req, t)
+            if on_token is not None:
+                on_token(req)
+            if req.is_finished:
+                return
 
     def finish_steps(self, batch: Batch, steps: list[list[int]], on_token=None) -> list[Request]:
         """A multi-step run's results: `steps[i][j]` is the token step i sampled for `batch.items[j]`; the steps run
@@ -250,13 +255,9 @@ class Scheduler:
             return []
         for toks in cycles:
             req.num_computed_tokens += len(toks)           # the fed token and the accepted drafts stay cached
-            for t in toks:
-                req.output_token_ids.append(t)
-                self._check_token_stop(req, t)
-                if on_token is not None:
-                    on_token(req)
-                if req.is_finished:
-                    return [req]
+            self._append(req, toks, on_token)
+            if req.is_finished:
+                return [req]
         self.kv.rollback(req, req.num_computed_tokens)
         return [req]
 
