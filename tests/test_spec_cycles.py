@@ -278,6 +278,42 @@ def test_fp8_checkpoint_cycles_equal_steps_and_expert_statistics(tmp_path):
     assert s8 == s1 and s1[0]["steps"] > 10
 
 
+def test_catch_up_in_one_call_equals_the_modules(monkeypatch):
+    """An MTP block's catch-up (ModelRunner.fill_mtp_kv: only the K/V of rows the ring lacks) in one C call
+    (FusedMTPLayer.fill, kernels.mtp_pass with no wanted row) against the block's modules: the same slots written,
+    the K/V within float rounding of the modules' (their RoPE is torch's), nothing else in the ring touched."""
+    from mimoflash.engine.runner import Slice
+    model = _agreeing_model(2, seed=9, mix=0.3)
+    e = _spec_llm(model, 8, 2).engine
+    prompt = torch.randint(0, 64, (9,), generator=torch.Generator().manual_seed(6)).tolist()
+    rid = e.add_request(prompt, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    e.step()                                                      # a ring for the request
+    req, runner = e.scheduler.requests[rid], e.runner
+    L, H, n = model.config.num_hidden_layers, model.config.hidden_size, e.layout.ring_slots - 1
+    hidden = torch.randn(n, H, generator=torch.Generator().manual_seed(7))
+    slices = [Slice(req, 3, torch.randint(0, 64, (n,), generator=torch.Generator().manual_seed(8)).tolist())]
+    calls = []
+    inner = kernels.mtp_pass
+    monkeypatch.setattr(kernels, "mtp_pass", lambda *a, **kw: calls.append(a[6].numel()) or inner(*a, **kw))
+    for layer in (0, 1):
+        _, k_pool, v_pool = e.cache.pools(L + layer)
+        before = (k_pool.clone(), v_pool.clone())
+        got = []
+        for c in (True, False):
+            k_pool.copy_(before[0])
+            v_pool.copy_(before[1])
+            runner.mtp_pass = c
+            runner.fill_mtp_kv(layer, slices, hidden)
+            got.append((k_pool.clone(), v_pool.clone()))
+        runner.mtp_pass = True
+        assert calls == [0] * (layer + 1)                         # one C call (no wanted row) per C catch-up
+        (kc, vc), (km, vm) = got
+        changed = (kc != before[0]).any(-1).any(0) | (km != before[0]).any(-1).any(0)
+        assert int(changed.sum()) == n                            # the rows' slots, in both
+        assert torch.allclose(kc, km, atol=1e-5, rtol=1e-4) and torch.allclose(vc, vm, atol=1e-5, rtol=1e-4)
+        assert torch.equal(kc[:, ~changed], before[0][:, ~changed])
+
+
 def test_layout_constants_match_speculate_c():
     """kernels.SPEC_* (the Python side of mf_spec_cycles's int64 field tables) against speculate.c's enums."""
     src = (Path(kernels.__file__).with_name("speculate.c")).read_text()

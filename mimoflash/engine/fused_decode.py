@@ -315,8 +315,48 @@ class FusedMTPLayer:
         bf16 weight or its panels, whether panels, S). -> (logits (R, S), argmax (R,) or None), or None where the
         pass is not one draft.c makes (eh_proj not a bf16 Bf16Linear, more rows than its kernel takes, a subclass
         with its own embedding or block): the caller then runs `forward` and the head."""
-        from .cpu_layout import KERNEL_MAX_ROWS, Bf16Linear
         L, N = self.layer, input_ids.shape[1]
+        block = self._pass_block(N, hidden)
+        if block is None:
+            return None
+        dm = kinds[True]
+        cos, sin, rope_rows = _rope_rows(self.model.model.rotary["sliding"], positions.view(-1))
+        chunks, dst = dm.chunks.contiguous(), dm.write_dst.contiguous()
+        bias = None if dm.bias is None else dm.bias.reshape(N, -1)
+        attn = torch.tensor([cos.data_ptr(), sin.data_ptr(), 0 if rope_rows is None else rope_rows.data_ptr(),
+                             chunks.data_ptr(), chunks.shape[-1], dm.chunk, dm.keys, dst.data_ptr(),
+                             0 if bias is None else bias.data_ptr()], dtype=torch.int64)
+        R = N if rows is None else rows.shape[0]
+        tokens = torch.empty(R, dtype=torch.int64) if argmax else None
+        chosen, work = self._work_for(N)
+        logits = kernels.mtp_pass(self.args, block, input_ids.view(-1), hidden, attn, chosen, rows, *head, work, tokens)
+        return logits, tokens
+
+    def fill(self, ids: torch.Tensor, positions: torch.Tensor, rings: torch.Tensor, slots: torch.Tensor,
+             hidden: torch.Tensor, ring_slots: int) -> bool:
+        """Only the block's K/V at N rows, stored at `slots` (a catch-up: the K/V at a position depends on its hidden
+        state and token alone; no attention, MLP or head): the pass's embedding, norms, eh_proj, input_layernorm, q|k|v
+        product and RoPE in one C call (kernels.mtp_pass with no wanted row). ids / positions / rings / slots (N,)
+        int64, hidden (N, H). -> False (nothing stored) where `draft` would not run: the caller uses the modules."""
+        N = ids.shape[0]
+        block = self._pass_block(N, hidden)
+        if block is None:
+            return False
+        cos, sin, rope_rows = _rope_rows(self.model.model.rotary["sliding"], positions)
+        attn = torch.tensor([cos.data_ptr(), sin.data_ptr(), 0 if rope_rows is None else rope_rows.data_ptr(),
+                             rings.data_ptr(), 1, ring_slots, 1, slots.data_ptr(), 0], dtype=torch.int64)
+        chosen, work = self._work_for(N)
+        no_rows = torch.empty(0, dtype=torch.int64)        # no wanted row: the head (any weight, S = 1) is not read
+        kernels.mtp_pass(self.args, block, ids, hidden, attn, chosen, no_rows, self.emb, False, 1, work)
+        return True
+
+    def _pass_block(self, N: int, hidden: torch.Tensor) -> tuple | None:
+        """The block as kernels.mtp_pass takes it (embedding, norms and their eps, eh_proj's weight or panels and
+        whether panels, final_layernorm), the panels refreshed first; None where the C pass does not apply (eh_proj
+        not a bf16 Bf16Linear, more rows than its kernel takes, a subclass with its own embedding or block, hidden
+        states not fp32 rows of unit stride)."""
+        from .cpu_layout import KERNEL_MAX_ROWS, Bf16Linear
+        L = self.layer
         eh = L.eh_proj
         if (type(eh) is not Bf16Linear or eh.weight.dtype != torch.bfloat16 or N > KERNEL_MAX_ROWS
                 or type(self)._embed is not FusedMTPLayer._embed or type(self)._block is not FusedMTPLayer._block
@@ -327,21 +367,13 @@ class FusedMTPLayer:
         eh_w = eh._panels.get() if eh._panels is not None else None
         if eh_w is None and not eh.weight.is_contiguous():
             return None
-        dm = kinds[True]
-        cos, sin, rope_rows = _rope_rows(self.model.model.rotary["sliding"], positions.view(-1))
-        chunks, dst = dm.chunks.contiguous(), dm.write_dst.contiguous()
-        bias = None if dm.bias is None else dm.bias.reshape(N, -1)
-        attn = torch.tensor([cos.data_ptr(), sin.data_ptr(), 0 if rope_rows is None else rope_rows.data_ptr(),
-                             chunks.data_ptr(), chunks.shape[-1], dm.chunk, dm.keys, dst.data_ptr(),
-                             0 if bias is None else bias.data_ptr()], dtype=torch.int64)
+        return (self.emb, L.enorm.weight, L.enorm.eps, L.hnorm.weight, L.hnorm.eps,
+                eh.weight if eh_w is None else eh_w, eh_w is not None, L.final_layernorm.weight,
+                L.final_layernorm.eps)
+
+    def _work_for(self, N: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, 1) expert ids and the pass's float work for N rows, made once per row count."""
         got = self._work.get(N)
-        if got is None:                                  # made once per row count: (N, 1) expert ids, floats
-            got = self._work[N] = (torch.empty(N, 1, dtype=torch.int64), torch.empty(4 * N * L.enorm.weight.numel()))
-        block = (self.emb, L.enorm.weight, L.enorm.eps, L.hnorm.weight, L.hnorm.eps,
-                 eh.weight if eh_w is None else eh_w, eh_w is not None, L.final_layernorm.weight,
-                 L.final_layernorm.eps)
-        R = N if rows is None else rows.shape[0]
-        tokens = torch.empty(R, dtype=torch.int64) if argmax else None
-        logits = kernels.mtp_pass(self.args, block, input_ids.view(-1), hidden, attn, got[0], rows, *head, got[1],
-                                  tokens)
-        return logits, tokens
+        if got is None:
+            got = self._work[N] = (torch.empty(N, 1, dtype=torch.int64), torch.empty(4 * N * self.emb.shape[1]))
+        return got

@@ -784,7 +784,9 @@ class ModelRunner:
     @torch.inference_mode()
     def fill_mtp_kv(self, layer: int, slices: list[Slice], hidden: torch.Tensor) -> None:
         """Only the K/V of MTP block `layer` at the slices' rows, stored in its ring (a catch-up: no attention, MLP or
-        head; a block's K/V at a position depends on that position's hidden state and token alone)."""
+        head; a block's K/V at a position depends on that position's hidden state and token alone). One C call
+        where the block's fused draft pass applies (`FusedMTPLayer.fill`), else the block's modules (the reference:
+        tests/test_speculative.py compares them)."""
         mm = self.model.model
         blk = mm.mtp.layers[layer]
         R = self.layout.ring_slots
@@ -793,6 +795,10 @@ class ModelRunner:
         dst = torch.tensor([s.request.ring_id * R + p % R for s in slices for p in range(s.start, s.start + len(s.tokens))],
                            device=self.device)
         positions = torch.tensor([pos], device=self.device)
+        if self.fused_mtp is not None and self.mtp_pass and self.impl == "fast":
+            rings = torch.tensor([s.request.ring_id for s in slices for _ in s.tokens])
+            if self.fused_mtp[layer].fill(ids.view(-1), positions.view(-1), rings, dst, hidden.contiguous(), R):
+                return
         x = blk.eh_proj(torch.cat([blk.enorm(mm.embed(ids)), blk.hnorm(hidden[None])], dim=-1))
         rope = mm.rotary["sliding"](positions, x.dtype)
         blk.self_attn(blk.input_layernorm(x), positions, rope, _StoreOnly(self.cache, dst))

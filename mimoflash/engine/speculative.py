@@ -28,9 +28,9 @@ except over the few steps before a trial, which keep the hidden states the trial
 
 Greedy drafting runs every pass of a step in one runner call (`_propose_chain` -> `ModelRunner.draft_chain`,
 kernels/draft.c): a pass's rows depend only on its block's state, so all of them are known before any runs, and the
-drafts they read are filled in by the C loop as the passes produce them. Sampled drafts (each one drawn in Python),
-catch-ups too long for the rows path and runners without the fused blocks run pass by pass, one C call a pass where
-`FusedMTPLayer.draft` can make it.
+drafts they read are filled in by the C loop as the passes produce them (catch-ups too long for the rows path are
+stored first). Sampled drafts (each one drawn in Python) and runners without the fused blocks run pass by pass, one
+C call a pass where `FusedMTPLayer.draft` can make it.
 
 Where one greedy request runs alone, a whole run of cycles (verify, accept, draft) is one C call instead
 (`cycles` -> `ModelRunner.spec_cycles`, kernels/speculate.c, started by `LLMEngine._spec_run`): this drafter's state
@@ -616,14 +616,16 @@ class MTPDrafter:
         """Every greedy draft pass of the step in one runner call (`ModelRunner.draft_chain`, kernels/draft.c): the
         passes' rows are known before any runs (a pass's rows depend on its block's state alone), the drafts they
         read are not, so work item i's draft d_{j+1} stands in them as -(1 + j * W + i), its place in the output.
-        -> False (nothing drafted) where some pass has a catch-up to store or the runner cannot chain the passes."""
+        Catch-ups (the older rows of a pass longer than the rows path takes: known tokens only, K/V only) are stored
+        first: each touches only its own block's ring, which no other pass of the step reads.
+        -> False (nothing drafted) where the runner cannot chain the passes."""
         W = len(work)
         stand_in = [[-(1 + j * W + i) for j in range(k)] for i, (_, k, _, _) in enumerate(work)]
         passes, owned = [], []
         for n in range(depth):
-            li, slices, hid, owners, fill, _ = self._pass_rows(n, work, stand_in)
+            li, slices, hid, owners, fill, fill_hid = self._pass_rows(n, work, stand_in)
             if fill:
-                return False
+                self.runner.fill_mtp_kv(li, fill, self._pass_hidden(fill_hid))
             at = [n * W + i for i, w in enumerate(work) if w[1] > n]
             passes.append((li, slices, self._pass_hidden(hid), at))
             owned.append(owners)

@@ -198,7 +198,8 @@ static size_t ffn_floats(const mf_layer *L, long B) {
 }
 
 /* The attention half; buf: attn_floats of scratch. Every row's K/V is stored; rows from `from` on attend and get
- * their y rows (y holds B - from rows): the others only store their K/V (an MTP draft pass's earlier rows). */
+ * their y rows (y holds B - from rows): the others only store their K/V (an MTP draft pass's earlier rows; with
+ * from = B, all of them: an MTP block's catch-up). */
 static int attn_half(const mf_layer *L, const float *x, long B, long from, const float *cos_, const float *sin_,
                      const long *rope_rows, const long *table, long n_chunks, long chunk, long K, const long *slots,
                      const float *bias, float *y, float *buf) {
@@ -237,6 +238,7 @@ static int attn_half(const mf_layer *L, const float *x, long B, long from, const
         }
     PHASE_END(PH_ROPE_STORE)
     long R = B - from;
+    if (R == 0) return 0;
     rc = mf_attn_decode(qkv + from * W, W, L->k_pool, S * d, L->v_pool, S * dv, bias ? bias + from * K : NULL,
                         L->sinks, o, R, nq, nkv, K, d, dv, L->scale, scores, table + from * n_chunks, n_chunks,
                         chunk, S / chunk, L->kv_bf16);
@@ -304,19 +306,19 @@ int mf_decode_layer(const mf_layer *L, float *x, long B, const float *cos_, cons
 
 /* mf_decode_layer where only rows from `from` on want their output: every row's K/V is stored, the attention, o
  * product and FFN run for rows from .. B - 1 only (x's earlier rows are left as they were; chosen's rows from `from`
- * on are written). A row's output does not depend on which other rows a product runs with (the kernels compute each
+ * on are written); from = B stores the K/V only. A row's output does not depend on which other rows a product runs with (the kernels compute each
  * row alone), so those rows come out as mf_decode_layer gives them. */
 int mf_decode_layer_from(const mf_layer *L, float *x, long B, long from, const float *cos_, const float *sin_,
                          const long *rope_rows, const long *table, long n_chunks, long chunk, long K,
                          const long *slots, const float *bias, long *chosen) {
-    if (from < 0 || (from >= B && B > 0)) return -1;
+    if (from < 0 || from > B) return -1;
     size_t a = attn_floats(L, B, K), f = ffn_floats(L, B);
     float *y = (float *)mf_scratch(0, sizeof(float) * ((size_t)(B * L->H) + (a > f ? a : f)));
     if (!y) return -2;
     float *buf = y + B * L->H, *xr = x + from * L->H;
     long R = B - from;
     int rc = attn_half(L, x, B, from, cos_, sin_, rope_rows, table, n_chunks, chunk, K, slots, bias, y, buf);
-    if (rc) return rc;
+    if (rc || R == 0) return rc;
     for (long i = 0; i < R * L->H; i++) xr[i] += y[i];
     if ((rc = ffn_half(L, xr, R, y, chosen + from * (L->moe ? L->top_k : 0), 0, L->E, buf))) return rc;
     for (long i = 0; i < R * L->H; i++) xr[i] += y[i];

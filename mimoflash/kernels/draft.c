@@ -11,7 +11,8 @@
  * with tokens not NULL, each row's argmax. The same calls on the same arguments in the same order as the Python
  * path, so the logits and drafts are the same bit for bit (tests/test_speculative.py compares them); where the one
  * wanted row is the last (a lone sequence's pass), the rows before it only compute and store their K/V
- * (mf_decode_layer_from: a row's output does not depend on the rows it runs with).
+ * (mf_decode_layer_from: a row's output does not depend on the rows it runs with); with none (R = 0) the pass only
+ * stores the rows' K/V (a catch-up: engine/runner.py's fill_mtp_kv) and returns before final_layernorm.
  *
  * work: at least N * 3H + R * H floats (u, x, the picked rows). -> 0, -1 a token id outside [0, V), -2 a cache
  * slot or chunk id out of range, -3 out of memory.
@@ -37,12 +38,14 @@ long mf_mtp_pass(const mf_layer *L, long N, const long *ids, const float *hidden
         mf_gemm_bf16p(u, 2 * H, eh_w, x, H, N, H, 2 * H);
     else
         mf_gemm_bf16w(u, 2 * H, eh_w, x, H, N, H, 2 * H);
-    /* one wanted row, the last: the rows before it only store their K/V (mf_decode_layer_from; the same values) */
-    long from = rows != NULL && R == 1 && rows[0] == N - 1 ? N - 1 : 0;
+    /* one wanted row, the last: the rows before it only store their K/V (mf_decode_layer_from; the same values);
+     * none (R = 0): every row only stores its K/V (a catch-up) */
+    long from = R == 0 ? N : rows != NULL && R == 1 && rows[0] == N - 1 ? N - 1 : 0;
     int rc = mf_decode_layer_from(L, x, N, from, (const float *)(intptr_t)attn[0], (const float *)(intptr_t)attn[1],
                                   (const long *)(intptr_t)attn[2], (const long *)(intptr_t)attn[3], attn[4], attn[5],
                                   attn[6], (const long *)(intptr_t)attn[7], (const float *)(intptr_t)attn[8], chosen);
     if (rc) return rc == -1 ? -2 : -3;
+    if (R == 0) return 0;
     const float *src = x;
     if (rows != NULL) {
         for (long r = 0; r < R; r++) {
