@@ -103,8 +103,8 @@ def spy_decode_steps(monkeypatch):
     calls = []
     real = kernels.decode_steps
 
-    def spy(n, *args, logits=None):
-        done = real(n, *args, logits=logits)
+    def spy(n, *args, logits=None, **kw):
+        done = real(n, *args, logits=logits, **kw)
         calls.append((done, logits is None, isinstance(args[8], tuple)))
         return done
 

@@ -218,8 +218,8 @@ def test_greedy_runs_go_through_the_c_loop(models, panels, monkeypatch):
     runs, single = [], []
     real = kernels.decode_steps
 
-    def spy(n, *args, logits=None):
-        done = real(n, *args, logits=logits)
+    def spy(n, *args, logits=None, **kw):
+        done = real(n, *args, logits=logits, **kw)
         (runs if logits is None else single).append(done)
         return done
 
@@ -309,8 +309,8 @@ def test_fp8_runs_in_the_c_loop_same_tokens_and_expert_statistics(fp8_ckpt, leng
     calls = []
     real = kernels.decode_steps
 
-    def spy(n, *args, logits=None):
-        done = real(n, *args, logits=logits)
+    def spy(n, *args, logits=None, **kw):
+        done = real(n, *args, logits=logits, **kw)
         calls.append((done, logits is None))
         return done
 

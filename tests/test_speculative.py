@@ -858,3 +858,37 @@ def test_adaptive_engine_decodes_several_steps_per_call_once_it_stops_drafting()
     assert [o.outputs[0].token_ids for o in llm.generate(ps, sp, use_tqdm=False)] == ref
     assert eng.drafter.adaptive.best.get(2) == 0
     assert len(runs) >= 5 and sum(runs) >= 80, runs
+
+
+@pytest.mark.parametrize("greedy,dtype", [(True, torch.bfloat16), (False, torch.bfloat16), (True, torch.float32)])
+def test_plain_runs_keep_the_hidden_states_a_trial_reads(greedy, dtype):
+    """Steps adaptive depth is sure not to draft in run several per call up to the next trial: each run's final
+    hidden states (kernels.decode_steps writing them per step; sampled rows: one C call a step; fp32 weights: the
+    Python loop) reach the drafter's buffer at the positions single steps would have left them, bit for bit, so a
+    trial's catch-up reads what it would have."""
+    model = make_model(_cfg(), seed=4, dtype=dtype)
+    ps = _prompts([5, 9])
+    sp = (SamplingParams(temperature=0, max_tokens=40, ignore_eos=True) if greedy
+          else SamplingParams(temperature=0.8, seed=3, max_tokens=40, ignore_eos=True))
+
+    def run(steps: int):
+        llm = LLM(model, max_num_seqs=2, block_size=4, num_scheduler_steps=steps,
+                  speculative_config={"num_speculative_tokens": 1, "adaptive": True})
+        a, d, kept, runs = llm.engine.drafter.adaptive, llm.engine.drafter, [], []
+        inner_run = llm.engine._run_steps
+        llm.engine._run_steps = lambda batch: runs.append(batch.num_steps) or inner_run(batch)
+        a.choose = lambda caps, other: [0] * len(caps)            # never drafts ...
+        a.plain_steps = lambda sequences, margin: 8 if steps > 1 else 0   # ... and runs as plain decoding
+        a.idle = lambda sequences, margin: False                   # (single steps: keep every hidden state)
+        inner = d.observe
+        d.observe = lambda spans, hidden: kept.extend(
+            (r.request_id, s + i, hidden[lo + i].clone()) for r, s, lo, n in spans for i in range(n)) or inner(spans,
+                                                                                                              hidden)
+        outs = [o.outputs[0].token_ids for o in llm.generate(ps, sp, use_tqdm=False)]
+        assert (sum(runs) >= 30) == (steps > 1)
+        return outs, {(rid, p): h for rid, p, h in kept}
+
+    (o8, k8), (o1, k1) = run(8), run(1)
+    assert o8 == o1
+    assert len(k8) >= 60 and set(k8) <= set(k1)       # (a request's last run finishes it: nothing left to keep)
+    assert all(torch.equal(k8[key], k1[key]) for key in k8)

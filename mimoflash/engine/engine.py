@@ -266,16 +266,24 @@ class LLMEngine:
             return toks, any(t in s for t, s in zip(toks, stops))
 
         greedy = all(r.params.greedy and r.params.logprobs is None and not r.params.needs_penalties for r in reqs)
-        run = self.runner.execute_greedy_steps(batch, stops) if greedy else None
+        keep = self.drafter is not None         # the MTP blocks read the run's hidden states when drafting resumes
+        run = self.runner.execute_greedy_steps(batch, stops, keep_hidden=keep) if greedy else None
         if run is not None:                     # the whole run in one C call (the same tokens: see the runner)
             steps = run
         else:
-            self.runner.execute_steps(batch, choose)
+            self.runner.execute_steps(batch, choose, keep_hidden=keep)
+        hidden = self.runner.run_hidden
 
         def on_token(req: Request) -> None:
             self._process_token(req, lps[req.request_id].pop(0) if req.request_id in lps else None)
 
-        return self.scheduler.finish_steps(batch, steps, on_token), len(steps)
+        got = self.scheduler.finish_steps(batch, steps, on_token)
+        if hidden is not None and len(steps):   # rows of request b: its positions it.start .. in step order
+            n = len(steps)
+            spans = [(it.request, it.start, b * n, n) for b, it in enumerate(batch.items)
+                     if it.request.num_speculative_tokens and not it.request.is_finished]
+            self.drafter.observe(spans, hidden.transpose(0, 1).reshape(-1, hidden.shape[-1]))
+        return got, len(steps)
 
     def _choose_tokens(self, batch, logits: torch.Tensor) -> tuple[list, dict]:
         """Tokens of every scheduled item from its logits rows (one row, or k + 1 for a verification) -> (per item:

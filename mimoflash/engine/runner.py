@@ -340,6 +340,7 @@ class ModelRunner:
         self.mtp_pass = True                         # a fused draft pass in one C call (FusedMTPLayer.draft)
         self._spec_static: bool | None = None        # spec_ready's checks of what does not change
         self.last_hidden: torch.Tensor | None = None
+        self.run_hidden: torch.Tensor | None = None      # (steps, B, H) of the last multi-step run, when kept
         # Most tokens one sequence may feed in a rows-path step: 1 + the rings' slack (kv_cache.py, "Ring size")
         self.max_rows = 1 + self.layout.ring_slots - self.layout.swa_keys
         if self.device.type == "cpu":
@@ -585,10 +586,12 @@ class ModelRunner:
         return self.model.logits(picked).float()                                       # (R, V)
 
     @torch.inference_mode()
-    def execute_steps(self, batch: Batch, choose) -> int:
+    def execute_steps(self, batch: Batch, choose, keep_hidden: bool = False) -> int:
         """A multi-step run (Scheduler.reserve_steps): up to `batch.num_steps` decode steps of the batch's one-token
         items, each step's sampled tokens fed to the next without leaving this loop. `choose(logits (B, V))` ->
-        (the B tokens, whether the run ends after this step). -> the number of steps run.
+        (the B tokens, whether the run ends after this step). -> the number of steps run. With `keep_hidden`, each
+        step's final hidden states are kept in `run_hidden` (steps run, B, H), what MTP drafting reads (a single step
+        leaves them in `last_hidden`).
 
         Every step's metadata is made before the first forward, by the same `prepare_slices` a one-step batch gets
         (so each step computes exactly what that step alone would: the fed token ids are its only unknowns, put in
@@ -597,8 +600,9 @@ class ModelRunner:
         "Where a batch-1 step's time goes"). Where the C loop can make the steps (`_c_loop_args`), each step's
         forward is one kernels.decode_steps call instead."""
         args = self._c_loop_args(batch)
+        hidden = self._run_hidden_buffer(batch, keep_hidden)
         if args is not None:
-            return self._c_steps(batch, args, choose)
+            return self._c_steps(batch, args, choose, hidden)
         B = len(batch.items)
         ids = self._fed_ids(batch)
         steps, fused = self._plan_steps(batch)
@@ -606,10 +610,20 @@ class ModelRunner:
         for st, args in zip(steps, fused or [None] * len(steps)):
             st.input_ids = self._host(np.array(ids, dtype=np.int64)).view(1, B)
             ids, stop = choose(self._forward(st, args))
+            if hidden is not None:
+                hidden[done].copy_(self.last_hidden)
             done += 1
             if stop:
                 break
+        self.run_hidden = None if hidden is None else hidden[:done]
         return done
+
+    def _run_hidden_buffer(self, batch: Batch, keep: bool) -> torch.Tensor | None:
+        """(num_steps, B, H) for a run's final hidden states when `keep`, else None (and `run_hidden` cleared)."""
+        self.run_hidden = None
+        if not keep:
+            return None
+        return torch.empty(batch.num_steps, len(batch.items), self.model.config.hidden_size)
 
     @staticmethod
     def _fed_ids(batch: Batch) -> list[int]:
@@ -736,13 +750,15 @@ class ModelRunner:
         return norm, wp if wp is not None else head.weight, wp is not None
 
     @torch.inference_mode()
-    def execute_greedy_steps(self, batch: Batch, stops: list[frozenset]) -> list[list[int]] | None:
+    def execute_greedy_steps(self, batch: Batch, stops: list[frozenset], keep_hidden: bool = False
+                             ) -> list[list[int]] | None:
         """A multi-step run of greedy rows in one C call (kernels.decode_steps, kernels/steps.c): per step the
         fused layers, the final norm, the lm_head and the argmax that the module path + `sample` run from Python,
         the same calls on the same arguments, so the same tokens; the run ends after the first step in which row b
         yields one of `stops[b]`. -> the tokens of each step run, or None (nothing run) where `_c_loop_args` says
-        the C loop cannot make the step."""
+        the C loop cannot make the step. `keep_hidden`: as for `execute_steps`."""
         args = self._c_loop_args(batch)
+        hidden = self._run_hidden_buffer(batch, keep_hidden and args is not None)
         if args is None:
             return None
         rows, _keep, layers, sliding, chosen, experts, norm, head_w, layout = args   # _keep: what rows points into
@@ -753,14 +769,16 @@ class ModelRunner:
         stop_off = np.cumsum([0] + [len(s) for s in stops], dtype=np.int64)
         done = kernels.decode_steps(n, layers, sliding, chosen, torch.from_numpy(rows), self.fused.emb, norm.weight,
                                     norm.eps, head_w, layout, torch.from_numpy(tokens), torch.from_numpy(stop_ids),
-                                    torch.from_numpy(stop_off))
+                                    torch.from_numpy(stop_off), hidden=hidden)
         self.last_hidden = None
+        self.run_hidden = None if hidden is None else hidden[:done]
         experts.account(done)                    # FP8: the expert store's statistics of the steps run
         return tokens[1:done + 1].tolist()
 
-    def _c_steps(self, batch: Batch, args: tuple, choose) -> int:
+    def _c_steps(self, batch: Batch, args: tuple, choose, hidden: torch.Tensor | None) -> int:
         """execute_steps through the C loop one step per call: its logits handed to `choose` (the sampler) between
-        steps, instead of the fused layers and the lm_head called from Python."""
+        steps, instead of the fused layers and the lm_head called from Python; hidden: (steps, B, H) for each step's
+        final hidden states, or None."""
         rows, _keep, layers, sliding, chosen, experts, norm, head_w, layout = args
         B = len(batch.items)
         tokens = np.zeros((2, B), dtype=np.int64)
@@ -771,13 +789,14 @@ class ModelRunner:
         for i in range(rows.shape[0]):
             kernels.decode_steps(1, layers, sliding, chosen[i:i + 1], torch.from_numpy(rows[i:i + 1]), self.fused.emb,
                                  norm.weight, norm.eps, head_w, layout, torch.from_numpy(tokens), no_stop, zeros,
-                                 logits=logits)
+                                 logits=logits, hidden=None if hidden is None else hidden[i:i + 1])
             fed, stop = choose(logits)
             done += 1
             if stop:
                 break
             tokens[0] = fed
         self.last_hidden = None
+        self.run_hidden = None if hidden is None else hidden[:done]
         experts.account(done)                    # FP8: the expert store's statistics of the steps run
         return done
 

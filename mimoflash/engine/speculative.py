@@ -478,8 +478,10 @@ class MTPDrafter:
     def plain_steps(self, sequences: int) -> int:
         """How many of the next steps of `sequences` sequences are sure to draft nothing (adaptive depth settled on
         or measuring depth 0; `AdaptiveDepth.plain_steps`): the engine may run them as plain decoding, several per
-        call, and then reports them with `skipped`. 0 without adaptive depth (every step drafts)."""
-        return 0 if self.adaptive is None else self.adaptive.plain_steps(sequences, self.catch_up + 2)
+        call, and then reports them with `skipped`. 0 without adaptive depth (every step drafts). The runs may reach
+        the next trial: the engine keeps their hidden states (`observe`), which the trial's catch-up reads, as the
+        single steps just before a trial keep theirs (`AdaptiveDepth.idle`'s margin)."""
+        return 0 if self.adaptive is None else self.adaptive.plain_steps(sequences, 0)
 
     def skipped(self, steps: int, seconds: float) -> None:
         """`steps` steps run as plain decoding in one call, in `seconds` of CPU time. The MTP side needs nothing

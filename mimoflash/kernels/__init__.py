@@ -143,7 +143,7 @@ _SIGNATURES: dict[str, tuple] = {
     "mf_prefill_panels": (None, [_P, _L, _P, _P, _L, _L, _L, _L]),
     "mf_prefill_simd": (_I, []),
     "mf_decode_steps": (_L, [_L, _L, _L, _P, _P, _P, _P, _P, _L, _L, _P, _F, _P, _I, _P, _L, _L, _P, _P, _P, _P, _P,
-                             _P]),
+                             _P, _P]),
     "mf_mtp_pass": (_L, [_P, _L, _P, _P, _L, _P, _L, _P, _F, _P, _F, _P, _I, _P, _P, _L, _P, _P, _F, _P, _I, _L, _P, _P,
                          _P]),
     "mf_mtp_chain": (_L, [_L, _P, _P, _P, _P, _L, _L, _P, _P, _L, _L, _P, _I, _L, _P, _P, _P, _P]),
@@ -587,7 +587,7 @@ def embed_bf16(ids: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
 def decode_steps(n: int, layers: torch.Tensor, sliding: torch.Tensor, chosen: torch.Tensor, step_args: torch.Tensor,
                  emb: torch.Tensor, norm_w: torch.Tensor, eps: float, head_w: torch.Tensor, head_layout: bool | tuple,
                  tokens: torch.Tensor, stop_ids: torch.Tensor, stop_off: torch.Tensor,
-                 logits: torch.Tensor | None = None) -> int:
+                 logits: torch.Tensor | None = None, hidden: torch.Tensor | None = None) -> int:
     """Up to n greedy decode steps of B sequences in one call (steps.c; engine/runner.py builds the arguments):
     layers (L,) int64 addresses of each layer's LayerArgs, chosen (n, L) int64 addresses of step i's layer l's
     (B, top_k) expert-id buffer (each step its own: an expert store counts them after the run), sliding (L,) int64,
@@ -595,7 +595,8 @@ def decode_steps(n: int, layers: torch.Tensor, sliding: torch.Tensor, chosen: to
     (head_layout False) or its panels (True), or a block-FP8 head's (V, H) E4M3 bytes (head_layout = (its fp32 scale
     grid, (br, bc)): fp8.c's product, as its FP8Linear runs it), tokens (n + 1, B) int64 (row 0 = the fed ids; row
     i + 1 receives step i's argmax), stop_ids / stop_off: row b's stop ids are stop_ids[stop_off[b]:stop_off[b + 1]];
-    logits: a (B, V) float32 buffer that keeps the last step's logits (a sampler reads them), or None.
+    logits: a (B, V) float32 buffer that keeps the last step's logits (a sampler reads them), or None; hidden: an
+    (n, B, H) float32 buffer that receives each step's final hidden states (before the final norm), or None.
     -> the steps run (the first step that yields a stop id is the last)."""
     lib = _lib if _lib is not None else _lib_or_raise()
     (V, H), B = emb.shape, tokens.shape[1]               # the lm_head's outputs: V (the caller checks)
@@ -610,6 +611,9 @@ def decode_steps(n: int, layers: torch.Tensor, sliding: torch.Tensor, chosen: to
         logits = torch.empty(B, V)
     elif logits.shape != (B, V) or logits.dtype != torch.float32 or not logits.is_contiguous():
         raise ValueError(f"decode_steps: logits must be a contiguous ({B}, {V}) float32 buffer")
+    if hidden is not None and (hidden.shape != (n, B, H) or hidden.dtype != torch.float32
+                               or not hidden.is_contiguous()):
+        raise ValueError(f"decode_steps: hidden must be a contiguous ({n}, {B}, {H}) float32 buffer")
     kind, scale, (br, bc) = (1 if head_layout else 0), None, (0, 0)            # mf_product's MF_PANELS, MF_BF16
     if isinstance(head_layout, tuple):
         scale, (br, bc) = head_layout
@@ -623,7 +627,7 @@ def decode_steps(n: int, layers: torch.Tensor, sliding: torch.Tensor, chosen: to
                              step_args.data_ptr(), emb.data_ptr(), V, H, norm_w.data_ptr(), eps,
                              head_w.data_ptr(), kind, None if scale is None else scale.data_ptr(), br, bc,
                              x.data_ptr(), xn.data_ptr(), logits.data_ptr(), tokens.data_ptr(), stop_ids.data_ptr(),
-                             stop_off.data_ptr())
+                             stop_off.data_ptr(), None if hidden is None else hidden.data_ptr())
     if rc == -1:
         raise ValueError("decode_steps: a token id is outside the vocabulary")
     if rc == -2:

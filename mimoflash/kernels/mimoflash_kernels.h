@@ -96,11 +96,13 @@ int mf_prefill_simd(void);
 
 /* steps.c: n greedy decode steps of B sequences in one call (engine/runner.py's multi-step run) -> steps run;
  * chosen: (n, L) addresses, step i's layer l's expert-id buffer at chosen[i * L + l]; head_kind: MF_BF16,
- * MF_PANELS or MF_FP8 (below: head_w E4M3 bytes, head_s its (head_br x head_bc)-block scale grid) */
+ * MF_PANELS or MF_FP8 (below: head_w E4M3 bytes, head_s its (head_br x head_bc)-block scale grid); hidden: NULL or
+ * (n, B, H) floats, each step's final hidden states */
 long mf_decode_steps(long n, long B, long L, const int64_t *layers, const long *sliding, const int64_t *chosen,
                      const int64_t *step_args, const unsigned short *emb, long V, long H, const float *norm_w,
                      float eps, const void *head_w, int head_kind, const float *head_s, long head_br, long head_bc,
-                     float *x, float *xn, float *logits, long *tokens, const long *stop_ids, const long *stop_off);
+                     float *x, float *xn, float *logits, long *tokens, const long *stop_ids, const long *stop_off,
+                     float *hidden);
 
 /* draft.c: an MTP block's draft pass for N rows in one call (engine/fused_decode.py's FusedMTPLayer.draft):
  * embedding, enorm/hnorm, eh_proj, the block's layer, final_layernorm of the R wanted rows, the head, the argmax */

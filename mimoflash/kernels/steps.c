@@ -21,7 +21,13 @@
  * chosen is an (n, L) table of addresses: step i's layer l writes its (B, top_k) routed expert ids at chosen[i * L + l]
  * (unused for dense layers). Each step keeps its own, so that an FP8 model's expert store can count every step's
  * experts after the run (engine/fp8_layout.py, RunExperts.account) as the per-step path counts them.
+ *
+ * hidden: NULL, or (n, B, H) floats: step i's final hidden states (the residual stream before the final norm, what
+ * an MTP block reads) at hidden + i * B * H, so that an engine with MTP blocks keeps them across a run
+ * (engine/speculative.py, MTPDrafter.observe).
  */
+#include <string.h>
+
 #include "mimoflash_kernels.h"
 
 enum { MF_STEP_FIELDS = 9 };
@@ -29,7 +35,8 @@ enum { MF_STEP_FIELDS = 9 };
 long mf_decode_steps(long n, long B, long L, const int64_t *layers, const long *sliding, const int64_t *chosen,
                      const int64_t *step_args, const unsigned short *emb, long V, long H, const float *norm_w,
                      float eps, const void *head_w, int head_kind, const float *head_s, long head_br, long head_bc,
-                     float *x, float *xn, float *logits, long *tokens, const long *stop_ids, const long *stop_off) {
+                     float *x, float *xn, float *logits, long *tokens, const long *stop_ids, const long *stop_off,
+                     float *hidden) {
     if (head_kind == MF_FP8 && (!head_s || head_br <= 0 || head_bc <= 0)) return -4;
     if (head_kind != MF_BF16 && head_kind != MF_PANELS && head_kind != MF_FP8) return -4;
     for (long i = 0; i < n; i++) {
@@ -44,6 +51,7 @@ long mf_decode_steps(long n, long B, long L, const int64_t *layers, const long *
                                      (const float *)(intptr_t)a[8], (long *)(intptr_t)chosen[i * L + l]);
             if (rc) return rc == -1 ? -2 : -3;
         }
+        if (hidden) memcpy(hidden + i * B * H, x, sizeof(float) * (size_t)(B * H));
         mf_rms_norm(x, H, norm_w, xn, H, B, H, eps);
         if (head_kind == MF_FP8) {
             if (mf_gemm_fp8w(xn, H, head_w, head_s, (H + head_bc - 1) / head_bc, logits, V, B, V, H, head_br,
