@@ -1,7 +1,7 @@
 /* Greedy MTP speculative decoding of one sequence, several cycles in one call: what engine/engine.py's step,
  * engine/speculative.py's verification and drafting and engine/runner.py's metadata would otherwise drive from Python
- * between the kernels, ~0.5 ms a cycle on the shipped model, a third of a three-draft cycle (docs/MTP.md, "What
- * limits it here"). The loop plays the part of a run of multi-step decoding (steps.c) for a speculating sequence.
+ * between the kernels, several times the Python a run of cycles pays (docs/MTP.md, "Cycles in one call"). The loop
+ * plays the part of a run of multi-step decoding (steps.c) for a speculating sequence.
  *
  * A cycle, for a sequence whose token t at position pos is not cached yet and which holds k drafts d_1 .. d_k:
  *   verify  the rows [t, d_1 .. d_k] at positions pos .. pos + k through every decoder layer (mf_decode_layer, the
