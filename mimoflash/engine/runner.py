@@ -963,8 +963,8 @@ class ModelRunner:
         tokens left, the drafter's state), written back; seq: the tokens from position seq_base on, room for the
         run's; hidden / keep / catch_up: the drafter's buffer of final hidden states, its rows per ring, its
         catch-up bound. -> (cycles run, their tokens, tokens per cycle), or None (nothing run) where the run is not
-        one the C loop makes (`spec_ready`, positions past the RoPE tables). The panels of weights edited in place
-        are repacked first, as before a multi-step run."""
+        one the C loop makes (`spec_ready`, an lm_head or final norm other than the C loops', positions past the
+        RoPE tables). The panels of weights edited in place are repacked first, as before a multi-step run."""
         mhead = self._mtp_head(head_weight) if self.spec_ready(head_weight) else None
         if mhead is None:
             return None
@@ -974,9 +974,11 @@ class ModelRunner:
         rot = self.model.model.rotary
         tabs_g, tabs_s = rot["full"].tables(top), rot["sliding"].tables(top)
         chain = [b.chain_block() for b in blocks]
-        norm, head_w, panels = self._loop_head(k + 1)
-        if tabs_g is None or tabs_s is None or None in chain:
+        head = self._loop_head(k + 1)
+        if (tabs_g is None or tabs_s is None or None in chain or head is None or hidden.dtype != torch.float32
+                or not hidden.is_contiguous()):
             return None
+        norm, head_w, panels = head
         fused.refresh()
         layers, sliding, chosen, experts = fused.loop_args(k + 1, n)
         table = np.array(req.block_ids, dtype=np.int64)
