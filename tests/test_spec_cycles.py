@@ -95,7 +95,7 @@ def test_cycles_in_one_call_equal_the_engine_steps(nl, k, mix, vocab):
 def test_cycles_hand_back_drafter_state_and_drafts():
     """After each engine step (a C run of cycles, or the Python steps' one cycle), the drafter's state (kept hidden
     states, each block's done / key_from / tentative entries) and the request's next drafts are those of the engine
-    steps at the same token count; stops inside a cycle (eos in accepted drafts) end the request there."""
+    steps at the same token count (a C run ends where an engine step ends too: at a token count both reach)."""
     model = _agreeing_model(3, seed=7, mix=0.1)
     prompt = torch.randint(0, 64, (9,), generator=torch.Generator().manual_seed(1)).tolist()
 
