@@ -142,6 +142,25 @@ def test_stop_ids_and_budgets_end_a_run_where_the_steps_end():
         assert e.kv.num_free_blocks == e.layout.num_blocks
 
 
+def test_the_context_length_ends_a_run_where_the_steps_end():
+    """max_model_len reached mid-run (the last cycles verify fewer drafts, then none): the same tokens, finish reason
+    and cache accounting as the engine's steps."""
+    model = _agreeing_model(2, seed=7, mix=0.05)
+    prompt = torch.randint(0, 64, (5,), generator=torch.Generator().manual_seed(2)).tolist()
+    sp = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
+    got = []
+    for steps in (8, 1):
+        llm = _spec_llm(model, steps, 3, max_model_len=41)
+        runs = []
+        inner = llm.engine.runner.spec_cycles
+        llm.engine.runner.spec_cycles = lambda *a, **kw: runs.append(inner(*a, **kw)) or runs[-1]
+        out = llm.generate([{"prompt_token_ids": prompt}], sp, use_tqdm=False)[0].outputs[0]
+        got.append((out.token_ids, out.finish_reason))
+        assert bool(runs) == (steps > 1)
+        assert llm.engine.kv.num_free_blocks == llm.engine.layout.num_blocks
+    assert got[0] == got[1] and got[0][1] == "length" and len(prompt) + len(got[0][0]) == 41
+
+
 def test_a_catch_up_the_c_loop_does_not_take_goes_to_the_drafter():
     """A block whose ring lags (its rows would exceed what the rows path takes): the C run stops after that cycle's
     verification with the drafting left to MTPDrafter.propose (a catch-up stored pass by pass), and the outputs and
